@@ -1,0 +1,64 @@
+"""idempo: make APIs safe to retry.
+
+A request that carries an ``Idempotency-Key`` executes at most once per key;
+every repeat gets the stored answer. See ``idempo.asgi`` for the ASGI
+middleware and ``idempo.stores`` for where records live.
+
+This module imports no optional dependency.
+"""
+
+from __future__ import annotations
+
+from ._core.fingerprint import fingerprint
+from ._core.keys import MAX_KEY_LENGTH, make_record_key, parse_key
+from ._core.policy import DEFAULT_EXCLUDED_HEADERS, DEFAULT_METHODS, Policy, Verdict
+from ._core.records import Acquired, BeginResult, Existing, Record, RecordState, StoredResponse
+from .exceptions import (
+    ConfigurationError,
+    FingerprintMismatch,
+    IdempoError,
+    InvalidKey,
+    KeyInProgress,
+    KeyRejected,
+    LeaseLost,
+    MissingKey,
+    StoreError,
+    StoreUnavailable,
+)
+from .stores import async_store_from_url, store_from_url
+from .typing import AsyncStore, Clock, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_EXCLUDED_HEADERS",
+    "DEFAULT_METHODS",
+    "MAX_KEY_LENGTH",
+    "Acquired",
+    "AsyncStore",
+    "BeginResult",
+    "Clock",
+    "ConfigurationError",
+    "Existing",
+    "FingerprintMismatch",
+    "IdempoError",
+    "InvalidKey",
+    "KeyInProgress",
+    "KeyRejected",
+    "LeaseLost",
+    "MissingKey",
+    "Policy",
+    "Record",
+    "RecordState",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredResponse",
+    "Verdict",
+    "__version__",
+    "async_store_from_url",
+    "fingerprint",
+    "make_record_key",
+    "parse_key",
+    "store_from_url",
+]

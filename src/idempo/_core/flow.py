@@ -1,0 +1,201 @@
+"""The idempotency protocol as a sans-I/O generator, and the decisions it ends in.
+
+:func:`begin_flow` yields store commands (:class:`Begin`) and pauses
+(:class:`Sleep`); a driver carries each out and sends the result back, in the
+manner of httpx's ``auth_flow``. The sync and async drivers in
+:mod:`idempo._engine` are the only code that touches a store here, so the
+protocol (fingerprint comparison, wait-or-409, lease takeover) is written once
+for every front: ASGI, WSGI, the decorator.
+
+After the handler ran, :func:`finish` maps its outcome to the one store command
+that settles the record (:class:`Complete`, :class:`Release` or
+:class:`Extend` for a hold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+
+from .policy import Policy, Verdict
+from .records import Acquired, BeginResult, Existing, RecordState, StoredResponse
+
+__all__ = [
+    "Begin",
+    "Complete",
+    "Decision",
+    "Extend",
+    "InProgress",
+    "Mismatch",
+    "Proceed",
+    "Release",
+    "Replay",
+    "Sleep",
+    "begin_flow",
+    "finish",
+    "retry_after_seconds",
+]
+
+
+# --- commands a driver carries out -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """Call ``store.begin(record_key, fingerprint, lease_ttl_ms)``."""
+
+    record_key: str
+    fingerprint: str
+    lease_ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Pause for ``seconds`` (float) before the next command; the result sent back is None."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Call ``store.complete(record_key, token, response, record_ttl_ms)``."""
+
+    record_key: str
+    token: int
+    response: StoredResponse
+    record_ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Call ``store.release(record_key, token)``."""
+
+    record_key: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Extend:
+    """Call ``store.extend(record_key, token, lease_ttl_ms)``: keep the lease (a hold)."""
+
+    record_key: str
+    token: int
+    lease_ttl_ms: int
+
+
+# --- decisions the flow ends in -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Proceed:
+    """This request holds the lease: run the handler, then :func:`finish`.
+
+    Attributes:
+        token: the fencing token of the lease.
+        takeover: True when an expired lease was taken over (crash recovery).
+    """
+
+    token: int
+    takeover: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The key completed with the same fingerprint: answer with ``response``."""
+
+    response: StoredResponse
+
+
+@dataclass(frozen=True, slots=True)
+class InProgress:
+    """The first request with this key still runs: 409 (draft section 2.7).
+
+    Attributes:
+        retry_after: whole seconds for the ``Retry-After`` header.
+    """
+
+    retry_after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """The key was used with another fingerprint: 422 (draft section 2.7)."""
+
+
+Decision = Proceed | Replay | InProgress | Mismatch
+
+# First pause between polls in wait mode, doubled up to the cap (seconds).
+_POLL_FIRST = 0.01
+_POLL_CAP = 0.25
+
+
+def begin_flow(
+    record_key: str, fingerprint: str, policy: Policy
+) -> Generator[Begin | Sleep, BeginResult | None, Decision]:
+    """Run the protocol up to the decision of what this request does.
+
+    Yields :class:`Begin` (send back the store's :data:`BeginResult`) and, in
+    wait mode, :class:`Sleep` (send back None). Returns the :data:`Decision`.
+
+    A fingerprint that differs from the record's is a mismatch whatever the
+    record's state. A duplicate of a running request polls ``begin`` for up to
+    ``policy.wait`` seconds: it gets the replay if the first finishes, takes the
+    lease over if the first crashed and its lease expired, and 409 otherwise.
+    """
+    waited = 0.0
+    pause = _POLL_FIRST
+    while True:
+        result = yield Begin(record_key, fingerprint, policy.lease_ttl_ms)
+        if isinstance(result, Acquired):
+            return Proceed(result.token, result.takeover)
+        assert isinstance(result, Existing)
+        record = result.record
+        if record.fingerprint != fingerprint:
+            return Mismatch()
+        if record.state is RecordState.COMPLETED:
+            assert record.response is not None
+            return Replay(record.response)
+        if waited >= policy.wait:
+            return InProgress(retry_after_seconds(policy, record.lease_expires_at_ms - result.now_ms))
+        step = min(pause, policy.wait - waited)
+        yield Sleep(step)
+        waited += step
+        pause = min(pause * 2, _POLL_CAP)
+
+
+def retry_after_seconds(policy: Policy, lease_left_ms: int) -> int:
+    """Whole seconds to advertise in ``Retry-After`` for an in-progress key.
+
+    ``policy.retry_after``, but never past the moment the lease expires, and
+    at least 1: the draft gives no figure, and 1 s is what clients expect.
+    """
+    lease_left_s = -(-max(lease_left_ms, 0) // 1000)  # ceiling
+    return max(1, min(policy.retry_after, lease_left_s))
+
+
+def finish(
+    policy: Policy,
+    record_key: str,
+    token: int,
+    response: StoredResponse | None,
+    *,
+    verdict: Verdict | None = None,
+) -> Complete | Release | Extend:
+    """Return the command that settles the record after the handler ran.
+
+    Args:
+        policy: the route's policy.
+        record_key: the record being settled.
+        token: the lease's fencing token from :class:`Proceed`.
+        response: the captured response, or None when the handler raised or
+            the response could not be captured whole.
+        verdict: overrides the verdict drawn from ``response.status``; adapters
+            pass the exception's verdict here.
+    """
+    if verdict is None:
+        verdict = Verdict.RELEASE if response is None else policy.verdict_for_status(response.status)
+    if verdict is Verdict.STORE and response is not None:
+        return Complete(record_key, token, response, policy.record_ttl_ms)
+    if verdict is Verdict.HOLD:
+        return Extend(record_key, token, policy.hold_ttl_ms)
+    return Release(record_key, token)

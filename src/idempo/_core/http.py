@@ -1,0 +1,182 @@
+"""The HTTP side of the protocol, without I/O: what every server adapter shares.
+
+An adapter (ASGI, WSGI, Django) reads the request, then asks this module:
+
+1. :func:`check_key`: does the request take part, under which key, or is it a 400?
+2. :func:`request_identity`: the record key and fingerprint of the request.
+3. :func:`decision_answer`: the answer for a replay, a 409 or a 422.
+4. :class:`ResponseCapture`: what of the handler's response is stored.
+
+so the rules of the DESIGN "HTTP behaviour" table are written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..exceptions import InvalidKey
+from .fingerprint import fingerprint
+from .flow import InProgress, Mismatch, Replay
+from .keys import make_record_key, parse_key
+from .policy import Policy, Verdict
+from .problems import (
+    BODY_TOO_LARGE,
+    FINGERPRINT_MISMATCH,
+    INVALID_KEY,
+    KEY_IN_PROGRESS,
+    MISSING_KEY,
+    PRINCIPAL_REQUIRED,
+    STORE_UNAVAILABLE,
+    problem_response,
+)
+from .records import Headers, StoredResponse
+
+__all__ = [
+    "BYPASSED_HEADER",
+    "REPLAYED_HEADER",
+    "RequestIdentity",
+    "ResponseCapture",
+    "body_too_large_answer",
+    "check_key",
+    "decision_answer",
+    "principal_required_answer",
+    "request_identity",
+    "store_unavailable_answer",
+]
+
+#: Added to every replay (Stripe's header), never to a first answer.
+REPLAYED_HEADER = (b"idempotent-replayed", b"true")
+#: Added when the store was down and ``Policy.fail_open`` let the handler run unprotected.
+BYPASSED_HEADER = (b"idempotency-bypassed", b"store-unavailable")
+
+
+def check_key(policy: Policy, method: str, path: str, key_values: Sequence[bytes]) -> str | StoredResponse | None:
+    """Decide whether a request takes part in idempotency, from its key header lines.
+
+    Args:
+        policy: the route's policy (the caller has checked the method).
+        method: the request method, for the 400 detail.
+        path: the request path, for the 400 detail.
+        key_values: the raw values of every ``Idempotency-Key`` line.
+
+    Returns:
+        The key; None to pass the request through untouched (no key and
+        ``require_key`` off); or the 400 problem to answer with (missing key
+        where required, malformed key; draft section 2.7).
+    """
+    try:
+        key = parse_key(key_values)
+    except InvalidKey as exc:
+        return problem_response(INVALID_KEY, str(exc))
+    if key is None and policy.require_key:
+        detail = f"{method} {path} requires an Idempotency-Key header (a unique value such as a UUID)."
+        return problem_response(MISSING_KEY, detail)
+    return key
+
+
+def principal_required_answer() -> StoredResponse:
+    """The 400 for a request whose principal resolver found no identity."""
+    return problem_response(PRINCIPAL_REQUIRED, "This request carries no identity to scope its Idempotency-Key to.")
+
+
+def body_too_large_answer(policy: Policy) -> StoredResponse:
+    """The 413 for a request body over ``policy.max_request_body``."""
+    return problem_response(BODY_TOO_LARGE, f"The body exceeds {policy.max_request_body} bytes.")
+
+
+def store_unavailable_answer(policy: Policy) -> StoredResponse:
+    """The 503 for a store that failed before the handler ran (fail closed)."""
+    detail = "The idempotency store cannot be reached; the request was not executed. Retry later."
+    return problem_response(STORE_UNAVAILABLE, detail, retry_after=policy.retry_after)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIdentity:
+    """The record key and fingerprint of one request."""
+
+    record_key: str
+    fingerprint: str
+
+
+def request_identity(
+    policy: Policy,
+    principal: str,
+    method: str,
+    path: str,
+    query: bytes | str,
+    content_type: bytes | str | None,
+    body: bytes,
+    key: str,
+) -> RequestIdentity:
+    """Return the record key (scope: principal, method, path) and the fingerprint."""
+    return RequestIdentity(
+        make_record_key(principal, method, path, key),
+        fingerprint(method, path, query, content_type, body, canonical_json=policy.canonical_json),
+    )
+
+
+def decision_answer(decision: Replay | InProgress | Mismatch) -> StoredResponse:
+    """The answer for a decision that does not run the handler.
+
+    Replay: the stored status, headers and body plus ``Idempotent-Replayed:
+    true``. InProgress: 409 with ``Retry-After``. Mismatch: 422.
+    """
+    if isinstance(decision, Replay):
+        stored = decision.response
+        return StoredResponse(stored.status, (*stored.headers, REPLAYED_HEADER), stored.body)
+    if isinstance(decision, InProgress):
+        detail = "A request with this Idempotency-Key is still being processed; retry later."
+        return problem_response(KEY_IN_PROGRESS, detail, retry_after=decision.retry_after)
+    detail = "This Idempotency-Key was already used with a different request; use a new key."
+    return problem_response(FINGERPRINT_MISMATCH, detail)
+
+
+class ResponseCapture:
+    """Collects what of the handler's response will be stored.
+
+    Call :meth:`start` with the status and headers, :meth:`add` with each
+    body chunk, then :meth:`response`. The verdict comes from the status
+    (``Policy.verdict_for_status``); only a STORE verdict captures the body,
+    and a body over ``policy.max_response_body`` turns it into RELEASE.
+
+    Attributes:
+        verdict: what to do with the record once the response is complete.
+    """
+
+    __slots__ = ("_chunks", "_headers", "_policy", "_size", "_status", "verdict")
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self._status = 0
+        self._headers: Headers = ()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.verdict = Verdict.RELEASE
+
+    def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> Verdict:
+        """Record the status line and headers; return the verdict for the status."""
+        policy = self._policy
+        self._status = status
+        self.verdict = policy.verdict_for_status(status)
+        if self.verdict is Verdict.STORE:
+            lowered = ((name.lower(), value) for name, value in headers)
+            self._headers = tuple(pair for pair in lowered if policy.stores_header(pair[0].decode("latin-1")))
+        return self.verdict
+
+    def add(self, chunk: bytes) -> None:
+        """Add a body chunk (ignored unless the verdict is STORE)."""
+        if self.verdict is not Verdict.STORE or not chunk:
+            return
+        self._size += len(chunk)
+        if self._size > self._policy.max_response_body:
+            self.verdict = Verdict.RELEASE
+            self._chunks = []
+        else:
+            self._chunks.append(chunk)
+
+    def response(self) -> StoredResponse | None:
+        """The response to store, or None when the verdict is not STORE."""
+        if self.verdict is not Verdict.STORE:
+            return None
+        return StoredResponse(self._status, self._headers, b"".join(self._chunks))

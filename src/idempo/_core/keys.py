@@ -1,0 +1,137 @@
+"""Parsing the Idempotency-Key header, and building record keys from a scope.
+
+The IETF draft (draft-ietf-httpapi-idempotency-key-header, section 2.1) makes
+the header an RFC 8941 / RFC 9651 Item whose value is an sf-string
+(``Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"``). Most clients in
+the field, Stripe's SDKs among them, send the bare value instead
+(``Idempotency-Key: 8e03978e-...``). Both forms are accepted and name the same
+key. The draft's security section (section 5) asks servers to validate keys
+against a published format and to build a composite lookup key from the
+client's key and what the server knows of the client: that is the record key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+
+from ..exceptions import InvalidKey
+
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "make_record_key",
+    "parse_key",
+    "parse_key_value",
+    "principal_from_credentials",
+]
+
+#: The longest key accepted, in characters (DESIGN: 1-255 printable ASCII).
+MAX_KEY_LENGTH = 255
+
+# Bare form: visible ASCII without '"' or ',' (a comma would make it a list).
+_BARE = re.compile(rb"[\x21\x23-\x2b\x2d-\x7e]+")
+# sf-string (RFC 9651 section 3.3.3): printable ASCII, with \" and \\ escaped.
+_QUOTED = re.compile(rb'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
+_ESCAPE = re.compile(rb'\\(["\\])')
+# Longest raw value worth parsing: every character escaped, plus quotes and padding.
+_MAX_RAW = 2 * MAX_KEY_LENGTH + 64
+
+
+def parse_key(values: Sequence[bytes]) -> str | None:
+    """Return the idempotency key carried by the request's header lines.
+
+    Args:
+        values: the raw value of every ``Idempotency-Key`` header line, in the
+            order received (ASGI gives latin-1 bytes; encode WSGI's str with
+            latin-1).
+
+    Returns:
+        The key, or None when the request has no such header.
+
+    Raises:
+        InvalidKey: the value is empty, blank, longer than 255 characters, not
+            printable ASCII, a list or an sf-string with parameters, or two
+            header lines carry different values. The draft (section 2.1) says
+            clients MUST NOT send more than one line; identical repeats, as some
+            proxies produce, are tolerated.
+    """
+    if not values:
+        return None
+    first = values[0]
+    for other in values[1:]:
+        if other != first:
+            raise InvalidKey("The request has two Idempotency-Key header lines with different values.")
+    return parse_key_value(first)
+
+
+def parse_key_value(raw: bytes) -> str:
+    """Parse one header value into a key (see :func:`parse_key` for the rules).
+
+    Raises:
+        InvalidKey: the value is not one valid key.
+    """
+    if len(raw) > _MAX_RAW:
+        raise InvalidKey(f"The Idempotency-Key is longer than {MAX_KEY_LENGTH} characters.")
+    value = raw.strip(b" \t")
+    if not value:
+        raise InvalidKey("The Idempotency-Key header is empty.")
+    if value[0] == 0x22:  # '"': the draft's sf-string form
+        match = _QUOTED.fullmatch(value)
+        if match is None:
+            raise InvalidKey(_explain(value, quoted=True))
+        body = match.group(1)
+        key_bytes = _ESCAPE.sub(rb"\1", body) if b"\\" in body else body
+    else:
+        if _BARE.fullmatch(value) is None:
+            raise InvalidKey(_explain(value, quoted=False))
+        key_bytes = value
+    if len(key_bytes) > MAX_KEY_LENGTH:
+        raise InvalidKey(f"The Idempotency-Key is longer than {MAX_KEY_LENGTH} characters.")
+    if not key_bytes.strip(b" "):
+        raise InvalidKey("The Idempotency-Key is blank.")
+    return key_bytes.decode("ascii")
+
+
+def _explain(value: bytes, *, quoted: bool) -> str:
+    """Say why a header value is not a key, for the 400 problem detail."""
+    if any(b < 0x20 or b == 0x7F for b in value):
+        return "The Idempotency-Key contains a control character."
+    if any(b > 0x7F for b in value):
+        return "The Idempotency-Key contains a character that is not ASCII."
+    if b"," in value:
+        return "The Idempotency-Key header holds a list; send exactly one key."
+    if quoted:
+        return 'The Idempotency-Key is not one string: expected "..." with no parameters or other items after it.'
+    if b" " in value or b"\t" in value:
+        return "An unquoted Idempotency-Key cannot contain spaces; quote it as an sf-string."
+    return "An unquoted Idempotency-Key cannot contain a double quote."
+
+
+def make_record_key(principal: str, method: str, route: str, key: str) -> str:
+    """Return the store's record key for a key within its scope.
+
+    The parts are length-prefixed before hashing, so no two different scopes
+    can produce the same input (scope ``"u1:x"`` with key ``"k"`` never equals
+    scope ``"u1"`` with key ``"x:k"``).
+
+    Args:
+        principal: who sent the request (a tenant/user id or a credentials hash).
+        method: the HTTP method, upper-case (or a function name for @idempotent).
+        route: the path or route the key is unique within.
+        key: the idempotency key.
+
+    Returns:
+        32 lower-case hex characters (128 bits of SHA-256).
+    """
+    parts = [p.encode("utf-8", "surrogatepass") for p in (principal, method, route, key)]
+    data = b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def principal_from_credentials(credentials: bytes) -> str:
+    """Return a principal for raw credentials (e.g. an ``Authorization`` value).
+
+    Only a SHA-256 digest is kept, so credentials never reach the store.
+    """
+    return "cred:" + hashlib.sha256(credentials).hexdigest()[:32]

@@ -1,0 +1,273 @@
+"""The policy: which requests are idempotent, how long records live, and what
+each outcome of the handler does to the record.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from types import MappingProxyType
+from typing import Any
+
+from ..exceptions import ConfigurationError
+
+__all__ = [
+    "DEFAULT_EXCLUDED_HEADERS",
+    "DEFAULT_METHODS",
+    "Policy",
+    "Verdict",
+    "default_verdict",
+]
+
+
+class Verdict(enum.Enum):
+    """What happens to the record after the handler finished.
+
+    STORE: the response is stored and replayed to every retry.
+    RELEASE: the record is removed, so a retry executes again.
+    HOLD: the record stays in progress (retries get 409) for ``Policy.hold_ttl``
+        seconds; for outcomes that are unknown, e.g. a timeout talking to a
+        payment provider, where neither replaying nor re-executing is safe.
+    """
+
+    STORE = "store"
+    RELEASE = "release"
+    HOLD = "hold"
+
+
+#: Methods that are idempotent only with a key (RFC 9110 section 9.2.2: POST
+#: and PATCH are not idempotent by method).
+DEFAULT_METHODS: frozenset[str] = frozenset({"POST", "PATCH"})
+
+#: Response headers never stored, hence never replayed: hop-by-hop headers
+#: (RFC 9110 section 7.6.1), ``Date``, credentials (``Set-Cookie`` unless
+#: ``Policy.store_set_cookie``) and per-exchange headers that would be a lie
+#: when replayed (request ids, rate-limit counters, auth challenges).
+DEFAULT_EXCLUDED_HEADERS: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "date",
+        "server",
+        "authorization",
+        "www-authenticate",
+        "set-cookie",
+        "x-request-id",
+        "x-correlation-id",
+        "request-id",
+        "retry-after",
+        "idempotent-replayed",
+    }
+)
+
+# Prefixes of per-exchange headers (rate-limit counters, draft-ietf-httpapi-ratelimit-headers).
+_EXCLUDED_PREFIXES: tuple[str, ...] = ("x-ratelimit-", "ratelimit")
+
+# 408 Request Timeout, 409 Conflict, 425 Too Early, 429 Too Many Requests: the
+# request may succeed if repeated, so storing them would wedge the key.
+_RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+
+
+def default_verdict(status: int) -> Verdict:
+    """The default outcome for a status: store 1xx-4xx except 408, 409, 425 and 429; release 5xx.
+
+    Deterministic client errors (400, 404, 422, ...) are stored and replayed,
+    as Stripe does; transient ones and server errors are released so a retry
+    executes again (shared/cases B06).
+    """
+    if status >= 500 or status in _RETRYABLE_4XX:
+        return Verdict.RELEASE
+    return Verdict.STORE
+
+
+def _seconds(value: float | timedelta, name: str) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not seconds > 0:  # also rejects NaN
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+class Policy:
+    """How requests are made idempotent. Immutable; :meth:`replace` derives a variant.
+
+    Args:
+        record_ttl: seconds (or a timedelta) a completed record is kept and
+            replayed; the draft's "expiry" (section 2.3). Default 24 h, as Stripe.
+        lease_ttl: seconds (or a timedelta) a request holds the right to execute.
+            A crashed holder delays retries by at most this long. Must exceed
+            the slowest handler, or a retry may execute while it still runs.
+            Default 30 s. Zero or negative is refused (shared/cases B03).
+        methods: methods that are made idempotent; others pass through.
+        require_key: answer 400 when such a request has no key (draft section
+            2.7); when False, keyless requests pass through untouched.
+        wait: seconds a duplicate of a running request waits for its result
+            before getting 409; 0 answers 409 at once (draft section 2.6).
+        retry_after: whole seconds sent in ``Retry-After`` with 409 and 503.
+        fail_open: when the store is unreachable, run the handler without
+            idempotency (marked with an ``Idempotency-Bypassed`` header) instead
+            of answering 503. Off by default: an outage must not cause a second
+            execution (shared/cases B18).
+        canonical_json: canonicalise JSON bodies (RFC 8785) in the fingerprint.
+        max_request_body: bytes of request body read for the fingerprint; a
+            larger body is answered with 413 before anything is stored.
+        max_response_body: bytes of response body captured; a larger response
+            is passed through and the record released (not stored).
+        store_set_cookie: store and replay ``Set-Cookie`` (off: credentials do
+            not belong at rest in the store).
+        excluded_headers: lower-case header names never stored nor replayed;
+            default :data:`DEFAULT_EXCLUDED_HEADERS`.
+        status_verdicts: per-status overrides of :func:`default_verdict`,
+            e.g. ``{404: Verdict.RELEASE, 504: Verdict.HOLD}``.
+        exception_verdicts: verdicts for exception classes raised by the
+            handler, matched along the exception's MRO; default RELEASE. The
+            exception always propagates unchanged after the record is handled.
+        hold_ttl: seconds a HOLD keeps the key answering 409; default record_ttl.
+
+    Raises:
+        ConfigurationError: a TTL is not positive, ``wait`` is negative, or a
+            size or ``retry_after`` is negative.
+    """
+
+    __slots__ = (
+        "_args",
+        "canonical_json",
+        "exception_verdicts",
+        "excluded_headers",
+        "fail_open",
+        "hold_ttl",
+        "hold_ttl_ms",
+        "lease_ttl",
+        "lease_ttl_ms",
+        "max_request_body",
+        "max_response_body",
+        "methods",
+        "record_ttl",
+        "record_ttl_ms",
+        "require_key",
+        "retry_after",
+        "status_verdicts",
+        "store_set_cookie",
+        "wait",
+    )
+
+    record_ttl: float
+    record_ttl_ms: int
+    lease_ttl: float
+    lease_ttl_ms: int
+    hold_ttl: float
+    hold_ttl_ms: int
+    methods: frozenset[str]
+    require_key: bool
+    wait: float
+    retry_after: int
+    fail_open: bool
+    canonical_json: bool
+    max_request_body: int
+    max_response_body: int
+    store_set_cookie: bool
+    excluded_headers: frozenset[str]
+    status_verdicts: Mapping[int, Verdict]
+    exception_verdicts: Mapping[type[BaseException], Verdict]
+    _args: dict[str, Any]
+
+    def __init__(
+        self,
+        *,
+        record_ttl: float | timedelta = 86400.0,
+        lease_ttl: float | timedelta = 30.0,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        require_key: bool = False,
+        wait: float | timedelta = 0.0,
+        retry_after: int = 1,
+        fail_open: bool = False,
+        canonical_json: bool = True,
+        max_request_body: int = 10 * 1024 * 1024,
+        max_response_body: int = 10 * 1024 * 1024,
+        store_set_cookie: bool = False,
+        excluded_headers: Iterable[str] = DEFAULT_EXCLUDED_HEADERS,
+        status_verdicts: Mapping[int, Verdict] | None = None,
+        exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
+        hold_ttl: float | timedelta | None = None,
+    ) -> None:
+        args = dict(locals())
+        del args["self"]
+        set_ = object.__setattr__
+        set_(self, "_args", args)
+        set_(self, "record_ttl", _seconds(record_ttl, "record_ttl"))
+        set_(self, "lease_ttl", _seconds(lease_ttl, "lease_ttl"))
+        set_(self, "hold_ttl", self.record_ttl if hold_ttl is None else _seconds(hold_ttl, "hold_ttl"))
+        set_(self, "record_ttl_ms", int(self.record_ttl * 1000))
+        set_(self, "lease_ttl_ms", max(1, int(self.lease_ttl * 1000)))
+        set_(self, "hold_ttl_ms", max(1, int(self.hold_ttl * 1000)))
+        wait_s = wait.total_seconds() if isinstance(wait, timedelta) else float(wait)
+        if not wait_s >= 0:
+            raise ConfigurationError(f"wait must be zero or more seconds, got {wait!r}")
+        set_(self, "wait", wait_s)
+        if isinstance(methods, str):
+            raise ConfigurationError("methods must be a collection of method names, not one string")
+        set_(self, "methods", frozenset(m.upper() for m in methods))
+        if retry_after < 0 or max_request_body < 0 or max_response_body < 0:
+            raise ConfigurationError("retry_after, max_request_body and max_response_body cannot be negative")
+        set_(self, "retry_after", int(retry_after))
+        set_(self, "require_key", bool(require_key))
+        set_(self, "fail_open", bool(fail_open))
+        set_(self, "canonical_json", bool(canonical_json))
+        set_(self, "max_request_body", int(max_request_body))
+        set_(self, "max_response_body", int(max_response_body))
+        set_(self, "store_set_cookie", bool(store_set_cookie))
+        excluded = {h.lower() for h in excluded_headers}
+        if store_set_cookie:
+            excluded.discard("set-cookie")
+        set_(self, "excluded_headers", frozenset(excluded))
+        set_(self, "status_verdicts", MappingProxyType(dict(status_verdicts or {})))
+        set_(self, "exception_verdicts", MappingProxyType(dict(exception_verdicts or {})))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Policy is immutable; use policy.replace({name}=...)")
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self._args.items() if v != _DEFAULTS.get(k, v) or k not in _DEFAULTS}
+        return "Policy(" + ", ".join(f"{k}={v!r}" for k, v in changed.items()) + ")"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Policy) and self._args == other._args
+
+    def __hash__(self) -> int:
+        return hash((self.record_ttl, self.lease_ttl, self.methods, self.require_key, self.wait))
+
+    def replace(self, **changes: Any) -> Policy:
+        """Return a copy with some arguments changed, e.g. ``policy.replace(require_key=True)``."""
+        return Policy(**{**self._args, **changes})
+
+    def verdict_for_status(self, status: int) -> Verdict:
+        """Return what to do with a response of this status."""
+        verdict = self.status_verdicts.get(status)
+        return default_verdict(status) if verdict is None else verdict
+
+    def verdict_for_exception(self, exc: BaseException) -> Verdict:
+        """Return what to do when the handler raised ``exc`` (default RELEASE).
+
+        Adapters call this for ``Exception`` subclasses only; cancellation and
+        interpreter exits leave the lease to expire, because the side effect
+        may be half done.
+        """
+        for cls in type(exc).__mro__:
+            verdict = self.exception_verdicts.get(cls)
+            if verdict is not None:
+                return verdict
+        return Verdict.RELEASE
+
+    def stores_header(self, name: str) -> bool:
+        """True when a response header of this lower-case name is stored for replay."""
+        return name not in self.excluded_headers and not name.startswith(_EXCLUDED_PREFIXES)
+
+
+_DEFAULTS: dict[str, Any] = Policy()._args

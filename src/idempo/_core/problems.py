@@ -1,0 +1,63 @@
+"""Problem responses (RFC 9457 ``application/problem+json``) for idempo's own answers.
+
+Each problem has a stable ``type`` URI, so clients can branch on it; the IETF
+draft (draft-ietf-httpapi-idempotency-key-header, section 2.7) shows problem
+bodies for 400, 409 and 422.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .records import StoredResponse
+
+__all__ = ["PROBLEM_BASE", "Problem", "problem_response"]
+
+#: Prefix of every problem ``type`` URI; the README lists them.
+PROBLEM_BASE = "https://idempo.dev/problems/"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One kind of problem: its HTTP status, ``type`` slug and ``title``."""
+
+    status: int
+    slug: str
+    title: str
+
+    @property
+    def type(self) -> str:
+        """The stable ``type`` URI."""
+        return PROBLEM_BASE + self.slug
+
+
+MISSING_KEY = Problem(400, "missing-key", "Idempotency-Key is missing")
+INVALID_KEY = Problem(400, "invalid-key", "Idempotency-Key is not valid")
+PRINCIPAL_REQUIRED = Problem(400, "principal-required", "Idempotency-Key needs an identified caller")
+BODY_TOO_LARGE = Problem(413, "body-too-large", "Request body is too large for an idempotent request")
+KEY_IN_PROGRESS = Problem(409, "key-in-progress", "A request is outstanding for this Idempotency-Key")
+FINGERPRINT_MISMATCH = Problem(422, "fingerprint-mismatch", "Idempotency-Key is already used for a different request")
+STORE_UNAVAILABLE = Problem(503, "store-unavailable", "Idempotency store is unavailable")
+
+
+def problem_response(problem: Problem, detail: str, *, retry_after: int | None = None) -> StoredResponse:
+    """Build the HTTP answer for a problem.
+
+    Args:
+        problem: which problem.
+        detail: a sentence for the client about this occurrence.
+        retry_after: whole seconds for a ``Retry-After`` header, or None.
+
+    Returns:
+        status, headers (``content-type``, ``content-length``, maybe
+        ``retry-after``) and the JSON body.
+    """
+    body = json.dumps(
+        {"type": problem.type, "title": problem.title, "status": problem.status, "detail": detail},
+        separators=(",", ":"),
+    ).encode()
+    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    return StoredResponse(problem.status, tuple(headers), body)

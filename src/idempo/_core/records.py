@@ -1,0 +1,129 @@
+"""Records, the values a store keeps and returns, and the response codec.
+
+All times are integer milliseconds since the Unix epoch, read from the
+store's own clock (the database's or the Redis server's), so processes with
+skewed clocks agree on lease and TTL expiry.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+
+__all__ = [
+    "Acquired",
+    "BeginResult",
+    "Existing",
+    "Record",
+    "RecordState",
+    "StoredResponse",
+    "decode_headers",
+    "encode_headers",
+    "next_token",
+]
+
+
+class RecordState(enum.Enum):
+    """The stored state of a record; "expired" is computed, never stored."""
+
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """The response kept for replay.
+
+    Attributes:
+        status: the HTTP status code.
+        headers: (name, value) byte pairs in the order the app sent them, names
+            lower-case, repeated names kept as separate pairs; only the headers
+            the policy allows to be stored.
+        body: the complete body, bytes.
+    """
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What a store keeps for one record key.
+
+    Attributes:
+        record_key: the store's primary key, derived from scope and idempotency key.
+        state: IN_PROGRESS while a lease holder executes, COMPLETED after.
+        fingerprint: hex digest of the request that created the record.
+        token: the fencing token of the current lease; it grows on every
+            takeover, so a stale holder's late ``complete`` is refused.
+        lease_expires_at_ms: when the lease ends (IN_PROGRESS); 0 once completed.
+        created_at_ms: when the current lease was taken.
+        expires_at_ms: when the record stops counting and may be purged: the
+            lease expiry while IN_PROGRESS, completion time + record TTL after.
+        response: the stored response once COMPLETED, else None.
+    """
+
+    record_key: str
+    state: RecordState
+    fingerprint: str
+    token: int
+    lease_expires_at_ms: int
+    created_at_ms: int
+    expires_at_ms: int
+    response: StoredResponse | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    """``begin`` took the lease: the caller must execute, then complete or release.
+
+    Attributes:
+        token: the fencing token to pass to complete/release/extend.
+        takeover: True when an expired lease of an earlier holder was taken over
+            (crash recovery), False for a fresh record.
+    """
+
+    token: int
+    takeover: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Existing:
+    """``begin`` found a live record held or completed by another request.
+
+    Attributes:
+        record: the record as the store holds it.
+        now_ms: the store's clock when it was read, to compute lease time left.
+    """
+
+    record: Record
+    now_ms: int
+
+
+BeginResult = Acquired | Existing
+
+
+def next_token(previous: int, now_ms: int) -> int:
+    """Return the fencing token for a new lease.
+
+    The token grows by at least one over the record's previous token and is
+    never below the store's clock in milliseconds. The clock floor keeps tokens
+    growing even when a record was purged between two leases, so a holder from
+    before the purge can never match a later lease.
+    """
+    return max(previous + 1, now_ms)
+
+
+def encode_headers(headers: Headers) -> str:
+    """Encode header pairs as a JSON array of [name, value] latin-1 strings."""
+    return json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers], separators=(",", ":"))
+
+
+def decode_headers(text: str | bytes) -> Headers:
+    """Decode what :func:`encode_headers` produced."""
+    return tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(text))

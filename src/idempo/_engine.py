@@ -1,0 +1,125 @@
+"""Drivers: carry out the commands of the sans-I/O flow against a store.
+
+``drive_sync`` / ``drive_async`` run :func:`idempo._core.flow.begin_flow` to
+its decision; ``settle_sync`` / ``settle_async`` carry out the one command that
+settles a record after the handler ran. They are the only place the fronts
+(ASGI, WSGI, the decorator) touch a store, so the error handling is written
+once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator
+
+import anyio
+
+from ._core.flow import Begin, Complete, Decision, Extend, Release, Sleep
+from ._core.records import BeginResult
+from .exceptions import LeaseLost, StoreError
+from .typing import AsyncStore, Store
+
+__all__ = ["drive_async", "drive_sync", "logger", "settle_async", "settle_sync"]
+
+#: The logger every idempo component logs to.
+logger = logging.getLogger("idempo")
+
+Flow = Generator[Begin | Sleep, BeginResult | None, Decision]
+Settle = Complete | Release | Extend
+
+
+def drive_sync(flow: Flow, store: Store) -> Decision:
+    """Run a flow against a blocking store; return its decision.
+
+    Raises:
+        StoreError: the store failed (StoreUnavailable when unreachable).
+    """
+    try:
+        command = next(flow)
+        while True:
+            if isinstance(command, Begin):
+                result: BeginResult | None = store.begin(command.record_key, command.fingerprint, command.lease_ttl_ms)
+            else:
+                time.sleep(command.seconds)
+                result = None
+            command = flow.send(result)
+    except StopIteration as stop:
+        decision: Decision = stop.value
+        return decision
+
+
+async def drive_async(flow: Flow, store: AsyncStore) -> Decision:
+    """Run a flow against an async store; return its decision.
+
+    Raises:
+        StoreError: the store failed (StoreUnavailable when unreachable).
+    """
+    try:
+        command = next(flow)
+        while True:
+            if isinstance(command, Begin):
+                result: BeginResult | None = await store.begin(
+                    command.record_key, command.fingerprint, command.lease_ttl_ms
+                )
+            else:
+                await anyio.sleep(command.seconds)
+                result = None
+            command = flow.send(result)
+    except StopIteration as stop:
+        decision: Decision = stop.value
+        return decision
+
+
+def settle_sync(store: Store, command: Settle) -> bool:
+    """Carry out a settling command; return True when the store took it.
+
+    Never raises for the store: the handler already ran and its answer must
+    still reach the client. A store failure leaves the record in progress
+    until its lease expires (a retry meanwhile gets 409, never a second
+    execution; shared/cases B18); a lost lease means another request took
+    the record over. Both are logged.
+    """
+    try:
+        if isinstance(command, Complete):
+            store.complete(command.record_key, command.token, command.response, command.record_ttl_ms)
+        elif isinstance(command, Release):
+            store.release(command.record_key, command.token)
+        else:
+            store.extend(command.record_key, command.token, command.lease_ttl_ms)
+    except (StoreError, LeaseLost) as exc:
+        _log_settle_failure(command, exc)
+        return False
+    return True
+
+
+async def settle_async(store: AsyncStore, command: Settle) -> bool:
+    """The async twin of :func:`settle_sync`."""
+    try:
+        if isinstance(command, Complete):
+            await store.complete(command.record_key, command.token, command.response, command.record_ttl_ms)
+        elif isinstance(command, Release):
+            await store.release(command.record_key, command.token)
+        else:
+            await store.extend(command.record_key, command.token, command.lease_ttl_ms)
+    except (StoreError, LeaseLost) as exc:
+        _log_settle_failure(command, exc)
+        return False
+    return True
+
+
+def _log_settle_failure(command: Settle, exc: BaseException) -> None:
+    action = type(command).__name__.lower()
+    if isinstance(exc, LeaseLost):
+        logger.warning(
+            "idempo: %s refused, the lease was taken over (record %s); this result was not stored",
+            action,
+            command.record_key,
+        )
+    else:
+        logger.error(
+            "idempo: %s failed (record %s): %s; the record stays in progress until its lease expires",
+            action,
+            command.record_key,
+            exc,
+        )

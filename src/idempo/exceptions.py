@@ -1,0 +1,116 @@
+"""The exceptions idempo raises.
+
+Every exception derives from :class:`IdempoError`::
+
+    IdempoError
+    ├── ConfigurationError        bad Policy, store URL or argument; raised at construction
+    ├── KeyRejected               the request cannot proceed under its key (.status_code)
+    │   ├── MissingKey            400: the route requires a key and none was sent
+    │   ├── InvalidKey            400: the header is not one valid key
+    │   ├── KeyInProgress         409: the first request with this key is still running
+    │   └── FingerprintMismatch   422: the key was used for a different request
+    ├── LeaseLost                 complete/release/extend found another lease token
+    └── StoreError                the store failed; the original error is in __cause__
+        └── StoreUnavailable      the store could not be reached (connection, timeout)
+
+Normal outcomes (replay, in progress, mismatch) are return values inside the
+core; they become :class:`KeyRejected` subclasses only at the edge, for the
+``@idempotent`` decorator and the client. The HTTP middleware turns them into
+problem responses instead (RFC 9457).
+
+A message defaults to the class docstring, so ``raise LeaseLost()`` still says
+what happened.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "FingerprintMismatch",
+    "IdempoError",
+    "InvalidKey",
+    "KeyInProgress",
+    "KeyRejected",
+    "LeaseLost",
+    "MissingKey",
+    "StoreError",
+    "StoreUnavailable",
+]
+
+
+class IdempoError(Exception):
+    """An idempo error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip().splitlines()[0])
+
+
+class ConfigurationError(IdempoError):
+    """idempo was configured with a value it cannot use."""
+
+
+class KeyRejected(IdempoError):
+    """The request cannot proceed under its idempotency key.
+
+    Attributes:
+        status_code: the HTTP status an adapter answers with (400, 409 or 422).
+    """
+
+    status_code: int = 400
+
+
+class MissingKey(KeyRejected):
+    """The route requires an Idempotency-Key header and the request has none."""
+
+    status_code = 400
+
+
+class InvalidKey(KeyRejected):
+    """The Idempotency-Key header is not one valid key.
+
+    The IETF draft (draft-ietf-httpapi-idempotency-key-header, section 2.1)
+    defines the value as one RFC 8941 sf-string; idempo also accepts the bare
+    token form most clients send. Anything else is rejected.
+    """
+
+    status_code = 400
+
+
+class KeyInProgress(KeyRejected):
+    """A request with this idempotency key is still being processed.
+
+    Attributes:
+        retry_after: seconds (int) after which a retry may find the result.
+    """
+
+    status_code = 409
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class FingerprintMismatch(KeyRejected):
+    """The idempotency key was already used for a different request.
+
+    The draft (section 2.7) asks for 422 when a key is reused with another
+    payload; idempo compares the request fingerprint.
+    """
+
+    status_code = 422
+
+
+class LeaseLost(IdempoError):
+    """The lease token no longer matches the record: this result was not stored.
+
+    The lease expired and another request took the record over (its fencing
+    token is newer), or the record expired and was purged.
+    """
+
+
+class StoreError(IdempoError):
+    """The store failed; the original exception is in ``__cause__``."""
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached (connection refused, reset or timed out)."""

@@ -1,0 +1,44 @@
+-- Named query blocks for the SQLite store; each starts with "-- name: <name>".
+-- Parameters are named (:record_key ...); times are milliseconds from the store's clock.
+
+-- name: select_record
+SELECT state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body
+FROM idempo_records
+WHERE record_key = :record_key;
+
+-- name: take_lease
+-- Runs inside BEGIN IMMEDIATE after select_record found no live record, so it
+-- either inserts a fresh record or replaces an expired one.
+INSERT INTO idempo_records
+    (record_key, state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body)
+VALUES
+    (:record_key, 'in_progress', :fingerprint, :token, :lease_expires_at, :now, :lease_expires_at, NULL, NULL, NULL)
+ON CONFLICT (record_key) DO UPDATE SET
+    state = 'in_progress',
+    fingerprint = excluded.fingerprint,
+    token = excluded.token,
+    lease_expires_at = excluded.lease_expires_at,
+    created_at = excluded.created_at,
+    expires_at = excluded.expires_at,
+    status = NULL,
+    headers = NULL,
+    body = NULL;
+
+-- name: complete
+UPDATE idempo_records
+SET state = 'completed', lease_expires_at = 0, expires_at = :now + :record_ttl_ms,
+    status = :status, headers = :headers, body = :body
+WHERE record_key = :record_key AND token = :token AND state = 'in_progress';
+
+-- name: release
+DELETE FROM idempo_records
+WHERE record_key = :record_key AND token = :token AND state = 'in_progress';
+
+-- name: extend
+UPDATE idempo_records
+SET lease_expires_at = :now + :lease_ttl_ms, expires_at = :now + :lease_ttl_ms
+WHERE record_key = :record_key AND token = :token AND state = 'in_progress';
+
+-- name: purge_expired
+DELETE FROM idempo_records
+WHERE rowid IN (SELECT rowid FROM idempo_records WHERE expires_at <= :now LIMIT :limit);

@@ -1,0 +1,300 @@
+"""The SQLite store: idempo's embedded default, safe across processes on one machine.
+
+The database is one file in WAL mode, so readers never wait for the writer.
+Each transition is atomic across threads and processes: ``complete``,
+``release`` and ``extend`` are single conditional statements, and ``begin``
+takes SQLite's write lock (``BEGIN IMMEDIATE``) to read and write in one
+transaction. A replay costs one read and no write.
+
+Times come from the store's clock (``time.time`` by default, injectable for
+tests); every process on one machine shares it.
+
+Durability: ``synchronous=NORMAL`` (the default) loses nothing when a process
+crashes; after an operating-system crash or power loss the last transactions
+may be lost. Pass ``synchronous="FULL"`` to sync every commit to disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, TypeVar
+
+import anyio.to_thread
+
+from .._core.records import Acquired, BeginResult, Existing, Record, StoredResponse, encode_headers, next_token
+from ..exceptions import ConfigurationError, LeaseLost
+from ..typing import Clock
+from ._base import load_queries, load_sql, map_errors, record_from_row
+
+__all__ = ["AsyncSQLiteStore", "SQLiteStore"]
+
+_Q = load_queries("sqlite")
+_SCHEMA = load_sql("sqlite", "schema.sql")
+_EXPIRES_AT = 5  # index of expires_at in a select_record row
+_T = TypeVar("_T")
+
+
+@contextmanager
+def _sqlite_errors() -> Iterator[None]:
+    # OperationalError covers a locked database past busy_timeout, an
+    # unreadable file and I/O errors: the store cannot serve now.
+    with map_errors((sqlite3.OperationalError,), (sqlite3.Error,)):
+        yield
+
+
+class _Database:
+    """One SQLite file: per-thread connections and the transitions, written once."""
+
+    def __init__(self, path: str | os.PathLike[str], clock: Clock, busy_timeout: float, synchronous: str) -> None:
+        self.path = os.fspath(path)
+        if self.path in ("", ":memory:") or self.path.startswith("file::memory:"):
+            raise ConfigurationError("SQLiteStore needs a file; use MemoryStore for an in-memory store")
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ConfigurationError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        self.clock = clock
+        self.busy_timeout_ms = int(busy_timeout * 1000)
+        self.synchronous = synchronous.upper()
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        with _sqlite_errors():
+            conn = self.connection(self.busy_timeout_ms)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript(_SCHEMA)
+
+    def connection(self, busy_timeout_ms: int) -> sqlite3.Connection:
+        """This thread's connection with the given busy timeout (milliseconds)."""
+        conns: dict[int, sqlite3.Connection] | None = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(busy_timeout_ms)
+        if conn is None:
+            # check_same_thread=False only so close() can close every thread's
+            # connection; each is used by its own thread alone.
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conns[busy_timeout_ms] = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def close(self) -> None:
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+    # --- transitions; each raises sqlite3 errors as they come ---------------------
+
+    def begin(self, conn: sqlite3.Connection, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
+        key = {"record_key": record_key}
+        now = self.now_ms()
+        # A live record is answered from a plain read: no write lock for replays.
+        row = conn.execute(_Q["select_record"], key).fetchone()
+        if row is not None and row[_EXPIRES_AT] > now:
+            return Existing(record_from_row(record_key, row), now)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            now = self.now_ms()
+            row = conn.execute(_Q["select_record"], key).fetchone()
+            if row is not None and row[_EXPIRES_AT] > now:
+                conn.execute("COMMIT")
+                return Existing(record_from_row(record_key, row), now)
+            token = next_token(row[2] if row is not None else 0, now)
+            conn.execute(
+                _Q["take_lease"],
+                {
+                    "record_key": record_key,
+                    "fingerprint": fingerprint,
+                    "token": token,
+                    "lease_expires_at": now + lease_ttl_ms,
+                    "now": now,
+                },
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return Acquired(token, takeover=row is not None and row[0] == "in_progress")
+
+    def complete(
+        self, conn: sqlite3.Connection, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int
+    ) -> None:
+        params = {
+            "record_key": record_key,
+            "token": token,
+            "now": self.now_ms(),
+            "record_ttl_ms": record_ttl_ms,
+            "status": response.status,
+            "headers": encode_headers(response.headers),
+            "body": response.body,
+        }
+        if conn.execute(_Q["complete"], params).rowcount != 1:
+            raise LeaseLost()
+
+    def release(self, conn: sqlite3.Connection, record_key: str, token: int) -> None:
+        if conn.execute(_Q["release"], {"record_key": record_key, "token": token}).rowcount != 1:
+            raise LeaseLost()
+
+    def extend(self, conn: sqlite3.Connection, record_key: str, token: int, lease_ttl_ms: int) -> None:
+        params = {"record_key": record_key, "token": token, "now": self.now_ms(), "lease_ttl_ms": lease_ttl_ms}
+        if conn.execute(_Q["extend"], params).rowcount != 1:
+            raise LeaseLost()
+
+    def get(self, conn: sqlite3.Connection, record_key: str) -> Record | None:
+        row = conn.execute(_Q["select_record"], {"record_key": record_key}).fetchone()
+        if row is None or row[_EXPIRES_AT] <= self.now_ms():
+            return None
+        return record_from_row(record_key, row)
+
+    def purge_expired(self, conn: sqlite3.Connection, limit: int) -> int:
+        return conn.execute(_Q["purge_expired"], {"now": self.now_ms(), "limit": limit}).rowcount
+
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
+class SQLiteStore:
+    """A store in an SQLite file, for blocking code (WSGI, Django, sync functions).
+
+    Each thread gets its own connection; a write waits up to ``busy_timeout``
+    for another process's write lock, then raises StoreUnavailable.
+
+    Args:
+        path: the database file; created with its schema when missing.
+        clock: returns seconds since the epoch (default ``time.time``).
+        busy_timeout: seconds to wait for the write lock (default 5).
+        synchronous: SQLite's ``synchronous`` pragma (default ``"NORMAL"``).
+
+    Raises:
+        ConfigurationError: ``path`` is ``:memory:`` or ``synchronous`` is unknown.
+        StoreUnavailable: the file cannot be opened or its schema created.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock = time.time,
+        busy_timeout: float = 5.0,
+        synchronous: Synchronous = "NORMAL",
+    ) -> None:
+        self._db = _Database(path, clock, busy_timeout, synchronous)
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._db.path
+
+    def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        with _sqlite_errors():
+            return fn(self._db.connection(self._db.busy_timeout_ms), *args)
+
+    def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
+        """See :meth:`idempo.typing.Store.begin`."""
+        return self._call(self._db.begin, record_key, fingerprint, lease_ttl_ms)
+
+    def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
+        """See :meth:`idempo.typing.Store.complete`."""
+        self._call(self._db.complete, record_key, token, response, record_ttl_ms)
+
+    def release(self, record_key: str, token: int) -> None:
+        """See :meth:`idempo.typing.Store.release`."""
+        self._call(self._db.release, record_key, token)
+
+    def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
+        """See :meth:`idempo.typing.Store.extend`."""
+        self._call(self._db.extend, record_key, token, lease_ttl_ms)
+
+    def get(self, record_key: str) -> Record | None:
+        """See :meth:`idempo.typing.Store.get`."""
+        return self._call(self._db.get, record_key)
+
+    def purge_expired(self, limit: int = 1000) -> int:
+        """See :meth:`idempo.typing.Store.purge_expired`."""
+        return self._call(self._db.purge_expired, limit)
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        self._db.close()
+
+
+class AsyncSQLiteStore:
+    """A store in an SQLite file, for asyncio and trio (ASGI, async functions).
+
+    Each statement first runs on the event loop's thread with a zero busy
+    timeout: when no other connection holds the write lock (the usual case)
+    it returns in tens of microseconds, cheaper than a hop to a worker thread.
+    When another writer holds the lock, the statement is handed to a worker
+    thread (``anyio.to_thread``) that waits up to ``busy_timeout``, so the
+    event loop never blocks on a lock.
+
+    Args: as :class:`SQLiteStore`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock = time.time,
+        busy_timeout: float = 5.0,
+        synchronous: Synchronous = "NORMAL",
+    ) -> None:
+        self.sync = SQLiteStore(path, clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
+        self._db = self.sync._db
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._db.path
+
+    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        with _sqlite_errors():
+            try:
+                return fn(self._db.connection(0), *args)
+            except sqlite3.OperationalError as exc:
+                # Busy: nothing was written (a statement or a rolled-back
+                # transaction), so the worker thread can run it afresh.
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    raise
+            return await anyio.to_thread.run_sync(functools.partial(self.sync._call, fn, *args))
+
+    async def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
+        """See :meth:`idempo.typing.Store.begin`."""
+        return await self._call(self._db.begin, record_key, fingerprint, lease_ttl_ms)
+
+    async def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
+        """See :meth:`idempo.typing.Store.complete`."""
+        await self._call(self._db.complete, record_key, token, response, record_ttl_ms)
+
+    async def release(self, record_key: str, token: int) -> None:
+        """See :meth:`idempo.typing.Store.release`."""
+        await self._call(self._db.release, record_key, token)
+
+    async def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
+        """See :meth:`idempo.typing.Store.extend`."""
+        await self._call(self._db.extend, record_key, token, lease_ttl_ms)
+
+    async def get(self, record_key: str) -> Record | None:
+        """See :meth:`idempo.typing.Store.get`."""
+        return await self._call(self._db.get, record_key)
+
+    async def purge_expired(self, limit: int = 1000) -> int:
+        """See :meth:`idempo.typing.Store.purge_expired`."""
+        return await self._call(self._db.purge_expired, limit)
+
+    async def aclose(self) -> None:
+        """Close every thread's connection."""
+        self._db.close()
