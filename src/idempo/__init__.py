@@ -7,8 +7,6 @@ middleware and ``idempo.stores`` for where records live.
 This module imports no optional dependency.
 """
 
-from __future__ import annotations
-
 from ._core.fingerprint import fingerprint
 from ._core.keys import MAX_KEY_LENGTH, make_record_key, parse_key
 from ._core.policy import DEFAULT_EXCLUDED_HEADERS, DEFAULT_METHODS, Policy, Verdict

@@ -204,6 +204,7 @@ class IdempotencyMiddleware:
         start: Message | None = None
         start_sent = False
         settled = False
+        complete = False
         client_gone = False
         done: anyio.Event | None = None
 
@@ -226,7 +227,7 @@ class IdempotencyMiddleware:
                 done.set()
 
         async def capture_send(message: Message) -> None:
-            nonlocal start, start_sent
+            nonlocal start, start_sent, complete
             kind = message["type"]
             if kind == "http.response.start":
                 start = message
@@ -237,7 +238,12 @@ class IdempotencyMiddleware:
                 return
             capture.add(message.get("body", b""))
             if not message.get("more_body", False):
-                await settle(capture.response(), capture.verdict)
+                complete = True
+                # With exception verdicts configured, an answer that is not
+                # stored is settled when the app finishes: frameworks send
+                # their 500 before re-raising, and the exception decides.
+                if capture.verdict is Verdict.STORE or not policy.exception_verdicts:
+                    await settle(capture.response(), capture.verdict)
             if not start_sent:
                 start_sent = True
                 await forward(start)
@@ -267,8 +273,9 @@ class IdempotencyMiddleware:
                 await settle(None, policy.verdict_for_exception(exc))
             raise
         if not settled:
-            # The app returned without completing its response: nothing whole to store.
-            await settle(None, Verdict.RELEASE)
+            # Either a deferred non-stored answer, or the app returned without
+            # completing its response: nothing whole to store.
+            await settle(None, capture.verdict if complete else Verdict.RELEASE)
             if start is not None and not start_sent:
                 await forward(start)
 

@@ -129,6 +129,9 @@ class Policy:
         exception_verdicts: verdicts for exception classes raised by the
             handler, matched along the exception's MRO; default RELEASE. The
             exception always propagates unchanged after the record is handled.
+            When any are configured, a record whose answer is not stored is
+            settled once the app has finished rather than when the answer is
+            sent, because frameworks send their 500 before re-raising.
         hold_ttl: seconds a HOLD keeps the key answering 409; default record_ttl.
 
     Raises:

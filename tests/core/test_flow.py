@@ -1,0 +1,161 @@
+"""The sans-I/O protocol flow, driven by hand and against the memory store."""
+
+from __future__ import annotations
+
+import pytest
+
+from idempo import Acquired, Existing, Policy, Record, RecordState, StoredResponse, Verdict
+from idempo._core.flow import (
+    Begin,
+    Complete,
+    Extend,
+    InProgress,
+    Mismatch,
+    Proceed,
+    Release,
+    Replay,
+    Sleep,
+    begin_flow,
+    finish,
+    retry_after_seconds,
+)
+from idempo._engine import drive_async, drive_sync, settle_async, settle_sync
+from idempo.stores import AsyncMemoryStore, MemoryStore
+from tests.support.clock import FakeClock
+
+RESPONSE = StoredResponse(201, ((b"content-type", b"application/json"),), b"{}")
+
+
+def record(state: RecordState, fingerprint: str = "fp", lease_expires_at_ms: int = 10_000) -> Record:
+    response = RESPONSE if state is RecordState.COMPLETED else None
+    return Record("rk", state, fingerprint, 7, lease_expires_at_ms, 0, lease_expires_at_ms, response)
+
+
+def run(flow: object, *results: object) -> tuple[list[object], object]:
+    """Drive a flow with canned results; return (commands seen, decision)."""
+    commands = [flow.send(None)]  # type: ignore[attr-defined]
+    try:
+        for result in results:
+            commands.append(flow.send(result))  # type: ignore[attr-defined]
+    except StopIteration as stop:
+        return commands, stop.value
+    raise AssertionError("flow did not finish")
+
+
+def test_acquired_proceeds_with_the_token() -> None:
+    """A fresh lease: Proceed with the store's token."""
+    commands, decision = run(begin_flow("rk", "fp", Policy()), Acquired(5, takeover=True))
+    assert commands == [Begin("rk", "fp", 30_000)]
+    assert decision == Proceed(5, takeover=True)
+
+
+def test_completed_record_with_same_fingerprint_replays() -> None:
+    """A completed record with the same fingerprint: Replay of its response."""
+    _, decision = run(begin_flow("rk", "fp", Policy()), Existing(record(RecordState.COMPLETED), 0))
+    assert decision == Replay(RESPONSE)
+
+
+@pytest.mark.parametrize("state", list(RecordState))
+def test_other_fingerprint_is_a_mismatch_in_any_state(state: RecordState) -> None:
+    """Another fingerprint is a mismatch whether the record runs or completed."""
+    _, decision = run(begin_flow("rk", "other", Policy()), Existing(record(state), 0))
+    assert decision == Mismatch()
+
+
+def test_in_progress_without_wait_is_409_at_once() -> None:
+    """wait=0: an in-progress duplicate gets InProgress with Retry-After bounded by the lease left."""
+    _, decision = run(begin_flow("rk", "fp", Policy(retry_after=5)), Existing(record(RecordState.IN_PROGRESS), 8_500))
+    assert decision == InProgress(2)
+
+
+def test_wait_mode_polls_with_growing_pauses_then_gives_up() -> None:
+    """wait>0: Begin, Sleep, Begin... pauses double and sum to exactly the wait bound, then 409."""
+    flow = begin_flow("rk", "fp", Policy(wait=0.1))
+    busy = Existing(record(RecordState.IN_PROGRESS), 0)
+    commands = [flow.send(None)]
+    decision = None
+    try:
+        while True:
+            commands.append(flow.send(busy if isinstance(commands[-1], Begin) else None))
+    except StopIteration as stop:
+        decision = stop.value
+    sleeps = [c.seconds for c in commands if isinstance(c, Sleep)]
+    assert sleeps[:3] == [0.01, 0.02, 0.04]
+    assert sum(sleeps) == pytest.approx(0.1)
+    assert isinstance(decision, InProgress)
+
+
+def test_wait_mode_ends_in_replay_or_takeover() -> None:
+    """While waiting, the first request completing gives Replay; its lease expiring gives Proceed."""
+    busy = Existing(record(RecordState.IN_PROGRESS), 0)
+    done = Existing(record(RecordState.COMPLETED), 0)
+    _, decision = run(begin_flow("rk", "fp", Policy(wait=5)), busy, None, done)
+    assert decision == Replay(RESPONSE)
+    _, decision = run(begin_flow("rk", "fp", Policy(wait=5)), busy, None, Acquired(8, takeover=True))
+    assert decision == Proceed(8, takeover=True)
+
+
+def test_retry_after_is_at_least_one_and_never_past_the_lease() -> None:
+    """Retry-After: policy value, capped by the lease time left (rounded up), at least 1."""
+    policy = Policy(retry_after=10)
+    assert retry_after_seconds(policy, 3_200) == 4
+    assert retry_after_seconds(policy, 60_000) == 10
+    assert retry_after_seconds(policy, -5) == 1
+    assert retry_after_seconds(Policy(retry_after=0), 5_000) == 1
+
+
+def test_finish_maps_outcomes_to_store_commands() -> None:
+    """STORE completes, RELEASE releases, HOLD extends by hold_ttl; no response means release."""
+    policy = Policy(hold_ttl=60)
+    assert finish(policy, "rk", 3, RESPONSE) == Complete("rk", 3, RESPONSE, 86_400_000)
+    failed = StoredResponse(500, (), b"")
+    assert finish(policy, "rk", 3, failed) == Release("rk", 3)
+    assert finish(policy, "rk", 3, None) == Release("rk", 3)
+    assert finish(policy, "rk", 3, None, verdict=Verdict.HOLD) == Extend("rk", 3, 60_000)
+    assert finish(policy, "rk", 3, None, verdict=Verdict.STORE) == Release("rk", 3)
+
+
+def test_drivers_run_the_flow_against_a_store() -> None:
+    """drive_sync/drive_async: first call proceeds, duplicate gets 409; settle completes; replay after."""
+    import anyio
+
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    policy = Policy()
+    first = drive_sync(begin_flow("rk", "fp", policy), store)
+    assert isinstance(first, Proceed)
+    assert isinstance(drive_sync(begin_flow("rk", "fp", policy), store), InProgress)
+    assert settle_sync(store, finish(policy, "rk", first.token, RESPONSE)) is True
+    assert drive_sync(begin_flow("rk", "fp", policy), store) == Replay(RESPONSE)
+
+    async def async_side() -> None:
+        astore = AsyncMemoryStore(store)
+        assert await drive_async(begin_flow("rk", "fp", policy), astore) == Replay(RESPONSE)
+        other = await drive_async(begin_flow("rk2", "fp", Policy(wait=0.05)), astore)
+        assert isinstance(other, Proceed)
+        waited = await drive_async(begin_flow("rk2", "fp", Policy(wait=0.05)), astore)
+        assert isinstance(waited, InProgress)
+        assert await settle_async(astore, Release("rk2", other.token)) is True
+        assert await settle_async(astore, Release("rk2", other.token)) is False  # lease lost: logged, not raised
+
+    anyio.run(async_side)
+
+
+def test_settle_reports_a_lost_lease_without_raising(caplog: pytest.LogCaptureFixture) -> None:
+    """A stale holder's complete is refused by the store; settle logs it and returns False."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    stale = store.begin("rk", "fp", 1000)
+    assert isinstance(stale, Acquired)
+    clock.advance(2)
+    fresh = store.begin("rk", "fp", 1000)
+    assert isinstance(fresh, Acquired)
+    assert fresh.takeover is True
+    assert fresh.token > stale.token
+    with caplog.at_level("WARNING", logger="idempo"):
+        assert settle_sync(store, Complete("rk", stale.token, RESPONSE, 1000)) is False
+    assert "taken over" in caplog.text
+    held = store.get("rk")
+    assert held is not None
+    assert held.state is RecordState.IN_PROGRESS
+    assert held.token == fresh.token

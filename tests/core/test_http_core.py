@@ -1,0 +1,108 @@
+"""The shared HTTP rules: key checks, answers and response capture."""
+
+from __future__ import annotations
+
+import json
+
+from idempo import Policy, StoredResponse, Verdict
+from idempo._core.flow import InProgress, Mismatch, Replay
+from idempo._core.http import (
+    REPLAYED_HEADER,
+    ResponseCapture,
+    body_too_large_answer,
+    check_key,
+    decision_answer,
+    request_identity,
+    store_unavailable_answer,
+)
+
+
+def problem(response: StoredResponse) -> dict[str, object]:
+    headers = dict(response.headers)
+    assert headers[b"content-type"] == b"application/problem+json"
+    assert int(headers[b"content-length"]) == len(response.body)
+    body = json.loads(response.body)
+    assert body["status"] == response.status
+    return dict(body)
+
+
+def test_check_key() -> None:
+    """A key passes; none passes through unless required (400); a bad one is 400 invalid-key."""
+    policy = Policy()
+    assert check_key(policy, "POST", "/x", [b"k"]) == "k"
+    assert check_key(policy, "POST", "/x", []) is None
+    missing = check_key(policy.replace(require_key=True), "POST", "/x", [])
+    assert isinstance(missing, StoredResponse)
+    assert missing.status == 400
+    assert problem(missing)["type"] == "https://idempo.dev/problems/missing-key"
+    invalid = check_key(policy, "POST", "/x", [b""])
+    assert isinstance(invalid, StoredResponse)
+    assert problem(invalid)["type"] == "https://idempo.dev/problems/invalid-key"
+
+
+def test_decision_answers() -> None:
+    """Replay adds the marker to the stored answer; 409 carries Retry-After; mismatch is 422."""
+    stored = StoredResponse(201, ((b"location", b"/o/1"),), b"{}")
+    replay = decision_answer(Replay(stored))
+    assert replay.status == 201
+    assert replay.body == b"{}"
+    assert replay.headers == ((b"location", b"/o/1"), REPLAYED_HEADER)
+    conflict = decision_answer(InProgress(3))
+    assert conflict.status == 409
+    assert dict(conflict.headers)[b"retry-after"] == b"3"
+    assert problem(conflict)["type"] == "https://idempo.dev/problems/key-in-progress"
+    mismatch = decision_answer(Mismatch())
+    assert mismatch.status == 422
+    assert problem(mismatch)["type"] == "https://idempo.dev/problems/fingerprint-mismatch"
+
+
+def test_error_answers() -> None:
+    """503 says retry later; 413 names the limit."""
+    unavailable = store_unavailable_answer(Policy(retry_after=7))
+    assert unavailable.status == 503
+    assert dict(unavailable.headers)[b"retry-after"] == b"7"
+    too_large = body_too_large_answer(Policy(max_request_body=10))
+    assert too_large.status == 413
+    assert "10 bytes" in str(problem(too_large)["detail"])
+
+
+def test_request_identity_scopes_and_fingerprints() -> None:
+    """The record key depends on the principal, the fingerprint on the request."""
+    policy = Policy()
+    a = request_identity(policy, "p1", "POST", "/o", b"", b"application/json", b'{"a":1}', "k")
+    b = request_identity(policy, "p2", "POST", "/o", b"", b"application/json", b'{ "a" : 1 }', "k")
+    assert a.record_key != b.record_key
+    assert a.fingerprint == b.fingerprint
+
+
+def test_capture_keeps_allowed_headers_in_order_and_lower_case() -> None:
+    """Stored headers: lower-case names, order and repeats kept, excluded names dropped."""
+    capture = ResponseCapture(Policy())
+    headers = [
+        (b"Location", b"/o/1"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Link", b"<a>"),
+        (b"Connection", b"close"),
+        (b"link", b"<b>"),
+        (b"Date", b"now"),
+    ]
+    assert capture.start(201, headers) is Verdict.STORE
+    capture.add(b"ab")
+    capture.add(b"")
+    capture.add(b"c")
+    response = capture.response()
+    assert response == StoredResponse(201, ((b"location", b"/o/1"), (b"link", b"<a>"), (b"link", b"<b>")), b"abc")
+
+
+def test_capture_releases_unstored_statuses_and_oversized_bodies() -> None:
+    """A 5xx is not captured; a body over max_response_body turns STORE into RELEASE."""
+    capture = ResponseCapture(Policy())
+    assert capture.start(503, []) is Verdict.RELEASE
+    capture.add(b"x")
+    assert capture.response() is None
+    small = ResponseCapture(Policy(max_response_body=3))
+    small.start(200, [])
+    small.add(b"ab")
+    small.add(b"cd")
+    assert small.verdict is Verdict.RELEASE
+    assert small.response() is None

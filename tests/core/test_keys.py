@@ -1,0 +1,117 @@
+"""Key parsing and record keys (IETF draft section 2.1; shared/cases B09, B11)."""
+
+from __future__ import annotations
+
+import pytest
+
+from idempo import MAX_KEY_LENGTH, InvalidKey, make_record_key, parse_key
+from idempo._core.keys import parse_key_value, principal_from_credentials
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (b"8e03978e-40d5-43e8-bc93-6894a57f9324", "8e03978e-40d5-43e8-bc93-6894a57f9324"),
+        (b'"8e03978e-40d5-43e8-bc93-6894a57f9324"', "8e03978e-40d5-43e8-bc93-6894a57f9324"),
+        (b'  "abc"  ', "abc"),
+        (b'"a b"', "a b"),
+        (b'"a\\"b"', 'a"b'),
+        (b'"a\\\\b"', "a\\b"),
+        (b"a;b", "a;b"),
+        (b"k" * MAX_KEY_LENGTH, "k" * MAX_KEY_LENGTH),
+        (b'"' + b"k" * MAX_KEY_LENGTH + b'"', "k" * MAX_KEY_LENGTH),
+    ],
+)
+def test_valid_keys(raw: bytes, key: str) -> None:
+    """Bare and sf-string forms parse to the key they carry."""
+    assert parse_key([raw]) == key
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"   ",
+        b'""',
+        b'"   "',
+        b"k" * (MAX_KEY_LENGTH + 1),
+        b'"' + b"k" * (MAX_KEY_LENGTH + 1) + b'"',
+        b'"' + b"\\\\" * 256 + b'"',
+        b"k" * 10_000,
+        b"caf\xc3\xa9",
+        b"a\x00b",
+        b"a\x01b",
+        b"a\x7fb",
+        b'"a\x1fb"',
+        b'"a\tb"',
+        b'"a", "b"',
+        b"a,b",
+        b'"abc";p=1',
+        b'"abc',
+        b'"a\\xb"',
+        b'ab"c',
+        b"a b",
+    ],
+)
+def test_invalid_keys(raw: bytes) -> None:
+    """Empty, blank, too long, non-ASCII, control characters, lists, parameters, bad escapes: InvalidKey (400)."""
+    with pytest.raises(InvalidKey) as info:
+        parse_key([raw])
+    assert info.value.status_code == 400
+    assert str(info.value)
+
+
+def test_no_header_is_no_key() -> None:
+    """No header line at all: None (the request passes through unless a key is required)."""
+    assert parse_key([]) is None
+
+
+def test_identical_lines_are_one_key_and_different_lines_are_invalid() -> None:
+    """Repeated identical lines are tolerated; lines that differ are refused (draft 2.1: one field)."""
+    assert parse_key([b"K1", b"K1"]) == "K1"
+    with pytest.raises(InvalidKey, match="different"):
+        parse_key([b"K1", b"K2"])
+
+
+def test_error_messages_say_what_is_wrong() -> None:
+    """The 400 detail names the fault."""
+    cases = {
+        b"": "empty",
+        b"k" * 300: "longer than 255",
+        b"a\x01": "control character",
+        b"caf\xc3\xa9": "not ASCII",
+        b"a, b": "list",
+        b"a b": "spaces",
+    }
+    for raw, phrase in cases.items():
+        with pytest.raises(InvalidKey, match=phrase):
+            parse_key_value(raw)
+
+
+def test_record_keys_do_not_collide_across_part_boundaries() -> None:
+    """B11(6): scope "u1:x" + key "k" and scope "u1" + key "x:k" are distinct records."""
+    assert make_record_key("u1:x", "POST", "/orders", "k") != make_record_key("u1", "POST", "/orders", "x:k")
+    assert make_record_key("u1", "POST", "/a", "k") != make_record_key("u1", "POST", "/a/", "k")
+
+
+def test_record_key_depends_on_every_part() -> None:
+    """Principal, method, route and key each change the record key; equal parts give equal keys."""
+    base = make_record_key("p", "POST", "/orders", "k")
+    assert base == make_record_key("p", "POST", "/orders", "k")
+    assert len(base) == 32
+    assert int(base, 16) >= 0
+    for other in [
+        ("q", "POST", "/orders", "k"),
+        ("p", "PATCH", "/orders", "k"),
+        ("p", "POST", "/order", "k"),
+        ("p", "POST", "/orders", "K"),
+    ]:
+        assert make_record_key(*other) != base
+
+
+def test_principal_from_credentials_hides_the_credentials() -> None:
+    """Only a digest of the credentials is kept; different credentials differ."""
+    principal = principal_from_credentials(b"Bearer secret-token")
+    assert "secret" not in principal
+    assert principal.startswith("cred:")
+    assert principal != principal_from_credentials(b"Bearer other-token")
