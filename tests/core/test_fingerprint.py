@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from idempo import fingerprint
-from idempo._core.fingerprint import canonical_body, canonical_query, is_json_media_type
+from idempo._core.fingerprint import canonical_body, canonical_json, canonical_query, is_json_media_type
 
 JSON = "application/json"
 
@@ -58,12 +64,18 @@ def test_structured_json_media_types_are_canonicalised() -> None:
     assert not is_json_media_type(b"text/json-ish")
 
 
-def test_unparseable_or_unrepresentable_json_is_hashed_raw() -> None:
-    """Invalid JSON, NaN and integers beyond I-JSON are fingerprinted as raw bytes, never an error."""
-    for body in (b"{not json", b'{"n": NaN}', b'{"n": 123456789012345678901234567890}', b"\xff\xfe"):
+def test_unparseable_json_is_hashed_raw() -> None:
+    """Invalid JSON, NaN, Infinity and non-UTF-8 bytes are fingerprinted as raw bytes, never an error."""
+    for body in (b"{not json", b'{"n": NaN}', b'{"n": -Infinity}', b"\xff\xfe", b"[" * 100_000):
         assert canonical_body(b"application/json", body) == b"r:" + body
         assert fp(body) == fp(body)
     assert fp(b"{not json") != fp(b"{not  json")
+
+
+def test_large_integers_stay_exact() -> None:
+    """Integers beyond 2**53 are kept exact, not rounded through a float."""
+    assert fp(b'{"n": 123456789012345678901234567890}') == fp(b'{"n":123456789012345678901234567890}')
+    assert fp(b'{"n": 123456789012345678901234567890}') != fp(b'{"n": 123456789012345678901234567891}')
 
 
 def test_raw_bytes_cannot_collide_with_canonical_json() -> None:
@@ -96,3 +108,54 @@ def test_content_type_is_normalised() -> None:
 def test_canonical_json_off_compares_bytes() -> None:
     """canonical_json=False hashes JSON bodies as they are."""
     assert fp(b'{"a":1,"b":2}', canonical_json=False) != fp(b'{"b":2,"a":1}', canonical_json=False)
+
+
+# --- the canonical form against RFC 8785 (the rfc8785 package as the reference) ---
+
+# A small domain, so that equal values come up often: tiny alphabets, numbers
+# that are integral floats, negative zero, halves.
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-3, max_value=3)
+    | st.sampled_from([0.0, -0.0, 1.0, 0.5, -2.5, 1e-7, 3.0, 1e15])
+    | st.text(alphabet='ab\u00e9\u2028\U0001f600\n"\\', max_size=3)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet="abé", max_size=2), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _respell(value: object, rng: random.Random) -> object:
+    """The same JSON value spelled differently: keys shuffled, integers as floats."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        rng.shuffle(items)
+        return {k: _respell(v, rng) for k, v in items}
+    if isinstance(value, list):
+        return [_respell(v, rng) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and rng.random() < 0.5:
+        return float(value)
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(_values, _values)
+def test_canonical_form_has_the_equalities_of_rfc8785(a: object, b: object) -> None:
+    """Two JSON values get one canonical form exactly when RFC 8785 gives them one form."""
+    ours = canonical_json(json.dumps(a).encode()) == canonical_json(json.dumps(b).encode())
+    reference = rfc8785.dumps(a) == rfc8785.dumps(b)
+    assert ours == reference
+
+
+@settings(max_examples=300, deadline=None)
+@given(_values, st.randoms(use_true_random=False), st.booleans(), st.sampled_from([None, 2]))
+def test_respelled_json_keeps_its_canonical_form(
+    value: object, rng: random.Random, ascii_: bool, indent: int | None
+) -> None:
+    """Key order, whitespace, escapes and 1 vs 1.0 never change the canonical form."""
+    original = json.dumps(value).encode()
+    respelled = json.dumps(_respell(value, rng), ensure_ascii=ascii_, indent=indent).encode()
+    assert canonical_json(respelled) == canonical_json(original)

@@ -160,8 +160,8 @@ class ResponseCapture:
         self._status = status
         self.verdict = policy.verdict_for_status(status)
         if self.verdict is Verdict.STORE:
-            lowered = ((name.lower(), value) for name, value in headers)
-            self._headers = tuple(pair for pair in lowered if policy.stores_header(pair[0].decode("latin-1")))
+            stores = policy.stores_raw_header
+            self._headers = tuple((name.lower(), value) for name, value in headers if stores(name.lower()))
         return self.verdict
 
     def add(self, chunk: bytes) -> None:

@@ -124,9 +124,8 @@ def make_record_key(principal: str, method: str, route: str, key: str) -> str:
     Returns:
         32 lower-case hex characters (128 bits of SHA-256).
     """
-    parts = [p.encode("utf-8", "surrogatepass") for p in (principal, method, route, key)]
-    data = b"".join(len(p).to_bytes(4, "big") + p for p in parts)
-    return hashlib.sha256(data).hexdigest()[:32]
+    data = f"{len(principal)}:{principal}{len(method)}:{method}{len(route)}:{route}{len(key)}:{key}"
+    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def principal_from_credentials(credentials: bytes) -> str:

@@ -141,6 +141,7 @@ class Policy:
 
     __slots__ = (
         "_args",
+        "_header_cache",
         "canonical_json",
         "exception_verdicts",
         "excluded_headers",
@@ -180,6 +181,7 @@ class Policy:
     status_verdicts: Mapping[int, Verdict]
     exception_verdicts: Mapping[type[BaseException], Verdict]
     _args: dict[str, Any]
+    _header_cache: dict[bytes, bool]
 
     def __init__(
         self,
@@ -204,6 +206,7 @@ class Policy:
         del args["self"]
         set_ = object.__setattr__
         set_(self, "_args", args)
+        set_(self, "_header_cache", {})
         set_(self, "record_ttl", _seconds(record_ttl, "record_ttl"))
         set_(self, "lease_ttl", _seconds(lease_ttl, "lease_ttl"))
         set_(self, "hold_ttl", self.record_ttl if hold_ttl is None else _seconds(hold_ttl, "hold_ttl"))
@@ -271,6 +274,16 @@ class Policy:
     def stores_header(self, name: str) -> bool:
         """True when a response header of this lower-case name is stored for replay."""
         return name not in self.excluded_headers and not name.startswith(_EXCLUDED_PREFIXES)
+
+    def stores_raw_header(self, name: bytes) -> bool:
+        """:meth:`stores_header` for a lower-case latin-1 name as servers pass it; memoised."""
+        cache = self._header_cache
+        stored = cache.get(name)
+        if stored is None:
+            stored = self.stores_header(name.decode("latin-1"))
+            if len(cache) < 1024:  # apps send few distinct names; never grow without bound
+                cache[name] = stored
+        return stored
 
 
 _DEFAULTS: dict[str, Any] = Policy()._args
