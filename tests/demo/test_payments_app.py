@@ -139,10 +139,14 @@ def test_bare_app_charges_concurrent_duplicates_more_than_once(tmp_path: Path) -
     headers = {"Idempotency-Key": str(uuid.uuid4()), PROVIDER_DELAY_HEADER: str(SLOW_CHARGE)}
     with serve(create_app(database, store=None)) as base_url:
         responses = burst(base_url, body, headers, DUPLICATES)
-    statuses = sorted(response.status_code for response in responses)
-    assert statuses == [201] + [500] * (DUPLICATES - 1)
+    statuses = [response.status_code for response in responses]
     ledger = read_ledger(database)
-    assert ledger.charges_by_order == {"order-1": DUPLICATES}
+    charges = ledger.charges_by_order["order-1"]
+    # Every duplicate that passed the check charged (in practice all of them);
+    # one insert won, every other charged duplicate hit the UNIQUE index.
+    assert charges >= 2
+    assert statuses.count(201) == 1
+    assert statuses.count(500) == charges - 1
     assert ledger.payments == 1
     assert ledger.double_charged_orders == 1
 
@@ -156,10 +160,17 @@ def test_idempo_app_charges_concurrent_duplicates_once(tmp_path: Path, store_url
         responses = burst(base_url, body, headers, DUPLICATES)
         with httpx.Client(base_url=base_url, trust_env=False) as client:
             retry = client.post("/payments", json=body, headers=headers)
-    statuses = sorted(response.status_code for response in responses)
-    assert statuses == [201] + [409] * (DUPLICATES - 1)
-    assert all("retry-after" in response.headers for response in responses if response.status_code == 409)
-    winner = next(response for response in responses if response.status_code == 201)
+    # One executes; each other duplicate gets 409 (in practice all of them)
+    # or, if it came after the first finished, the replay.
+    firsts = [r for r in responses if r.status_code == 201 and "idempotent-replayed" not in r.headers]
+    assert len(firsts) == 1
+    winner = firsts[0]
+    others = [r for r in responses if r is not winner]
+    assert all(
+        r.status_code == 409 or (r.headers.get("idempotent-replayed") == "true" and r.content == winner.content)
+        for r in others
+    )
+    assert all("retry-after" in r.headers for r in others if r.status_code == 409)
     assert retry.status_code == 201
     assert retry.headers["idempotent-replayed"] == "true"
     assert retry.content == winner.content
