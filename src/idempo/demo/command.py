@@ -26,9 +26,10 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 try:
     import anyio
@@ -59,6 +60,8 @@ from ..exceptions import ConfigurationError, StoreError
 from ..stores import store_from_url
 
 __all__ = ["demo"]
+
+_T = TypeVar("_T")
 
 # The live counts beside the progress bar.
 _LIVE_COUNTS = "{task.fields[requests]} requests, {task.fields[replays]} replays, {task.fields[conflicts]} 409s"
@@ -174,7 +177,7 @@ def _run(
     name = "idempo" if store_url is not None else "bare"
     database = workdir / f"payments-{name}.db"
     log_path = workdir / f"server-{name}.log"
-    with _api_server(database, store_url, log_path) as base_url:
+    with _api_server(database, store_url, log_path) as (base_url, process):
         columns = (
             TextColumn("{task.description:<15}"),
             BarColumn(),
@@ -194,8 +197,28 @@ def _run(
                 progress.advance(task)
 
             storm = functools.partial(run_storm, base_url, plan, settings, on_payment=on_payment, on_attempt=on_attempt)
-            result = anyio.run(storm, backend_options=_backend_options())
+            result = anyio.run(_unless_exited, process, storm, backend_options=_backend_options())
+        if result is None:
+            log = log_path.read_text(encoding="utf-8", errors="replace")
+            raise click.ClickException(f"the payments API exited with {process.returncode} during the storm:\n{log}")
     return summarize(result, read_ledger(database))
+
+
+async def _unless_exited(process: subprocess.Popen[bytes], storm: Callable[[], Awaitable[_T]]) -> _T | None:
+    """Run the storm; None as soon as the API process exits, rather than retrying against nothing."""
+    result: _T | None = None
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            # A Popen has no awaitable exit; a poll every 0.2 s costs nothing here.
+            while process.poll() is None:  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        result = await storm()
+        group.cancel_scope.cancel()
+    return result
 
 
 def _backend_options() -> dict[str, Any]:
@@ -208,8 +231,8 @@ def _backend_options() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _api_server(database: Path, store_url: str | None, log_path: Path) -> Any:
-    """Start the payments API in a subprocess on 127.0.0.1; yield its base URL; stop it.
+def _api_server(database: Path, store_url: str | None, log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Start the payments API in a subprocess on 127.0.0.1; yield its base URL and process; stop it.
 
     The socket is bound here, on an ephemeral port, and handed to the child,
     so the port is known before the server starts and nothing else can take it.
@@ -230,7 +253,7 @@ def _api_server(database: Path, store_url: str | None, log_path: Path) -> Any:
             sock.close()
         try:
             _wait_ready(process, base_url, log_path)
-            yield base_url
+            yield base_url, process
         finally:
             process.terminate()
             try:

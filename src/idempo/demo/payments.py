@@ -137,7 +137,7 @@ class Payment(BaseModel):
     created_at: str
 
 
-def connect(database: Path) -> sqlite3.Connection:
+def _connect(database: Path) -> sqlite3.Connection:
     """Open the app's database (WAL mode, autocommit) and create its tables when missing.
 
     The connection may be used from another thread than the one that opened
@@ -230,7 +230,7 @@ def create_app(
         StoreError: the store cannot be opened.
         sqlite3.Error: the app's database cannot be opened.
     """
-    conn = connect(database)
+    conn = _connect(database)
     provider = SimulatedProvider(conn, latency=provider_latency, jitter=provider_jitter)
     owned_store = async_store_from_url(store) if isinstance(store, str) else None
 
@@ -304,6 +304,7 @@ def create_app(
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, bool]:
+        """Readiness: the app is up."""
         return {"ok": True}
 
     if store is not None:
