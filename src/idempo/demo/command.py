@@ -1,0 +1,404 @@
+"""``idempo demo``: a retry storm against a payments API, with and without idempo.
+
+The command starts the payments API (:mod:`idempo.demo.payments`) under
+uvicorn in a subprocess on 127.0.0.1 (an ephemeral port), with idempo's store
+at ``--store``; drives the storm (:mod:`idempo.demo.storm`) at it over real
+HTTP with a progress bar; then runs the same storm against the same API
+without idempo, and prints both side by side. It exits 1 when the run with
+idempo charged an order twice, lost a payment, told a charged client that its
+payment failed, or accepted a key reused for another amount.
+
+``idempo demo --serve`` leaves the API with idempo up for curl instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+try:
+    import anyio
+    import click
+    import httpx
+    import uvicorn
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .payments import PROVIDER_DELAY_HEADER, create_app, read_ledger
+    from .storm import (
+        Attempt,
+        PaymentOutcome,
+        PlannedPayment,
+        RunReport,
+        Share,
+        StormSettings,
+        Tally,
+        plan_payments,
+        run_storm,
+        summarize,
+    )
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise SystemExit(f"idempo demo needs the demo extra: pip install 'idempo[demo]' ({exc})") from exc
+
+from ..exceptions import ConfigurationError, StoreError
+from ..stores import store_from_url
+
+__all__ = ["demo"]
+
+_T = TypeVar("_T")
+
+# The live counts beside the progress bar.
+_LIVE_COUNTS = "{task.fields[requests]} requests, {task.fields[replays]} replays, {task.fields[conflicts]} 409s"
+# Seconds the API subprocess may take to start answering (imports included).
+_STARTUP_TIMEOUT = 60.0
+
+
+@click.command()
+@click.option(
+    "--payments", type=click.IntRange(1), default=1000, show_default=True, help="Logical payments in the storm."
+)
+@click.option(
+    "--concurrency", type=click.IntRange(1), default=64, show_default=True, help="Logical payments in flight at once."
+)
+@click.option(
+    "--store",
+    "store_url",
+    metavar="URL",
+    default=None,
+    help="idempo's store, e.g. sqlite:////var/tmp/idempo.db.  [default: sqlite:///<temp dir>/idempo.db]",
+)
+@click.option("--seed", type=int, default=None, help="Seed for the shares of the storm (printed when drawn).")
+@click.option("--bare/--no-bare", default=True, show_default=True, help="Also run the storm without idempo.")
+@click.option("--serve", is_flag=True, help="Leave the API with idempo up for curl instead of running the storm.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port for --serve (0: any free)."
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Also write the report's numbers to this file as JSON.",
+)
+def demo(
+    payments: int,
+    concurrency: int,
+    store_url: str | None,
+    seed: int | None,
+    bare: bool,
+    serve: bool,
+    port: int,
+    json_path: Path | None,
+) -> None:
+    """Show what idempo changes: a retry storm against a payments API, with and without it.
+
+    Each logical payment is sent until it gets a final answer, retries reusing
+    its Idempotency-Key. Some are double clicks (the same request 2-3 times at
+    once), some outlive their client's timeout (the retry arrives while the
+    first still runs), some reuse their key for another amount (must get 422).
+    Exits 1 if, with idempo, any order was charged twice or any payment lost.
+    """
+    console = Console(highlight=False)
+    with tempfile.TemporaryDirectory(prefix="idempo-demo-") as tmp:
+        workdir = Path(tmp)
+        store_url = store_url or f"sqlite:///{workdir / 'idempo.db'}"
+        _check_store(store_url)
+        if serve:
+            _serve(console, workdir, store_url, port)
+            return
+        seed = seed if seed is not None else random.randrange(1_000_000)
+        plan = plan_payments(payments, seed=seed)
+        settings = StormSettings(concurrency=concurrency)
+        shares = Counter(planned.share for planned in plan)
+        console.print(
+            f"[bold]idempo demo[/]: {payments} payments (seed {seed}): "
+            + ", ".join(f"{shares[share]} {share.value}" for share in Share)
+            + f"; {concurrency} at a time; store {store_url}"
+        )
+        reports: dict[str, RunReport] = {}
+        reports["idempo"] = _run(console, "with idempo", workdir, store_url, plan, settings)
+        if bare:
+            reports["bare"] = _run(console, "without idempo", workdir, None, plan, settings)
+    _print_report(console, reports)
+    failures = reports["idempo"].check()
+    if json_path is not None:
+        document = {
+            "payments": payments,
+            "seed": seed,
+            "concurrency": concurrency,
+            "store": store_url,
+            "runs": {name: asdict(report) for name, report in reports.items()},
+            "failures": failures,
+        }
+        json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    if failures:
+        for failure in failures:
+            console.print(f"[red]with idempo: {failure}[/]")
+        raise click.exceptions.Exit(1)
+
+
+def _check_store(store_url: str) -> None:
+    """Open and close the store once, so a bad URL fails here with a clear message."""
+    try:
+        store_from_url(store_url).close()
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--store") from exc
+    except StoreError as exc:
+        raise click.ClickException(f"the store at {store_url} cannot be used: {exc}") from exc
+
+
+# --- one run: the API in a subprocess, the storm in this process ----------------------------
+
+
+def _run(
+    console: Console,
+    label: str,
+    workdir: Path,
+    store_url: str | None,
+    plan: list[PlannedPayment],
+    settings: StormSettings,
+) -> RunReport:
+    name = "idempo" if store_url is not None else "bare"
+    database = workdir / f"payments-{name}.db"
+    log_path = workdir / f"server-{name}.log"
+    with _api_server(database, store_url, log_path) as (base_url, process):
+        columns = (
+            TextColumn("{task.description:<15}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(_LIVE_COUNTS),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(label, total=len(plan), requests=0, replays=0, conflicts=0)
+            tally = Tally()
+
+            def on_attempt(attempt: Attempt) -> None:
+                tally.count(attempt)
+                progress.update(task, requests=tally.requests, replays=tally.replays, conflicts=tally.conflicts)
+
+            def on_payment(outcome: PaymentOutcome) -> None:
+                progress.advance(task)
+
+            storm = functools.partial(run_storm, base_url, plan, settings, on_payment=on_payment, on_attempt=on_attempt)
+            result = anyio.run(_unless_exited, process, storm, backend_options=_backend_options())
+        if result is None:
+            log = log_path.read_text(encoding="utf-8", errors="replace")
+            raise click.ClickException(f"the payments API exited with {process.returncode} during the storm:\n{log}")
+    return summarize(result, read_ledger(database))
+
+
+async def _unless_exited(process: subprocess.Popen[bytes], storm: Callable[[], Awaitable[_T]]) -> _T | None:
+    """Run the storm; None as soon as the API process exits, rather than retrying against nothing."""
+    result: _T | None = None
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            # A Popen has no awaitable exit; a poll every 0.2 s costs nothing here.
+            while process.poll() is None:  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        result = await storm()
+        group.cancel_scope.cancel()
+    return result
+
+
+def _backend_options() -> dict[str, Any]:
+    # uvloop (installed with uvicorn[standard]) makes the client cheaper; plain asyncio otherwise.
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+@contextlib.contextmanager
+def _api_server(database: Path, store_url: str | None, log_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Start the payments API in a subprocess on 127.0.0.1; yield its base URL and process; stop it.
+
+    The socket is bound here, on an ephemeral port, and handed to the child,
+    so the port is known before the server starts and nothing else can take it.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    command = [sys.executable, "-m", "idempo.demo._server", "--fd", str(sock.fileno()), "--database", str(database)]
+    if store_url is not None:
+        command += ["--store", store_url]
+    with log_path.open("wb") as log:
+        try:
+            process = subprocess.Popen(
+                command, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        finally:
+            sock.close()
+        try:
+            _wait_ready(process, base_url, log_path)
+            yield base_url, process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + _STARTUP_TIMEOUT
+    with httpx.Client(base_url=base_url, timeout=1.0, trust_env=False) as client:
+        while True:
+            if process.poll() is not None:
+                log = log_path.read_text(encoding="utf-8", errors="replace")
+                raise click.ClickException(f"the payments API exited with {process.returncode}:\n{log}")
+            try:
+                if client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"the payments API did not answer within {_STARTUP_TIMEOUT:.0f} s")
+            time.sleep(0.05)
+
+
+# --- the report ------------------------------------------------------------------------------
+
+_ROWS: tuple[tuple[str, str], ...] = (
+    ("logical payments", "payments"),
+    ("requests sent", "requests"),
+    ("handler executions", "handler_executions"),
+    ("replays", "replays"),
+    ("409 in progress", "conflicts"),
+    ("422 key reused", "mismatches"),
+    ("client timeouts", "timeouts"),
+    ("other errors", "other_errors"),
+    ("payment rows", "payment_rows"),
+    ("provider charges", "provider_charges"),
+    ("double charges", "double_charges"),
+    ("lost payments", "lost"),
+    ('told "failed" but charged', "told_failed_but_charged"),
+)
+_BAD_WHEN_POSITIVE = frozenset({"double_charges", "lost", "told_failed_but_charged"})
+
+
+def _print_report(console: Console, reports: dict[str, RunReport]) -> None:
+    titles = {"idempo": "with idempo", "bare": "without idempo"}
+    table = Table(title="retry storm", title_justify="left")
+    table.add_column("")
+    for name in reports:
+        table.add_column(titles[name], justify="right")
+    for label, attribute in _ROWS:
+        cells = []
+        for report in reports.values():
+            value = getattr(report, attribute)
+            bad = attribute in _BAD_WHEN_POSITIVE and value > 0
+            cells.append(f"[red]{value}[/]" if bad else str(value))
+        table.add_row(label, *cells)
+    table.add_row("wall time", *(f"{report.wall_time:.1f} s" for report in reports.values()))
+    console.print(table)
+
+    with_idempo = reports["idempo"]
+    console.print(f"double charges: {with_idempo.double_charges}", markup=False)
+    if not with_idempo.check():
+        console.print(
+            f"[green]With idempo: {with_idempo.payments} payments, each charged once, none lost, "
+            f"every reused key refused.[/]"
+        )
+    bare = reports.get("bare")
+    if bare is not None:
+        console.print(
+            f"Without idempo: {bare.double_charges} orders charged more than once, "
+            f'{bare.told_failed_but_charged} clients told "failed" although charged, '
+            f"{bare.key_reuses - bare.key_reuses_refused} reused keys accepted for another amount."
+        )
+
+
+# --- --serve ---------------------------------------------------------------------------------
+
+
+def _serve(console: Console, workdir: Path, store_url: str, port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(f"cannot listen on 127.0.0.1:{port} ({exc}); pick another --port") from exc
+    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    app = create_app(workdir / "payments.db", store=store_url)
+    click.echo(_curl_examples(base_url, store_url))
+    sys.stdout.flush()
+    config = uvicorn.Config(app, log_level="info", lifespan="on", timeout_graceful_shutdown=5)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the
+    # signal to the handler that was there before it. These handlers turn it
+    # into an exception, so the temp folder is removed and the exit is clean.
+    previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except _Stopped:
+        pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        sock.close()
+    console.print("Stopped.")
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM arrived while serving."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped()
+
+
+def _curl_examples(base_url: str, store_url: str) -> str:
+    key = str(uuid.uuid4())
+    slow_key = str(uuid.uuid4())
+
+    def post(body: dict[str, Any], *headers: str) -> str:
+        parts = ["curl", "-i", f"{base_url}/payments", "-H", "Content-Type: application/json"]
+        for header in headers:
+            parts += ["-H", header]
+        parts += ["-d", json.dumps(body, separators=(",", ":"))]
+        return shlex.join(parts)
+
+    payment = {"order_id": "order-1", "amount": 1999, "currency": "EUR"}
+    lines = [
+        f"The payments API with idempo is up at {base_url} (store {store_url}); Ctrl-C stops it.",
+        "",
+        "# 1. A payment: 201 Created, Location: /payments/pay_...",
+        post(payment, f"Idempotency-Key: {key}"),
+        "# 2. The same again: the stored answer with Idempotent-Replayed: true; no second charge",
+        post(payment, f"Idempotency-Key: {key}"),
+        "# 3. The same key with another amount: 422",
+        post({**payment, "amount": 2999}, f"Idempotency-Key: {key}"),
+        "# 4. No Idempotency-Key: 400",
+        post({**payment, "order_id": "order-2"}),
+        "# 5. A charge that takes 5 s: run this, and again in another terminal before it answers: 409",
+        post({**payment, "order_id": "order-3"}, f"Idempotency-Key: {slow_key}", f"{PROVIDER_DELAY_HEADER}: 5"),
+        "# The provider's charges for order-1 (1, however often you repeat 1 and 2), and the payment",
+        shlex.join(["curl", "-s", f"{base_url}/provider/charges?order_id=order-1"]),
+        f"curl -s {base_url}/payments/pay_...   # the id from the Location header",
+        "",
+    ]
+    return "\n".join(lines)
