@@ -29,14 +29,13 @@ from .typing import AsyncStore, Clock, Store
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_EXCLUDED_HEADERS",
-    "DEFAULT_METHODS",
-    "MAX_KEY_LENGTH",
     "Acquired",
     "AsyncStore",
     "BeginResult",
     "Clock",
     "ConfigurationError",
+    "DEFAULT_EXCLUDED_HEADERS",
+    "DEFAULT_METHODS",
     "Existing",
     "FingerprintMismatch",
     "IdempoError",
@@ -44,6 +43,7 @@ __all__ = [
     "KeyInProgress",
     "KeyRejected",
     "LeaseLost",
+    "MAX_KEY_LENGTH",
     "MissingKey",
     "Policy",
     "Record",
