@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Generic, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import tenacity
 
@@ -210,6 +211,17 @@ class RetryPolicy:
     def retry_status(self, status: int, keyed: bool) -> bool:
         """True when an answer with this status is retried (409 only under a key)."""
         return status in self.retry_statuses and (keyed or status != 409)
+
+
+def _loggable(url: str) -> str:
+    """The URL without credentials, query or fragment, which may hold secrets."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else parts.path
 
 
 def _policy_from_fields(fields: dict[str, Any]) -> RetryPolicy:
@@ -402,11 +414,12 @@ class RetryRun(Generic[A]):
 
     def retrying(self, sleep: Callable[[float], None]) -> tenacity.Retrying:
         """A tenacity ``Retrying`` for this request; call it with the attempt function."""
-        return tenacity.Retrying(sleep=sleep, **self._callbacks())
+        # tenacity passes its DoSleep (a float subclass); hand the sleep a plain float.
+        return tenacity.Retrying(sleep=lambda seconds: sleep(float(seconds)), **self._callbacks())
 
     def async_retrying(self, sleep: Callable[[float], Any]) -> tenacity.AsyncRetrying:
         """A tenacity ``AsyncRetrying`` for this request; await it with the attempt function."""
-        return tenacity.AsyncRetrying(sleep=sleep, **self._callbacks())
+        return tenacity.AsyncRetrying(sleep=lambda seconds: sleep(float(seconds)), **self._callbacks())
 
     def _callbacks(self) -> dict[str, Any]:
         return {
@@ -454,7 +467,7 @@ class RetryRun(Generic[A]):
         logger.info(
             "idempo: %s %s attempt %d got %s; retrying in %.3fs (Idempotency-Key %s)",
             self.method,
-            self.url,
+            _loggable(self.url),
             state.attempt_number,
             reason,
             state.upcoming_sleep,
