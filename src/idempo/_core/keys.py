@@ -20,6 +20,7 @@ from ..exceptions import InvalidKey
 
 __all__ = [
     "MAX_KEY_LENGTH",
+    "format_key",
     "make_record_key",
     "parse_key",
     "parse_key_value",
@@ -91,6 +92,42 @@ def parse_key_value(raw: bytes) -> str:
     if not key_bytes.strip(b" "):
         raise InvalidKey("The Idempotency-Key is blank.")
     return key_bytes.decode("ascii")
+
+
+def format_key(key: str) -> str:
+    """Return the header value that carries ``key``; the inverse of :func:`parse_key_value`.
+
+    A key that is a valid bare value (visible ASCII without spaces, quotes or
+    commas, e.g. a UUID) is sent bare, as Stripe's SDKs do, because servers
+    that do not parse RFC 9651 strings would take the quotes for part of the
+    key. Any other printable key is sent as the draft's sf-string (section 2.1),
+    with ``"`` and ``\\`` escaped.
+
+    Args:
+        key: the idempotency key, 1-255 printable ASCII characters.
+
+    Returns:
+        The value to put in the ``Idempotency-Key`` header.
+
+    Raises:
+        InvalidKey: the key is empty, blank, longer than 255 characters, or
+            holds a character that is not printable ASCII.
+    """
+    try:
+        raw = key.encode("ascii")
+    except UnicodeEncodeError:
+        raise InvalidKey("The Idempotency-Key contains a character that is not ASCII.") from None
+    if not raw:
+        raise InvalidKey("The Idempotency-Key is empty.")
+    if len(raw) > MAX_KEY_LENGTH:
+        raise InvalidKey(f"The Idempotency-Key is longer than {MAX_KEY_LENGTH} characters.")
+    if _BARE.fullmatch(raw) is not None:
+        return key
+    if any(b < 0x20 or b == 0x7F for b in raw):
+        raise InvalidKey("The Idempotency-Key contains a control character.")
+    if not raw.strip(b" "):
+        raise InvalidKey("The Idempotency-Key is blank.")
+    return '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _explain(value: bytes, *, quoted: bool) -> str:
