@@ -247,7 +247,11 @@ class PostgresStore:
         )
         self._pool.open(wait=False)
         if check_schema:
-            self.check_schema()
+            try:
+                self.check_schema()
+            except BaseException:
+                self._pool.close()
+                raise
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
