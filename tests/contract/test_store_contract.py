@@ -89,7 +89,7 @@ def _postgres(request: pytest.FixtureRequest, tmp_path: Path, async_front: bool)
 
     def raw(record_key: str) -> RawRecord | None:
         query = f"SELECT {', '.join(_FIELDS)} FROM {schema}.idempo_records WHERE record_key = %s"
-        row = reader.execute(query, (record_key,)).fetchone()  # type: ignore[call-overload]
+        row = reader.execute(query, (record_key,)).fetchone()  # type: ignore[call-overload,unused-ignore]
         return None if row is None else dict(zip(_FIELDS, row, strict=True))
 
     yield StoreSubject(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -59,18 +60,18 @@ async def _count(store_url: str, proxy: RoundTripProxy) -> tuple[int, int]:
 
 
 @pytest.mark.postgres
-def test_postgres_round_trips(postgres_store_url: str, round_trip_proxy: object) -> None:
+def test_postgres_round_trips(postgres_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]) -> None:
     """PostgreSQL: a first execution costs 2 round trips (begin, complete), a replay 1."""
     parts = urlsplit(postgres_store_url)
-    proxy = round_trip_proxy(parts.hostname, parts.port or 5432)  # type: ignore[operator]
+    proxy = round_trip_proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
     url = _via(postgres_store_url, proxy) + "&max_size=1"
     assert asyncio.run(_count(url, proxy)) == (2, 1)
 
 
 @pytest.mark.redis
-def test_redis_round_trips(redis_store_url: str, round_trip_proxy: object) -> None:
+def test_redis_round_trips(redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]) -> None:
     """Redis: a first execution costs 2 round trips (EVALSHA begin, EVALSHA complete), a replay 1."""
     parts = urlsplit(redis_store_url)
-    proxy = round_trip_proxy(parts.hostname, parts.port or 6379)  # type: ignore[operator]
+    proxy = round_trip_proxy(parts.hostname or "127.0.0.1", parts.port or 6379)
     url = _via(redis_store_url, proxy) + "&max_connections=1"
     assert asyncio.run(_count(url, proxy)) == (2, 1)
