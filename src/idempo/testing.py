@@ -40,7 +40,16 @@ from ._core.records import Acquired, BeginResult, Existing, Record, RecordState,
 from .exceptions import LeaseLost
 from .typing import AsyncStore, Store
 
-__all__ = ["BlockingStore", "FakeClock", "StoreContract", "StoreSubject", "record_fields", "skewed_clock"]
+__all__ = [
+    "LONG_MS",
+    "BlockingStore",
+    "FakeClock",
+    "RawRecord",
+    "StoreContract",
+    "StoreSubject",
+    "record_fields",
+    "skewed_clock",
+]
 
 _T = TypeVar("_T")
 

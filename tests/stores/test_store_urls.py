@@ -95,6 +95,38 @@ def test_redis_cluster_url_lists_the_nodes(redis_cluster_store_url: str) -> None
         store.close()
 
 
+@pytest.mark.redis
+@pytest.mark.redis_cluster
+def test_redis_store_takes_a_ready_cluster_client(redis_cluster_urls: list[str]) -> None:
+    """RedisStore(client=RedisCluster(...)) works on the caller's client and leaves it open on close()."""
+    from redis.cluster import RedisCluster
+
+    from idempo.stores.redis import RedisStore
+
+    client = RedisCluster.from_url(redis_cluster_urls[0])
+    store = RedisStore(client=client, prefix="client-test:")
+    try:
+        keys = [f"k{i}" for i in range(20)]  # spread over the three masters' slots
+        for key in keys:
+            assert isinstance(store.begin(key, "fp", 60_000), Acquired)
+        store.close()
+        assert client.ping()
+        for key in keys:
+            client.delete(f"client-test:{{{key}}}")
+    finally:
+        client.close()
+
+
+def test_unreachable_redis_cluster_is_store_unavailable() -> None:
+    """A redis+cluster:// URL whose nodes all refuse connections gives StoreUnavailable."""
+    from store_helpers import unused_port
+
+    from idempo import StoreUnavailable
+
+    with pytest.raises(StoreUnavailable):
+        store_from_url(f"redis+cluster://127.0.0.1:{unused_port()}?socket_connect_timeout=1")
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -51,7 +51,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from .._core.records import Acquired, BeginResult, Existing, Record, StoredResponse, encode_headers
-from ..exceptions import ConfigurationError, LeaseLost
+from ..exceptions import ConfigurationError, LeaseLost, StoreUnavailable
 from ._base import map_errors, record_from_row
 
 __all__ = ["AsyncRedisStore", "RedisStore"]
@@ -238,13 +238,16 @@ class RedisStore:
                 "socket_connect_timeout": socket_connect_timeout,
                 "retry": _retry(retries),
             }
-            with _redis_errors():
-                if _is_cluster_url(options.url):
-                    args = _cluster_arguments(options.url)
-                    nodes = [redis.cluster.ClusterNode(host, port) for host, port in args.pop("nodes")]  # type: ignore[no-untyped-call]
+            if _is_cluster_url(options.url):
+                args = _cluster_arguments(options.url)
+                nodes = [redis.cluster.ClusterNode(host, port) for host, port in args.pop("nodes")]  # type: ignore[no-untyped-call]
+                try:
+                    # Reads the slot map now: every listed node unreachable is an outage.
                     client = redis.cluster.RedisCluster(startup_nodes=nodes, **{**common, **args})
-                else:
-                    client = redis.Redis.from_url(options.url, **common)
+                except (RedisError, RedisClusterException) as exc:
+                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            else:
+                client = redis.Redis.from_url(options.url, **common)
         self.client: Client = client
         self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
 
