@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from .exceptions import IdempoError
+from .exceptions import IdempoError, StoreUnavailable
 
 __all__ = ["migrate"]
 
@@ -53,11 +53,13 @@ def migrate(url: str, print_sql: bool) -> None:
         click.echo(f"INSERT INTO idempo_schema_version (version) VALUES ({postgres.SCHEMA_VERSION});")
         return
     try:
-        pg = postgres.PostgresStore(url, min_size=1, max_size=1, check_schema=False)
+        pg = postgres.PostgresStore(url, min_size=1, max_size=1, check_schema=False, timeout=10.0)
         try:
             applied = pg.create_schema()
         finally:
             pg.close()
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"cannot reach PostgreSQL: {exc}") from exc
     except IdempoError as exc:
         raise click.ClickException(str(exc)) from exc
     if applied:
