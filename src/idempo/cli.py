@@ -20,6 +20,7 @@ __all__ = ["main"]
 # command name -> "module:attribute" of a click.Command
 _COMMANDS: dict[str, str] = {
     "demo": "idempo.demo.command:demo",
+    "migrate": "idempo._migrate:migrate",
 }
 
 

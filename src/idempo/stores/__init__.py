@@ -6,11 +6,18 @@ URL                                    store
 ``memory://``                          :class:`MemoryStore` (one process)
 ``sqlite:///relative/path.db``         :class:`SQLiteStore` (SQLAlchemy-style:
 ``sqlite:////absolute/path.db``        three slashes relative, four absolute)
+``postgresql://user@host:5432/db``     :class:`~idempo.stores.postgres.PostgresStore`
+``postgres://...``                     (extra ``idempo[postgres]``; ``?schema=``)
+``redis://host:6379/0``                :class:`~idempo.stores.redis.RedisStore`
+``rediss://...`` (TLS)                 (extra ``idempo[redis]``; ``?prefix=``;
+``unix:///path/redis.sock``            Valkey too)
+``redis+cluster://h1:p1,h2:p2``        the same store on a Redis Cluster
+``rediss+cluster://...`` (TLS)
 =====================================  =========================================
 
-Other schemes are registered by the modules that implement them (the
-PostgreSQL and Redis stores, installed with their extras). The store modules
-import their client libraries lazily, so ``import idempo`` needs neither.
+Further schemes can be added with :func:`register_scheme`. The store modules
+import their client libraries only when their scheme is used, so ``import
+idempo`` needs neither psycopg nor redis-py.
 """
 
 from __future__ import annotations
@@ -34,6 +41,13 @@ __all__ = [
 _SCHEMES: dict[str, tuple[str, str, str, str]] = {
     "memory": ("idempo.stores.memory", "MemoryStore", "AsyncMemoryStore", ""),
     "sqlite": ("idempo.stores.sqlite", "SQLiteStore", "AsyncSQLiteStore", ""),
+    "postgresql": ("idempo.stores.postgres", "PostgresStore", "AsyncPostgresStore", "postgres"),
+    "postgres": ("idempo.stores.postgres", "PostgresStore", "AsyncPostgresStore", "postgres"),
+    "redis": ("idempo.stores.redis", "RedisStore", "AsyncRedisStore", "redis"),
+    "rediss": ("idempo.stores.redis", "RedisStore", "AsyncRedisStore", "redis"),
+    "unix": ("idempo.stores.redis", "RedisStore", "AsyncRedisStore", "redis"),
+    "redis+cluster": ("idempo.stores.redis", "RedisStore", "AsyncRedisStore", "redis"),
+    "rediss+cluster": ("idempo.stores.redis", "RedisStore", "AsyncRedisStore", "redis"),
 }
 
 

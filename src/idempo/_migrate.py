@@ -1,0 +1,69 @@
+"""``idempo migrate``: create or upgrade a store's schema.
+
+Only PostgreSQL has a schema to manage: it is never altered at request time,
+so run this once before starting the application, and again after upgrading
+idempo. SQLite creates its table when the store opens; Redis and the memory
+store have no schema.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import click
+
+from .exceptions import IdempoError, StoreUnavailable
+
+__all__ = ["migrate"]
+
+
+@click.command()
+@click.option(
+    "--store",
+    "url",
+    envvar="IDEMPO_STORE",
+    required=True,
+    help="The store URL, e.g. postgresql://user@host/db?schema=idempo (or $IDEMPO_STORE).",
+)
+@click.option("--print-sql", is_flag=True, help="Print the PostgreSQL schema (schema.sql) and exit; change nothing.")
+def migrate(url: str, print_sql: bool) -> None:
+    """Create the store's schema, or upgrade it to this idempo's version."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("postgresql", "postgres"):
+        if print_sql:
+            raise click.UsageError("--print-sql applies to postgresql:// stores only")
+        from .stores import store_from_url
+
+        try:
+            store = store_from_url(url)  # SQLite creates its schema here
+            store.close()
+        except IdempoError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"{scheme}:// stores have no schema to migrate; nothing to do.")
+        return
+
+    try:
+        from .stores import postgres
+    except ImportError as exc:
+        raise click.ClickException(f"the postgresql:// store needs `pip install idempo[postgres]` ({exc})") from exc
+    if print_sql:
+        from .stores._base import load_sql
+
+        click.echo(load_sql("postgres", "schema.sql"))
+        click.echo(f"INSERT INTO idempo_schema_version (version) VALUES ({postgres.SCHEMA_VERSION});")
+        return
+    try:
+        pg = postgres.PostgresStore(url, min_size=1, max_size=1, check_schema=False, timeout=10.0)
+        try:
+            applied = pg.create_schema()
+        finally:
+            pg.close()
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"cannot reach PostgreSQL: {exc}") from exc
+    except IdempoError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if applied:
+        versions = ", ".join(str(v) for v in applied)
+        click.echo(f"schema {pg.schema!r}: applied version(s) {versions}; now at {postgres.SCHEMA_VERSION}.")
+    else:
+        click.echo(f"schema {pg.schema!r}: already at version {postgres.SCHEMA_VERSION}; nothing to do.")

@@ -1,0 +1,36 @@
+--[[ idempo begin: take the lease on a record, or return the live record there.
+
+KEYS[1]  the record's hash, "<prefix>{<record key>}"
+ARGV[1]  the request's fingerprint
+ARGV[2]  lease TTL, integer milliseconds
+ARGV[3]  grace, integer milliseconds: an in-progress hash is kept this long past
+         its lease expiry (PEXPIREAT), so a takeover still sees, and reports, the
+         crashed holder's record and its token
+Returns  {1, now_ms, token, takeover}  when the lease was taken (takeover 1 when
+                                       an expired in-progress record was replaced)
+         {0, now_ms, state, fingerprint, token, lease_expires_at, created_at,
+          expires_at, status, headers, body}  for the live record, unchanged
+          (status, headers and body are nil while in progress)
+Clock    the server's (TIME), integer milliseconds since the epoch. A record is
+         live while expires_at > now; an expired record counts as absent even
+         before Redis deletes it.
+Token    max(previous token + 1, now_ms), as idempo._core.records.next_token.
+]]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local r = redis.call('HMGET', KEYS[1], 'state', 'fingerprint', 'token', 'lease_expires_at',
+                     'created_at', 'expires_at', 'status', 'headers', 'body')
+if r[1] and tonumber(r[6]) > now then
+  return {0, now, r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]}
+end
+local token = math.max((tonumber(r[3]) or 0) + 1, now)
+local lease = now + tonumber(ARGV[2])
+-- '%.0f' writes integers in full; Lua's tostring would use an exponent.
+local function int(n) return string.format('%.0f', n) end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'in_progress', 'fingerprint', ARGV[1], 'token', int(token),
+           'lease_expires_at', int(lease), 'created_at', int(now), 'expires_at', int(lease))
+redis.call('PEXPIREAT', KEYS[1], int(lease + tonumber(ARGV[3])))
+local takeover = 0
+if r[1] == 'in_progress' then takeover = 1 end
+return {1, now, token, takeover}

@@ -1,0 +1,1 @@
+"""idempo's PostgreSQL schema, migrations and named queries."""

@@ -1,0 +1,99 @@
+-- Named query blocks for the PostgreSQL store; each starts with "-- name: <name>".
+-- Parameters are psycopg's %(name)s. Tables are unqualified: every connection
+-- has search_path set to the store's schema. Times are integer milliseconds
+-- from the database's clock, (extract(epoch FROM now()) * 1000)::bigint, so
+-- application servers with skewed clocks agree on leases and TTLs. Each
+-- transition is one statement, run in autocommit mode: one round trip.
+
+-- name: begin
+-- Take the lease (insert a record, or replace an expired one) or return the
+-- live record, in one statement. Row: acquired, now_ms, token, takeover, then
+-- the existing record's nine columns (NULL when acquired). No row at all means
+-- a concurrent transaction committed the record after this statement's
+-- snapshot was taken, so neither branch could see it: the caller runs the
+-- statement again (it then sees the record).
+WITH clock AS (
+    SELECT (extract(epoch FROM now()) * 1000)::bigint AS now_ms
+), old AS (
+    SELECT state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body
+    FROM idempo_records
+    WHERE record_key = %(record_key)s
+), taken AS (
+    INSERT INTO idempo_records AS r
+        (record_key, state, fingerprint, token, lease_expires_at, created_at, expires_at)
+    SELECT %(record_key)s, 'in_progress', %(fingerprint)s, now_ms,
+           now_ms + %(lease_ttl_ms)s::bigint, now_ms, now_ms + %(lease_ttl_ms)s::bigint
+    FROM clock
+    ON CONFLICT (record_key) DO UPDATE SET
+        state = 'in_progress',
+        fingerprint = excluded.fingerprint,
+        token = greatest(r.token + 1, excluded.created_at),
+        lease_expires_at = excluded.lease_expires_at,
+        created_at = excluded.created_at,
+        expires_at = excluded.expires_at,
+        status = NULL,
+        headers = NULL,
+        body = NULL
+    WHERE r.expires_at <= excluded.created_at
+    RETURNING r.token
+)
+SELECT true AS acquired, clock.now_ms, taken.token,
+       coalesce((SELECT old.state = 'in_progress' FROM old), false) AS takeover,
+       NULL::text, NULL::text, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint,
+       NULL::integer, NULL::text, NULL::bytea
+FROM taken, clock
+UNION ALL
+SELECT false, clock.now_ms, NULL::bigint, NULL::boolean, old.*
+FROM old, clock
+WHERE old.expires_at > clock.now_ms AND NOT EXISTS (SELECT FROM taken);
+
+-- name: complete
+UPDATE idempo_records
+SET state = 'completed',
+    lease_expires_at = 0,
+    expires_at = (extract(epoch FROM now()) * 1000)::bigint + %(record_ttl_ms)s::bigint,
+    status = %(status)s::integer,
+    headers = %(headers)s,
+    body = %(body)s
+WHERE record_key = %(record_key)s AND token = %(token)s::bigint AND state = 'in_progress';
+
+-- name: release
+DELETE FROM idempo_records
+WHERE record_key = %(record_key)s AND token = %(token)s::bigint AND state = 'in_progress';
+
+-- name: extend
+UPDATE idempo_records
+SET lease_expires_at = (extract(epoch FROM now()) * 1000)::bigint + %(lease_ttl_ms)s::bigint,
+    expires_at = (extract(epoch FROM now()) * 1000)::bigint + %(lease_ttl_ms)s::bigint
+WHERE record_key = %(record_key)s AND token = %(token)s::bigint AND state = 'in_progress';
+
+-- name: get
+SELECT state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body
+FROM idempo_records
+WHERE record_key = %(record_key)s AND expires_at > (extract(epoch FROM now()) * 1000)::bigint;
+
+-- name: purge_expired
+-- One bounded batch, oldest first, served by idempo_records_expires_at. Rows a
+-- begin is taking over right now are skipped, not waited for.
+DELETE FROM idempo_records
+WHERE record_key IN (
+    SELECT record_key
+    FROM idempo_records
+    WHERE expires_at <= (extract(epoch FROM now()) * 1000)::bigint
+    ORDER BY expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: schema_version
+SELECT max(version) FROM idempo_schema_version;
+
+-- name: migration_lock
+-- Serialises concurrent `idempo migrate` runs on one schema, until commit.
+SELECT pg_advisory_xact_lock(hashtext('idempo migrate ' || %(schema)s));
+
+-- name: version_table_exists
+SELECT to_regclass('idempo_schema_version') IS NOT NULL;
+
+-- name: record_version
+INSERT INTO idempo_schema_version (version) VALUES (%(version)s);

@@ -1,0 +1,663 @@
+"""Testing helpers, and the store conformance suite for any store, ours or yours.
+
+Every store idempo ships passes :class:`StoreContract`; a third-party store
+runs the same suite by subclassing it and providing a ``subject`` fixture::
+
+    import pytest
+    from idempo.testing import FakeClock, StoreContract, StoreSubject
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        def subject(self):
+            clock = FakeClock()
+            store = MyStore(clock=clock)
+            yield StoreSubject(store=store, wait=clock.advance, short_ms=1000, server_clock=False)
+            store.close()
+
+An async store runs the same suite through :class:`BlockingStore`. The suite
+needs pytest (its tests skip through ``pytest.skip``); put
+``pytest.register_assert_rewrite("idempo.testing")`` in your ``conftest.py``
+for detailed assertion messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Any, TypeVar
+
+from ._core.keys import make_record_key
+from ._core.records import Acquired, BeginResult, Existing, Record, RecordState, StoredResponse, encode_headers
+from .exceptions import LeaseLost
+from .typing import AsyncStore, Store
+
+__all__ = [
+    "LONG_MS",
+    "BlockingStore",
+    "FakeClock",
+    "RawRecord",
+    "StoreContract",
+    "StoreSubject",
+    "record_fields",
+    "skewed_clock",
+]
+
+_T = TypeVar("_T")
+
+#: A lease or record TTL long enough never to run out during a test (milliseconds).
+LONG_MS = 600_000
+
+
+class FakeClock:
+    """A clock for tests: calling it returns the time; :meth:`advance` moves it.
+
+    Args:
+        start: seconds since the epoch to start at (default: the real time now).
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        """Seconds since the epoch, as ``time.time``."""
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward by ``seconds``."""
+        with self._lock:
+            self.now += seconds
+
+
+@contextlib.contextmanager
+def skewed_clock(seconds: float) -> Iterator[None]:
+    """Shift this process's ``time.time`` / ``time.time_ns`` by ``seconds`` while inside.
+
+    Simulates an application server whose clock is wrong; a store that keeps
+    time by its server's clock must not notice.
+    """
+    real_time, real_time_ns = time.time, time.time_ns
+    time.time = lambda: real_time() + seconds
+    time.time_ns = lambda: real_time_ns() + int(seconds * 1e9)
+    try:
+        yield
+    finally:
+        time.time, time.time_ns = real_time, real_time_ns
+
+
+class BlockingStore:
+    """Run an :class:`~idempo.typing.AsyncStore` from blocking code.
+
+    Its calls run on a private event loop in a thread, so the conformance
+    suite (and a thread pool) can drive an async store. Calls from many
+    threads at once run as concurrent tasks on that loop.
+
+    Args:
+        factory: builds the async store; called on the loop, so the store's
+            pools bind to it.
+    """
+
+    def __init__(self, factory: Callable[[], AsyncStore]) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="idempo-blocking-store", daemon=True)
+        self._thread.start()
+
+        async def build() -> AsyncStore:
+            return factory()
+
+        self.store: AsyncStore = self._run(build())
+
+    def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
+        """See :meth:`idempo.typing.Store.begin`."""
+        return self._run(self.store.begin(record_key, fingerprint, lease_ttl_ms))
+
+    def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
+        """See :meth:`idempo.typing.Store.complete`."""
+        self._run(self.store.complete(record_key, token, response, record_ttl_ms))
+
+    def release(self, record_key: str, token: int) -> None:
+        """See :meth:`idempo.typing.Store.release`."""
+        self._run(self.store.release(record_key, token))
+
+    def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
+        """See :meth:`idempo.typing.Store.extend`."""
+        self._run(self.store.extend(record_key, token, lease_ttl_ms))
+
+    def get(self, record_key: str) -> Record | None:
+        """See :meth:`idempo.typing.Store.get`."""
+        return self._run(self.store.get(record_key))
+
+    def purge_expired(self, limit: int = 1000) -> int:
+        """See :meth:`idempo.typing.Store.purge_expired`."""
+        return self._run(self.store.purge_expired(limit))
+
+    def close(self) -> None:
+        """Close the async store, then stop the loop."""
+        try:
+            self._run(self.store.aclose())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._loop.close()
+
+
+#: The raw fields of a record as a store keeps them (see :func:`record_fields`).
+RawRecord = dict[str, Any]
+
+
+def record_fields(record: Record) -> RawRecord:
+    """The fields of a record in the form :attr:`StoreSubject.raw` returns them.
+
+    Keys: ``state`` (str), ``fingerprint`` (str), ``token``,
+    ``lease_expires_at``, ``created_at``, ``expires_at`` (int ms), ``status``
+    (int or None), ``headers`` (the JSON text of
+    :func:`~idempo._core.records.encode_headers`, or None), ``body`` (bytes or None).
+    """
+    response = record.response
+    return {
+        "state": record.state.value,
+        "fingerprint": record.fingerprint,
+        "token": record.token,
+        "lease_expires_at": record.lease_expires_at_ms,
+        "created_at": record.created_at_ms,
+        "expires_at": record.expires_at_ms,
+        "status": response.status if response else None,
+        "headers": encode_headers(response.headers) if response else None,
+        "body": response.body if response else None,
+    }
+
+
+@dataclass
+class StoreSubject:
+    """A store under test, and what the conformance suite needs to know about it.
+
+    Attributes:
+        store: the blocking front (wrap an async store in :class:`BlockingStore`).
+        wait: lets ``seconds`` of the store's clock pass: advance a fake clock,
+            or sleep for a store that reads its server's clock.
+        short_ms: a lease/record TTL (ms) the suite waits out with ``wait``.
+        server_clock: True when the store reads its server's clock (PostgreSQL,
+            Redis); the clock-skew test applies only then.
+        raw: reads the record physically present in the store, expired or
+            not, as :func:`record_fields` would give it; None when absent.
+            Tests that read the store directly skip without it.
+        url: a store URL that another process can open (``store_from_url``);
+            the multi-process test skips without it.
+        async_front: open ``url`` with ``async_store_from_url`` in other processes.
+    """
+
+    store: Store | BlockingStore
+    wait: Callable[[float], None]
+    short_ms: int
+    server_clock: bool
+    raw: Callable[[str], RawRecord | None] | None = None
+    url: str | None = None
+    async_front: bool = False
+
+    def pass_short(self) -> None:
+        """Wait until a ``short_ms`` lease or TTL taken now has certainly expired."""
+        self.wait(self.short_ms / 1000 * 1.5 + (0.05 if self.server_clock else 0.001))
+
+
+# --- the multi-process begin ---------------------------------------------------------
+
+
+def _begin_in_process(
+    url: str, async_front: bool, record_key: str, fingerprint: str, lease_ttl_ms: int, start_at: float
+) -> tuple[str, int]:
+    """Open the store in this (child) process, wait for ``start_at``, call begin once.
+
+    Returns ("acquired" | "existing", token).
+    """
+    from .stores import async_store_from_url, store_from_url
+
+    def outcome(result: BeginResult) -> tuple[str, int]:
+        if isinstance(result, Acquired):
+            return "acquired", result.token
+        return "existing", result.record.token
+
+    if async_front:
+
+        async def run() -> tuple[str, int]:
+            store = async_store_from_url(url)
+            try:
+                await store.get("warm-up")  # connect before the start line
+                await asyncio.sleep(max(0.0, start_at - time.time()))
+                return outcome(await store.begin(record_key, fingerprint, lease_ttl_ms))
+            finally:
+                await store.aclose()
+
+        return asyncio.run(run())
+    store = store_from_url(url)
+    try:
+        store.get("warm-up")
+        time.sleep(max(0.0, start_at - time.time()))
+        return outcome(store.begin(record_key, fingerprint, lease_ttl_ms))
+    finally:
+        store.close()
+
+
+def _warm_worker(seconds: float) -> None:
+    """Import the store modules in a worker, then hold it busy so the pool starts the others."""
+    for module in ("idempo.stores.postgres", "idempo.stores.redis", "idempo.stores.sqlite"):
+        with contextlib.suppress(ImportError):
+            __import__(module)
+    time.sleep(seconds)
+
+
+@functools.cache
+def _process_pool() -> ProcessPoolExecutor:
+    # Spawned (not forked) workers: the test process runs threads, and a fork
+    # would copy its connection pools. Created once and reused across stores;
+    # concurrent.futures shuts it down at exit.
+    return ProcessPoolExecutor(4, mp_context=get_context("spawn"))
+
+
+# --- the suite -------------------------------------------------------------------------
+
+
+def _key() -> str:
+    return make_record_key("contract", "POST", "/orders", str(uuid.uuid4()))
+
+
+def _response(body: bytes = b'{"order_id":1}') -> StoredResponse:
+    headers = ((b"content-type", b"application/json"), (b"location", b"/orders/1"))
+    return StoredResponse(201, headers, body)
+
+
+def _raises_lease_lost(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except LeaseLost:
+        return
+    raise AssertionError("expected LeaseLost")
+
+
+def _skip(reason: str) -> None:
+    import pytest
+
+    pytest.skip(reason)
+
+
+class StoreContract:
+    """The store conformance suite (DESIGN "Stores"; STYLE section 6).
+
+    Subclass it in a test module (its name must start with ``Test``) and give
+    it a ``subject`` fixture returning a :class:`StoreSubject`. Each test uses
+    fresh record keys, so the store may be shared across tests.
+    """
+
+    # --- every transition ----------------------------------------------------------
+
+    def test_begin_on_absent_key_acquires_the_lease(self, subject: StoreSubject) -> None:
+        """begin on an absent key writes an in-progress record and returns Acquired (not a takeover)."""
+        key = _key()
+        result = subject.store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(result, Acquired), result
+        assert result.takeover is False
+        record = subject.store.get(key)
+        assert record is not None
+        assert record.state is RecordState.IN_PROGRESS
+        assert record.fingerprint == "fp-1"
+        assert record.token == result.token
+        assert record.response is None
+        assert record.lease_expires_at_ms == record.expires_at_ms
+        assert record.lease_expires_at_ms - record.created_at_ms == LONG_MS
+
+    def test_begin_on_live_record_returns_it_unchanged(self, subject: StoreSubject) -> None:
+        """begin on a live in-progress record returns Existing with that record and writes nothing."""
+        key = _key()
+        first = subject.store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(first, Acquired)
+        before = subject.store.get(key)
+        second = subject.store.begin(key, "fp-2", 5 * LONG_MS)
+        assert isinstance(second, Existing), second
+        assert second.record == before
+        assert second.record.fingerprint == "fp-1"
+        assert before is not None
+        assert before.created_at_ms <= second.now_ms < before.lease_expires_at_ms
+        assert subject.store.get(key) == before
+
+    def test_complete_stores_the_response_for_replay(self, subject: StoreSubject) -> None:
+        """complete turns the record completed with the response; the next begin returns it."""
+        key = _key()
+        acquired = subject.store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(acquired, Acquired)
+        subject.store.complete(key, acquired.token, _response(), LONG_MS)
+        replay = subject.store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(replay, Existing), replay
+        record = replay.record
+        assert record.state is RecordState.COMPLETED
+        assert record.response == _response()
+        assert record.token == acquired.token
+        assert record.lease_expires_at_ms == 0
+        assert 0 < record.expires_at_ms - replay.now_ms <= LONG_MS
+        assert subject.store.get(key) == record
+
+    def test_release_removes_the_record(self, subject: StoreSubject) -> None:
+        """release deletes the in-progress record, so the next begin acquires afresh."""
+        key = _key()
+        acquired = subject.store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(acquired, Acquired)
+        subject.store.release(key, acquired.token)
+        assert subject.store.get(key) is None
+        again = subject.store.begin(key, "fp-2", LONG_MS)
+        assert isinstance(again, Acquired)
+        assert again.takeover is False
+        assert again.token >= acquired.token
+
+    def test_extend_moves_the_lease_expiry(self, subject: StoreSubject) -> None:
+        """extend makes the lease last ``lease_ttl_ms`` from now, so it outlives its first TTL."""
+        key = _key()
+        acquired = subject.store.begin(key, "fp-1", subject.short_ms)
+        assert isinstance(acquired, Acquired)
+        subject.store.extend(key, acquired.token, LONG_MS)
+        record = subject.store.get(key)
+        assert record is not None
+        assert record.state is RecordState.IN_PROGRESS
+        assert record.lease_expires_at_ms == record.expires_at_ms
+        assert record.lease_expires_at_ms - record.created_at_ms >= LONG_MS
+        subject.pass_short()
+        held = subject.store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(held, Existing)
+        assert held.record.token == acquired.token
+
+    def test_transitions_check_token_and_state(self, subject: StoreSubject) -> None:
+        """complete/release/extend raise LeaseLost for a wrong token, an absent key or a completed record."""
+        store = subject.store
+        key = _key()
+        acquired = store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(acquired, Acquired)
+        wrong = acquired.token + 1
+        _raises_lease_lost(lambda: store.complete(key, wrong, _response(), LONG_MS))
+        _raises_lease_lost(lambda: store.release(key, wrong))
+        _raises_lease_lost(lambda: store.extend(key, wrong, LONG_MS))
+        absent = _key()
+        _raises_lease_lost(lambda: store.complete(absent, acquired.token, _response(), LONG_MS))
+        _raises_lease_lost(lambda: store.release(absent, acquired.token))
+        _raises_lease_lost(lambda: store.extend(absent, acquired.token, LONG_MS))
+        store.complete(key, acquired.token, _response(), LONG_MS)
+        _raises_lease_lost(lambda: store.complete(key, acquired.token, _response(b"other"), LONG_MS))
+        _raises_lease_lost(lambda: store.release(key, acquired.token))
+        _raises_lease_lost(lambda: store.extend(key, acquired.token, LONG_MS))
+        record = store.get(key)
+        assert record is not None
+        assert record.response == _response()
+
+    # --- expiry, takeover, fencing -------------------------------------------------------
+
+    def test_lease_takeover_after_expiry(self, subject: StoreSubject) -> None:
+        """A begin after the lease expired takes the record over with a greater token (takeover=True)."""
+        key = _key()
+        first = subject.store.begin(key, "fp-1", subject.short_ms)
+        assert isinstance(first, Acquired)
+        subject.pass_short()
+        second = subject.store.begin(key, "fp-2", LONG_MS)
+        assert isinstance(second, Acquired), second
+        assert second.takeover is True
+        assert second.token > first.token
+        record = subject.store.get(key)
+        assert record is not None
+        assert record.fingerprint == "fp-2"
+        assert record.token == second.token
+
+    def test_fencing_refuses_a_stale_complete(self, subject: StoreSubject) -> None:
+        """After a takeover the old holder's complete/release/extend raise LeaseLost; the newer record stays."""
+        store = subject.store
+        key = _key()
+        stale = store.begin(key, "fp-1", subject.short_ms)
+        assert isinstance(stale, Acquired)
+        subject.pass_short()
+        fresh = store.begin(key, "fp-2", LONG_MS)
+        assert isinstance(fresh, Acquired)
+        assert fresh.token > stale.token
+        _raises_lease_lost(lambda: store.complete(key, stale.token, _response(b"stale"), LONG_MS))
+        _raises_lease_lost(lambda: store.release(key, stale.token))
+        _raises_lease_lost(lambda: store.extend(key, stale.token, LONG_MS))
+        record = store.get(key)
+        assert record is not None
+        assert (record.state, record.fingerprint, record.token) == (RecordState.IN_PROGRESS, "fp-2", fresh.token)
+        store.complete(key, fresh.token, _response(b"fresh"), LONG_MS)
+        done = store.get(key)
+        assert done is not None
+        assert done.response == _response(b"fresh")
+
+    def test_ttl_expiry_and_purge(self, subject: StoreSubject) -> None:
+        """Expired records read as absent, begin anew, and purge_expired deletes them in bounded batches."""
+        store = subject.store
+        completed, held, live = _key(), _key(), _key()
+        for key, lease in ((completed, LONG_MS), (held, subject.short_ms), (live, LONG_MS)):
+            result = store.begin(key, "fp-1", lease)
+            assert isinstance(result, Acquired)
+            if key == completed:
+                store.complete(key, result.token, _response(), subject.short_ms)
+            elif key == live:
+                store.complete(key, result.token, _response(), LONG_MS)
+        subject.pass_short()
+        assert store.get(completed) is None
+        assert store.get(held) is None
+        assert store.get(live) is not None
+        for _ in range(10_000):
+            deleted = store.purge_expired(limit=1)
+            assert deleted in (0, 1), "purge_expired exceeded its limit"
+            if deleted == 0:
+                break
+        if subject.raw is not None:
+            assert subject.raw(completed) is None
+            assert subject.raw(held) is None
+            assert subject.raw(live) is not None
+        again = store.begin(completed, "fp-other", LONG_MS)
+        assert isinstance(again, Acquired)
+        assert again.takeover is False
+        assert store.get(live) is not None
+
+    def test_expired_record_still_present_is_absent(self, subject: StoreSubject) -> None:
+        """B16: a record past its TTL or lease, not yet deleted, is treated as absent and replaced."""
+        store = subject.store
+        completed, held = _key(), _key()
+        first = store.begin(completed, "fp-1", LONG_MS)
+        assert isinstance(first, Acquired)
+        store.complete(completed, first.token, _response(), subject.short_ms)
+        crashed = store.begin(held, "fp-1", subject.short_ms)
+        assert isinstance(crashed, Acquired)
+        subject.pass_short()
+        if subject.raw is not None:
+            # Redis deletes a completed record itself at expiry (PEXPIREAT); the
+            # expired in-progress one is still there in every store.
+            assert subject.raw(held) is not None, "the expired in-progress record should still be stored"
+        # A different fingerprint is a new request, not a mismatch: the old record is gone.
+        for key, old_token in ((completed, first.token), (held, crashed.token)):
+            assert store.get(key) is None
+            again = store.begin(key, "fp-2", LONG_MS)
+            assert isinstance(again, Acquired), again
+            assert again.token > old_token
+            record = store.get(key)
+            assert record is not None
+            assert (record.state, record.fingerprint, record.response) == (RecordState.IN_PROGRESS, "fp-2", None)
+            assert record.expires_at_ms - record.created_at_ms == LONG_MS
+
+    def test_sweeper_between_steps(self, subject: StoreSubject) -> None:
+        """B16: a sweeper deleting the expired record between two requests' steps leaves a truthful outcome."""
+        store = subject.store
+        key = _key()
+        crashed = store.begin(key, "fp-1", subject.short_ms)
+        assert isinstance(crashed, Acquired)
+        subject.pass_short()
+        expired_seen = store.begin(key, "fp-1", subject.short_ms)  # a retry takes it over...
+        assert isinstance(expired_seen, Acquired)
+        assert expired_seen.takeover is True
+        subject.pass_short()
+        while store.purge_expired(limit=1000):  # ...and the sweeper deletes it behind the retry's back
+            pass
+        assert store.get(key) is None
+        late = store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(late, Acquired), late
+        assert late.token > expired_seen.token > crashed.token
+        _raises_lease_lost(lambda: store.complete(key, crashed.token, _response(b"crashed"), LONG_MS))
+        _raises_lease_lost(lambda: store.complete(key, expired_seen.token, _response(b"stale"), LONG_MS))
+        store.complete(key, late.token, _response(b"late"), LONG_MS)
+        replay = store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(replay, Existing)
+        assert replay.record.response == _response(b"late")
+
+    # --- scopes and payloads --------------------------------------------------------------
+
+    def test_same_key_in_two_scopes_is_two_records(self, subject: StoreSubject) -> None:
+        """One idempotency key under two principals is two independent records."""
+        store = subject.store
+        idempotency_key = str(uuid.uuid4())
+        alice = make_record_key("alice", "POST", "/orders", idempotency_key)
+        bob = make_record_key("bob", "POST", "/orders", idempotency_key)
+        assert alice != bob
+        a = store.begin(alice, "fp-a", LONG_MS)
+        b = store.begin(bob, "fp-b", LONG_MS)
+        assert isinstance(a, Acquired)
+        assert isinstance(b, Acquired)
+        store.complete(alice, a.token, _response(b"alice"), LONG_MS)
+        bob_record = store.get(bob)
+        assert bob_record is not None
+        assert (bob_record.state, bob_record.fingerprint) == (RecordState.IN_PROGRESS, "fp-b")
+        store.release(bob, b.token)
+        alice_record = store.get(alice)
+        assert alice_record is not None
+        assert alice_record.response == _response(b"alice")
+        assert store.get(bob) is None
+
+    def test_large_binary_body_and_repeated_headers_round_trip(self, subject: StoreSubject) -> None:
+        """A 5 MiB random body, every byte value, and repeated/latin-1 headers come back exactly."""
+        store = subject.store
+        headers = (
+            (b"content-type", b"application/octet-stream"),
+            (b"link", b'<a>; rel="x"'),
+            (b"x-latin-1", bytes(range(0x80, 0x100))),
+            (b"link", b'<b>; rel="y"'),
+            (b"x-empty", b""),
+        )
+        for body in (os.urandom(5 * 1024 * 1024), bytes(range(256)) * 4, b""):
+            key = _key()
+            acquired = store.begin(key, "fp-1", LONG_MS)
+            assert isinstance(acquired, Acquired)
+            store.complete(key, acquired.token, StoredResponse(200, headers, body), LONG_MS)
+            replay = store.begin(key, "fp-1", LONG_MS)
+            assert isinstance(replay, Existing)
+            response = replay.record.response
+            assert response is not None
+            assert response.body == body, "the body did not round-trip byte for byte"
+            assert response.headers == headers
+            assert response.status == 200
+
+    # --- concurrency ----------------------------------------------------------------------
+
+    def test_eight_threads_one_winner(self, subject: StoreSubject) -> None:
+        """8 threads calling begin on one key at once: exactly one Acquired, the rest see its token."""
+        key = _key()
+        barrier = threading.Barrier(8)
+        results: list[BeginResult | BaseException] = []
+        lock = threading.Lock()
+
+        def contend() -> None:
+            barrier.wait()
+            try:
+                result: BeginResult | BaseException = subject.store.begin(key, "fp-1", LONG_MS)
+            except BaseException as exc:
+                result = exc
+            with lock:
+                results.append(result)
+
+        threads = [threading.Thread(target=contend) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors
+        winners = [r for r in results if isinstance(r, Acquired)]
+        assert len(results) == 8, results
+        assert len(winners) == 1, results
+        assert all(isinstance(r, Existing) and r.record.token == winners[0].token for r in results if r not in winners)
+
+    def test_four_processes_one_winner(self, subject: StoreSubject) -> None:
+        """4 processes calling begin on one key at once: exactly one Acquired."""
+        if subject.url is None:
+            _skip("this store lives in one process")
+            return
+        url = subject.url
+        key = _key()
+        pool = _process_pool()
+        # Start all four workers and import the stores before the start line.
+        list(pool.map(_warm_worker, [0.2] * 4))
+        start_at = time.time() + 1.0
+        futures: list[Future[tuple[str, int]]] = [
+            pool.submit(_begin_in_process, url, subject.async_front, key, "fp-1", LONG_MS, start_at) for _ in range(4)
+        ]
+        outcomes = [future.result(timeout=120) for future in futures]
+        assert sorted(kind for kind, _ in outcomes) == ["acquired", "existing", "existing", "existing"], outcomes
+        assert len({token for _, token in outcomes}) == 1, outcomes
+
+    # --- clocks and fidelity --------------------------------------------------------------
+
+    def test_app_clock_skew_changes_nothing(self, subject: StoreSubject) -> None:
+        """An application clock an hour off changes nothing: leases and TTLs use the server's clock."""
+        if not subject.server_clock:
+            _skip("not applicable: this store's clock is the injected one (the store's own clock), not the app's")
+            return
+        store = subject.store
+        for skew in (-3600.0, 3600.0):
+            key = _key()
+            with skewed_clock(skew):
+                acquired = store.begin(key, "fp-1", LONG_MS)
+                assert isinstance(acquired, Acquired)
+                held = store.begin(key, "fp-1", LONG_MS)
+            assert isinstance(held, Existing)
+            # The store's "now" is the server's: nowhere near the skewed clock.
+            assert abs(held.now_ms - time.time() * 1000) < 600_000
+            assert abs(held.record.created_at_ms - time.time() * 1000) < 600_000
+            # A server with the right clock sees the lease as held, and completes it.
+            again = store.begin(key, "fp-1", LONG_MS)
+            assert isinstance(again, Existing)
+            assert again.record.state is RecordState.IN_PROGRESS
+            with skewed_clock(skew):
+                store.complete(key, acquired.token, _response(), subject.short_ms)
+            subject.pass_short()
+            assert store.get(key) is None, "the record TTL must run by the server's clock"
+
+    def test_raw_record_after_completion_keeps_every_field(self, subject: StoreSubject) -> None:
+        """B10: the raw stored record keeps fingerprint, token, times, status, headers and body after complete."""
+        if subject.raw is None:
+            _skip("no raw reader for this store")
+            return
+        store = subject.store
+        key = _key()
+        acquired = store.begin(key, "fp-b10", LONG_MS)
+        assert isinstance(acquired, Acquired)
+        before = subject.raw(key)
+        assert before is not None
+        response = StoredResponse(201, ((b"content-type", b"application/json"), (b"location", b"/o/1")), b'{"a":1}')
+        store.complete(key, acquired.token, response, LONG_MS)
+        after = subject.raw(key)
+        assert after is not None
+        assert after["state"] == "completed"
+        for field in ("fingerprint", "token", "created_at"):
+            assert after[field] == before[field], field
+        assert (before["status"], before["headers"], before["body"]) == (None, None, None)
+        assert after["status"] == 201
+        assert after["headers"] == encode_headers(response.headers)
+        assert after["body"] == response.body
+        assert after["lease_expires_at"] == 0
+        assert after["expires_at"] > before["created_at"]
+        assert after["expires_at"] - after["created_at"] >= LONG_MS
+        replay = store.begin(key, "fp-b10", LONG_MS)
+        assert isinstance(replay, Existing)
+        assert replay.record.response == response

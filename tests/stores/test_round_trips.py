@@ -1,0 +1,77 @@
+"""Round trips to the store per request, counted on the wire (DESIGN: two to execute, one to replay).
+
+A TCP proxy between the store and its server counts the request flights
+that follow a server reply; the requests go through the ASGI middleware, with
+the store opened from its URL as an application (or ``idempo demo``) would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+from store_helpers import OrdersApp, RoundTripProxy
+
+from idempo import async_store_from_url
+from idempo.asgi import IdempotencyMiddleware
+
+WARM_UP = 8  # > psycopg's prepare_threshold (5): statements are prepared by then
+
+
+def _via(url: str, proxy: RoundTripProxy) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")
+    userinfo = netloc[0] + "@" if netloc[1] else ""
+    return urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{proxy.port}"))
+
+
+async def _count(store_url: str, proxy: RoundTripProxy) -> tuple[int, int]:
+    """Warm up, then return the round trips of one first execution and of its replay."""
+    store = async_store_from_url(store_url)
+    app = OrdersApp()
+    transport = httpx.ASGITransport(app=IdempotencyMiddleware(app, store))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+            async def post(key: str) -> httpx.Response:
+                return await client.post("/orders", json={"sku": "A"}, headers={"Idempotency-Key": key})
+
+            for _ in range(WARM_UP):
+                key = uuid.uuid4().hex
+                assert (await post(key)).status_code == 201
+                assert (await post(key)).headers.get("idempotent-replayed") == "true"
+            key = uuid.uuid4().hex
+            proxy.reset()
+            first = await post(key)
+            executed = proxy.round_trips
+            proxy.reset()
+            replay = await post(key)
+            replayed = proxy.round_trips
+    finally:
+        await store.aclose()
+    assert first.status_code == 201
+    assert replay.headers.get("idempotent-replayed") == "true"
+    assert app.calls == WARM_UP + 1
+    return executed, replayed
+
+
+@pytest.mark.postgres
+def test_postgres_round_trips(postgres_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]) -> None:
+    """PostgreSQL: a first execution costs 2 round trips (begin, complete), a replay 1."""
+    parts = urlsplit(postgres_store_url)
+    proxy = round_trip_proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    url = _via(postgres_store_url, proxy) + "&max_size=1"
+    assert asyncio.run(_count(url, proxy)) == (2, 1)
+
+
+@pytest.mark.redis
+def test_redis_round_trips(redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]) -> None:
+    """Redis: a first execution costs 2 round trips (EVALSHA begin, EVALSHA complete), a replay 1."""
+    parts = urlsplit(redis_store_url)
+    proxy = round_trip_proxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    url = _via(redis_store_url, proxy) + "&max_connections=1"
+    assert asyncio.run(_count(url, proxy)) == (2, 1)
