@@ -1,0 +1,170 @@
+"""Lease renewal: keep a running request's lease alive, so a slow handler is never run twice.
+
+A lease expires ``lease_ttl`` after it was taken. A handler that outlives it
+would let a retry take the record over and execute a second time. While the
+handler runs, the lease is therefore extended every third of its TTL; when the
+process dies, the renewals stop with it and the lease expires at most
+``lease_ttl`` later (DESIGN guarantee 2).
+
+Renewal costs nothing for requests faster than a third of the lease: the
+async keeper is a timer handle on the event loop, and the blocking keeper an
+entry in the heap of one shared thread; neither touches the store unless the
+handler is still running when the timer fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import threading
+import time
+from typing import Any
+
+from ._engine import logger
+from .exceptions import LeaseLost, StoreError
+from .typing import AsyncStore, Store
+
+__all__ = ["AsyncLeaseKeeper", "LeaseKeeper"]
+
+
+def _interval(lease_ttl_ms: int) -> float:
+    """Seconds between renewals: a third of the lease, so two renewals may fail before it lapses."""
+    return max(lease_ttl_ms / 3000, 0.001)
+
+
+def _log_failure(record_key: str, exc: BaseException) -> None:
+    if isinstance(exc, LeaseLost):
+        logger.warning("idempo: lease renewal refused, the lease was taken over (record %s)", record_key)
+    else:
+        logger.error("idempo: lease renewal failed (record %s): %s; retrying", record_key, exc)
+
+
+class AsyncLeaseKeeper:
+    """Extends a lease on an async store while the handler runs (asyncio; a no-op elsewhere).
+
+    Args:
+        store: the store holding the record.
+        record_key: the record whose lease to keep.
+        token: the lease's fencing token.
+        lease_ttl_ms: the lease TTL in milliseconds; each renewal sets the
+            expiry this far from the store's clock.
+
+    Call :meth:`stop` when the handler has finished (in a ``finally``).
+    On trio there is no timer handle to borrow, so no renewal happens there:
+    keep handlers shorter than ``lease_ttl``.
+    """
+
+    __slots__ = ("_args", "_handle", "_loop", "_stopped", "_task")
+
+    def __init__(self, store: AsyncStore, record_key: str, token: int, lease_ttl_ms: int) -> None:
+        self._args = (store, record_key, token, lease_ttl_ms)
+        self._task: asyncio.Task[None] | None = None
+        self._stopped: asyncio.Event | None = None
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+            self._handle: asyncio.TimerHandle | None = None
+            return
+        self._handle = self._loop.call_later(_interval(lease_ttl_ms), self._start)
+
+    def _start(self) -> None:
+        assert self._loop is not None
+        self._stopped = asyncio.Event()
+        self._task = self._loop.create_task(self._renew(self._stopped))
+
+    async def _renew(self, stopped: asyncio.Event) -> None:
+        store, record_key, token, lease_ttl_ms = self._args
+        interval = _interval(lease_ttl_ms)
+        while not stopped.is_set():
+            try:
+                await store.extend(record_key, token, lease_ttl_ms)
+            except LeaseLost as exc:
+                if not stopped.is_set():  # a renewal racing the final complete is expected
+                    _log_failure(record_key, exc)
+                return
+            except StoreError as exc:
+                _log_failure(record_key, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), interval)
+
+    async def stop(self) -> None:
+        """Stop renewing; waits for a renewal in flight, so it never lands after the record settles."""
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._task is not None:
+            assert self._stopped is not None
+            self._stopped.set()
+            await asyncio.shield(self._task)
+
+
+class _Scheduler:
+    """One daemon thread that renews the leases of every blocking keeper, earliest first."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, LeaseKeeper]] = []
+        self._counter = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, keeper: LeaseKeeper, due: float) -> None:
+        with self._wake:
+            heapq.heappush(self._heap, (due, next(self._counter), keeper))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="idempo-lease-keeper", daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is keeper:
+                self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._wake.wait(timeout)
+                _, _, keeper = heapq.heappop(self._heap)
+            if keeper.renew():
+                self.add(keeper, time.monotonic() + keeper.interval)
+
+
+_SCHEDULER = _Scheduler()
+
+
+class LeaseKeeper:
+    """Extends a lease on a blocking store while the handler runs.
+
+    Args: as :class:`AsyncLeaseKeeper`. Renewals run on one shared daemon
+    thread, so the store must be usable from another thread (idempo's are).
+    Call :meth:`stop` when the handler has finished.
+    """
+
+    __slots__ = ("_args", "_lock", "_stopped", "interval")
+
+    def __init__(self, store: Store, record_key: str, token: int, lease_ttl_ms: int) -> None:
+        self._args: tuple[Any, ...] = (store, record_key, token, lease_ttl_ms)
+        self._lock = threading.Lock()
+        self._stopped = False
+        self.interval = _interval(lease_ttl_ms)
+        _SCHEDULER.add(self, time.monotonic() + self.interval)
+
+    def renew(self) -> bool:
+        """Extend the lease once; return whether to keep renewing."""
+        store, record_key, token, lease_ttl_ms = self._args
+        with self._lock:
+            if self._stopped:
+                return False
+            try:
+                store.extend(record_key, token, lease_ttl_ms)
+            except LeaseLost as exc:
+                _log_failure(record_key, exc)
+                return False
+            except StoreError as exc:
+                _log_failure(record_key, exc)
+            return True
+
+    def stop(self) -> None:
+        """Stop renewing; waits for a renewal in flight, so it never lands after the record settles."""
+        with self._lock:
+            self._stopped = True
