@@ -27,6 +27,7 @@ The async store needs asyncio (redis-py's asyncio client); it does not run on tr
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -352,47 +353,70 @@ class AsyncRedisStore:
                 client = redis.asyncio.Redis.from_url(options.url, **common)
         self.client: AsyncClient = client
         self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
+        # A cluster client reads the slot map on first use; redis-py races when
+        # several tasks make that first use at once (commands interleave on
+        # one connection), so the first use is serialised by open().
+        self._ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
+        self._open_lock: asyncio.Lock | None = None
+
+    async def open(self) -> None:
+        """Connect now rather than on first use; for a Redis Cluster, read its slot map.
+
+        Called by the first operation if not called before; call it at startup
+        to find an unreachable cluster before the first request does.
+
+        Raises:
+            StoreUnavailable: the cluster could not be reached.
+        """
+        if self._ready:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if not self._ready:
+                assert isinstance(self.client, redis.asyncio.cluster.RedisCluster)
+                with _redis_errors():
+                    await self.client.initialize()
+                self._ready = True
+
+    async def _script(self, name: str, key: str, args: Sequence[str | int] = ()) -> Any:
+        if not self._ready:
+            await self.open()
+        with _redis_errors():
+            return await self._scripts[name](keys=[key], args=args)
 
     async def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
         codec = self._codec
-        with _redis_errors():
-            reply = await self._scripts["begin"](
-                keys=[codec.key(record_key)], args=codec.begin_args(fingerprint, lease_ttl_ms)
-            )
+        reply = await self._script("begin", codec.key(record_key), codec.begin_args(fingerprint, lease_ttl_ms))
         return codec.begin_result(record_key, reply)
 
     async def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.complete`."""
         args = self._codec.complete_args(token, response, record_ttl_ms)
-        with _redis_errors():
-            done = await self._scripts["complete"](keys=[self._codec.key(record_key)], args=args)
-        if done != 1:
+        if await self._script("complete", self._codec.key(record_key), args) != 1:
             raise LeaseLost()
 
     async def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
-        with _redis_errors():
-            done = await self._scripts["release"](keys=[self._codec.key(record_key)], args=[str(token)])
-        if done != 1:
+        if await self._script("release", self._codec.key(record_key), [str(token)]) != 1:
             raise LeaseLost()
 
     async def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.extend`."""
         args: list[str | int] = [str(token), int(lease_ttl_ms), self._codec.grace_ms]
-        with _redis_errors():
-            done = await self._scripts["extend"](keys=[self._codec.key(record_key)], args=args)
-        if done != 1:
+        if await self._script("extend", self._codec.key(record_key), args) != 1:
             raise LeaseLost()
 
     async def get(self, record_key: str) -> Record | None:
         """See :meth:`idempo.typing.Store.get`."""
-        with _redis_errors():
-            reply = await self._scripts["get"](keys=[self._codec.key(record_key)])
+        reply = await self._script("get", self._codec.key(record_key))
         return self._codec.get_result(record_key, reply)
 
     async def purge_expired(self, limit: int = 1000) -> int:
         """See :meth:`RedisStore.purge_expired`."""
+        if not self._ready:
+            await self.open()
         deleted = 0
         with _redis_errors():
             async for key in self.client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
