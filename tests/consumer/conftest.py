@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,38 +11,13 @@ import pytest
 
 from tests.support.backends import SHARED_STORES, Backend
 
-REQUIRE_SERVICES = os.environ.get("IDEMPO_REQUIRE_SERVICES") == "1"
-
-
-def _missing(reason: str) -> None:
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{reason} (IDEMPO_REQUIRE_SERVICES=1)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def broker_url() -> str:
-    """The shared Redis server, used as the message broker; skips (or fails) when it is down."""
-    url = os.environ.get("IDEMPO_REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        import redis
-    except ImportError:
-        _missing("redis-py is not installed (pip install idempo[redis])")
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
-        client.ping()
-        client.close()
-    except redis.RedisError as exc:
-        _missing(f"Redis is not reachable at {url}: {exc}")
-    return url
-
 
 @pytest.fixture
-def broker(broker_url: str) -> Iterator[Any]:
-    """A redis-py client of the broker (str replies)."""
+def broker(redis_url: str) -> Iterator[Any]:
+    """A redis-py client of the shared Redis as the broker (str replies); skips (or fails) when it is down."""
     import redis
 
-    client = redis.Redis.from_url(broker_url, decode_responses=True, socket_timeout=10)
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=10)
     yield client
     client.close()
 
@@ -59,7 +33,7 @@ def stream(broker: Any) -> Iterator[str]:
 
 @pytest.fixture(params=SHARED_STORES)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """A store several consumer processes share (SQLite file; Redis and PostgreSQL once merged)."""
+    """A store several consumer processes share: an SQLite file, Redis, PostgreSQL."""
     backend: Backend = request.param(request, tmp_path)
     yield backend
     backend.close()

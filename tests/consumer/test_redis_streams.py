@@ -110,7 +110,7 @@ def test_a_message_whose_ack_was_lost_is_skipped_on_redelivery(
 
 def test_a_consumer_killed_mid_message_has_it_processed_once_by_another(
     broker: Any,
-    broker_url: str,
+    redis_url: str,
     stream: str,
     backend: Backend,
     scope: str,
@@ -121,7 +121,7 @@ def test_a_consumer_killed_mid_message_has_it_processed_once_by_another(
     broker.xgroup_create(stream, GROUP, id="0", mkstream=True)
     broker.xadd(stream, {"id": "order-3", "hang": "1"})
     worker = subprocess.Popen(
-        [sys.executable, "-m", "tests.consumer.worker", broker_url, stream, GROUP, "doomed", backend.url, scope],
+        [sys.executable, "-m", "tests.consumer.worker", redis_url, stream, GROUP, "doomed", backend.url, scope],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -174,9 +174,9 @@ def test_a_handler_error_leaves_the_message_for_redelivery(
     assert broker.lrange(f"{stream}:processed", 0, -1) == ["order-4"]
 
 
-def test_the_example_runs_as_documented(broker_url: str, stream: str, tmp_path: Path) -> None:
+def test_the_example_runs_as_documented(redis_url: str, stream: str, tmp_path: Path) -> None:
     """`python examples/consumer_redis_streams.py` charges 3 orders for 6 deliveries and leaves nothing pending."""
-    env = {**os.environ, "REDIS_URL": broker_url, "STREAM": stream, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "REDIS_URL": redis_url, "STREAM": stream, "PYTHONPATH": str(ROOT / "src")}
     run = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "consumer_redis_streams.py")],
         cwd=tmp_path,

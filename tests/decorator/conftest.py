@@ -14,7 +14,7 @@ from tests.support.backends import STORES, Backend
 
 @pytest.fixture(params=STORES)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """A store under test (memory, SQLite, and Redis/PostgreSQL once their stores are merged)."""
+    """A store under test: memory, SQLite, Redis, PostgreSQL."""
     backend: Backend = request.param(request, tmp_path)
     yield backend
     backend.close()

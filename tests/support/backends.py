@@ -2,9 +2,10 @@
 
 Each factory returns a :class:`Backend`: how to build sync and async stores
 over the same records, and the clock they read. Add a store by adding a line
-to :data:`STORES`; stores built on another branch are guarded with
-``pytest.importorskip`` and take their server URL (with a prefix or schema of
-the session's own) from the fixtures of ``tests/conftest.py``.
+to :data:`STORES`. The server stores are guarded with ``pytest.importorskip``
+(their extras) and take their URL, with a key prefix or schema of the
+session's own, from the fixtures of ``tests/conftest.py``, which skip (or,
+with ``IDEMPO_REQUIRE_SERVICES=1``, fail) when the server is down.
 """
 
 from __future__ import annotations
@@ -81,13 +82,13 @@ def sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 
 def redis(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    module: Any = pytest.importorskip("idempo.stores.redis", reason="the Redis store is not on this branch yet")
+    module: Any = pytest.importorskip("idempo.stores.redis", reason="needs idempo[redis]")
     url = str(request.getfixturevalue("redis_store_url"))
     return Backend("redis", None, lambda: module.RedisStore(url), lambda: module.AsyncRedisStore(url), False, url)
 
 
 def postgres(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    module: Any = pytest.importorskip("idempo.stores.postgres", reason="the PostgreSQL store is not on this branch yet")
+    module: Any = pytest.importorskip("idempo.stores.postgres", reason="needs idempo[postgres]")
     url = str(request.getfixturevalue("postgres_store_url"))
     return Backend(
         "postgres", None, lambda: module.PostgresStore(url), lambda: module.AsyncPostgresStore(url), False, url
