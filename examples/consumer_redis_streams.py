@@ -29,7 +29,7 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 STREAM = os.environ.get("STREAM", "idempo-example:orders")
 GROUP = "billing"
 STORE = "sqlite:///consumer-example.db"
-LEASE = 10.0  # seconds: longer than the slowest handler; a dead worker delays its message by this much
+LEASE = 10.0  # seconds: renewed while a handler runs; a dead worker delays its message this much at most
 
 charged: list[str] = []
 

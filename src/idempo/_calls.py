@@ -6,6 +6,9 @@ it holds the lease, and settles the record with :func:`idempo._core.flow.finish`
 A call's result is stored as a response (status 200, ``content-type`` naming
 the serialiser, the serialised bytes as the body), so every store keeps it
 unchanged. Sync and async differ only in the driver and in awaiting the call.
+While the call runs its lease is renewed (:mod:`idempo._lease`), so a call
+slower than ``lease_ttl`` is not run twice; ``lease_ttl`` is how long a
+crashed call blocks its key.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from datetime import timedelta
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
+import anyio
 import rfc8785
 
 from ._core.flow import Complete, Extend, InProgress, Mismatch, Proceed, Release, Replay, begin_flow, finish
@@ -24,6 +28,7 @@ from ._core.keys import make_record_key
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
 from ._engine import drive_async, drive_sync, logger, settle_async, settle_sync
+from ._lease import AsyncLeaseKeeper, LeaseKeeper
 from .exceptions import ConfigurationError, FingerprintMismatch, InvalidKey, KeyInProgress, StoreError
 from .serializers import Serializer
 from .stores import async_store_from_url, store_from_url
@@ -186,13 +191,19 @@ class Engine:
             return self.decode(decision.response), True
         if not isinstance(decision, Proceed):
             raise self.refusal(decision)
+        # The lease is renewed while the call runs, so a slow call is never run
+        # twice; once this process dies the renewals stop and it lapses.
+        keeper = LeaseKeeper(store, record_key, decision.token, self.policy.lease_ttl_ms)
         try:
             result = call()
         except Exception as exc:
-            # BaseException (KeyboardInterrupt, SystemExit, cancellation) leaves
-            # the lease to expire: the side effect may be half done.
+            keeper.stop()
             settle_sync(store, finish(self.policy, record_key, decision.token, None, verdict=self._verdict(exc)))
             raise
+        finally:
+            # BaseException (KeyboardInterrupt, SystemExit) settles nothing: the
+            # side effect may be half done, so the lease is left to expire.
+            keeper.stop()
         command, error = self.settlement(record_key, decision.token, result)
         settle_sync(store, command)
         if error is not None:
@@ -215,11 +226,17 @@ class Engine:
             return self.decode(decision.response), True
         if not isinstance(decision, Proceed):
             raise self.refusal(decision)
+        keeper = AsyncLeaseKeeper(store, record_key, decision.token, self.policy.lease_ttl_ms)
         try:
             result = await call()
         except Exception as exc:
+            await _stop(keeper)
             await settle_async(store, finish(self.policy, record_key, decision.token, None, verdict=self._verdict(exc)))
             raise
+        finally:
+            # Cancellation settles nothing (the lease is left to expire), but the
+            # renewals must stop even inside a cancelled scope.
+            await _stop(keeper)
         command, error = self.settlement(record_key, decision.token, result)
         await settle_async(store, command)
         if error is not None:
@@ -230,6 +247,11 @@ class Engine:
         verdict = self.policy.verdict_for_exception(exc)
         # STORE makes no sense without a result: an exception is never replayed.
         return Verdict.RELEASE if verdict is Verdict.STORE else verdict
+
+
+async def _stop(keeper: AsyncLeaseKeeper) -> None:
+    with anyio.CancelScope(shield=True):
+        await keeper.stop()
 
 
 def scope_of(fn: Callable[..., Any]) -> str:

@@ -145,9 +145,9 @@ class IdempotentConsumer(_Consumer[M]):
             :class:`~idempo.FingerprintMismatch`. Default: not checked.
         record_ttl: seconds (or a timedelta) a processed id is remembered;
             make it longer than the broker can take to redeliver (default 24 h).
-        lease_ttl: seconds a consumer holds an id while its handler runs. A
-            consumer that dies delays the message by at most this long; it
-            must exceed the slowest handler (default 30 s).
+        lease_ttl: seconds of the lease a consumer holds on an id while its
+            handler runs, renewed every third of it: a consumer that dies
+            delays the message by at most this long (default 30 s).
         exception_verdicts: per exception class, ``Verdict.RELEASE`` (default:
             redelivery runs the handler again) or ``Verdict.HOLD`` (the id
             stays in progress for ``hold_ttl``).

@@ -223,10 +223,12 @@ def idempotent(
             keep records across a rename or move of the function.
         record_ttl: seconds (or a timedelta) a result is kept and replayed
             (default 24 h).
-        lease_ttl: seconds (or a timedelta) a call holds its key while
-            running; a crashed call delays a retry by at most this long. Must
-            exceed the slowest call, or a retry may run while it still does.
-            Default 30 s; zero or less is refused (shared/cases B03).
+        lease_ttl: seconds (or a timedelta) of the lease a running call holds
+            on its key: a crashed call delays a retry by at most this long.
+            The lease is renewed every third of it while the call runs, so a
+            slower call keeps its key (not on trio, where an async call must
+            finish within it). Default 30 s; zero or less is refused
+            (shared/cases B03).
         wait: seconds a concurrent call with the same key waits for the first
             one's result before raising :class:`~idempo.KeyInProgress`
             (default 0: raise at once).
