@@ -11,6 +11,7 @@ from ._core.fingerprint import fingerprint
 from ._core.keys import MAX_KEY_LENGTH, make_record_key, parse_key
 from ._core.policy import DEFAULT_EXCLUDED_HEADERS, DEFAULT_METHODS, Policy, Verdict
 from ._core.records import Acquired, BeginResult, Existing, Record, RecordState, StoredResponse
+from .decorator import idempotent
 from .exceptions import (
     ConfigurationError,
     FingerprintMismatch,
@@ -56,6 +57,7 @@ __all__ = [
     "__version__",
     "async_store_from_url",
     "fingerprint",
+    "idempotent",
     "make_record_key",
     "parse_key",
     "store_from_url",

@@ -1,0 +1,298 @@
+"""What ``@idempotent`` and the idempotent consumers share: the engine that runs a call once per key.
+
+:class:`Engine` drives the sans-I/O flow (:func:`idempo._core.flow.begin_flow`)
+against a store with the drivers of :mod:`idempo._engine`, runs the call when
+it holds the lease, and settles the record with :func:`idempo._core.flow.finish`.
+A call's result is stored as a response (status 200, ``content-type`` naming
+the serialiser, the serialised bytes as the body), so every store keeps it
+unchanged. Sync and async differ only in the driver and in awaiting the call.
+While the call runs its lease is renewed (:mod:`idempo._lease`), so a call
+slower than ``lease_ttl`` is not run twice; ``lease_ttl`` is how long a
+crashed call blocks its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import Any, TypeVar, cast
+from uuid import UUID
+
+import anyio
+import rfc8785
+
+from ._core.flow import Complete, Extend, InProgress, Mismatch, Proceed, Release, Replay, begin_flow, finish
+from ._core.keys import make_record_key
+from ._core.policy import Policy, Verdict
+from ._core.records import StoredResponse
+from ._engine import drive_async, drive_sync, logger, settle_async, settle_sync
+from ._lease import AsyncLeaseKeeper, LeaseKeeper
+from .exceptions import ConfigurationError, FingerprintMismatch, InvalidKey, KeyInProgress, StoreError
+from .serializers import Serializer
+from .stores import async_store_from_url, store_from_url
+from .typing import AsyncStore, Store
+
+__all__ = [
+    "Engine",
+    "async_store",
+    "digest",
+    "key_text",
+    "make_policy",
+    "record_key",
+    "scope_of",
+    "sync_store",
+]
+
+T = TypeVar("T")
+
+# The "method" part of a function's record key. "@" is not an HTTP token
+# character (RFC 9110 section 5.6.2), so a function's records never share a
+# record key with an HTTP route's even in one store.
+_METHOD = "@idempotent"
+_STATUS = 200
+_CONTENT_TYPE = b"content-type"
+
+
+def record_key(scope: str, key: str) -> str:
+    """Return the record key under which ``@idempotent(scope=scope)`` keeps ``key``.
+
+    For inspecting records (``store.get(record_key(...))``). The default scope
+    of a function is ``f"{fn.__module__}.{fn.__qualname__}"``.
+    """
+    return make_record_key("", _METHOD, scope, key)
+
+
+def key_text(value: object, scope: str) -> str | None:
+    """The key as a string; None when the call has none."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        # An empty or blank key is a bug in the caller, never a key
+        # (shared/cases B09): refuse it rather than share one record.
+        if not value.strip():
+            raise InvalidKey(f"{scope}: the idempotency key is empty or blank")
+        return value
+    if isinstance(value, int | UUID) and not isinstance(value, bool):
+        return str(value)
+    raise InvalidKey(f"{scope}: the idempotency key must be a str, int or UUID, got {type(value).__qualname__}")
+
+
+def digest(value: Any) -> str:
+    """SHA-256 hex of the RFC 8785 canonical JSON of a JSON form.
+
+    RFC 8785 cannot represent NaN, infinities or integers beyond 2**53; such
+    values are hashed in Python's own sorted-key JSON instead (tagged, so the
+    two forms never collide): still stable, only ``1`` and ``1.0`` then differ.
+    """
+    try:
+        data = b"j:" + rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, ValueError, TypeError, OverflowError):
+        data = b"p:" + repr(_sorted(value)).encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return sorted((k, _sorted(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+class Engine:
+    """The decorator's protocol for one scope, shared by ``@idempotent`` and the consumers.
+
+    It drives :func:`~idempo._core.flow.begin_flow` against a store, runs the
+    call when it holds the lease, and settles the record with
+    :func:`~idempo._core.flow.finish`. Sync and async differ only in the
+    driver and in awaiting the call.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        policy: Policy,
+        serializer: Serializer,
+        annotation: Callable[[], Any],
+    ) -> None:
+        self.scope = scope
+        self.policy = policy
+        self.serializer = serializer
+        self._annotation = annotation
+        self._media_type = serializer.media_type.encode("latin-1")
+
+    def record_key(self, key: str) -> str:
+        return record_key(self.scope, key)
+
+    def encode(self, result: Any) -> StoredResponse:
+        try:
+            body = self.serializer.dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(
+                f"{self.scope} returned a {type(result).__qualname__} that {self.serializer!r} cannot store ({exc}); "
+                "return JSON-able data, a dataclass or a pydantic model, or choose serializer='pickle'"
+            ) from exc
+        return StoredResponse(_STATUS, ((_CONTENT_TYPE, self._media_type),), body)
+
+    def decode(self, response: StoredResponse) -> Any:
+        media_type = next((v for n, v in response.headers if n == _CONTENT_TYPE), b"")
+        if response.status != _STATUS or media_type != self._media_type:
+            # Another serialiser (or an HTTP response) wrote this record: never
+            # hand its bytes to ours, above all never unpickle them.
+            raise StoreError(
+                f"{self.scope}: the stored result is {media_type.decode('latin-1') or 'untyped'} "
+                f"(status {response.status}), not {self.serializer.media_type}"
+            )
+        try:
+            return self.serializer.loads(response.body, self._annotation())
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"{self.scope}: the stored result cannot be decoded: {exc}") from exc
+
+    def refusal(self, decision: InProgress | Mismatch) -> Exception:
+        if isinstance(decision, InProgress):
+            return KeyInProgress(
+                f"{self.scope}: a call with this idempotency key is still running; retry in {decision.retry_after} s",
+                retry_after=decision.retry_after,
+            )
+        return FingerprintMismatch(f"{self.scope}: the idempotency key was already used with other arguments")
+
+    def settlement(
+        self, record_key: str, token: int, result: Any
+    ) -> tuple[Complete | Release | Extend, Exception | None]:
+        """The settling command for a result, and the error to raise once settled."""
+        try:
+            response = self.encode(result)
+        except ConfigurationError as exc:
+            # The call ran, so its side effects may have happened: neither
+            # replaying nor running it again is safe. Hold the key.
+            return finish(self.policy, record_key, token, None, verdict=Verdict.HOLD), exc
+        return finish(self.policy, record_key, token, response), None
+
+    def run_sync(self, store: Store, key: str, fingerprint: str, call: Callable[[], T]) -> tuple[T, bool]:
+        """Run ``call`` at most once for ``key``; return (result, replayed).
+
+        Raises:
+            KeyInProgress, FingerprintMismatch: as the flow decided.
+            StoreError: the store failed before the call (not raised with fail_open).
+            ConfigurationError: the result cannot be serialised (the key is held).
+            Whatever ``call`` raises, unchanged, after the record is released or held.
+        """
+        record_key = self.record_key(key)
+        try:
+            decision = drive_sync(begin_flow(record_key, fingerprint, self.policy), store)
+        except StoreError as exc:
+            if not self.policy.fail_open:
+                raise
+            logger.warning("idempo: store failed at begin, running %s without idempotency: %s", self.scope, exc)
+            return call(), False
+        if isinstance(decision, Replay):
+            return self.decode(decision.response), True
+        if not isinstance(decision, Proceed):
+            raise self.refusal(decision)
+        # The lease is renewed while the call runs, so a slow call is never run
+        # twice; once this process dies the renewals stop and it lapses.
+        keeper = LeaseKeeper(store, record_key, decision.token, self.policy.lease_ttl_ms)
+        try:
+            result = call()
+        except Exception as exc:
+            keeper.stop()
+            settle_sync(store, finish(self.policy, record_key, decision.token, None, verdict=self._verdict(exc)))
+            raise
+        finally:
+            # BaseException (KeyboardInterrupt, SystemExit) settles nothing: the
+            # side effect may be half done, so the lease is left to expire.
+            keeper.stop()
+        command, error = self.settlement(record_key, decision.token, result)
+        settle_sync(store, command)
+        if error is not None:
+            raise error
+        return result, False
+
+    async def run_async(
+        self, store: AsyncStore, key: str, fingerprint: str, call: Callable[[], Awaitable[T]]
+    ) -> tuple[T, bool]:
+        """The async twin of :meth:`run_sync`."""
+        record_key = self.record_key(key)
+        try:
+            decision = await drive_async(begin_flow(record_key, fingerprint, self.policy), store)
+        except StoreError as exc:
+            if not self.policy.fail_open:
+                raise
+            logger.warning("idempo: store failed at begin, running %s without idempotency: %s", self.scope, exc)
+            return await call(), False
+        if isinstance(decision, Replay):
+            return self.decode(decision.response), True
+        if not isinstance(decision, Proceed):
+            raise self.refusal(decision)
+        keeper = AsyncLeaseKeeper(store, record_key, decision.token, self.policy.lease_ttl_ms)
+        try:
+            result = await call()
+        except Exception as exc:
+            await _stop(keeper)
+            await settle_async(store, finish(self.policy, record_key, decision.token, None, verdict=self._verdict(exc)))
+            raise
+        finally:
+            # Cancellation settles nothing (the lease is left to expire), but the
+            # renewals must stop even inside a cancelled scope.
+            await _stop(keeper)
+        command, error = self.settlement(record_key, decision.token, result)
+        await settle_async(store, command)
+        if error is not None:
+            raise error
+        return result, False
+
+    def _verdict(self, exc: Exception) -> Verdict:
+        verdict = self.policy.verdict_for_exception(exc)
+        # STORE makes no sense without a result: an exception is never replayed.
+        return Verdict.RELEASE if verdict is Verdict.STORE else verdict
+
+
+async def _stop(keeper: AsyncLeaseKeeper) -> None:
+    with anyio.CancelScope(shield=True):
+        await keeper.stop()
+
+
+def scope_of(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', None) or '?'}.{getattr(fn, '__qualname__', None) or repr(fn)}"
+
+
+def sync_store(store: Store | AsyncStore | str, scope: str) -> Store:
+    if isinstance(store, str):
+        return store_from_url(store)
+    if inspect.iscoroutinefunction(getattr(store, "begin", None)):
+        raise ConfigurationError(f"{scope} is a sync function: it needs a Store, not {type(store).__name__}")
+    return cast(Store, store)
+
+
+def async_store(store: Store | AsyncStore | str, scope: str) -> AsyncStore:
+    if isinstance(store, str):
+        return async_store_from_url(store)
+    if not inspect.iscoroutinefunction(getattr(store, "begin", None)):
+        raise ConfigurationError(
+            f"{scope} is an async function: it needs an AsyncStore (e.g. AsyncSQLiteStore), not {type(store).__name__}"
+        )
+    return cast(AsyncStore, store)
+
+
+def make_policy(
+    *,
+    record_ttl: float | timedelta,
+    lease_ttl: float | timedelta,
+    wait: float | timedelta = 0.0,
+    exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
+    hold_ttl: float | timedelta | None = None,
+    fail_open: bool = False,
+    require_key: bool = False,
+) -> Policy:
+    """Build the Policy of a decorated function or consumer (ConfigurationError when invalid)."""
+    return Policy(
+        record_ttl=record_ttl,
+        lease_ttl=lease_ttl,
+        wait=wait,
+        exception_verdicts=exception_verdicts,
+        hold_ttl=hold_ttl,
+        fail_open=fail_open,
+        require_key=require_key,
+    )

@@ -1,0 +1,402 @@
+"""Idempotent consumers: process each message at most once per message id, for at-least-once brokers.
+
+Brokers such as Redis Streams, RabbitMQ, SQS or Kafka deliver a message at
+least once: a consumer that dies before acknowledging it, a lost ack, or a
+producer that retries its publish all bring the message back. An
+:class:`IdempotentConsumer` wraps the handler so that each message id is
+handled once, with the protocol of ``@idempotent`` (the same engine, stores
+and lease):
+
+==============================  ====================================  =======
+the message id is               :meth:`IdempotentConsumer.process`     ack?
+==============================  ====================================  =======
+new                             runs the handler: ``PROCESSED``        yes
+already processed (a repeat)    skips the handler: ``DUPLICATE``       yes
+being processed elsewhere       skips the handler: ``IN_PROGRESS``     no: leave it for redelivery
+held by a crashed consumer      after its lease: runs the handler      yes
+==============================  ====================================  =======
+
+A handler that raises releases the id (or holds it, per
+``exception_verdicts``) and the exception propagates: do not ack, so the
+broker redelivers and the retry runs the handler again.
+
+The guarantee is "at most once per id while the record lives" for the
+handler's *completion*: a consumer killed in the middle of the handler did
+not complete it, so after its lease expires the redelivered message runs the
+handler again. Make the handler's own side effect atomic (one transaction)
+for "exactly once" in effect.
+
+:class:`RedisStreamConsumer` runs an :class:`IdempotentConsumer` over a Redis
+Streams consumer group (``XREADGROUP``, ``XACK``, and ``XAUTOCLAIM`` to take
+over the messages of consumers that died); it needs the ``redis`` extra, and
+only a client handed in: this module imports no broker library.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from uuid import UUID
+
+from ._calls import Engine, async_store, digest, key_text, make_policy, scope_of, sync_store
+from ._core.policy import Verdict
+from ._engine import logger
+from .exceptions import KeyInProgress, MissingKey
+from .serializers import JSONSerializer, json_form
+from .typing import AsyncStore, Store
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = [
+    "AsyncIdempotentConsumer",
+    "IdempotentConsumer",
+    "MessageId",
+    "Outcome",
+    "RedisStreamConsumer",
+    "StreamMessage",
+]
+
+M = TypeVar("M")
+
+#: Returns a message's id (a str, an int or a UUID); None is refused with MissingKey.
+MessageId = Callable[[M], "str | int | UUID | None"]
+
+
+class Outcome(enum.Enum):
+    """What became of one delivery of a message.
+
+    Attributes:
+        ack: True when the broker may forget the message (PROCESSED, DUPLICATE).
+    """
+
+    #: The handler ran and completed now.
+    PROCESSED = "processed"
+    #: The message id was processed before: the handler was skipped.
+    DUPLICATE = "duplicate"
+    #: Another consumer is processing this message id now: leave it unacked.
+    IN_PROGRESS = "in_progress"
+    #: Reported by :class:`RedisStreamConsumer` when processing raised: left unacked.
+    FAILED = "failed"
+
+    @property
+    def ack(self) -> bool:
+        """True when the message should be acknowledged."""
+        return self in (Outcome.PROCESSED, Outcome.DUPLICATE)
+
+
+class _Consumer(Generic[M]):
+    """What the sync and async consumers share: ids, fingerprints, the engine."""
+
+    def __init__(
+        self,
+        handler: Callable[[M], Any],
+        *,
+        message_id: MessageId[M],
+        scope: str | None,
+        fingerprint: Callable[[M], Any] | None,
+        record_ttl: float | timedelta,
+        lease_ttl: float | timedelta,
+        exception_verdicts: Mapping[type[BaseException], Verdict] | None,
+        hold_ttl: float | timedelta | None,
+    ) -> None:
+        self.handler = handler
+        self.scope = scope if scope is not None else scope_of(handler)
+        self._message_id = message_id
+        self._fingerprint = fingerprint
+        policy = make_policy(
+            record_ttl=record_ttl,
+            lease_ttl=lease_ttl,
+            exception_verdicts=exception_verdicts,
+            hold_ttl=hold_ttl,
+            require_key=True,
+        )
+        # The handler's return value is not kept: a duplicate is skipped, not answered.
+        self._engine = Engine(self.scope, policy, JSONSerializer(), lambda: None)
+
+    def _identify(self, message: M) -> tuple[str, str]:
+        key = key_text(self._message_id(message), self.scope)
+        if key is None:
+            raise MissingKey(f"{self.scope}: the message has no id")
+        if self._fingerprint is None:
+            return key, ""
+        return key, digest(json_form(self._fingerprint(message)))
+
+
+class IdempotentConsumer(_Consumer[M]):
+    """Process each message at most once per message id (blocking handlers).
+
+    Args:
+        handler: called with the message; its return value is discarded.
+        store: a :class:`~idempo.typing.Store` or a store URL; with several
+            consumer processes, a store they share (SQLite file, PostgreSQL, Redis).
+        message_id: returns the message's id. Prefer an id the producer
+            chose (it survives a re-publish) over the broker's delivery id.
+        scope: what ids are unique within; default the handler's
+            ``module.qualname``. Use the queue or stream name to keep records
+            across a rename of the handler.
+        fingerprint: returns what the message asks for (with a JSON form);
+            the same id with a different fingerprint raises
+            :class:`~idempo.FingerprintMismatch`. Default: not checked.
+        record_ttl: seconds (or a timedelta) a processed id is remembered;
+            make it longer than the broker can take to redeliver (default 24 h).
+        lease_ttl: seconds of the lease a consumer holds on an id while its
+            handler runs, renewed every third of it: a consumer that dies
+            delays the message by at most this long (default 30 s).
+        exception_verdicts: per exception class, ``Verdict.RELEASE`` (default:
+            redelivery runs the handler again) or ``Verdict.HOLD`` (the id
+            stays in progress for ``hold_ttl``).
+        hold_ttl: seconds a HOLD keeps the id (default ``record_ttl``).
+
+    Raises:
+        ConfigurationError: a TTL is not positive, or the store is async or its URL unknown.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[M], Any],
+        *,
+        store: Store | str,
+        message_id: MessageId[M],
+        scope: str | None = None,
+        fingerprint: Callable[[M], Any] | None = None,
+        record_ttl: float | timedelta = 86400.0,
+        lease_ttl: float | timedelta = 30.0,
+        exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
+        hold_ttl: float | timedelta | None = None,
+    ) -> None:
+        super().__init__(
+            handler,
+            message_id=message_id,
+            scope=scope,
+            fingerprint=fingerprint,
+            record_ttl=record_ttl,
+            lease_ttl=lease_ttl,
+            exception_verdicts=exception_verdicts,
+            hold_ttl=hold_ttl,
+        )
+        self.store: Store = sync_store(store, self.scope)
+
+    def process(self, message: M) -> Outcome:
+        """Handle one delivery of a message; return whether to ack it.
+
+        Returns:
+            PROCESSED or DUPLICATE (ack it), or IN_PROGRESS (do not ack).
+
+        Raises:
+            MissingKey, InvalidKey: the message has no usable id.
+            FingerprintMismatch: the id was processed for another message.
+            StoreError: the store failed before the handler ran (do not ack).
+            Whatever the handler raises, unchanged, once its id is released (do not ack).
+        """
+        key, fingerprint = self._identify(message)
+        try:
+            _, replayed = self._engine.run_sync(
+                self.store, key, fingerprint, functools.partial(_discard, self.handler, message)
+            )
+        except KeyInProgress:
+            return Outcome.IN_PROGRESS
+        return Outcome.DUPLICATE if replayed else Outcome.PROCESSED
+
+
+class AsyncIdempotentConsumer(_Consumer[M]):
+    """Process each message at most once per message id (async handlers).
+
+    Args: as :class:`IdempotentConsumer`, with an async ``handler`` and an
+    :class:`~idempo.typing.AsyncStore` (or a store URL).
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[M], Awaitable[Any]],
+        *,
+        store: AsyncStore | str,
+        message_id: MessageId[M],
+        scope: str | None = None,
+        fingerprint: Callable[[M], Any] | None = None,
+        record_ttl: float | timedelta = 86400.0,
+        lease_ttl: float | timedelta = 30.0,
+        exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
+        hold_ttl: float | timedelta | None = None,
+    ) -> None:
+        super().__init__(
+            handler,
+            message_id=message_id,
+            scope=scope,
+            fingerprint=fingerprint,
+            record_ttl=record_ttl,
+            lease_ttl=lease_ttl,
+            exception_verdicts=exception_verdicts,
+            hold_ttl=hold_ttl,
+        )
+        self._async_handler = handler
+        self.store: AsyncStore = async_store(store, self.scope)
+
+    async def process(self, message: M) -> Outcome:
+        """See :meth:`IdempotentConsumer.process`."""
+        key, fingerprint = self._identify(message)
+
+        async def call() -> None:
+            await self._async_handler(message)
+
+        try:
+            _, replayed = await self._engine.run_async(self.store, key, fingerprint, call)
+        except KeyInProgress:
+            return Outcome.IN_PROGRESS
+        return Outcome.DUPLICATE if replayed else Outcome.PROCESSED
+
+
+def _discard(handler: Callable[[M], Any], message: M) -> None:
+    handler(message)
+
+
+# --- Redis Streams ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMessage:
+    """One entry of a Redis stream, as delivered to a consumer group.
+
+    Attributes:
+        stream: the stream's key.
+        id: the entry id (``"<ms>-<seq>"``), the broker's delivery id.
+        fields: the entry's field/value pairs, as the client returns them
+            (str with ``decode_responses=True``, else bytes).
+    """
+
+    stream: str
+    id: str
+    fields: Mapping[Any, Any]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class RedisStreamConsumer:
+    """Feed a Redis Streams consumer group to an :class:`IdempotentConsumer`, and ack what it settled.
+
+    Each :meth:`poll` first takes over, with ``XAUTOCLAIM``, the entries other
+    consumers (or this one) left pending for ``claim_idle`` seconds (their
+    consumer died, or their handler failed), then reads new entries with
+    ``XREADGROUP``. Every entry goes through ``consumer.process``:
+    PROCESSED and DUPLICATE are acked (``XACK``) at once; IN_PROGRESS and
+    failures stay pending, to be claimed again after ``claim_idle``.
+
+    Args:
+        client: a ``redis.Redis`` client (this class does not close it).
+        stream: the stream's key.
+        group: the consumer group; created at the stream's start (``0``),
+            with the stream, when missing and ``create_group``.
+        name: this consumer's name in the group (unique per process).
+        consumer: the idempotent consumer of :class:`StreamMessage`.
+        claim_idle: seconds (or a timedelta) an entry stays pending before
+            another consumer takes it over; about the consumer's lease TTL
+            (a shorter one only claims entries still in progress, which stay
+            pending). None disables claiming.
+        block: seconds ``XREADGROUP`` waits for new entries (0: no wait).
+        count: entries read per call.
+        create_group: create the group when missing.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str,
+        group: str,
+        name: str,
+        consumer: IdempotentConsumer[StreamMessage],
+        *,
+        claim_idle: float | timedelta | None = 60.0,
+        block: float = 1.0,
+        count: int = 10,
+        create_group: bool = True,
+    ) -> None:
+        self.client = client
+        self.stream = stream
+        self.group = group
+        self.name = name
+        self.consumer = consumer
+        if isinstance(claim_idle, timedelta):
+            claim_idle = claim_idle.total_seconds()
+        self._claim_idle_ms = None if claim_idle is None else max(0, int(claim_idle * 1000))
+        self._block_ms = int(block * 1000) or None
+        self._count = count
+        self._cursor = "0-0"
+        if create_group:
+            self._create_group()
+
+    def _create_group(self) -> None:
+        import redis as redis_module
+
+        try:
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis_module.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _claim(self) -> list[StreamMessage]:
+        if self._claim_idle_ms is None:
+            return []
+        reply = self.client.xautoclaim(
+            self.stream, self.group, self.name, self._claim_idle_ms, start_id=self._cursor, count=self._count
+        )
+        self._cursor = _text(reply[0])
+        messages = []
+        for entry_id, fields in reply[1]:
+            if fields is None:  # deleted from the stream while pending (Redis 6.2)
+                self.client.xack(self.stream, self.group, entry_id)
+                continue
+            messages.append(StreamMessage(self.stream, _text(entry_id), fields))
+        return messages
+
+    def _read(self, block: bool) -> list[StreamMessage]:
+        reply: Any = self.client.xreadgroup(
+            self.group, self.name, {self.stream: ">"}, count=self._count, block=self._block_ms if block else None
+        )
+        if not reply:
+            return []
+        # RESP2 answers [[stream, entries]], RESP3 {stream: [entries]}.
+        streams: Sequence[Any] = list(reply.items()) if isinstance(reply, dict) else reply
+        messages = []
+        for _stream, entries in streams:
+            if entries and isinstance(entries[0], list) and len(entries) == 1 and isinstance(entries[0][0], list):
+                entries = entries[0]
+            for entry_id, fields in entries:
+                messages.append(StreamMessage(self.stream, _text(entry_id), fields or {}))
+        return messages
+
+    def poll(self) -> list[tuple[StreamMessage, Outcome]]:
+        """Claim idle pending entries, read new ones, process and ack them; return what happened.
+
+        A failing handler, a fingerprint mismatch or a store failure is logged
+        (logger ``idempo``) and reported as FAILED; the entry stays pending.
+
+        Raises:
+            redis.RedisError: the broker failed.
+        """
+        messages = self._claim()
+        messages += self._read(block=not messages)
+        results = []
+        for message in messages:
+            try:
+                outcome = self.consumer.process(message)
+            except Exception:
+                logger.exception(
+                    "idempo: entry %s of stream %s failed; left pending for redelivery", message.id, message.stream
+                )
+                outcome = Outcome.FAILED
+            if outcome.ack:
+                self.client.xack(self.stream, self.group, message.id)
+            results.append((message, outcome))
+        return results
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Poll until ``stop`` is set (forever without one)."""
+        while stop is None or not stop.is_set():
+            self.poll()

@@ -1,0 +1,327 @@
+"""``@idempotent``: run a function at most once per idempotency key, for sync and async code.
+
+::
+
+    from idempo import idempotent
+
+    @idempotent(store="sqlite:///idempo.db", key="payment_id")
+    def charge(payment_id: str, account: str, cents: int) -> Receipt:
+        ...                                   # runs once per payment_id
+
+    charge("pay_1", "acct_9", 1999)           # executes, stores the Receipt
+    charge("pay_1", "acct_9", 1999)           # replays: an equal Receipt, not executed
+    charge("pay_1", "acct_9", 5000)           # FingerprintMismatch: same key, other arguments
+
+The key comes from an argument (its name) or from a callable of the bound
+arguments. The other arguments make up the **fingerprint**: their JSON form
+(:func:`idempo.serializers.json_form`) canonicalised with RFC 8785 and hashed
+with SHA-256, so a key reused for a different call is refused (as the IETF
+draft draft-ietf-httpapi-idempotency-key-header asks of HTTP APIs, section 2.7).
+
+The protocol is the one every idempo front shares, the sans-I/O flow of
+:mod:`idempo._core.flow` driven against the store: a call takes the lease on
+its record, runs, and completes the record with its serialised result; a
+repeat replays that result; a concurrent repeat raises :class:`KeyInProgress`
+or, with ``wait``, waits for the result. The result is stored as a response
+(status 200, ``content-type`` naming the serialiser, the bytes as the body),
+so every store holds it unchanged.
+
+One decorator serves sync and async functions: it inspects the function
+(``inspect.iscoroutinefunction``, as stamina does). A sync function needs a
+:class:`~idempo.typing.Store`, an async one an :class:`~idempo.typing.AsyncStore`;
+a store URL gives the right one.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from datetime import timedelta
+from types import MappingProxyType
+from typing import Any, Literal, ParamSpec, TypeVar, cast
+from uuid import UUID
+
+from ._calls import Engine, async_store, digest, key_text, make_policy, record_key, scope_of, sync_store
+from ._core.policy import Verdict
+from ._engine import logger
+from .exceptions import ConfigurationError, MissingKey
+from .serializers import JSONSerializer, PickleSerializer, Serializer, json_form
+from .typing import AsyncStore, Store
+
+__all__ = ["Arguments", "KeyFunction", "idempotent", "record_key"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: The bound arguments of a call, by parameter name, defaults applied; the
+#: items of a ``**kwargs`` parameter appear under their own names.
+Arguments = Mapping[str, Any]
+
+#: Returns the idempotency key of a call from its :data:`Arguments`
+#: (a str, an int or a UUID), or None when the call has none.
+KeyFunction = Callable[[Arguments], "str | int | UUID | None"]
+
+# Parameters that stand for the instance or class of a method: never part of the fingerprint.
+_RECEIVERS = ("self", "cls")
+
+
+def _serializer(value: Serializer | str) -> Serializer:
+    if value == "json":
+        return JSONSerializer()
+    if value == "pickle":
+        return PickleSerializer()
+    if isinstance(value, str) or not isinstance(value, Serializer):
+        raise ConfigurationError(f"serializer must be 'json', 'pickle' or a Serializer, got {value!r}")
+    return value
+
+
+class _Binder:
+    """Reads a call's idempotency key and fingerprint from its arguments."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        scope: str,
+        key: str | KeyFunction,
+        fingerprint: Collection[str] | Callable[[Arguments], Any] | None,
+        exclude: Collection[str],
+        require_key: bool,
+    ) -> None:
+        self.scope = scope
+        self.signature = inspect.signature(fn)
+        params = self.signature.parameters
+        self._var_keyword = next((p.name for p in params.values() if p.kind is p.VAR_KEYWORD), None)
+        names = set(params) - ({self._var_keyword} if self._var_keyword else set())
+
+        def check(name: str, what: str) -> None:
+            if name not in names and self._var_keyword is None:
+                raise ConfigurationError(f"{scope}: {what} {name!r} is not a parameter of the function")
+
+        if isinstance(key, str):
+            check(key, "key")
+        elif not callable(key):
+            raise ConfigurationError(f"{scope}: key must be a parameter name or a callable, got {key!r}")
+        if isinstance(fingerprint, str):
+            raise ConfigurationError(f"{scope}: fingerprint must be a collection of names, not one string")
+        if isinstance(exclude, str):
+            raise ConfigurationError(f"{scope}: exclude must be a collection of names, not one string")
+        for name in exclude:
+            check(name, "excluded argument")
+        if fingerprint is not None and not callable(fingerprint):
+            for name in fingerprint:
+                check(name, "fingerprint argument")
+        self.key = key
+        self.fingerprint = fingerprint
+        skipped = set(exclude)
+        if isinstance(key, str):
+            skipped.add(key)
+        first = next(iter(params.values()), None)
+        if first is not None and first.name in _RECEIVERS and first.kind is first.POSITIONAL_OR_KEYWORD:
+            skipped.add(first.name)
+        self.skipped = frozenset(skipped)
+        self.require_key = require_key
+
+    def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        if self._var_keyword is not None:
+            arguments.update(arguments.pop(self._var_keyword))
+        return arguments
+
+    def identify(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str] | None:
+        """Return (key, fingerprint) of a call, or None when it has no key and none is required.
+
+        Raises:
+            MissingKey: no key, and ``require_key``.
+            InvalidKey: the key is blank or of another type than str, int or UUID.
+            ConfigurationError: an argument of the fingerprint has no JSON form.
+            TypeError: the arguments do not fit the function's signature.
+        """
+        arguments = self.arguments(args, kwargs)
+        view = MappingProxyType(arguments)
+        raw = arguments.get(self.key) if isinstance(self.key, str) else self.key(view)
+        key = key_text(raw, self.scope)
+        if key is None:
+            if self.require_key:
+                raise MissingKey(f"{self.scope} was called without an idempotency key")
+            return None
+        return key, self._fingerprint(arguments, view)
+
+    def _fingerprint(self, arguments: dict[str, Any], view: Arguments) -> str:
+        if callable(self.fingerprint):
+            try:
+                return digest(json_form(self.fingerprint(view)))
+            except TypeError as exc:
+                raise ConfigurationError(f"{self.scope}: the fingerprint callable returned {exc}") from exc
+        if self.fingerprint is not None:
+            chosen = {name: arguments.get(name) for name in self.fingerprint}
+        else:
+            chosen = {name: value for name, value in arguments.items() if name not in self.skipped}
+        form = {}
+        for name, value in chosen.items():
+            try:
+                form[name] = json_form(value)
+            except TypeError as exc:
+                raise ConfigurationError(
+                    f"{self.scope}: argument {name!r} cannot be part of the fingerprint ({exc}); "
+                    f"leave it out with exclude=[{name!r}], or choose the arguments with fingerprint=[...]"
+                ) from exc
+        return digest(form)
+
+
+def _return_annotation(fn: Callable[..., Any]) -> Callable[[], Any]:
+    """The function's return annotation, resolved on first use (forward references)."""
+
+    @functools.cache
+    def annotation() -> Any:
+        try:
+            return typing.get_type_hints(fn).get("return", Any)
+        except Exception:
+            logger.warning("idempo: cannot resolve the return annotation of %r; replays are plain JSON", fn)
+            return Any
+
+    return annotation
+
+
+def idempotent(
+    *,
+    store: Store | AsyncStore | str,
+    key: str | KeyFunction,
+    scope: str | None = None,
+    record_ttl: float | timedelta = 86400.0,
+    lease_ttl: float | timedelta = 30.0,
+    wait: float | timedelta = 0.0,
+    fingerprint: Collection[str] | Callable[[Arguments], Any] | None = None,
+    exclude: Collection[str] = (),
+    serializer: Serializer | Literal["json", "pickle"] = "json",
+    require_key: bool = False,
+    exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
+    hold_ttl: float | timedelta | None = None,
+    fail_open: bool = False,
+) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """Make a sync or async function run at most once per idempotency key.
+
+    The decorated function keeps its signature and type. The first call with
+    a key runs it and stores its result; every later call with that key (and
+    the same other arguments) returns an equal result without running it,
+    until ``record_ttl`` has passed.
+
+    Args:
+        store: a :class:`~idempo.typing.Store` for a sync function, an
+            :class:`~idempo.typing.AsyncStore` for an async one, or a store
+            URL (``"sqlite:///idempo.db"``, ``"redis://..."``, ...) that
+            builds the right one. Share one store object among functions to
+            share its connections.
+        key: the name of the parameter holding the idempotency key, or a
+            callable receiving the call's :data:`Arguments` and returning the
+            key. A key is a str (not blank), an int or a UUID.
+        scope: what keys are unique within; default the function's
+            ``module.qualname``. Two scopes never share records. Set it to
+            keep records across a rename or move of the function.
+        record_ttl: seconds (or a timedelta) a result is kept and replayed
+            (default 24 h).
+        lease_ttl: seconds (or a timedelta) of the lease a running call holds
+            on its key: a crashed call delays a retry by at most this long.
+            The lease is renewed every third of it while the call runs, so a
+            slower call keeps its key (not on trio, where an async call must
+            finish within it). Default 30 s; zero or less is refused
+            (shared/cases B03).
+        wait: seconds a concurrent call with the same key waits for the first
+            one's result before raising :class:`~idempo.KeyInProgress`
+            (default 0: raise at once).
+        fingerprint: the names of the arguments that make up the fingerprint,
+            or a callable of the :data:`Arguments` returning a value with a
+            JSON form; default every argument except the key, a method's
+            ``self``/``cls`` and ``exclude``. ``()`` disables the check.
+        exclude: arguments left out of the default fingerprint (connections,
+            clients, loggers: anything without a JSON form).
+        serializer: ``"json"`` (default; dataclasses and pydantic models come
+            back as their annotated return type), ``"pickle"`` (any picklable
+            value; for stores only you can write to) or a
+            :class:`~idempo.serializers.Serializer`.
+        require_key: raise :class:`~idempo.MissingKey` when the key is None;
+            by default such a call runs without idempotency and stores nothing.
+        exception_verdicts: what an exception raised by the function does to
+            its key, by class (matched along the MRO): ``Verdict.RELEASE``
+            (default: a retry runs again) or ``Verdict.HOLD`` (the key stays
+            in progress for ``hold_ttl``: for outcomes that are unknown, such
+            as a timeout talking to a payment provider). The exception always
+            propagates unchanged.
+        hold_ttl: seconds a HOLD keeps the key (default ``record_ttl``).
+        fail_open: when the store fails before the call, run the function
+            without idempotency (logged) instead of raising
+            :class:`~idempo.StoreError` (default: fail closed, shared/cases B18).
+
+    Returns:
+        A decorator; the decorated function raises, besides what the
+        function raises:
+
+        - :class:`~idempo.KeyInProgress` (``.retry_after`` seconds): a call
+          with the same key is running (or is held).
+        - :class:`~idempo.FingerprintMismatch`: the key was used with other
+          arguments.
+        - :class:`~idempo.MissingKey`, :class:`~idempo.InvalidKey`: no key
+          (with ``require_key``), or a blank key or one of another type.
+        - :class:`~idempo.StoreError` / :class:`~idempo.StoreUnavailable`:
+          the store failed before the call, so it did not run. A store failure
+          after the call is logged; the result is still returned and the key
+          stays in progress until its lease expires.
+        - :class:`~idempo.ConfigurationError`: an argument of the fingerprint
+          or the result has no form the serialiser can store (the call ran;
+          its key is held, so it does not run twice).
+
+    Raises:
+        ConfigurationError: at decoration: a TTL that is not positive, a key
+            or argument name that is not a parameter, a generator function,
+            a sync store for an async function (or the reverse), an unknown
+            store URL or serialiser.
+    """
+    policy = make_policy(
+        record_ttl=record_ttl,
+        lease_ttl=lease_ttl,
+        wait=wait,
+        exception_verdicts=exception_verdicts,
+        hold_ttl=hold_ttl,
+        fail_open=fail_open,
+        require_key=require_key,
+    )
+    chosen_serializer = _serializer(serializer)
+
+    def decorate(fn: Callable[P, T]) -> Callable[P, T]:
+        name = scope if scope is not None else scope_of(fn)
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise ConfigurationError(f"{name}: @idempotent cannot store a generator's results")
+        binder = _Binder(fn, name, key, fingerprint, exclude, policy.require_key)
+        engine = Engine(name, policy, chosen_serializer, _return_annotation(fn))
+
+        if inspect.iscoroutinefunction(fn):
+            a_store = async_store(store, name)
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                identity = binder.identify(args, kwargs)
+                call = cast(Callable[[], Awaitable[Any]], functools.partial(fn, *args, **kwargs))
+                if identity is None:
+                    return await call()
+                result, _ = await engine.run_async(a_store, *identity, call)
+                return result
+
+            return cast(Callable[P, T], async_wrapper)
+
+        s_store = sync_store(store, name)
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            identity = binder.identify(args, kwargs)
+            call = functools.partial(fn, *args, **kwargs)
+            if identity is None:
+                return call()
+            result, _ = engine.run_sync(s_store, *identity, call)
+            return result
+
+        return wrapper
+
+    return decorate
