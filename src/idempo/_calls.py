@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import anyio
-import rfc8785
 
+from ._core.fingerprint import canonical_json
 from ._core.flow import Complete, Extend, InProgress, Mismatch, Proceed, Release, Replay, begin_flow, finish
 from ._core.keys import make_record_key
 from ._core.policy import Policy, Verdict
@@ -80,16 +81,18 @@ def key_text(value: object, scope: str) -> str | None:
 
 
 def digest(value: Any) -> str:
-    """SHA-256 hex of the RFC 8785 canonical JSON of a JSON form.
+    """SHA-256 hex of the canonical JSON of a JSON form (the request fingerprint's form).
 
-    RFC 8785 cannot represent NaN, infinities or integers beyond 2**53; such
-    values are hashed in Python's own sorted-key JSON instead (tagged, so the
-    two forms never collide): still stable, only ``1`` and ``1.0`` then differ.
+    Two argument sets get one digest exactly when RFC 8785 would give their
+    JSON one form (see :mod:`idempo._core.fingerprint`). NaN and infinities,
+    which JSON cannot write, are hashed in Python's own sorted form instead
+    (tagged, so the two forms never collide): still stable.
     """
     try:
-        data = b"j:" + rfc8785.dumps(value)
-    except (rfc8785.CanonicalizationError, ValueError, TypeError, OverflowError):
-        data = b"p:" + repr(_sorted(value)).encode("utf-8")
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        data = b"j:" + canonical_json(text.encode("utf-8", "surrogatepass"))
+    except (ValueError, TypeError, RecursionError):
+        data = b"p:" + repr(_sorted(value)).encode("utf-8", "surrogatepass")
     return hashlib.sha256(data).hexdigest()
 
 

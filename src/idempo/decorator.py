@@ -14,9 +14,10 @@
 
 The key comes from an argument (its name) or from a callable of the bound
 arguments. The other arguments make up the **fingerprint**: their JSON form
-(:func:`idempo.serializers.json_form`) canonicalised with RFC 8785 and hashed
-with SHA-256, so a key reused for a different call is refused (as the IETF
-draft draft-ietf-httpapi-idempotency-key-header asks of HTTP APIs, section 2.7).
+(:func:`idempo.serializers.json_form`) in canonical form (the equalities of
+RFC 8785, as the request fingerprint) hashed with SHA-256, so a key reused for
+a different call is refused (as the IETF draft
+draft-ietf-httpapi-idempotency-key-header asks of HTTP APIs, section 2.7).
 
 The protocol is the one every idempo front shares, the sans-I/O flow of
 :mod:`idempo._core.flow` driven against the store: a call takes the lease on

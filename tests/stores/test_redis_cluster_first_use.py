@@ -10,7 +10,7 @@ import pytest
 from idempo import Acquired, Existing
 
 pytest.importorskip("redis")
-from idempo.stores.redis import AsyncRedisStore  # noqa: E402
+from idempo.stores.redis import AsyncRedisStore
 
 pytestmark = pytest.mark.redis_cluster
 
