@@ -40,6 +40,7 @@ def assert_consistent(run: dict[str, Any]) -> None:
     # other errors are attempts too, some of which executed the handler.
     answered = run["handler_executions"] + run["replays"] + run["conflicts"] + run["mismatches"]
     assert answered <= run["requests"] <= answered + run["timeouts"] + run["other_errors"]
+    assert sum(run["other_kinds"].values()) == run["other_errors"]
 
 
 def with_query(url: str, **options: str) -> str:

@@ -33,6 +33,7 @@ def test_every_attempt_the_transport_reports_lands_in_its_clients_answer(storm: 
     answers = [answer for outcome in result.outcomes for answer in outcome.answers]
     answers += [outcome.reuse_answer for outcome in result.outcomes if outcome.reuse_answer is not None]
     assert sum(len(answer.attempts) for answer in answers) == result.tally.requests
+    assert sum(result.tally.other_kinds.values()) == result.tally.other_errors
     assert all(answer.attempts and answer.attempts[-1].status == answer.status for answer in answers)
 
 

@@ -371,6 +371,10 @@ def _print_report(console: Console, reports: dict[str, RunReport]) -> None:
         table.add_row(label, *cells)
     table.add_row("wall time", *(f"{report.wall_time:.1f} s" for report in reports.values()))
     console.print(table)
+    for name, report in reports.items():
+        if report.other_kinds:
+            kinds = ", ".join(f"{count} x {kind}" for kind, count in report.other_kinds.items())
+            console.print(f"other errors {titles[name]}: {kinds}", markup=False)
 
     with_idempo = reports["idempo"]
     console.print(f"double charges: {with_idempo.double_charges}", markup=False)

@@ -31,9 +31,10 @@ import json
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -158,6 +159,15 @@ class AttemptOutcome:
     problem: str | None = None
     error: str | None = None
     timed_out: bool = False
+
+    @property
+    def kind(self) -> str:
+        """A short name for what came back: ``"201"``, ``"503 store-unavailable"``, ``"RemoteProtocolError"``."""
+        if self.status is None:
+            return self.error or "no answer"
+        if self.problem is None:
+            return str(self.status)
+        return f"{self.status} {self.problem.rstrip('/').rpartition('/')[2]}"
 
     @classmethod
     def of(cls, attempt: ClientAttempt[Any]) -> AttemptOutcome:
@@ -285,7 +295,11 @@ class StormSettings:
 
 @dataclass
 class Tally:
-    """Counts of the attempts of a storm, as they happen."""
+    """Counts of the attempts of a storm, as they happen.
+
+    ``other_kinds`` splits ``other_errors`` by :attr:`AttemptOutcome.kind`
+    (a status and problem slug, or an exception's class name).
+    """
 
     requests: int = 0
     replays: int = 0
@@ -293,6 +307,7 @@ class Tally:
     mismatches: int = 0
     timeouts: int = 0
     other_errors: int = 0
+    other_kinds: Counter[str] = field(default_factory=Counter)
 
     def count(self, attempt: AttemptOutcome) -> None:
         """Count one attempt."""
@@ -307,6 +322,7 @@ class Tally:
             self.timeouts += 1
         elif attempt.status is None or attempt.status >= 400:
             self.other_errors += 1
+            self.other_kinds[attempt.kind] += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,6 +466,7 @@ class RunReport:
         mismatches: 422 fingerprint-mismatch answers (idempo's problem type).
         timeouts: attempts the client gave up waiting on.
         other_errors: other failed attempts (5xx, other 4xx, connection errors).
+        other_kinds: ``other_errors`` by kind, e.g. ``{"500": 3, "RemoteProtocolError": 1}``.
         payment_rows: rows in the ``payments`` table.
         provider_charges: charge calls the provider received.
         double_charges: orders the provider charged more than once.
@@ -477,6 +494,7 @@ class RunReport:
     key_reuses: int
     key_reuses_refused: int
     wall_time: float
+    other_kinds: dict[str, int] = field(default_factory=dict)
 
     def check(self) -> list[str]:
         """What breaks idempo's promise in this run; empty when it held.
@@ -529,4 +547,5 @@ def summarize(result: StormResult, ledger: Ledger) -> RunReport:
         key_reuses=reuses,
         key_reuses_refused=refused,
         wall_time=result.wall_time,
+        other_kinds=dict(tally.other_kinds.most_common()),
     )
