@@ -90,6 +90,7 @@ def test_demo_numbers_without_idempo_show_the_race(
     assert bare["double_charges"] > 0
     assert bare["replays"] == bare["mismatches"] == bare["conflicts"] == 0
     assert bare["handler_executions"] > PAYMENTS  # every click and every retry runs the handler
+    assert sum(bare["other_kinds"].values()) == bare["other_errors"]
 
 
 def test_demo_rejects_an_unknown_store_url() -> None:

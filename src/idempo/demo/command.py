@@ -1,10 +1,12 @@
 """``idempo demo``: a retry storm against a payments API, with and without idempo.
 
-The command starts the payments API (:mod:`idempo.demo.payments`) under
-uvicorn in a subprocess on 127.0.0.1 (an ephemeral port), with idempo's store
-at ``--store``; drives the storm (:mod:`idempo.demo.storm`) at it over real
-HTTP with a progress bar; then runs the same storm against the same API
-without idempo, and prints both side by side. It exits 1 when the run with
+The command makes idempo's store at ``--store`` ready (a PostgreSQL schema is
+created or upgraded first, as ``idempo migrate`` does: the middleware never
+alters it), starts the payments API (:mod:`idempo.demo.payments`) under
+uvicorn in a subprocess on 127.0.0.1 (an ephemeral port) with that store,
+and drives the storm (:mod:`idempo.demo.storm`) at it over real HTTP with a
+progress bar; then runs the same storm against the same API without idempo,
+and prints both side by side. It exits 1 when the run with
 idempo charged an order twice, lost a payment, told a charged client that its
 payment failed, or accepted a key reused for another amount.
 
@@ -30,6 +32,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 try:
     import anyio
@@ -42,7 +45,7 @@ try:
 
     from .payments import PROVIDER_DELAY_HEADER, create_app, read_ledger
     from .storm import (
-        Attempt,
+        AttemptOutcome,
         PaymentOutcome,
         PlannedPayment,
         RunReport,
@@ -57,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise SystemExit(f"idempo demo needs the demo extra: pip install 'idempo[demo]' ({exc})") from exc
 
 from ..exceptions import ConfigurationError, StoreError
-from ..stores import store_from_url
+from ..stores import async_store_from_url
 
 __all__ = ["demo"]
 
@@ -81,7 +84,11 @@ _STARTUP_TIMEOUT = 60.0
     "store_url",
     metavar="URL",
     default=None,
-    help="idempo's store, e.g. sqlite:////var/tmp/idempo.db.  [default: sqlite:///<temp dir>/idempo.db]",
+    help=(
+        "idempo's store: sqlite:////var/tmp/idempo.db, postgresql://user@host/db?schema=idempo_demo "
+        "(its schema is created or upgraded first, as idempo migrate does), redis://host:6379/0?prefix=demo: "
+        "(see docs/stores.md).  [default: sqlite:///<temp dir>/idempo.db]"
+    ),
 )
 @click.option("--seed", type=int, default=None, help="Seed for the shares of the storm (printed when drawn).")
 @click.option("--bare/--no-bare", default=True, show_default=True, help="Also run the storm without idempo.")
@@ -118,7 +125,9 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="idempo-demo-") as tmp:
         workdir = Path(tmp)
         store_url = store_url or f"sqlite:///{workdir / 'idempo.db'}"
-        _check_store(store_url)
+        schema_note = _prepare_store(store_url)
+        if schema_note is not None:
+            console.print(schema_note, markup=False)
         if serve:
             _serve(console, workdir, store_url, port)
             return
@@ -129,7 +138,7 @@ def demo(
         console.print(
             f"[bold]idempo demo[/]: {payments} payments (seed {seed}): "
             + ", ".join(f"{shares[share]} {share.value}" for share in Share)
-            + f"; {concurrency} at a time; store {store_url}"
+            + f"; {concurrency} at a time; store {_redacted(store_url)}"
         )
         reports: dict[str, RunReport] = {}
         reports["idempo"] = _run(console, "with idempo", workdir, store_url, plan, settings)
@@ -142,7 +151,7 @@ def demo(
             "payments": payments,
             "seed": seed,
             "concurrency": concurrency,
-            "store": store_url,
+            "store": _redacted(store_url),
             "runs": {name: asdict(report) for name, report in reports.items()},
             "failures": failures,
         }
@@ -153,14 +162,61 @@ def demo(
         raise click.exceptions.Exit(1)
 
 
-def _check_store(store_url: str) -> None:
-    """Open and close the store once, so a bad URL fails here with a clear message."""
+def _prepare_store(store_url: str) -> str | None:
+    """Make the store ready before the API starts: create its schema if it has one, then reach it once.
+
+    A store with a schema (PostgreSQL) gets it created or upgraded here, as
+    ``idempo migrate`` does, because the middleware never alters a schema at
+    request time. A bad URL or an unreachable store fails here, with a clear
+    message, rather than as 503s in the middle of the storm.
+
+    Returns:
+        What was done to the schema, for the output; None for a store without one.
+
+    Raises:
+        click.BadParameter: the URL is unknown or malformed (exit 2).
+        click.ClickException: the store cannot be reached or refused the schema (exit 1).
+    """
     try:
-        store_from_url(store_url).close()
+        return anyio.run(_prepare_async_store, store_url)
     except ConfigurationError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from exc
     except StoreError as exc:
-        raise click.ClickException(f"the store at {store_url} cannot be used: {exc}") from exc
+        raise click.ClickException(f"the store at {_redacted(store_url)} cannot be used: {exc}") from exc
+
+
+async def _prepare_async_store(store_url: str) -> str | None:
+    # The async store, as the API will use: its constructor does no I/O and
+    # checks no schema, so create_schema() can run first. It is closed in this
+    # event loop, the one its connections belong to.
+    store = async_store_from_url(store_url)
+    try:
+        message = None
+        create_schema = getattr(store, "create_schema", None)
+        if create_schema is not None:
+            applied = await create_schema()
+            schema = getattr(store, "schema", None)
+            where = "store schema" + ("" if schema is None else f" {schema!r}")
+            if applied:
+                versions = ", ".join(str(version) for version in applied)
+                message = f"{where}: applied version(s) {versions}, as `idempo migrate` does"
+            else:
+                message = f"{where}: up to date, nothing to migrate"
+        # One read of a record that cannot exist: the store is reachable and its schema usable.
+        await store.get(f"idempo-demo-probe:{uuid.uuid4()}")
+    finally:
+        await store.aclose()
+    return message
+
+
+def _redacted(url: str) -> str:
+    """The store URL without its password, for the output and the JSON report."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
 # --- one run: the API in a subprocess, the storm in this process ----------------------------
@@ -189,7 +245,7 @@ def _run(
             task = progress.add_task(label, total=len(plan), requests=0, replays=0, conflicts=0)
             tally = Tally()
 
-            def on_attempt(attempt: Attempt) -> None:
+            def on_attempt(attempt: AttemptOutcome) -> None:
                 tally.count(attempt)
                 progress.update(task, requests=tally.requests, replays=tally.replays, conflicts=tally.conflicts)
 
@@ -315,6 +371,10 @@ def _print_report(console: Console, reports: dict[str, RunReport]) -> None:
         table.add_row(label, *cells)
     table.add_row("wall time", *(f"{report.wall_time:.1f} s" for report in reports.values()))
     console.print(table)
+    for name, report in reports.items():
+        if report.other_kinds:
+            kinds = ", ".join(f"{count} x {kind}" for kind, count in report.other_kinds.items())
+            console.print(f"other errors {titles[name]}: {kinds}", markup=False)
 
     with_idempo = reports["idempo"]
     console.print(f"double charges: {with_idempo.double_charges}", markup=False)
@@ -384,7 +444,7 @@ def _curl_examples(base_url: str, store_url: str) -> str:
 
     payment = {"order_id": "order-1", "amount": 1999, "currency": "EUR"}
     lines = [
-        f"The payments API with idempo is up at {base_url} (store {store_url}); Ctrl-C stops it.",
+        f"The payments API with idempo is up at {base_url} (store {_redacted(store_url)}); Ctrl-C stops it.",
         "",
         "# 1. A payment: 201 Created, Location: /payments/pay_...",
         post(payment, f"Idempotency-Key: {key}"),

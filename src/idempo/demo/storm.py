@@ -11,12 +11,17 @@ the payments is sent in harder ways (:class:`Share`):
 - key reused: once the payment succeeded, the same key is sent again with
   another amount, which must be refused with 422 (draft section 2.7).
 
-:func:`run_storm` drives the plan with bounded concurrency and counts every
-attempt; :func:`summarize` joins those counts with what the app's database
-holds (:class:`~idempo.demo.payments.Ledger`) into a :class:`RunReport`.
+The retries are idempo's own client half: every request goes through
+:class:`idempo.client.AsyncIdempotentTransport` (over httpx's
+``AsyncHTTPTransport``), which retries timeouts, connection errors, 409, 429,
+502, 503 and 504 under the request's key, honouring ``Retry-After``. The storm
+puts the key in the ``Idempotency-Key`` header itself, so that the 2-3 clients
+of a double click send the same key; the transport keeps a key it is given.
 
-The retry loop is :class:`RetryingSender`, kept apart on purpose: idempo's
-httpx retry transport (issue 5) will take its place.
+:func:`run_storm` drives the plan with bounded concurrency and counts every
+attempt from the transport's ``on_attempt`` hook; :func:`summarize` joins
+those counts with what the app's database holds
+(:class:`~idempo.demo.payments.Ledger`) into a :class:`RunReport`.
 """
 
 from __future__ import annotations
@@ -26,22 +31,25 @@ import json
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import httpx
 
 from .._core.problems import FINGERPRINT_MISMATCH
+from ..client import AsyncIdempotentTransport, RetryPolicy
+from ..client import Attempt as ClientAttempt
 from .payments import PROVIDER_DELAY_HEADER, Ledger
 
 __all__ = [
-    "Attempt",
+    "AttemptOutcome",
     "FinalAnswer",
     "PaymentOutcome",
     "PlannedPayment",
-    "RetryingSender",
     "RunReport",
     "Share",
     "Shares",
@@ -131,12 +139,12 @@ def plan_payments(count: int, *, seed: int, shares: Shares | None = None) -> lis
     ]
 
 
-# --- the retry loop (to be replaced by idempo's httpx retry transport, issue 5) ------
+# --- what each attempt and each client ended with -------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Attempt:
-    """One HTTP attempt.
+class AttemptOutcome:
+    """How one HTTP attempt ended, as the storm counts it.
 
     Attributes:
         status: the response status, or None when no response came.
@@ -152,21 +160,75 @@ class Attempt:
     error: str | None = None
     timed_out: bool = False
 
+    @property
+    def kind(self) -> str:
+        """A short name for what came back: ``"201"``, ``"503 store-unavailable"``, ``"RemoteProtocolError"``."""
+        if self.status is None:
+            return self.error or "no answer"
+        if self.problem is None:
+            return str(self.status)
+        return f"{self.status} {self.problem.rstrip('/').rpartition('/')[2]}"
+
+    @classmethod
+    def of(cls, attempt: ClientAttempt[Any]) -> AttemptOutcome:
+        """Read an attempt reported by the transport's ``on_attempt`` hook.
+
+        The transport has read the body of a keyed answer into memory before
+        it reports the attempt (so that a body lost half-way is retried); the
+        body is taken from there, so the caller still gets it whole.
+        """
+        response = attempt.response
+        if response is None:
+            error = attempt.error
+            return cls(
+                None,
+                error=type(error).__name__ if error is not None else None,
+                timed_out=isinstance(error, httpx.TimeoutException),
+            )
+        assert isinstance(response, httpx.Response)
+        return cls(
+            response.status_code,
+            replayed=response.headers.get("idempotent-replayed") == "true",
+            problem=problem_type(response),
+        )
+
+
+def problem_type(response: httpx.Response) -> str | None:
+    """The RFC 9457 ``type`` of a problem+json answer; None for any other answer.
+
+    Reads the body when it is not read yet (it must be in memory, as the
+    transport's answers to keyed requests are).
+    """
+    if not response.headers.get("content-type", "").startswith("application/problem+json"):
+        return None
+    try:
+        content = response.content
+    except httpx.ResponseNotRead:
+        content = response.read()
+    try:
+        problem = json.loads(content)
+    except ValueError:
+        return None
+    kind = problem.get("type") if isinstance(problem, dict) else None
+    return kind if isinstance(kind, str) else None
+
 
 @dataclass(frozen=True, slots=True)
 class FinalAnswer:
     """What one client ends with after its retries.
 
     Attributes:
-        status: the final status; None when the client gave up (attempts or
-            deadline spent).
-        body: the final response body.
-        attempts: every attempt, in order.
+        status: the status of the last answer: a final one, or a retryable one
+            (409, 503, ...) when the transport's attempts or time ran out;
+            None when the last attempt failed without an answer (the
+            transport raised its exception).
+        body: the last answer's body (empty without an answer).
+        attempts: every attempt of this client, in order.
     """
 
     status: int | None
     body: bytes
-    attempts: tuple[Attempt, ...]
+    attempts: tuple[AttemptOutcome, ...]
 
     @property
     def ok(self) -> bool:
@@ -174,106 +236,23 @@ class FinalAnswer:
         return self.status is not None and 200 <= self.status < 300
 
 
-class RetryingSender:
-    """Send one request until it gets a final answer, reusing its ``Idempotency-Key``.
-
-    The request is sent again unchanged (same key, same bytes) after a
-    timeout or connection error, and after 409 (the first request with this
-    key still runs), 429, 502, 503 and 504. A ``Retry-After`` (seconds or an
-    HTTP date, RFC 9110 section 10.2.3) sets the wait, capped at
-    ``max_retry_after``; otherwise the wait is exponential backoff with full
-    jitter. Every other answer is final, 4xx included: a 422 means the key
-    belongs to another request, and retrying cannot change that.
-
-    Args:
-        client: the httpx client to send with.
-        max_attempts: attempts before giving up.
-        deadline: seconds from the first attempt after which no retry starts.
-        backoff: the first backoff bound, seconds; doubled per attempt.
-        backoff_cap: the largest backoff bound, seconds.
-        max_retry_after: the longest ``Retry-After`` honoured, seconds.
-        on_attempt: called with each :class:`Attempt` as it ends.
-    """
-
-    RETRY_STATUSES = frozenset({409, 429, 502, 503, 504})
-
-    def __init__(
-        self,
-        client: httpx.AsyncClient,
-        *,
-        max_attempts: int = 20,
-        deadline: float = 60.0,
-        backoff: float = 0.05,
-        backoff_cap: float = 1.0,
-        max_retry_after: float = 5.0,
-        on_attempt: Callable[[Attempt], None] | None = None,
-    ) -> None:
-        self._client = client
-        self.max_attempts = max_attempts
-        self.deadline = deadline
-        self.backoff = backoff
-        self.backoff_cap = backoff_cap
-        self.max_retry_after = max_retry_after
-        self._on_attempt = on_attempt
-
-    async def send(self, request: httpx.Request) -> FinalAnswer:
-        """Send ``request`` until a final answer; never raises for HTTP or transport errors."""
-        attempts: list[Attempt] = []
-        started = time.monotonic()
-        for number in range(1, self.max_attempts + 1):
-            try:
-                response = await self._client.send(request)
-            except httpx.TransportError as exc:
-                attempt = Attempt(None, error=type(exc).__name__, timed_out=isinstance(exc, httpx.TimeoutException))
-                wait = self._backoff(number)
-            else:
-                attempt = Attempt(
-                    response.status_code,
-                    replayed=response.headers.get("idempotent-replayed") == "true",
-                    problem=_problem_type(response),
-                )
-                if response.status_code not in self.RETRY_STATUSES:
-                    self._record(attempts, attempt)
-                    return FinalAnswer(response.status_code, response.content, tuple(attempts))
-                advised = self._retry_after(response)
-                wait = self._backoff(number) if advised is None else advised
-            self._record(attempts, attempt)
-            if time.monotonic() - started + wait > self.deadline:
-                break
-            await anyio.sleep(wait)
-        return FinalAnswer(None, b"", tuple(attempts))
-
-    def _record(self, attempts: list[Attempt], attempt: Attempt) -> None:
-        attempts.append(attempt)
-        if self._on_attempt is not None:
-            self._on_attempt(attempt)
-
-    def _backoff(self, number: int) -> float:
-        return random.uniform(0, min(self.backoff_cap, self.backoff * 2 ** (number - 1)))
-
-    def _retry_after(self, response: httpx.Response) -> float | None:
-        value = response.headers.get("retry-after")
-        if value is None:
-            return None
-        try:
-            seconds = float(value)
-        except ValueError:
-            try:
-                seconds = parsedate_to_datetime(value).timestamp() - time.time()
-            except (TypeError, ValueError):
-                return None
-        return min(max(seconds, 0.0), self.max_retry_after)
+# The attempts of the client whose task is running: the transport's hook is
+# called in the task that sends the request, so each click's task collects its own.
+_CLIENT_ATTEMPTS: ContextVar[list[AttemptOutcome] | None] = ContextVar("_CLIENT_ATTEMPTS", default=None)
 
 
-def _problem_type(response: httpx.Response) -> str | None:
-    if not response.headers.get("content-type", "").startswith("application/problem+json"):
-        return None
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> FinalAnswer:
+    """Send through the retrying transport; return the final answer, never raise for HTTP or transport errors."""
+    attempts: list[AttemptOutcome] = []
+    token = _CLIENT_ATTEMPTS.set(attempts)
     try:
-        problem = json.loads(response.content)
-    except ValueError:
-        return None
-    kind = problem.get("type") if isinstance(problem, dict) else None
-    return kind if isinstance(kind, str) else None
+        response = await client.send(request)
+    except httpx.TransportError:
+        # The transport gave up after a transport error (or one not worth a retry).
+        return FinalAnswer(None, b"", tuple(attempts))
+    finally:
+        _CLIENT_ATTEMPTS.reset(token)
+    return FinalAnswer(response.status_code, response.content, tuple(attempts))
 
 
 # --- running the storm -----------------------------------------------------------------
@@ -291,7 +270,11 @@ class StormSettings:
         slow_charge: seconds the provider takes for the client-timeout share;
             longer than ``short_timeout``.
         max_attempts: attempts per client before it gives up.
-        deadline: seconds per client after which no retry starts.
+        deadline: seconds per client after which no retry starts; it also
+            bounds the waits a ``Retry-After`` asks for.
+        backoff: the first backoff bound, seconds (doubled per retry, with
+            full jitter) when an answer has no ``Retry-After``.
+        backoff_cap: the largest backoff bound, seconds.
     """
 
     concurrency: int = 64
@@ -300,11 +283,23 @@ class StormSettings:
     slow_charge: float = 1.5
     max_attempts: int = 20
     deadline: float = 60.0
+    backoff: float = 0.05
+    backoff_cap: float = 1.0
+
+    def retry_policy(self) -> RetryPolicy:
+        """The clients' :class:`~idempo.client.RetryPolicy`: these attempts, deadline and backoff."""
+        return RetryPolicy(
+            attempts=self.max_attempts, timeout=self.deadline, wait_initial=self.backoff, wait_max=self.backoff_cap
+        )
 
 
 @dataclass
 class Tally:
-    """Counts of the attempts of a storm, as they happen."""
+    """Counts of the attempts of a storm, as they happen.
+
+    ``other_kinds`` splits ``other_errors`` by :attr:`AttemptOutcome.kind`
+    (a status and problem slug, or an exception's class name).
+    """
 
     requests: int = 0
     replays: int = 0
@@ -312,8 +307,9 @@ class Tally:
     mismatches: int = 0
     timeouts: int = 0
     other_errors: int = 0
+    other_kinds: Counter[str] = field(default_factory=Counter)
 
-    def count(self, attempt: Attempt) -> None:
+    def count(self, attempt: AttemptOutcome) -> None:
         """Count one attempt."""
         self.requests += 1
         if attempt.replayed:
@@ -326,6 +322,7 @@ class Tally:
             self.timeouts += 1
         elif attempt.status is None or attempt.status >= 400:
             self.other_errors += 1
+            self.other_kinds[attempt.kind] += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,16 +363,17 @@ async def run_storm(
     settings: StormSettings | None = None,
     *,
     on_payment: Callable[[PaymentOutcome], None] | None = None,
-    on_attempt: Callable[[Attempt], None] | None = None,
+    on_attempt: Callable[[AttemptOutcome], None] | None = None,
 ) -> StormResult:
     """Send every planned payment to ``base_url`` until each has its final answers.
 
     Args:
         base_url: the payments API, e.g. ``"http://127.0.0.1:8000"``.
         plan: the payments, from :func:`plan_payments`.
-        settings: concurrency and timeouts.
+        settings: concurrency, timeouts and the retry policy.
         on_payment: called as each logical payment ends (progress).
-        on_attempt: called as each HTTP attempt ends.
+        on_attempt: called as each HTTP attempt ends (from the transport's
+            ``on_attempt`` hook, in the task that sent it).
 
     Returns:
         The outcomes in plan order, the tally and the wall time.
@@ -383,26 +381,31 @@ async def run_storm(
     settings = settings if settings is not None else StormSettings()
     tally = Tally()
 
-    def count(attempt: Attempt) -> None:
-        tally.count(attempt)
+    def count(attempt: ClientAttempt[Any]) -> None:
+        outcome = AttemptOutcome.of(attempt)
+        tally.count(outcome)
+        client_attempts = _CLIENT_ATTEMPTS.get()
+        if client_attempts is not None:
+            client_attempts.append(outcome)
         if on_attempt is not None:
-            on_attempt(attempt)
+            on_attempt(outcome)
 
     connections = settings.concurrency * 3
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    # trust_env=False: the API is on 127.0.0.1; a proxy from the environment must not carry it.
+    transport = AsyncIdempotentTransport(
+        httpx.AsyncHTTPTransport(limits=limits), retry=settings.retry_policy(), on_attempt=count
+    )
+    # trust_env=False: the API is on 127.0.0.1; a proxy from the environment
+    # must not carry it (it would also be mounted beside the transport, not through it).
     async with httpx.AsyncClient(
-        base_url=base_url, limits=limits, timeout=settings.client_timeout, trust_env=False
+        base_url=base_url, transport=transport, timeout=settings.client_timeout, trust_env=False
     ) as client:
-        sender = RetryingSender(
-            client, max_attempts=settings.max_attempts, deadline=settings.deadline, on_attempt=count
-        )
         outcomes: list[PaymentOutcome | None] = [None] * len(plan)
         pending = iter(enumerate(plan))
 
         async def worker() -> None:
             for index, planned in pending:
-                outcome = await _send_payment(client, sender, planned, settings)
+                outcome = await _send_payment(client, planned, settings)
                 outcomes[index] = outcome
                 if on_payment is not None:
                     on_payment(outcome)
@@ -415,10 +418,11 @@ async def run_storm(
     return StormResult(tuple(o for o in outcomes if o is not None), tally, wall_time)
 
 
-async def _send_payment(
-    client: httpx.AsyncClient, sender: RetryingSender, planned: PlannedPayment, settings: StormSettings
-) -> PaymentOutcome:
+async def _send_payment(client: httpx.AsyncClient, planned: PlannedPayment, settings: StormSettings) -> PaymentOutcome:
+    # A fresh key per logical payment and per run: a store that outlives the
+    # run (PostgreSQL, Redis) must not answer this run with the last one's records.
     key = str(uuid.uuid4())
+    # The key is given in the header, so every click sends this one; the transport keeps it across retries.
     headers = {"Idempotency-Key": key, "Content-Type": "application/json"}
     timeout = httpx.Timeout(settings.client_timeout)
     if planned.share is Share.CLIENT_TIMEOUT:
@@ -430,7 +434,7 @@ async def _send_payment(
 
     async def click(index: int) -> None:
         request = client.build_request("POST", "/payments", content=body, headers=headers, timeout=timeout)
-        answers[index] = await sender.send(request)
+        answers[index] = await _send(client, request)
 
     # Started in one pass of the event loop: the clicks leave at the same instant.
     async with anyio.create_task_group() as group:
@@ -442,7 +446,7 @@ async def _send_payment(
     if planned.share is Share.KEY_REUSE and any(answer.ok for answer in final):
         changed = planned.body(amount=planned.amount + 100)
         request = client.build_request("POST", "/payments", content=changed, headers=headers, timeout=timeout)
-        reuse_answer = await sender.send(request)
+        reuse_answer = await _send(client, request)
     return PaymentOutcome(planned, key, final, reuse_answer)
 
 
@@ -462,6 +466,7 @@ class RunReport:
         mismatches: 422 fingerprint-mismatch answers (idempo's problem type).
         timeouts: attempts the client gave up waiting on.
         other_errors: other failed attempts (5xx, other 4xx, connection errors).
+        other_kinds: ``other_errors`` by kind, e.g. ``{"500": 3, "RemoteProtocolError": 1}``.
         payment_rows: rows in the ``payments`` table.
         provider_charges: charge calls the provider received.
         double_charges: orders the provider charged more than once.
@@ -489,6 +494,7 @@ class RunReport:
     key_reuses: int
     key_reuses_refused: int
     wall_time: float
+    other_kinds: dict[str, int] = field(default_factory=dict)
 
     def check(self) -> list[str]:
         """What breaks idempo's promise in this run; empty when it held.
@@ -541,4 +547,5 @@ def summarize(result: StormResult, ledger: Ledger) -> RunReport:
         key_reuses=reuses,
         key_reuses_refused=refused,
         wall_time=result.wall_time,
+        other_kinds=dict(tally.other_kinds.most_common()),
     )

@@ -203,7 +203,9 @@ class RedisStore:
             must not contain braces.
         grace: seconds (or a timedelta) an in-progress record's hash outlives its
             lease, so a takeover can report the crashed holder (default 60).
-        max_connections: the connection pool's size (per cluster node).
+        max_connections: the connection pool's size (per cluster node). With
+            one Redis server, a command beyond it waits up to ``socket_timeout``
+            for a free connection.
         socket_timeout: seconds to wait for a reply before StoreUnavailable.
         socket_connect_timeout: seconds to wait for a connection.
         retries: times a command is retried on a broken connection (default 1).
@@ -248,7 +250,11 @@ class RedisStore:
                 except (RedisError, RedisClusterException) as exc:
                     raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
             else:
-                client = redis.Redis.from_url(options.url, **common)
+                # A blocking pool: a command beyond max_connections waits (up to
+                # socket_timeout) for a free connection, where redis-py's default
+                # pool raises "Too many connections" at once, which is a 503.
+                pool = redis.BlockingConnectionPool.from_url(options.url, timeout=socket_timeout, **common)
+                client = redis.Redis.from_pool(pool)
         self.client: Client = client
         self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
 
@@ -350,7 +356,9 @@ class AsyncRedisStore:
                 nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in args.pop("nodes")]
                 client = redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **{**common, **args})
             else:
-                client = redis.asyncio.Redis.from_url(options.url, **common)
+                # See RedisStore: wait for a free connection rather than fail.
+                pool = redis.asyncio.BlockingConnectionPool.from_url(options.url, timeout=socket_timeout, **common)
+                client = redis.asyncio.Redis.from_pool(pool)
         self.client: AsyncClient = client
         self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
         # A cluster client reads the slot map on first use; redis-py races when
