@@ -11,7 +11,7 @@ def test_all_is_sorted_and_complete() -> None:
     assert all(hasattr(idempo, name) for name in exported)
     public = {name for name in dir(idempo) if not name.startswith("_")}
     # Submodules are importable by path, not re-exported names.
-    modules = {"exceptions", "stores", "typing", "asgi", "cli"}
+    modules = {"exceptions", "stores", "typing", "asgi", "wsgi", "django", "fastapi", "flask", "litestar", "cli"}
     assert public - modules - exported == set()
 
 
@@ -22,7 +22,8 @@ def test_importing_idempo_needs_no_optional_dependency() -> None:
 
     code = (
         "import sys, idempo\n"
-        "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'httpx', 'click', 'rich', 'redis', 'psycopg')"
+        "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'httpx', 'click', 'rich', 'redis', 'psycopg',"
+        " 'flask', 'werkzeug', 'django', 'litestar', 'waitress')"
         " if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

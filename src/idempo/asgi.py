@@ -45,7 +45,7 @@ from .exceptions import StoreError
 from .stores import async_store_from_url
 from .typing import AsyncStore
 
-__all__ = ["IdempotencyMiddleware", "default_principal"]
+__all__ = ["EXCHANGE_SCOPE_KEY", "IdempotencyMiddleware", "default_principal", "report_exception"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -59,6 +59,38 @@ PrincipalResolver = Callable[[Scope], "str | None"]
 # Response extensions whose bodies never pass through ``send``; hidden from
 # the app so every response can be captured.
 _UNCAPTURABLE = ("http.response.pathsend", "http.response.zerocopysend")
+
+#: The scope key under which the middleware leaves the state of a request it
+#: executes; :func:`report_exception` reads it.
+EXCHANGE_SCOPE_KEY = "idempo.exchange"
+
+
+class _Reported:
+    """The exception a framework reported for the request being executed, if any."""
+
+    __slots__ = ("exception",)
+
+    def __init__(self) -> None:
+        self.exception: BaseException | None = None
+
+
+def report_exception(scope: Scope, exc: BaseException) -> None:
+    """Tell the middleware that the handler raised ``exc`` though the framework answered anyway.
+
+    For frameworks whose exception handling sits between the middleware and
+    the handler (Litestar answers 500 inside the middleware stack), so the
+    exception never reaches the middleware: reporting it lets
+    ``Policy.exception_verdicts`` decide what happens to the record.
+    :class:`idempo.litestar.IdempotencyPlugin` does this for Litestar. A no-op
+    for requests the middleware does not execute.
+
+    Args:
+        scope: the request's ASGI scope, as the app received it.
+        exc: the exception the handler raised.
+    """
+    reported = scope.get(EXCHANGE_SCOPE_KEY)
+    if isinstance(reported, _Reported):
+        reported.exception = exc
 
 
 def default_principal(scope: Scope) -> str:
@@ -282,10 +314,11 @@ class IdempotencyMiddleware:
             await done.wait()
             return message
 
+        reported = _Reported()
+        scope = {**scope, EXCHANGE_SCOPE_KEY: reported}
         extensions = scope.get("extensions")
         if extensions and any(name in extensions for name in _UNCAPTURABLE):
-            extensions = {k: v for k, v in extensions.items() if k not in _UNCAPTURABLE}
-            scope = {**scope, "extensions": extensions}
+            scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNCAPTURABLE}
         try:
             await app(scope, app_receive, capture_send)
         except Exception as exc:
@@ -293,9 +326,16 @@ class IdempotencyMiddleware:
                 await settle(None, policy.verdict_for_exception(exc))
             raise
         if not settled:
-            # Either a deferred non-stored answer, or the app returned without
+            # Either a deferred non-stored answer (decided by the exception a
+            # framework reported, if any), or the app returned without
             # completing its response: nothing whole to store.
-            await settle(None, capture.verdict if complete else Verdict.RELEASE)
+            if not complete:
+                outcome = Verdict.RELEASE
+            elif reported.exception is not None and capture.verdict is not Verdict.STORE:
+                outcome = policy.verdict_for_exception(reported.exception)
+            else:
+                outcome = capture.verdict
+            await settle(None, outcome)
             if start is not None and not start_sent:
                 await forward(start)
 

@@ -39,7 +39,8 @@ import io
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Protocol
+from wsgiref.types import StartResponse as StartResponse
+from wsgiref.types import WSGIApplication, WSGIEnvironment
 
 from ._core.flow import Proceed, begin_flow, finish
 from ._core.http import (
@@ -64,18 +65,10 @@ from .typing import Store
 
 __all__ = ["EXCHANGE_ENVIRON_KEY", "IdempotencyMiddleware", "default_principal", "report_exception"]
 
-Environ = dict[str, Any]
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+Environ = WSGIEnvironment
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 Write = Callable[[bytes], object]
-
-
-class StartResponse(Protocol):
-    """The ``start_response`` callable of PEP 3333."""
-
-    def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /) -> Write: ...
-
-
-WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+WSGIApp = WSGIApplication
 
 #: Resolves the principal (who sent the request) from the WSGI environ.
 PrincipalResolver = Callable[[Environ], "str | None"]
@@ -235,7 +228,7 @@ class IdempotencyMiddleware:
         name, value = (part.decode("latin-1") for part in BYPASSED_HEADER)
 
         def marked_start_response(
-            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
         ) -> Write:
             return start_response(status, [*headers, (name, value)], exc_info)
 
@@ -250,7 +243,7 @@ class IdempotencyMiddleware:
         capture = exchange.capture
 
         def capture_start_response(
-            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
         ) -> Write:
             # PEP 3333: a second call carries exc_info; the server's own
             # start_response re-raises it once the headers are sent.

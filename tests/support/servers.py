@@ -1,4 +1,4 @@
-"""Real servers for tests: uvicorn on an ephemeral loopback port, in a thread or a process."""
+"""Real servers for tests: uvicorn (ASGI) and waitress (WSGI) on ephemeral loopback ports, in a thread or a process."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import uvicorn
+import waitress.server
+from waitress import wasyncore
 
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -54,6 +56,54 @@ def running_asgi(app: Any, **config: Any) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def crash_guard(app: Any) -> Any:
+    """Answer 500 when a WSGI app dies of a ``BaseException`` that is not an ``Exception`` (SystemExit).
+
+    uvicorn answers such a crash with 500; waitress only catches ``Exception``
+    and would leave the client waiting. This gives the WSGI suite the same
+    server behaviour, outside idempo (which has already left the lease in place).
+    """
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        try:
+            return app(environ, start_response)
+        except Exception:
+            raise
+        except BaseException:
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+            return [b"Internal Server Error"]
+
+    return guarded
+
+
+@contextmanager
+def running_wsgi(app: Any, threads: int = 64) -> Iterator[str]:
+    """Serve a WSGI app with a real waitress server in a thread, on a pre-bound ephemeral socket; yield its URL.
+
+    ``threads`` bounds the requests served at once (a burst of 50 must not queue
+    behind a sleeping handler any more than under uvicorn).
+    """
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    server = waitress.server.create_server(
+        crash_guard(app),
+        sockets=[sock],
+        threads=threads,
+        connection_limit=256,
+        channel_timeout=30,
+        asyncore_loop_timeout=0.2,
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        wasyncore.close_all(server._map)  # the server, the trigger and every open connection: run() returns
         thread.join(10)
         sock.close()
 

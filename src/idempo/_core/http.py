@@ -106,6 +106,10 @@ class RouteOptions:
     policy: Policy | None = None
     changes: Mapping[str, Any] = field(default_factory=dict)
     exempt: bool = False
+    # apply()'s results per (base, default): a Policy is built once per pair, not per request.
+    _derived: dict[tuple[int, int], tuple[Policy | None, Policy, Policy]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.changes:
@@ -123,7 +127,14 @@ class RouteOptions:
         if self.exempt:
             return None
         policy = self.policy or base or default
-        return policy.replace(**self.changes) if self.changes else policy
+        if not self.changes:
+            return policy
+        derived = self._derived.get((id(base), id(default)))
+        if derived is not None and derived[0] is base and derived[1] is default:
+            return derived[2]
+        result = policy.replace(**self.changes)
+        self._derived[(id(base), id(default))] = (base, default, result)
+        return result
 
 
 def default_principal(authorization: bytes | None, client_host: str | None) -> str:
