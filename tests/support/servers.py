@@ -95,15 +95,23 @@ def running_wsgi(app: Any, threads: int = 64) -> Iterator[str]:
         threads=threads,
         connection_limit=256,
         channel_timeout=30,
-        asyncore_loop_timeout=0.2,
     )
-    thread = threading.Thread(target=server.run, daemon=True)
+    stopping = threading.Event()
+
+    def run() -> None:
+        # waitress's own run() cannot be stopped from another thread without
+        # closing sockets under its select(); poll here until told to stop.
+        while not stopping.is_set():
+            wasyncore.loop(timeout=0.05, map=server._map, count=1)
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        wasyncore.close_all(server._map)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
-        wasyncore.close_all(server._map)  # the server, the trigger and every open connection: run() returns
+        stopping.set()
         thread.join(10)
         sock.close()
 
