@@ -19,7 +19,7 @@ draft-ietf-httpapi-idempotency-key-header (sections cited where used).
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import anyio
@@ -423,19 +423,35 @@ class _StarletteRouteOptions:
         return options
 
 
-def _all_routes(routes: Sequence[Any]) -> Iterator[Any]:
+def _flat(routes: Iterable[Any]) -> Iterator[Any]:
+    """Routes in the router's order, with FastAPI's included routers opened in place.
+
+    FastAPI (0.120+) keeps an included router as one entry whose
+    ``effective_candidates()`` are its routes with the include's prefix and
+    dependencies applied; each candidate ``matches`` like a route and has the
+    combined ``dependant``.
+    """
     for route in routes:
+        candidates = getattr(route, "effective_candidates", None)
+        if callable(candidates):
+            yield from _flat(candidates())
+        else:
+            yield route
+
+
+def _all_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    for route in _flat(routes):
         yield route
         children = getattr(route, "routes", None)
-        if children:
+        if children and not hasattr(route, "endpoint"):
             yield from _all_routes(children)
 
 
-def _match(routes: Sequence[Any], scope: Scope) -> Any:
-    """The route Starlette's router will pick for ``scope`` (first full match), or None."""
+def _match(routes: Iterable[Any], scope: Scope) -> Any:
+    """The route the framework's router will pick for ``scope`` (first full match), or None."""
     from starlette.routing import Match
 
-    for route in routes:
+    for route in _flat(routes):
         match, child_scope = route.matches(scope)
         if match is not Match.FULL:
             continue

@@ -175,14 +175,14 @@ def document(
 
 
 def _add_idempotency(app: FastAPI, schema: dict[str, Any], default: Policy, table: RouteTable, key_header: str) -> None:
-    from fastapi.routing import APIRoute
-
-    from .asgi import _dependant_options
+    from .asgi import _dependant_options, _flat
 
     paths = schema.get("paths", {})
     documented = False
-    for route in app.routes:
-        if not isinstance(route, APIRoute) or not route.include_in_schema:
+    for route in _flat(app.routes):
+        # APIRoutes, and (FastAPI 0.120+) the routes of included routers,
+        # which carry the include's prefix and dependencies.
+        if getattr(route, "dependant", None) is None or not getattr(route, "include_in_schema", False):
             continue
         route_policy = table.policy_for(route.path, default)
         options = _dependant_options(route.dependant)

@@ -446,8 +446,6 @@ urlpatterns: list[Any] = []
 
 def django_app(orders: Orders, idempo: dict[str, Any]) -> Any:
     """The contract app on Django: a WSGI handler whose middleware reads ``settings.IDEMPO = idempo``."""
-    from django.conf import settings
-    from django.core.handlers.wsgi import WSGIHandler
     from django.http import FileResponse, HttpResponse, StreamingHttpResponse
     from django.urls import path
 
@@ -518,20 +516,35 @@ def django_app(orders: Orders, idempo: dict[str, Any]) -> Any:
     def health(request: Any) -> Any:
         return HttpResponse(b"ok", content_type="text/plain")
 
+    return django_handler([path("orders", orders_view), path("health", health)], idempo)
+
+
+def django_handler(patterns: list[Any], idempo: dict[str, Any], middleware: list[str] | None = None) -> Any:
+    """A Django WSGI handler serving ``patterns``, whose idempo middleware reads ``settings.IDEMPO = idempo``.
+
+    ``middleware`` replaces ``settings.MIDDLEWARE`` for this handler.
+    """
+    from django.conf import settings
+    from django.core.handlers.wsgi import WSGIHandler
+
+    configure_django()
     # A class, not a module: Django caches resolvers by urlconf, so it must be hashable.
-    urlconf = type("ContractURLConf", (), {"urlpatterns": [path("orders", orders_view), path("health", health)]})
+    urlconf = type("ContractURLConf", (), {"urlpatterns": patterns})
 
     class ContractHandler(WSGIHandler):  # type: ignore[misc]
         def get_response(self, request: Any) -> Any:
             request.urlconf = urlconf
             return super().get_response(request)
 
-    previous = getattr(settings, "IDEMPO", None)
-    settings.IDEMPO = idempo  # read once, as the middleware is built
+    previous = getattr(settings, "IDEMPO", None), settings.MIDDLEWARE
+    # Both are read once, as the handler builds its middleware.
+    settings.IDEMPO = idempo
+    if middleware is not None:
+        settings.MIDDLEWARE = middleware
     try:
         return ContractHandler()
     finally:
-        settings.IDEMPO = previous
+        settings.IDEMPO, settings.MIDDLEWARE = previous
 
 
 #: Framework name -> app factory, for the parametrised behaviour suite.
