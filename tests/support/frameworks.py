@@ -84,10 +84,12 @@ class Framework:
         """A fresh memory store of this interface's kind, on ``clock``."""
         return AsyncMemoryStore(clock=clock) if self.is_async else MemoryStore(clock=clock)
 
-    def sqlite_store(self, path: Path, clock: FakeClock, **options: Any) -> Any:
-        """An SQLite store of this interface's kind on the file ``path``."""
+    def sqlite_store(self, path: Path, clock: FakeClock | None, **options: Any) -> Any:
+        """An SQLite store of this interface's kind on the file ``path`` (the real clock when ``clock`` is None)."""
         cls = AsyncSQLiteStore if self.is_async else SQLiteStore
-        return cls(path, clock=clock, **options)
+        if clock is not None:
+            options["clock"] = clock
+        return cls(path, **options)
 
 
 FRAMEWORKS = {

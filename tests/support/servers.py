@@ -116,17 +116,20 @@ def running_wsgi(app: Any, threads: int = 64) -> Iterator[str]:
         sock.close()
 
 
-@contextmanager
-def running_process(
-    module_app: str, env: dict[str, str], *, cwd: Path | None = None
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Serve ``module:factory`` with uvicorn in a child process; yield (base URL, process).
-
-    The child gets ``env`` on top of this process's environment. It is killed
-    (SIGKILL) on exit if it has not stopped on SIGTERM.
-    """
-    port = free_port()
-    command = [
+def _server_command(module_app: str, port: int, interface: str) -> list[str]:
+    if interface == "wsgi":
+        return [
+            sys.executable,
+            "-m",
+            "waitress",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--threads",
+            "32",
+            "--call",
+            module_app,
+        ]
+    return [
         sys.executable,
         "-m",
         "uvicorn",
@@ -141,21 +144,48 @@ def running_process(
         "--lifespan",
         "off",
     ]
+
+
+@contextmanager
+def running_processes(
+    module_app: str, env: dict[str, str], *, count: int = 1, interface: str = "asgi", cwd: Path | None = None
+) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+    """Serve ``module:factory`` in ``count`` child processes (uvicorn, or waitress for WSGI); yield (URL, process)s.
+
+    The processes start together. Each child gets ``env`` on top of this
+    process's environment; each is killed (SIGKILL) on exit if it has not
+    stopped on SIGTERM.
+    """
     root = Path(__file__).resolve().parents[2]
     child_env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
-    process = subprocess.Popen(command, env=child_env, cwd=cwd)
-    url = f"http://127.0.0.1:{port}"
+    started: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
-        wait_until_up(url, process)
-        yield url, process
+        for _ in range(count):
+            port = free_port()
+            process = subprocess.Popen(_server_command(module_app, port, interface), env=child_env, cwd=cwd)
+            started.append((f"http://127.0.0.1:{port}", process))
+        for url, process in started:
+            wait_until_up(url, process)
+        yield started
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+        for _, process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for _, process in started:
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextmanager
+def running_process(
+    module_app: str, env: dict[str, str], *, interface: str = "asgi", cwd: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Serve ``module:factory`` in one child process; yield (base URL, process). See :func:`running_processes`."""
+    with running_processes(module_app, env, interface=interface, cwd=cwd) as started:
+        yield started[0]
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
