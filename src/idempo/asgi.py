@@ -314,11 +314,14 @@ class IdempotencyMiddleware:
             await done.wait()
             return message
 
-        reported = _Reported()
-        scope = {**scope, EXCHANGE_SCOPE_KEY: reported}
         extensions = scope.get("extensions")
         if extensions and any(name in extensions for name in _UNCAPTURABLE):
-            scope["extensions"] = {k: v for k, v in extensions.items() if k not in _UNCAPTURABLE}
+            extensions = {k: v for k, v in extensions.items() if k not in _UNCAPTURABLE}
+            scope = {**scope, "extensions": extensions}
+        # Added in place (a key of our own): the app's changes to the scope,
+        # such as the route a router picked, stay visible to outer middleware.
+        reported = _Reported()
+        scope[EXCHANGE_SCOPE_KEY] = reported
         try:
             await app(scope, app_receive, capture_send)
         except Exception as exc:
