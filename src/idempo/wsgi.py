@@ -63,7 +63,15 @@ from .exceptions import StoreError
 from .stores import store_from_url
 from .typing import Store
 
-__all__ = ["EXCHANGE_ENVIRON_KEY", "IdempotencyMiddleware", "default_principal", "report_exception"]
+__all__ = [
+    "EXCHANGE_ENVIRON_KEY",
+    "CapturedBody",
+    "IdempotencyMiddleware",
+    "default_principal",
+    "read_body",
+    "report_exception",
+    "request_path",
+]
 
 Environ = WSGIEnvironment
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
@@ -194,13 +202,13 @@ class IdempotencyMiddleware:
         if key is None:
             return app(environ, start_response)
         if isinstance(key, StoredResponse):
-            return answer(start_response, key)
+            return _answer(start_response, key)
         principal = self.principal(environ)
         if principal is None:
-            return answer(start_response, principal_required_answer())
+            return _answer(start_response, principal_required_answer())
         body = read_body(environ, policy.max_request_body)
         if body is None:
-            return answer(start_response, body_too_large_answer(policy))
+            return _answer(start_response, body_too_large_answer(policy))
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
 
@@ -212,7 +220,7 @@ class IdempotencyMiddleware:
         except StoreError as exc:
             return self._store_failed(exc, policy, app, environ, start_response)
         if not isinstance(decision, Proceed):
-            return answer(start_response, decision_answer(decision))
+            return _answer(start_response, decision_answer(decision))
         return self._execute(
             _Exchange(self.store, policy, identity.record_key, decision.token), app, environ, start_response
         )
@@ -223,7 +231,7 @@ class IdempotencyMiddleware:
         """Fail closed with 503, or run the app unprotected when the policy fails open."""
         if not policy.fail_open:
             logger.error("idempo: store failed at begin, answering 503: %s", exc)
-            return answer(start_response, store_unavailable_answer(policy))
+            return _answer(start_response, store_unavailable_answer(policy))
         logger.warning("idempo: store failed at begin, running without idempotency (fail_open): %s", exc)
         name, value = (part.decode("latin-1") for part in BYPASSED_HEADER)
 
@@ -403,7 +411,7 @@ def read_body(environ: Environ, limit: int) -> bytes | None:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def status_line(status: int) -> str:
+def _status_line(status: int) -> str:
     """``201`` -> ``"201 Created"`` (a bare number for codes without a registered phrase)."""
     try:
         return f"{status} {HTTPStatus(status).phrase}"
@@ -411,10 +419,10 @@ def status_line(status: int) -> str:
         return f"{status} Unknown"
 
 
-def answer(start_response: StartResponse, response: StoredResponse) -> list[bytes]:
+def _answer(start_response: StartResponse, response: StoredResponse) -> list[bytes]:
     """Answer with a stored response or a problem: its status, headers (repeats kept) and body."""
     headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in response.headers]
-    start_response(status_line(response.status), headers)
+    start_response(_status_line(response.status), headers)
     return [response.body]
 
 
