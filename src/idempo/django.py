@@ -253,7 +253,7 @@ class IdempotencyMiddleware:
         self._meta_key = "HTTP_" + self.key_header.upper().replace("-", "_")
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        if self._meta_key in request.META:
+        if self._meta_key in request.META and _declared_length(request) <= self.policy.max_request_body:
             # Read the body before any process_view (CSRF's reads request.POST,
             # which would consume a multipart stream); Django keeps it for the view.
             try:
@@ -307,7 +307,11 @@ class IdempotencyMiddleware:
         principal = self.principal(request)
         if principal is None:
             return StoredHttpResponse(principal_required_answer())
-        if getattr(request, _BODY_TOO_LARGE, False) or len(request.body) > policy.max_request_body:
+        if (
+            getattr(request, _BODY_TOO_LARGE, False)
+            or _declared_length(request) > policy.max_request_body
+            or len(request.body) > policy.max_request_body
+        ):
             return StoredHttpResponse(body_too_large_answer(policy))
 
         query = request.META.get("QUERY_STRING", "")
@@ -332,6 +336,13 @@ class IdempotencyMiddleware:
         exchange = getattr(request, _EXCHANGE, None)
         if exchange is not None:
             exchange.reported = exception
+
+
+def _declared_length(request: HttpRequest) -> int:
+    try:
+        return int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return 0
 
 
 def _policy(value: Any, where: str) -> Policy | None:

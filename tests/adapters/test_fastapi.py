@@ -16,7 +16,7 @@ from idempo import Policy
 from idempo.asgi import IdempotencyMiddleware
 from idempo.fastapi import idempotency, idempotency_exempt, install
 from idempo.stores import AsyncMemoryStore
-from tests.adapters.conftest import JSON, B
+from tests.adapters.conftest import JSON
 from tests.support.clock import FakeClock
 from tests.support.servers import running_asgi
 
@@ -217,4 +217,3 @@ def test_idempotency_rejects_unknown_policy_arguments() -> None:
     """A misspelt option fails where the route is declared, not on its first request."""
     with pytest.raises(TypeError):
         idempotency(record_tll=60)
-    assert B  # the shared body constant stays importable for the suite
