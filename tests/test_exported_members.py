@@ -26,7 +26,8 @@ def test_importing_idempo_needs_no_optional_dependency() -> None:
 
     code = (
         "import sys, idempo\n"
-        "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'httpx', 'click', 'rich', 'redis', 'psycopg')"
+        "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'httpx', 'click', 'rich', 'redis', 'psycopg',"
+        " 'flask', 'werkzeug', 'django', 'litestar', 'waitress')"
         " if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

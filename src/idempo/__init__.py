@@ -1,8 +1,10 @@
 """idempo: make APIs safe to retry.
 
 A request that carries an ``Idempotency-Key`` executes at most once per key;
-every repeat gets the stored answer. See ``idempo.asgi`` for the ASGI
-middleware and ``idempo.stores`` for where records live.
+every repeat gets the stored answer. The server adapters: ``idempo.asgi``
+(any ASGI app, Starlette), ``idempo.fastapi`` (route options, OpenAPI),
+``idempo.litestar``, ``idempo.wsgi`` (any WSGI app), ``idempo.flask`` and
+``idempo.django``; ``idempo.stores`` is where records live.
 
 This module imports no optional dependency.
 """

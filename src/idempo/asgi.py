@@ -18,9 +18,8 @@ draft-ietf-httpapi-idempotency-key-header (sections cited where used).
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import anyio
@@ -29,6 +28,8 @@ from ._core.flow import Proceed, begin_flow, finish
 from ._core.http import (
     BYPASSED_HEADER,
     ResponseCapture,
+    RouteOptions,
+    RouteTable,
     body_too_large_answer,
     check_key,
     decision_answer,
@@ -36,15 +37,15 @@ from ._core.http import (
     request_identity,
     store_unavailable_answer,
 )
-from ._core.keys import principal_from_credentials
+from ._core.http import default_principal as _default_principal
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
 from ._engine import drive_async, logger, settle_async
-from .exceptions import ConfigurationError, StoreError
+from .exceptions import StoreError
 from .stores import async_store_from_url
 from .typing import AsyncStore
 
-__all__ = ["IdempotencyMiddleware", "default_principal"]
+__all__ = ["EXCHANGE_SCOPE_KEY", "IdempotencyMiddleware", "default_principal", "report_exception"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -59,6 +60,38 @@ PrincipalResolver = Callable[[Scope], "str | None"]
 # the app so every response can be captured.
 _UNCAPTURABLE = ("http.response.pathsend", "http.response.zerocopysend")
 
+#: The scope key under which the middleware leaves the state of a request it
+#: executes; :func:`report_exception` reads it.
+EXCHANGE_SCOPE_KEY = "idempo.exchange"
+
+
+class _Reported:
+    """The exception a framework reported for the request being executed, if any."""
+
+    __slots__ = ("exception",)
+
+    def __init__(self) -> None:
+        self.exception: BaseException | None = None
+
+
+def report_exception(scope: Scope, exc: BaseException) -> None:
+    """Tell the middleware that the handler raised ``exc`` though the framework answered anyway.
+
+    For frameworks whose exception handling sits between the middleware and
+    the handler (Litestar answers 500 inside the middleware stack), so the
+    exception never reaches the middleware: reporting it lets
+    ``Policy.exception_verdicts`` decide what happens to the record.
+    :class:`idempo.litestar.IdempotencyPlugin` does this for Litestar. A no-op
+    for requests the middleware does not execute.
+
+    Args:
+        scope: the request's ASGI scope, as the app received it.
+        exc: the exception the handler raised.
+    """
+    reported = scope.get(EXCHANGE_SCOPE_KEY)
+    if isinstance(reported, _Reported):
+        reported.exception = exc
+
 
 def default_principal(scope: Scope) -> str:
     """The default principal: a hash of the ``Authorization`` credentials.
@@ -69,15 +102,23 @@ def default_principal(scope: Scope) -> str:
     the server reports no client address either is the principal
     ``"anonymous"``.
     """
+    authorization = None
     for name, value in scope["headers"]:
         if name == b"authorization":
-            return principal_from_credentials(value)
+            authorization = value
+            break
     client = scope.get("client")
-    return "addr:" + str(client[0]) if client else "anonymous"
+    return _default_principal(authorization, str(client[0]) if client else None)
 
 
 class IdempotencyMiddleware:
     """Make POST/PATCH requests with an ``Idempotency-Key`` execute at most once.
+
+    On Starlette and FastAPI apps, options declared on a route (FastAPI's
+    ``Depends(idempotency(...))`` and ``idempotency_exempt``, see
+    :mod:`idempo.fastapi`) are found with the framework's own route matcher
+    and override the path patterns; Litestar has its own middleware in
+    :mod:`idempo.litestar`.
 
     Args:
         app: the ASGI app to wrap.
@@ -111,29 +152,36 @@ class IdempotencyMiddleware:
         self.app = app
         self.store: AsyncStore = async_store_from_url(store) if isinstance(store, str) else store
         self.policy = policy if policy is not None else Policy()
-        self._routes: list[tuple[re.Pattern[str], Policy | None]] = []
-        for pattern, route_policy in (routes or {}).items():
-            if route_policy is not None and not isinstance(route_policy, Policy):
-                raise ConfigurationError(f"routes[{pattern!r}] must be a Policy or None")
-            self._routes.append((re.compile(fnmatch.translate(pattern)), route_policy))
+        self._routes = RouteTable(routes)
         self.principal = principal
+        self.key_header = key_header
         self._key_header = key_header.lower().encode("latin-1")
+        self._route_options = _StarletteRouteOptions()
 
     def policy_for(self, path: str) -> Policy | None:
-        """Return the policy for a path, or None when the path is exempt."""
-        for pattern, route_policy in self._routes:
-            if pattern.match(path):
-                return route_policy
-        return self.policy
+        """Return the policy for a path from the ``routes`` patterns, or None when the path is exempt."""
+        return self._routes.policy_for(path, self.policy)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        policy = self._routes.policy_for(scope["path"], self.policy) if self._routes else self.policy
+        if "starlette" in sys.modules:
+            options = self._route_options.find(scope, self.app)
+            if options is not None:
+                policy = options.apply(policy, self.policy)
+        await self.handle(scope, receive, send, self.app, policy)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, policy: Policy | None) -> None:
+        """Serve one HTTP request with ``app`` under ``policy`` (None: pass it through untouched).
+
+        The engine behind :meth:`__call__`, also used by the Litestar
+        middleware once Litestar has resolved the route's policy.
+        """
         method: str = scope["method"]
-        policy = self.policy_for(scope["path"]) if self._routes else self.policy
         if policy is None or method not in policy.methods:
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
 
         key_values = []
@@ -146,7 +194,7 @@ class IdempotencyMiddleware:
         path: str = scope["path"]
         key = check_key(policy, method, path, key_values)
         if key is None:
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
         if isinstance(key, StoredResponse):
             await _send_answer(send, key)
@@ -166,14 +214,18 @@ class IdempotencyMiddleware:
         try:
             decision = await drive_async(begin_flow(identity.record_key, identity.fingerprint, policy), self.store)
         except StoreError as exc:
-            await self._store_failed(exc, policy, scope, _replay_body(body, receive), send)
+            await self._store_failed(exc, policy, app, scope, _replay_body(body, receive), send)
             return
         if isinstance(decision, Proceed):
-            await self._execute(policy, identity.record_key, decision.token, scope, _replay_body(body, receive), send)
+            await self._execute(
+                policy, identity.record_key, decision.token, app, scope, _replay_body(body, receive), send
+            )
         else:
             await _send_answer(send, decision_answer(decision))
 
-    async def _store_failed(self, exc: StoreError, policy: Policy, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _store_failed(
+        self, exc: StoreError, policy: Policy, app: ASGIApp, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         """Fail closed with 503, or run the app unprotected when the policy fails open."""
         if not policy.fail_open:
             logger.error("idempo: store failed at begin, answering 503: %s", exc)
@@ -186,10 +238,10 @@ class IdempotencyMiddleware:
                 message = {**message, "headers": [*message.get("headers", ()), BYPASSED_HEADER]}
             await send(message)
 
-        await self.app(scope, receive, marked_send)
+        await app(scope, receive, marked_send)
 
     async def _execute(
-        self, policy: Policy, record_key: str, token: int, scope: Scope, receive: Receive, send: Send
+        self, policy: Policy, record_key: str, token: int, app: ASGIApp, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """Run the app holding the lease; capture its response; settle the record.
 
@@ -266,16 +318,27 @@ class IdempotencyMiddleware:
         if extensions and any(name in extensions for name in _UNCAPTURABLE):
             extensions = {k: v for k, v in extensions.items() if k not in _UNCAPTURABLE}
             scope = {**scope, "extensions": extensions}
+        # Added in place (a key of our own): the app's changes to the scope,
+        # such as the route a router picked, stay visible to outer middleware.
+        reported = _Reported()
+        scope[EXCHANGE_SCOPE_KEY] = reported
         try:
-            await self.app(scope, app_receive, capture_send)
+            await app(scope, app_receive, capture_send)
         except Exception as exc:
             if not settled:
                 await settle(None, policy.verdict_for_exception(exc))
             raise
         if not settled:
-            # Either a deferred non-stored answer, or the app returned without
+            # Either a deferred non-stored answer (decided by the exception a
+            # framework reported, if any), or the app returned without
             # completing its response: nothing whole to store.
-            await settle(None, capture.verdict if complete else Verdict.RELEASE)
+            if not complete:
+                outcome = Verdict.RELEASE
+            elif reported.exception is not None and capture.verdict is not Verdict.STORE:
+                outcome = policy.verdict_for_exception(reported.exception)
+            else:
+                outcome = capture.verdict
+            await settle(None, outcome)
             if start is not None and not start_sent:
                 await forward(start)
 
@@ -315,3 +378,102 @@ def _replay_body(body: bytes, receive: Receive) -> Receive:
 async def _send_answer(send: Send, response: StoredResponse) -> None:
     await send({"type": "http.response.start", "status": response.status, "headers": list(response.headers)})
     await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+
+class _StarletteRouteOptions:
+    """Finds the :class:`RouteOptions` declared on the route a request goes to (Starlette, FastAPI).
+
+    The middleware runs before routing, so it asks the framework's own
+    matcher (``route.matches(scope)``, in the router's order, into mounts),
+    as the router will a moment later. What a route declares is read once per
+    route and cached; apps that declare nothing are not matched at all.
+    """
+
+    def __init__(self) -> None:
+        self._per_route: dict[int, tuple[object, RouteOptions | None]] = {}
+        self._seen: tuple[int, int] | None = None
+        self._any = False
+
+    def find(self, scope: Scope, app: object) -> RouteOptions | None:
+        from starlette.applications import Starlette
+
+        # Added with app.add_middleware, the app is in the scope; wrapped
+        # around the app from outside, it is the app itself.
+        holder = scope.get("app")
+        if not isinstance(holder, Starlette):
+            holder = app
+            if not isinstance(holder, Starlette):
+                return None
+        routes: Sequence[Any] = holder.routes
+        seen = (id(routes), len(routes))
+        if seen != self._seen:
+            self._any = any(self._options(route) is not None for route in _all_routes(routes))
+            self._seen = seen
+        if not self._any:
+            return None
+        route = _match(routes, scope)
+        return None if route is None else self._options(route)
+
+    def _options(self, route: object) -> RouteOptions | None:
+        cached = self._per_route.get(id(route))
+        if cached is not None and cached[0] is route:
+            return cached[1]
+        options = None
+        dependant = getattr(route, "dependant", None)
+        if dependant is not None:
+            options = _dependant_options(dependant)
+        self._per_route[id(route)] = (route, options)
+        return options
+
+
+def _flat(routes: Iterable[Any]) -> Iterator[Any]:
+    """Routes in the router's order, with FastAPI's included routers opened in place.
+
+    FastAPI (0.120+) keeps an included router as one entry whose
+    ``effective_candidates()`` are its routes with the include's prefix and
+    dependencies applied; each candidate ``matches`` like a route and has the
+    combined ``dependant``.
+    """
+    for route in routes:
+        candidates = getattr(route, "effective_candidates", None)
+        if callable(candidates):
+            yield from _flat(candidates())
+        else:
+            yield route
+
+
+def _all_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    for route in _flat(routes):
+        yield route
+        children = getattr(route, "routes", None)
+        if children and not hasattr(route, "endpoint"):
+            yield from _all_routes(children)
+
+
+def _match(routes: Iterable[Any], scope: Scope) -> Any:
+    """The route the framework's router will pick for ``scope`` (first full match), or None."""
+    from starlette.routing import Match
+
+    for route in _flat(routes):
+        match, child_scope = route.matches(scope)
+        if match is not Match.FULL:
+            continue
+        children = getattr(route, "routes", None)
+        if children is not None and not hasattr(route, "endpoint"):  # a Mount or Host
+            return _match(children, {**scope, **child_scope})
+        return route
+    return None
+
+
+def _dependant_options(dependant: Any) -> RouteOptions | None:
+    """The options of the innermost idempotency dependency in a FastAPI dependency tree.
+
+    Router dependencies come before the route's own in ``dependant.dependencies``,
+    so the last one found (the route's) wins.
+    """
+    found: RouteOptions | None = getattr(dependant.call, "idempo_route_options", None)
+    for sub in dependant.dependencies:
+        options = _dependant_options(sub)
+        if options is not None:
+            found = options
+    return found

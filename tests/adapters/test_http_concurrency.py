@@ -6,22 +6,21 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from idempo import AsyncStore, Policy
-from idempo.stores import AsyncMemoryStore
-from idempo.stores.sqlite import AsyncSQLiteStore
+from idempo import Policy
 from tests.adapters.conftest import JSON, K1, B, ServeFactory, Served
 from tests.support.clock import FakeClock, eventually
 
 
-def make_store(kind: str, tmp_path: Path, clock: FakeClock) -> AsyncStore:
-    """A fresh store of the given kind on the test's clock."""
+def make_store(serve: ServeFactory, kind: str, tmp_path: Path, clock: FakeClock) -> Any:
+    """A fresh store of the given kind, of the framework's flavour (async or blocking), on the test's clock."""
     if kind == "memory":
-        return AsyncMemoryStore(clock=clock)
-    return AsyncSQLiteStore(tmp_path / "idempo.db", clock=clock)
+        return serve.memory_store(clock)
+    return serve.sqlite_store(tmp_path / "idempo.db", clock)
 
 
 def burst(s: Served, n: int, headers: dict[str, str]) -> list[httpx.Response]:
@@ -87,7 +86,7 @@ def test_wait_mode_gives_409_when_the_wait_bound_passes(serve: ServeFactory) -> 
 def test_burst_of_50_identical_requests_executes_once(serve: ServeFactory, tmp_path: Path, store_kind: str) -> None:
     """B01(b): 50 identical requests at once: one execution, one fresh 201, the rest 409 or its exact replay."""
     clock = FakeClock()
-    s = serve(store=make_store(store_kind, tmp_path, clock), clock=clock)
+    s = serve(store=make_store(serve, store_kind, tmp_path, clock), clock=clock)
     responses = burst(s, 50, {"x-test-sleep": "0.3"})
     assert s.orders.calls == 1
     statuses = Counter(r.status_code for r in responses)
@@ -105,7 +104,7 @@ def test_burst_of_50_identical_requests_executes_once(serve: ServeFactory, tmp_p
 def test_burst_in_wait_mode_replays_to_all_49(serve: ServeFactory, tmp_path: Path, store_kind: str) -> None:
     """B01(b), wait mode: 50 at once give one execution and 49 replays of it; zero 409s."""
     clock = FakeClock()
-    s = serve(store=make_store(store_kind, tmp_path, clock), clock=clock, policy=Policy(wait=20))
+    s = serve(store=make_store(serve, store_kind, tmp_path, clock), clock=clock, policy=Policy(wait=20))
     responses = burst(s, 50, {"x-test-sleep": "0.3"})
     assert s.orders.calls == 1
     assert all(r.status_code == 201 for r in responses)

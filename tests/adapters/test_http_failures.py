@@ -12,20 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import anyio
 import httpx
 import pytest
 
-from idempo import Policy, RecordState, Verdict, make_record_key
-from idempo.stores.sqlite import AsyncSQLiteStore
-from tests.adapters.conftest import K1, ServeFactory
+from idempo import Policy, RecordState, Verdict
+from tests.adapters.conftest import K1, ServeFactory, Served
 from tests.support.clock import FakeClock, eventually
 from tests.support.orders import Orders
 
 
-def record_state(s: object, key: str = K1) -> RecordState | None:
+def record_state(s: Served, key: str = K1) -> RecordState | None:
     """The state of the record for key K1 from 127.0.0.1, read through the store."""
-    record = anyio.run(s.store.get, make_record_key("addr:127.0.0.1", "POST", "/orders", key))  # type: ignore[attr-defined]
+    record = s.record(key)
     return None if record is None else record.state
 
 
@@ -166,7 +164,7 @@ def test_store_down_at_begin_is_503_and_nothing_runs(serve: ServeFactory, tmp_pa
     """B18(a): the store cannot take the lease: 503 problem with Retry-After, no execution; after recovery, one."""
     clock = FakeClock()
     path = tmp_path / "idempo.db"
-    s = serve(store=AsyncSQLiteStore(path, clock=clock, busy_timeout=0.1), clock=clock)
+    s = serve(store=serve.sqlite_store(path, clock, busy_timeout=0.1), clock=clock)
     with write_locked(path):
         down = s.post()
         assert down.status_code == 503
@@ -183,7 +181,7 @@ def test_store_down_at_complete_keeps_the_lease(serve: ServeFactory, tmp_path: P
     """B18(b): the store fails after the handler ran: the client still gets 201, retries get 409, not a rerun."""
     clock = FakeClock()
     path = tmp_path / "idempo.db"
-    s = serve(store=AsyncSQLiteStore(path, clock=clock, busy_timeout=0.1), clock=clock)
+    s = serve(store=serve.sqlite_store(path, clock, busy_timeout=0.1), clock=clock)
     locked = threading.Event()
     unlock = threading.Event()
 
@@ -217,7 +215,7 @@ def test_fail_open_runs_the_handler_and_marks_the_answer(serve: ServeFactory, tm
     """B18(c): with fail_open the handler runs while the store is down, and the answer says idempotency was bypassed."""
     clock = FakeClock()
     path = tmp_path / "idempo.db"
-    s = serve(store=AsyncSQLiteStore(path, clock=clock, busy_timeout=0.1), clock=clock, policy=Policy(fail_open=True))
+    s = serve(store=serve.sqlite_store(path, clock, busy_timeout=0.1), clock=clock, policy=Policy(fail_open=True))
     with write_locked(path):
         answer = s.post()
     assert answer.status_code == 201

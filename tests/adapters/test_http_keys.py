@@ -9,8 +9,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from idempo import Policy
-from idempo.stores import AsyncMemoryStore
 from tests.adapters.conftest import K1, B, ServeFactory
+from tests.support.clock import FakeClock
 from tests.support.stores import CountingStore
 
 PROBLEM = "application/problem+json"
@@ -100,8 +100,8 @@ def test_malformed_key_is_400_problem_and_never_reaches_the_store(
     serve: ServeFactory, lines: list[bytes], why: str
 ) -> None:
     """A malformed key gets 400 problem+json, the handler does not run, the store sees no call."""
-    store = CountingStore(AsyncMemoryStore())
-    s = serve(store=store)  # type: ignore[arg-type]
+    store = CountingStore(serve.memory_store(FakeClock()))
+    s = serve(store=store)
     status, head, body = raw_request(s.url, lines)
     assert status == 400, why
     assert b"content-type: application/problem+json" in head.lower()
@@ -132,8 +132,8 @@ def test_missing_key_where_required_is_400_problem(serve: ServeFactory) -> None:
 
 def test_optional_key_missing_executes_every_time_and_stores_nothing(serve: ServeFactory) -> None:
     """B09(a): without a key (optional mode) each request executes and nothing is written to the store."""
-    store = CountingStore(AsyncMemoryStore())
-    s = serve(store=store)  # type: ignore[arg-type]
+    store = CountingStore(serve.memory_store(FakeClock()))
+    s = serve(store=store)
     first = s.post(key=None)
     second = s.post(key=None)
     assert first.json() == {"order_id": 1}

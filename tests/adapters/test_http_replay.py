@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import anyio
 import pytest
 
-from idempo import Policy, RecordState, make_record_key
+from idempo import Policy, RecordState
 from tests.adapters.conftest import K1, K2, ServeFactory
 from tests.support.clock import eventually
 from tests.support.orders import BINARY_BODY, STREAM_CHUNKS
@@ -87,8 +86,7 @@ def test_replay_engages_through_the_stores_own_lookup(serve: ServeFactory) -> No
     """B14(e): after R1 the store holds a completed record under the scope's record key."""
     s = serve()
     first = s.post()
-    record_key = make_record_key("addr:127.0.0.1", "POST", "/orders", K1)
-    record = anyio.run(s.store.get, record_key)
+    record = s.record(K1)
     assert record is not None
     assert record.state is RecordState.COMPLETED
     assert record.response is not None
@@ -131,7 +129,7 @@ def test_set_cookie_and_per_exchange_headers_are_not_replayed(serve: ServeFactor
     assert names.count("date") <= 1
     assert s.orders.calls == 1
 
-    record = anyio.run(s.store.get, make_record_key("addr:127.0.0.1", "POST", "/orders", K1))
+    record = s.record(K1)
     assert record is not None
     assert record.response is not None
     stored = b"".join(n + b":" + v for n, v in record.response.headers) + record.response.body

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from idempo.stores.sqlite import AsyncSQLiteStore
-from tests.adapters.conftest import B_PRIME, JSON, K1, K2, B, ServeFactory
+from tests.adapters.conftest import B_PRIME, JSON, K1, K2, B, ServeFactory, header_of
 from tests.support.clock import FakeClock
 
 
@@ -65,11 +64,10 @@ def test_principal_resolver_returning_none_is_400(serve: ServeFactory) -> None:
 def test_custom_principal_resolver_scopes_keys(serve: ServeFactory) -> None:
     """A resolver reading a tenant header makes the key unique per tenant."""
 
-    def tenant(scope: dict[str, object]) -> str | None:
-        for name, value in scope["headers"]:  # type: ignore[attr-defined]
-            if name == b"x-tenant":
-                return "tenant:" + value.decode()
-        return None
+    def tenant(request: object) -> str | None:
+        # An ASGI scope, a WSGI environ or a Django HttpRequest, as each adapter passes it.
+        value = header_of(request, "x-tenant")
+        return None if value is None else "tenant:" + value
 
     s = serve(principal=tenant)
     assert s.post(headers={"x-tenant": "t1"}).json() == {"order_id": 1}
@@ -81,8 +79,8 @@ def test_fresh_app_instance_replays_from_the_store(serve: ServeFactory, tmp_path
     """B10: instance B, with its own store object on the same SQLite file, replays A's record; B' is 422."""
     clock = FakeClock()
     path = tmp_path / "idempo.db"
-    a = serve(store=AsyncSQLiteStore(path, clock=clock), clock=clock)
-    b = serve(store=AsyncSQLiteStore(path, clock=clock), clock=clock)
+    a = serve(store=serve.sqlite_store(path, clock), clock=clock)
+    b = serve(store=serve.sqlite_store(path, clock), clock=clock)
     first = a.post()
     replay = b.post()
     assert replay.status_code == 201

@@ -1,4 +1,7 @@
-"""Several server processes sharing one SQLite store (DESIGN guarantees 1 and 2; shared/cases B01, B04)."""
+"""Several server processes sharing one SQLite store (DESIGN guarantees 1 and 2; shared/cases B01, B04).
+
+Run for every framework: uvicorn processes for ASGI, waitress processes for WSGI.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,15 @@ import signal
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import httpx
 
 from tests.adapters.conftest import JSON, K1, B
 from tests.support.clock import eventually
-from tests.support.servers import running_process
+from tests.support.frameworks import Framework
+from tests.support.servers import running_process, running_processes
 
 APP = "tests.support.process_app:create_app"
 
@@ -23,12 +27,16 @@ def executions(calls_file: Path) -> list[str]:
     return calls_file.read_text().splitlines() if calls_file.exists() else []
 
 
-def test_four_processes_sharing_sqlite_execute_once(tmp_path: Path) -> None:
-    """50 identical requests spread over 4 uvicorn processes on one SQLite file: exactly one execution."""
+def test_four_processes_sharing_sqlite_execute_once(tmp_path: Path, framework: Framework) -> None:
+    """B01(b): 50 identical requests spread over 4 server processes on one SQLite file: exactly one execution."""
     calls_file = tmp_path / "calls.txt"
-    env = {"IDEMPO_TEST_DB": str(tmp_path / "idempo.db"), "IDEMPO_TEST_CALLS_FILE": str(calls_file)}
-    with ExitStack() as stack:
-        urls = [stack.enter_context(running_process(APP, env))[0] for _ in range(4)]
+    env = {
+        "IDEMPO_TEST_FRAMEWORK": framework.name,
+        "IDEMPO_TEST_DB": str(tmp_path / "idempo.db"),
+        "IDEMPO_TEST_CALLS_FILE": str(calls_file),
+    }
+    with running_processes(APP, env, count=4, interface=framework.interface) as servers:
+        urls = [url for url, _ in servers]
         barrier = threading.Barrier(50)
 
         def one(i: int) -> httpx.Response:
@@ -51,16 +59,17 @@ def test_four_processes_sharing_sqlite_execute_once(tmp_path: Path) -> None:
         assert r.content == fresh[0].content
 
 
-def test_killed_worker_delays_a_retry_by_at_most_the_lease(tmp_path: Path) -> None:
+def test_killed_worker_delays_a_retry_by_at_most_the_lease(tmp_path: Path, framework: Framework) -> None:
     """B04(b): SIGKILL the worker mid-handler; a new worker answers 409 within the lease, then executes once."""
     calls_file = tmp_path / "calls.txt"
     env = {
+        "IDEMPO_TEST_FRAMEWORK": framework.name,
         "IDEMPO_TEST_DB": str(tmp_path / "idempo.db"),
         "IDEMPO_TEST_CALLS_FILE": str(calls_file),
         "IDEMPO_TEST_LEASE": "5",
     }
     headers = {**JSON, "Idempotency-Key": K1}
-    with running_process(APP, env) as (url, process), ThreadPoolExecutor(1) as pool:
+    with running_process(APP, env, interface=framework.interface) as (url, process), ThreadPoolExecutor(1) as pool:
         doomed = pool.submit(
             httpx.post, url + "/orders", content=B, headers={**headers, "x-test-sleep": "30"}, timeout=60
         )
@@ -69,7 +78,7 @@ def test_killed_worker_delays_a_retry_by_at_most_the_lease(tmp_path: Path) -> No
         process.wait(10)
         with suppress(httpx.TransportError):
             doomed.result()
-    with running_process(APP, env) as (url, _):
+    with running_process(APP, env, interface=framework.interface) as (url, _):
         # Well inside the 5 s lease: the dead worker's record still holds the key.
         early = httpx.post(url + "/orders", content=B, headers=headers)
         assert early.status_code == 409

@@ -106,3 +106,65 @@ def test_capture_releases_unstored_statuses_and_oversized_bodies() -> None:
     small.add(b"cd")
     assert small.verdict is Verdict.RELEASE
     assert small.response() is None
+
+
+def test_route_table_first_match_wins_and_rejects_non_policies() -> None:
+    """Glob patterns map to a Policy or None (exempt); the first match wins; anything else is refused."""
+    import pytest
+
+    from idempo import ConfigurationError
+    from idempo._core.http import RouteTable
+
+    strict = Policy(require_key=True)
+    default = Policy()
+    table = RouteTable({"/payments/*": strict, "/payments*": None})
+    assert table
+    assert table.policy_for("/payments/1", default) is strict
+    assert table.policy_for("/payments", default) is None
+    assert table.policy_for("/orders", default) is default
+    assert not RouteTable(None)
+    with pytest.raises(ConfigurationError):
+        RouteTable({"/x": {"require_key": True}})  # type: ignore[dict-item]
+
+
+def test_route_options_derive_replace_or_exempt() -> None:
+    """RouteOptions change the path's policy, replace it, or exempt the route; derived policies are cached."""
+    import pytest
+
+    from idempo._core.http import RouteOptions
+
+    default = Policy()
+    path_policy = Policy(lease_ttl=5)
+    longer = RouteOptions(changes={"record_ttl": 60})
+    derived = longer.apply(path_policy, default)
+    assert derived == Policy(lease_ttl=5, record_ttl=60)
+    assert longer.apply(path_policy, default) is derived
+    assert longer.apply(None, default) == Policy(record_ttl=60)
+    whole = Policy(require_key=True)
+    assert RouteOptions(policy=whole).apply(path_policy, default) is whole
+    assert RouteOptions().apply(path_policy, default) is path_policy
+    assert RouteOptions(exempt=True).apply(path_policy, default) is None
+    with pytest.raises(TypeError):
+        RouteOptions(changes={"record_tll": 60})
+
+
+def test_default_principal_prefers_credentials_then_address() -> None:
+    """Authorization hash first, then the client address, then "anonymous"; credentials never appear."""
+    from idempo._core.http import default_principal
+
+    principal = default_principal(b"Bearer secret", "10.0.0.1")
+    assert principal.startswith("cred:")
+    assert "secret" not in principal
+    assert default_principal(None, "10.0.0.1") == "addr:10.0.0.1"
+    assert default_principal(None, None) == "anonymous"
+
+
+def test_capture_start_again_starts_over() -> None:
+    """A second start (WSGI exc_info) drops what was captured under the first status."""
+    capture = ResponseCapture(Policy())
+    capture.start(201, [(b"x-first", b"1")])
+    capture.add(b"partial")
+    capture.start(200, [(b"x-second", b"2")])
+    capture.add(b"whole")
+    response = capture.response()
+    assert response == StoredResponse(200, ((b"x-second", b"2"),), b"whole")

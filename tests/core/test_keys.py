@@ -115,3 +115,15 @@ def test_principal_from_credentials_hides_the_credentials() -> None:
     assert "secret" not in principal
     assert principal.startswith("cred:")
     assert principal != principal_from_credentials(b"Bearer other-token")
+
+
+def test_split_folded_separates_lines_but_not_sf_strings() -> None:
+    """A value a WSGI server folded from several lines splits on commas outside quoted strings only."""
+    from idempo._core.keys import split_folded
+
+    assert split_folded(b"K1") == [b"K1"]
+    assert split_folded(b"K1, K2") == [b"K1", b"K2"]
+    assert split_folded(b"K1,K1") == [b"K1", b"K1"]
+    assert split_folded(b'"a,b"') == [b'"a,b"']
+    assert split_folded(b'"a\\",b", c') == [b'"a\\",b"', b"c"]
+    assert split_folded(b"K1, ") == [b"K1", b""]

@@ -1,4 +1,4 @@
-"""Real servers for tests: uvicorn on an ephemeral loopback port, in a thread or a process."""
+"""Real servers for tests: uvicorn (ASGI) and waitress (WSGI) on ephemeral loopback ports, in a thread or a process."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import uvicorn
+import waitress.server
+from waitress import wasyncore
 
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -58,17 +60,76 @@ def running_asgi(app: Any, **config: Any) -> Iterator[str]:
         sock.close()
 
 
-@contextmanager
-def running_process(
-    module_app: str, env: dict[str, str], *, cwd: Path | None = None
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Serve ``module:factory`` with uvicorn in a child process; yield (base URL, process).
+def crash_guard(app: Any) -> Any:
+    """Answer 500 when a WSGI app dies of a ``BaseException`` that is not an ``Exception`` (SystemExit).
 
-    The child gets ``env`` on top of this process's environment. It is killed
-    (SIGKILL) on exit if it has not stopped on SIGTERM.
+    uvicorn answers such a crash with 500; waitress only catches ``Exception``
+    and would leave the client waiting. This gives the WSGI suite the same
+    server behaviour, outside idempo (which has already left the lease in place).
     """
-    port = free_port()
-    command = [
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        try:
+            return app(environ, start_response)
+        except Exception:
+            raise
+        except BaseException:
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+            return [b"Internal Server Error"]
+
+    return guarded
+
+
+@contextmanager
+def running_wsgi(app: Any, threads: int = 64) -> Iterator[str]:
+    """Serve a WSGI app with a real waitress server in a thread, on a pre-bound ephemeral socket; yield its URL.
+
+    ``threads`` bounds the requests served at once (a burst of 50 must not queue
+    behind a sleeping handler any more than under uvicorn).
+    """
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    server = waitress.server.create_server(
+        crash_guard(app),
+        sockets=[sock],
+        threads=threads,
+        connection_limit=256,
+        channel_timeout=30,
+    )
+    stopping = threading.Event()
+
+    def run() -> None:
+        # waitress's own run() cannot be stopped from another thread without
+        # closing sockets under its select(); poll here until told to stop.
+        while not stopping.is_set():
+            wasyncore.loop(timeout=0.05, map=server._map, count=1)
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+        wasyncore.close_all(server._map)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stopping.set()
+        thread.join(10)
+        sock.close()
+
+
+def _server_command(module_app: str, port: int, interface: str) -> list[str]:
+    if interface == "wsgi":
+        return [
+            sys.executable,
+            "-m",
+            "waitress",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--threads",
+            "32",
+            "--call",
+            module_app,
+        ]
+    return [
         sys.executable,
         "-m",
         "uvicorn",
@@ -83,21 +144,48 @@ def running_process(
         "--lifespan",
         "off",
     ]
+
+
+@contextmanager
+def running_processes(
+    module_app: str, env: dict[str, str], *, count: int = 1, interface: str = "asgi", cwd: Path | None = None
+) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+    """Serve ``module:factory`` in ``count`` child processes (uvicorn, or waitress for WSGI); yield (URL, process)s.
+
+    The processes start together. Each child gets ``env`` on top of this
+    process's environment; each is killed (SIGKILL) on exit if it has not
+    stopped on SIGTERM.
+    """
     root = Path(__file__).resolve().parents[2]
     child_env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
-    process = subprocess.Popen(command, env=child_env, cwd=cwd)
-    url = f"http://127.0.0.1:{port}"
+    started: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
-        wait_until_up(url, process)
-        yield url, process
+        for _ in range(count):
+            port = free_port()
+            process = subprocess.Popen(_server_command(module_app, port, interface), env=child_env, cwd=cwd)
+            started.append((f"http://127.0.0.1:{port}", process))
+        for url, process in started:
+            wait_until_up(url, process)
+        yield started
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+        for _, process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for _, process in started:
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextmanager
+def running_process(
+    module_app: str, env: dict[str, str], *, interface: str = "asgi", cwd: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Serve ``module:factory`` in one child process; yield (base URL, process). See :func:`running_processes`."""
+    with running_processes(module_app, env, interface=interface, cwd=cwd) as started:
+        yield started[0]
 
 
 def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from typing import Any
 
-from idempo import AsyncStore
-
 
 class CountingStore:
-    """Wraps a real async store and counts each method's calls (a spy, not a fake)."""
+    """Wraps a real store, sync or async, and counts each method's calls (a spy, not a fake)."""
 
-    def __init__(self, inner: AsyncStore) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.calls: Counter[str] = Counter()
 
@@ -19,9 +18,16 @@ class CountingStore:
         attribute = getattr(self.inner, name)
         if not callable(attribute):
             return attribute
+        if inspect.iscoroutinefunction(attribute):
 
-        async def counted(*args: Any, **kwargs: Any) -> Any:
+            async def counted_async(*args: Any, **kwargs: Any) -> Any:
+                self.calls[name] += 1
+                return await attribute(*args, **kwargs)
+
+            return counted_async
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
             self.calls[name] += 1
-            return await attribute(*args, **kwargs)
+            return attribute(*args, **kwargs)
 
         return counted

@@ -7,18 +7,24 @@ An adapter (ASGI, WSGI, Django) reads the request, then asks this module:
 3. :func:`decision_answer`: the answer for a replay, a 409 or a 422.
 4. :class:`ResponseCapture`: what of the handler's response is stored.
 
-so the rules of the DESIGN "HTTP behaviour" table are written once.
+and, before all that, which policy applies: :class:`RouteTable` (path
+patterns) and :class:`RouteOptions` (options declared on a route or view by a
+framework integration), so the rules of the DESIGN "HTTP behaviour" table are
+written once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from ..exceptions import InvalidKey
+from ..exceptions import ConfigurationError, InvalidKey
 from .fingerprint import fingerprint
 from .flow import InProgress, Mismatch, Replay
-from .keys import make_record_key, parse_key
+from .keys import make_record_key, parse_key, principal_from_credentials
 from .policy import Policy, Verdict
 from .problems import (
     BODY_TOO_LARGE,
@@ -37,9 +43,12 @@ __all__ = [
     "REPLAYED_HEADER",
     "RequestIdentity",
     "ResponseCapture",
+    "RouteOptions",
+    "RouteTable",
     "body_too_large_answer",
     "check_key",
     "decision_answer",
+    "default_principal",
     "principal_required_answer",
     "request_identity",
     "store_unavailable_answer",
@@ -49,6 +58,101 @@ __all__ = [
 REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 #: Added when the store was down and ``Policy.fail_open`` let the handler run unprotected.
 BYPASSED_HEADER = (b"idempotency-bypassed", b"store-unavailable")
+
+
+class RouteTable:
+    """Per-path policies: glob patterns (``fnmatch``) mapped to a Policy, or None to exempt.
+
+    Args:
+        routes: e.g. ``{"/payments*": Policy(require_key=True), "/webhooks/*": None}``;
+            the first matching pattern wins.
+
+    Raises:
+        ConfigurationError: a value is neither a Policy nor None.
+    """
+
+    __slots__ = ("_routes",)
+
+    def __init__(self, routes: Mapping[str, Policy | None] | None = None) -> None:
+        self._routes: list[tuple[re.Pattern[str], Policy | None]] = []
+        for pattern, route_policy in (routes or {}).items():
+            if route_policy is not None and not isinstance(route_policy, Policy):
+                raise ConfigurationError(f"routes[{pattern!r}] must be a Policy or None")
+            self._routes.append((re.compile(fnmatch.translate(pattern)), route_policy))
+
+    def __bool__(self) -> bool:
+        return bool(self._routes)
+
+    def policy_for(self, path: str, default: Policy) -> Policy | None:
+        """Return the first matching pattern's policy (None: exempt), else ``default``."""
+        for pattern, route_policy in self._routes:
+            if pattern.match(path):
+                return route_policy
+        return default
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOptions:
+    """Idempotency options declared on one route or view (FastAPI dependency, Django decorator, ...).
+
+    Attributes:
+        policy: a whole policy replacing the one the middleware would use, or
+            None to derive it from that policy with ``changes``.
+        changes: Policy arguments to change, e.g. ``{"require_key": True,
+            "record_ttl": 3600}``.
+        exempt: the route takes no part in idempotency at all.
+    """
+
+    policy: Policy | None = None
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    exempt: bool = False
+    # apply()'s results per (base, default): a Policy is built once per pair, not per request.
+    _derived: dict[tuple[int, int], tuple[Policy | None, Policy, Policy]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.changes:
+            # Fail when the route is declared, not on its first request.
+            (self.policy or Policy()).replace(**self.changes)
+
+    def apply(self, base: Policy | None, default: Policy) -> Policy | None:
+        """Return the route's policy: None when exempt, else ``policy`` or ``base`` with ``changes``.
+
+        Args:
+            base: the policy the middleware would use for the path (None when
+                its path patterns exempt the path).
+            default: the middleware's default policy, used when ``base`` is None.
+        """
+        if self.exempt:
+            return None
+        policy = self.policy or base or default
+        if not self.changes:
+            return policy
+        derived = self._derived.get((id(base), id(default)))
+        if derived is not None and derived[0] is base and derived[1] is default:
+            return derived[2]
+        result = policy.replace(**self.changes)
+        self._derived[(id(base), id(default))] = (base, default, result)
+        return result
+
+
+def default_principal(authorization: bytes | None, client_host: str | None) -> str:
+    """The default principal: a hash of the ``Authorization`` credentials.
+
+    Without credentials, the client's address (behind a proxy, have the
+    server report the real client's), so two anonymous callers are never one
+    silent global bucket (shared/cases B11). Only when the server reports no
+    client address either is the principal ``"anonymous"``. Every adapter
+    uses this rule, so one client has one principal whichever adapter serves it.
+
+    Args:
+        authorization: the raw ``Authorization`` header value, or None.
+        client_host: the client's address as the server reports it, or None.
+    """
+    if authorization is not None:
+        return principal_from_credentials(authorization)
+    return "addr:" + client_host if client_host else "anonymous"
 
 
 def check_key(policy: Policy, method: str, path: str, key_values: Sequence[bytes]) -> str | StoredResponse | None:
@@ -155,9 +259,16 @@ class ResponseCapture:
         self.verdict = Verdict.RELEASE
 
     def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> Verdict:
-        """Record the status line and headers; return the verdict for the status."""
+        """Record the status line and headers; return the verdict for the status.
+
+        Calling it again (a WSGI app's ``start_response`` with ``exc_info``)
+        starts the capture over.
+        """
         policy = self._policy
         self._status = status
+        self._headers = ()
+        self._chunks = []
+        self._size = 0
         self.verdict = policy.verdict_for_status(status)
         if self.verdict is Verdict.STORE:
             stores = policy.stores_raw_header

@@ -25,6 +25,7 @@ __all__ = [
     "parse_key",
     "parse_key_value",
     "principal_from_credentials",
+    "split_folded",
 ]
 
 #: The longest key accepted, in characters (DESIGN: 1-255 printable ASCII).
@@ -64,6 +65,40 @@ def parse_key(values: Sequence[bytes]) -> str | None:
         if other != first:
             raise InvalidKey("The request has two Idempotency-Key header lines with different values.")
     return parse_key_value(first)
+
+
+def split_folded(value: bytes) -> list[bytes]:
+    """Split a header value that a server folded from several lines back into lines.
+
+    WSGI servers (PEP 3333 ``HTTP_*`` variables) and Django join repeated
+    header lines with commas (RFC 9110 section 5.3). Commas inside an
+    sf-string (``"a,b"``) belong to the value, so they do not split it.
+
+    Args:
+        value: the folded value, latin-1 bytes.
+
+    Returns:
+        The values, each stripped of optional whitespace; ``[value]`` when
+        there is no comma outside a quoted string.
+    """
+    if b"," not in value:
+        return [value]
+    parts: list[bytes] = []
+    start = 0
+    quoted = False
+    escaped = False
+    for index, byte in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted and byte == 0x5C:  # backslash escapes inside an sf-string
+            escaped = True
+        elif byte == 0x22:
+            quoted = not quoted
+        elif byte == 0x2C and not quoted:
+            parts.append(value[start:index].strip(b" \t"))
+            start = index + 1
+    parts.append(value[start:].strip(b" \t"))
+    return parts
 
 
 def parse_key_value(raw: bytes) -> str:

@@ -1,0 +1,384 @@
+"""Django: a middleware configured from settings, and view decorators.
+
+``settings.py``::
+
+    MIDDLEWARE = [
+        "django.middleware.security.SecurityMiddleware",
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.common.CommonMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "idempo.django.IdempotencyMiddleware",
+        ...
+    ]
+    IDEMPO = {
+        "STORE": "sqlite:///idempo.db",          # or a Store instance
+        "POLICY": {"record_ttl": 3600},          # Policy arguments, or a Policy
+        "ROUTES": {"/webhooks/*": None},         # path patterns: Policy, dict of arguments, or None
+        "PRINCIPAL": "myapp.idem.principal",     # dotted path or callable: HttpRequest -> str | None
+        "KEY_HEADER": "Idempotency-Key",
+    }
+
+``views.py``::
+
+    from idempo.django import idempotency, idempotency_exempt, idempotency_required
+
+    @idempotency_required(record_ttl=3600)   # a key is mandatory on this view
+    def pay(request): ...
+
+    @idempotency_exempt
+    def webhook(request): ...
+
+The middleware decides per view: Django resolves the URL, then calls the
+middleware's ``process_view`` with the view, whose decorator options win
+over the ``ROUTES`` patterns, which win over ``POLICY``. Replays, 400, 409,
+422 and 503 are answered from ``process_view`` without running the view;
+middleware listed after this one does not run for them either. Put it after
+``CsrfViewMiddleware`` (a forged request is refused before anything is
+replayed) and ``AuthenticationMiddleware`` (the default principal is the
+authenticated user).
+
+The HTTP behaviour is the ASGI and WSGI middlewares' (the rules live in
+:mod:`idempo._core.http`). What is particular to Django:
+
+- The default principal is ``request.user`` when authenticated, else the
+  hash of ``Authorization``, else the client address.
+- The body is read through ``request.body`` (so the view and ``request.POST``
+  still work); Django's ``DATA_UPLOAD_MAX_MEMORY_SIZE`` also bounds it, and a
+  larger body is answered with 413.
+- Streaming responses and ``FileResponse`` are captured while the server
+  iterates them; the record is settled when the body ends, and a client that
+  leaves early does not lose the record (the rest is consumed on ``close()``).
+- A view's exception is seen through ``process_exception`` (Django answers
+  500 itself), so ``Policy.exception_verdicts`` apply as on ASGI.
+- Django's header mapping holds one value per name; replays keep repeated
+  header lines (two ``Link`` lines) all the same, and a response class whose
+  ``items()`` lists repeats is captured line by line.
+
+Sync Django (WSGI) only: the middleware uses a blocking store.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, overload
+
+from asgiref.sync import markcoroutinefunction
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.utils.module_loading import import_string
+
+from ._core.flow import Proceed, begin_flow
+from ._core.http import (
+    BYPASSED_HEADER,
+    RouteOptions,
+    RouteTable,
+    body_too_large_answer,
+    check_key,
+    decision_answer,
+    principal_required_answer,
+    request_identity,
+    store_unavailable_answer,
+)
+from ._core.keys import split_folded
+from ._core.policy import Policy
+from ._core.records import StoredResponse
+from ._engine import drive_sync, logger
+from .exceptions import ConfigurationError, StoreError
+from .stores import store_from_url
+from .typing import Store
+from .wsgi import CapturedBody, _Exchange
+from .wsgi import default_principal as _wsgi_default_principal
+
+__all__ = [
+    "IdempotencyMiddleware",
+    "StoredHttpResponse",
+    "default_principal",
+    "idempotency",
+    "idempotency_exempt",
+    "idempotency_required",
+]
+
+View = TypeVar("View", bound=Callable[..., Any])
+PrincipalResolver = Callable[[HttpRequest], "str | None"]
+
+_CONFIG_KEYS = frozenset({"STORE", "POLICY", "ROUTES", "PRINCIPAL", "KEY_HEADER"})
+# Per-request state, kept on the request between process_view and __call__.
+_EXCHANGE = "_idempo_exchange"
+_BYPASSED = "_idempo_bypassed"
+_BODY_TOO_LARGE = "_idempo_body_too_large"
+
+
+def default_principal(request: HttpRequest) -> str:
+    """The default principal: the authenticated user, else the ``Authorization`` hash, else the client address.
+
+    ``"user:<pk>"`` when ``request.user`` is authenticated (set by
+    ``AuthenticationMiddleware``); otherwise :func:`idempo.wsgi.default_principal`
+    on ``request.META``, so API tokens (``Authorization``) and anonymous
+    callers (``REMOTE_ADDR``) are each their own scope (shared/cases B11).
+    """
+    user = getattr(request, "user", None)
+    if user is not None and getattr(user, "is_authenticated", False):
+        return f"user:{user.pk}"
+    return _wsgi_default_principal(request.META)
+
+
+# --- view decorators -----------------------------------------------------------------
+
+
+def _decorate(view: View, options: RouteOptions) -> View:
+    if inspect.iscoroutinefunction(view):
+
+        async def async_view(*args: Any, **kwargs: Any) -> Any:
+            return await view(*args, **kwargs)
+
+        wrapper: Any = markcoroutinefunction(functools.wraps(view)(async_view))
+    else:
+
+        def sync_view(*args: Any, **kwargs: Any) -> Any:
+            return view(*args, **kwargs)
+
+        wrapper = functools.wraps(view)(sync_view)
+    wrapper.idempo_route_options = options
+    decorated: View = wrapper
+    return decorated
+
+
+def idempotency(policy: Policy | None = None, **changes: Any) -> Callable[[View], View]:
+    """Set a view's idempotency options: ``@idempotency(record_ttl=3600)``.
+
+    Args:
+        policy: a whole :class:`~idempo.Policy` for the view; None derives the
+            view's policy from the middleware's (``ROUTES``, else ``POLICY``)
+            with ``changes``.
+        **changes: :class:`~idempo.Policy` arguments, e.g. ``record_ttl``,
+            ``lease_ttl``, ``require_key``, ``methods``.
+
+    Raises:
+        ConfigurationError: a change is not a valid Policy argument value.
+        TypeError: a change is not a Policy argument.
+    """
+    options = RouteOptions(policy=policy, changes=changes)
+    return lambda view: _decorate(view, options)
+
+
+@overload
+def idempotency_required(view: View, /) -> View: ...
+@overload
+def idempotency_required(*, policy: Policy | None = None, **changes: Any) -> Callable[[View], View]: ...
+def idempotency_required(
+    view: View | None = None, /, *, policy: Policy | None = None, **changes: Any
+) -> View | Callable[[View], View]:
+    """Require an ``Idempotency-Key`` on a view (400 without one): ``@idempotency_required``.
+
+    Takes the same arguments as :func:`idempotency`, with ``require_key=True``:
+    ``@idempotency_required(record_ttl=3600)``.
+    """
+    decorator = idempotency(policy, **{**changes, "require_key": True})
+    return decorator if view is None else decorator(view)
+
+
+def idempotency_exempt(view: View) -> View:
+    """Exempt a view from idempotency: its requests pass through untouched (like ``csrf_exempt``)."""
+    return _decorate(view, RouteOptions(exempt=True))
+
+
+# --- responses -----------------------------------------------------------------------
+
+
+class StoredHttpResponse(HttpResponse):
+    """An HttpResponse built from a stored response or problem: status, headers (repeats kept), body.
+
+    Django's header mapping holds one value per name, so repeated lines
+    (``Link``, ``Set-Cookie`` when stored) are kept aside and listed by
+    :meth:`items`, which is what Django's WSGI handler sends.
+    """
+
+    def __init__(self, stored: StoredResponse) -> None:
+        super().__init__(stored.body, status=stored.status)
+        del self.headers["Content-Type"]  # never invent one (shared/cases B14b)
+        self.repeated_headers: list[tuple[str, str]] = []
+        for raw_name, raw_value in stored.headers:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            if name in self.headers:
+                self.repeated_headers.append((name, value))
+            else:
+                self.headers[name] = value
+
+    def items(self) -> Any:
+        """Every header line, repeats included, in the order stored (repeats after the first)."""
+        return [*self.headers.items(), *self.repeated_headers]
+
+
+# --- the middleware ------------------------------------------------------------------
+
+
+class IdempotencyMiddleware:
+    """Make POST/PATCH requests with an ``Idempotency-Key`` execute at most once (Django).
+
+    Configured from ``settings.IDEMPO`` (see the module docstring); a view's
+    decorator (:func:`idempotency_required`, :func:`idempotency`,
+    :func:`idempotency_exempt`) wins over ``ROUTES``, which wins over ``POLICY``.
+
+    Raises:
+        ImproperlyConfigured: ``IDEMPO`` is missing, has an unknown key, no
+            ``STORE``, or a value idempo cannot use.
+    """
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+        config: Mapping[str, Any] | None = getattr(settings, "IDEMPO", None)
+        if not isinstance(config, Mapping) or "STORE" not in config:
+            raise ImproperlyConfigured('idempo needs settings.IDEMPO = {"STORE": "sqlite:///idempo.db", ...}')
+        unknown = set(config) - _CONFIG_KEYS
+        if unknown:
+            raise ImproperlyConfigured(f"unknown IDEMPO settings {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}")
+        try:
+            store = config["STORE"]
+            self.store: Store = store_from_url(store) if isinstance(store, str) else store
+            self.policy = _policy(config.get("POLICY"), "POLICY") or Policy()
+            routes = config.get("ROUTES") or {}
+            self._routes = RouteTable({p: _policy(v, f"ROUTES[{p!r}]") for p, v in routes.items()})
+            principal = config.get("PRINCIPAL", default_principal)
+            self.principal: PrincipalResolver = import_string(principal) if isinstance(principal, str) else principal
+        except (ConfigurationError, ImportError, TypeError) as exc:
+            raise ImproperlyConfigured(f"settings.IDEMPO: {exc}") from exc
+        self.key_header: str = config.get("KEY_HEADER", "Idempotency-Key")
+        self._meta_key = "HTTP_" + self.key_header.upper().replace("-", "_")
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        if self._meta_key in request.META and _declared_length(request) <= self.policy.max_request_body:
+            # Read the body before any process_view (CSRF's reads request.POST,
+            # which would consume a multipart stream); Django keeps it for the view.
+            try:
+                request.body  # noqa: B018
+            except RequestDataTooBig:
+                setattr(request, _BODY_TOO_LARGE, True)
+        try:
+            response = self.get_response(request)
+        except Exception as exc:
+            exchange = request.__dict__.pop(_EXCHANGE, None)
+            if exchange is not None:
+                exchange.settle(exc)
+            raise
+        exchange = request.__dict__.pop(_EXCHANGE, None)
+        if exchange is not None:
+            return _capture(exchange, response)
+        if request.__dict__.pop(_BYPASSED, False):
+            name, value = (part.decode("latin-1") for part in BYPASSED_HEADER)
+            response.headers[name] = value
+        return response
+
+    def policy_for_view(self, path: str, view: Callable[..., Any]) -> Policy | None:
+        """The policy for a request to ``view`` at ``path`` (None: exempt).
+
+        The view's decorator options over the ``ROUTES`` patterns over
+        ``POLICY``; a view's policy is derived once, then cached.
+        """
+        base = self._routes.policy_for(path, self.policy) if self._routes else self.policy
+        options: RouteOptions | None = getattr(view, "idempo_route_options", None)
+        return base if options is None else options.apply(base, self.policy)
+
+    def process_view(
+        self,
+        request: HttpRequest,
+        view_func: Callable[..., Any],
+        view_args: tuple[Any, ...],
+        view_kwargs: dict[str, Any],
+    ) -> HttpResponseBase | None:
+        """Decide for the resolved view: answer now (replay, 400, 409, 422, 413, 503) or take the lease."""
+        method = request.method or ""
+        policy = self.policy_for_view(request.path, view_func)
+        if policy is None or method not in policy.methods:
+            return None
+        raw_key = request.META.get(self._meta_key)
+        key_values = [] if raw_key is None else split_folded(raw_key.encode("latin-1"))
+        key = check_key(policy, method, request.path, key_values)
+        if key is None:
+            return None
+        if isinstance(key, StoredResponse):
+            return StoredHttpResponse(key)
+        principal = self.principal(request)
+        if principal is None:
+            return StoredHttpResponse(principal_required_answer())
+        if (
+            getattr(request, _BODY_TOO_LARGE, False)
+            or _declared_length(request) > policy.max_request_body
+            or len(request.body) > policy.max_request_body
+        ):
+            return StoredHttpResponse(body_too_large_answer(policy))
+
+        query = request.META.get("QUERY_STRING", "")
+        content_type = request.META.get("CONTENT_TYPE") or None
+        identity = request_identity(policy, principal, method, request.path, query, content_type, request.body, key)
+        try:
+            decision = drive_sync(begin_flow(identity.record_key, identity.fingerprint, policy), self.store)
+        except StoreError as exc:
+            if not policy.fail_open:
+                logger.error("idempo: store failed at begin, answering 503: %s", exc)
+                return StoredHttpResponse(store_unavailable_answer(policy))
+            logger.warning("idempo: store failed at begin, running without idempotency (fail_open): %s", exc)
+            setattr(request, _BYPASSED, True)
+            return None
+        if not isinstance(decision, Proceed):
+            return StoredHttpResponse(decision_answer(decision))
+        setattr(request, _EXCHANGE, _Exchange(self.store, policy, identity.record_key, decision.token))
+        return None
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> None:
+        """Note the view's exception: Django answers 500 itself, and the exception's verdict decides."""
+        exchange = getattr(request, _EXCHANGE, None)
+        if exchange is not None:
+            exchange.reported = exception
+
+
+def _declared_length(request: HttpRequest) -> int:
+    try:
+        return int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return 0
+
+
+def _policy(value: Any, where: str) -> Policy | None:
+    if value is None or isinstance(value, Policy):
+        return value
+    if isinstance(value, Mapping):
+        return Policy(**value)
+    raise ImproperlyConfigured(f"settings.IDEMPO {where} must be a Policy, a dict of Policy arguments or None")
+
+
+def _capture(exchange: _Exchange, response: HttpResponseBase) -> HttpResponseBase:
+    """Capture the view's response for the record; settle now, or when a streamed body ends."""
+    lines = [
+        *response.items(),
+        *(("Set-Cookie", cookie.OutputString()) for cookie in response.cookies.values()),
+    ]
+    exchange.started = True
+    exchange.capture.start(
+        response.status_code, [(name.encode("latin-1"), value.encode("latin-1")) for name, value in lines]
+    )
+    if not response.streaming:
+        assert isinstance(response, HttpResponse)
+        exchange.capture.add(response.content)
+        exchange.settle()
+        return response
+    body = CapturedBody(exchange, response.streaming_content)
+    response.streaming_content = body
+    close = response.close
+
+    def close_after_capture() -> None:
+        # First finish the body the server stopped reading (the client left),
+        # then let Django close the view's iterator and files.
+        try:
+            body.close()
+        finally:
+            close()
+
+    response.close = close_after_capture
+    return response

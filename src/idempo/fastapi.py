@@ -1,0 +1,249 @@
+"""FastAPI: route-level idempotency options, documented in the OpenAPI schema.
+
+::
+
+    from fastapi import Depends, FastAPI
+    from idempo import Policy
+    from idempo.fastapi import idempotency, idempotency_exempt, install
+
+    app = FastAPI()
+    install(app, store="sqlite:///idempo.db", policy=Policy())
+
+    @app.post("/payments", status_code=201, dependencies=[Depends(idempotency(require_key=True, record_ttl=3600))])
+    async def pay(payment: Payment) -> Receipt: ...
+
+    @app.post("/webhooks", dependencies=[Depends(idempotency_exempt)])
+    async def webhook(event: Event) -> None: ...
+
+:func:`install` adds :class:`idempo.asgi.IdempotencyMiddleware` and documents
+every route it covers: the ``Idempotency-Key`` header parameter (required
+where the route requires a key) and the 400, 409 and 422
+``application/problem+json`` answers (draft-ietf-httpapi-idempotency-key-header
+section 2.7; RFC 9457).
+
+The options are FastAPI dependencies, so they also work on a router
+(``APIRouter(dependencies=[Depends(idempotency_exempt)])``); a route's own
+options win over its router's. The middleware runs before routing, so it
+finds a request's route with Starlette's own matcher (``route.matches``, in
+the router's order) and reads the route's options once, cached. The
+dependency itself does nothing at request time.
+
+Options derive from the policy the middleware would use for the path
+(``routes`` patterns, else its default): ``idempotency(record_ttl=3600)``
+changes only the TTL; ``idempotency(policy=Policy(...))`` replaces the policy.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from ._core.http import RouteOptions, RouteTable
+from ._core.keys import MAX_KEY_LENGTH
+from ._core.policy import Policy
+from ._core.problems import PROBLEM_BASE
+from .asgi import IdempotencyMiddleware, PrincipalResolver, default_principal
+from .typing import AsyncStore
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+__all__ = ["Idempotency", "document", "idempotency", "idempotency_exempt", "install"]
+
+_PROBLEM_SCHEMA = "IdempotencyProblem"
+_PROBLEM_CONTENT = {"application/problem+json": {"schema": {"$ref": f"#/components/schemas/{_PROBLEM_SCHEMA}"}}}
+_ANSWERS = {
+    "400": "The Idempotency-Key is missing where required, or malformed.",
+    "409": "A request with this Idempotency-Key is still being processed; retry after `Retry-After` seconds.",
+    "422": "The Idempotency-Key was already used with a different request.",
+}
+
+
+class Idempotency:
+    """A FastAPI dependency that carries one route's idempotency options; made by :func:`idempotency`.
+
+    Attributes:
+        idempo_route_options: the options, read by the middleware.
+    """
+
+    __slots__ = ("idempo_route_options",)
+
+    def __init__(self, options: RouteOptions) -> None:
+        self.idempo_route_options = options
+
+    async def __call__(self) -> None:
+        """Nothing at request time: the middleware already applied the options."""
+
+    def __repr__(self) -> str:
+        return f"Idempotency({self.idempo_route_options!r})"
+
+
+def idempotency(
+    policy: Policy | None = None,
+    *,
+    require_key: bool | None = None,
+    record_ttl: float | timedelta | None = None,
+    lease_ttl: float | timedelta | None = None,
+    **changes: Any,
+) -> Idempotency:
+    """Idempotency options for one route (or router), as a dependency: ``Depends(idempotency(...))``.
+
+    Args:
+        policy: a whole :class:`~idempo.Policy` for the route, replacing the
+            middleware's; None derives the route's policy from the
+            middleware's with the changes below.
+        require_key: answer 400 when the request has no key.
+        record_ttl: seconds (or a timedelta) the route's completed records are kept.
+        lease_ttl: seconds (or a timedelta) a request holds the lease.
+        **changes: any other :class:`~idempo.Policy` argument (``methods``,
+            ``wait``, ``status_verdicts``, ...).
+
+    Raises:
+        ConfigurationError: a change is not a valid Policy argument value.
+        TypeError: a change is not a Policy argument.
+    """
+    named = {"require_key": require_key, "record_ttl": record_ttl, "lease_ttl": lease_ttl}
+    changes.update({name: value for name, value in named.items() if value is not None})
+    return Idempotency(RouteOptions(policy=policy, changes=changes))
+
+
+#: The dependency that exempts a route (or a router's routes) from idempotency:
+#: ``dependencies=[Depends(idempotency_exempt)]``.
+idempotency_exempt = Idempotency(RouteOptions(exempt=True))
+
+
+def install(
+    app: FastAPI,
+    store: AsyncStore | str,
+    *,
+    policy: Policy | None = None,
+    routes: Mapping[str, Policy | None] | None = None,
+    principal: PrincipalResolver = default_principal,
+    key_header: str = "Idempotency-Key",
+) -> None:
+    """Add :class:`idempo.asgi.IdempotencyMiddleware` to a FastAPI app and document it in the schema.
+
+    The arguments are the middleware's (see :class:`idempo.asgi.IdempotencyMiddleware`).
+    Call it once, before the app serves its first request; routes may be
+    added after it.
+
+    Raises:
+        ConfigurationError: ``routes`` holds a value that is neither a Policy
+            nor None (a bad store URL is reported when the app starts serving).
+    """
+    RouteTable(routes)  # fail here rather than on the first request
+    app.add_middleware(
+        IdempotencyMiddleware,
+        store=store,
+        policy=policy,
+        routes=routes,
+        principal=principal,
+        key_header=key_header,
+    )
+    document(app, policy=policy, routes=routes, key_header=key_header)
+
+
+def document(
+    app: FastAPI,
+    *,
+    policy: Policy | None = None,
+    routes: Mapping[str, Policy | None] | None = None,
+    key_header: str = "Idempotency-Key",
+) -> None:
+    """Document idempotency in the app's OpenAPI schema (``install`` calls it).
+
+    For every route the middleware covers (a method of its policy, not
+    exempt), adds the key header parameter (required when the route requires
+    a key) and the 400/409/422 problem answers, with an ``IdempotencyProblem``
+    schema (RFC 9457). Use it when the middleware was added by hand; pass the
+    same ``policy``, ``routes`` and ``key_header``.
+    """
+    default = policy if policy is not None else Policy()
+    table = RouteTable(routes)
+    generate: Callable[[], dict[str, Any]] = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        _add_idempotency(app, schema, default, table, key_header)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_idempotency(app: FastAPI, schema: dict[str, Any], default: Policy, table: RouteTable, key_header: str) -> None:
+    from .asgi import _dependant_options, _flat
+
+    paths = schema.get("paths", {})
+    documented = False
+    for route in _flat(app.routes):
+        # APIRoutes, and (FastAPI 0.120+) the routes of included routers,
+        # which carry the include's prefix and dependencies.
+        if getattr(route, "dependant", None) is None or not getattr(route, "include_in_schema", False):
+            continue
+        route_policy = table.policy_for(route.path, default)
+        options = _dependant_options(route.dependant)
+        if options is not None:
+            route_policy = options.apply(route_policy, default)
+        if route_policy is None:
+            continue
+        for method in route.methods or ():
+            operation = paths.get(route.path_format, {}).get(method.lower())
+            if method not in route_policy.methods or operation is None:
+                continue
+            _document_operation(operation, route_policy, key_header)
+            documented = True
+    if documented:
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas[_PROBLEM_SCHEMA] = _problem_schema()
+
+
+def _document_operation(operation: dict[str, Any], policy: Policy, key_header: str) -> None:
+    parameters: list[dict[str, Any]] = operation.setdefault("parameters", [])
+    name = key_header.lower()
+    if not any(p.get("in") == "header" and str(p.get("name", "")).lower() == name for p in parameters):
+        parameters.append(
+            {
+                "name": key_header,
+                "in": "header",
+                "required": policy.require_key,
+                "description": (
+                    "A unique value (e.g. a UUID) that makes retries of this request safe: it executes once per key,"
+                    " and a repeat gets the first answer with `Idempotent-Replayed: true`. Sent bare or as an RFC 9651"
+                    " sf-string (draft-ietf-httpapi-idempotency-key-header)."
+                ),
+                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH + 2},
+            }
+        )
+    responses: dict[str, Any] = operation.setdefault("responses", {})
+    for status, description in _ANSWERS.items():
+        existing = responses.get(status)
+        if existing is None:
+            answer: dict[str, Any] = {"description": description, "content": copy.deepcopy(_PROBLEM_CONTENT)}
+            if status == "409":
+                answer["headers"] = {
+                    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+                }
+            responses[status] = answer
+        else:
+            # FastAPI's own 422 (validation error) stays; the mismatch is added beside it.
+            existing.setdefault("content", {}).update(copy.deepcopy(_PROBLEM_CONTENT))
+            existing["description"] = f"{existing.get('description', '')} Or: {description}".strip()
+
+
+def _problem_schema() -> dict[str, Any]:
+    return {
+        "title": "Problem",
+        "description": f"An RFC 9457 problem; `type` is one of the {PROBLEM_BASE}* URIs.",
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "format": "uri"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+        },
+        "required": ["type", "title", "status", "detail"],
+    }

@@ -1,0 +1,430 @@
+"""WSGI middleware: idempotency for any WSGI app (Flask, Django, Pyramid, Bottle, ...).
+
+::
+
+    from flask import Flask
+    from idempo import Policy
+    from idempo.wsgi import IdempotencyMiddleware
+
+    app = Flask(__name__)
+    app.wsgi_app = IdempotencyMiddleware(app.wsgi_app, "sqlite:///idempo.db", policy=Policy(require_key=True))
+
+The behaviour is the ASGI middleware's (:mod:`idempo.asgi`), rule for rule:
+both ask :mod:`idempo._core.http` what to answer, and this one drives the
+protocol against a blocking :class:`~idempo.typing.Store` with
+:func:`idempo._engine.drive_sync`. What is particular to WSGI (PEP 3333):
+
+- The request body is read from ``wsgi.input`` (at most ``CONTENT_LENGTH``
+  bytes, refused with 413 past ``Policy.max_request_body`` before reading)
+  and handed to the app as a fresh ``io.BytesIO``.
+- Servers fold repeated header lines into one comma-separated
+  ``HTTP_IDEMPOTENCY_KEY``; it is split back (commas inside an sf-string
+  stay), so two different keys are a 400 as on ASGI.
+- The response is captured through ``start_response`` (``exc_info`` restarts
+  it; the legacy ``write`` callable is captured too) and while the server
+  iterates the body. The record is settled when the app's iterable is
+  exhausted, one chunk before the client receives the end of the body, so a
+  client that retries as soon as it has the answer finds the record settled.
+  The app's iterable is always closed (its ``close()``, e.g. a generator's).
+- A client that goes away mid-body makes the server stop iterating and call
+  ``close()``: the rest of the app's iterable is consumed and the record
+  settled, so the retry gets the replay (shared/cases B04).
+- ``wsgi.file_wrapper`` is withheld from apps whose response is captured, so
+  file responses pass through the capture like any other body.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from http import HTTPStatus
+from types import TracebackType
+from wsgiref.types import StartResponse as StartResponse
+from wsgiref.types import WSGIApplication, WSGIEnvironment
+
+from ._core.flow import Proceed, begin_flow, finish
+from ._core.http import (
+    BYPASSED_HEADER,
+    ResponseCapture,
+    RouteTable,
+    body_too_large_answer,
+    check_key,
+    decision_answer,
+    principal_required_answer,
+    request_identity,
+    store_unavailable_answer,
+)
+from ._core.http import default_principal as _default_principal
+from ._core.keys import split_folded
+from ._core.policy import Policy, Verdict
+from ._core.records import StoredResponse
+from ._engine import drive_sync, logger, settle_sync
+from .exceptions import StoreError
+from .stores import store_from_url
+from .typing import Store
+
+__all__ = [
+    "EXCHANGE_ENVIRON_KEY",
+    "CapturedBody",
+    "IdempotencyMiddleware",
+    "default_principal",
+    "read_body",
+    "report_exception",
+    "request_path",
+]
+
+Environ = WSGIEnvironment
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+Write = Callable[[bytes], object]
+WSGIApp = WSGIApplication
+
+#: Resolves the principal (who sent the request) from the WSGI environ.
+PrincipalResolver = Callable[[Environ], "str | None"]
+
+#: The environ key under which the middleware leaves the state of a request it
+#: executes; :func:`report_exception` reads it.
+EXCHANGE_ENVIRON_KEY = "idempo.exchange"
+
+_READ_CHUNK = 64 * 1024
+
+
+def default_principal(environ: Environ) -> str:
+    """The default principal: a hash of the ``Authorization`` credentials, else ``REMOTE_ADDR``.
+
+    The same rule as :func:`idempo.asgi.default_principal` (shared/cases B11):
+    two anonymous callers are never one global bucket. Behind a proxy, have
+    the server set ``REMOTE_ADDR`` to the real client's (waitress
+    ``trusted_proxy``, werkzeug's ``ProxyFix``).
+    """
+    authorization = environ.get("HTTP_AUTHORIZATION")
+    raw = authorization.encode("latin-1") if authorization is not None else None
+    return _default_principal(raw, environ.get("REMOTE_ADDR") or None)
+
+
+def report_exception(environ: Environ, exc: BaseException) -> None:
+    """Tell the middleware that the handler raised ``exc`` though the framework answered anyway.
+
+    Frameworks such as Flask catch a handler's exception and answer 500
+    themselves, so the middleware never sees the exception. Reporting it lets
+    ``Policy.exception_verdicts`` decide what happens to the record, as on
+    ASGI; :class:`idempo.flask.Idempotency` does this for Flask. A no-op for
+    requests the middleware does not execute.
+
+    Args:
+        environ: the request's WSGI environ.
+        exc: the exception the handler raised.
+    """
+    exchange = environ.get(EXCHANGE_ENVIRON_KEY)
+    if isinstance(exchange, _Exchange):
+        exchange.reported = exc
+
+
+def request_path(environ: Environ) -> str:
+    """The request path as ASGI servers report it: ``SCRIPT_NAME + PATH_INFO``, URL-decoded, UTF-8.
+
+    PEP 3333 hands the path as latin-1 text of the raw bytes; decoding the
+    bytes as UTF-8 gives the path an ASGI server would, so one request has one
+    record key and fingerprint under either middleware.
+    """
+    raw: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    try:
+        return raw.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a server that already decoded it
+        return raw
+
+
+class IdempotencyMiddleware:
+    """Make POST/PATCH requests with an ``Idempotency-Key`` execute at most once (WSGI).
+
+    Args:
+        app: the WSGI app to wrap (for Flask, ``app.wsgi_app``; see also
+            :class:`idempo.flask.Idempotency`).
+        store: a blocking :class:`~idempo.typing.Store`, or a store URL such
+            as ``"sqlite:///idempo.db"`` or ``"memory://"``.
+        policy: the default :class:`~idempo.Policy` (methods, TTLs, wait, ...).
+            In wait mode a duplicate holds a server thread while it waits.
+        routes: per-path policies: glob patterns (``fnmatch``, e.g.
+            ``"/payments*"``) mapped to a Policy, or to None to exempt the
+            path. The first matching pattern wins; unmatched paths use ``policy``.
+            Paths include ``SCRIPT_NAME``.
+        principal: returns who sent the request, from the WSGI environ; the
+            key is unique per principal, method and path, and a response is
+            never replayed to another principal. Returning None answers 400
+            (no anonymous bucket). Default :func:`default_principal`.
+        key_header: the request header carrying the key.
+
+    Raises:
+        ConfigurationError: the store URL is unknown or ``routes`` holds a
+            value that is neither a Policy nor None.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        store: Store | str,
+        *,
+        policy: Policy | None = None,
+        routes: Mapping[str, Policy | None] | None = None,
+        principal: PrincipalResolver = default_principal,
+        key_header: str = "Idempotency-Key",
+    ) -> None:
+        self.app = app
+        self.store: Store = store_from_url(store) if isinstance(store, str) else store
+        self.policy = policy if policy is not None else Policy()
+        self._routes = RouteTable(routes)
+        self.principal = principal
+        self.key_header = key_header
+        self._environ_key = "HTTP_" + key_header.upper().replace("-", "_")
+
+    def policy_for(self, path: str) -> Policy | None:
+        """Return the policy for a path from the ``routes`` patterns, or None when the path is exempt."""
+        return self._routes.policy_for(path, self.policy)
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        policy = self._routes.policy_for(request_path(environ), self.policy) if self._routes else self.policy
+        return self.handle(environ, start_response, self.app, policy)
+
+    def handle(
+        self, environ: Environ, start_response: StartResponse, app: WSGIApp, policy: Policy | None
+    ) -> Iterable[bytes]:
+        """Serve one request with ``app`` under ``policy`` (None: pass it through untouched).
+
+        The engine behind :meth:`__call__`, also used by the Django middleware
+        once Django has resolved the view's policy.
+        """
+        method: str = environ["REQUEST_METHOD"]
+        if policy is None or method not in policy.methods:
+            return app(environ, start_response)
+        path = request_path(environ)
+        raw_key = environ.get(self._environ_key)
+        key_values = [] if raw_key is None else split_folded(raw_key.encode("latin-1"))
+        key = check_key(policy, method, path, key_values)
+        if key is None:
+            return app(environ, start_response)
+        if isinstance(key, StoredResponse):
+            return _answer(start_response, key)
+        principal = self.principal(environ)
+        if principal is None:
+            return _answer(start_response, principal_required_answer())
+        body = read_body(environ, policy.max_request_body)
+        if body is None:
+            return _answer(start_response, body_too_large_answer(policy))
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+
+        query = environ.get("QUERY_STRING", "")
+        content_type = environ.get("CONTENT_TYPE") or None
+        identity = request_identity(policy, principal, method, path, query, content_type, body, key)
+        try:
+            decision = drive_sync(begin_flow(identity.record_key, identity.fingerprint, policy), self.store)
+        except StoreError as exc:
+            return self._store_failed(exc, policy, app, environ, start_response)
+        if not isinstance(decision, Proceed):
+            return _answer(start_response, decision_answer(decision))
+        return self._execute(
+            _Exchange(self.store, policy, identity.record_key, decision.token), app, environ, start_response
+        )
+
+    def _store_failed(
+        self, exc: StoreError, policy: Policy, app: WSGIApp, environ: Environ, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """Fail closed with 503, or run the app unprotected when the policy fails open."""
+        if not policy.fail_open:
+            logger.error("idempo: store failed at begin, answering 503: %s", exc)
+            return _answer(start_response, store_unavailable_answer(policy))
+        logger.warning("idempo: store failed at begin, running without idempotency (fail_open): %s", exc)
+        name, value = (part.decode("latin-1") for part in BYPASSED_HEADER)
+
+        def marked_start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
+        ) -> Write:
+            return start_response(status, [*headers, (name, value)], exc_info)
+
+        return app(environ, marked_start_response)
+
+    def _execute(
+        self, exchange: _Exchange, app: WSGIApp, environ: Environ, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """Run the app holding the lease; capture its response; settle the record when the body ends."""
+        environ[EXCHANGE_ENVIRON_KEY] = exchange
+        environ.pop("wsgi.file_wrapper", None)
+        capture = exchange.capture
+
+        def capture_start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
+        ) -> Write:
+            # PEP 3333: a second call carries exc_info; the server's own
+            # start_response re-raises it once the headers are sent.
+            write = start_response(status, headers, exc_info)
+            exchange.started = True
+            capture.start(_status_code(status), [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers])
+
+            def capture_write(data: bytes) -> object:
+                capture.add(data)
+                return write(data)
+
+            return capture_write
+
+        try:
+            body = app(environ, capture_start_response)
+        except Exception as exc:
+            exchange.settle(exc)
+            raise
+        return CapturedBody(exchange, body)
+
+
+class _Exchange:
+    """One executing request: its lease, the capture of its response, and its settling."""
+
+    __slots__ = ("capture", "policy", "record_key", "reported", "settled", "started", "store", "token")
+
+    def __init__(self, store: Store, policy: Policy, record_key: str, token: int) -> None:
+        self.store = store
+        self.policy = policy
+        self.record_key = record_key
+        self.token = token
+        self.capture = ResponseCapture(policy)
+        self.started = False
+        self.settled = False
+        self.reported: BaseException | None = None
+
+    def settle(self, raised: Exception | None = None) -> None:
+        """Settle the record once: by the exception the app raised, else by the captured response.
+
+        A response that is not stored, answered for an exception the
+        framework reported (:func:`report_exception`), is settled by that
+        exception's verdict, as on ASGI.
+        """
+        if self.settled:
+            return
+        self.settled = True
+        capture = self.capture
+        response: StoredResponse | None = None
+        if raised is not None:
+            verdict = self.policy.verdict_for_exception(raised)
+        elif not self.started:
+            verdict = Verdict.RELEASE  # the body ended without a status line: nothing whole to store
+        elif capture.verdict is not Verdict.STORE and self.reported is not None:
+            verdict = self.policy.verdict_for_exception(self.reported)
+        else:
+            response, verdict = capture.response(), capture.verdict
+        settle_sync(self.store, finish(self.policy, self.record_key, self.token, response, verdict=verdict))
+
+
+class CapturedBody:
+    """The app's response body as the server iterates it: captured, and the record settled at its end.
+
+    One chunk is held back until the next one exists, so the record is
+    settled before the last chunk reaches the server (and the client).
+    :meth:`close` finishes an iteration the server stopped early (the client
+    left) and always closes the app's iterable.
+    """
+
+    __slots__ = ("_body", "_done", "_exchange", "_held", "_iterator")
+
+    def __init__(self, exchange: _Exchange, body: Iterable[bytes]) -> None:
+        self._exchange = exchange
+        self._body = body
+        self._iterator: Iterator[bytes] | None = None
+        self._held: bytes | None = None
+        self._done = False
+
+    def __iter__(self) -> CapturedBody:
+        return self
+
+    def __next__(self) -> bytes:
+        while not self._done:
+            try:
+                if self._iterator is None:
+                    self._iterator = iter(self._body)
+                chunk = next(self._iterator)
+            except StopIteration:
+                self._done = True
+                self._exchange.settle()
+                break
+            except Exception as exc:
+                self._done = True
+                self._exchange.settle(exc)
+                raise
+            except BaseException:
+                # A crash (SystemExit, KeyboardInterrupt): the side effect may be
+                # half done, so the lease is left to expire (DESIGN, B03).
+                self._done = True
+                raise
+            self._exchange.capture.add(chunk)
+            held, self._held = self._held, chunk
+            if held is not None:
+                return held
+        held, self._held = self._held, None
+        if held is None:
+            raise StopIteration
+        return held
+
+    def close(self) -> None:
+        """Consume what the server left unread, settle, and close the app's iterable."""
+        try:
+            if not self._done:
+                logger.info("idempo: the server stopped reading the response (client gone); finishing it")
+                self._held = None
+                for _ in self:
+                    pass
+        finally:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+
+
+def read_body(environ: Environ, limit: int) -> bytes | None:
+    """Read the request body from ``wsgi.input``; None when it exceeds ``limit`` bytes.
+
+    Reads at most ``CONTENT_LENGTH`` bytes (PEP 3333: never past it); a
+    larger declared length is refused before reading. Without a length, the
+    body is read to its end only when the server says the input is
+    terminated (``wsgi.input_terminated``), else it is empty.
+    """
+    stream = environ.get("wsgi.input")
+    if stream is None:
+        return b""
+    declared = (environ.get("CONTENT_LENGTH") or "").strip()
+    if declared:
+        try:
+            remaining = max(int(declared), 0)
+        except ValueError:
+            remaining = 0
+        if remaining > limit:
+            return None
+    elif environ.get("wsgi.input_terminated"):
+        remaining = limit + 1
+    else:
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    while remaining > 0:
+        chunk: bytes = stream.read(min(remaining, _READ_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        remaining -= len(chunk)
+    if size > limit:
+        return None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _status_line(status: int) -> str:
+    """``201`` -> ``"201 Created"`` (a bare number for codes without a registered phrase)."""
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
+
+
+def _answer(start_response: StartResponse, response: StoredResponse) -> list[bytes]:
+    """Answer with a stored response or a problem: its status, headers (repeats kept) and body."""
+    headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in response.headers]
+    start_response(_status_line(response.status), headers)
+    return [response.body]
+
+
+def _status_code(status: str) -> int:
+    return int(status.split(" ", 1)[0])

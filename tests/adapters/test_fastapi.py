@@ -1,0 +1,219 @@
+"""FastAPI route options (idempo.fastapi): per-route key requirement, TTL and exemption, and the OpenAPI schema."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import APIRouter, Depends, FastAPI
+from pydantic import BaseModel
+
+from idempo import Policy
+from idempo.asgi import IdempotencyMiddleware
+from idempo.fastapi import idempotency, idempotency_exempt, install
+from idempo.stores import AsyncMemoryStore
+from tests.adapters.conftest import JSON
+from tests.support.clock import FakeClock
+from tests.support.servers import running_asgi
+
+
+class Payment(BaseModel):
+    """A request body, so FastAPI adds its own 422 (validation error) to the schema."""
+
+    amount: int
+
+
+@dataclass
+class App:
+    """The FastAPI app under test, its server's client, its clock and its handler counts."""
+
+    app: FastAPI
+    client: httpx.Client
+    clock: FakeClock
+    calls: dict[str, int]
+
+    def post(self, path: str, key: str | None, body: bytes = b'{"amount":1}') -> httpx.Response:
+        headers = dict(JSON)
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        return self.client.post(path, content=body, headers=headers)
+
+
+def build(calls: dict[str, int]) -> FastAPI:
+    """Routes with every kind of option, at route and at router level."""
+    app = FastAPI()
+
+    def count(name: str) -> dict[str, int]:
+        calls[name] = calls.get(name, 0) + 1
+        return {"n": calls[name]}
+
+    @app.post("/payments", status_code=201, dependencies=[Depends(idempotency(require_key=True, record_ttl=60))])
+    async def pay(payment: Payment) -> dict[str, int]:
+        return count("payments")
+
+    @app.post("/items/{item_id}", status_code=201, dependencies=[Depends(idempotency(require_key=True))])
+    async def item(item_id: int) -> dict[str, int]:
+        return count(f"items/{item_id}")
+
+    @app.post("/webhooks", status_code=201, dependencies=[Depends(idempotency_exempt)])
+    async def webhook(payment: Payment) -> dict[str, int]:
+        return count("webhooks")
+
+    @app.post("/orders", status_code=201)
+    async def order() -> dict[str, int]:
+        return count("orders")
+
+    internal = APIRouter(prefix="/internal", dependencies=[Depends(idempotency_exempt)])
+
+    @internal.post("/jobs", status_code=201)
+    async def job() -> dict[str, int]:
+        return count("jobs")
+
+    @internal.post("/charges", status_code=201, dependencies=[Depends(idempotency(require_key=True))])
+    async def charge() -> dict[str, int]:
+        return count("charges")
+
+    app.include_router(internal)
+    return app
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[App]:
+    """The app with idempo.fastapi.install, under uvicorn (one server for the module; each test uses fresh keys)."""
+    calls: dict[str, int] = {}
+    clock = FakeClock()
+    app = build(calls)
+    install(app, AsyncMemoryStore(clock=clock), policy=Policy())
+    with running_asgi(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        yield App(app, client, clock, calls)
+
+
+def fresh_key() -> str:
+    return str(uuid.uuid4())
+
+
+def test_route_can_require_a_key(served: App) -> None:
+    """A route with idempotency(require_key=True) answers 400 problem+json without a key; others do not."""
+    missing = served.post("/payments", None)
+    assert missing.status_code == 400
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert missing.json()["type"] == "https://idempo.dev/problems/missing-key"
+    assert served.post("/orders", None).status_code == 201
+
+
+def test_route_with_path_parameters_is_matched(served: App) -> None:
+    """The middleware finds /items/{item_id} with Starlette's own matcher: its options apply."""
+    assert served.post("/items/7", None).status_code == 400
+    key = fresh_key()
+    first = served.post("/items/7", key)
+    assert first.status_code == 201
+    assert served.post("/items/7", key).headers["idempotent-replayed"] == "true"
+    assert served.calls["items/7"] == 1
+
+
+def test_route_ttl_overrides_the_default(served: App) -> None:
+    """record_ttl=60 on /payments: the key is new after 61 s, while /orders (24 h) still replays."""
+    payment, order = fresh_key(), fresh_key()
+    served.post("/payments", payment)
+    served.post("/orders", order)
+    before = (served.calls["payments"], served.calls["orders"])
+    served.clock.advance(61)
+    again = served.post("/payments", payment)
+    assert "idempotent-replayed" not in again.headers
+    assert served.post("/orders", order).headers["idempotent-replayed"] == "true"
+    assert (served.calls["payments"], served.calls["orders"]) == (before[0] + 1, before[1])
+
+
+def test_exempt_route_executes_every_time(served: App) -> None:
+    """Depends(idempotency_exempt): the same key executes twice, nothing is replayed."""
+    key = fresh_key()
+    before = served.calls.get("webhooks", 0)
+    first = served.post("/webhooks", key)
+    second = served.post("/webhooks", key)
+    assert first.status_code == second.status_code == 201
+    assert "idempotent-replayed" not in second.headers
+    assert served.calls["webhooks"] == before + 2
+
+
+def test_router_options_apply_and_a_route_overrides_them(served: App) -> None:
+    """A router's idempotency_exempt covers its routes; a route's own idempotency(...) wins over it."""
+    key = fresh_key()
+    served.post("/internal/jobs", key)
+    assert "idempotent-replayed" not in served.post("/internal/jobs", key).headers
+    assert served.post("/internal/charges", None).status_code == 400
+    served.post("/internal/charges", key)
+    assert served.post("/internal/charges", key).headers["idempotent-replayed"] == "true"
+
+
+def test_options_work_when_the_middleware_wraps_the_app_from_outside() -> None:
+    """IdempotencyMiddleware(app) around a FastAPI app (no scope["app"] yet) still finds the route's options."""
+    calls: dict[str, int] = {}
+    app = IdempotencyMiddleware(build(calls), AsyncMemoryStore())
+    with running_asgi(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        missing = client.post("/payments", content=b'{"amount":1}', headers=JSON)
+        key = {**JSON, "Idempotency-Key": fresh_key()}
+        client.post("/webhooks", content=b'{"amount":1}', headers=key)
+        client.post("/webhooks", content=b'{"amount":1}', headers=key)
+    assert missing.status_code == 400
+    assert calls["webhooks"] == 2
+
+
+def operation(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    result: dict[str, Any] = schema["paths"][path]["post"]
+    return result
+
+
+def key_parameter(op: dict[str, Any]) -> dict[str, Any] | None:
+    for parameter in op.get("parameters", []):
+        if parameter["in"] == "header" and parameter["name"] == "Idempotency-Key":
+            return dict(parameter)
+    return None
+
+
+def test_openapi_documents_the_key_header_and_problem_answers(served: App) -> None:
+    """Covered routes show the Idempotency-Key header (required where the route requires it) and 400/409/422."""
+    schema = served.client.get("/openapi.json").json()
+    problem_ref = {"$ref": "#/components/schemas/IdempotencyProblem"}
+
+    payments = operation(schema, "/payments")
+    parameter = key_parameter(payments)
+    assert parameter is not None
+    assert parameter["required"] is True
+    assert parameter["schema"]["type"] == "string"
+    for status in ("400", "409", "422"):
+        assert payments["responses"][status]["content"]["application/problem+json"]["schema"] == problem_ref
+    assert "Retry-After" in payments["responses"]["409"]["headers"]
+    # FastAPI's own validation error stays beside the mismatch.
+    assert "application/json" in payments["responses"]["422"]["content"]
+
+    orders = operation(schema, "/orders")
+    parameter = key_parameter(orders)
+    assert parameter is not None
+    assert parameter["required"] is False
+    assert "409" in orders["responses"]
+
+    assert key_parameter(operation(schema, "/items/{item_id}"))["required"] is True  # type: ignore[index]
+    assert key_parameter(operation(schema, "/internal/charges"))["required"] is True  # type: ignore[index]
+    for exempt in ("/webhooks", "/internal/jobs"):
+        assert key_parameter(operation(schema, exempt)) is None
+        assert "409" not in operation(schema, exempt)["responses"]
+
+    problem = schema["components"]["schemas"]["IdempotencyProblem"]
+    assert set(problem["required"]) == {"type", "title", "status", "detail"}
+
+
+def test_openapi_is_generated_once_and_cached(served: App) -> None:
+    """app.openapi() returns the cached schema: the additions are made once, not on every call."""
+    first = served.app.openapi()
+    assert served.app.openapi() is first
+    assert len([p for p in operation(first, "/orders")["parameters"] if p["name"] == "Idempotency-Key"]) == 1
+
+
+def test_idempotency_rejects_unknown_policy_arguments() -> None:
+    """A misspelt option fails where the route is declared, not on its first request."""
+    with pytest.raises(TypeError):
+        idempotency(record_tll=60)
