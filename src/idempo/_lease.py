@@ -29,6 +29,10 @@ from .typing import AsyncStore, Store
 __all__ = ["AsyncLeaseKeeper", "LeaseKeeper"]
 
 
+# Seconds: how late a blocking renewal may run at most beyond its due time.
+_GRANULARITY = 0.05
+
+
 def _interval(lease_ttl_ms: int) -> float:
     """Seconds between renewals: a third of the lease, so two renewals may fail before it lapses."""
     return max(lease_ttl_ms / 3000, 0.001)
@@ -92,12 +96,16 @@ class AsyncLeaseKeeper:
 
     async def stop(self) -> None:
         """Stop renewing; waits for a renewal in flight, so it never lands after the record settles."""
+        self.cancel()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    def cancel(self) -> None:
+        """Stop renewing without waiting (a crash path: the lease is left to expire)."""
         if self._handle is not None:
             self._handle.cancel()
-        if self._task is not None:
-            assert self._stopped is not None
+        if self._stopped is not None:
             self._stopped.set()
-            await asyncio.shield(self._task)
 
 
 class _Scheduler:
@@ -123,10 +131,16 @@ class _Scheduler:
             with self._wake:
                 while not self._heap or self._heap[0][0] > time.monotonic():
                     timeout = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._wake.wait(timeout)
-                _, _, keeper = heapq.heappop(self._heap)
-            if keeper.renew():
-                self.add(keeper, time.monotonic() + keeper.interval)
+                    # Renewals need no precision finer than this; waking for
+                    # every finished request's entry would cost CPU under load.
+                    self._wake.wait(None if timeout is None else max(timeout, _GRANULARITY))
+                now = time.monotonic()
+                due = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[2])
+            for keeper in due:
+                if keeper.renew():
+                    self.add(keeper, time.monotonic() + keeper.interval)
 
 
 _SCHEDULER = _Scheduler()

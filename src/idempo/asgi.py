@@ -41,7 +41,8 @@ from ._core.http import default_principal as _default_principal
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
 from ._engine import drive_async, logger, settle_async
-from .exceptions import StoreError
+from ._lease import AsyncLeaseKeeper
+from .exceptions import ConfigurationError, StoreError
 from .stores import async_store_from_url
 from .typing import AsyncStore
 
@@ -151,6 +152,7 @@ class IdempotencyMiddleware:
     ) -> None:
         self.app = app
         self.store: AsyncStore = async_store_from_url(store) if isinstance(store, str) else store
+        self._owns_store = isinstance(store, str)
         self.policy = policy if policy is not None else Policy()
         self._routes = RouteTable(routes)
         self.principal = principal
@@ -162,9 +164,39 @@ class IdempotencyMiddleware:
         """Return the policy for a path from the ``routes`` patterns, or None when the path is exempt."""
         return self._routes.policy_for(path, self.policy)
 
+    def _lifespan_send(self, send: Send) -> Send:
+        """Open the store at startup and close a store built from a URL at shutdown.
+
+        Opening at startup (``store.open()`` where the store has one: the
+        PostgreSQL store checks its schema version, a Redis Cluster reads its
+        slot map) turns a misconfigured store into a failed startup instead of
+        an error on the first request. A store passed in as an object is the
+        caller's to close.
+        """
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                open_ = getattr(self.store, "open", None)
+                if open_ is not None:
+                    try:
+                        await open_()
+                    except (ConfigurationError, StoreError) as exc:
+                        if self._owns_store:
+                            await self.store.aclose()
+                        await send({"type": "lifespan.startup.failed", "message": f"idempo: {exc}"})
+                        return
+            elif message["type"] == "lifespan.shutdown.complete" and self._owns_store:
+                await self.store.aclose()
+            await send(message)
+
+        return lifespan_send
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan":
+                await self.app(scope, receive, self._lifespan_send(send))
+            else:
+                await self.app(scope, receive, send)
             return
         policy = self._routes.policy_for(scope["path"], self.policy) if self._routes else self.policy
         if "starlette" in sys.modules:
@@ -274,6 +306,7 @@ class IdempotencyMiddleware:
         async def settle(response: StoredResponse | None, outcome: Verdict) -> None:
             nonlocal settled
             settled = True
+            await keeper.stop()
             await settle_async(store, finish(policy, record_key, token, response, verdict=outcome))
             if done is not None:
                 done.set()
@@ -322,12 +355,17 @@ class IdempotencyMiddleware:
         # such as the route a router picked, stay visible to outer middleware.
         reported = _Reported()
         scope[EXCHANGE_SCOPE_KEY] = reported
+        keeper = AsyncLeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
         try:
             await app(scope, app_receive, capture_send)
         except Exception as exc:
             if not settled:
                 await settle(None, policy.verdict_for_exception(exc))
             raise
+        finally:
+            # A crash (cancellation, SystemExit) settles nothing: with the
+            # renewals stopped, the lease expires and a retry may execute.
+            keeper.cancel()
         if not settled:
             # Either a deferred non-stored answer (decided by the exception a
             # framework reported, if any), or the app returned without

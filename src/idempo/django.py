@@ -267,6 +267,11 @@ class IdempotencyMiddleware:
             if exchange is not None:
                 exchange.settle(exc)
             raise
+        except BaseException:
+            exchange = request.__dict__.pop(_EXCHANGE, None)
+            if exchange is not None:
+                exchange.abandon()
+            raise
         exchange = request.__dict__.pop(_EXCHANGE, None)
         if exchange is not None:
             return _capture(exchange, response)

@@ -59,6 +59,7 @@ from ._core.keys import split_folded
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
 from ._engine import drive_sync, logger, settle_sync
+from ._lease import LeaseKeeper
 from .exceptions import StoreError
 from .stores import store_from_url
 from .typing import Store
@@ -270,13 +271,16 @@ class IdempotencyMiddleware:
         except Exception as exc:
             exchange.settle(exc)
             raise
+        except BaseException:
+            exchange.abandon()
+            raise
         return CapturedBody(exchange, body)
 
 
 class _Exchange:
     """One executing request: its lease, the capture of its response, and its settling."""
 
-    __slots__ = ("capture", "policy", "record_key", "reported", "settled", "started", "store", "token")
+    __slots__ = ("capture", "keeper", "policy", "record_key", "reported", "settled", "started", "store", "token")
 
     def __init__(self, store: Store, policy: Policy, record_key: str, token: int) -> None:
         self.store = store
@@ -287,6 +291,12 @@ class _Exchange:
         self.started = False
         self.settled = False
         self.reported: BaseException | None = None
+        # Renews the lease while the app runs, so a slow app is never run twice.
+        self.keeper = LeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
+
+    def abandon(self) -> None:
+        """A crash (SystemExit, KeyboardInterrupt): settle nothing, stop renewing; the lease expires."""
+        self.keeper.stop()
 
     def settle(self, raised: Exception | None = None) -> None:
         """Settle the record once: by the exception the app raised, else by the captured response.
@@ -298,6 +308,7 @@ class _Exchange:
         if self.settled:
             return
         self.settled = True
+        self.keeper.stop()
         capture = self.capture
         response: StoredResponse | None = None
         if raised is not None:
@@ -350,6 +361,7 @@ class CapturedBody:
                 # A crash (SystemExit, KeyboardInterrupt): the side effect may be
                 # half done, so the lease is left to expire (DESIGN, B03).
                 self._done = True
+                self._exchange.abandon()
                 raise
             self._exchange.capture.add(chunk)
             held, self._held = self._held, chunk

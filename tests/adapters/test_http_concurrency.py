@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -111,3 +112,20 @@ def test_burst_in_wait_mode_replays_to_all_49(serve: ServeFactory, tmp_path: Pat
     replays = [r for r in responses if r.headers.get("idempotent-replayed") == "true"]
     assert len(replays) == 49
     assert {r.content for r in responses} == {b'{"order_id":1}'}
+
+
+def test_a_handler_slower_than_its_lease_is_never_run_twice(serve: ServeFactory) -> None:
+    """The lease is renewed while the handler runs: past the lease TTL a duplicate still gets 409, not a rerun."""
+    s = serve(store=serve.memory_store(time.time), policy=Policy(lease_ttl=0.6))  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(s.post, headers={"x-test-sleep": "2.0"})
+        assert eventually(lambda: s.orders.calls == 1)
+        time.sleep(1.2)  # twice the lease TTL: without renewal the record could be taken over now
+        duplicate = s.post()
+        assert duplicate.status_code == 409
+        original = first.result()
+    assert original.status_code == 201
+    replay = s.post()
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == original.content
+    assert s.orders.calls == 1
