@@ -39,8 +39,9 @@ from ._core.http import (
 from ._core.keys import principal_from_credentials
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import drive_async, logger, settle_async
+from ._engine import drive_async, settle_async
 from .exceptions import ConfigurationError, StoreError
+from .observability import Outcome, RequestObservation, observe_request
 from .stores import async_store_from_url
 from .typing import AsyncStore
 
@@ -111,27 +112,36 @@ class IdempotencyMiddleware:
         self.app = app
         self.store: AsyncStore = async_store_from_url(store) if isinstance(store, str) else store
         self.policy = policy if policy is not None else Policy()
-        self._routes: list[tuple[re.Pattern[str], Policy | None]] = []
+        self._routes: list[tuple[str, re.Pattern[str], Policy | None]] = []
         for pattern, route_policy in (routes or {}).items():
             if route_policy is not None and not isinstance(route_policy, Policy):
                 raise ConfigurationError(f"routes[{pattern!r}] must be a Policy or None")
-            self._routes.append((re.compile(fnmatch.translate(pattern)), route_policy))
+            self._routes.append((pattern, re.compile(fnmatch.translate(pattern)), route_policy))
         self.principal = principal
         self._key_header = key_header.lower().encode("latin-1")
 
     def policy_for(self, path: str) -> Policy | None:
         """Return the policy for a path, or None when the path is exempt."""
-        for pattern, route_policy in self._routes:
+        return self.route_for(path)[1]
+
+    def route_for(self, path: str) -> tuple[str, Policy | None]:
+        """Return the route label of a path and its policy (None when exempt).
+
+        The label is the ``routes`` pattern that matched, or ``"*"`` for the
+        default policy: logs, metrics and spans name routes by it, never by
+        raw path, so labels stay few.
+        """
+        for name, pattern, route_policy in self._routes:
             if pattern.match(path):
-                return route_policy
-        return self.policy
+                return name, route_policy
+        return "*", self.policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]
-        policy = self.policy_for(scope["path"]) if self._routes else self.policy
+        route, policy = self.route_for(scope["path"]) if self._routes else ("*", self.policy)
         if policy is None or method not in policy.methods:
             await self.app(scope, receive, send)
             return
@@ -148,48 +158,87 @@ class IdempotencyMiddleware:
         if key is None:
             await self.app(scope, receive, send)
             return
-        if isinstance(key, StoredResponse):
-            await _send_answer(send, key)
-            return
-        principal = self.principal(scope)
-        if principal is None:
-            await _send_answer(send, principal_required_answer())
-            return
-        body = await _read_body(receive, policy.max_request_body)
-        if body is None:
-            await _send_answer(send, body_too_large_answer(policy))
-            return
-
-        identity = request_identity(
-            policy, principal, method, path, scope.get("query_string", b""), content_type, body, key
-        )
+        observation = observe_request("asgi", method, route, path)
         try:
-            decision = await drive_async(begin_flow(identity.record_key, identity.fingerprint, policy), self.store)
-        except StoreError as exc:
-            await self._store_failed(exc, policy, scope, _replay_body(body, receive), send)
-            return
-        if isinstance(decision, Proceed):
-            await self._execute(policy, identity.record_key, decision.token, scope, _replay_body(body, receive), send)
-        else:
-            await _send_answer(send, decision_answer(decision))
+            if isinstance(key, StoredResponse):
+                observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
+                await _send_answer(send, key)
+                return
+            principal = self.principal(scope)
+            if principal is None:
+                observation.finish(Outcome.NO_PRINCIPAL, 400)
+                await _send_answer(send, principal_required_answer())
+                return
+            body = await _read_body(receive, policy.max_request_body)
+            if body is None:
+                observation.finish(Outcome.BODY_TOO_LARGE, 413)
+                await _send_answer(send, body_too_large_answer(policy))
+                return
 
-    async def _store_failed(self, exc: StoreError, policy: Policy, scope: Scope, receive: Receive, send: Send) -> None:
-        """Fail closed with 503, or run the app unprotected when the policy fails open."""
+            identity = request_identity(
+                policy, principal, method, path, scope.get("query_string", b""), content_type, body, key
+            )
+            observation.identify(principal, key, identity.record_key)
+            flow = begin_flow(identity.record_key, identity.fingerprint, policy)
+            try:
+                decision = await drive_async(flow, self.store, observation)
+            except StoreError as exc:
+                await self._store_failed(exc, policy, scope, _replay_body(body, receive), send, observation)
+                return
+            if isinstance(decision, Proceed):
+                receive = _replay_body(body, receive)
+                await self._execute(policy, identity.record_key, decision.token, scope, receive, send, observation)
+            else:
+                answer = decision_answer(decision)
+                observation.finish(status=answer.status)
+                await _send_answer(send, answer)
+        finally:
+            observation.finish()
+
+    async def _store_failed(
+        self,
+        exc: StoreError,
+        policy: Policy,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        observation: RequestObservation,
+    ) -> None:
+        """Fail closed with 503, or run the app unprotected when the policy fails open.
+
+        Either way the request's record says so: ``store_error`` (ERROR) or
+        ``bypassed`` (WARNING), with the store's error.
+        """
         if not policy.fail_open:
-            logger.error("idempo: store failed at begin, answering 503: %s", exc)
-            await _send_answer(send, store_unavailable_answer(policy))
+            answer = store_unavailable_answer(policy)
+            observation.finish(Outcome.STORE_ERROR, answer.status, exc)
+            await _send_answer(send, answer)
             return
-        logger.warning("idempo: store failed at begin, running without idempotency (fail_open): %s", exc)
+        observation.outcome, observation.error = Outcome.BYPASSED, exc
+        status: int | None = None
 
         async def marked_send(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), BYPASSED_HEADER]}
             await send(message)
 
-        await self.app(scope, receive, marked_send)
+        observation.handler_started()
+        try:
+            await self.app(scope, receive, marked_send)
+        finally:
+            observation.handler_finished(status)
 
     async def _execute(
-        self, policy: Policy, record_key: str, token: int, scope: Scope, receive: Receive, send: Send
+        self,
+        policy: Policy,
+        record_key: str,
+        token: int,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        observation: RequestObservation,
     ) -> None:
         """Run the app holding the lease; capture its response; settle the record.
 
@@ -222,7 +271,7 @@ class IdempotencyMiddleware:
         async def settle(response: StoredResponse | None, outcome: Verdict) -> None:
             nonlocal settled
             settled = True
-            await settle_async(store, finish(policy, record_key, token, response, verdict=outcome))
+            await settle_async(store, finish(policy, record_key, token, response, verdict=outcome), observation)
             if done is not None:
                 done.set()
 
@@ -266,12 +315,16 @@ class IdempotencyMiddleware:
         if extensions and any(name in extensions for name in _UNCAPTURABLE):
             extensions = {k: v for k, v in extensions.items() if k not in _UNCAPTURABLE}
             scope = {**scope, "extensions": extensions}
+        observation.handler_started()
         try:
             await self.app(scope, app_receive, capture_send)
         except Exception as exc:
+            observation.error = exc
             if not settled:
                 await settle(None, policy.verdict_for_exception(exc))
             raise
+        finally:
+            observation.handler_finished(start["status"] if start is not None else None)
         if not settled:
             # Either a deferred non-stored answer, or the app returned without
             # completing its response: nothing whole to store.
