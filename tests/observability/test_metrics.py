@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import queue
+import re
+import subprocess
+import sys
 import threading
 import wsgiref.simple_server
 from collections.abc import Callable, Iterator
@@ -150,3 +154,46 @@ def test_instrument_twice_reuses_the_registry_metrics() -> None:
     instrument(metrics=registry)
     instrument(metrics=registry)
     assert metrics.PrometheusMetrics.for_registry(registry) is metrics.PrometheusMetrics.for_registry(registry)
+
+
+def test_nothing_imported_until_instrumented() -> None:
+    """The middleware and the hooks import neither prometheus-client nor OpenTelemetry (clean interpreter)."""
+    code = (
+        "import sys, idempo.asgi, idempo.observability, idempo._engine\n"
+        "bad = [m for m in ('prometheus_client', 'opentelemetry') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_demo_serve_exposes_metrics() -> None:
+    """`idempo demo --serve` serves GET /metrics with the requests it answered."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "idempo", "demo", "--serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()], daemon=True)
+    reader.start()
+    try:
+        banner = ""
+        while (match := re.search(r"up at (http://127\.0\.0\.1:\d+)", banner)) is None:
+            banner = lines.get(timeout=60)
+        base_url = match.group(1)
+        payment = {"order_id": "order-1", "amount": 1999, "currency": "EUR"}
+        with httpx.Client(base_url=base_url, timeout=30, trust_env=False) as client:
+            for _ in range(2):
+                client.post("/payments", json=payment, headers={"Idempotency-Key": "demo-key"})
+            text = client.get("/metrics").text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        reader.join(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert 'idempo_requests_total{method="POST",outcome="replayed",route="*"} 1.0' in text
+    assert 'idempo_store_operation_duration_seconds_count{operation="begin",store="sqlite"} 2.0' in text
