@@ -159,41 +159,41 @@ class IdempotencyMiddleware:
             await self.app(scope, receive, send)
             return
         observation = observe_request("asgi", method, route, path)
-        try:
-            if isinstance(key, StoredResponse):
-                observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
-                await _send_answer(send, key)
-                return
-            principal = self.principal(scope)
-            if principal is None:
-                observation.finish(Outcome.NO_PRINCIPAL, 400)
-                await _send_answer(send, principal_required_answer())
-                return
-            body = await _read_body(receive, policy.max_request_body)
-            if body is None:
-                observation.finish(Outcome.BODY_TOO_LARGE, 413)
-                await _send_answer(send, body_too_large_answer(policy))
-                return
+        if isinstance(key, StoredResponse):
+            observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
+            await _send_answer(send, key)
+            return
+        principal = self.principal(scope)
+        if principal is None:
+            observation.finish(Outcome.NO_PRINCIPAL, 400)
+            await _send_answer(send, principal_required_answer())
+            return
+        body = await _read_body(receive, policy.max_request_body)
+        if body is None:
+            observation.finish(Outcome.BODY_TOO_LARGE, 413)
+            await _send_answer(send, body_too_large_answer(policy))
+            return
 
-            identity = request_identity(
-                policy, principal, method, path, scope.get("query_string", b""), content_type, body, key
-            )
-            observation.identify(principal, key, identity.record_key)
-            flow = begin_flow(identity.record_key, identity.fingerprint, policy)
+        identity = request_identity(
+            policy, principal, method, path, scope.get("query_string", b""), content_type, body, key
+        )
+        observation.identify(principal, key, identity.record_key)
+        flow = begin_flow(identity.record_key, identity.fingerprint, policy)
+        try:
+            decision = await drive_async(flow, self.store, observation)
+        except StoreError as exc:
+            await self._store_failed(exc, policy, scope, _replay_body(body, receive), send, observation)
+            return
+        if isinstance(decision, Proceed):
+            receive = _replay_body(body, receive)
             try:
-                decision = await drive_async(flow, self.store, observation)
-            except StoreError as exc:
-                await self._store_failed(exc, policy, scope, _replay_body(body, receive), send, observation)
-                return
-            if isinstance(decision, Proceed):
-                receive = _replay_body(body, receive)
                 await self._execute(policy, identity.record_key, decision.token, scope, receive, send, observation)
-            else:
-                answer = decision_answer(decision)
-                observation.finish(status=answer.status)
-                await _send_answer(send, answer)
-        finally:
-            observation.finish()
+            finally:
+                observation.finish()
+        else:
+            answer = decision_answer(decision)
+            observation.finish(status=answer.status)
+            await _send_answer(send, answer)
 
     async def _store_failed(
         self,
@@ -229,6 +229,7 @@ class IdempotencyMiddleware:
             await self.app(scope, receive, marked_send)
         finally:
             observation.handler_finished(status)
+            observation.finish()
 
     async def _execute(
         self,
