@@ -166,6 +166,13 @@ def test_nothing_imported_until_instrumented() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _answers(client: httpx.Client, path: str) -> bool:
+    try:
+        return client.get(path).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @pytest.mark.slow
 def test_demo_serve_exposes_metrics() -> None:
     """`idempo demo --serve` serves GET /metrics with the requests it answered."""
@@ -186,6 +193,8 @@ def test_demo_serve_exposes_metrics() -> None:
         base_url = match.group(1)
         payment = {"order_id": "order-1", "amount": 1999, "currency": "EUR"}
         with httpx.Client(base_url=base_url, timeout=30, trust_env=False) as client:
+            # The banner comes before uvicorn listens on the socket: wait until it answers.
+            eventually(lambda: _answers(client, "/healthz"), timeout=60)
             for _ in range(2):
                 client.post("/payments", json=payment, headers={"Idempotency-Key": "demo-key"})
             text = client.get("/metrics").text
