@@ -57,6 +57,7 @@ __all__ = [
     "LEVELS",
     "Outcome",
     "RequestObservation",
+    "error_kind",
     "instrument",
     "observe_request",
     "store_call_async",

@@ -344,6 +344,7 @@ def _serve(console: Console, workdir: Path, store_url: str, port: int) -> None:
     except OSError as exc:
         sock.close()
         raise click.ClickException(f"cannot listen on 127.0.0.1:{port} ({exc}); pick another --port") from exc
+    sock.listen(128)  # connections from the moment the URL is printed wait for uvicorn, not refused
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     app = create_app(workdir / "payments.db", store=store_url)
     mount_metrics(app)  # GET /metrics: idempo's Prometheus metrics (docs/operating.md)
