@@ -67,7 +67,10 @@ class Tracing:
             },
         )
         observation.span = span
-        observation.span_token = otel_context.attach(trace.set_span_in_context(span))
+        if span.is_recording():
+            # A span that records nothing (no SDK, or sampled out) is not made
+            # current: the context switch would be the whole cost of tracing.
+            observation.span_token = otel_context.attach(trace.set_span_in_context(span))
 
     def end_request(self, observation: RequestObservation) -> None:
         """Set the outcome's attributes, end the span and restore the previous context."""
@@ -104,20 +107,23 @@ class Tracing:
                     span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
                     span.set_attribute("error.type", type(error).__qualname__)
         finally:
-            otel_context.detach(observation.span_token)
+            if observation.span_token is not None:
+                otel_context.detach(observation.span_token)
             span.end()
             observation.span = observation.span_token = None
 
-    def start_store(self, store: str, operation: str) -> tuple[Any, Token[Context]]:
+    def start_store(self, store: str, operation: str) -> tuple[Any, Token[Context] | None]:
         """Start and make current the span of one store operation; return what :meth:`end_store` needs."""
         attributes = {"db.operation.name": operation, "idempo.store": store}
         system = _DB_SYSTEMS.get(store)
         if system is not None:
             attributes["db.system.name"] = system
         span = self.tracer.start_span(STORE_SPAN_PREFIX + operation, kind=SpanKind.CLIENT, attributes=attributes)
+        if not span.is_recording():
+            return span, None
         return span, otel_context.attach(trace.set_span_in_context(span))
 
-    def end_store(self, handle: tuple[Any, Token[Context]], result: object, error: BaseException | None) -> None:
+    def end_store(self, handle: tuple[Any, Token[Context] | None], result: object, error: BaseException | None) -> None:
         """End a store operation's span, with its result or error."""
         span, token = handle
         try:
@@ -130,5 +136,6 @@ class Tracing:
                 elif isinstance(result, Existing):
                     span.set_attribute("idempo.begin.result", result.record.state.value)
         finally:
-            otel_context.detach(token)
+            if token is not None:
+                otel_context.detach(token)
             span.end()
