@@ -12,7 +12,7 @@ This module imports no optional dependency.
 from ._core.fingerprint import fingerprint
 from ._core.keys import MAX_KEY_LENGTH, make_record_key, parse_key
 from ._core.policy import DEFAULT_EXCLUDED_HEADERS, DEFAULT_METHODS, Policy, Verdict
-from ._core.records import Acquired, BeginResult, Existing, Record, RecordState, StoredResponse
+from ._core.records import Acquired, BeginResult, Existing, Record, RecordState, StoreStats, StoredResponse
 from .decorator import idempotent
 from .exceptions import (
     ConfigurationError,
@@ -27,7 +27,7 @@ from .exceptions import (
     StoreUnavailable,
 )
 from .stores import async_store_from_url, store_from_url
-from .typing import AsyncStore, Clock, Store
+from .typing import AsyncStore, Clock, Store, SupportsStats
 
 __version__ = "0.1.0"
 
@@ -53,8 +53,10 @@ __all__ = [
     "RecordState",
     "Store",
     "StoreError",
+    "StoreStats",
     "StoreUnavailable",
     "StoredResponse",
+    "SupportsStats",
     "Verdict",
     "__version__",
     "async_store_from_url",

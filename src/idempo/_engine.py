@@ -18,6 +18,7 @@ import anyio
 from ._core.flow import Begin, Complete, Decision, Extend, Release, Sleep
 from ._core.records import BeginResult
 from .exceptions import LeaseLost, StoreError
+from .observability import RequestObservation, store_call_async, store_call_sync
 from .typing import AsyncStore, Store
 
 __all__ = ["drive_async", "drive_sync", "logger", "settle_async", "settle_sync"]
@@ -29,8 +30,10 @@ Flow = Generator[Begin | Sleep, BeginResult | None, Decision]
 Settle = Complete | Release | Extend
 
 
-def drive_sync(flow: Flow, store: Store) -> Decision:
+def drive_sync(flow: Flow, store: Store, observation: RequestObservation | None = None) -> Decision:
     """Run a flow against a blocking store; return its decision.
+
+    ``observation``, when given, is told the store time and the decision.
 
     Raises:
         StoreError: the store failed (StoreUnavailable when unreachable).
@@ -39,18 +42,21 @@ def drive_sync(flow: Flow, store: Store) -> Decision:
         command = next(flow)
         while True:
             if isinstance(command, Begin):
-                result: BeginResult | None = store.begin(command.record_key, command.fingerprint, command.lease_ttl_ms)
+                args = (command.record_key, command.fingerprint, command.lease_ttl_ms)
+                result: BeginResult | None = store_call_sync(observation, store, "begin", store.begin, *args)
             else:
                 time.sleep(command.seconds)
                 result = None
             command = flow.send(result)
     except StopIteration as stop:
         decision: Decision = stop.value
+        if observation is not None:
+            observation.decided(decision)
         return decision
 
 
-async def drive_async(flow: Flow, store: AsyncStore) -> Decision:
-    """Run a flow against an async store; return its decision.
+async def drive_async(flow: Flow, store: AsyncStore, observation: RequestObservation | None = None) -> Decision:
+    """Run a flow against an async store; return its decision (see :func:`drive_sync`).
 
     Raises:
         StoreError: the store failed (StoreUnavailable when unreachable).
@@ -59,67 +65,86 @@ async def drive_async(flow: Flow, store: AsyncStore) -> Decision:
         command = next(flow)
         while True:
             if isinstance(command, Begin):
-                result: BeginResult | None = await store.begin(
-                    command.record_key, command.fingerprint, command.lease_ttl_ms
-                )
+                call = store.begin(command.record_key, command.fingerprint, command.lease_ttl_ms)
+                result: BeginResult | None = await store_call_async(observation, store, "begin", call)
             else:
                 await anyio.sleep(command.seconds)
                 result = None
             command = flow.send(result)
     except StopIteration as stop:
         decision: Decision = stop.value
+        if observation is not None:
+            observation.decided(decision)
         return decision
 
 
-def settle_sync(store: Store, command: Settle) -> bool:
+def settle_sync(store: Store, command: Settle, observation: RequestObservation | None = None) -> bool:
     """Carry out a settling command; return True when the store took it.
 
     Never raises for the store: the handler already ran and its answer must
     still reach the client. A store failure leaves the record in progress
     until its lease expires (a retry meanwhile gets 409, never a second
     execution; shared/cases B18); a lost lease means another request took
-    the record over. Both are logged.
+    the record over. Both are logged. ``observation``, when given, is told
+    the verdict, the failure and the store time.
     """
     try:
         if isinstance(command, Complete):
-            store.complete(command.record_key, command.token, command.response, command.record_ttl_ms)
+            args: tuple[object, ...] = (command.record_key, command.token, command.response, command.record_ttl_ms)
+            store_call_sync(observation, store, "complete", store.complete, *args)
         elif isinstance(command, Release):
-            store.release(command.record_key, command.token)
+            store_call_sync(observation, store, "release", store.release, command.record_key, command.token)
         else:
-            store.extend(command.record_key, command.token, command.lease_ttl_ms)
+            args = (command.record_key, command.token, command.lease_ttl_ms)
+            store_call_sync(observation, store, "extend", store.extend, *args)
     except (StoreError, LeaseLost) as exc:
         _log_settle_failure(command, exc)
+        if observation is not None:
+            observation.settled(command, exc)
         return False
+    if observation is not None:
+        observation.settled(command, None)
     return True
 
 
-async def settle_async(store: AsyncStore, command: Settle) -> bool:
+async def settle_async(store: AsyncStore, command: Settle, observation: RequestObservation | None = None) -> bool:
     """The async twin of :func:`settle_sync`."""
     try:
         if isinstance(command, Complete):
-            await store.complete(command.record_key, command.token, command.response, command.record_ttl_ms)
+            call = store.complete(command.record_key, command.token, command.response, command.record_ttl_ms)
+            await store_call_async(observation, store, "complete", call)
         elif isinstance(command, Release):
-            await store.release(command.record_key, command.token)
+            await store_call_async(observation, store, "release", store.release(command.record_key, command.token))
         else:
-            await store.extend(command.record_key, command.token, command.lease_ttl_ms)
+            call = store.extend(command.record_key, command.token, command.lease_ttl_ms)
+            await store_call_async(observation, store, "extend", call)
     except (StoreError, LeaseLost) as exc:
         _log_settle_failure(command, exc)
+        if observation is not None:
+            observation.settled(command, exc)
         return False
+    if observation is not None:
+        observation.settled(command, None)
     return True
 
 
 def _log_settle_failure(command: Settle, exc: BaseException) -> None:
     action = type(command).__name__.lower()
+    extra = {"idempo_event": "", "idempo_operation": action, "idempo_record_key": command.record_key}
     if isinstance(exc, LeaseLost):
+        extra["idempo_event"] = "lease_lost"
         logger.warning(
             "idempo: %s refused, the lease was taken over (record %s); this result was not stored",
             action,
             command.record_key,
+            extra=extra,
         )
     else:
+        extra["idempo_event"] = "store_error"
         logger.error(
             "idempo: %s failed (record %s): %s; the record stays in progress until its lease expires",
             action,
             command.record_key,
             exc,
+            extra=extra,
         )

@@ -40,9 +40,10 @@ from ._core.http import (
 from ._core.http import default_principal as _default_principal
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import drive_async, logger, settle_async
+from ._engine import drive_async, settle_async
 from ._lease import AsyncLeaseKeeper
 from .exceptions import ConfigurationError, StoreError
+from .observability import Outcome, RequestObservation, observe_request
 from .stores import async_store_from_url
 from .typing import AsyncStore
 
@@ -198,18 +199,22 @@ class IdempotencyMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        policy = self._routes.policy_for(scope["path"], self.policy) if self._routes else self.policy
+        route, policy = self._routes.route_for(scope["path"], self.policy) if self._routes else ("*", self.policy)
         if "starlette" in sys.modules:
             options = self._route_options.find(scope, self.app)
             if options is not None:
                 policy = options.apply(policy, self.policy)
-        await self.handle(scope, receive, send, self.app, policy)
+        await self.handle(scope, receive, send, self.app, policy, route)
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, policy: Policy | None) -> None:
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, policy: Policy | None, route: str = "*"
+    ) -> None:
         """Serve one HTTP request with ``app`` under ``policy`` (None: pass it through untouched).
 
         The engine behind :meth:`__call__`, also used by the Litestar
-        middleware once Litestar has resolved the route's policy.
+        middleware once Litestar has resolved the route's policy. ``route``
+        is the label logs, metrics and spans name the route by (a pattern,
+        never a raw path).
         """
         method: str = scope["method"]
         if policy is None or method not in policy.methods:
@@ -228,52 +233,90 @@ class IdempotencyMiddleware:
         if key is None:
             await app(scope, receive, send)
             return
+        observation = observe_request("asgi", method, route, path)
         if isinstance(key, StoredResponse):
+            observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
             await _send_answer(send, key)
             return
         principal = self.principal(scope)
         if principal is None:
+            observation.finish(Outcome.NO_PRINCIPAL, 400)
             await _send_answer(send, principal_required_answer())
             return
         body = await _read_body(receive, policy.max_request_body)
         if body is None:
+            observation.finish(Outcome.BODY_TOO_LARGE, 413)
             await _send_answer(send, body_too_large_answer(policy))
             return
 
         identity = request_identity(
             policy, principal, method, path, scope.get("query_string", b""), content_type, body, key
         )
+        observation.identify(principal, key, identity.record_key)
+        flow = begin_flow(identity.record_key, identity.fingerprint, policy)
         try:
-            decision = await drive_async(begin_flow(identity.record_key, identity.fingerprint, policy), self.store)
+            decision = await drive_async(flow, self.store, observation)
         except StoreError as exc:
-            await self._store_failed(exc, policy, app, scope, _replay_body(body, receive), send)
+            await self._store_failed(exc, policy, app, scope, _replay_body(body, receive), send, observation)
             return
         if isinstance(decision, Proceed):
-            await self._execute(
-                policy, identity.record_key, decision.token, app, scope, _replay_body(body, receive), send
-            )
+            receive = _replay_body(body, receive)
+            try:
+                await self._execute(policy, identity.record_key, decision.token, app, scope, receive, send, observation)
+            finally:
+                observation.finish()
         else:
-            await _send_answer(send, decision_answer(decision))
+            answer = decision_answer(decision)
+            observation.finish(status=answer.status)
+            await _send_answer(send, answer)
 
     async def _store_failed(
-        self, exc: StoreError, policy: Policy, app: ASGIApp, scope: Scope, receive: Receive, send: Send
+        self,
+        exc: StoreError,
+        policy: Policy,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        observation: RequestObservation,
     ) -> None:
-        """Fail closed with 503, or run the app unprotected when the policy fails open."""
+        """Fail closed with 503, or run the app unprotected when the policy fails open.
+
+        Either way the request's record says so: ``store_error`` (ERROR) or
+        ``bypassed`` (WARNING), with the store's error.
+        """
         if not policy.fail_open:
-            logger.error("idempo: store failed at begin, answering 503: %s", exc)
-            await _send_answer(send, store_unavailable_answer(policy))
+            answer = store_unavailable_answer(policy)
+            observation.finish(Outcome.STORE_ERROR, answer.status, exc)
+            await _send_answer(send, answer)
             return
-        logger.warning("idempo: store failed at begin, running without idempotency (fail_open): %s", exc)
+        observation.outcome, observation.error = Outcome.BYPASSED, exc
+        status: int | None = None
 
         async def marked_send(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), BYPASSED_HEADER]}
             await send(message)
 
-        await app(scope, receive, marked_send)
+        observation.handler_started()
+        try:
+            await app(scope, receive, marked_send)
+        finally:
+            observation.handler_finished(status)
+            observation.finish()
 
     async def _execute(
-        self, policy: Policy, record_key: str, token: int, app: ASGIApp, scope: Scope, receive: Receive, send: Send
+        self,
+        policy: Policy,
+        record_key: str,
+        token: int,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        observation: RequestObservation,
     ) -> None:
         """Run the app holding the lease; capture its response; settle the record.
 
@@ -307,7 +350,7 @@ class IdempotencyMiddleware:
             nonlocal settled
             settled = True
             await keeper.stop()
-            await settle_async(store, finish(policy, record_key, token, response, verdict=outcome))
+            await settle_async(store, finish(policy, record_key, token, response, verdict=outcome), observation)
             if done is not None:
                 done.set()
 
@@ -356,9 +399,11 @@ class IdempotencyMiddleware:
         reported = _Reported()
         scope[EXCHANGE_SCOPE_KEY] = reported
         keeper = AsyncLeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
+        observation.handler_started()
         try:
             await app(scope, app_receive, capture_send)
         except Exception as exc:
+            observation.error = exc
             if not settled:
                 await settle(None, policy.verdict_for_exception(exc))
             raise
@@ -366,6 +411,7 @@ class IdempotencyMiddleware:
             # A crash (cancellation, SystemExit) settles nothing: with the
             # renewals stopped, the lease expires and a retry may execute.
             keeper.cancel()
+            observation.handler_finished(start["status"] if start is not None else None)
         if not settled:
             # Either a deferred non-stored answer (decided by the exception a
             # framework reported, if any), or the app returned without

@@ -20,7 +20,10 @@ __all__ = ["main"]
 # command name -> "module:attribute" of a click.Command
 _COMMANDS: dict[str, str] = {
     "demo": "idempo.demo.command:demo",
+    "inspect": "idempo._ops:inspect",
     "migrate": "idempo._migrate:migrate",
+    "purge": "idempo._ops:purge",
+    "stats": "idempo._ops:stats",
 }
 
 

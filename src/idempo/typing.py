@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from ._core.records import BeginResult, Record, StoredResponse
+from ._core.records import BeginResult, Record, StoreStats, StoredResponse
 
-__all__ = ["AsyncStore", "Clock", "Store"]
+__all__ = ["AsyncStore", "Clock", "Store", "SupportsStats"]
 
 #: A clock: returns seconds since the Unix epoch as a float (``time.time``).
 Clock = Callable[[], float]
@@ -89,6 +89,25 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections. The store is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class SupportsStats(Protocol):
+    """A blocking store that can count its records (optional; used by ``idempo stats`` and ``idempo purge``).
+
+    The memory, SQLite, PostgreSQL and Redis stores implement it. It reads
+    every record (SQL: one scan; Redis: ``SCAN`` over the store's prefix on
+    every master), so it is for maintenance, never for the request path.
+    """
+
+    def stats(self) -> StoreStats:
+        """Count live in-progress, live completed and expired records; find the oldest lease.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+            StoreError: any other failure of the store.
+        """
         ...
 
 

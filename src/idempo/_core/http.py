@@ -74,21 +74,30 @@ class RouteTable:
     __slots__ = ("_routes",)
 
     def __init__(self, routes: Mapping[str, Policy | None] | None = None) -> None:
-        self._routes: list[tuple[re.Pattern[str], Policy | None]] = []
+        self._routes: list[tuple[str, re.Pattern[str], Policy | None]] = []
         for pattern, route_policy in (routes or {}).items():
             if route_policy is not None and not isinstance(route_policy, Policy):
                 raise ConfigurationError(f"routes[{pattern!r}] must be a Policy or None")
-            self._routes.append((re.compile(fnmatch.translate(pattern)), route_policy))
+            self._routes.append((pattern, re.compile(fnmatch.translate(pattern)), route_policy))
 
     def __bool__(self) -> bool:
         return bool(self._routes)
 
     def policy_for(self, path: str, default: Policy) -> Policy | None:
         """Return the first matching pattern's policy (None: exempt), else ``default``."""
-        for pattern, route_policy in self._routes:
+        return self.route_for(path, default)[1]
+
+    def route_for(self, path: str, default: Policy) -> tuple[str, Policy | None]:
+        """Return the route label of a path and its policy (None: exempt).
+
+        The label is the pattern that matched, or ``"*"`` for ``default``:
+        logs, metrics and spans name routes by it, never by raw path, so
+        labels stay few.
+        """
+        for name, pattern, route_policy in self._routes:
             if pattern.match(path):
-                return route_policy
-        return default
+                return name, route_policy
+        return "*", default
 
 
 @dataclass(frozen=True, slots=True)

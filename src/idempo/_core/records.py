@@ -17,6 +17,7 @@ __all__ = [
     "Existing",
     "Record",
     "RecordState",
+    "StoreStats",
     "StoredResponse",
     "decode_headers",
     "encode_headers",
@@ -106,6 +107,29 @@ class Existing:
 
 
 BeginResult = Acquired | Existing
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What a store holds, counted by the store's own clock (``idempo stats``).
+
+    Attributes:
+        now_ms: the store's clock when counted, milliseconds since the epoch.
+        in_progress: live records in progress: a lease is held (or its holder
+            crashed and the lease has not expired yet).
+        completed: live completed records, replayed to retries.
+        expired: records still present but expired; they behave as absent
+            and ``purge_expired`` deletes them.
+        oldest_lease: the live in-progress record whose lease was taken
+            earliest (``created_at_ms``), or None when there is none; a lease
+            much older than the slowest handler means a stuck or crashed holder.
+    """
+
+    now_ms: int
+    in_progress: int
+    completed: int
+    expired: int
+    oldest_lease: Record | None = None
 
 
 def next_token(previous: int, now_ms: int) -> int:

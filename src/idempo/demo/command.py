@@ -43,6 +43,7 @@ try:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from ..metrics import mount as mount_metrics
     from .payments import PROVIDER_DELAY_HEADER, create_app, read_ledger
     from .storm import (
         AttemptOutcome,
@@ -403,8 +404,10 @@ def _serve(console: Console, workdir: Path, store_url: str, port: int) -> None:
     except OSError as exc:
         sock.close()
         raise click.ClickException(f"cannot listen on 127.0.0.1:{port} ({exc}); pick another --port") from exc
+    sock.listen(128)  # connections from the moment the URL is printed wait for uvicorn, not refused
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     app = create_app(workdir / "payments.db", store=store_url)
+    mount_metrics(app)  # GET /metrics: idempo's Prometheus metrics (docs/operating.md)
     click.echo(_curl_examples(base_url, store_url))
     sys.stdout.flush()
     config = uvicorn.Config(app, log_level="info", lifespan="on", timeout_graceful_shutdown=5)
@@ -459,6 +462,7 @@ def _curl_examples(base_url: str, store_url: str) -> str:
         "# The provider's charges for order-1 (1, however often you repeat 1 and 2), and the payment",
         shlex.join(["curl", "-s", f"{base_url}/provider/charges?order_id=order-1"]),
         f"curl -s {base_url}/payments/pay_...   # the id from the Location header",
+        f"curl -s {base_url}/metrics | grep ^idempo_   # idempo's Prometheus metrics",
         "",
     ]
     return "\n".join(lines)

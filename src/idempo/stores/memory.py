@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-from .._core.records import Acquired, BeginResult, Existing, Record, RecordState, StoredResponse, next_token
+from .._core.records import Acquired, BeginResult, Existing, Record, RecordState, StoreStats, StoredResponse, next_token
 from ..exceptions import LeaseLost
 from ..typing import Clock
 
@@ -98,6 +98,23 @@ class MemoryStore:
             for key in expired:
                 del self._records[key]
             return len(expired)
+
+    def stats(self) -> StoreStats:
+        """See :meth:`idempo.typing.SupportsStats.stats`."""
+        with self._lock:
+            now = self._now_ms()
+            in_progress = completed = expired = 0
+            oldest: Record | None = None
+            for record in self._records.values():
+                if record.expires_at_ms <= now:
+                    expired += 1
+                elif record.state is RecordState.IN_PROGRESS:
+                    in_progress += 1
+                    if oldest is None or record.created_at_ms < oldest.created_at_ms:
+                        oldest = record
+                else:
+                    completed += 1
+            return StoreStats(now, in_progress, completed, expired, oldest)
 
     def close(self) -> None:
         """Drop every record."""

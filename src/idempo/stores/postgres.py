@@ -40,7 +40,7 @@ import psycopg
 import psycopg_pool
 from psycopg import sql
 
-from .._core.records import Acquired, BeginResult, Existing, Record, StoredResponse, encode_headers
+from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
 from ..exceptions import ConfigurationError, LeaseLost, StoreError
 from ._base import load_queries, load_sql, map_errors, record_from_row
 
@@ -358,6 +358,16 @@ class PostgresStore:
         """
         with self._connection() as conn:
             return conn.execute(_Q["purge_expired"], {"limit": int(limit)}).rowcount
+
+    def stats(self) -> StoreStats:
+        """See :meth:`idempo.typing.SupportsStats.stats` (one scan of the table, one transaction)."""
+        with self._connection() as conn, conn.transaction():
+            counts = conn.execute(_Q["stats"], prepare=False).fetchone()
+            row = conn.execute(_Q["oldest_lease"], prepare=False, binary=True).fetchone()
+        assert counts is not None  # the query always returns one row
+        now_ms, in_progress, completed, expired = counts
+        oldest = None if row is None else record_from_row(row[0], row[1:])
+        return StoreStats(int(now_ms), int(in_progress), int(completed), int(expired), oldest)
 
     def close(self) -> None:
         """Close the connection pool."""

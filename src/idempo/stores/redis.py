@@ -51,13 +51,26 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from .._core.records import Acquired, BeginResult, Existing, Record, StoredResponse, encode_headers
+from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
 from ..exceptions import ConfigurationError, LeaseLost, StoreUnavailable
 from ._base import map_errors, record_from_row
 
 __all__ = ["AsyncRedisStore", "RedisStore"]
 
 _SCRIPTS = ("begin", "complete", "release", "extend", "get", "purge")
+_RECORD_FIELDS = (
+    "state",
+    "fingerprint",
+    "token",
+    "lease_expires_at",
+    "created_at",
+    "expires_at",
+    "status",
+    "headers",
+    "body",
+)
+# Keys read per pipeline round trip by stats().
+_STATS_BATCH = 500
 _LUA = {name: resources.files("idempo.stores.lua").joinpath(f"{name}.lua").read_text("utf-8") for name in _SCRIPTS}
 
 # Options idempo reads from a store URL's query; the rest go to redis-py.
@@ -310,6 +323,53 @@ class RedisStore:
                     break
                 deleted += int(self._scripts["purge"](keys=[key]))
         return deleted
+
+    def stats(self) -> StoreStats:
+        """See :meth:`idempo.typing.SupportsStats.stats`.
+
+        Scans the store's keys (``SCAN``, every master of a cluster) and reads
+        three fields of each, a batch per round trip; the clock is the
+        server's ``TIME`` (on a cluster, one node's). Completed records leave
+        Redis at their expiry, so ``expired`` counts in-progress records
+        within their grace period.
+        """
+        in_progress = completed = expired = 0
+        oldest_key: bytes | None = None
+        oldest_created = 0
+        with _redis_errors():
+            seconds, microseconds = self.client.time()
+            now = int(seconds) * 1000 + int(microseconds) // 1000
+            batch: list[bytes] = []
+            keys = self.client.scan_iter(match=self._codec.pattern, count=1000, _type="hash")
+            while True:
+                key = next(keys, None)
+                if key is not None:
+                    batch.append(key)
+                if batch and (key is None or len(batch) >= _STATS_BATCH):
+                    pipe = self.client.pipeline(transaction=False)
+                    for name in batch:
+                        pipe.hmget(name, "state", "created_at", "expires_at")
+                    for name, (state, created, expires) in zip(batch, pipe.execute(), strict=True):
+                        if state is None:
+                            continue  # deleted since the scan saw it
+                        if int(expires) <= now:
+                            expired += 1
+                        elif state == b"in_progress":
+                            in_progress += 1
+                            if oldest_key is None or int(created) < oldest_created:
+                                oldest_key, oldest_created = name, int(created)
+                        else:
+                            completed += 1
+                    batch = []
+                if key is None:
+                    break
+            oldest = None
+            if oldest_key is not None:
+                fields = self.client.hmget(oldest_key, list(_RECORD_FIELDS))
+                record_key = oldest_key.decode("utf-8")[len(self._codec.prefix) + 1 : -1]
+                if fields[0] is not None:
+                    oldest = self._codec.record(record_key, fields)
+        return StoreStats(now, in_progress, completed, expired, oldest)
 
     def close(self) -> None:
         """Close the connection pool (unless the client was passed in)."""

@@ -27,7 +27,16 @@ from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
 
-from .._core.records import Acquired, BeginResult, Existing, Record, StoredResponse, encode_headers, next_token
+from .._core.records import (
+    Acquired,
+    BeginResult,
+    Existing,
+    Record,
+    StoreStats,
+    StoredResponse,
+    encode_headers,
+    next_token,
+)
 from ..exceptions import ConfigurationError, LeaseLost
 from ..typing import Clock
 from ._base import load_queries, load_sql, map_errors, record_from_row
@@ -162,6 +171,17 @@ class _Database:
     def purge_expired(self, conn: sqlite3.Connection, limit: int) -> int:
         return conn.execute(_Q["purge_expired"], {"now": self.now_ms(), "limit": limit}).rowcount
 
+    def stats(self, conn: sqlite3.Connection) -> StoreStats:
+        now = self.now_ms()
+        conn.execute("BEGIN")  # one read snapshot for both statements (WAL)
+        try:
+            in_progress, completed, expired = conn.execute(_Q["stats"], {"now": now}).fetchone()
+            row = conn.execute(_Q["oldest_lease"], {"now": now}).fetchone()
+        finally:
+            conn.execute("COMMIT")
+        oldest = None if row is None else record_from_row(row[0], row[1:])
+        return StoreStats(now, in_progress, completed, expired, oldest)
+
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -225,6 +245,10 @@ class SQLiteStore:
     def purge_expired(self, limit: int = 1000) -> int:
         """See :meth:`idempo.typing.Store.purge_expired`."""
         return self._call(self._db.purge_expired, limit)
+
+    def stats(self) -> StoreStats:
+        """See :meth:`idempo.typing.SupportsStats.stats` (one scan of the table)."""
+        return self._call(self._db.stats)
 
     def close(self) -> None:
         """Close every thread's connection."""

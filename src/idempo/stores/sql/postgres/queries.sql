@@ -85,6 +85,25 @@ WHERE record_key IN (
     FOR UPDATE SKIP LOCKED
 );
 
+-- name: stats
+-- For `idempo stats`: the database's clock, then live in-progress, live
+-- completed and expired records (one scan; maintenance, not the request path).
+SELECT n.now_ms,
+       count(r.record_key) FILTER (WHERE r.state = 'in_progress' AND r.expires_at > n.now_ms),
+       count(r.record_key) FILTER (WHERE r.state = 'completed' AND r.expires_at > n.now_ms),
+       count(r.record_key) FILTER (WHERE r.expires_at <= n.now_ms)
+FROM (SELECT (extract(epoch FROM now()) * 1000)::bigint AS now_ms) AS n
+LEFT JOIN idempo_records AS r ON true
+GROUP BY n.now_ms;
+
+-- name: oldest_lease
+-- The live in-progress record whose lease was taken first.
+SELECT record_key, state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body
+FROM idempo_records
+WHERE state = 'in_progress' AND expires_at > (extract(epoch FROM now()) * 1000)::bigint
+ORDER BY created_at
+LIMIT 1;
+
 -- name: schema_version
 SELECT max(version) FROM idempo_schema_version;
 

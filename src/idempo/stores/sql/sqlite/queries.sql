@@ -42,3 +42,19 @@ WHERE record_key = :record_key AND token = :token AND state = 'in_progress';
 -- name: purge_expired
 DELETE FROM idempo_records
 WHERE rowid IN (SELECT rowid FROM idempo_records WHERE expires_at <= :now LIMIT :limit);
+
+-- name: stats
+-- For `idempo stats`: live in-progress, live completed and expired records (one scan).
+SELECT
+    coalesce(sum(state = 'in_progress' AND expires_at > :now), 0),
+    coalesce(sum(state = 'completed' AND expires_at > :now), 0),
+    coalesce(sum(expires_at <= :now), 0)
+FROM idempo_records;
+
+-- name: oldest_lease
+-- The live in-progress record whose lease was taken first.
+SELECT record_key, state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body
+FROM idempo_records
+WHERE state = 'in_progress' AND expires_at > :now
+ORDER BY created_at
+LIMIT 1;

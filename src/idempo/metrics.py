@@ -1,0 +1,224 @@
+"""Prometheus metrics for idempo (extra ``idempo[prometheus]``: prometheus-client).
+
+Turn them on with ``idempo.observability.instrument(metrics=True)`` (or
+``metrics=<a CollectorRegistry>``), then serve them::
+
+    app.mount("/metrics", idempo.metrics.make_asgi_app())      # Starlette, FastAPI
+    # or: idempo.metrics.mount(app), which also turns them on and serves /metrics without a redirect
+    wsgi_app = DispatcherMiddleware(app, {"/metrics": idempo.metrics.make_wsgi_app()})  # Flask
+
+=================================================  ========================  ==========================================
+metric                                             labels                    what
+=================================================  ========================  ==========================================
+``idempo_requests_total``                          outcome, method, route    idempotent requests by outcome
+``idempo_handler_duration_seconds``                method, route             handler time under a lease (histogram)
+``idempo_store_operation_duration_seconds``        store, operation          each store call (histogram)
+``idempo_store_operation_errors_total``            store, operation, error   failed store calls (unavailable, error,
+                                                                             lease_lost)
+``idempo_leases_in_flight``                        route                     leases this process holds now (gauge)
+``idempo_lease_takeovers_total``                   route                     expired leases taken over (a holder crashed
+                                                                             or outlived its lease)
+``idempo_oldest_lease_age_seconds``                                          age of the oldest lease this process holds
+=================================================  ========================  ==========================================
+
+``route`` is the route pattern that chose the policy (the middleware's
+``routes`` keys) or ``"*"`` for the default policy, never a raw path, so the
+number of series stays bounded. ``store`` is ``memory``, ``sqlite``,
+``postgres`` or ``redis``; ``operation`` is ``begin``, ``complete``,
+``release`` or ``extend``.
+
+Multi-process servers (gunicorn with ``PROMETHEUS_MULTIPROC_DIR``):
+counters, histograms and the in-flight gauge (``livesum``) aggregate across
+workers; ``idempo_oldest_lease_age_seconds`` is computed at scrape time in
+the process scraped, so it is absent from multi-process exposition.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import make_asgi_app as _prometheus_asgi_app
+from prometheus_client import make_wsgi_app as _prometheus_wsgi_app
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .observability import error_kind, instrument
+
+if TYPE_CHECKING:
+    from .observability import RequestObservation
+
+__all__ = [
+    "HANDLER_BUCKETS",
+    "STORE_BUCKETS",
+    "PrometheusMetrics",
+    "make_asgi_app",
+    "make_wsgi_app",
+    "mount",
+]
+
+#: Histogram buckets of store operations, seconds: a store call takes well under a millisecond to a few.
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Histogram buckets of handlers, seconds.
+HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+_instances: weakref.WeakKeyDictionary[CollectorRegistry, PrometheusMetrics] = weakref.WeakKeyDictionary()
+_instances_lock = threading.Lock()
+
+
+class _OldestLease(Collector):
+    """``idempo_oldest_lease_age_seconds``, computed when scraped."""
+
+    def __init__(self, leases: dict[int, float]) -> None:
+        self._leases = leases
+
+    def collect(self) -> Iterable[Metric]:
+        oldest = min(self._leases.values(), default=None)
+        age = 0.0 if oldest is None else max(0.0, time.monotonic() - oldest)
+        yield GaugeMetricFamily(
+            "idempo_oldest_lease_age_seconds",
+            "Seconds since the oldest lease this process still holds was taken (0 when none).",
+            value=age,
+        )
+
+
+class PrometheusMetrics:
+    """idempo's metrics in one registry (see the module docstring for names and labels).
+
+    Use :meth:`for_registry` rather than the constructor: a registry refuses
+    the same metric names twice.
+
+    Args:
+        registry: where to register (default prometheus-client's global ``REGISTRY``).
+
+    Raises:
+        ValueError: idempo's metrics are already registered in ``registry``.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = REGISTRY if registry is None else registry
+        self.registry = registry
+        self.requests = Counter(
+            "idempo_requests",
+            "Idempotent requests by outcome (executed, replayed, conflict, mismatch, ...).",
+            ["outcome", "method", "route"],
+            registry=registry,
+        )
+        self.handler_duration = Histogram(
+            "idempo_handler_duration_seconds",
+            "Seconds the handler ran under a lease (idempo's own store calls excluded).",
+            ["method", "route"],
+            buckets=HANDLER_BUCKETS,
+            registry=registry,
+        )
+        self.store_duration = Histogram(
+            "idempo_store_operation_duration_seconds",
+            "Seconds per store operation (begin, complete, release, extend).",
+            ["store", "operation"],
+            buckets=STORE_BUCKETS,
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "idempo_store_operation_errors",
+            "Store operations that failed: unavailable, error, or lease_lost (the token no longer held).",
+            ["store", "operation", "error"],
+            registry=registry,
+        )
+        self.leases_in_flight = Gauge(
+            "idempo_leases_in_flight",
+            "Leases this process holds now (handlers running under a lease).",
+            ["route"],
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.lease_takeovers = Counter(
+            "idempo_lease_takeovers",
+            "Expired leases taken over by a new request: the holder crashed or outlived its lease.",
+            ["route"],
+            registry=registry,
+        )
+        self._leases: dict[int, float] = {}
+        registry.register(_OldestLease(self._leases))
+        # Label children, cached: prometheus-client's labels() validates and locks on every call.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None = None) -> PrometheusMetrics:
+        """The metrics registered in ``registry`` (default the global one), registering them on first use."""
+        registry = REGISTRY if registry is None else registry
+        with _instances_lock:
+            metrics = _instances.get(registry)
+            if metrics is None:
+                metrics = _instances[registry] = cls(registry)
+            return metrics
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    # --- called by idempo.observability ------------------------------------------------------
+
+    def lease_taken(self, observation: RequestObservation) -> None:
+        """A request took a lease: count it in flight (and a takeover, if it was one)."""
+        self._child(self.leases_in_flight, observation.route).inc()
+        if observation.lease_started is not None:
+            self._leases[id(observation)] = observation.lease_started
+        if observation.lease_takeover:
+            self._child(self.lease_takeovers, observation.route).inc()
+
+    def request_finished(self, observation: RequestObservation) -> None:
+        """Count the request's outcome; record its handler time; end its lease in flight."""
+        route, method = observation.route, observation.method
+        self._child(self.requests, str(observation.outcome), method, route).inc()
+        if observation.handler_seconds is not None:
+            self._child(self.handler_duration, method, route).observe(observation.handler_seconds)
+        if observation.lease_started is not None and self._leases.pop(id(observation), None) is not None:
+            self._child(self.leases_in_flight, route).dec()
+
+    def store_operation(self, store: str, operation: str, seconds: float, error: BaseException | None) -> None:
+        """Record one store call's duration, and its failure if it failed."""
+        self._child(self.store_duration, store, operation).observe(seconds)
+        if error is not None:
+            self._child(self.store_errors, store, operation, error_kind(error)).inc()
+
+
+def make_asgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
+    """An ASGI app serving the registry (default the global one) in the Prometheus text format."""
+    return _prometheus_asgi_app(REGISTRY if registry is None else registry)
+
+
+def make_wsgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
+    """A WSGI app serving the registry (default the global one) in the Prometheus text format."""
+    return _prometheus_wsgi_app(REGISTRY if registry is None else registry)
+
+
+class _Endpoint:
+    """An ASGI app as an instance, so Starlette's ``Route`` serves it as is at an exact path."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def mount(app: Any, path: str = "/metrics", registry: CollectorRegistry | None = None) -> None:
+    """Turn idempo's metrics on and serve ``registry`` at ``path`` of a Starlette or FastAPI app.
+
+    Unlike ``app.mount(path, ...)``, ``GET /metrics`` answers directly rather
+    than redirecting to ``/metrics/``.
+
+    Args:
+        app: a Starlette (or FastAPI) application.
+        path: where to serve the metrics.
+        registry: the registry to record into and serve (default the global one).
+    """
+    instrument(metrics=True if registry is None else registry)
+    app.add_route(path, _Endpoint(make_asgi_app(registry)), include_in_schema=False)

@@ -1,0 +1,594 @@
+"""What idempo did and why: one structured log record per decision, Prometheus metrics, OpenTelemetry spans.
+
+Logs need no switch: every idempotent request ends in one record on the
+``idempo`` logger, at a level chosen by its outcome (see :data:`LEVELS`), with
+the fields of :meth:`RequestObservation.fields` as ``extra=`` attributes. Raw
+idempotency keys are logged only after ``instrument(log_keys=True)``; request
+and response bodies never are.
+
+Metrics and spans cost nothing until turned on, once, at startup::
+
+    from idempo import observability
+
+    observability.instrument(metrics=True)   # prometheus-client, extra idempo[prometheus]
+    observability.instrument(tracing=True)   # opentelemetry-api, extra idempo[otel]
+
+Until then no Prometheus metric is registered and no span is created; the
+library imports neither prometheus-client nor OpenTelemetry.
+
+Fronts (the ASGI and WSGI middleware, the decorator) report through one
+object per request, :class:`RequestObservation`::
+
+    observation = observe_request("wsgi", method, route, path)
+    ...                                                # reject early:
+    observation.finish(Outcome.MISSING_KEY, 400)
+    ...
+    observation.identify(principal, key, record_key)
+    decision = drive_sync(flow, store, observation)    # the engine reports begin and the decision
+    observation.handler_started()
+    ...                                                # run the handler
+    observation.handler_finished(status)
+    settle_sync(store, command, observation)           # the engine reports the verdict
+    observation.finish()                               # in a finally, same thread/task as observe_request
+
+The store drivers in :mod:`idempo._engine` time every store operation, so
+store latency is measured in one place for every front.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._core.flow import Complete, Decision, Extend, InProgress, Mismatch, Proceed, Release, Replay
+from .exceptions import LeaseLost, StoreUnavailable
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from .metrics import PrometheusMetrics
+    from .tracing import Tracing
+
+__all__ = [
+    "LEVELS",
+    "Outcome",
+    "RequestObservation",
+    "error_kind",
+    "instrument",
+    "observe_request",
+    "store_call_async",
+    "store_call_sync",
+    "store_label",
+    "uninstrument",
+]
+
+_T = TypeVar("_T")
+_DEBUG = logging.DEBUG
+
+#: The logger of every idempo record (the same as ``idempo._engine.logger``).
+logger = logging.getLogger("idempo")
+
+
+class Outcome(enum.StrEnum):
+    """How idempo answered one request: the ``idempo_outcome`` log field and the ``outcome`` metric label."""
+
+    #: The handler ran and its response was stored for replay.
+    EXECUTED = "executed"
+    #: Answered from the record, handler not run (Idempotent-Replayed: true).
+    REPLAYED = "replayed"
+    #: The same key is still in progress: 409 (draft section 2.7).
+    CONFLICT = "conflict"
+    #: The same key with another fingerprint: 422 (draft section 2.7).
+    MISMATCH = "mismatch"
+    #: No key where the policy requires one: 400.
+    MISSING_KEY = "missing_key"
+    #: A malformed key: 400.
+    INVALID_KEY = "invalid_key"
+    #: The principal resolver found no identity: 400.
+    NO_PRINCIPAL = "no_principal"
+    #: The request body exceeds ``Policy.max_request_body``: 413.
+    BODY_TOO_LARGE = "body_too_large"
+    #: The request took over the expired lease of a crashed holder, then ran the handler
+    #: (how it was settled is in ``idempo_verdict``).
+    LEASE_TAKEOVER = "lease_takeover"
+    #: The handler ran; its outcome is not stored (5xx, exception, 408/409/425/429,
+    #: response too large): the record was released so a retry executes again.
+    RELEASED = "released"
+    #: The handler ran; the policy holds the key (Verdict.HOLD): retries get 409 until it expires.
+    HELD = "held"
+    #: The store failed before the handler ran: 503, handler not run (fail closed).
+    STORE_ERROR = "store_error"
+    #: The store failed and ``Policy.fail_open`` ran the handler without idempotency.
+    BYPASSED = "bypassed"
+    #: The request held the lease but ended (cancelled) before settling it: the
+    #: record stays in progress until its lease expires.
+    ABANDONED = "abandoned"
+
+
+#: The level of each outcome's record. Routine outcomes are DEBUG, client
+#: errors INFO, what an operator should look at WARNING (a crashed holder, a
+#: held key, running unprotected, a lease left behind), a store failure ERROR.
+#: A record whose settle failed is raised to WARNING (lease lost) or ERROR
+#: (store failed).
+LEVELS: dict[Outcome, int] = {
+    Outcome.EXECUTED: logging.DEBUG,
+    Outcome.REPLAYED: logging.DEBUG,
+    Outcome.RELEASED: logging.DEBUG,
+    Outcome.CONFLICT: logging.INFO,
+    Outcome.MISMATCH: logging.INFO,
+    Outcome.MISSING_KEY: logging.INFO,
+    Outcome.INVALID_KEY: logging.INFO,
+    Outcome.NO_PRINCIPAL: logging.INFO,
+    Outcome.BODY_TOO_LARGE: logging.INFO,
+    Outcome.LEASE_TAKEOVER: logging.WARNING,
+    Outcome.HELD: logging.WARNING,
+    Outcome.BYPASSED: logging.WARNING,
+    Outcome.ABANDONED: logging.WARNING,
+    Outcome.STORE_ERROR: logging.ERROR,
+}
+
+_VERDICT_OUTCOMES = {"store": Outcome.EXECUTED, "release": Outcome.RELEASED, "hold": Outcome.HELD}
+_DECISION_OUTCOMES: dict[type, Outcome] = {
+    Replay: Outcome.REPLAYED,
+    InProgress: Outcome.CONFLICT,
+    Mismatch: Outcome.MISMATCH,
+}
+
+
+class _Sinks:
+    """What is turned on besides logs; None of it exists until :func:`instrument`."""
+
+    __slots__ = ("log_keys", "metrics", "tracing")
+
+    def __init__(self) -> None:
+        self.metrics: PrometheusMetrics | None = None
+        self.tracing: Tracing | None = None
+        self.log_keys = False
+
+    def active(self) -> bool:
+        return self.metrics is not None or self.tracing is not None
+
+
+# None while neither metrics nor tracing is on: the hot paths test this one global.
+_sinks: _Sinks | None = None
+_config = _Sinks()
+
+
+def instrument(
+    *,
+    metrics: bool | CollectorRegistry | None = None,
+    tracing: bool | Any | None = None,
+    log_keys: bool | None = None,
+) -> None:
+    """Turn metrics, spans or raw keys in logs on or off, for every front in this process.
+
+    Each argument left as None keeps its current setting, so
+    ``instrument(metrics=True)`` then ``instrument(tracing=True)`` turns both on.
+
+    Args:
+        metrics: True registers idempo's metrics (:class:`idempo.metrics.PrometheusMetrics`)
+            in prometheus-client's default registry; a ``CollectorRegistry`` registers
+            them there; False stops recording. Needs ``idempo[prometheus]``.
+        tracing: True creates spans with the global OpenTelemetry tracer
+            provider (a no-op until an SDK is configured); a ``TracerProvider``
+            uses that one; False stops creating spans. Needs ``idempo[otel]``.
+        log_keys: True adds the raw idempotency key to each log record
+            (``idempo_key``) and to spans (``idempo.key``). Off by default: a key
+            may be guessable or carry meaning, and logs travel far.
+
+    Raises:
+        ImportError: prometheus-client or opentelemetry-api is not installed.
+    """
+    global _sinks
+    if metrics is not None:
+        if metrics is False:
+            _config.metrics = None
+        else:
+            from .metrics import PrometheusMetrics
+
+            _config.metrics = PrometheusMetrics.for_registry(None if metrics is True else metrics)
+    if tracing is not None:
+        if tracing is False:
+            _config.tracing = None
+        else:
+            from .tracing import Tracing
+
+            _config.tracing = Tracing(None if tracing is True else tracing)
+    if log_keys is not None:
+        _config.log_keys = bool(log_keys)
+    _sinks = _config if _config.active() else None
+
+
+def uninstrument() -> None:
+    """Turn metrics, spans and raw keys in logs off (the state at import)."""
+    instrument(metrics=False, tracing=False, log_keys=False)
+
+
+def _short_hash(text: str) -> str:
+    # 64 bits: enough to tell keys and scopes apart in logs, useless to recover them.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class RequestObservation:
+    """What one idempotent request did; reported when it ends (:meth:`finish`).
+
+    Made by :func:`observe_request`. A front tells it what only the front
+    knows (early rejections, the identity, the handler's time and status);
+    the drivers in :mod:`idempo._engine` tell it the store's answers (the
+    decision, the verdict, the time spent in the store).
+
+    Attributes:
+        front: which front served the request: ``"asgi"``, ``"wsgi"``, ``"decorator"``...
+        method: the request method (for the decorator: what it scopes keys by).
+        route: the route label: the ``routes`` pattern that chose the policy,
+            ``"*"`` for the default policy. Never a raw path, so metric
+            labels stay few.
+        path: the request path (logs and spans only, never a metric label).
+        outcome: the :class:`Outcome`, once known.
+        status: the HTTP status answered, when known.
+        error: the exception behind a store error, a bypass or a failed handler.
+        lease_takeover: True when ``begin`` took over an expired lease.
+        verdict: how the record was settled after the handler: ``"store"``,
+            ``"release"``, ``"hold"``; None when the handler did not run under a lease.
+        settle_error: ``"lease_lost"`` or ``"store_error"`` when settling failed.
+        record_key: the record key (a hash of scope and key), once identified.
+        timed: True when the handler and each store call are timed: metrics
+            or tracing are on, or DEBUG is enabled on the ``idempo`` logger.
+            Otherwise (the default) only the request's duration is measured
+            and routine outcomes return at once, which costs next to nothing.
+        store_seconds: seconds spent in store calls for this request (when ``timed``).
+        handler_seconds: seconds in the handler (excluding idempo's store
+            calls made while it ran), None when it did not run.
+    """
+
+    # Class-level defaults, so a request that ends early (or in the common
+    # case) sets only the attributes it changes: cheaper than __slots__ here.
+    outcome: Outcome | None = None
+    status: int | None = None
+    error: BaseException | None = None
+    lease_takeover = False
+    lease_started: float | None = None
+    verdict: str | None = None
+    settle_error: str | None = None
+    record_key: str | None = None
+    store_seconds = 0.0
+    handler_seconds: float | None = None
+    timed = False
+    span: Any = None
+    span_token: Any = None
+    _principal: str | None = None
+    _key: str | None = None
+    _handler_started = 0.0
+    _handler_store = 0.0
+    _done = False
+    _sinks: _Sinks | None = None
+
+    def __init__(self, front: str, method: str, route: str, path: str, sinks: _Sinks | None = None) -> None:
+        self.front = front
+        self.method = method
+        self.route = route
+        self.path = path
+        self.timed = True
+        self._started = time.perf_counter()
+        if sinks is not None:
+            self._sinks = sinks
+            if sinks.tracing is not None:
+                sinks.tracing.start_request(self)
+
+    # --- what the front reports ---------------------------------------------------------
+
+    def identify(self, principal: str, key: str, record_key: str) -> None:
+        """Record who sent the request and under which key (hashed when reported)."""
+        self._principal = principal
+        self._key = key
+        self.record_key = record_key
+
+    def handler_started(self) -> None:
+        """The handler is about to run."""
+        self._handler_started = time.perf_counter()
+        self._handler_store = self.store_seconds
+
+    def handler_finished(self, status: int | None) -> None:
+        """The handler returned or raised; ``status`` is what it answered (None: nothing)."""
+        elapsed = time.perf_counter() - self._handler_started
+        if self.timed:
+            elapsed = max(0.0, elapsed - (self.store_seconds - self._handler_store))
+        self.handler_seconds = elapsed
+        if status is not None:
+            self.status = status
+
+    def finish(
+        self, outcome: Outcome | None = None, status: int | None = None, error: BaseException | None = None
+    ) -> None:
+        """The request is answered: emit its log record, metrics and span. Later calls do nothing.
+
+        Args:
+            outcome: the outcome, when the front decided it (a rejection, a
+                store error, a bypass); otherwise drawn from what the engine reported.
+            status: the status answered, if not reported before.
+            error: the exception behind the outcome, if any.
+        """
+        if self._done:
+            return
+        self._done = True
+        if outcome is not None:
+            self.outcome = outcome
+        if status is not None:
+            self.status = status
+        if error is not None:
+            self.error = error
+        if self.outcome is None:
+            if self.lease_started is None:
+                self.outcome = Outcome.EXECUTED  # a front that reports no decision at all
+            elif self.lease_takeover:
+                self.outcome = Outcome.LEASE_TAKEOVER
+            else:
+                self.outcome = _VERDICT_OUTCOMES.get(self.verdict or "", Outcome.ABANDONED)
+        level = self.level()
+        if logger.isEnabledFor(level):
+            self._log(level, time.perf_counter() - self._started)
+        sinks = self._sinks
+        if sinks is not None:
+            if sinks.metrics is not None:
+                sinks.metrics.request_finished(self)
+            if sinks.tracing is not None:
+                sinks.tracing.end_request(self)
+
+    # --- what the engine reports --------------------------------------------------------
+
+    def decided(self, decision: Decision) -> None:
+        """The flow ended in ``decision`` (called by the drivers)."""
+        if type(decision) is Proceed:
+            self.lease_started = time.monotonic()
+            self.lease_takeover = decision.takeover
+            sinks = self._sinks
+            if sinks is not None and sinks.metrics is not None:
+                sinks.metrics.lease_taken(self)
+        else:
+            self.outcome = _DECISION_OUTCOMES[type(decision)]
+
+    def settled(self, command: Complete | Release | Extend, error: BaseException | None) -> None:
+        """The record was settled by ``command``; ``error`` when the store refused or failed."""
+        if isinstance(command, Complete):
+            self.verdict = "store"
+        elif isinstance(command, Extend):
+            self.verdict = "hold"
+        else:
+            self.verdict = "release"
+        if error is not None:
+            self.settle_error = "lease_lost" if isinstance(error, LeaseLost) else "store_error"
+            if self.error is None:
+                self.error = error
+
+    # --- reporting ----------------------------------------------------------------------
+
+    def level(self) -> int:
+        """The level of this request's log record (see :data:`LEVELS`)."""
+        level = LEVELS[self.outcome] if self.outcome is not None else logging.DEBUG
+        if self.settle_error is not None:
+            return max(level, logging.ERROR if self.settle_error == "store_error" else logging.WARNING)
+        return level
+
+    def fields(self, duration: float | None = None) -> dict[str, Any]:
+        """The structured fields of the log record (also the ``extra=`` attributes).
+
+        ``idempo_outcome``, ``idempo_front``, ``idempo_method``, ``idempo_route``,
+        ``idempo_path``, ``idempo_status``, ``idempo_record_key``,
+        ``idempo_scope_hash`` and ``idempo_key_hash`` (16 hex characters of
+        SHA-256), ``idempo_lease_takeover``, ``idempo_verdict``,
+        ``idempo_settle_error``, ``idempo_error``, ``idempo_store_ms``,
+        ``idempo_handler_ms``, ``idempo_duration_ms``; plus ``idempo_key``
+        after ``instrument(log_keys=True)``.
+        """
+        principal, key = self._principal, self._key
+        scope_hash = key_hash = None
+        if principal is not None:
+            method, path = self.method, self.path
+            scope_hash = _short_hash(f"{len(principal)}:{principal}{len(method)}:{method}{len(path)}:{path}")
+        if key is not None:
+            key_hash = _short_hash(key)
+        error = self.error
+        fields: dict[str, Any] = {
+            "idempo_outcome": str(self.outcome) if self.outcome is not None else None,
+            "idempo_front": self.front,
+            "idempo_method": self.method,
+            "idempo_route": self.route,
+            "idempo_path": self.path,
+            "idempo_status": self.status,
+            "idempo_record_key": self.record_key,
+            "idempo_scope_hash": scope_hash,
+            "idempo_key_hash": key_hash,
+            "idempo_lease_takeover": self.lease_takeover,
+            "idempo_verdict": self.verdict,
+            "idempo_settle_error": self.settle_error,
+            "idempo_error": f"{type(error).__name__}: {error}" if error is not None else None,
+            "idempo_store_ms": round(self.store_seconds * 1000, 3) if self.timed else None,
+            "idempo_handler_ms": round(self.handler_seconds * 1000, 3) if self.handler_seconds is not None else None,
+            "idempo_duration_ms": round(duration * 1000, 3) if duration is not None else None,
+        }
+        if _config.log_keys and key is not None:
+            fields["idempo_key"] = key
+        return fields
+
+    def _log(self, level: int, duration: float) -> None:
+        fields = self.fields(duration)
+        message = "idempo: %s %s %s -> %s"
+        args: tuple[Any, ...] = (self.outcome, self.method, self.path, self.status if self.status is not None else "-")
+        if self.record_key is not None:
+            message += " (record %s)"
+            args += (self.record_key,)
+        if self.settle_error is not None:
+            message += "; settling the record failed: %s"
+            args += (self.settle_error,)
+        if self.error is not None and (self.outcome in (Outcome.STORE_ERROR, Outcome.BYPASSED) or self.settle_error):
+            message += ": %s"
+            args += (fields["idempo_error"],)
+        logger.log(level, message, *args, extra=fields)
+
+
+class _QuietObservation(RequestObservation):
+    """The observation while nothing listens to routine outcomes (no metrics, no spans, DEBUG off).
+
+    It skips every clock but the request's own and returns at once from
+    :meth:`finish` for the routine (DEBUG) outcomes, so a request pays a few
+    attribute writes for it; any other outcome is logged in full, without the
+    handler's and the store's durations.
+    """
+
+    def __init__(self, front: str, method: str, route: str, path: str) -> None:
+        self.front = front
+        self.method = method
+        self.route = route
+        self.path = path
+        self._started = time.perf_counter()
+
+    def handler_started(self) -> None:
+        """See :meth:`RequestObservation.handler_started` (not timed here)."""
+
+    def handler_finished(self, status: int | None) -> None:
+        """See :meth:`RequestObservation.handler_finished` (not timed here)."""
+        if status is not None:
+            self.status = status
+
+    def decided(self, decision: Decision) -> None:
+        """See :meth:`RequestObservation.decided`."""
+        if type(decision) is Proceed:
+            self.lease_started = 0.0  # under a lease; no lease clock kept here
+            self.lease_takeover = decision.takeover
+        else:
+            self.outcome = _DECISION_OUTCOMES[type(decision)]
+
+    def finish(
+        self, outcome: Outcome | None = None, status: int | None = None, error: BaseException | None = None
+    ) -> None:
+        """See :meth:`RequestObservation.finish`."""
+        if outcome is None and error is None and self.settle_error is None and not self.lease_takeover:
+            current = self.outcome
+            if current is _REPLAYED or (current is None and self.verdict in _ROUTINE_VERDICTS):
+                return  # a DEBUG record, and DEBUG is off
+        super().finish(outcome, status, error)
+
+
+_ROUTINE_VERDICTS = frozenset({"store", "release"})
+_REPLAYED = Outcome.REPLAYED  # enum member lookups cost a call in Python 3.11
+
+
+def observe_request(front: str, method: str, route: str, path: str) -> RequestObservation:
+    """Start observing one idempotent request; the hook every front calls first.
+
+    Call it once the request is known to take part (its method and route are
+    under a policy and it carries a key, or the policy requires one). Then
+    call :meth:`RequestObservation.finish` exactly once when it is answered,
+    in the same thread or task (the request's span is made current here and
+    detached there).
+
+    Args:
+        front: ``"asgi"``, ``"wsgi"``, ``"django"``, ``"decorator"``...
+        method: the request method, upper-case.
+        route: a label with few values (a route pattern, ``"*"``), never a raw path.
+        path: the request path.
+    """
+    sinks = _sinks
+    if sinks is None and not logger.isEnabledFor(_DEBUG):
+        return _QuietObservation(front, method, route, path)
+    return RequestObservation(front, method, route, path, sinks)
+
+
+# --- store operations, timed by the drivers ---------------------------------------------------
+
+_STORE_LABELS: dict[type, str] = {}
+
+
+def store_label(store: object) -> str:
+    """A short, stable name for a store's backend: ``memory``, ``sqlite``, ``postgres``, ``redis``...
+
+    Taken from ``store.store_name`` when the store has one, else from its class name
+    (``AsyncPostgresStore`` -> ``postgres``).
+    """
+    cls = type(store)
+    label = _STORE_LABELS.get(cls)
+    if label is None:
+        label = getattr(store, "store_name", None)
+        if not isinstance(label, str):
+            name = cls.__name__.lower().removeprefix("async")
+            label = name.removesuffix("store") or name
+        _STORE_LABELS[cls] = label
+    return label
+
+
+def store_call_async(
+    observation: RequestObservation | None, store: object, operation: str, call: Awaitable[_T]
+) -> Awaitable[_T]:
+    """Return ``call`` (a store coroutine) timed and traced when anything observes it; else ``call`` itself."""
+    sinks = _sinks
+    if sinks is None and (observation is None or not observation.timed):
+        return call
+    return _timed_async(observation, sinks, store, operation, call)
+
+
+async def _timed_async(
+    observation: RequestObservation | None, sinks: _Sinks | None, store: object, operation: str, call: Awaitable[_T]
+) -> _T:
+    label = store_label(store)
+    tracing = sinks.tracing if sinks is not None else None
+    span = tracing.start_store(label, operation) if tracing is not None else None
+    started = time.perf_counter()
+    try:
+        result = await call
+    except BaseException as exc:
+        _store_done(observation, sinks, label, operation, time.perf_counter() - started, span, None, exc)
+        raise
+    _store_done(observation, sinks, label, operation, time.perf_counter() - started, span, result, None)
+    return result
+
+
+def store_call_sync(
+    observation: RequestObservation | None, store: object, operation: str, fn: Callable[..., _T], *args: Any
+) -> _T:
+    """Call ``fn(*args)`` (a store method), timed and traced when anything observes it."""
+    sinks = _sinks
+    if sinks is None and (observation is None or not observation.timed):
+        return fn(*args)
+    label = store_label(store)
+    tracing = sinks.tracing if sinks is not None else None
+    span = tracing.start_store(label, operation) if tracing is not None else None
+    started = time.perf_counter()
+    try:
+        result = fn(*args)
+    except BaseException as exc:
+        _store_done(observation, sinks, label, operation, time.perf_counter() - started, span, None, exc)
+        raise
+    _store_done(observation, sinks, label, operation, time.perf_counter() - started, span, result, None)
+    return result
+
+
+def _store_done(
+    observation: RequestObservation | None,
+    sinks: _Sinks | None,
+    label: str,
+    operation: str,
+    seconds: float,
+    span: Any,
+    result: Any,
+    error: BaseException | None,
+) -> None:
+    if observation is not None:
+        observation.store_seconds += seconds
+    if sinks is not None:
+        if sinks.metrics is not None:
+            sinks.metrics.store_operation(label, operation, seconds, error)
+        if span is not None and sinks.tracing is not None:
+            sinks.tracing.end_store(span, result, error)
+
+
+def error_kind(error: BaseException) -> str:
+    """The ``error`` label of a failed store operation: ``unavailable``, ``lease_lost`` or ``error``."""
+    if isinstance(error, StoreUnavailable):
+        return "unavailable"
+    if isinstance(error, LeaseLost):
+        return "lease_lost"
+    return "error"

@@ -1,0 +1,141 @@
+"""OpenTelemetry spans for idempo (extra ``idempo[otel]``: opentelemetry-api only).
+
+Turn them on with ``idempo.observability.instrument(tracing=True)``. idempo
+uses the API alone: without an SDK configured, spans are no-ops. Each
+idempotent request gets an ``idempo.request`` span (INTERNAL), current while
+the handler runs, so the handler's own spans are its children; each store
+operation gets an ``idempo.store.<operation>`` span (CLIENT) inside it.
+
+Attributes use the semantic-convention names where one exists
+(``http.request.method``, ``http.route``, ``http.response.status_code``,
+``db.system.name``, ``db.operation.name``, ``error.type``) and ``idempo.*``
+otherwise (``idempo.outcome``, ``idempo.record_key``, ``idempo.key_hash``,
+``idempo.scope_hash``, ``idempo.lease_takeover``, ``idempo.verdict``,
+``idempo.store``, ``idempo.begin.result``).
+"""
+
+from __future__ import annotations
+
+from contextvars import Token
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ._core.records import Acquired, Existing
+
+if TYPE_CHECKING:
+    from .observability import RequestObservation
+
+__all__ = ["REQUEST_SPAN", "STORE_SPAN_PREFIX", "Tracing"]
+
+#: The name of the span of one idempotent request.
+REQUEST_SPAN = "idempo.request"
+#: Store operation spans are named this plus the operation (``idempo.store.begin``).
+STORE_SPAN_PREFIX = "idempo.store."
+
+# db.system.name values from the semantic conventions, for the stores that have one.
+_DB_SYSTEMS = {"postgres": "postgresql", "sqlite": "sqlite", "redis": "redis"}
+# Outcomes where idempo itself failed the request.
+_ERROR_OUTCOMES = frozenset({"store_error", "abandoned"})
+
+
+class Tracing:
+    """Creates idempo's spans with one tracer.
+
+    Args:
+        tracer_provider: the ``TracerProvider`` to use; None uses the global
+            one (resolved when spans are made, so an SDK configured later is used).
+    """
+
+    def __init__(self, tracer_provider: Any = None) -> None:
+        from . import __version__
+
+        self.tracer = trace.get_tracer("idempo", __version__, tracer_provider=tracer_provider)
+
+    def start_request(self, observation: RequestObservation) -> None:
+        """Start the request's span and make it current (until :meth:`end_request`)."""
+        span = self.tracer.start_span(
+            REQUEST_SPAN,
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "http.request.method": observation.method,
+                "http.route": observation.route,
+                "idempo.front": observation.front,
+            },
+        )
+        observation.span = span
+        if span.is_recording():
+            # A span that records nothing (no SDK, or sampled out) is not made
+            # current: the context switch would be the whole cost of tracing.
+            observation.span_token = otel_context.attach(trace.set_span_in_context(span))
+
+    def end_request(self, observation: RequestObservation) -> None:
+        """Set the outcome's attributes, end the span and restore the previous context."""
+        span = observation.span
+        if span is None:
+            return
+        try:
+            if span.is_recording():
+                fields = observation.fields()
+                attributes: dict[str, Any] = {
+                    "idempo.outcome": fields["idempo_outcome"],
+                    "idempo.lease_takeover": observation.lease_takeover,
+                }
+                for name, field in (
+                    ("http.response.status_code", "idempo_status"),
+                    ("idempo.record_key", "idempo_record_key"),
+                    ("idempo.key_hash", "idempo_key_hash"),
+                    ("idempo.scope_hash", "idempo_scope_hash"),
+                    ("idempo.verdict", "idempo_verdict"),
+                    ("idempo.settle_error", "idempo_settle_error"),
+                    ("idempo.key", "idempo_key"),
+                ):
+                    if fields.get(field) is not None:
+                        attributes[name] = fields[field]
+                span.set_attributes(attributes)
+                error = observation.error
+                if fields["idempo_outcome"] in _ERROR_OUTCOMES or observation.settle_error == "store_error":
+                    span.set_status(Status(StatusCode.ERROR, fields["idempo_error"]))
+                    if error is not None:
+                        span.set_attribute("error.type", type(error).__qualname__)
+                elif error is not None and fields["idempo_outcome"] != "bypassed":
+                    # The handler raised: the exception propagates to the server.
+                    span.record_exception(error)
+                    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                    span.set_attribute("error.type", type(error).__qualname__)
+        finally:
+            if observation.span_token is not None:
+                otel_context.detach(observation.span_token)
+            span.end()
+            observation.span = observation.span_token = None
+
+    def start_store(self, store: str, operation: str) -> tuple[Any, Token[Context] | None]:
+        """Start and make current the span of one store operation; return what :meth:`end_store` needs."""
+        attributes = {"db.operation.name": operation, "idempo.store": store}
+        system = _DB_SYSTEMS.get(store)
+        if system is not None:
+            attributes["db.system.name"] = system
+        span = self.tracer.start_span(STORE_SPAN_PREFIX + operation, kind=SpanKind.CLIENT, attributes=attributes)
+        if not span.is_recording():
+            return span, None
+        return span, otel_context.attach(trace.set_span_in_context(span))
+
+    def end_store(self, handle: tuple[Any, Token[Context] | None], result: object, error: BaseException | None) -> None:
+        """End a store operation's span, with its result or error."""
+        span, token = handle
+        try:
+            if span.is_recording():
+                if error is not None:
+                    span.set_attribute("error.type", type(error).__qualname__)
+                    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                elif isinstance(result, Acquired):
+                    span.set_attribute("idempo.begin.result", "takeover" if result.takeover else "acquired")
+                elif isinstance(result, Existing):
+                    span.set_attribute("idempo.begin.result", result.record.state.value)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+            span.end()
