@@ -28,9 +28,10 @@ from ._core.flow import Complete, Extend, InProgress, Mismatch, Proceed, Release
 from ._core.keys import make_record_key
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import drive_async, drive_sync, logger, settle_async, settle_sync
+from ._engine import drive_async, drive_sync, settle_async, settle_sync
 from ._lease import AsyncLeaseKeeper, LeaseKeeper
 from .exceptions import ConfigurationError, FingerprintMismatch, InvalidKey, KeyInProgress, StoreError
+from .observability import Outcome, RequestObservation, observe_request
 from .serializers import Serializer
 from .stores import async_store_from_url, store_from_url
 from .typing import AsyncStore, Store
@@ -183,68 +184,92 @@ class Engine:
             Whatever ``call`` raises, unchanged, after the record is released or held.
         """
         record_key = self.record_key(key)
+        observation = self._observe(key, record_key)
         try:
-            decision = drive_sync(begin_flow(record_key, fingerprint, self.policy), store)
-        except StoreError as exc:
-            if not self.policy.fail_open:
+            try:
+                decision = drive_sync(begin_flow(record_key, fingerprint, self.policy), store, observation)
+            except StoreError as exc:
+                if not self.policy.fail_open:
+                    observation.finish(Outcome.STORE_ERROR, error=exc)
+                    raise
+                observation.finish(Outcome.BYPASSED, error=exc)
+                return call(), False
+            if isinstance(decision, Replay):
+                return self.decode(decision.response), True
+            if not isinstance(decision, Proceed):
+                raise self.refusal(decision)
+            # The lease is renewed while the call runs, so a slow call is never run
+            # twice; once this process dies the renewals stop and it lapses.
+            keeper = LeaseKeeper(store, record_key, decision.token, self.policy.lease_ttl_ms)
+            observation.handler_started()
+            try:
+                result = call()
+            except Exception as exc:
+                keeper.stop()
+                observation.error = exc
+                command = finish(self.policy, record_key, decision.token, None, verdict=self._verdict(exc))
+                settle_sync(store, command, observation)
                 raise
-            logger.warning("idempo: store failed at begin, running %s without idempotency: %s", self.scope, exc)
-            return call(), False
-        if isinstance(decision, Replay):
-            return self.decode(decision.response), True
-        if not isinstance(decision, Proceed):
-            raise self.refusal(decision)
-        # The lease is renewed while the call runs, so a slow call is never run
-        # twice; once this process dies the renewals stop and it lapses.
-        keeper = LeaseKeeper(store, record_key, decision.token, self.policy.lease_ttl_ms)
-        try:
-            result = call()
-        except Exception as exc:
-            keeper.stop()
-            settle_sync(store, finish(self.policy, record_key, decision.token, None, verdict=self._verdict(exc)))
-            raise
+            finally:
+                # BaseException (KeyboardInterrupt, SystemExit) settles nothing: the
+                # side effect may be half done, so the lease is left to expire.
+                keeper.stop()
+                observation.handler_finished(None)
+            command, error = self.settlement(record_key, decision.token, result)
+            settle_sync(store, command, observation)
+            if error is not None:
+                raise error
+            return result, False
         finally:
-            # BaseException (KeyboardInterrupt, SystemExit) settles nothing: the
-            # side effect may be half done, so the lease is left to expire.
-            keeper.stop()
-        command, error = self.settlement(record_key, decision.token, result)
-        settle_sync(store, command)
-        if error is not None:
-            raise error
-        return result, False
+            observation.finish()
 
     async def run_async(
         self, store: AsyncStore, key: str, fingerprint: str, call: Callable[[], Awaitable[T]]
     ) -> tuple[T, bool]:
         """The async twin of :meth:`run_sync`."""
         record_key = self.record_key(key)
+        observation = self._observe(key, record_key)
         try:
-            decision = await drive_async(begin_flow(record_key, fingerprint, self.policy), store)
-        except StoreError as exc:
-            if not self.policy.fail_open:
+            try:
+                decision = await drive_async(begin_flow(record_key, fingerprint, self.policy), store, observation)
+            except StoreError as exc:
+                if not self.policy.fail_open:
+                    observation.finish(Outcome.STORE_ERROR, error=exc)
+                    raise
+                observation.finish(Outcome.BYPASSED, error=exc)
+                return await call(), False
+            if isinstance(decision, Replay):
+                return self.decode(decision.response), True
+            if not isinstance(decision, Proceed):
+                raise self.refusal(decision)
+            keeper = AsyncLeaseKeeper(store, record_key, decision.token, self.policy.lease_ttl_ms)
+            observation.handler_started()
+            try:
+                result = await call()
+            except Exception as exc:
+                await _stop(keeper)
+                observation.error = exc
+                command = finish(self.policy, record_key, decision.token, None, verdict=self._verdict(exc))
+                await settle_async(store, command, observation)
                 raise
-            logger.warning("idempo: store failed at begin, running %s without idempotency: %s", self.scope, exc)
-            return await call(), False
-        if isinstance(decision, Replay):
-            return self.decode(decision.response), True
-        if not isinstance(decision, Proceed):
-            raise self.refusal(decision)
-        keeper = AsyncLeaseKeeper(store, record_key, decision.token, self.policy.lease_ttl_ms)
-        try:
-            result = await call()
-        except Exception as exc:
-            await _stop(keeper)
-            await settle_async(store, finish(self.policy, record_key, decision.token, None, verdict=self._verdict(exc)))
-            raise
+            finally:
+                # Cancellation settles nothing (the lease is left to expire), but the
+                # renewals must stop even inside a cancelled scope.
+                await _stop(keeper)
+                observation.handler_finished(None)
+            command, error = self.settlement(record_key, decision.token, result)
+            await settle_async(store, command, observation)
+            if error is not None:
+                raise error
+            return result, False
         finally:
-            # Cancellation settles nothing (the lease is left to expire), but the
-            # renewals must stop even inside a cancelled scope.
-            await _stop(keeper)
-        command, error = self.settlement(record_key, decision.token, result)
-        await settle_async(store, command)
-        if error is not None:
-            raise error
-        return result, False
+            observation.finish()
+
+    def _observe(self, key: str, record_key: str) -> RequestObservation:
+        """Start the call's observation (logs, metrics, spans); the scope is its route label."""
+        observation = observe_request("decorator", "CALL", self.scope, self.scope)
+        observation.identify("", key, record_key)
+        return observation
 
     def _verdict(self, exc: Exception) -> Verdict:
         verdict = self.policy.verdict_for_exception(exc)

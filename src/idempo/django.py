@@ -86,8 +86,9 @@ from ._core.http import (
 from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
-from ._engine import drive_sync, logger
+from ._engine import drive_sync
 from .exceptions import ConfigurationError, StoreError
+from .observability import Outcome, observe_request
 from .stores import store_from_url
 from .typing import Store
 from .wsgi import CapturedBody, _Exchange
@@ -307,33 +308,44 @@ class IdempotencyMiddleware:
         key = check_key(policy, method, request.path, key_values)
         if key is None:
             return None
+        route = getattr(request.resolver_match, "route", None) or "*"
+        observation = observe_request("django", method, route, request.path)
         if isinstance(key, StoredResponse):
+            observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
             return StoredHttpResponse(key)
         principal = self.principal(request)
         if principal is None:
+            observation.finish(Outcome.NO_PRINCIPAL, 400)
             return StoredHttpResponse(principal_required_answer())
         if (
             getattr(request, _BODY_TOO_LARGE, False)
             or _declared_length(request) > policy.max_request_body
             or len(request.body) > policy.max_request_body
         ):
+            observation.finish(Outcome.BODY_TOO_LARGE, 413)
             return StoredHttpResponse(body_too_large_answer(policy))
 
         query = request.META.get("QUERY_STRING", "")
         content_type = request.META.get("CONTENT_TYPE") or None
         identity = request_identity(policy, principal, method, request.path, query, content_type, request.body, key)
+        observation.identify(principal, key, identity.record_key)
+        flow = begin_flow(identity.record_key, identity.fingerprint, policy)
         try:
-            decision = drive_sync(begin_flow(identity.record_key, identity.fingerprint, policy), self.store)
+            decision = drive_sync(flow, self.store, observation)
         except StoreError as exc:
             if not policy.fail_open:
-                logger.error("idempo: store failed at begin, answering 503: %s", exc)
-                return StoredHttpResponse(store_unavailable_answer(policy))
-            logger.warning("idempo: store failed at begin, running without idempotency (fail_open): %s", exc)
+                answer = store_unavailable_answer(policy)
+                observation.finish(Outcome.STORE_ERROR, answer.status, exc)
+                return StoredHttpResponse(answer)
+            observation.finish(Outcome.BYPASSED, error=exc)
             setattr(request, _BYPASSED, True)
             return None
         if not isinstance(decision, Proceed):
-            return StoredHttpResponse(decision_answer(decision))
-        setattr(request, _EXCHANGE, _Exchange(self.store, policy, identity.record_key, decision.token))
+            answer = decision_answer(decision)
+            observation.finish(status=answer.status)
+            return StoredHttpResponse(answer)
+        exchange = _Exchange(self.store, policy, identity.record_key, decision.token, observation)
+        setattr(request, _EXCHANGE, exchange)
         return None
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> None:

@@ -61,6 +61,7 @@ from ._core.records import StoredResponse
 from ._engine import drive_sync, logger, settle_sync
 from ._lease import LeaseKeeper
 from .exceptions import StoreError
+from .observability import Outcome, RequestObservation, observe_request
 from .stores import store_from_url
 from .typing import Store
 
@@ -182,16 +183,25 @@ class IdempotencyMiddleware:
         return self._routes.policy_for(path, self.policy)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        policy = self._routes.policy_for(request_path(environ), self.policy) if self._routes else self.policy
-        return self.handle(environ, start_response, self.app, policy)
+        if self._routes:
+            route, policy = self._routes.route_for(request_path(environ), self.policy)
+        else:
+            route, policy = "*", self.policy
+        return self.handle(environ, start_response, self.app, policy, route)
 
     def handle(
-        self, environ: Environ, start_response: StartResponse, app: WSGIApp, policy: Policy | None
+        self,
+        environ: Environ,
+        start_response: StartResponse,
+        app: WSGIApp,
+        policy: Policy | None,
+        route: str = "*",
     ) -> Iterable[bytes]:
         """Serve one request with ``app`` under ``policy`` (None: pass it through untouched).
 
-        The engine behind :meth:`__call__`, also used by the Django middleware
-        once Django has resolved the view's policy.
+        The engine behind :meth:`__call__`, also used by the Flask extension
+        once Flask has resolved the view's policy. ``route`` is the label logs,
+        metrics and spans name the route by (a pattern, never a raw path).
         """
         method: str = environ["REQUEST_METHOD"]
         if policy is None or method not in policy.methods:
@@ -202,13 +212,17 @@ class IdempotencyMiddleware:
         key = check_key(policy, method, path, key_values)
         if key is None:
             return app(environ, start_response)
+        observation = observe_request("wsgi", method, route, path)
         if isinstance(key, StoredResponse):
+            observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
             return _answer(start_response, key)
         principal = self.principal(environ)
         if principal is None:
+            observation.finish(Outcome.NO_PRINCIPAL, 400)
             return _answer(start_response, principal_required_answer())
         body = read_body(environ, policy.max_request_body)
         if body is None:
+            observation.finish(Outcome.BODY_TOO_LARGE, 413)
             return _answer(start_response, body_too_large_answer(policy))
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
@@ -216,32 +230,50 @@ class IdempotencyMiddleware:
         query = environ.get("QUERY_STRING", "")
         content_type = environ.get("CONTENT_TYPE") or None
         identity = request_identity(policy, principal, method, path, query, content_type, body, key)
+        observation.identify(principal, key, identity.record_key)
         try:
-            decision = drive_sync(begin_flow(identity.record_key, identity.fingerprint, policy), self.store)
+            decision = drive_sync(
+                begin_flow(identity.record_key, identity.fingerprint, policy), self.store, observation
+            )
         except StoreError as exc:
-            return self._store_failed(exc, policy, app, environ, start_response)
+            return self._store_failed(exc, policy, app, environ, start_response, observation)
         if not isinstance(decision, Proceed):
-            return _answer(start_response, decision_answer(decision))
-        return self._execute(
-            _Exchange(self.store, policy, identity.record_key, decision.token), app, environ, start_response
-        )
+            answer = decision_answer(decision)
+            observation.finish(status=answer.status)
+            return _answer(start_response, answer)
+        exchange = _Exchange(self.store, policy, identity.record_key, decision.token, observation)
+        return self._execute(exchange, app, environ, start_response)
 
     def _store_failed(
-        self, exc: StoreError, policy: Policy, app: WSGIApp, environ: Environ, start_response: StartResponse
+        self,
+        exc: StoreError,
+        policy: Policy,
+        app: WSGIApp,
+        environ: Environ,
+        start_response: StartResponse,
+        observation: RequestObservation,
     ) -> Iterable[bytes]:
-        """Fail closed with 503, or run the app unprotected when the policy fails open."""
+        """Fail closed with 503, or run the app unprotected when the policy fails open.
+
+        Either way the request's record says so: ``store_error`` (ERROR) or
+        ``bypassed`` (WARNING), with the store's error.
+        """
         if not policy.fail_open:
-            logger.error("idempo: store failed at begin, answering 503: %s", exc)
-            return _answer(start_response, store_unavailable_answer(policy))
-        logger.warning("idempo: store failed at begin, running without idempotency (fail_open): %s", exc)
+            answer = store_unavailable_answer(policy)
+            observation.finish(Outcome.STORE_ERROR, answer.status, exc)
+            return _answer(start_response, answer)
         name, value = (part.decode("latin-1") for part in BYPASSED_HEADER)
 
         def marked_start_response(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
         ) -> Write:
+            observation.status = _status_code(status)
             return start_response(status, [*headers, (name, value)], exc_info)
 
-        return app(environ, marked_start_response)
+        try:
+            return app(environ, marked_start_response)
+        finally:
+            observation.finish(Outcome.BYPASSED, error=exc)
 
     def _execute(
         self, exchange: _Exchange, app: WSGIApp, environ: Environ, start_response: StartResponse
@@ -280,9 +312,22 @@ class IdempotencyMiddleware:
 class _Exchange:
     """One executing request: its lease, the capture of its response, and its settling."""
 
-    __slots__ = ("capture", "keeper", "policy", "record_key", "reported", "settled", "started", "store", "token")
+    __slots__ = (
+        "capture",
+        "keeper",
+        "observation",
+        "policy",
+        "record_key",
+        "reported",
+        "settled",
+        "started",
+        "store",
+        "token",
+    )
 
-    def __init__(self, store: Store, policy: Policy, record_key: str, token: int) -> None:
+    def __init__(
+        self, store: Store, policy: Policy, record_key: str, token: int, observation: RequestObservation
+    ) -> None:
         self.store = store
         self.policy = policy
         self.record_key = record_key
@@ -293,10 +338,14 @@ class _Exchange:
         self.reported: BaseException | None = None
         # Renews the lease while the app runs, so a slow app is never run twice.
         self.keeper = LeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
+        self.observation = observation
+        observation.handler_started()
 
     def abandon(self) -> None:
         """A crash (SystemExit, KeyboardInterrupt): settle nothing, stop renewing; the lease expires."""
         self.keeper.stop()
+        self.observation.handler_finished(None)
+        self.observation.finish()
 
     def settle(self, raised: Exception | None = None) -> None:
         """Settle the record once: by the exception the app raised, else by the captured response.
@@ -319,7 +368,14 @@ class _Exchange:
             verdict = self.policy.verdict_for_exception(self.reported)
         else:
             response, verdict = capture.response(), capture.verdict
-        settle_sync(self.store, finish(self.policy, self.record_key, self.token, response, verdict=verdict))
+        observation = self.observation
+        if raised is not None:
+            observation.error = raised
+        observation.handler_finished(capture.status if self.started else None)
+        settle_sync(
+            self.store, finish(self.policy, self.record_key, self.token, response, verdict=verdict), observation
+        )
+        observation.finish()
 
 
 class CapturedBody:

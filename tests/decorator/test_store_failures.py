@@ -117,4 +117,7 @@ def test_fail_open_runs_the_function_and_says_so(store: SQLiteStore, caplog: pyt
     with write_locked(Path(store.path)), caplog.at_level(logging.WARNING, "idempo"):
         assert pay("K1") == 1
     assert calls == 1
-    assert "without idempotency" in caplog.text
+    bypassed = [r for r in caplog.records if getattr(r, "idempo_outcome", None) == "bypassed"]
+    assert len(bypassed) == 1
+    assert bypassed[0].levelno == logging.WARNING
+    assert bypassed[0].idempo_front == "decorator"  # type: ignore[attr-defined]

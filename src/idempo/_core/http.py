@@ -295,6 +295,11 @@ class ResponseCapture:
         else:
             self._chunks.append(chunk)
 
+    @property
+    def status(self) -> int:
+        """The status passed to :meth:`start` (0 before)."""
+        return self._status
+
     def response(self) -> StoredResponse | None:
         """The response to store, or None when the verdict is not STORE."""
         if self.verdict is not Verdict.STORE:

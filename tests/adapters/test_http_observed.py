@@ -1,0 +1,41 @@
+"""Every front reports each decision through the one observation hook (logs here; metrics and spans share it)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from idempo import Policy
+from tests.adapters.conftest import B_PRIME, ServeFactory
+from tests.support.clock import eventually
+
+
+def outcomes(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int | None]]:
+    """(outcome, status) of every per-request record on the idempo logger so far."""
+    return [
+        (r.idempo_outcome, r.idempo_status)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "idempo" and hasattr(r, "idempo_outcome")
+    ]
+
+
+def test_each_decision_is_logged_once_with_its_outcome(serve: ServeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """executed, replayed, mismatch, released, missing_key: one record each, with the status answered."""
+    caplog.set_level(logging.DEBUG, logger="idempo")
+    s = serve(policy=Policy(require_key=True))
+    s.post()
+    s.post()
+    s.post(body=B_PRIME)
+    s.post(key="other", headers={"x-test-status": "503"})
+    s.post(key=None)
+    expected = [
+        ("executed", 201),
+        ("replayed", 201),
+        ("mismatch", 422),
+        ("released", 503),
+        ("missing_key", 400),
+    ]
+    assert eventually(lambda: outcomes(caplog) == expected), outcomes(caplog)
+    front = {r.idempo_front for r in caplog.records if hasattr(r, "idempo_front")}  # type: ignore[attr-defined]
+    assert len(front) == 1
