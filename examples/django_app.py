@@ -23,7 +23,7 @@ settings.configure(
         "django.middleware.common.CommonMiddleware",
         "idempo.django.IdempotencyMiddleware",
     ],
-    IDEMPO={"STORE": os.environ.get("IDEMPO_STORE", "sqlite:///idempo.db"), "POLICY": {"record_ttl": 86400}},
+    IDEMPO={"STORE": os.environ.get("IDEMPO_STORE", "sqlite:///idempo-django.db"), "POLICY": {"record_ttl": 86400}},
 )
 
 from django.http import HttpRequest, JsonResponse  # noqa: E402

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from idempo.fastapi import idempotency, idempotency_exempt, install
 
 app = FastAPI()
-install(app, store=os.environ.get("IDEMPO_STORE", "sqlite:///idempo.db"))
+install(app, store=os.environ.get("IDEMPO_STORE", "sqlite:///idempo-fastapi.db"))
 ids = itertools.count(1)
 
 

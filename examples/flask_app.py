@@ -15,7 +15,7 @@ from flask import Flask, request
 from idempo.flask import Idempotency, idempotency, idempotency_exempt
 
 app = Flask(__name__)
-Idempotency(app, store=os.environ.get("IDEMPO_STORE", "sqlite:///idempo.db"))
+Idempotency(app, store=os.environ.get("IDEMPO_STORE", "sqlite:///idempo-flask.db"))
 ids = itertools.count(1)
 
 

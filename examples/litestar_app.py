@@ -29,5 +29,5 @@ async def webhook(data: dict[str, Any]) -> dict[str, bool]:
 
 app = Litestar(
     [pay, webhook],
-    plugins=[IdempotencyPlugin(store=os.environ.get("IDEMPO_STORE", "sqlite:///idempo.db"))],
+    plugins=[IdempotencyPlugin(store=os.environ.get("IDEMPO_STORE", "sqlite:///idempo-litestar.db"))],
 )

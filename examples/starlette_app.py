@@ -27,6 +27,6 @@ async def pay(request: Request) -> JSONResponse:
 
 app = IdempotencyMiddleware(
     Starlette(routes=[Route("/payments", pay, methods=["POST"])]),
-    store=os.environ.get("IDEMPO_STORE", "sqlite:///idempo.db"),
+    store=os.environ.get("IDEMPO_STORE", "sqlite:///idempo-starlette.db"),
     policy=Policy(require_key=True),
 )
