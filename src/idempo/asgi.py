@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from ._core.flow import Proceed, begin_flow, finish
+from ._core.flow import Proceed, finish
 from ._core.http import (
     BYPASSED_HEADER,
     ResponseCapture,
@@ -39,7 +39,7 @@ from ._core.http import (
 from ._core.keys import principal_from_credentials
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import drive_async, logger, settle_async
+from ._engine import begin_async, logger, settle_async
 from .exceptions import ConfigurationError, StoreError
 from .stores import async_store_from_url
 from .typing import AsyncStore
@@ -164,7 +164,7 @@ class IdempotencyMiddleware:
             policy, principal, method, path, scope.get("query_string", b""), content_type, body, key
         )
         try:
-            decision = await drive_async(begin_flow(identity.record_key, identity.fingerprint, policy), self.store)
+            decision = await begin_async(self.store, identity.record_key, identity.fingerprint, policy)
         except StoreError as exc:
             await self._store_failed(exc, policy, scope, _replay_body(body, receive), send)
             return
