@@ -39,7 +39,7 @@ from ._core.http import (
 from ._core.keys import principal_from_credentials
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import begin_async, logger, settle_async
+from ._engine import begin_async, complete_async, logger, settle_async
 from .exceptions import ConfigurationError, StoreError
 from .stores import async_store_from_url
 from .typing import AsyncStore
@@ -169,7 +169,7 @@ class IdempotencyMiddleware:
             await self._store_failed(exc, policy, scope, _replay_body(body, receive), send)
             return
         if isinstance(decision, Proceed):
-            await self._execute(policy, identity.record_key, decision.token, scope, _replay_body(body, receive), send)
+            await self._execute(policy, identity.record_key, decision.token, scope, body, receive, send)
         else:
             await _send_answer(send, decision_answer(decision))
 
@@ -189,10 +189,11 @@ class IdempotencyMiddleware:
         await self.app(scope, receive, marked_send)
 
     async def _execute(
-        self, policy: Policy, record_key: str, token: int, scope: Scope, receive: Receive, send: Send
+        self, policy: Policy, record_key: str, token: int, scope: Scope, body: bytes, receive: Receive, send: Send
     ) -> None:
         """Run the app holding the lease; capture its response; settle the record.
 
+        The app first receives ``body`` (already read), then the real stream.
         The record is settled (completed, released or held) before the last
         body message reaches the client, so a client that retries as soon as
         it has the answer finds the record settled. The app runs to the end
@@ -206,6 +207,7 @@ class IdempotencyMiddleware:
         settled = False
         complete = False
         client_gone = False
+        body_pending = True
         done: anyio.Event | None = None
 
         async def forward(message: Message) -> None:
@@ -222,12 +224,15 @@ class IdempotencyMiddleware:
         async def settle(response: StoredResponse | None, outcome: Verdict) -> None:
             nonlocal settled
             settled = True
-            await settle_async(store, finish(policy, record_key, token, response, verdict=outcome))
+            if outcome is Verdict.STORE and response is not None:
+                await complete_async(store, record_key, token, response, policy.record_ttl_ms)
+            else:
+                await settle_async(store, finish(policy, record_key, token, response, verdict=outcome))
             if done is not None:
                 done.set()
 
         async def capture_send(message: Message) -> None:
-            nonlocal start, start_sent, complete
+            nonlocal start, start_sent, complete, client_gone
             kind = message["type"]
             if kind == "http.response.start":
                 start = message
@@ -244,13 +249,21 @@ class IdempotencyMiddleware:
                 # their 500 before re-raising, and the exception decides.
                 if capture.verdict is Verdict.STORE or not policy.exception_verdicts:
                     await settle(capture.response(), capture.verdict)
-            if not start_sent:
-                start_sent = True
-                await forward(start)
-            await forward(message)
+            if client_gone:
+                return
+            try:
+                if not start_sent:
+                    start_sent = True
+                    await send(start)
+                await send(message)
+            except OSError:
+                client_gone = True  # see forward()
 
         async def app_receive() -> Message:
-            nonlocal done
+            nonlocal done, body_pending
+            if body_pending:
+                body_pending = False
+                return {"type": "http.request", "body": body, "more_body": False}
             message = await receive()
             if message["type"] != "http.disconnect" or settled:
                 return message
