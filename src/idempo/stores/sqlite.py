@@ -21,8 +21,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
@@ -30,7 +29,7 @@ import anyio.to_thread
 from .._core.records import Acquired, BeginResult, Existing, Record, StoredResponse, encode_headers, next_token
 from ..exceptions import ConfigurationError, LeaseLost
 from ..typing import Clock
-from ._base import load_queries, load_sql, map_errors, record_from_row
+from ._base import ErrorMap, load_queries, load_sql, map_errors, record_from_row
 
 __all__ = ["AsyncSQLiteStore", "SQLiteStore"]
 
@@ -40,12 +39,13 @@ _EXPIRES_AT = 5  # index of expires_at in a select_record row
 _T = TypeVar("_T")
 
 
-@contextmanager
-def _sqlite_errors() -> Iterator[None]:
-    # OperationalError covers a locked database past busy_timeout, an
-    # unreadable file and I/O errors: the store cannot serve now.
-    with map_errors((sqlite3.OperationalError,), (sqlite3.Error,)):
-        yield
+# OperationalError covers a locked database past busy_timeout, an
+# unreadable file and I/O errors: the store cannot serve now.
+_SQLITE_ERRORS = map_errors((sqlite3.OperationalError,), (sqlite3.Error,))
+
+
+def _sqlite_errors() -> ErrorMap:
+    return _SQLITE_ERRORS
 
 
 class _Database:
