@@ -2,8 +2,9 @@
 
 The database is one file in WAL mode, so readers never wait for the writer.
 Each transition is atomic across threads and processes: ``complete``,
-``release`` and ``extend`` are single conditional statements, and ``begin``
-takes SQLite's write lock (``BEGIN IMMEDIATE``) to read and write in one
+``release`` and ``extend`` are single conditional statements; ``begin`` on an
+absent key is one ``INSERT ... ON CONFLICT DO NOTHING``, and otherwise takes
+SQLite's write lock (``BEGIN IMMEDIATE``) to read and write in one
 transaction. A replay costs one read and no write.
 
 Times come from the store's clock (``time.time`` by default, injectable for
@@ -104,6 +105,21 @@ class _Database:
         row = conn.execute(_Q["select_record"], key).fetchone()
         if row is not None and row[_EXPIRES_AT] > now:
             return Existing(record_from_row(record_key, row), now)
+        if row is None:
+            # An absent key (the usual first execution): one INSERT that does
+            # nothing if another connection inserted the key meanwhile. One
+            # statement is atomic on its own, so no BEGIN IMMEDIATE and no
+            # second read; on a conflict the locked path below decides.
+            token = next_token(0, now)
+            params = {
+                "record_key": record_key,
+                "fingerprint": fingerprint,
+                "token": token,
+                "lease_expires_at": now + lease_ttl_ms,
+                "now": now,
+            }
+            if conn.execute(_Q["insert_lease"], params).rowcount == 1:
+                return Acquired(token)
         conn.execute("BEGIN IMMEDIATE")
         try:
             now = self.now_ms()
