@@ -126,4 +126,4 @@ def encode_headers(headers: Headers) -> str:
 
 def decode_headers(text: str | bytes) -> Headers:
     """Decode what :func:`encode_headers` produced."""
-    return tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(text))
+    return tuple([(n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(text)])

@@ -30,17 +30,26 @@ def load_queries(dialect: str, filename: str = "queries.sql") -> dict[str, str]:
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
+_STATES = {state.value: state for state in RecordState}
+
+
 def record_from_row(record_key: str, row: tuple[Any, ...]) -> Record:
     """Build a Record from a row ``(state, fingerprint, token, lease_expires_at,
     created_at, expires_at, status, headers, body)``; SQL stores select in this order.
+
+    Raises:
+        ValueError: the row's state is not one of :class:`RecordState`'s values.
     """
     state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body = row
+    record_state = _STATES.get(state)
+    if record_state is None:
+        raise ValueError(f"{state!r} is not a valid RecordState")
     response = None
-    if state == RecordState.COMPLETED.value:
+    if record_state is RecordState.COMPLETED:
         response = StoredResponse(int(status), decode_headers(headers), bytes(body))
     return Record(
         record_key,
-        RecordState(state),
+        record_state,
         fingerprint,
         int(token),
         int(lease_expires_at),
