@@ -199,6 +199,38 @@ class _FloorMiddleware:
         await self.app(scope, receive, capture)
 
 
+class _PassThrough:
+    """Diagnostic: a middleware that only wraps ``send`` (what any response-capturing layer must do)."""
+
+    def __init__(self, app: ASGIApp, wrap: bool) -> None:
+        self.app = app
+        self.wrap = wrap
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.wrap:
+            await self.app(scope, receive, send)
+            return
+
+        async def wrapped(message: Message) -> None:
+            await send(message)
+
+        await self.app(scope, receive, wrapped)
+
+
+class _MemoryFloor:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    async def claim(self, key: str) -> bytes | None:
+        stored = self.data.get(key)
+        if stored is None:
+            self.data[key] = b""
+        return stored
+
+    async def store(self, key: str, value: bytes) -> None:
+        self.data[key] = value
+
+
 class _RedisFloor:
     def __init__(self, url: str, prefix: str) -> None:
         import redis.asyncio
@@ -321,10 +353,14 @@ def _idempo_redis() -> Any:
     return AsyncRedisStore(_env("BENCH_REDIS_URL"), prefix=f"{_env('BENCH_NONCE')}:idempo:")
 
 
-def _idempo_postgres() -> Any:
+def _idempo_postgres(async_commit: bool = False) -> Any:
     from idempo.stores.postgres import AsyncPostgresStore
 
-    return AsyncPostgresStore(_env("BENCH_PG_URL"), schema=_env("BENCH_PG_SCHEMA"))
+    url = _env("BENCH_PG_URL")
+    if async_commit:  # the documented opt-in (docs/stores.md): commits do not wait for the WAL flush
+        url += ("&" if "?" in url else "?") + "options=-c%20synchronous_commit%3Doff"
+    # a schema of its own: the two PostgreSQL variants must not share records
+    return AsyncPostgresStore(url, schema=_env("BENCH_PG_SCHEMA") + ("_ac" if async_commit else ""))
 
 
 def _aih(backend: str) -> list[Middleware]:
@@ -354,8 +390,10 @@ def _fik(backend: str) -> list[Middleware]:
 
 
 def _floor(kind: str) -> list[Middleware]:
-    if kind == "redis":
-        kv: Any = _RedisFloor(_env("BENCH_REDIS_URL"), f"{_env('BENCH_NONCE')}:floor:")
+    if kind == "memory":
+        kv: Any = _MemoryFloor()
+    elif kind == "redis":
+        kv = _RedisFloor(_env("BENCH_REDIS_URL"), f"{_env('BENCH_NONCE')}:floor:")
     elif kind == "postgres":
         kv = _PostgresFloor(_env("BENCH_PG_URL"), _env("BENCH_PG_SCHEMA"))
     else:
@@ -371,6 +409,7 @@ VARIANTS: dict[str, Callable[[], list[Middleware]] | None] = {
     "idempo-sqlite": lambda: _idempo(_idempo_sqlite),
     "idempo-redis": lambda: _idempo(_idempo_redis),
     "idempo-postgres": lambda: _idempo(_idempo_postgres),
+    "idempo-postgres-async-commit": lambda: _idempo(lambda: _idempo_postgres(async_commit=True)),
     "aih-memory": lambda: _aih("memory"),
     "aih-redis": lambda: _aih("redis"),
     "powertools-redis": None,
@@ -378,6 +417,9 @@ VARIANTS: dict[str, Callable[[], list[Middleware]] | None] = {
     "fik-memory": lambda: _fik("memory"),
     "fik-sqlite": lambda: _fik("sqlite"),
     "fik-redis": lambda: _fik("redis"),
+    "floor-memory": lambda: _floor("memory"),
+    "pass-plain": lambda: [Middleware(_PassThrough, wrap=False)],
+    "pass-wrap": lambda: [Middleware(_PassThrough, wrap=True)],
     "floor-sqlite": lambda: _floor("sqlite"),
     "floor-redis": lambda: _floor("redis"),
     "floor-postgres": lambda: _floor("postgres"),

@@ -52,6 +52,7 @@ INFO: dict[str, tuple[str, str]] = {
     "idempo-sqlite": ("SQLite", "idempo"),
     "idempo-redis": ("Redis", "idempo"),
     "idempo-postgres": ("PostgreSQL", "idempo"),
+    "idempo-postgres-async-commit": ("PostgreSQL", "idempo, synchronous_commit=off (opt-in)"),
     "aih-memory": ("memory", "asgi-idempotency-header"),
     "aih-redis": ("Redis", "asgi-idempotency-header"),
     "powertools-redis": ("Redis", "Powertools idempotent_function"),
@@ -59,13 +60,18 @@ INFO: dict[str, tuple[str, str]] = {
     "fik-memory": ("memory", "fastapi-idempotency-key"),
     "fik-sqlite": ("SQLite", "fastapi-idempotency-key"),
     "fik-redis": ("Redis", "fastapi-idempotency-key"),
+    "floor-memory": ("memory", "floor: a dict, no guarantees"),
+    "pass-plain": ("-", "diagnostic: a middleware that passes through"),
+    "pass-wrap": ("-", "diagnostic: a middleware that wraps send"),
     "floor-sqlite": ("SQLite", "floor: 1-2 statements, no guarantees"),
     "floor-redis": ("Redis", "floor: 1-2 round trips, no guarantees"),
     "floor-postgres": ("PostgreSQL", "floor: 1-2 round trips, no guarantees"),
 }
 assert set(INFO) == set(VARIANTS)
+#: diagnostic variants, run only when named with --variants
+DIAGNOSTIC = {"pass-plain", "pass-wrap"}
 #: variants without an idempotency layer (references): only scenario (a) is checked
-NOT_IDEMPOTENT = {"bare", "raw-asgi", "floor-sqlite", "floor-redis", "floor-postgres"}
+NOT_IDEMPOTENT = {"bare", "raw-asgi", *DIAGNOSTIC, "floor-memory", "floor-sqlite", "floor-redis", "floor-postgres"}
 
 # Targets (issue 7): ratio against bare in the same run.
 TARGETS = {
@@ -301,15 +307,17 @@ def services(settings: Settings) -> dict[str, str]:
 
 
 def prepare_postgres(settings: Settings, schema: str) -> None:
+    """idempo's schema in ``schema`` and ``<schema>_ac`` (the async-commit variant), and the floor's table."""
     import psycopg
 
     from idempo.stores.postgres import PostgresStore
 
-    store = PostgresStore(settings.pg_url, schema=schema, check_schema=False, application_name="idempo-bench")
-    try:
-        store.create_schema()
-    finally:
-        store.close()
+    for name in (schema, schema + "_ac"):
+        store = PostgresStore(settings.pg_url, schema=name, check_schema=False, application_name="idempo-bench")
+        try:
+            store.create_schema()
+        finally:
+            store.close()
     with psycopg.connect(settings.pg_url, autocommit=True) as conn:
         conn.execute(f'CREATE TABLE "{schema}".bench_floor (k text PRIMARY KEY, v bytea)')
 
@@ -335,6 +343,7 @@ def cleanup_stores(settings: Settings, nonce: str, schema: str, reachable: dict[
 
             with psycopg.connect(settings.pg_url, autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}_ac" CASCADE')
 
 
 # --- load ----------------------------------------------------------------------------
@@ -366,7 +375,26 @@ def run_wrk(port: int, script: str, args: list[str], duration: float, settings: 
     return result
 
 
+def settle(max_wait: float = 1.5, quiet: float = 0.25) -> float:
+    """Wait until the machine is quiet (under ``quiet`` cores busy over 200 ms), at most ``max_wait`` s.
+
+    Store servers go on working after a run (PostgreSQL's WAL writer and
+    checkpoints, Redis' expiry), which would land on the next variant's run.
+    Returns the cores busy in the last window.
+    """
+    hz = os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy0, _ = CpuMeter._machine()
+        time.sleep(0.2)
+        busy1, _ = CpuMeter._machine()
+        busy = (busy1 - busy0) / hz / 0.2
+        if busy < quiet or time.monotonic() >= deadline:
+            return busy
+
+
 async def load_run(server: Server, scenario: str, nonce: str, rnd: int, duration: float, settings: Settings) -> Run:
+    settle()
     before = await scenarios.executions(server.port)
     meter = CpuMeter([server.proc.pid])
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -684,8 +712,8 @@ def render(
     w("idempo's req/s divided by the other's, median of per-round ratios [min-max]. A ratio against a variant that")
     w("fails the scenario's correctness check compares unlike work (e.g. a 422 answered instead of a replay).")
     w("")
-    w("| store | scenario | against | idempo / other | other correct |")
-    w("|---|---|---|---|---|")
+    w("| store | scenario | idempo | against | idempo / other | other correct |")
+    w("|---|---|---|---|---|---|")
     for v, res in results.items():
         if not v.startswith("idempo-") or res.skipped:
             continue
@@ -696,7 +724,7 @@ def render(
                     continue
                 ratios = ratio_runs(res.runs.get(scenario, []), ores.runs.get(scenario, []))
                 w(
-                    f"| {store} | {SCENARIO_NAMES[scenario]} | `{other}` | {fmt_range(ratios)} | "
+                    f"| {store} | {SCENARIO_NAMES[scenario]} | `{v}` | `{other}` | {fmt_range(ratios)} | "
                     f"{check_cell(ores.checks.get(scenario))} |"
                 )
     w("")
@@ -759,8 +787,8 @@ def render(
 async def profile(settings: Settings, spec: str) -> Path:
     """Profile one variant under one load scenario with py-spy; write the top entries.
 
-    ``spec`` is ``VARIANT:SCENARIO[:SECONDS]``. py-spy samples the server
-    (``--nonblocking``, so the server is never paused) while wrk runs; the
+    ``spec`` is ``VARIANT:SCENARIO[:SECONDS]``. py-spy samples the server at
+    250 Hz while wrk runs (each sample pauses it for microseconds); the
     collapsed stacks are summed into self and inclusive time per function.
     """
     variant, scenario, *rest = spec.split(":")
@@ -823,7 +851,7 @@ async def profile(settings: Settings, spec: str) -> Path:
         if not stack:
             continue
         count = int(count_text)
-        frames = [re.sub(r" \(.*/(site-packages|src)/", " (", f) for f in stack.split(";")]
+        frames = [re.sub(r" \(.*/(site-packages|src|lib/python3[.0-9]+)/", " (", f) for f in stack.split(";")]
         total += count
         selfs[frames[-1]] = selfs.get(frames[-1], 0) + count
         for f in set(frames):
@@ -868,7 +896,7 @@ def parse(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
     args = parser.parse_args(argv)
     quick = args.quick
-    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    variants = args.variants.split(",") if args.variants else [v for v in VARIANTS if v not in DIAGNOSTIC]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")

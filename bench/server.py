@@ -25,6 +25,10 @@ def main() -> None:
     parser.add_argument("--variant", required=True)
     args = parser.parse_args()
     os.environ["BENCH_VARIANT"] = args.variant
+    if os.environ.get("BENCH_GC_DISABLE"):  # diagnostics only: never set by the runner
+        import gc
+
+        gc.disable()
     config = uvicorn.Config(
         create_app(args.variant),
         loop="uvloop",

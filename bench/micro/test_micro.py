@@ -18,7 +18,7 @@ from idempo._core.flow import Replay, begin_flow
 from idempo._core.keys import make_record_key, parse_key
 from idempo._core.policy import Policy
 from idempo._core.records import StoredResponse
-from idempo._engine import drive_async, drive_sync
+from idempo._engine import begin_async, begin_sync, drive_async, drive_sync
 from idempo.asgi import IdempotencyMiddleware
 from idempo.stores.memory import AsyncMemoryStore, MemoryStore
 
@@ -77,6 +77,32 @@ def _completed(store: MemoryStore, policy: Policy) -> tuple[str, str]:
     response = StoredResponse(201, ((b"content-type", b"application/json"),), b'{"id":"pay_1"}')
     store.complete(record_key, result.token, response, policy.record_ttl_ms)  # type: ignore[union-attr]
     return record_key, fp
+
+
+def test_engine_replay_decision_begin_sync(benchmark: Any) -> None:
+    """The engine's decision for a replay as the adapters make it: begin_sync against a MemoryStore."""
+    policy = Policy()
+    store = MemoryStore()
+    record_key, fp = _completed(store, policy)
+    decision = benchmark(begin_sync, store, record_key, fp, policy)
+    assert isinstance(decision, Replay)
+
+
+def test_engine_replay_decision_begin_async(benchmark: Any) -> None:
+    """The same through begin_async and AsyncMemoryStore (the coroutine never suspends, so no loop is needed)."""
+    policy = Policy()
+    store = AsyncMemoryStore()
+    record_key, fp = _completed(store.sync, policy)
+
+    def decide() -> Any:
+        coro = begin_async(store, record_key, fp, policy)
+        try:
+            coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+        raise AssertionError("begin_async suspended")
+
+    assert isinstance(benchmark(decide), Replay)
 
 
 def test_engine_replay_decision_sync(benchmark: Any) -> None:
