@@ -856,14 +856,20 @@ async def profile(settings: Settings, spec: str) -> Path:
         selfs[frames[-1]] = selfs.get(frames[-1], 0) + count
         for f in set(frames):
             incl[f] = incl.get(f, 0) + count
+    components: dict[str, int] = {}
+    for frame, n in selfs.items():
+        part = _component(frame)
+        components[part] = components.get(part, 0) + n
     lines = [
         f"# py-spy profile: `{variant}`, scenario {scenario}, {seconds} s",
         "",
-        f"{r.rps:.0f} req/s under load; {total} samples of the server's busy time.",
+        f"{r.rps:.0f} req/s under load; {total} samples of the server's busy time (function-level, 250 Hz).",
         "",
-        "| self % | function |",
+        "| self % | component |",
         "|---|---|",
     ]
+    lines += [f"| {100 * n / total:.1f} | {part} |" for part, n in sorted(components.items(), key=lambda i: -i[1])]
+    lines += ["", "| self % | function |", "|---|---|"]
     lines += [f"| {100 * n / total:.1f} | `{f}` |" for f, n in sorted(selfs.items(), key=lambda i: -i[1])[:30]]
     lines += ["", "| inclusive % | function |", "|---|---|"]
     lines += [f"| {100 * n / total:.1f} | `{f}` |" for f, n in sorted(incl.items(), key=lambda i: -i[1])[:45]]
@@ -874,6 +880,27 @@ async def profile(settings: Settings, spec: str) -> Path:
     shutil.rmtree(workdir, ignore_errors=True)
     log(f"profile: {out.relative_to(ROOT)}")
     return out
+
+
+_COMPONENTS = (
+    ("idempo/stores/", "idempo: store"),
+    ("idempo/", "idempo: middleware and core"),
+    ("redis/", "redis-py"),
+    ("psycopg_pool/", "psycopg (pool)"),
+    ("psycopg/", "psycopg"),
+    ("uvicorn/", "uvicorn (HTTP, httptools)"),
+    ("starlette/", "Starlette (app, routing, request, response)"),
+    ("app.py", "the bench handler"),
+    ("json/", "json (stdlib)"),
+    ("asyncio/", "event loop (uvloop, asyncio; I/O syscalls)"),
+)
+
+
+def _component(frame: str) -> str:
+    for marker, name in _COMPONENTS:
+        if marker in frame:
+            return name
+    return "other"
 
 
 def log(msg: str) -> None:
