@@ -68,6 +68,16 @@ INFO: dict[str, tuple[str, str]] = {
     "floor-postgres": ("PostgreSQL", "floor: 1-2 round trips, no guarantees"),
 }
 assert set(INFO) == set(VARIANTS)
+BEFORE = "@before"
+
+
+def info(variant: str) -> tuple[str, str]:
+    """(store, label) of a variant; ``<idempo variant>@before`` runs another idempo source (--compare-src)."""
+    base, _, tag = variant.partition("@")
+    store, label = INFO[base]
+    return (store, f"{label}, before (--compare-src)") if tag else (store, label)
+
+
 #: diagnostic variants, run only when named with --variants
 DIAGNOSTIC = {"pass-plain", "pass-wrap"}
 #: variants without an idempotency layer (references): only scenario (a) is checked
@@ -106,6 +116,7 @@ class Settings:
     command: str
     mode: str
     profile: str | None = None
+    compare_src: str | None = None
 
 
 @dataclass
@@ -240,6 +251,23 @@ def pinned(cmd: list[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *cmd] if cpu is not None else cmd
 
 
+def variant_env(
+    variant: str, env: dict[str, str], settings: Settings, workdir: Path, nonce: str, schema: str
+) -> dict[str, str]:
+    """The server's environment; an ``@before`` variant gets the other source and stores of its own."""
+    if not variant.endswith(BEFORE) or not settings.compare_src:
+        return env
+    before = workdir / "before"
+    before.mkdir(exist_ok=True)
+    return dict(
+        env,
+        PYTHONPATH=str(Path(settings.compare_src).resolve()),
+        BENCH_NONCE=f"{nonce}:b",
+        BENCH_PG_SCHEMA=schema + "_b",
+        BENCH_DIR=str(before),
+    )
+
+
 def start_server(variant: str, env: dict[str, str], settings: Settings, logdir: Path) -> Server:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -247,8 +275,9 @@ def start_server(variant: str, env: dict[str, str], settings: Settings, logdir: 
     sock.listen(2048)
     port = sock.getsockname()[1]
     log = logdir / f"{variant}.log"
+    base = variant.partition("@")[0]
     cmd = pinned(
-        [sys.executable, str(HERE / "server.py"), "--fd", str(sock.fileno()), "--variant", variant], settings.server_cpu
+        [sys.executable, str(HERE / "server.py"), "--fd", str(sock.fileno()), "--variant", base], settings.server_cpu
     )
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, pass_fds=[sock.fileno()], env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -312,7 +341,7 @@ def prepare_postgres(settings: Settings, schema: str) -> None:
 
     from idempo.stores.postgres import PostgresStore
 
-    for name in (schema, schema + "_ac"):
+    for name in (schema, schema + "_ac", schema + "_b", schema + "_b_ac"):
         store = PostgresStore(settings.pg_url, schema=name, check_schema=False, application_name="idempo-bench")
         try:
             store.create_schema()
@@ -343,7 +372,8 @@ def cleanup_stores(settings: Settings, nonce: str, schema: str, reachable: dict[
 
             with psycopg.connect(settings.pg_url, autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}_ac" CASCADE')
+                for suffix in ("_ac", "_b", "_b_ac"):
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}{suffix}" CASCADE')
 
 
 # --- load ----------------------------------------------------------------------------
@@ -451,7 +481,7 @@ async def run(settings: Settings) -> Path:
     load_start = os.getloadavg()
     reachable = services(settings)
     results = {v: Result(v) for v in settings.variants}
-    info = machine_info()
+    machine = machine_info()
     vers = versions(settings.redis_url, settings.pg_url)
     if not reachable["PostgreSQL"]:
         prepare_postgres(settings, schema)
@@ -469,11 +499,11 @@ async def run(settings: Settings) -> Path:
     micro: dict[str, Any] | str = "not run (--no-micro)"
     try:
         for v in settings.variants:
-            store = INFO[v][0]
+            store = info(v)[0]
             if reachable.get(store):
                 results[v].skipped = reachable[store]
                 continue
-            servers.append(start_server(v, env, settings, logdir))
+            servers.append(start_server(v, variant_env(v, env, settings, workdir, nonce, schema), settings, logdir))
         live: list[Server] = []
         for s in servers:
             why = await wait_ready(s)
@@ -553,7 +583,7 @@ async def run(settings: Settings) -> Path:
         micro = run_micro(settings, workdir)
     load_end = os.getloadavg()
     elapsed = time.monotonic() - started
-    report = render(settings, info, vers, results, floor_results, micro, load_start, load_end, elapsed, reachable)
+    report = render(settings, machine, vers, results, floor_results, micro, load_start, load_end, elapsed, reachable)
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -562,7 +592,7 @@ async def run(settings: Settings) -> Path:
     (out_dir / "latest.md").write_text(report)
     raw = {
         "settings": settings.__dict__,
-        "machine": info,
+        "machine": machine,
         "versions": vers,
         "floor": floor_results,
         "micro": micro,
@@ -645,7 +675,7 @@ def check_cell(check: tuple[bool | None, str] | None) -> str:
 
 def render(
     settings: Settings,
-    info: dict[str, str],
+    machine: dict[str, str],
     vers: dict[str, str],
     results: dict[str, Result],
     floor_results: dict[str, Any],
@@ -668,7 +698,7 @@ def render(
         f"server pinned to CPU {settings.server_cpu}, wrk to CPU {settings.load_cpu}; Redis and PostgreSQL unpinned."
     )
     w("")
-    w(f"Machine: {info['cpu']}, {info['cores']} cores, Linux {info['kernel']}, Python {info['python']}. ")
+    w(f"Machine: {machine['cpu']}, {machine['cores']} cores, Linux {machine['kernel']}, Python {machine['python']}. ")
     all_other = [r.other_cores for res in results.values() for runs in res.runs.values() for r in runs]
     w(
         f"Load average at start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, at end "
@@ -688,7 +718,7 @@ def render(
         w("| variant | store | req/s | p50 ms | p99 ms | x bare | target | correct |")
         w("|---|---|---|---|---|---|---|---|")
         for v, res in results.items():
-            store, label = INFO[v]
+            store, label = info(v)
             name = f"{label} (`{v}`)"
             if res.skipped:
                 w(f"| {name} | {store} | skipped: {res.skipped} | | | | | |")
@@ -715,12 +745,13 @@ def render(
     w("| store | scenario | idempo | against | idempo / other | other correct |")
     w("|---|---|---|---|---|---|")
     for v, res in results.items():
-        if not v.startswith("idempo-") or res.skipped:
+        if not v.startswith("idempo-") or BEFORE in v or res.skipped:
             continue
-        store = INFO[v][0]
+        store = info(v)[0]
         for scenario in settings.scenarios:
             for other, ores in results.items():
-                if other == v or other.startswith("idempo-") or INFO[other][0] != store or ores.skipped:
+                comparable = other == v + BEFORE or not other.startswith("idempo-")
+                if other == v or not comparable or info(other)[0] != store or ores.skipped:
                     continue
                 ratios = ratio_runs(res.runs.get(scenario, []), ores.runs.get(scenario, []))
                 w(
@@ -918,17 +949,25 @@ def parse(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--no-micro", action="store_true", help="skip the pytest-benchmark micro-benchmarks")
     parser.add_argument("--server-cpu", default="0", help="CPU for the servers ('none': unpinned)")
     parser.add_argument("--load-cpu", default="1", help="CPU for wrk ('none': unpinned)")
+    parser.add_argument(
+        "--compare-src",
+        metavar="DIR",
+        help="also run each idempo variant on another idempo source tree (DIR holds the idempo package), "
+        "as <variant>@before, alternating in the same rounds",
+    )
     parser.add_argument("--profile", metavar="VARIANT:SCENARIO[:SECONDS]", help="py-spy one variant under load instead")
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
     args = parser.parse_args(argv)
     quick = args.quick
     variants = args.variants.split(",") if args.variants else [v for v in VARIANTS if v not in DIAGNOSTIC]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v.partition("@")[0] not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if "bare" not in variants:
         variants.insert(0, "bare")
+    if args.compare_src:
+        variants = [x for v in variants for x in ((v, v + BEFORE) if v.startswith("idempo-") else (v,))]
     ncpu = os.cpu_count() or 1
     server_cpu = None if args.server_cpu == "none" or ncpu < 2 or not shutil.which("taskset") else int(args.server_cpu)
     load_cpu = None if args.load_cpu == "none" or ncpu < 2 or not shutil.which("taskset") else int(args.load_cpu)
@@ -952,6 +991,7 @@ def parse(argv: list[str] | None = None) -> Settings:
         ).strip(),
         mode="quick" if quick else "full",
         profile=args.profile,
+        compare_src=args.compare_src,
     )
 
 
