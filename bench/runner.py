@@ -424,7 +424,8 @@ def settle(max_wait: float = 1.5, quiet: float = 0.25) -> float:
 
 
 async def load_run(server: Server, scenario: str, nonce: str, rnd: int, duration: float, settings: Settings) -> Run:
-    settle()
+    if rnd:  # measured runs only, not the warm-up
+        settle()
     before = await scenarios.executions(server.port)
     meter = CpuMeter([server.proc.pid])
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -623,7 +624,8 @@ def run_micro(settings: Settings, workdir: Path) -> dict[str, Any] | str:
         "no:cacheprovider",
         "--benchmark-only",
         f"--benchmark-json={out}",
-        "--benchmark-min-rounds=5",
+        "--benchmark-min-rounds=20",
+        "--benchmark-warmup=on",
         "--benchmark-max-time=" + ("0.3" if settings.mode == "quick" else "1.0"),
         "-o",
         "addopts=",
