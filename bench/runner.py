@@ -484,8 +484,6 @@ async def run(settings: Settings) -> Path:
     results = {v: Result(v) for v in settings.variants}
     machine = machine_info()
     vers = versions(settings.redis_url, settings.pg_url)
-    if not reachable["PostgreSQL"]:
-        prepare_postgres(settings, schema)
     env = dict(
         os.environ,
         BENCH_NONCE=nonce,
@@ -499,6 +497,8 @@ async def run(settings: Settings) -> Path:
     floor_results: dict[str, Any] = {}
     micro: dict[str, Any] | str = "not run (--no-micro)"
     try:
+        if not reachable["PostgreSQL"]:
+            prepare_postgres(settings, schema)
         for v in settings.variants:
             store = info(v)[0]
             if reachable.get(store):
@@ -559,25 +559,31 @@ async def run(settings: Settings) -> Path:
                 else:
                     check = load_check(scenario, results[s.variant].runs[scenario], settings.connections)
                     results[s.variant].checks[scenario] = check
-    finally:
+    except BaseException:  # interrupted or failed: leave nothing behind
         stop_servers(servers)
+        cleanup_stores(settings, nonce, schema, reachable)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    stop_servers(servers)
 
     # --- the store floor -----------------------------------------------------------------
     log("store floor")
     if settings.load_cpu is not None:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, {settings.load_cpu})
-    floor_results = await floor.measure_all(
-        settings.redis_url if not reachable["Redis"] else None,
-        settings.pg_url if not reachable["PostgreSQL"] else None,
-        schema,
-        f"{nonce}:probe:",
-        workdir,
-        settings.floor_ops,
-    )
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    cleanup_stores(settings, nonce, schema, reachable)
+    try:
+        floor_results = await floor.measure_all(
+            settings.redis_url if not reachable["Redis"] else None,
+            settings.pg_url if not reachable["PostgreSQL"] else None,
+            schema,
+            f"{nonce}:probe:",
+            workdir,
+            settings.floor_ops,
+        )
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+        cleanup_stores(settings, nonce, schema, reachable)
 
     if settings.micro:
         log("micro-benchmarks")
@@ -829,8 +835,6 @@ async def profile(settings: Settings, spec: str) -> Path:
     nonce = "bench" + uuid.uuid4().hex[:10]
     workdir = Path(tempfile.mkdtemp(prefix="idempo-bench-"))
     reachable = services(settings)
-    if INFO[variant][0] == "PostgreSQL":
-        prepare_postgres(settings, nonce)
     env = dict(
         os.environ,
         BENCH_NONCE=nonce,
@@ -839,9 +843,12 @@ async def profile(settings: Settings, spec: str) -> Path:
         BENCH_PG_SCHEMA=nonce,
         BENCH_DIR=str(workdir),
     )
-    server = start_server(variant, env, settings, workdir)
     raw = workdir / "stacks.txt"
+    server: Server | None = None
     try:
+        if INFO[variant][0] == "PostgreSQL":
+            prepare_postgres(settings, nonce)
+        server = start_server(variant, env, settings, workdir)
         why = await wait_ready(server)
         if why:
             raise SystemExit(why)
@@ -874,7 +881,7 @@ async def profile(settings: Settings, spec: str) -> Path:
         r = await load_run(server, scenario, nonce, 1, seconds, settings)
         spy.wait(timeout=seconds + 30)
     finally:
-        stop_servers([server])
+        stop_servers([server] if server is not None else [])
         cleanup_stores(settings, nonce, nonce, reachable)
     selfs: dict[str, int] = {}
     incl: dict[str, int] = {}
