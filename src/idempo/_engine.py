@@ -1,7 +1,9 @@
 """Drivers: carry out the commands of the sans-I/O flow against a store.
 
-``drive_sync`` / ``drive_async`` run :func:`idempo._core.flow.begin_flow` to
-its decision; ``settle_sync`` / ``settle_async`` carry out the one command that
+``begin_sync`` / ``begin_async`` run the protocol to its decision (the first
+``begin`` inline, :func:`idempo._core.flow.begin_flow` only for a key that is
+in progress); ``drive_sync`` / ``drive_async`` run a flow generator to its
+decision; ``settle_sync`` / ``settle_async`` carry out the one command that
 settles a record after the handler ran. They are the only place the fronts
 (ASGI, WSGI, the decorator) touch a store, so the error handling is written
 once.
@@ -15,19 +17,71 @@ from collections.abc import Generator
 
 import anyio
 
-from ._core.flow import Begin, Complete, Decision, Extend, Release, Sleep
-from ._core.records import BeginResult
+from ._core.flow import Begin, Complete, Decision, Extend, Release, Sleep, begin_flow, decide
+from ._core.policy import Policy
+from ._core.records import BeginResult, Existing
 from .exceptions import LeaseLost, StoreError
 from .observability import RequestObservation, store_call_async, store_call_sync
 from .typing import AsyncStore, Store
 
-__all__ = ["drive_async", "drive_sync", "logger", "settle_async", "settle_sync"]
+__all__ = [
+    "begin_async",
+    "begin_sync",
+    "drive_async",
+    "drive_sync",
+    "logger",
+    "settle_async",
+    "settle_sync",
+]
 
 #: The logger every idempo component logs to.
 logger = logging.getLogger("idempo")
 
 Flow = Generator[Begin | Sleep, BeginResult | None, Decision]
 Settle = Complete | Release | Extend
+
+
+def begin_sync(
+    store: Store, record_key: str, fingerprint: str, policy: Policy, observation: RequestObservation | None = None
+) -> Decision:
+    """Return what this request does: ``drive_sync(begin_flow(...), store)``, one call cheaper.
+
+    The first ``begin`` is made here and classified by
+    :func:`~idempo._core.flow.decide`; only a key still in progress goes on
+    to the flow (wait mode, 409), from that first result. Same store calls,
+    same decisions, no generator on the common path. ``observation``, when
+    given, is told the store time and the decision.
+
+    Raises:
+        StoreError: the store failed (StoreUnavailable when unreachable).
+    """
+    result = store_call_sync(observation, store, "begin", store.begin, record_key, fingerprint, policy.lease_ttl_ms)
+    decision = decide(result, fingerprint)
+    if decision is None:
+        assert isinstance(result, Existing)
+        return drive_sync(begin_flow(record_key, fingerprint, policy, first=result), store, observation)
+    if observation is not None:
+        observation.decided(decision)
+    return decision
+
+
+async def begin_async(
+    store: AsyncStore, record_key: str, fingerprint: str, policy: Policy, observation: RequestObservation | None = None
+) -> Decision:
+    """The async twin of :func:`begin_sync`.
+
+    Raises:
+        StoreError: the store failed (StoreUnavailable when unreachable).
+    """
+    call = store.begin(record_key, fingerprint, policy.lease_ttl_ms)
+    result = await store_call_async(observation, store, "begin", call)
+    decision = decide(result, fingerprint)
+    if decision is None:
+        assert isinstance(result, Existing)
+        return await drive_async(begin_flow(record_key, fingerprint, policy, first=result), store, observation)
+    if observation is not None:
+        observation.decided(decision)
+    return decision
 
 
 def drive_sync(flow: Flow, store: Store, observation: RequestObservation | None = None) -> Decision:

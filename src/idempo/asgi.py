@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 
-from ._core.flow import Proceed, begin_flow, finish
+from ._core.flow import Proceed, finish
 from ._core.http import (
     BYPASSED_HEADER,
     ResponseCapture,
@@ -40,7 +40,7 @@ from ._core.http import (
 from ._core.http import default_principal as _default_principal
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import drive_async, settle_async
+from ._engine import begin_async, settle_async
 from ._lease import AsyncLeaseKeeper
 from .exceptions import ConfigurationError, StoreError
 from .observability import Outcome, RequestObservation, observe_request
@@ -253,16 +253,16 @@ class IdempotencyMiddleware:
             policy, principal, method, path, scope.get("query_string", b""), content_type, body, key
         )
         observation.identify(principal, key, identity.record_key)
-        flow = begin_flow(identity.record_key, identity.fingerprint, policy)
         try:
-            decision = await drive_async(flow, self.store, observation)
+            decision = await begin_async(self.store, identity.record_key, identity.fingerprint, policy, observation)
         except StoreError as exc:
             await self._store_failed(exc, policy, app, scope, _replay_body(body, receive), send, observation)
             return
         if isinstance(decision, Proceed):
-            receive = _replay_body(body, receive)
             try:
-                await self._execute(policy, identity.record_key, decision.token, app, scope, receive, send, observation)
+                await self._execute(
+                    policy, identity.record_key, decision.token, app, scope, body, receive, send, observation
+                )
             finally:
                 observation.finish()
         else:
@@ -314,11 +314,14 @@ class IdempotencyMiddleware:
         token: int,
         app: ASGIApp,
         scope: Scope,
+        body: bytes,
         receive: Receive,
         send: Send,
         observation: RequestObservation,
     ) -> None:
         """Run the app holding the lease; capture its response; settle the record.
+
+        The app first receives ``body`` (already read), then the real stream.
 
         The record is settled (completed, released or held) before the last
         body message reaches the client, so a client that retries as soon as
@@ -377,8 +380,13 @@ class IdempotencyMiddleware:
                 await forward(start)
             await forward(message)
 
+        body_pending = True
+
         async def app_receive() -> Message:
-            nonlocal done
+            nonlocal done, body_pending
+            if body_pending:
+                body_pending = False
+                return {"type": "http.request", "body": body, "more_body": False}
             message = await receive()
             if message["type"] != "http.disconnect" or settled:
                 return message

@@ -42,7 +42,7 @@ def _memory(request: pytest.FixtureRequest, tmp_path: Path, async_front: bool) -
     store = _front(lambda: sync, lambda: AsyncMemoryStore(sync), async_front)
 
     def raw(record_key: str) -> RawRecord | None:
-        record = sync._records.get(record_key)
+        record = sync._raw(record_key)
         return None if record is None else record_fields(record)
 
     yield StoreSubject(store=store, wait=clock.advance, short_ms=1000, server_clock=False, raw=raw)

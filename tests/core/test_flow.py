@@ -16,10 +16,18 @@ from idempo._core.flow import (
     Replay,
     Sleep,
     begin_flow,
+    decide,
     finish,
     retry_after_seconds,
 )
-from idempo._engine import drive_async, drive_sync, settle_async, settle_sync
+from idempo._engine import (
+    begin_async,
+    begin_sync,
+    drive_async,
+    drive_sync,
+    settle_async,
+    settle_sync,
+)
 from idempo.stores import AsyncMemoryStore, MemoryStore
 from tests.support.clock import FakeClock
 
@@ -159,3 +167,45 @@ def test_settle_reports_a_lost_lease_without_raising(caplog: pytest.LogCaptureFi
     assert held is not None
     assert held.state is RecordState.IN_PROGRESS
     assert held.token == fresh.token
+
+
+def test_decide_classifies_a_begin_result_as_the_flow_does() -> None:
+    """decide: Acquired proceeds, a completed match replays, another fingerprint mismatches, in progress is None."""
+    assert decide(Acquired(5, takeover=True), "fp") == Proceed(5, takeover=True)
+    assert decide(Existing(record(RecordState.COMPLETED), 0), "fp") == Replay(RESPONSE)
+    assert decide(Existing(record(RecordState.COMPLETED), 0), "other") == Mismatch()
+    assert decide(Existing(record(RecordState.IN_PROGRESS), 0), "other") == Mismatch()
+    assert decide(Existing(record(RecordState.IN_PROGRESS), 0), "fp") is None
+
+
+def test_begin_drivers_decide_as_the_flow_driven_in_full() -> None:
+    """begin_sync/begin_async give drive_*(begin_flow(...))'s decisions: proceed, 409, wait, replay, mismatch."""
+    import anyio
+
+    store = MemoryStore(clock=FakeClock())
+    policy = Policy()
+    first = begin_sync(store, "rk", "fp", policy)
+    assert isinstance(first, Proceed)
+    assert begin_sync(store, "rk", "fp", Policy(retry_after=3)) == InProgress(3)
+    assert begin_sync(store, "rk", "other", policy) == Mismatch()
+    assert settle_sync(store, finish(policy, "rk", first.token, RESPONSE)) is True
+    assert begin_sync(store, "rk", "fp", policy) == Replay(RESPONSE)
+
+    async def async_side() -> None:
+        astore = AsyncMemoryStore(MemoryStore())
+        held = await begin_async(astore, "rk", "fp", policy)
+        assert isinstance(held, Proceed)
+        # a duplicate in wait mode polls from the first result, then answers 409
+        assert isinstance(await begin_async(astore, "rk", "fp", Policy(wait=0.03)), InProgress)
+        assert await settle_async(astore, Complete("rk", held.token, RESPONSE, 1000)) is True
+        assert await begin_async(astore, "rk", "fp", policy) == Replay(RESPONSE)
+
+    anyio.run(async_side)
+
+
+def test_begin_sync_waits_for_a_running_duplicate_from_its_first_result() -> None:
+    """In wait mode the flow starts from the driver's first begin: one Sleep, then the replay."""
+    flow = begin_flow("rk", "fp", Policy(wait=5), first=Existing(record(RecordState.IN_PROGRESS), 0))
+    commands, decision = run(flow, None, Existing(record(RecordState.COMPLETED), 0))
+    assert commands == [Sleep(0.01), Begin("rk", "fp", 30_000)]
+    assert decision == Replay(RESPONSE)

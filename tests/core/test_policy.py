@@ -136,3 +136,16 @@ def test_stored_headers() -> None:
         assert policy.stores_header(name), name
     assert Policy(store_set_cookie=True).stores_header("set-cookie")
     assert not Policy(excluded_headers={"etag"}).stores_header("etag")
+
+
+def test_stored_name_lowercases_stored_headers_and_drops_the_others() -> None:
+    """stored_name: the lower-case name of a stored response header; None for excluded ones, in any case."""
+    policy = Policy()
+    for _ in range(2):  # the second time from the memo
+        assert policy.stored_name(b"Content-Type") == b"content-type"
+        assert policy.stored_name(b"content-type") == b"content-type"
+        assert policy.stored_name(b"Set-Cookie") is None
+        assert policy.stored_name(b"X-RateLimit-Remaining") is None
+    assert policy.stores_raw_header(b"content-type") is True
+    assert policy.stores_raw_header(b"date") is False
+    assert Policy(store_set_cookie=True).stored_name(b"Set-Cookie") == b"set-cookie"

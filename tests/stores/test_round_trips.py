@@ -75,3 +75,32 @@ def test_redis_round_trips(redis_store_url: str, round_trip_proxy: Callable[[str
     proxy = round_trip_proxy(parts.hostname or "127.0.0.1", parts.port or 6379)
     url = _via(redis_store_url, proxy) + "&max_connections=1"
     assert asyncio.run(_count(url, proxy)) == (2, 1)
+
+
+@pytest.mark.postgres
+def test_postgres_replay_neither_locks_nor_writes(postgres_store_url: str, postgres_url: str) -> None:
+    """A replay's begin leaves the row untouched (same xmax): no row lock, so no write and no WAL flush to wait for."""
+    import psycopg
+
+    from idempo import Acquired, Existing, StoredResponse
+    from idempo.stores.postgres import PostgresStore
+
+    schema = dict(part.split("=", 1) for part in urlsplit(postgres_store_url).query.split("&"))["schema"]
+    store = PostgresStore(postgres_store_url)
+    key = "replay-" + uuid.uuid4().hex
+    try:
+        taken = store.begin(key, "fp", 30_000)
+        assert isinstance(taken, Acquired)
+        store.complete(key, taken.token, StoredResponse(201, (), b"{}"), 60_000)
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+
+            def xmax() -> str:
+                row = conn.execute(f"SELECT xmax::text FROM {schema}.idempo_records WHERE record_key = %s", (key,))
+                return str(row.fetchone())
+
+            before = xmax()
+            for _ in range(3):
+                assert isinstance(store.begin(key, "fp", 30_000), Existing)
+            assert xmax() == before
+    finally:
+        store.close()

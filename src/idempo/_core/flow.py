@@ -32,6 +32,7 @@ __all__ = [
     "Replay",
     "Sleep",
     "begin_flow",
+    "decide",
     "finish",
     "retry_after_seconds",
 ]
@@ -129,8 +130,31 @@ _POLL_FIRST = 0.01
 _POLL_CAP = 0.25
 
 
+_MISMATCH = Mismatch()
+
+
+def decide(result: BeginResult, fingerprint: str) -> Proceed | Replay | Mismatch | None:
+    """Classify what ``begin`` returned; None while another request holds the lease.
+
+    The one place the fingerprint is compared: a fingerprint that differs from
+    the record's is a mismatch whatever the record's state (draft section 2.7).
+    Drivers call it directly for the first ``begin``, so the common cases
+    (proceed, replay, mismatch) cost no generator; :func:`begin_flow` calls it
+    for every ``begin`` it yields.
+    """
+    if isinstance(result, Acquired):
+        return Proceed(result.token, result.takeover)
+    record = result.record
+    if record.fingerprint != fingerprint:
+        return _MISMATCH
+    if record.state is RecordState.COMPLETED:
+        assert record.response is not None
+        return Replay(record.response)
+    return None
+
+
 def begin_flow(
-    record_key: str, fingerprint: str, policy: Policy
+    record_key: str, fingerprint: str, policy: Policy, first: Existing | None = None
 ) -> Generator[Begin | Sleep, BeginResult | None, Decision]:
     """Run the protocol up to the decision of what this request does.
 
@@ -141,26 +165,30 @@ def begin_flow(
     record's state. A duplicate of a running request polls ``begin`` for up to
     ``policy.wait`` seconds: it gets the replay if the first finishes, takes the
     lease over if the first crashed and its lease expired, and 409 otherwise.
+
+    Args:
+        first: the result of a ``begin`` the driver already made (an
+            in-progress record, see :func:`decide`); the flow starts from it
+            instead of yielding its first Begin.
     """
     waited = 0.0
     pause = _POLL_FIRST
+    result: BeginResult | None = first
     while True:
-        result = yield Begin(record_key, fingerprint, policy.lease_ttl_ms)
-        if isinstance(result, Acquired):
-            return Proceed(result.token, result.takeover)
+        if result is None:
+            result = yield Begin(record_key, fingerprint, policy.lease_ttl_ms)
+        assert result is not None
+        decision = decide(result, fingerprint)
+        if decision is not None:
+            return decision
         assert isinstance(result, Existing)
-        record = result.record
-        if record.fingerprint != fingerprint:
-            return Mismatch()
-        if record.state is RecordState.COMPLETED:
-            assert record.response is not None
-            return Replay(record.response)
         if waited >= policy.wait:
-            return InProgress(retry_after_seconds(policy, record.lease_expires_at_ms - result.now_ms))
+            return InProgress(retry_after_seconds(policy, result.record.lease_expires_at_ms - result.now_ms))
         step = min(pause, policy.wait - waited)
         yield Sleep(step)
         waited += step
         pause = min(pause * 2, _POLL_CAP)
+        result = None
 
 
 def retry_after_seconds(policy: Policy, lease_left_ms: int) -> int:

@@ -278,11 +278,16 @@ class ResponseCapture:
         self._headers = ()
         self._chunks = []
         self._size = 0
-        self.verdict = policy.verdict_for_status(status)
-        if self.verdict is Verdict.STORE:
-            stores = policy.stores_raw_header
-            self._headers = tuple((name.lower(), value) for name, value in headers if stores(name.lower()))
-        return self.verdict
+        self.verdict = verdict = policy.verdict_for_status(status)
+        if verdict is Verdict.STORE:
+            stored_name = policy.stored_name
+            kept = []
+            for name, value in headers:
+                lower = stored_name(name)
+                if lower is not None:
+                    kept.append((lower, value))
+            self._headers = tuple(kept)
+        return verdict
 
     def add(self, chunk: bytes) -> None:
         """Add a body chunk (ignored unless the verdict is STORE)."""

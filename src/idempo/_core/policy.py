@@ -141,7 +141,7 @@ class Policy:
 
     __slots__ = (
         "_args",
-        "_header_cache",
+        "_names",
         "canonical_json",
         "exception_verdicts",
         "excluded_headers",
@@ -181,7 +181,7 @@ class Policy:
     status_verdicts: Mapping[int, Verdict]
     exception_verdicts: Mapping[type[BaseException], Verdict]
     _args: dict[str, Any]
-    _header_cache: dict[bytes, bool]
+    _names: dict[bytes, bytes | None]
 
     def __init__(
         self,
@@ -206,7 +206,7 @@ class Policy:
         del args["self"]
         set_ = object.__setattr__
         set_(self, "_args", args)
-        set_(self, "_header_cache", {})
+        set_(self, "_names", {})
         set_(self, "record_ttl", _seconds(record_ttl, "record_ttl"))
         set_(self, "lease_ttl", _seconds(lease_ttl, "lease_ttl"))
         set_(self, "hold_ttl", self.record_ttl if hold_ttl is None else _seconds(hold_ttl, "hold_ttl"))
@@ -277,12 +277,22 @@ class Policy:
 
     def stores_raw_header(self, name: bytes) -> bool:
         """:meth:`stores_header` for a lower-case latin-1 name as servers pass it; memoised."""
-        cache = self._header_cache
-        stored = cache.get(name)
-        if stored is None:
-            stored = self.stores_header(name.decode("latin-1"))
-            if len(cache) < 1024:  # apps send few distinct names; never grow without bound
-                cache[name] = stored
+        return self.stored_name(name) is not None
+
+    def stored_name(self, name: bytes) -> bytes | None:
+        """The lower-case name under which a response header is stored, or None when it is not stored.
+
+        ``name`` is a header name as an app passes it (latin-1 bytes, any
+        case). Memoised per policy: apps send few distinct names, so the cache
+        is bounded at 1024 names and never grows past it.
+        """
+        cache = self._names
+        if name in cache:
+            return cache[name]
+        lower = name.lower()
+        stored = lower if self.stores_header(lower.decode("latin-1")) else None
+        if len(cache) < 1024:
+            cache[name] = stored
         return stored
 
 

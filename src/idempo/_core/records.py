@@ -143,11 +143,15 @@ def next_token(previous: int, now_ms: int) -> int:
     return max(previous + 1, now_ms)
 
 
+# json.dumps with non-default separators builds a new encoder per call; this one is built once.
+_HEADERS_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_headers(headers: Headers) -> str:
     """Encode header pairs as a JSON array of [name, value] latin-1 strings."""
-    return json.dumps([[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers], separators=(",", ":"))
+    return _HEADERS_JSON.encode([[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers])
 
 
 def decode_headers(text: str | bytes) -> Headers:
     """Decode what :func:`encode_headers` produced."""
-    return tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(text))
+    return tuple([(n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(text)])

@@ -10,11 +10,45 @@ from __future__ import annotations
 import threading
 import time
 
-from .._core.records import Acquired, BeginResult, Existing, Record, RecordState, StoreStats, StoredResponse, next_token
+from .._core.records import (
+    Acquired,
+    BeginResult,
+    Existing,
+    Headers,
+    Record,
+    RecordState,
+    StoreStats,
+    StoredResponse,
+    next_token,
+)
 from ..exceptions import LeaseLost
 from ..typing import Clock
 
 __all__ = ["AsyncMemoryStore", "MemoryStore"]
+
+
+# A record as the store keeps it: (state, fingerprint, token, lease_expires_at_ms,
+# created_at_ms, expires_at_ms, status, headers, body), atomic values only, so
+# the cyclic garbage collector untracks it. Holding Record objects instead would
+# put every record on the collector's list and make each full collection walk
+# them all: with many records that cost more than the records themselves.
+_Row = tuple[str, str, int, int, int, int, "int | None", "Headers | None", "bytes | None"]
+_REPLAYS_MAX = 1024
+_IN_PROGRESS = RecordState.IN_PROGRESS.value
+_COMPLETED = RecordState.COMPLETED.value
+
+
+def _record(record_key: str, row: _Row) -> Record:
+    state, fingerprint, token, lease_expires_at_ms, created_at_ms, expires_at_ms, status, headers, body = row
+    response = None
+    if state == _COMPLETED:
+        assert status is not None
+        assert headers is not None
+        assert body is not None
+        response = StoredResponse(status, headers, body)
+    return Record(
+        record_key, RecordState(state), fingerprint, token, lease_expires_at_ms, created_at_ms, expires_at_ms, response
+    )
 
 
 class MemoryStore:
@@ -27,7 +61,11 @@ class MemoryStore:
 
     def __init__(self, *, clock: Clock = time.time) -> None:
         self._clock = clock
-        self._records: dict[str, Record] = {}
+        self._records: dict[str, _Row] = {}
+        # Completed records already built for a replay (immutable until their
+        # row is replaced, which drops them here); bounded, so few objects stay
+        # on the garbage collector's list.
+        self._replays: dict[str, Record] = {}
         self._lock = threading.Lock()
 
     def _now_ms(self) -> int:
@@ -36,43 +74,52 @@ class MemoryStore:
     def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
         with self._lock:
-            now = self._now_ms()
+            now = int(self._clock() * 1000)
             old = self._records.get(record_key)
-            if old is not None and old.expires_at_ms > now:
-                return Existing(old, now)
-            token = next_token(old.token if old is not None else 0, now)
+            if old is not None and old[5] > now:
+                record = self._replays.get(record_key)
+                if record is None:
+                    record = _record(record_key, old)
+                    if old[0] == _COMPLETED:
+                        if len(self._replays) >= _REPLAYS_MAX:
+                            self._replays.clear()
+                        self._replays[record_key] = record
+                return Existing(record, now)
+            token = next_token(old[2] if old is not None else 0, now)
             expires = now + lease_ttl_ms
-            self._records[record_key] = Record(
-                record_key, RecordState.IN_PROGRESS, fingerprint, token, expires, now, expires
-            )
-            return Acquired(token, takeover=old is not None and old.state is RecordState.IN_PROGRESS)
+            self._replays.pop(record_key, None)
+            self._records[record_key] = (_IN_PROGRESS, fingerprint, token, expires, now, expires, None, None, None)
+            return Acquired(token, takeover=old is not None and old[0] == _IN_PROGRESS)
 
-    def _held(self, record_key: str, token: int) -> Record:
-        record = self._records.get(record_key)
-        if record is None or record.token != token or record.state is not RecordState.IN_PROGRESS:
+    def _held(self, record_key: str, token: int) -> _Row:
+        row = self._records.get(record_key)
+        if row is None or row[2] != token or row[0] != _IN_PROGRESS:
             raise LeaseLost()
-        return record
+        return row
 
     def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.complete`."""
         with self._lock:
             old = self._held(record_key, token)
-            now = self._now_ms()
-            self._records[record_key] = Record(
-                record_key,
-                RecordState.COMPLETED,
-                old.fingerprint,
+            expires = int(self._clock() * 1000) + record_ttl_ms
+            self._replays.pop(record_key, None)
+            self._records[record_key] = (
+                _COMPLETED,
+                old[1],
                 token,
                 0,
-                old.created_at_ms,
-                now + record_ttl_ms,
-                response,
+                old[4],
+                expires,
+                response.status,
+                response.headers,
+                response.body,
             )
 
     def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
         with self._lock:
             self._held(record_key, token)
+            self._replays.pop(record_key, None)
             del self._records[record_key]
 
     def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
@@ -80,22 +127,28 @@ class MemoryStore:
         with self._lock:
             old = self._held(record_key, token)
             expires = self._now_ms() + lease_ttl_ms
-            self._records[record_key] = Record(
-                record_key, old.state, old.fingerprint, token, expires, old.created_at_ms, expires
-            )
+            self._replays.pop(record_key, None)
+            self._records[record_key] = (old[0], old[1], token, expires, old[4], expires, None, None, None)
 
     def get(self, record_key: str) -> Record | None:
         """See :meth:`idempo.typing.Store.get`."""
         with self._lock:
-            record = self._records.get(record_key)
-            return record if record is not None and record.expires_at_ms > self._now_ms() else None
+            row = self._records.get(record_key)
+            return _record(record_key, row) if row is not None and row[5] > self._now_ms() else None
+
+    def _raw(self, record_key: str) -> Record | None:
+        """The record as stored, expired or not (for tests that read the store directly)."""
+        with self._lock:
+            row = self._records.get(record_key)
+            return None if row is None else _record(record_key, row)
 
     def purge_expired(self, limit: int = 1000) -> int:
         """See :meth:`idempo.typing.Store.purge_expired`."""
         with self._lock:
             now = self._now_ms()
-            expired = [k for k, r in self._records.items() if r.expires_at_ms <= now][:limit]
+            expired = [k for k, r in self._records.items() if r[5] <= now][:limit]
             for key in expired:
+                self._replays.pop(key, None)
                 del self._records[key]
             return len(expired)
 
@@ -104,22 +157,24 @@ class MemoryStore:
         with self._lock:
             now = self._now_ms()
             in_progress = completed = expired = 0
-            oldest: Record | None = None
-            for record in self._records.values():
-                if record.expires_at_ms <= now:
+            oldest: tuple[str, _Row] | None = None
+            for record_key, row in self._records.items():
+                if row[5] <= now:
                     expired += 1
-                elif record.state is RecordState.IN_PROGRESS:
+                elif row[0] == _IN_PROGRESS:
                     in_progress += 1
-                    if oldest is None or record.created_at_ms < oldest.created_at_ms:
-                        oldest = record
+                    if oldest is None or row[4] < oldest[1][4]:
+                        oldest = (record_key, row)
                 else:
                     completed += 1
-            return StoreStats(now, in_progress, completed, expired, oldest)
+            oldest_record = None if oldest is None else _record(*oldest)
+            return StoreStats(now, in_progress, completed, expired, oldest_record)
 
     def close(self) -> None:
         """Drop every record."""
         with self._lock:
             self._records.clear()
+            self._replays.clear()
 
     def __len__(self) -> int:
         """How many records (live or expired, not yet purged) the store holds."""

@@ -42,7 +42,7 @@ from psycopg import sql
 
 from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
 from ..exceptions import ConfigurationError, LeaseLost, StoreError
-from ._base import load_queries, load_sql, map_errors, record_from_row
+from ._base import ErrorMap, load_queries, load_sql, map_errors, record_from_row
 
 __all__ = ["SCHEMA_VERSION", "AsyncPostgresStore", "PostgresStore", "migrations"]
 
@@ -77,12 +77,13 @@ def migrations() -> list[tuple[int, str]]:
 SCHEMA_VERSION = migrations()[-1][0]
 
 
-@contextmanager
-def _pg_errors() -> Iterator[None]:
-    # OperationalError covers refused/reset/killed connections, an exhausted
-    # pool (PoolTimeout) and statement timeouts (QueryCanceled).
-    with map_errors((psycopg.OperationalError,), (psycopg.Error,)):
-        yield
+# OperationalError covers refused/reset/killed connections, an exhausted
+# pool (PoolTimeout) and statement timeouts (QueryCanceled).
+_PG_ERRORS = map_errors((psycopg.OperationalError,), (psycopg.Error,))
+
+
+def _pg_errors() -> ErrorMap:
+    return _PG_ERRORS
 
 
 class _Settings:

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import timedelta
 from importlib import resources
 from typing import Any
@@ -53,7 +52,7 @@ from redis.retry import Retry
 
 from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
 from ..exceptions import ConfigurationError, LeaseLost, StoreUnavailable
-from ._base import map_errors, record_from_row
+from ._base import ErrorMap, map_errors, record_from_row
 
 __all__ = ["AsyncRedisStore", "RedisStore"]
 
@@ -82,20 +81,16 @@ Client = redis.Redis | redis.cluster.RedisCluster
 AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 
-@contextmanager
-def _redis_errors() -> Iterator[None]:
-    # Unreachable: refused/reset/timed-out connections, a cluster without a
-    # master for the slot (failover under way), a write that reached a replica.
-    unavailable = (
-        redis.ConnectionError,
-        redis.TimeoutError,
-        ClusterError,
-        TryAgainError,
-        ReadOnlyError,
-        SlotNotCoveredError,
-    )
-    with map_errors(unavailable, (RedisError, RedisClusterException)):
-        yield
+# Unreachable: refused/reset/timed-out connections, a cluster without a
+# master for the slot (failover under way), a write that reached a replica.
+_REDIS_ERRORS = map_errors(
+    (redis.ConnectionError, redis.TimeoutError, ClusterError, TryAgainError, ReadOnlyError, SlotNotCoveredError),
+    (RedisError, RedisClusterException),
+)
+
+
+def _redis_errors() -> ErrorMap:
+    return _REDIS_ERRORS
 
 
 def _seconds_to_ms(value: float | timedelta, name: str) -> int:

@@ -2,8 +2,9 @@
 
 The database is one file in WAL mode, so readers never wait for the writer.
 Each transition is atomic across threads and processes: ``complete``,
-``release`` and ``extend`` are single conditional statements, and ``begin``
-takes SQLite's write lock (``BEGIN IMMEDIATE``) to read and write in one
+``release`` and ``extend`` are single conditional statements; ``begin`` on an
+absent key is one ``INSERT ... ON CONFLICT DO NOTHING``, and otherwise takes
+SQLite's write lock (``BEGIN IMMEDIATE``) to read and write in one
 transaction. A replay costs one read and no write.
 
 Times come from the store's clock (``time.time`` by default, injectable for
@@ -21,8 +22,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
@@ -39,7 +39,7 @@ from .._core.records import (
 )
 from ..exceptions import ConfigurationError, LeaseLost
 from ..typing import Clock
-from ._base import load_queries, load_sql, map_errors, record_from_row
+from ._base import ErrorMap, load_queries, load_sql, map_errors, record_from_row
 
 __all__ = ["AsyncSQLiteStore", "SQLiteStore"]
 
@@ -49,12 +49,13 @@ _EXPIRES_AT = 5  # index of expires_at in a select_record row
 _T = TypeVar("_T")
 
 
-@contextmanager
-def _sqlite_errors() -> Iterator[None]:
-    # OperationalError covers a locked database past busy_timeout, an
-    # unreadable file and I/O errors: the store cannot serve now.
-    with map_errors((sqlite3.OperationalError,), (sqlite3.Error,)):
-        yield
+# OperationalError covers a locked database past busy_timeout, an
+# unreadable file and I/O errors: the store cannot serve now.
+_SQLITE_ERRORS = map_errors((sqlite3.OperationalError,), (sqlite3.Error,))
+
+
+def _sqlite_errors() -> ErrorMap:
+    return _SQLITE_ERRORS
 
 
 class _Database:
@@ -113,6 +114,21 @@ class _Database:
         row = conn.execute(_Q["select_record"], key).fetchone()
         if row is not None and row[_EXPIRES_AT] > now:
             return Existing(record_from_row(record_key, row), now)
+        if row is None:
+            # An absent key (the usual first execution): one INSERT that does
+            # nothing if another connection inserted the key meanwhile. One
+            # statement is atomic on its own, so no BEGIN IMMEDIATE and no
+            # second read; on a conflict the locked path below decides.
+            token = next_token(0, now)
+            params = {
+                "record_key": record_key,
+                "fingerprint": fingerprint,
+                "token": token,
+                "lease_expires_at": now + lease_ttl_ms,
+                "now": now,
+            }
+            if conn.execute(_Q["insert_lease"], params).rowcount == 1:
+                return Acquired(token)
         conn.execute("BEGIN IMMEDIATE")
         try:
             now = self.now_ms()

@@ -12,6 +12,10 @@
 -- a concurrent transaction committed the record after this statement's
 -- snapshot was taken, so neither branch could see it: the caller runs the
 -- statement again (it then sees the record).
+-- When the snapshot already holds a live record (a replay, a duplicate) the
+-- INSERT is skipped: ON CONFLICT DO UPDATE would lock that row even though its
+-- WHERE refuses the update, and a row lock makes the statement a write whose
+-- commit waits for a WAL flush. Skipped, a replay reads and commits nothing.
 WITH clock AS (
     SELECT (extract(epoch FROM now()) * 1000)::bigint AS now_ms
 ), old AS (
@@ -24,6 +28,7 @@ WITH clock AS (
     SELECT %(record_key)s, 'in_progress', %(fingerprint)s, now_ms,
            now_ms + %(lease_ttl_ms)s::bigint, now_ms, now_ms + %(lease_ttl_ms)s::bigint
     FROM clock
+    WHERE NOT EXISTS (SELECT FROM old WHERE old.expires_at > clock.now_ms)
     ON CONFLICT (record_key) DO UPDATE SET
         state = 'in_progress',
         fingerprint = excluded.fingerprint,

@@ -6,6 +6,15 @@ SELECT state, fingerprint, token, lease_expires_at, created_at, expires_at, stat
 FROM idempo_records
 WHERE record_key = :record_key;
 
+-- name: insert_lease
+-- A record for a key that was absent, in its own (implicit) transaction: it
+-- inserts, or does nothing when another connection inserted the key since.
+INSERT INTO idempo_records
+    (record_key, state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body)
+VALUES
+    (:record_key, 'in_progress', :fingerprint, :token, :lease_expires_at, :now, :lease_expires_at, NULL, NULL, NULL)
+ON CONFLICT (record_key) DO NOTHING;
+
 -- name: take_lease
 -- Runs inside BEGIN IMMEDIATE after select_record found no live record, so it
 -- either inserts a fresh record or replaces an expired one.

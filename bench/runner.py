@@ -1,0 +1,1016 @@
+"""Run the benchmark and write the report: ``./bench/run`` calls this in bench/.venv.
+
+Steps: start every variant's server (one uvicorn worker each, pinned to one
+CPU), check correctness (scenarios c and d), seed the keys scenario (b)
+replays, run wrk (pinned to the other CPU) against the variants in turn,
+round after round, measure the store floor, run the micro-benchmarks, and
+write ``bench/results/<timestamp>.md`` (and ``.json``, and ``latest.md``).
+
+Every store key the run makes carries a per-run prefix, the PostgreSQL
+tables live in a per-run schema, and all of it is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import floor  # noqa: E402
+import scenarios  # noqa: E402
+from app import VARIANTS  # noqa: E402
+
+# variant -> (store, label for the report)
+INFO: dict[str, tuple[str, str]] = {
+    "bare": ("-", "bare app (no idempotency)"),
+    "raw-asgi": ("-", "raw ASGI app, no Starlette (uvicorn's floor)"),
+    "idempo-memory": ("memory", "idempo"),
+    "idempo-sqlite": ("SQLite", "idempo"),
+    "idempo-redis": ("Redis", "idempo"),
+    "idempo-postgres": ("PostgreSQL", "idempo"),
+    "idempo-postgres-async-commit": ("PostgreSQL", "idempo, synchronous_commit=off (opt-in)"),
+    "aih-memory": ("memory", "asgi-idempotency-header"),
+    "aih-redis": ("Redis", "asgi-idempotency-header"),
+    "powertools-redis": ("Redis", "Powertools idempotent_function"),
+    "powertools-redis-validate": ("Redis", "Powertools idempotent_function + payload validation"),
+    "fik-memory": ("memory", "fastapi-idempotency-key"),
+    "fik-sqlite": ("SQLite", "fastapi-idempotency-key"),
+    "fik-redis": ("Redis", "fastapi-idempotency-key"),
+    "floor-memory": ("memory", "floor: a dict, no guarantees"),
+    "pass-plain": ("-", "diagnostic: a middleware that passes through"),
+    "pass-wrap": ("-", "diagnostic: a middleware that wraps send"),
+    "floor-sqlite": ("SQLite", "floor: 1-2 statements, no guarantees"),
+    "floor-redis": ("Redis", "floor: 1-2 round trips, no guarantees"),
+    "floor-postgres": ("PostgreSQL", "floor: 1-2 round trips, no guarantees"),
+}
+assert set(INFO) == set(VARIANTS)
+BEFORE = "@before"
+
+
+def info(variant: str) -> tuple[str, str]:
+    """(store, label) of a variant; ``<idempo variant>@before`` runs another idempo source (--compare-src)."""
+    base, _, tag = variant.partition("@")
+    store, label = INFO[base]
+    return (store, f"{label}, before (--compare-src)") if tag else (store, label)
+
+
+#: diagnostic variants, run only when named with --variants
+DIAGNOSTIC = {"pass-plain", "pass-wrap"}
+#: variants without an idempotency layer (references): only scenario (a) is checked
+NOT_IDEMPOTENT = {"bare", "raw-asgi", *DIAGNOSTIC, "floor-memory", "floor-sqlite", "floor-redis", "floor-postgres"}
+
+# Targets (issue 7): ratio against bare in the same run.
+TARGETS = {
+    ("a", "memory"): 0.90,
+    ("a", "SQLite"): 0.75,
+    ("a", "Redis"): 0.50,
+    ("a", "PostgreSQL"): 0.35,
+    ("b", "memory"): 1.40,
+    ("b", "SQLite"): 1.10,
+    ("b", "Redis"): 0.80,
+    ("b", "PostgreSQL"): 0.70,
+}
+SCENARIO_NAMES = {"a": "(a) unique keys", "b": "(b) replays"}
+
+
+@dataclass
+class Settings:
+    rounds: int
+    duration: int
+    connections: int
+    replay_keys: int
+    c_keys: int
+    d_keys: int
+    floor_ops: int
+    micro: bool
+    variants: list[str]
+    scenarios: list[str]
+    server_cpu: int | None
+    load_cpu: int | None
+    redis_url: str
+    pg_url: str
+    command: str
+    mode: str
+    profile: str | None = None
+    compare_src: str | None = None
+
+
+@dataclass
+class Server:
+    variant: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass
+class Run:
+    """One wrk run of one variant in one scenario."""
+
+    round: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    executions: int
+    other_cores: float
+
+
+@dataclass
+class Result:
+    variant: str
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+    checks: dict[str, tuple[bool | None, str]] = field(default_factory=dict)
+    skipped: str = ""
+
+
+# --- machine --------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "os": platform.platform(terse=True),
+    }
+
+
+def versions(redis_url: str, pg_url: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True, text=True)
+    out["idempo"] = (
+        f"{metadata.version('idempo')} (commit {commit.stdout.strip()}"
+        f"{', src modified' if dirty.stdout.strip() else ''})"
+    )
+    for dist in (
+        "starlette",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "redis",
+        "hiredis",
+        "psycopg",
+        "psycopg-pool",
+        "asgi-idempotency-header",
+        "aws-lambda-powertools",
+        "fastapi-idempotency-key",
+        "aiosqlite",
+        "pytest-benchmark",
+    ):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    out["wrk"] = (wrk.stdout + wrk.stderr).split("[")[0].replace("wrk ", "").strip() or "?"
+    out["SQLite"] = sqlite3.sqlite_version
+    with contextlib.suppress(Exception):
+        import redis
+
+        out["Redis server"] = redis.Redis.from_url(redis_url, socket_timeout=2).info("server")["redis_version"]
+    with contextlib.suppress(Exception):
+        import psycopg
+
+        with psycopg.connect(pg_url, connect_timeout=2) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            out["PostgreSQL server"] = str(row[0]) if row else "?"
+    return out
+
+
+class CpuMeter:
+    """Cores busy on the machine outside the given processes, over an interval (from /proc)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.start = self._sample()
+
+    @staticmethod
+    def _machine() -> tuple[float, float]:
+        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    def _ours(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            with contextlib.suppress(OSError, IndexError):
+                parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += float(parts[11]) + float(parts[12]) + float(parts[13]) + float(parts[14])
+        return total
+
+    def _sample(self) -> tuple[float, float, float, float]:
+        busy, total = self._machine()
+        return busy, total, self._ours(), time.monotonic()
+
+    def other_cores(self, extra_ticks: float = 0.0) -> float:
+        busy1, _, ours1, t1 = self._sample()
+        busy0, _, ours0, t0 = self.start
+        hz = os.sysconf("SC_CLK_TCK")
+        seconds = max(t1 - t0, 1e-6)
+        other = (busy1 - busy0) - (ours1 - ours0) - extra_ticks
+        return max(0.0, other / hz / seconds)
+
+
+# --- servers ----------------------------------------------------------------------------
+
+
+def pinned(cmd: list[str], cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu), *cmd] if cpu is not None else cmd
+
+
+def variant_env(
+    variant: str, env: dict[str, str], settings: Settings, workdir: Path, nonce: str, schema: str
+) -> dict[str, str]:
+    """The server's environment; an ``@before`` variant gets the other source and stores of its own."""
+    if not variant.endswith(BEFORE) or not settings.compare_src:
+        return env
+    before = workdir / "before"
+    before.mkdir(exist_ok=True)
+    return dict(
+        env,
+        PYTHONPATH=str(Path(settings.compare_src).resolve()),
+        BENCH_NONCE=f"{nonce}:b",
+        BENCH_PG_SCHEMA=schema + "_b",
+        BENCH_DIR=str(before),
+    )
+
+
+def start_server(variant: str, env: dict[str, str], settings: Settings, logdir: Path) -> Server:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    port = sock.getsockname()[1]
+    log = logdir / f"{variant}.log"
+    base = variant.partition("@")[0]
+    cmd = pinned(
+        [sys.executable, str(HERE / "server.py"), "--fd", str(sock.fileno()), "--variant", base], settings.server_cpu
+    )
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, pass_fds=[sock.fileno()], env=env, stdout=out, stderr=subprocess.STDOUT)
+    sock.close()
+    return Server(variant, port, proc, log)
+
+
+async def wait_ready(server: Server, timeout: float = 30.0) -> str:  # noqa: ASYNC109
+    """'' when the server answers GET /_stats; else why not (its log's last lines)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            break
+        try:
+            await scenarios.get_json(server.port, "/_stats")
+            return ""
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            await asyncio.sleep(0.1)
+    tail = server.log.read_text(errors="replace").strip().splitlines()[-3:]
+    return "server did not start: " + " | ".join(tail)
+
+
+def stop_servers(servers: list[Server]) -> None:
+    for s in servers:
+        if s.proc.poll() is None:
+            s.proc.send_signal(signal.SIGTERM)
+    for s in servers:
+        try:
+            s.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            s.proc.kill()
+            s.proc.wait()
+
+
+# --- stores --------------------------------------------------------------------------
+
+
+def services(settings: Settings) -> dict[str, str]:
+    """Which external stores are reachable: name -> '' (yes) or why not."""
+    out = {}
+    try:
+        import redis
+
+        redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
+        out["Redis"] = ""
+    except Exception as exc:
+        out["Redis"] = f"Redis unreachable at {settings.redis_url}: {type(exc).__name__}"
+    try:
+        import psycopg
+
+        psycopg.connect(settings.pg_url, connect_timeout=2).close()
+        out["PostgreSQL"] = ""
+    except Exception as exc:
+        out["PostgreSQL"] = f"PostgreSQL unreachable at {settings.pg_url}: {type(exc).__name__}"
+    return out
+
+
+def prepare_postgres(settings: Settings, schema: str) -> None:
+    """idempo's schema in ``schema`` and ``<schema>_ac`` (the async-commit variant), and the floor's table."""
+    import psycopg
+
+    from idempo.stores.postgres import PostgresStore
+
+    for name in (schema, schema + "_ac", schema + "_b", schema + "_b_ac"):
+        store = PostgresStore(settings.pg_url, schema=name, check_schema=False, application_name="idempo-bench")
+        try:
+            store.create_schema()
+        finally:
+            store.close()
+    with psycopg.connect(settings.pg_url, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{schema}".bench_floor (k text PRIMARY KEY, v bytea)')
+
+
+def cleanup_stores(settings: Settings, nonce: str, schema: str, reachable: dict[str, str]) -> None:
+    if not reachable.get("Redis"):
+        with contextlib.suppress(Exception):
+            import redis
+
+            client = redis.Redis.from_url(settings.redis_url)
+            batch = []
+            for key in client.scan_iter(match=f"{nonce}:*", count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    client.unlink(*batch)
+                    batch = []
+            if batch:
+                client.unlink(*batch)
+            client.close()
+    if not reachable.get("PostgreSQL"):
+        with contextlib.suppress(Exception):
+            import psycopg
+
+            with psycopg.connect(settings.pg_url, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                for suffix in ("_ac", "_b", "_b_ac"):
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}{suffix}" CASCADE')
+
+
+# --- load ----------------------------------------------------------------------------
+
+
+def run_wrk(port: int, script: str, args: list[str], duration: float, settings: Settings) -> dict[str, Any]:
+    cmd = pinned(
+        [
+            "wrk",
+            "-t1",
+            f"-c{settings.connections}",
+            f"-d{duration}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(HERE / "lua" / script),
+            f"http://127.0.0.1:{port}/payments",
+            "--",
+            *args,
+        ],
+        settings.load_cpu,
+    )
+    env = dict(os.environ, BENCH_LUA_DIR=str(HERE / "lua"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration + 60)
+    match = re.search(r"BENCH_RESULT (\{.*\})", proc.stdout)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result: {proc.stdout[-500:]} {proc.stderr[-500:]}")
+    result: dict[str, Any] = json.loads(match.group(1))
+    return result
+
+
+def settle(max_wait: float = 1.5, quiet: float = 0.25) -> float:
+    """Wait until the machine is quiet (under ``quiet`` cores busy over 200 ms), at most ``max_wait`` s.
+
+    Store servers go on working after a run (PostgreSQL's WAL writer and
+    checkpoints, Redis' expiry), which would land on the next variant's run.
+    Returns the cores busy in the last window.
+    """
+    hz = os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy0, _ = CpuMeter._machine()
+        time.sleep(0.2)
+        busy1, _ = CpuMeter._machine()
+        busy = (busy1 - busy0) / hz / 0.2
+        if busy < quiet or time.monotonic() >= deadline:
+            return busy
+
+
+async def load_run(server: Server, scenario: str, nonce: str, rnd: int, duration: float, settings: Settings) -> Run:
+    if rnd:  # measured runs only, not the warm-up
+        settle()
+    before = await scenarios.executions(server.port)
+    meter = CpuMeter([server.proc.pid])
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if scenario == "a":
+        out = run_wrk(server.port, "unique.lua", [f"u{rnd}-{nonce}"], duration, settings)
+    else:
+        out = run_wrk(server.port, "replay.lua", [f"r-{nonce}", str(settings.replay_keys)], duration, settings)
+    # wrk has exited: its CPU time is in this process's reaped children
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_seconds = (done.ru_utime - children.ru_utime) + (done.ru_stime - children.ru_stime)
+    other = meter.other_cores(wrk_seconds * os.sysconf("SC_CLK_TCK"))
+    after = await scenarios.executions(server.port)
+    seconds = out["duration_us"] / 1e6
+    return Run(
+        round=rnd,
+        rps=out["requests"] / seconds,
+        p50_ms=out["p50_us"] / 1000,
+        p99_ms=out["p99_us"] / 1000,
+        requests=out["requests"],
+        non_2xx=out["status_errors"],
+        socket_errors=out["connect_errors"] + out["read_errors"] + out["write_errors"] + out["timeouts"],
+        executions=after - before,
+        other_cores=other,
+    )
+
+
+def load_check(scenario: str, runs: list[Run], connections: int) -> tuple[bool, str]:
+    """(a): every request executed once and answered 2xx; (b): nothing executed, all 2xx."""
+    problems = []
+    non_2xx = sum(r.non_2xx for r in runs)
+    requests = sum(r.requests for r in runs)
+    if non_2xx:
+        problems.append(f"{non_2xx}/{requests} answers not 2xx")
+    if sum(r.socket_errors for r in runs):
+        problems.append(f"{sum(r.socket_errors for r in runs)} socket errors/timeouts")
+    for r in runs:
+        if scenario == "a" and not (r.requests <= r.executions <= r.requests + connections):
+            problems.append(f"round {r.round}: {r.executions} executions for {r.requests} answers")
+        if scenario == "b" and r.executions:
+            problems.append(f"round {r.round}: {r.executions} executions for {r.requests} replays")
+    return (not problems), "; ".join(problems[:3])
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+async def run(settings: Settings) -> Path:
+    started = time.monotonic()
+    nonce = "bench" + uuid.uuid4().hex[:10]
+    schema = nonce
+    workdir = Path(tempfile.mkdtemp(prefix="idempo-bench-"))
+    logdir = workdir / "logs"
+    logdir.mkdir()
+    load_start = os.getloadavg()
+    reachable = services(settings)
+    results = {v: Result(v) for v in settings.variants}
+    machine = machine_info()
+    vers = versions(settings.redis_url, settings.pg_url)
+    env = dict(
+        os.environ,
+        BENCH_NONCE=nonce,
+        BENCH_REDIS_URL=settings.redis_url,
+        BENCH_PG_URL=settings.pg_url,
+        BENCH_PG_SCHEMA=schema,
+        BENCH_DIR=str(workdir),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])),
+    )
+    servers: list[Server] = []
+    floor_results: dict[str, Any] = {}
+    micro: dict[str, Any] | str = "not run (--no-micro)"
+    try:
+        if not reachable["PostgreSQL"]:
+            prepare_postgres(settings, schema)
+        for v in settings.variants:
+            store = info(v)[0]
+            if reachable.get(store):
+                results[v].skipped = reachable[store]
+                continue
+            servers.append(start_server(v, variant_env(v, env, settings, workdir, nonce, schema), settings, logdir))
+        live: list[Server] = []
+        for s in servers:
+            why = await wait_ready(s)
+            if why:
+                results[s.variant].skipped = why
+            else:
+                live.append(s)
+        log(f"{len(live)} servers up in {time.monotonic() - started:.1f}s; checking correctness")
+
+        # --- correctness: (c) and (d), and seeding (b)'s keys ---------------------
+        for s in live:
+            res = results[s.variant]
+            if s.variant in NOT_IDEMPOTENT:
+                for c in ("c0", "c20", "d"):
+                    res.checks[c] = (None, "not checked: no idempotency layer")
+            else:
+                for work in (0, 20):
+                    res.checks[f"c{work}"] = await scenarios.concurrent_duplicates(
+                        s.port, f"c{work}-{nonce}", settings.c_keys, work
+                    )
+                res.checks["d"] = await scenarios.failed_then_retried(s.port, f"d-{nonce}", settings.d_keys)
+            if "b" in settings.scenarios:
+                ok, detail = await scenarios.seed(s.port, f"r-{nonce}", settings.replay_keys)
+                if not ok:
+                    res.checks["seed"] = (False, detail)
+            log(
+                f"  {s.variant}: "
+                + ", ".join(
+                    f"{k}={'OK' if ok else ('n/a' if ok is None else 'FAIL')}" for k, (ok, _) in res.checks.items()
+                )
+            )
+
+        # --- load: warm-up, then rounds, variants alternating -------------------------
+        log("warm-up")
+        for scenario in settings.scenarios:
+            for s in live:
+                await load_run(s, scenario, nonce, 0, 1, settings)
+        for rnd in range(1, settings.rounds + 1):
+            shift = (rnd - 1) % max(len(live), 1)
+            order = live[shift:] + live[:shift]
+            for scenario in settings.scenarios:
+                for s in order:
+                    r = await load_run(s, scenario, nonce, rnd, settings.duration, settings)
+                    results[s.variant].runs.setdefault(scenario, []).append(r)
+            log(
+                f"round {rnd}/{settings.rounds} done ({time.monotonic() - started:.0f}s, load {os.getloadavg()[0]:.2f})"
+            )
+        for s in live:
+            for scenario in settings.scenarios:
+                if scenario == "b" and s.variant in ("bare", "raw-asgi"):
+                    results[s.variant].checks[scenario] = (None, "executes every request: no idempotency layer")
+                else:
+                    check = load_check(scenario, results[s.variant].runs[scenario], settings.connections)
+                    results[s.variant].checks[scenario] = check
+    except BaseException:  # interrupted or failed: leave nothing behind
+        stop_servers(servers)
+        cleanup_stores(settings, nonce, schema, reachable)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    stop_servers(servers)
+
+    # --- the store floor -----------------------------------------------------------------
+    log("store floor")
+    if settings.load_cpu is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {settings.load_cpu})
+    try:
+        floor_results = await floor.measure_all(
+            settings.redis_url if not reachable["Redis"] else None,
+            settings.pg_url if not reachable["PostgreSQL"] else None,
+            schema,
+            f"{nonce}:probe:",
+            workdir,
+            settings.floor_ops,
+        )
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+        cleanup_stores(settings, nonce, schema, reachable)
+
+    if settings.micro:
+        log("micro-benchmarks")
+        micro = run_micro(settings, workdir)
+    load_end = os.getloadavg()
+    elapsed = time.monotonic() - started
+    report = render(settings, machine, vers, results, floor_results, micro, load_start, load_end, elapsed, reachable)
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"{stamp}-{settings.mode}.md"
+    path.write_text(report)
+    (out_dir / "latest.md").write_text(report)
+    raw = {
+        "settings": settings.__dict__,
+        "machine": machine,
+        "versions": vers,
+        "floor": floor_results,
+        "micro": micro,
+        "results": {
+            v: {
+                "skipped": r.skipped,
+                "checks": r.checks,
+                "runs": {k: [x.__dict__ for x in runs] for k, runs in r.runs.items()},
+            }
+            for v, r in results.items()
+        },
+    }
+    path.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    shutil.rmtree(workdir, ignore_errors=True)
+    log(f"report: {path.relative_to(ROOT)} ({elapsed:.0f}s)")
+    return path
+
+
+def run_micro(settings: Settings, workdir: Path) -> dict[str, Any] | str:
+    out = workdir / "micro.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(HERE / "micro"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-only",
+        f"--benchmark-json={out}",
+        "--benchmark-min-rounds=20",
+        "--benchmark-warmup=on",
+        "--benchmark-max-time=" + ("0.3" if settings.mode == "quick" else "1.0"),
+        "-o",
+        "addopts=",
+        "-W",
+        "ignore",
+    ]
+    proc = subprocess.run(pinned(cmd, settings.load_cpu), capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0 or not out.exists():
+        return "failed: " + (proc.stdout + proc.stderr)[-800:]
+    data = json.loads(out.read_text())
+    return {
+        b["name"]: {"median_us": b["stats"]["median"] * 1e6, "iqr_us": b["stats"]["iqr"] * 1e6}
+        for b in data["benchmarks"]
+    }
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def ratio_runs(a: list[Run], b: list[Run]) -> list[float]:
+    """Per-round ratios a/b (runs of the same round share the machine's state)."""
+    by_round = {r.round: r.rps for r in b}
+    return [r.rps / by_round[r.round] for r in a if by_round.get(r.round)]
+
+
+def fmt_range(xs: list[float], digits: int = 2, scale: float = 1.0) -> str:
+    if not xs:
+        return "-"
+    m = med(xs) * scale
+    if len(xs) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} [{min(xs) * scale:.{digits}f}-{max(xs) * scale:.{digits}f}]"
+
+
+def check_cell(check: tuple[bool | None, str] | None) -> str:
+    if check is None:
+        return "-"
+    ok, detail = check
+    if ok is None:
+        return "n/a"
+    if ok:
+        return f"OK ({detail})" if detail else "OK"
+    return f"FAIL: {detail}"
+
+
+def render(
+    settings: Settings,
+    machine: dict[str, str],
+    vers: dict[str, str],
+    results: dict[str, Result],
+    floor_results: dict[str, Any],
+    micro: dict[str, Any] | str,
+    load_start: tuple[float, float, float],
+    load_end: tuple[float, float, float],
+    elapsed: float,
+    reachable: dict[str, str],
+) -> str:
+    lines: list[str] = []
+    w = lines.append
+    now = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    w(f"# idempo bench: {now} ({settings.mode})")
+    w("")
+    w(f"Command: `{settings.command}` ({elapsed / 60:.1f} min). ")
+    w(
+        f"Load: wrk 1 thread, {settings.connections} connections, {settings.rounds} round(s) x {settings.duration} s "
+        f"per variant "
+        f"and scenario, variants alternating within each round (start rotated per round), after a 1 s warm-up each; "
+        f"server pinned to CPU {settings.server_cpu}, wrk to CPU {settings.load_cpu}; Redis and PostgreSQL unpinned."
+    )
+    w("")
+    w(f"Machine: {machine['cpu']}, {machine['cores']} cores, Linux {machine['kernel']}, Python {machine['python']}. ")
+    all_other = [r.other_cores for res in results.values() for runs in res.runs.values() for r in runs]
+    w(
+        f"Load average at start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, at end "
+        f"{load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f}. CPU busy outside the server under test "
+        f"and wrk (Redis/PostgreSQL, other users) during runs: median {med(all_other):.2f} cores, max "
+        f"{max(all_other, default=float('nan')):.2f}."
+    )
+    w("")
+    w("Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".")
+    w("")
+    bare = results.get("bare")
+    for scenario in settings.scenarios:
+        w(f"## {SCENARIO_NAMES[scenario]}")
+        w("")
+        w("req/s, p50 and p99 latency: median over rounds [min-max]. x bare: median of per-round ratios [min-max].")
+        w("")
+        w("| variant | store | req/s | p50 ms | p99 ms | x bare | target | correct |")
+        w("|---|---|---|---|---|---|---|---|")
+        for v, res in results.items():
+            store, label = info(v)
+            name = f"{label} (`{v}`)"
+            if res.skipped:
+                w(f"| {name} | {store} | skipped: {res.skipped} | | | | | |")
+                continue
+            runs = res.runs.get(scenario, [])
+            ratios = ratio_runs(runs, bare.runs.get(scenario, [])) if bare and v != "bare" else []
+            target = TARGETS.get((scenario, store)) if v.startswith("idempo-") else None
+            met = ""
+            if target is not None and ratios:
+                met = f">= {target:.2f}: {'met' if med(ratios) >= target else 'NOT met'}"
+            w(
+                f"| {name} | {store} | {fmt_range([r.rps for r in runs], 0)} | {fmt_range([r.p50_ms for r in runs])} | "
+                f"{fmt_range([r.p99_ms for r in runs])} | "
+                f"{fmt_range(ratios) if ratios else '1.00' if v == 'bare' else '-'} | "
+                f"{met} | {check_cell(res.checks.get(scenario))} |"
+            )
+        w("")
+    # idempo against each peer on the same store
+    w("## idempo against the peers and the floor on the same store")
+    w("")
+    w("idempo's req/s divided by the other's, median of per-round ratios [min-max]. A ratio against a variant that")
+    w("fails the scenario's correctness check compares unlike work (e.g. a 422 answered instead of a replay).")
+    w("")
+    w("| store | scenario | idempo | against | idempo / other | other correct |")
+    w("|---|---|---|---|---|---|")
+    for v, res in results.items():
+        if not v.startswith("idempo-") or BEFORE in v or res.skipped:
+            continue
+        store = info(v)[0]
+        for scenario in settings.scenarios:
+            for other, ores in results.items():
+                comparable = other == v + BEFORE or not other.startswith("idempo-")
+                if other == v or not comparable or info(other)[0] != store or ores.skipped:
+                    continue
+                ratios = ratio_runs(res.runs.get(scenario, []), ores.runs.get(scenario, []))
+                w(
+                    f"| {store} | {SCENARIO_NAMES[scenario]} | `{v}` | `{other}` | {fmt_range(ratios)} | "
+                    f"{check_cell(ores.checks.get(scenario))} |"
+                )
+    w("")
+    w("## Correctness")
+    w("")
+    w(
+        f"(a)/(b): every load answer 2xx; (a) one execution per request, (b) none. (c): 16 clients send one key at the "
+        f"same instant, {settings.c_keys} keys, with 0 and 20 ms of handler work: exactly one execution per key, "
+        f"every answer "
+        f"that execution's 201 or a 409, and a follow-up gets the 201 replayed. (d): the first attempt fails with 500 "
+        f"(the handler raises; or it answers 500), {settings.d_keys} keys each: the retry executes once (201), "
+        f"the next "
+        f"retry replays it."
+    )
+    w("")
+    w("| variant | (a) | (b) | (c) 0 ms | (c) 20 ms | (d) |")
+    w("|---|---|---|---|---|---|")
+    for v, res in results.items():
+        if res.skipped:
+            w(f"| `{v}` | skipped: {res.skipped} | | | | |")
+            continue
+        cells = [check_cell(res.checks.get(k)) for k in ("a", "b", "c0", "c20", "d")]
+        if "seed" in res.checks:
+            cells[1] = check_cell(res.checks["seed"]) + "; " + cells[1]
+        w(f"| `{v}` | " + " | ".join(cells) + " |")
+    w("")
+    w("## Store floor")
+    w("")
+    w(
+        "One operation at a time (median latency) and 32 concurrent callers on one event loop (throughput), with the "
+        "client libraries and pool settings of idempo's stores. An execution costs idempo two round trips (begin, "
+        "complete), a replay one."
+    )
+    w("")
+    w("| store | operation | latency us | ops/s (32 concurrent) |")
+    w("|---|---|---|---|")
+    for store, ops in floor_results.items():
+        if isinstance(ops, str):
+            w(f"| {store} | {ops} | | |")
+            continue
+        for op, m in ops.items():
+            w(f"| {store} | {op} | {m['latency_us']:.0f} | {m['ops_per_s']:.0f} |")
+    w("")
+    w("## Micro-benchmarks (pytest-benchmark, `bench/micro/`)")
+    w("")
+    if isinstance(micro, str):
+        w(micro)
+    else:
+        w("| benchmark | median us | IQR us |")
+        w("|---|---|---|")
+        for name, m in micro.items():
+            w(f"| `{name}` | {m['median_us']:.2f} | {m['iqr_us']:.2f} |")
+    w("")
+    if any(reachable.values()):
+        w("Skipped stores: " + "; ".join(v for v in reachable.values() if v))
+        w("")
+    return "\n".join(lines)
+
+
+async def profile(settings: Settings, spec: str) -> Path:
+    """Profile one variant under one load scenario with py-spy; write the top entries.
+
+    ``spec`` is ``VARIANT:SCENARIO[:SECONDS]``. py-spy samples the server at
+    250 Hz while wrk runs (each sample pauses it for microseconds); the
+    collapsed stacks are summed into self and inclusive time per function.
+    """
+    variant, scenario, *rest = spec.split(":")
+    seconds = int(rest[0]) if rest else 10
+    nonce = "bench" + uuid.uuid4().hex[:10]
+    workdir = Path(tempfile.mkdtemp(prefix="idempo-bench-"))
+    reachable = services(settings)
+    env = dict(
+        os.environ,
+        BENCH_NONCE=nonce,
+        BENCH_REDIS_URL=settings.redis_url,
+        BENCH_PG_URL=settings.pg_url,
+        BENCH_PG_SCHEMA=nonce,
+        BENCH_DIR=str(workdir),
+    )
+    raw = workdir / "stacks.txt"
+    server: Server | None = None
+    try:
+        if INFO[variant][0] == "PostgreSQL":
+            prepare_postgres(settings, nonce)
+        server = start_server(variant, env, settings, workdir)
+        why = await wait_ready(server)
+        if why:
+            raise SystemExit(why)
+        if scenario == "b":
+            await scenarios.seed(server.port, f"r-{nonce}", settings.replay_keys)
+        await load_run(server, scenario, nonce, 0, 2, settings)  # warm-up
+        spy = subprocess.Popen(  # noqa: ASYNC220 (a driver script: nothing else runs on this loop)
+            pinned(
+                [
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(server.proc.pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "400",
+                    "--nonblocking",
+                    "--duration",
+                    str(seconds + 1),
+                    "--output",
+                    str(raw),
+                ],
+                settings.load_cpu,
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # noqa: ASYNC251
+        r = await load_run(server, scenario, nonce, 1, seconds, settings)
+        spy.wait(timeout=seconds + 30)
+    finally:
+        stop_servers([server] if server is not None else [])
+        cleanup_stores(settings, nonce, nonce, reachable)
+    selfs: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        frames = [re.sub(r" \(.*/(site-packages|src|lib/python3[.0-9]+)/", " (", f) for f in stack.split(";")]
+        total += count
+        selfs[frames[-1]] = selfs.get(frames[-1], 0) + count
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + count
+    components: dict[str, int] = {}
+    for frame, n in selfs.items():
+        part = _component(frame)
+        components[part] = components.get(part, 0) + n
+    lines = [
+        f"# py-spy profile: `{variant}`, scenario {scenario}, {seconds} s",
+        "",
+        f"{r.rps:.0f} req/s under load; {total} samples of the server's busy time (function-level, 250 Hz).",
+        "",
+        "| self % | component |",
+        "|---|---|",
+    ]
+    lines += [f"| {100 * n / total:.1f} | {part} |" for part, n in sorted(components.items(), key=lambda i: -i[1])]
+    lines += ["", "| self % | function |", "|---|---|"]
+    lines += [f"| {100 * n / total:.1f} | `{f}` |" for f, n in sorted(selfs.items(), key=lambda i: -i[1])[:30]]
+    lines += ["", "| inclusive % | function |", "|---|---|"]
+    lines += [f"| {100 * n / total:.1f} | `{f}` |" for f, n in sorted(incl.items(), key=lambda i: -i[1])[:45]]
+    out = HERE / "results" / f"profile-{variant}-{scenario}.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    shutil.copy(raw, out.with_suffix(".stacks.txt"))
+    shutil.rmtree(workdir, ignore_errors=True)
+    log(f"profile: {out.relative_to(ROOT)}")
+    return out
+
+
+_COMPONENTS = (
+    ("idempo/stores/", "idempo: store"),
+    ("idempo/", "idempo: middleware and core"),
+    ("redis/", "redis-py"),
+    ("psycopg_pool/", "psycopg (pool)"),
+    ("psycopg/", "psycopg"),
+    ("uvicorn/", "uvicorn (HTTP, httptools)"),
+    ("starlette/", "Starlette (app, routing, request, response)"),
+    ("app.py", "the bench handler"),
+    ("json/", "json (stdlib)"),
+    ("asyncio/", "event loop (uvloop, asyncio; I/O syscalls)"),
+)
+
+
+def _component(frame: str) -> str:
+    for marker, name in _COMPONENTS:
+        if marker in frame:
+            return name
+    return "other"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="bench/run", description="idempo against the bare app and the Python peers.")
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s, fewer keys: a smoke run (~3 min)")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--duration", type=int, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--variants", help="comma-separated variant ids (default: all)")
+    parser.add_argument("--scenarios", default="a,b", help="load scenarios to run: a, b or a,b")
+    parser.add_argument("--no-micro", action="store_true", help="skip the pytest-benchmark micro-benchmarks")
+    parser.add_argument("--server-cpu", default="0", help="CPU for the servers ('none': unpinned)")
+    parser.add_argument("--load-cpu", default="1", help="CPU for wrk ('none': unpinned)")
+    parser.add_argument(
+        "--compare-src",
+        metavar="DIR",
+        help="also run each idempo variant on another idempo source tree (DIR holds the idempo package), "
+        "as <variant>@before, alternating in the same rounds",
+    )
+    parser.add_argument("--profile", metavar="VARIANT:SCENARIO[:SECONDS]", help="py-spy one variant under load instead")
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    args = parser.parse_args(argv)
+    quick = args.quick
+    variants = args.variants.split(",") if args.variants else [v for v in VARIANTS if v not in DIAGNOSTIC]
+    unknown = [v for v in variants if v.partition("@")[0] not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if "bare" not in variants:
+        variants.insert(0, "bare")
+    if args.compare_src:
+        variants = [x for v in variants for x in ((v, v + BEFORE) if v.startswith("idempo-") else (v,))]
+    ncpu = os.cpu_count() or 1
+    server_cpu = None if args.server_cpu == "none" or ncpu < 2 or not shutil.which("taskset") else int(args.server_cpu)
+    load_cpu = None if args.load_cpu == "none" or ncpu < 2 or not shutil.which("taskset") else int(args.load_cpu)
+    return Settings(
+        rounds=args.rounds or (1 if quick else 4),
+        duration=args.duration or (2 if quick else 3),
+        connections=args.connections,
+        replay_keys=200 if quick else 1000,
+        c_keys=20 if quick else 100,
+        d_keys=5 if quick else 20,
+        floor_ops=500 if quick else 2000,
+        micro=not args.no_micro,
+        variants=variants,
+        scenarios=[s for s in args.scenarios.split(",") if s in ("a", "b")],
+        server_cpu=server_cpu,
+        load_cpu=load_cpu,
+        redis_url=args.redis_url,
+        pg_url=args.pg_url,
+        command=os.environ.get(
+            "BENCH_COMMAND", "./bench/run " + " ".join(argv if argv is not None else sys.argv[1:])
+        ).strip(),
+        mode="quick" if quick else "full",
+        profile=args.profile,
+        compare_src=args.compare_src,
+    )
+
+
+def main() -> None:
+    settings = parse()
+    if settings.profile:
+        asyncio.run(profile(settings, settings.profile))
+    else:
+        asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()
