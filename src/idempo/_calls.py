@@ -24,11 +24,11 @@ from uuid import UUID
 import anyio
 
 from ._core.fingerprint import canonical_json
-from ._core.flow import Complete, Extend, InProgress, Mismatch, Proceed, Release, Replay, begin_flow, finish
+from ._core.flow import Complete, Extend, InProgress, Mismatch, Proceed, Release, Replay, finish
 from ._core.keys import make_record_key
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import drive_async, drive_sync, settle_async, settle_sync
+from ._engine import begin_async, begin_sync, settle_async, settle_sync
 from ._lease import AsyncLeaseKeeper, LeaseKeeper
 from .exceptions import ConfigurationError, FingerprintMismatch, InvalidKey, KeyInProgress, StoreError
 from .observability import Outcome, RequestObservation, observe_request
@@ -187,7 +187,7 @@ class Engine:
         observation = self._observe(key, record_key)
         try:
             try:
-                decision = drive_sync(begin_flow(record_key, fingerprint, self.policy), store, observation)
+                decision = begin_sync(store, record_key, fingerprint, self.policy, observation)
             except StoreError as exc:
                 if not self.policy.fail_open:
                     observation.finish(Outcome.STORE_ERROR, error=exc)
@@ -231,7 +231,7 @@ class Engine:
         observation = self._observe(key, record_key)
         try:
             try:
-                decision = await drive_async(begin_flow(record_key, fingerprint, self.policy), store, observation)
+                decision = await begin_async(store, record_key, fingerprint, self.policy, observation)
             except StoreError as exc:
                 if not self.policy.fail_open:
                     observation.finish(Outcome.STORE_ERROR, error=exc)

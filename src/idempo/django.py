@@ -71,7 +71,7 @@ from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
-from ._core.flow import Proceed, begin_flow
+from ._core.flow import Proceed
 from ._core.http import (
     BYPASSED_HEADER,
     RouteOptions,
@@ -86,7 +86,7 @@ from ._core.http import (
 from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
-from ._engine import drive_sync
+from ._engine import begin_sync
 from .exceptions import ConfigurationError, StoreError
 from .observability import Outcome, observe_request
 from .stores import store_from_url
@@ -329,9 +329,8 @@ class IdempotencyMiddleware:
         content_type = request.META.get("CONTENT_TYPE") or None
         identity = request_identity(policy, principal, method, request.path, query, content_type, request.body, key)
         observation.identify(principal, key, identity.record_key)
-        flow = begin_flow(identity.record_key, identity.fingerprint, policy)
         try:
-            decision = drive_sync(flow, self.store, observation)
+            decision = begin_sync(self.store, identity.record_key, identity.fingerprint, policy, observation)
         except StoreError as exc:
             if not policy.fail_open:
                 answer = store_unavailable_answer(policy)

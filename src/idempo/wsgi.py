@@ -12,7 +12,7 @@
 The behaviour is the ASGI middleware's (:mod:`idempo.asgi`), rule for rule:
 both ask :mod:`idempo._core.http` what to answer, and this one drives the
 protocol against a blocking :class:`~idempo.typing.Store` with
-:func:`idempo._engine.drive_sync`. What is particular to WSGI (PEP 3333):
+:func:`idempo._engine.begin_sync`. What is particular to WSGI (PEP 3333):
 
 - The request body is read from ``wsgi.input`` (at most ``CONTENT_LENGTH``
   bytes, refused with 413 past ``Policy.max_request_body`` before reading)
@@ -42,7 +42,7 @@ from types import TracebackType
 from wsgiref.types import StartResponse as StartResponse
 from wsgiref.types import WSGIApplication, WSGIEnvironment
 
-from ._core.flow import Proceed, begin_flow, finish
+from ._core.flow import Proceed, finish
 from ._core.http import (
     BYPASSED_HEADER,
     ResponseCapture,
@@ -58,7 +58,7 @@ from ._core.http import default_principal as _default_principal
 from ._core.keys import split_folded
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import drive_sync, logger, settle_sync
+from ._engine import begin_sync, logger, settle_sync
 from ._lease import LeaseKeeper
 from .exceptions import StoreError
 from .observability import Outcome, RequestObservation, observe_request
@@ -232,9 +232,7 @@ class IdempotencyMiddleware:
         identity = request_identity(policy, principal, method, path, query, content_type, body, key)
         observation.identify(principal, key, identity.record_key)
         try:
-            decision = drive_sync(
-                begin_flow(identity.record_key, identity.fingerprint, policy), self.store, observation
-            )
+            decision = begin_sync(self.store, identity.record_key, identity.fingerprint, policy, observation)
         except StoreError as exc:
             return self._store_failed(exc, policy, app, environ, start_response, observation)
         if not isinstance(decision, Proceed):
