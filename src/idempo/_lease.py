@@ -6,20 +6,20 @@ handler runs, the lease is therefore extended every third of its TTL; when the
 process dies, the renewals stop with it and the lease expires at most
 ``lease_ttl`` later (DESIGN guarantee 2).
 
-Renewal costs nothing for requests faster than a third of the lease: the
-async keeper is a timer handle on the event loop, and the blocking keeper an
-entry in the heap of one shared thread; neither touches the store unless the
-handler is still running when the timer fires.
+Renewal costs next to nothing for requests faster than a third of the lease:
+an async keeper is an entry in the registry of one renewal task per event
+loop, a blocking keeper an entry in the heap of one shared thread; neither
+touches the store unless the handler is still running when its renewal is due.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import threading
 import time
+import weakref
 from typing import Any
 
 from ._engine import logger
@@ -45,6 +45,39 @@ def _log_failure(record_key: str, exc: BaseException) -> None:
         logger.error("idempo: lease renewal failed (record %s): %s; retrying", record_key, exc)
 
 
+class _LoopRenewer:
+    """One task per event loop that renews the leases of every async keeper on it.
+
+    A timer per request would cost each request a timer start and cancel (a
+    libuv timer under uvloop); here a request costs a dict insert and delete,
+    and the task wakes every half interval of the shortest lease it serves.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.keepers: dict[AsyncLeaseKeeper, None] = {}
+        self.tick = 1.0
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, keeper: AsyncLeaseKeeper) -> None:
+        self.keepers[keeper] = None
+        if keeper.interval / 2 < self.tick:
+            self.tick = keeper.interval / 2
+        if self.task is None or self.task.done():
+            self.task = self.loop.create_task(self._run(), name="idempo-lease-renewer")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            now = self.loop.time()
+            due = [keeper for keeper in self.keepers if keeper.due <= now]
+            for keeper in due:
+                await keeper.renew()
+
+
+_RENEWERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopRenewer] = weakref.WeakKeyDictionary()
+
+
 class AsyncLeaseKeeper:
     """Extends a lease on an async store while the handler runs (asyncio; a no-op elsewhere).
 
@@ -55,57 +88,66 @@ class AsyncLeaseKeeper:
         lease_ttl_ms: the lease TTL in milliseconds; each renewal sets the
             expiry this far from the store's clock.
 
-    Call :meth:`stop` when the handler has finished (in a ``finally``).
-    On trio there is no timer handle to borrow, so no renewal happens there:
-    keep handlers shorter than ``lease_ttl``.
+    Call :meth:`stop` when the handler has finished (in a ``finally``), or
+    :meth:`cancel` on a crash path. On trio there is no asyncio loop to renew
+    from, so no renewal happens there: keep handlers shorter than ``lease_ttl``.
     """
 
-    __slots__ = ("_args", "_handle", "_loop", "_stopped", "_task")
+    __slots__ = ("_args", "_renewer", "_renewing", "_stopped", "due", "interval")
 
     def __init__(self, store: AsyncStore, record_key: str, token: int, lease_ttl_ms: int) -> None:
         self._args = (store, record_key, token, lease_ttl_ms)
-        self._task: asyncio.Task[None] | None = None
-        self._stopped: asyncio.Event | None = None
+        self._stopped = False
+        self._renewing: asyncio.Future[None] | None = None
+        self.interval = _interval(lease_ttl_ms)
         try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._loop = None
-            self._handle: asyncio.TimerHandle | None = None
+            self._renewer: _LoopRenewer | None = None
+            self.due = 0.0
             return
-        self._handle = self._loop.call_later(_interval(lease_ttl_ms), self._start)
+        renewer = _RENEWERS.get(loop)
+        if renewer is None:
+            renewer = _RENEWERS[loop] = _LoopRenewer(loop)
+        self._renewer = renewer
+        self.due = loop.time() + self.interval
+        renewer.add(self)
 
-    def _start(self) -> None:
-        assert self._loop is not None
-        self._stopped = asyncio.Event()
-        self._task = self._loop.create_task(self._renew(self._stopped))
-
-    async def _renew(self, stopped: asyncio.Event) -> None:
+    async def renew(self) -> None:
+        """Extend the lease once (called by the loop's renewer when due)."""
+        if self._stopped:
+            return
         store, record_key, token, lease_ttl_ms = self._args
-        interval = _interval(lease_ttl_ms)
-        while not stopped.is_set():
-            try:
-                await store.extend(record_key, token, lease_ttl_ms)
-            except LeaseLost as exc:
-                if not stopped.is_set():  # a renewal racing the final complete is expected
-                    _log_failure(record_key, exc)
-                return
-            except StoreError as exc:
+        assert self._renewer is not None
+        loop = self._renewer.loop
+        self._renewing = loop.create_future()
+        try:
+            await store.extend(record_key, token, lease_ttl_ms)
+        except LeaseLost as exc:
+            if not self._stopped:  # a renewal racing the final complete is expected
                 _log_failure(record_key, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopped.wait(), interval)
+            self.cancel()
+            return
+        except StoreError as exc:
+            _log_failure(record_key, exc)
+        finally:
+            self._renewing.set_result(None)
+            self._renewing = None
+        self.due = loop.time() + self.interval
 
     async def stop(self) -> None:
         """Stop renewing; waits for a renewal in flight, so it never lands after the record settles."""
         self.cancel()
-        if self._task is not None:
-            await asyncio.shield(self._task)
+        renewing = self._renewing
+        if renewing is not None:
+            await asyncio.shield(renewing)
 
     def cancel(self) -> None:
         """Stop renewing without waiting (a crash path: the lease is left to expire)."""
-        if self._handle is not None:
-            self._handle.cancel()
-        if self._stopped is not None:
-            self._stopped.set()
+        self._stopped = True
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.keepers.pop(self, None)
 
 
 class _Scheduler:

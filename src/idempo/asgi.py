@@ -483,24 +483,29 @@ class _StarletteRouteOptions:
 
     def __init__(self) -> None:
         self._per_route: dict[int, tuple[object, RouteOptions | None]] = {}
-        self._seen: tuple[int, int] | None = None
+        self._routes: object = None
+        self._count = -1
         self._any = False
+        self._starlette: type[Any] | None = None
 
-    def find(self, scope: Scope, app: object) -> RouteOptions | None:
-        from starlette.applications import Starlette
+    def find(self, scope: Scope, app: Any) -> RouteOptions | None:
+        starlette = self._starlette
+        if starlette is None:
+            from starlette.applications import Starlette
 
+            starlette = self._starlette = Starlette
         # Added with app.add_middleware, the app is in the scope; wrapped
         # around the app from outside, it is the app itself.
-        holder = scope.get("app")
-        if not isinstance(holder, Starlette):
+        holder: Any = scope.get("app")
+        if not isinstance(holder, starlette):
             holder = app
-            if not isinstance(holder, Starlette):
+            if not isinstance(holder, starlette):
                 return None
-        routes: Sequence[Any] = holder.routes
-        seen = (id(routes), len(routes))
-        if seen != self._seen:
+        routes: Sequence[Any] = holder.router.routes
+        if routes is not self._routes or len(routes) != self._count:
+            # Read once per route table (a route added later changes its length).
             self._any = any(self._options(route) is not None for route in _all_routes(routes))
-            self._seen = seen
+            self._routes, self._count = routes, len(routes)
         if not self._any:
             return None
         route = _match(routes, scope)
