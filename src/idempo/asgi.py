@@ -243,7 +243,11 @@ class IdempotencyMiddleware:
             observation.finish(Outcome.NO_PRINCIPAL, 400)
             await _send_answer(send, principal_required_answer())
             return
-        body = await _read_body(receive, policy.max_request_body)
+        try:
+            body = await _read_body(receive, policy.max_request_body)
+        except _ClientGone:
+            observation.finish(Outcome.BODY_INCOMPLETE)
+            return  # no one to answer, nothing run, nothing stored
         if body is None:
             observation.finish(Outcome.BODY_TOO_LARGE, 413)
             await _send_answer(send, body_too_large_answer(policy))
@@ -435,14 +439,23 @@ class IdempotencyMiddleware:
                 await forward(start)
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """Read the whole request body; None when it exceeds ``limit`` bytes."""
+    """Read the whole request body; None when it exceeds ``limit`` bytes.
+
+    Raises:
+        _ClientGone: the client left mid-upload. Nothing may run on a partial
+            body: its fingerprint would refuse the complete retry with 422.
+    """
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break  # the client left before the body was complete
+            raise _ClientGone()
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:

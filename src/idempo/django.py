@@ -76,6 +76,7 @@ from ._core.http import (
     BYPASSED_HEADER,
     RouteOptions,
     RouteTable,
+    body_incomplete_answer,
     body_too_large_answer,
     check_key,
     decision_answer,
@@ -324,6 +325,9 @@ class IdempotencyMiddleware:
         ):
             observation.finish(Outcome.BODY_TOO_LARGE, 413)
             return StoredHttpResponse(body_too_large_answer(policy))
+        if len(request.body) < _declared_length(request):
+            observation.finish(Outcome.BODY_INCOMPLETE, 400)
+            return StoredHttpResponse(body_incomplete_answer())
 
         query = request.META.get("QUERY_STRING", "")
         content_type = request.META.get("CONTENT_TYPE") or None

@@ -92,6 +92,8 @@ class Outcome(enum.StrEnum):
     NO_PRINCIPAL = "no_principal"
     #: The request body exceeds ``Policy.max_request_body``: 413.
     BODY_TOO_LARGE = "body_too_large"
+    #: The body ended before its declared length (the client left mid-upload): nothing ran.
+    BODY_INCOMPLETE = "body_incomplete"
     #: The request took over the expired lease of a crashed holder, then ran the handler
     #: (how it was settled is in ``idempo_verdict``).
     LEASE_TAKEOVER = "lease_takeover"
@@ -124,6 +126,7 @@ LEVELS: dict[Outcome, int] = {
     Outcome.INVALID_KEY: logging.INFO,
     Outcome.NO_PRINCIPAL: logging.INFO,
     Outcome.BODY_TOO_LARGE: logging.INFO,
+    Outcome.BODY_INCOMPLETE: logging.INFO,
     Outcome.LEASE_TAKEOVER: logging.WARNING,
     Outcome.HELD: logging.WARNING,
     Outcome.BYPASSED: logging.WARNING,

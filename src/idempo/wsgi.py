@@ -47,6 +47,7 @@ from ._core.http import (
     BYPASSED_HEADER,
     ResponseCapture,
     RouteTable,
+    body_incomplete_answer,
     body_too_large_answer,
     check_key,
     decision_answer,
@@ -67,6 +68,7 @@ from .typing import Store
 
 __all__ = [
     "EXCHANGE_ENVIRON_KEY",
+    "BodyIncomplete",
     "CapturedBody",
     "IdempotencyMiddleware",
     "default_principal",
@@ -220,7 +222,11 @@ class IdempotencyMiddleware:
         if principal is None:
             observation.finish(Outcome.NO_PRINCIPAL, 400)
             return _answer(start_response, principal_required_answer())
-        body = read_body(environ, policy.max_request_body)
+        try:
+            body = read_body(environ, policy.max_request_body)
+        except BodyIncomplete:
+            observation.finish(Outcome.BODY_INCOMPLETE, 400)
+            return _answer(start_response, body_incomplete_answer())
         if body is None:
             observation.finish(Outcome.BODY_TOO_LARGE, 413)
             return _answer(start_response, body_too_large_answer(policy))
@@ -440,8 +446,17 @@ class CapturedBody:
                 close()
 
 
+class BodyIncomplete(Exception):
+    """``wsgi.input`` ended before ``CONTENT_LENGTH`` bytes: the client left mid-upload."""
+
+
 def read_body(environ: Environ, limit: int) -> bytes | None:
     """Read the request body from ``wsgi.input``; None when it exceeds ``limit`` bytes.
+
+    Raises:
+        BodyIncomplete: the input ended before its declared length. Nothing
+            may run on a partial body: its fingerprint would refuse the
+            complete retry with 422.
 
     Reads at most ``CONTENT_LENGTH`` bytes (PEP 3333: never past it); a
     larger declared length is refused before reading. Without a length, the
@@ -468,6 +483,8 @@ def read_body(environ: Environ, limit: int) -> bytes | None:
     while remaining > 0:
         chunk: bytes = stream.read(min(remaining, _READ_CHUNK))
         if not chunk:
+            if declared:
+                raise BodyIncomplete()
             break
         chunks.append(chunk)
         size += len(chunk)

@@ -6,6 +6,7 @@ shared/cases B03, B04, B06, B18; DESIGN guarantees 2 and 5.
 from __future__ import annotations
 
 import sqlite3
+import time
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -241,3 +242,25 @@ def test_oversized_response_is_passed_through_and_released(serve: ServeFactory) 
     assert record_state(s) is None
     s.post(headers={"x-test-response": "binary"})
     assert s.orders.calls == 2
+
+
+def test_client_leaving_mid_upload_runs_nothing_and_stores_nothing(serve: ServeFactory) -> None:
+    """A body cut off before its Content-Length never reaches the handler; the complete retry executes (not 422)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    s = serve()
+    parts = urlsplit(s.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        head = (
+            b"POST /orders HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Idempotency-Key: " + K1.encode() + b"\r\nContent-Length: 100\r\n\r\n"
+        )
+        sock.sendall(head + b'{"sku":"A",')  # then the client goes away
+    time.sleep(0.3)  # let the server notice the disconnect
+    assert s.orders.calls == 0
+    assert record_state(s) is None
+    complete = s.post()
+    assert complete.status_code == 201
+    assert "idempotent-replayed" not in complete.headers
+    assert s.orders.calls == 1

@@ -27,6 +27,7 @@ from .flow import InProgress, Mismatch, Replay
 from .keys import make_record_key, parse_key, principal_from_credentials
 from .policy import Policy, Verdict
 from .problems import (
+    BODY_INCOMPLETE,
     BODY_TOO_LARGE,
     FINGERPRINT_MISMATCH,
     INVALID_KEY,
@@ -45,6 +46,7 @@ __all__ = [
     "ResponseCapture",
     "RouteOptions",
     "RouteTable",
+    "body_incomplete_answer",
     "body_too_large_answer",
     "check_key",
     "decision_answer",
@@ -191,6 +193,15 @@ def check_key(policy: Policy, method: str, path: str, key_values: Sequence[bytes
 def principal_required_answer() -> StoredResponse:
     """The 400 for a request whose principal resolver found no identity."""
     return problem_response(PRINCIPAL_REQUIRED, "This request carries no identity to scope its Idempotency-Key to.")
+
+
+def body_incomplete_answer() -> StoredResponse:
+    """The 400 for a body shorter than its declared length (the client left mid-upload).
+
+    Nothing runs and nothing is stored: a fingerprint of a partial body would
+    answer the client's complete retry with 422 for the whole record TTL.
+    """
+    return problem_response(BODY_INCOMPLETE, "The request body ended before its declared length.")
 
 
 def body_too_large_answer(policy: Policy) -> StoredResponse:
