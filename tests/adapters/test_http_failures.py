@@ -264,3 +264,17 @@ def test_client_leaving_mid_upload_runs_nothing_and_stores_nothing(serve: ServeF
     assert complete.status_code == 201
     assert "idempotent-replayed" not in complete.headers
     assert s.orders.calls == 1
+
+
+def test_unreadable_record_is_a_503_not_a_crash(serve: ServeFactory, tmp_path: Path) -> None:
+    """A record the store cannot decode (corrupt headers) answers 503 like any store failure; nothing runs."""
+    clock = FakeClock()
+    path = tmp_path / "idempo.db"
+    s = serve(store=serve.sqlite_store(path, clock), clock=clock)
+    assert s.post().status_code == 201
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE idempo_records SET headers = 'not json'")
+    answer = s.post()
+    assert answer.status_code == 503
+    assert answer.json()["type"] == "https://idempo.dev/problems/store-unavailable"
+    assert s.orders.calls == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -33,30 +34,38 @@ def load_queries(dialect: str, filename: str = "queries.sql") -> dict[str, str]:
 _STATES = {state.value: state for state in RecordState}
 
 
-def record_from_row(record_key: str, row: tuple[Any, ...]) -> Record:
+def record_from_row(record_key: str, row: Sequence[Any]) -> Record:
     """Build a Record from a row ``(state, fingerprint, token, lease_expires_at,
     created_at, expires_at, status, headers, body)``; SQL stores select in this order.
 
     Raises:
-        ValueError: the row's state is not one of :class:`RecordState`'s values.
+        StoreError: the row cannot be read as a record (an unknown state,
+            headers that are not the codec's JSON, a non-numeric time). The
+            fronts answer it as any store failure (503, the handler not run),
+            never with a raw exception (DESIGN guarantee 5).
     """
-    state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body = row
-    record_state = _STATES.get(state)
-    if record_state is None:
-        raise ValueError(f"{state!r} is not a valid RecordState")
-    response = None
-    if record_state is RecordState.COMPLETED:
-        response = StoredResponse(int(status), decode_headers(headers), bytes(body))
-    return Record(
-        record_key,
-        record_state,
-        fingerprint,
-        int(token),
-        int(lease_expires_at),
-        int(created_at),
-        int(expires_at),
-        response,
-    )
+    try:
+        state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body = row
+        if isinstance(state, bytes):  # Redis replies carry bytes
+            state, fingerprint = state.decode("ascii"), fingerprint.decode("utf-8")
+        record_state = _STATES.get(state)
+        if record_state is None:
+            raise ValueError(f"{state!r} is not a valid RecordState")
+        response = None
+        if record_state is RecordState.COMPLETED:
+            response = StoredResponse(int(status), decode_headers(headers), bytes(body))
+        return Record(
+            record_key,
+            record_state,
+            fingerprint,
+            int(token),
+            int(lease_expires_at),
+            int(created_at),
+            int(expires_at),
+            response,
+        )
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeError, AttributeError) as exc:
+        raise StoreError(f"record {record_key} is unreadable: {type(exc).__name__}: {exc}") from exc
 
 
 class ErrorMap:

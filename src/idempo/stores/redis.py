@@ -118,8 +118,7 @@ class _Codec:
     @staticmethod
     def record(record_key: str, fields: Sequence[Any]) -> Record:
         """Decode the nine record fields as the scripts return them."""
-        state, fingerprint, *rest = fields
-        return record_from_row(record_key, (state.decode("ascii"), fingerprint.decode("utf-8"), *rest))
+        return record_from_row(record_key, fields)
 
     def begin_args(self, fingerprint: str, lease_ttl_ms: int) -> list[Any]:
         return [fingerprint, int(lease_ttl_ms), self.grace_ms]
