@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -53,26 +54,34 @@ class _LoopRenewer:
     and the task wakes every half interval of the shortest lease it serves.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    # It holds no reference to its loop: the registry is keyed weakly by the
+    # loop, and the task (which does hold it) ends once no keeper is left, so
+    # a finished loop (asyncio.run per job) is not kept alive by idempo.
+
+    def __init__(self) -> None:
         self.keepers: dict[AsyncLeaseKeeper, None] = {}
         self.tick = 1.0
         self.task: asyncio.Task[None] | None = None
 
-    def add(self, keeper: AsyncLeaseKeeper) -> None:
+    def add(self, keeper: AsyncLeaseKeeper, loop: asyncio.AbstractEventLoop) -> None:
         self.keepers[keeper] = None
         if keeper.interval / 2 < self.tick:
             self.tick = keeper.interval / 2
-        if self.task is None or self.task.done():
-            self.task = self.loop.create_task(self._run(), name="idempo-lease-renewer")
+        if self.task is None:
+            self.task = loop.create_task(self._run(), name="idempo-lease-renewer")
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.tick)
-            now = self.loop.time()
-            due = [keeper for keeper in self.keepers if keeper.due <= now]
-            for keeper in due:
-                await keeper.renew()
+        loop = asyncio.get_running_loop()
+        try:
+            while self.keepers:
+                await asyncio.sleep(self.tick)
+                now = loop.time()
+                due = [keeper for keeper in self.keepers if keeper.due <= now]
+                if due:
+                    # Concurrently: one slow store call must not delay every other lease.
+                    await asyncio.gather(*(keeper.renew() for keeper in due))
+        finally:
+            self.task = None
 
 
 _RENEWERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopRenewer] = weakref.WeakKeyDictionary()
@@ -108,18 +117,17 @@ class AsyncLeaseKeeper:
             return
         renewer = _RENEWERS.get(loop)
         if renewer is None:
-            renewer = _RENEWERS[loop] = _LoopRenewer(loop)
+            renewer = _RENEWERS[loop] = _LoopRenewer()
         self._renewer = renewer
         self.due = loop.time() + self.interval
-        renewer.add(self)
+        renewer.add(self, loop)
 
     async def renew(self) -> None:
         """Extend the lease once (called by the loop's renewer when due)."""
         if self._stopped:
             return
         store, record_key, token, lease_ttl_ms = self._args
-        assert self._renewer is not None
-        loop = self._renewer.loop
+        loop = asyncio.get_running_loop()
         self._renewing = loop.create_future()
         try:
             await store.extend(record_key, token, lease_ttl_ms)
@@ -128,7 +136,7 @@ class AsyncLeaseKeeper:
                 _log_failure(record_key, exc)
             self.cancel()
             return
-        except StoreError as exc:
+        except Exception as exc:  # a store failure, or a third-party store's own error: retry next time
             _log_failure(record_key, exc)
         finally:
             self._renewing.set_result(None)
@@ -181,11 +189,18 @@ class _Scheduler:
                 while self._heap and self._heap[0][0] <= now:
                     due.append(heapq.heappop(self._heap)[2])
             for keeper in due:
-                if keeper.renew():
+                try:
+                    again = keeper.renew()
+                except Exception as exc:  # a third-party store's own error must not kill the thread
+                    _log_failure(keeper._args[1], exc)
+                    again = True
+                if again:
                     self.add(keeper, time.monotonic() + keeper.interval)
 
 
 _SCHEDULER = _Scheduler()
+# A forked child (gunicorn --preload) inherits the scheduler but not its thread.
+os.register_at_fork(after_in_child=lambda: _Scheduler.__init__(_SCHEDULER))
 
 
 class LeaseKeeper:

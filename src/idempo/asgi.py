@@ -379,6 +379,8 @@ class IdempotencyMiddleware:
                 # their 500 before re-raising, and the exception decides.
                 if capture.verdict is Verdict.STORE or not policy.exception_verdicts:
                     await settle(capture.response(), capture.verdict)
+                elif done is not None:
+                    done.set()  # the response is whole: an app waiting for the disconnect may have it
             if not start_sent:
                 start_sent = True
                 await forward(start)
@@ -392,7 +394,7 @@ class IdempotencyMiddleware:
                 body_pending = False
                 return {"type": "http.request", "body": body, "more_body": False}
             message = await receive()
-            if message["type"] != "http.disconnect" or settled:
+            if message["type"] != "http.disconnect" or settled or complete:
                 return message
             # Hide the client's departure until the response is complete, so
             # frameworks that stop on disconnect (Starlette's StreamingResponse)

@@ -10,7 +10,7 @@ import anyio
 import httpx
 import pytest
 
-from idempo import ConfigurationError, Policy
+from idempo import ConfigurationError, Policy, Verdict
 from idempo.asgi import IdempotencyMiddleware
 from idempo.stores import AsyncMemoryStore
 from tests.adapters.conftest import JSON, K1, B
@@ -108,3 +108,22 @@ def test_route_patterns_first_match_wins() -> None:
     assert middleware.policy_for("/payments/1") is strict
     assert middleware.policy_for("/payments") is None
     assert middleware.policy_for("/orders") is middleware.policy
+
+
+def test_app_waiting_for_the_disconnect_after_a_deferred_answer_is_not_stuck() -> None:
+    """With exception verdicts, a 500 is settled when the app ends; an app that then awaits the disconnect still ends."""
+    calls = 0
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b"failed"})
+        while (await receive())["type"] != "http.disconnect":  # cleanup after the answer, as long-poll apps do
+            pass
+
+    with served(app, policy=Policy(exception_verdicts={RuntimeError: Verdict.HOLD})) as client:
+        assert post(client).status_code == 500
+        assert post(client).status_code == 500  # released, so executed again: not stuck at 409
+    assert calls == 2

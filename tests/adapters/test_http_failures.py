@@ -6,8 +6,8 @@ shared/cases B03, B04, B06, B18; DESIGN guarantees 2 and 5.
 from __future__ import annotations
 
 import sqlite3
-import time
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager

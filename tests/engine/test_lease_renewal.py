@@ -106,3 +106,49 @@ def test_async_keeper_is_inert_without_a_running_loop() -> None:
         await keeper.stop()
 
     trio.run(scenario)
+
+
+def test_a_store_error_of_an_unknown_kind_does_not_stop_other_renewals() -> None:
+    """A third-party store raising its own exception from extend: logged, and the shared thread renews on."""
+
+    class Broken(MemoryStore):
+        def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
+            raise RuntimeError("not a StoreError")
+
+    broken = Broken()
+    store = MemoryStore()
+    bad = broken.begin("bad", "fp", LEASE_MS)
+    good = store.begin("rk", "fp", LEASE_MS)
+    assert isinstance(bad, Acquired)
+    assert isinstance(good, Acquired)
+    keepers = [LeaseKeeper(broken, "bad", bad.token, LEASE_MS), LeaseKeeper(store, "rk", good.token, LEASE_MS)]
+    try:
+        time.sleep(1.0)
+        duplicate = store.begin("rk", "fp", LEASE_MS)
+        assert isinstance(duplicate, Existing)  # still held: the good lease kept being renewed
+    finally:
+        for keeper in keepers:
+            keeper.stop()
+
+
+def test_finished_event_loops_are_not_kept_alive() -> None:
+    """asyncio.run per job: once its keepers are gone, a loop is released (the renewer holds no reference)."""
+    import gc
+    import weakref
+
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def job() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        store = AsyncMemoryStore()
+        first = await store.begin("rk", "fp", LEASE_MS)
+        assert isinstance(first, Acquired)
+        keeper = AsyncLeaseKeeper(store, "rk", first.token, LEASE_MS)
+        await asyncio.sleep(0.25)  # one renewal
+        await keeper.stop()
+        await asyncio.sleep(0.15)  # the renewer notices it has nothing left to do
+
+    for _ in range(5):
+        asyncio.run(job())
+    gc.collect()
+    assert [ref() for ref in loops] == [None] * 5
