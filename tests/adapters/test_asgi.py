@@ -111,7 +111,7 @@ def test_route_patterns_first_match_wins() -> None:
 
 
 def test_app_waiting_for_the_disconnect_after_a_deferred_answer_is_not_stuck() -> None:
-    """With exception verdicts, a 500 is settled when the app ends; an app that then awaits the disconnect still ends."""
+    """With exception verdicts a 500 is settled when the app ends; an app then awaiting the disconnect still ends."""
     calls = 0
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
