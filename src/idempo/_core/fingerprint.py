@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-__all__ = ["canonical_body", "canonical_json", "canonical_query", "fingerprint", "is_json_media_type"]
+__all__ = ["canonical_json", "canonical_query", "fingerprint", "is_json_media_type"]
 
 # Floats that hold an integer within 2**53 become ints, so 1.0 and 1e0 equal 1
 # as RFC 8785 (ECMAScript number formatting) has it; other floats print with
@@ -156,7 +156,11 @@ def canonical_json(body: bytes) -> bytes:
 
 
 def canonical_json_bytes(body: bytes) -> bytes:
-    """:func:`canonical_json` on the C scanner and encoder directly (the same output, fewer calls)."""
+    """:func:`canonical_json` on the C scanner and encoder directly (the same output, fewer calls).
+
+    A name of its own because :func:`fingerprint`'s ``canonical_json``
+    argument shadows the public function there.
+    """
     text = body.decode("utf-8")
     if _C_ENCODE is None:
         return _ENCODER.encode(_DECODER.decode(text)).encode("utf-8", "surrogatepass")
@@ -170,20 +174,6 @@ def canonical_json_bytes(body: bytes) -> bytes:
     if end != len(text) and text[end:].strip(_JSON_WS):
         raise ValueError("Extra data")
     return "".join(_C_ENCODE(value, 0)).encode("utf-8", "surrogatepass")
-
-
-def canonical_body(media_type: bytes, body: bytes) -> bytes:
-    """Return the body in canonical form when it is JSON, else as is.
-
-    The result is prefixed with ``j:`` (canonical JSON) or ``r:`` (raw bytes),
-    so a raw body can never collide with the canonical form of another.
-    """
-    if body and is_json_media_type(media_type):
-        try:
-            return b"j:" + canonical_json(body)
-        except (ValueError, RecursionError):
-            pass
-    return b"r:" + body
 
 
 def is_json_media_type(media_type: bytes) -> bool:

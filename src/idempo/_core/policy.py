@@ -275,10 +275,6 @@ class Policy:
         """True when a response header of this lower-case name is stored for replay."""
         return name not in self.excluded_headers and not name.startswith(_EXCLUDED_PREFIXES)
 
-    def stores_raw_header(self, name: bytes) -> bool:
-        """:meth:`stores_header` for a lower-case latin-1 name as servers pass it; memoised."""
-        return self.stored_name(name) is not None
-
     def stored_name(self, name: bytes) -> bytes | None:
         """The lower-case name under which a response header is stored, or None when it is not stored.
 
