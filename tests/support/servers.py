@@ -95,6 +95,13 @@ def running_wsgi(app: Any, threads: int = 64) -> Iterator[str]:
         threads=threads,
         connection_limit=256,
         channel_timeout=30,
+        # waitress spills a request body over inbuf_overflow (512 KiB) into a
+        # temporary file and never closes it when the client hangs up
+        # mid-upload (the channel drops its unfinished request); the leaked
+        # file's ResourceWarning then fails whichever later test the garbage
+        # collector runs in. The suite's bodies (5 MiB at most) stay in memory.
+        outbuf_overflow=64 * 1024 * 1024,
+        inbuf_overflow=64 * 1024 * 1024,
     )
     stopping = threading.Event()
 
