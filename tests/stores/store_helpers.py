@@ -85,12 +85,23 @@ class RoundTripProxy:
         self.port: int = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
         self._closed = False
+        self._drop_reply = False
+        self.replies_dropped = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def reset(self) -> None:
         """Start counting from zero."""
         with self._lock:
             self.round_trips = 0
+
+    def drop_next_reply(self) -> None:
+        """Cut the connection that carries the server's next reply, instead of forwarding it.
+
+        The server has run the command by then: this is the answer lost on its
+        way back, the case a client's retry must not turn into a second run.
+        """
+        with self._lock:
+            self._drop_reply = True
 
     def _accept(self) -> None:
         while True:
@@ -113,6 +124,12 @@ class RoundTripProxy:
                     if side == "client" and state["last"] != "client":
                         self.round_trips += 1
                     state["last"] = side
+                    drop = side == "server" and self._drop_reply
+                    if drop:
+                        self._drop_reply = False
+                        self.replies_dropped += 1
+                if drop:
+                    return
                 sink.sendall(data)
         except OSError:
             pass

@@ -22,12 +22,18 @@ Valkey: the scripts use commands common to Redis 6.2+ and Valkey 7.2+
 (``TIME``, ``HMGET``, ``HSET``, ``PEXPIREAT``); the store runs against Valkey
 unchanged, with redis-py as the client.
 
+Retries: a command that fails on a broken connection is sent once more on a
+fresh one (``retries``). ``begin`` and ``complete`` carry a random attempt id,
+so a script whose reply was lost after it ran recognises its own first run:
+the caller gets its lease, or its stored record, never a 409 from itself.
+
 The async store needs asyncio (redis-py's asyncio client); it does not run on trio.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Sequence
 from datetime import timedelta
@@ -39,6 +45,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
     ClusterError,
@@ -121,7 +128,10 @@ class _Codec:
         return record_from_row(record_key, fields)
 
     def begin_args(self, fingerprint: str, lease_ttl_ms: int) -> list[Any]:
-        return [fingerprint, int(lease_ttl_ms), self.grace_ms]
+        # The attempt id lets begin.lua tell its own earlier run (whose reply a
+        # dropped connection lost before redis-py sent the script again) from
+        # another caller's lease.
+        return [fingerprint, int(lease_ttl_ms), self.grace_ms, _attempt_id()]
 
     def begin_result(self, record_key: str, reply: Sequence[Any]) -> BeginResult:
         if reply[0] == 1:
@@ -130,10 +140,16 @@ class _Codec:
 
     @staticmethod
     def complete_args(token: int, response: StoredResponse, record_ttl_ms: int) -> list[Any]:
-        return [str(token), int(record_ttl_ms), response.status, encode_headers(response.headers), response.body]
+        headers = encode_headers(response.headers)
+        return [str(token), int(record_ttl_ms), response.status, headers, response.body, _attempt_id()]
 
     def get_result(self, record_key: str, reply: Sequence[Any] | None) -> Record | None:
         return None if reply is None else self.record(record_key, reply[1:])
+
+
+def _attempt_id() -> str:
+    """A random id for one begin or complete call, resent unchanged if redis-py retries it."""
+    return os.urandom(8).hex()
 
 
 def _split_url(url: str) -> tuple[str, dict[str, str]]:
@@ -179,8 +195,19 @@ def _is_cluster_url(url: str) -> bool:
 def _retry(retries: int) -> Retry:
     # A stale pooled connection (the server restarted) fails before the
     # script ran, so one quick retry on a fresh connection recovers without a
-    # 503. Timeouts are not retried: the script may have run.
+    # 503. A connection that drops after the script ran is retried too: begin
+    # and complete recognise their own first run by its attempt id, extend is
+    # idempotent, and a release run twice finds nothing the second time
+    # (LeaseLost, which the engine only logs). Timeouts are not retried.
     return Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries, supported_errors=(redis.ConnectionError,))
+
+
+def _async_retry(retries: int) -> AsyncRetry:
+    # redis.asyncio needs its own Retry: given the blocking one, it gets a
+    # coroutine back from call_with_retry and never retries at all.
+    return AsyncRetry(
+        ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries, supported_errors=(redis.ConnectionError,)
+    )
 
 
 class _Options:
@@ -403,7 +430,7 @@ class AsyncRedisStore:
                 "max_connections": max_connections,
                 "socket_timeout": socket_timeout,
                 "socket_connect_timeout": socket_connect_timeout,
-                "retry": _retry(retries),
+                "retry": _async_retry(retries),
             }
             if _is_cluster_url(options.url):
                 args = _cluster_arguments(options.url)

@@ -1,0 +1,131 @@
+"""A Redis reply lost after its script ran: redis-py sends the script again on a new connection.
+
+The store retries a command once on a broken connection (so a pool survives a
+Redis restart without a 503). When the connection breaks after the script
+ran, the retry runs it a second time; ``begin`` and ``complete`` carry an
+attempt id so that second run recognises the first: the caller gets its own
+lease (not a 409 from itself until the lease expires) and its completion is
+confirmed (not reported as a lost lease). The reply is cut on the wire by a
+TCP proxy in front of the real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+from store_helpers import OrdersApp, RoundTripProxy
+
+from idempo import Acquired, Existing, LeaseLost, RecordState, StoredResponse
+from idempo.asgi import IdempotencyMiddleware
+from idempo.stores.redis import AsyncRedisStore, RedisStore
+
+RESPONSE = StoredResponse(201, ((b"content-type", b"application/json"),), b'{"order_id": 1}')
+
+pytestmark = pytest.mark.redis
+
+
+def _proxied(redis_store_url: str, start: Callable[[str, int], RoundTripProxy]) -> tuple[str, RoundTripProxy]:
+    parts = urlsplit(redis_store_url)
+    proxy = start(parts.hostname or "127.0.0.1", parts.port or 6379)
+    url = urlunsplit(parts._replace(netloc=f"127.0.0.1:{proxy.port}"))
+    return url + "&max_connections=1", proxy
+
+
+def _warm_up(store: RedisStore) -> None:
+    # Loads the scripts (a first EVALSHA answers NOSCRIPT) and opens the
+    # pooled connection, so the next reply on the wire is the call's own.
+    key = uuid.uuid4().hex
+    taken = store.begin(key, "fp", 30_000)
+    assert isinstance(taken, Acquired)
+    store.complete(key, taken.token, RESPONSE, 60_000)
+
+
+def test_begin_whose_reply_was_lost_keeps_its_lease(
+    redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]
+) -> None:
+    """The retried begin returns the lease its first run took (same token); another caller still finds it held."""
+    url, proxy = _proxied(redis_store_url, round_trip_proxy)
+    store = RedisStore(url)
+    try:
+        _warm_up(store)
+        key = uuid.uuid4().hex
+        proxy.drop_next_reply()
+        taken = store.begin(key, "fp", 30_000)
+        assert proxy.replies_dropped == 1
+        assert isinstance(taken, Acquired), taken
+        assert taken.takeover is False
+        record = store.get(key)
+        assert record is not None
+        assert record.state is RecordState.IN_PROGRESS
+        assert record.token == taken.token
+        # The attempt id is this call's alone: a duplicate request is not let in.
+        duplicate = store.begin(key, "fp", 30_000)
+        assert isinstance(duplicate, Existing)
+        assert duplicate.record.token == taken.token
+    finally:
+        store.close()
+
+
+def test_complete_whose_reply_was_lost_is_confirmed(
+    redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]
+) -> None:
+    """The retried complete succeeds (no LeaseLost) and the record holds the response once stored."""
+    url, proxy = _proxied(redis_store_url, round_trip_proxy)
+    store = RedisStore(url)
+    try:
+        _warm_up(store)
+        key = uuid.uuid4().hex
+        taken = store.begin(key, "fp", 30_000)
+        assert isinstance(taken, Acquired)
+        proxy.drop_next_reply()
+        store.complete(key, taken.token, RESPONSE, 60_000)
+        assert proxy.replies_dropped == 1
+        record = store.get(key)
+        assert record is not None
+        assert record.state is RecordState.COMPLETED
+        assert record.response == RESPONSE
+        # A second complete with the same token is a different call: refused as before.
+        with pytest.raises(LeaseLost):
+            store.complete(key, taken.token, StoredResponse(200, (), b"other"), 60_000)
+    finally:
+        store.close()
+
+
+def test_request_whose_begin_reply_was_lost_executes_once(
+    redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]
+) -> None:
+    """Through the ASGI middleware: 201 (not a 409 from itself), the handler ran once, the replay is stored."""
+    url, proxy = _proxied(redis_store_url, round_trip_proxy)
+    app = OrdersApp()
+
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        store = AsyncRedisStore(url)
+        transport = httpx.ASGITransport(app=IdempotencyMiddleware(app, store))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+                async def post(key: str) -> httpx.Response:
+                    return await client.post("/orders", json={"sku": "A"}, headers={"Idempotency-Key": key})
+
+                warm = uuid.uuid4().hex
+                assert (await post(warm)).status_code == 201
+                assert (await post(warm)).headers.get("idempotent-replayed") == "true"
+                key = uuid.uuid4().hex
+                proxy.drop_next_reply()
+                first = await post(key)
+                return first, await post(key)
+        finally:
+            await store.aclose()
+
+    first, replay = asyncio.run(main())
+    assert proxy.replies_dropped == 1
+    assert first.status_code == 201, first.text
+    assert replay.status_code == 201
+    assert replay.headers.get("idempotent-replayed") == "true"
+    assert replay.content == first.content == b'{"order_id": 2}'
+    assert app.calls == 2  # the warm-up request and this one, each once
