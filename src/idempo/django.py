@@ -39,7 +39,8 @@ replayed) and ``AuthenticationMiddleware`` (the default principal is the
 authenticated user).
 
 The HTTP behaviour is the ASGI and WSGI middlewares' (the rules live in
-:mod:`idempo._core.http`). What is particular to Django:
+:mod:`idempo._core.http`; ``process_view`` admits a request with the WSGI
+middleware's own steps). What is particular to Django:
 
 - The default principal is ``request.user`` when authenticated, else the
   hash of ``Authorization``, else the client address.
@@ -71,28 +72,17 @@ from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
-from ._core.flow import Proceed
 from ._core.http import (
-    BYPASSED_HEADER,
     RouteOptions,
     RouteTable,
-    body_incomplete_answer,
-    body_too_large_answer,
-    check_key,
-    decision_answer,
-    principal_required_answer,
-    request_identity,
-    store_unavailable_answer,
 )
-from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
-from ._engine import begin_sync
-from .exceptions import ConfigurationError, StoreError
-from .observability import Outcome, observe_request
+from .exceptions import ConfigurationError
+from .observability import Outcome
 from .stores import store_from_url
 from .typing import Store
-from .wsgi import CapturedBody, _Exchange
+from .wsgi import _BYPASSED_HEADER, BodyIncomplete, CapturedBody, _Exchange, _admit
 from .wsgi import default_principal as _wsgi_default_principal
 
 __all__ = [
@@ -278,7 +268,7 @@ class IdempotencyMiddleware:
         if exchange is not None:
             return _capture(exchange, response)
         if request.__dict__.pop(_BYPASSED, False):
-            name, value = (part.decode("latin-1") for part in BYPASSED_HEADER)
+            name, value = _BYPASSED_HEADER
             response.headers[name] = value
         return response
 
@@ -304,51 +294,29 @@ class IdempotencyMiddleware:
         policy = self.policy_for_view(request.path, view_func)
         if policy is None or method not in policy.methods:
             return None
-        raw_key = request.META.get(self._meta_key)
-        key_values = [] if raw_key is None else split_folded(raw_key.encode("latin-1"))
-        key = check_key(policy, method, request.path, key_values)
-        if key is None:
+        admitted = _admit(
+            self.store,
+            policy,
+            request,
+            request.META,
+            front="django",
+            route=getattr(request.resolver_match, "route", None) or "*",
+            method=method,
+            path=request.path,
+            key_name=self._meta_key,
+            principal=self.principal,
+            read=_read_body,
+        )
+        if admitted is None:
             return None
-        route = getattr(request.resolver_match, "route", None) or "*"
-        observation = observe_request("django", method, route, request.path)
-        if isinstance(key, StoredResponse):
-            observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
-            return StoredHttpResponse(key)
-        principal = self.principal(request)
-        if principal is None:
-            observation.finish(Outcome.NO_PRINCIPAL, 400)
-            return StoredHttpResponse(principal_required_answer())
-        if (
-            getattr(request, _BODY_TOO_LARGE, False)
-            or _declared_length(request) > policy.max_request_body
-            or len(request.body) > policy.max_request_body
-        ):
-            observation.finish(Outcome.BODY_TOO_LARGE, 413)
-            return StoredHttpResponse(body_too_large_answer(policy))
-        if len(request.body) < _declared_length(request):
-            observation.finish(Outcome.BODY_INCOMPLETE, 400)
-            return StoredHttpResponse(body_incomplete_answer())
-
-        query = request.META.get("QUERY_STRING", "")
-        content_type = request.META.get("CONTENT_TYPE") or None
-        identity = request_identity(policy, principal, method, request.path, query, content_type, request.body, key)
-        observation.identify(principal, key, identity.record_key)
-        try:
-            decision = begin_sync(self.store, identity.record_key, identity.fingerprint, policy, observation)
-        except StoreError as exc:
-            if not policy.fail_open:
-                answer = store_unavailable_answer(policy)
-                observation.finish(Outcome.STORE_ERROR, answer.status, exc)
-                return StoredHttpResponse(answer)
-            observation.finish(Outcome.BYPASSED, error=exc)
-            setattr(request, _BYPASSED, True)
+        if isinstance(admitted, _Exchange):
+            setattr(request, _EXCHANGE, admitted)
             return None
-        if not isinstance(decision, Proceed):
-            answer = decision_answer(decision)
-            observation.finish(status=answer.status)
-            return StoredHttpResponse(answer)
-        exchange = _Exchange(self.store, policy, identity.record_key, decision.token, observation)
-        setattr(request, _EXCHANGE, exchange)
+        if isinstance(admitted, StoredResponse):
+            return StoredHttpResponse(admitted)
+        # The store failed and the policy fails open: the view runs unprotected.
+        admitted.observation.finish(Outcome.BYPASSED, error=admitted.error)
+        setattr(request, _BYPASSED, True)
         return None
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> None:
@@ -363,6 +331,24 @@ def _declared_length(request: HttpRequest) -> int:
         return int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
         return 0
+
+
+def _read_body(request: HttpRequest, policy: Policy) -> bytes | None:
+    """The body Django read (``request.body``); None when it exceeds ``policy.max_request_body``.
+
+    Raises:
+        BodyIncomplete: the body is shorter than its declared length.
+    """
+    limit = policy.max_request_body
+    declared = _declared_length(request)
+    if getattr(request, _BODY_TOO_LARGE, False) or declared > limit:
+        return None
+    body: bytes = request.body
+    if len(body) > limit:
+        return None
+    if len(body) < declared:
+        raise BodyIncomplete()
+    return body
 
 
 def _policy(value: Any, where: str) -> Policy | None:

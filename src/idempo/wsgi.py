@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
+from typing import TypeVar
 from wsgiref.types import StartResponse as StartResponse
 from wsgiref.types import WSGIApplication, WSGIEnvironment
 
@@ -90,6 +92,8 @@ PrincipalResolver = Callable[[Environ], "str | None"]
 EXCHANGE_ENVIRON_KEY = "idempo.exchange"
 
 _READ_CHUNK = 64 * 1024
+# The Idempotency-Bypassed header line as WSGI (and Django) headers are: text.
+_BYPASSED_HEADER = (BYPASSED_HEADER[0].decode("latin-1"), BYPASSED_HEADER[1].decode("latin-1"))
 
 
 def default_principal(environ: Environ) -> str:
@@ -208,76 +212,26 @@ class IdempotencyMiddleware:
         method: str = environ["REQUEST_METHOD"]
         if policy is None or method not in policy.methods:
             return app(environ, start_response)
-        path = request_path(environ)
-        raw_key = environ.get(self._environ_key)
-        key_values = [] if raw_key is None else split_folded(raw_key.encode("latin-1"))
-        key = check_key(policy, method, path, key_values)
-        if key is None:
+        admitted = _admit(
+            self.store,
+            policy,
+            environ,
+            environ,
+            front="wsgi",
+            route=route,
+            method=method,
+            path=request_path(environ),
+            key_name=self._environ_key,
+            principal=self.principal,
+            read=_read_input,
+        )
+        if admitted is None:
             return app(environ, start_response)
-        observation = observe_request("wsgi", method, route, path)
-        if isinstance(key, StoredResponse):
-            observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
-            return _answer(start_response, key)
-        principal = self.principal(environ)
-        if principal is None:
-            observation.finish(Outcome.NO_PRINCIPAL, 400)
-            return _answer(start_response, principal_required_answer())
-        try:
-            body = read_body(environ, policy.max_request_body)
-        except BodyIncomplete:
-            observation.finish(Outcome.BODY_INCOMPLETE, 400)
-            return _answer(start_response, body_incomplete_answer())
-        if body is None:
-            observation.finish(Outcome.BODY_TOO_LARGE, 413)
-            return _answer(start_response, body_too_large_answer(policy))
-        environ["wsgi.input"] = io.BytesIO(body)
-        environ["CONTENT_LENGTH"] = str(len(body))
-
-        query = environ.get("QUERY_STRING", "")
-        content_type = environ.get("CONTENT_TYPE") or None
-        identity = request_identity(policy, principal, method, path, query, content_type, body, key)
-        observation.identify(principal, key, identity.record_key)
-        try:
-            decision = begin_sync(self.store, identity.record_key, identity.fingerprint, policy, observation)
-        except StoreError as exc:
-            return self._store_failed(exc, policy, app, environ, start_response, observation)
-        if not isinstance(decision, Proceed):
-            answer = decision_answer(decision)
-            observation.finish(status=answer.status)
-            return _answer(start_response, answer)
-        exchange = _Exchange(self.store, policy, identity.record_key, decision.token, observation)
-        return self._execute(exchange, app, environ, start_response)
-
-    def _store_failed(
-        self,
-        exc: StoreError,
-        policy: Policy,
-        app: WSGIApp,
-        environ: Environ,
-        start_response: StartResponse,
-        observation: RequestObservation,
-    ) -> Iterable[bytes]:
-        """Fail closed with 503, or run the app unprotected when the policy fails open.
-
-        Either way the request's record says so: ``store_error`` (ERROR) or
-        ``bypassed`` (WARNING), with the store's error.
-        """
-        if not policy.fail_open:
-            answer = store_unavailable_answer(policy)
-            observation.finish(Outcome.STORE_ERROR, answer.status, exc)
-            return _answer(start_response, answer)
-        name, value = (part.decode("latin-1") for part in BYPASSED_HEADER)
-
-        def marked_start_response(
-            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
-        ) -> Write:
-            observation.status = _status_code(status)
-            return start_response(status, [*headers, (name, value)], exc_info)
-
-        try:
-            return app(environ, marked_start_response)
-        finally:
-            observation.finish(Outcome.BYPASSED, error=exc)
+        if isinstance(admitted, _Exchange):
+            return self._execute(admitted, app, environ, start_response)
+        if isinstance(admitted, StoredResponse):
+            return _answer(start_response, admitted)
+        return _run_bypassed(admitted, app, environ, start_response)
 
     def _execute(
         self, exchange: _Exchange, app: WSGIApp, environ: Environ, start_response: StartResponse
@@ -311,6 +265,119 @@ class IdempotencyMiddleware:
             exchange.abandon()
             raise
         return CapturedBody(exchange, body)
+
+
+_Request = TypeVar("_Request")
+
+
+@dataclass(frozen=True, slots=True)
+class _Bypass:
+    """A request the store failed to admit under a policy that fails open: the app runs unprotected.
+
+    The front runs it without a lease, marks the answer ``Idempotency-Bypassed``
+    and finishes ``observation`` as ``bypassed`` with ``error``.
+    """
+
+    observation: RequestObservation
+    error: StoreError
+
+
+def _admit(
+    store: Store,
+    policy: Policy,
+    request: _Request,
+    environ: Environ,
+    *,
+    front: str,
+    route: str,
+    method: str,
+    path: str,
+    key_name: str,
+    principal: Callable[[_Request], str | None],
+    read: Callable[[_Request, Policy], bytes | None],
+) -> StoredResponse | _Exchange | _Bypass | None:
+    """Admit one request to a blocking store: the steps the WSGI and Django middlewares share.
+
+    Reads the idempotency key (``key_name``), ``QUERY_STRING`` and
+    ``CONTENT_TYPE`` from ``environ`` (Django's ``request.META``); asks
+    ``principal(request)`` who sent it (None: 400) and ``read(request,
+    policy)`` for the body (None past ``policy.max_request_body``: 413;
+    :class:`BodyIncomplete`: 400); then runs ``begin``. The caller has
+    checked that ``policy`` covers ``method``; ``front`` and ``route`` label
+    the observation.
+
+    Returns:
+        None to pass the request through untouched; a StoredResponse to answer
+        without running the app (a replay, 400, 409, 413, 422, or 503 when the
+        store failed and the policy fails closed), the observation finished;
+        an ``_Exchange`` to run the app holding the lease; a :class:`_Bypass`
+        when the store failed and the policy fails open.
+    """
+    raw_key = environ.get(key_name)
+    key_values = [] if raw_key is None else split_folded(raw_key.encode("latin-1"))
+    key = check_key(policy, method, path, key_values)
+    if key is None:
+        return None
+    observation = observe_request(front, method, route, path)
+    if isinstance(key, StoredResponse):
+        observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
+        return key
+    who = principal(request)
+    if who is None:
+        observation.finish(Outcome.NO_PRINCIPAL, 400)
+        return principal_required_answer()
+    try:
+        body = read(request, policy)
+    except BodyIncomplete:
+        observation.finish(Outcome.BODY_INCOMPLETE, 400)
+        return body_incomplete_answer()
+    if body is None:
+        observation.finish(Outcome.BODY_TOO_LARGE, 413)
+        return body_too_large_answer(policy)
+
+    query = environ.get("QUERY_STRING", "")
+    content_type = environ.get("CONTENT_TYPE") or None
+    identity = request_identity(policy, who, method, path, query, content_type, body, key)
+    observation.identify(who, key, identity.record_key)
+    try:
+        decision = begin_sync(store, identity.record_key, identity.fingerprint, policy, observation)
+    except StoreError as exc:
+        if policy.fail_open:
+            return _Bypass(observation, exc)
+        answer = store_unavailable_answer(policy)
+        observation.finish(Outcome.STORE_ERROR, answer.status, exc)
+        return answer
+    if not isinstance(decision, Proceed):
+        answer = decision_answer(decision)
+        observation.finish(status=answer.status)
+        return answer
+    return _Exchange(store, policy, identity.record_key, decision.token, observation)
+
+
+def _read_input(environ: Environ, policy: Policy) -> bytes | None:
+    """:func:`read_body` under the policy's limit; the body read is handed to the app as a fresh stream."""
+    body = read_body(environ, policy.max_request_body)
+    if body is not None:
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+    return body
+
+
+def _run_bypassed(bypass: _Bypass, app: WSGIApp, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    """Run the app unprotected (the store failed, the policy fails open), its answer marked bypassed.
+
+    The request's record says so: ``bypassed`` (WARNING), with the store's error.
+    """
+    observation = bypass.observation
+
+    def marked_start_response(status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /) -> Write:
+        observation.status = _status_code(status)
+        return start_response(status, [*headers, _BYPASSED_HEADER], exc_info)
+
+    try:
+        return app(environ, marked_start_response)
+    finally:
+        observation.finish(Outcome.BYPASSED, error=bypass.error)
 
 
 class _Exchange:
