@@ -82,7 +82,7 @@ from .exceptions import ConfigurationError
 from .observability import Outcome
 from .stores import store_from_url
 from .typing import Store
-from .wsgi import _BYPASSED_HEADER, BodyIncomplete, CapturedBody, _Exchange, _admit
+from .wsgi import _BYPASSED_HEADER, BodyIncomplete, CapturedBody, _Bypass, _Exchange, _admit
 from .wsgi import default_principal as _wsgi_default_principal
 
 __all__ = [
@@ -258,16 +258,18 @@ class IdempotencyMiddleware:
             exchange = request.__dict__.pop(_EXCHANGE, None)
             if exchange is not None:
                 exchange.settle(exc)
+            _finish_bypass(request, None)
             raise
         except BaseException:
             exchange = request.__dict__.pop(_EXCHANGE, None)
             if exchange is not None:
                 exchange.abandon()
+            _finish_bypass(request, None)
             raise
         exchange = request.__dict__.pop(_EXCHANGE, None)
         if exchange is not None:
             return _capture(exchange, response)
-        if request.__dict__.pop(_BYPASSED, False):
+        if _finish_bypass(request, response.status_code):
             name, value = _BYPASSED_HEADER
             response.headers[name] = value
         return response
@@ -314,9 +316,10 @@ class IdempotencyMiddleware:
             return None
         if isinstance(admitted, StoredResponse):
             return StoredHttpResponse(admitted)
-        # The store failed and the policy fails open: the view runs unprotected.
-        admitted.observation.finish(Outcome.BYPASSED, error=admitted.error)
-        setattr(request, _BYPASSED, True)
+        # The store failed and the policy fails open: the view runs
+        # unprotected; __call__ marks its answer and finishes the observation.
+        admitted.observation.handler_started()
+        setattr(request, _BYPASSED, admitted)
         return None
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> None:
@@ -331,6 +334,16 @@ def _declared_length(request: HttpRequest) -> int:
         return int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
         return 0
+
+
+def _finish_bypass(request: HttpRequest, status: int | None) -> bool:
+    """Finish a bypassed request's observation (``bypassed``, with ``status``); False if it was not bypassed."""
+    bypass: _Bypass | None = request.__dict__.pop(_BYPASSED, None)
+    if bypass is None:
+        return False
+    bypass.observation.handler_finished(status)
+    bypass.observation.finish(Outcome.BYPASSED, error=bypass.error)
+    return True
 
 
 def _read_body(request: HttpRequest, policy: Policy) -> bytes | None:

@@ -374,9 +374,13 @@ def _run_bypassed(bypass: _Bypass, app: WSGIApp, environ: Environ, start_respons
         observation.status = _status_code(status)
         return start_response(status, [*headers, _BYPASSED_HEADER], exc_info)
 
+    observation.handler_started()
     try:
         return app(environ, marked_start_response)
     finally:
+        # Timed until the app returns its iterable: a bypassed answer is not
+        # captured, so nothing here waits for its body to be sent.
+        observation.handler_finished(None)
         observation.finish(Outcome.BYPASSED, error=bypass.error)
 
 

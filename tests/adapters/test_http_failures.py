@@ -8,9 +8,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,25 +18,13 @@ from idempo import Policy, RecordState, Verdict
 from tests.adapters.conftest import K1, ServeFactory, Served
 from tests.support.clock import FakeClock, eventually
 from tests.support.orders import Orders
+from tests.support.stores import write_locked
 
 
 def record_state(s: Served, key: str = K1) -> RecordState | None:
     """The state of the record for key K1 from 127.0.0.1, read through the store."""
     record = s.record(key)
     return None if record is None else record.state
-
-
-@contextmanager
-def write_locked(path: Path) -> Iterator[sqlite3.Connection]:
-    """Hold SQLite's write lock on the store file from another connection: a real outage for writers."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("BEGIN EXCLUSIVE")
-    try:
-        yield conn
-    finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        conn.close()
 
 
 def test_handler_exception_releases_the_key(serve: ServeFactory) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from idempo import Policy
 from tests.adapters.conftest import B_PRIME, ServeFactory
-from tests.support.clock import eventually
+from tests.support.clock import FakeClock, eventually
+from tests.support.stores import write_locked
 
 
 def outcomes(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int | None]]:
@@ -39,3 +41,22 @@ def test_each_decision_is_logged_once_with_its_outcome(serve: ServeFactory, capl
     assert eventually(lambda: outcomes(caplog) == expected), outcomes(caplog)
     front = {r.idempo_front for r in caplog.records if hasattr(r, "idempo_front")}  # type: ignore[attr-defined]
     assert len(front) == 1
+
+
+def test_bypassed_request_is_logged_with_the_handlers_status_and_time(
+    serve: ServeFactory, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """B18(c) observed: fail_open with the store down logs one ``bypassed`` record with status and handler time."""
+    caplog.set_level(logging.DEBUG, logger="idempo")
+    clock = FakeClock()
+    path = tmp_path / "idempo.db"
+    s = serve(store=serve.sqlite_store(path, clock, busy_timeout=0.1), clock=clock, policy=Policy(fail_open=True))
+    with write_locked(path):
+        answer = s.post()
+    assert answer.status_code == 201
+    assert s.orders.calls == 1
+    assert eventually(lambda: outcomes(caplog) == [("bypassed", 201)]), outcomes(caplog)
+    (record,) = [r for r in caplog.records if hasattr(r, "idempo_outcome")]
+    assert record.levelno == logging.WARNING
+    assert record.idempo_handler_ms is not None  # type: ignore[attr-defined]
+    assert record.idempo_handler_ms >= 0  # type: ignore[attr-defined]

@@ -1,9 +1,13 @@
-"""Store helpers for adapter tests: a call-counting wrapper around a real store."""
+"""Store helpers for adapter tests: a call-counting wrapper around a real store, a held SQLite write lock."""
 
 from __future__ import annotations
 
 import inspect
+import sqlite3
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -31,3 +35,16 @@ class CountingStore:
             return attribute(*args, **kwargs)
 
         return counted
+
+
+@contextmanager
+def write_locked(path: Path) -> Iterator[sqlite3.Connection]:
+    """Hold SQLite's write lock on the store file from another connection: a real outage for writers."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
