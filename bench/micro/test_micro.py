@@ -162,8 +162,9 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": _ANSWER})
 
 
-def _request(app: Any, key: bytes) -> None:
+def _request(app: Any, key: bytes, changes: dict[str, Any] | None = None) -> None:
     scope = dict(_SCOPE, headers=[(b"host", b"x"), (b"content-type", b"application/json"), (b"idempotency-key", key)])
+    scope.update(changes or {})
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": _LOAD_BODY, "more_body": False}
@@ -196,3 +197,33 @@ def test_asgi_middleware_replay(benchmark: Any) -> None:
     app = IdempotencyMiddleware(_app, AsyncMemoryStore())
     _request(app, b"replayed")
     benchmark(_request, app, b"replayed")
+
+
+def _fastapi_with_route_options() -> Any:
+    """A FastAPI app whose POST routes declare idempotency options, with a GET route last."""
+    from fastapi import Depends, FastAPI
+
+    from idempo.fastapi import idempotency, idempotency_exempt
+
+    app = FastAPI()
+
+    async def endpoint() -> None: ...
+
+    app.add_api_route("/payments", endpoint, methods=["POST"], dependencies=[Depends(idempotency(require_key=True))])
+    app.add_api_route("/webhooks", endpoint, methods=["POST"], dependencies=[Depends(idempotency_exempt)])
+    for i in range(10):
+        app.add_api_route(f"/things{i}/{{thing_id}}", endpoint, methods=["POST"])
+    app.add_api_route("/items/{item_id}", endpoint, methods=["GET"])
+    return app
+
+
+def test_asgi_middleware_get_beside_route_options(benchmark: Any) -> None:
+    """IdempotencyMiddleware on a GET, with scope["app"] a FastAPI app whose routes declare options.
+
+    The inner app is the trivial one, so the row is the middleware's own
+    cost of a request no policy covers: the route-options check, without
+    FastAPI's handling of the request.
+    """
+    app = IdempotencyMiddleware(_app, AsyncMemoryStore())
+    changes = {"method": "GET", "path": "/items/7", "raw_path": b"/items/7", "app": _fastapi_with_route_options()}
+    benchmark(_request, app, b"k", changes)

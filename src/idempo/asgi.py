@@ -159,7 +159,7 @@ class IdempotencyMiddleware:
         self.principal = principal
         self.key_header = key_header
         self._key_header = key_header.lower().encode("latin-1")
-        self._route_options = _StarletteRouteOptions()
+        self._route_options = _StarletteRouteOptions(self._routes)
 
     def policy_for(self, path: str) -> Policy | None:
         """Return the policy for a path from the ``routes`` patterns, or None when the path is exempt."""
@@ -201,7 +201,7 @@ class IdempotencyMiddleware:
             return
         route, policy = self._routes.route_for(scope["path"], self.policy) if self._routes else ("*", self.policy)
         if "starlette" in sys.modules:
-            options = self._route_options.find(scope, self.app)
+            options = self._route_options.find(scope, self.app, policy, self.policy)
             if options is not None:
                 policy = options.apply(policy, self.policy)
         await self.handle(scope, receive, send, self.app, policy, route)
@@ -493,17 +493,35 @@ class _StarletteRouteOptions:
     The middleware runs before routing, so it asks the framework's own
     matcher (``route.matches(scope)``, in the router's order, into mounts),
     as the router will a moment later. What a route declares is read once per
-    route and cached; apps that declare nothing are not matched at all.
+    route and cached; apps that declare nothing are not matched at all, and
+    neither is a request whose method no route's options and no path's policy
+    could make take part (a GET, usually).
+
+    Args:
+        table: the middleware's path patterns; their policies are the bases
+            route options may derive from.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, table: RouteTable) -> None:
+        self._table = table
         self._per_route: dict[int, tuple[object, RouteOptions | None]] = {}
         self._routes: object = None
         self._count = -1
+        self._default: Policy | None = None
         self._any = False
+        self._methods: frozenset[str] = frozenset()
         self._starlette: type[Any] | None = None
 
-    def find(self, scope: Scope, app: Any) -> RouteOptions | None:
+    def find(self, scope: Scope, app: Any, policy: Policy | None, default: Policy) -> RouteOptions | None:
+        """Return the options of the route ``scope`` goes to, or None where they cannot matter.
+
+        Args:
+            scope: the request's ASGI scope.
+            app: the app the middleware wraps (the Starlette app when it wraps
+                one from outside, so ``scope["app"]`` is not set yet).
+            policy: the policy of the request's path (None: exempt by a pattern).
+            default: the middleware's default policy.
+        """
         starlette = self._starlette
         if starlette is None:
             from starlette.applications import Starlette
@@ -517,14 +535,33 @@ class _StarletteRouteOptions:
             if not isinstance(holder, starlette):
                 return None
         routes: Sequence[Any] = holder.router.routes
-        if routes is not self._routes or len(routes) != self._count:
+        if routes is not self._routes or len(routes) != self._count or default is not self._default:
             # Read once per route table (a route added later changes its length).
-            self._any = any(self._options(route) is not None for route in _all_routes(routes))
-            self._routes, self._count = routes, len(routes)
+            self._read(routes, default)
         if not self._any:
+            return None
+        method: str = scope["method"]
+        if method not in self._methods and (policy is None or method not in policy.methods):
+            # Whichever route the request goes to, its policy leaves the method
+            # out, so the request passes through: the match would change nothing.
             return None
         route = _match(routes, scope)
         return None if route is None else self._options(route)
+
+    def _read(self, routes: Sequence[Any], default: Policy) -> None:
+        declared = [options for route in _all_routes(routes) if (options := self._options(route)) is not None]
+        # A route's options derive from its path's policy, which depends on
+        # the request's path, so take every policy the path could have.
+        bases = [default, *(base for base in self._table.policies() if base is not None)]
+        methods: set[str] = set()
+        for options in declared:
+            for base in bases:
+                derived = options.apply(base, default)
+                if derived is not None:
+                    methods.update(derived.methods)
+        self._any = bool(declared)
+        self._methods = frozenset(methods)
+        self._routes, self._count, self._default = routes, len(routes), default
 
     def _options(self, route: object) -> RouteOptions | None:
         cached = self._per_route.get(id(route))

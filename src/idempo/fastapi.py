@@ -25,8 +25,9 @@ The options are FastAPI dependencies, so they also work on a router
 (``APIRouter(dependencies=[Depends(idempotency_exempt)])``); a route's own
 options win over its router's. The middleware runs before routing, so it
 finds a request's route with Starlette's own matcher (``route.matches``, in
-the router's order) and reads the route's options once, cached. The
-dependency itself does nothing at request time.
+the router's order) and reads the route's options once, cached; a request
+whose method no route's options and no path policy cover (a GET, usually)
+skips the match. The dependency itself does nothing at request time.
 
 Options derive from the policy the middleware would use for the path
 (``routes`` patterns, else its default): ``idempotency(record_ttl=3600)``

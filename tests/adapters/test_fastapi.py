@@ -217,3 +217,86 @@ def test_idempotency_rejects_unknown_policy_arguments() -> None:
     """A misspelt option fails where the route is declared, not on its first request."""
     with pytest.raises(TypeError):
         idempotency(record_tll=60)
+
+
+def count_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of every route-options lookup (Starlette's matcher run by the middleware)."""
+    import idempo.asgi
+
+    seen: list[str] = []
+    match = idempo.asgi._match
+
+    def counting_match(routes: Any, scope: Any) -> Any:
+        seen.append(scope["path"])
+        return match(routes, scope)
+
+    monkeypatch.setattr(idempo.asgi, "_match", counting_match)
+    return seen
+
+
+def test_a_get_is_served_without_the_route_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No route's options and no policy cover GET: a GET skips the lookup; a POST still makes it."""
+    calls: dict[str, int] = {}
+    app = build(calls)
+
+    @app.get("/items/{item_id}")
+    async def read_item(item_id: int) -> dict[str, int]:
+        calls["read"] = calls.get("read", 0) + 1
+        return {"id": item_id}
+
+    install(app, AsyncMemoryStore())
+    lookups = count_lookups(monkeypatch)
+    with running_asgi(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        got = client.get("/items/7", headers={"Idempotency-Key": fresh_key()})
+        assert lookups == []
+        missing = client.post("/payments", content=b'{"amount":1}', headers=JSON)
+    assert (got.status_code, got.json(), calls["read"]) == (200, {"id": 7}, 1)
+    assert missing.status_code == 400
+    assert lookups == ["/payments"]
+
+
+def test_a_route_added_after_the_first_request_gets_its_options() -> None:
+    """A route added once the app serves, whose options cover a new method (PUT), is found and applied."""
+    calls: dict[str, int] = {}
+    app = build(calls)
+    install(app, AsyncMemoryStore())
+    with running_asgi(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert client.post("/payments", content=b'{"amount":1}', headers=JSON).status_code == 400
+
+        @app.put("/late", dependencies=[Depends(idempotency(methods={"PUT"}, require_key=True))])
+        async def late() -> dict[str, int]:
+            calls["late"] = calls.get("late", 0) + 1
+            return {"n": calls["late"]}
+
+        missing = client.put("/late")
+        key = {"Idempotency-Key": fresh_key()}
+        first, second = client.put("/late", headers=key), client.put("/late", headers=key)
+    assert missing.status_code == 400
+    assert first.json() == second.json() == {"n": 1}
+    assert second.headers["idempotent-replayed"] == "true"
+    assert calls["late"] == 1
+
+
+def test_an_option_exempts_a_method_only_a_path_pattern_covers() -> None:
+    """routes={"/admin/*": DELETE}: an exempt route there runs every DELETE; a plain one replays."""
+    calls: dict[str, int] = {}
+    app = FastAPI()
+
+    @app.delete("/admin/cache", dependencies=[Depends(idempotency_exempt)])
+    async def purge() -> dict[str, int]:
+        calls["purge"] = calls.get("purge", 0) + 1
+        return {"n": calls["purge"]}
+
+    @app.delete("/admin/users")
+    async def remove() -> dict[str, int]:
+        calls["remove"] = calls.get("remove", 0) + 1
+        return {"n": calls["remove"]}
+
+    install(app, AsyncMemoryStore(), routes={"/admin/*": Policy(methods={"DELETE"})})
+    with running_asgi(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        key = {"Idempotency-Key": fresh_key()}
+        purged = [client.delete("/admin/cache", headers=key) for _ in range(2)]
+        removed = [client.delete("/admin/users", headers=key) for _ in range(2)]
+    assert "idempotent-replayed" not in purged[1].headers
+    assert removed[1].headers["idempotent-replayed"] == "true"
+    assert calls == {"purge": 2, "remove": 1}

@@ -85,6 +85,10 @@ class RouteTable:
     def __bool__(self) -> bool:
         return bool(self._routes)
 
+    def policies(self) -> list[Policy | None]:
+        """Return the patterns' policies in order (None: a pattern that exempts its paths)."""
+        return [route_policy for _, _, route_policy in self._routes]
+
     def policy_for(self, path: str, default: Policy) -> Policy | None:
         """Return the first matching pattern's policy (None: exempt), else ``default``."""
         return self.route_for(path, default)[1]
