@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from idempo.demo.command import _api_server
 from idempo.demo.storm import RunReport, Share, plan_payments
 
 PAYMENTS = 60
@@ -98,6 +99,66 @@ def test_demo_rejects_an_unknown_store_url() -> None:
     done = idempo("demo", "--store", "nosuch://x", "--payments", "1")
     assert done.returncode == 2
     assert "nosuch" in done.stderr
+
+
+def command_line(process: subprocess.Popen[bytes]) -> str:
+    """The process's command line as ``ps`` shows it (from /proc where there is one)."""
+    proc = Path(f"/proc/{process.pid}/cmdline")
+    if proc.exists():
+        return proc.read_bytes().replace(b"\0", b" ").decode()
+    return " ".join(map(str, process.args))  # type: ignore[arg-type]
+
+
+def test_api_subprocess_gets_the_store_url_in_its_environment_not_on_its_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store URL (a password in it included) is not in the API's command line, yet the API uses that store.
+
+    The run without idempo ignores an IDEMPO_DEMO_STORE left in the user's environment.
+    """
+    store_url = f"sqlite:///{tmp_path / 'idempo-secret.db'}"
+    monkeypatch.setenv("IDEMPO_DEMO_STORE", store_url)
+    body = {"order_id": "order-1", "amount": 1999, "currency": "EUR"}
+    with _api_server(tmp_path / "payments.db", store_url, tmp_path / "api.log") as (base_url, process):
+        seen = command_line(process)
+        with httpx.Client(base_url=base_url, timeout=30, trust_env=False) as client:
+            keyless = client.post("/payments", json=body)
+    with (
+        _api_server(tmp_path / "bare.db", None, tmp_path / "bare.log") as (base_url, _),
+        httpx.Client(base_url=base_url, timeout=30, trust_env=False) as client,
+    ):
+        bare = client.post("/payments", json=body)
+    assert "idempo.demo._server" in seen
+    assert store_url not in seen
+    assert "idempo-secret" not in seen
+    assert keyless.status_code == 400  # the demo policy requires a key: idempo is in front, with that store
+    assert (tmp_path / "idempo-secret.db").exists()
+    assert bare.status_code == 201
+
+
+def test_server_takes_the_store_from_its_option_else_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m idempo.demo._server``: ``--store`` wins, else IDEMPO_DEMO_STORE; with neither, no idempo."""
+    from idempo.demo import _server
+
+    stores: list[str | None] = []
+
+    class Stop(Exception):
+        pass
+
+    def create_app(database: Path, *, store: str | None) -> None:
+        stores.append(store)
+        raise Stop
+
+    monkeypatch.setattr(_server, "create_app", create_app)
+    monkeypatch.setenv("IDEMPO_DEMO_STORE", "memory://from-env")
+    with pytest.raises(Stop):
+        _server.main(["--fd", "9", "--database", "app.db", "--store", "memory://from-option"])
+    with pytest.raises(Stop):
+        _server.main(["--fd", "9", "--database", "app.db"])
+    monkeypatch.delenv("IDEMPO_DEMO_STORE")
+    with pytest.raises(Stop):
+        _server.main(["--fd", "9", "--database", "app.db"])
+    assert stores == ["memory://from-option", "memory://from-env", None]
 
 
 def test_plan_is_reproducible_and_has_every_share() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import random
 import shlex
 import signal
@@ -44,6 +45,7 @@ try:
     from rich.table import Table
 
     from ..metrics import mount as mount_metrics
+    from ._server import STORE_ENV
     from .payments import PROVIDER_DELAY_HEADER, create_app, read_ledger
     from .storm import (
         AttemptOutcome,
@@ -293,18 +295,27 @@ def _api_server(database: Path, store_url: str | None, log_path: Path) -> Iterat
 
     The socket is bound here, on an ephemeral port, and handed to the child,
     so the port is known before the server starts and nothing else can take it.
+    The store URL goes in the child's environment, never on its command line,
+    which any user can read with ``ps`` (a password in the URL included).
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(2048)
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     command = [sys.executable, "-m", "idempo.demo._server", "--fd", str(sock.fileno()), "--database", str(database)]
+    # Set or removed, so a variable in the user's own environment never puts idempo in the bare run.
+    env = {name: value for name, value in os.environ.items() if name != STORE_ENV}
     if store_url is not None:
-        command += ["--store", store_url]
+        env[STORE_ENV] = store_url
     with log_path.open("wb") as log:
         try:
             process = subprocess.Popen(
-                command, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                command,
+                pass_fds=(sock.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         finally:
             sock.close()
