@@ -220,3 +220,14 @@ def test_serve_answers_curl_like_requests_until_terminated() -> None:
     assert process.returncode == 0
     # The temp folder that held the store and the app's database is gone.
     assert not Path(store_url.removeprefix("sqlite:///")).parent.exists()
+
+
+def test_demo_reads_its_store_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``IDEMPO_DEMO_STORE`` gives ``idempo demo`` its store (so a password stays out of ps); ``--store`` wins."""
+    from idempo.demo.command import demo
+
+    monkeypatch.setenv("IDEMPO_DEMO_STORE", "redis://:secret@127.0.0.1:6379/0")
+    from_env = demo.make_context("demo", [])
+    from_option = demo.make_context("demo", ["--store", "memory://"])
+    assert from_env.params["store_url"] == "redis://:secret@127.0.0.1:6379/0"
+    assert from_option.params["store_url"] == "memory://"

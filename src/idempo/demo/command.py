@@ -87,10 +87,13 @@ _STARTUP_TIMEOUT = 60.0
     "store_url",
     metavar="URL",
     default=None,
+    envvar="IDEMPO_DEMO_STORE",
+    show_envvar=True,
     help=(
         "idempo's store: sqlite:////var/tmp/idempo.db, postgresql://user@host/db?schema=idempo_demo "
         "(its schema is created or upgraded first, as idempo migrate does), redis://host:6379/0?prefix=demo: "
-        "(see docs/stores.md).  [default: sqlite:///<temp dir>/idempo.db]"
+        "(see docs/stores.md). Give it in the environment to keep a password in it out of ps.  "
+        "[default: sqlite:///<temp dir>/idempo.db]"
     ),
 )
 @click.option("--seed", type=int, default=None, help="Seed for the shares of the storm (printed when drawn).")
