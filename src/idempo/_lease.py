@@ -18,6 +18,7 @@ import asyncio
 import heapq
 import itertools
 import os
+import sys
 import threading
 import time
 import weakref
@@ -98,22 +99,25 @@ class AsyncLeaseKeeper:
             expiry this far from the store's clock.
 
     Call :meth:`stop` when the handler has finished (in a ``finally``), or
-    :meth:`cancel` on a crash path. On trio there is no asyncio loop to renew
-    from, so no renewal happens there: keep handlers shorter than ``lease_ttl``.
+    :meth:`cancel` on a crash path. On trio (Hypercorn's trio worker) each
+    keeper renews from a trio system task of its own; outside any event loop
+    nothing is renewed.
     """
 
-    __slots__ = ("_args", "_renewer", "_renewing", "_stopped", "due", "interval")
+    __slots__ = ("_args", "_renewer", "_renewing", "_stopped", "_trio", "due", "interval")
 
     def __init__(self, store: AsyncStore, record_key: str, token: int, lease_ttl_ms: int) -> None:
         self._args = (store, record_key, token, lease_ttl_ms)
         self._stopped = False
         self._renewing: asyncio.Future[None] | None = None
+        self._trio: _TrioRenewal | None = None
         self.interval = _interval(lease_ttl_ms)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._renewer: _LoopRenewer | None = None
             self.due = 0.0
+            self._trio = _TrioRenewal.start(self)
             return
         renewer = _RENEWERS.get(loop)
         if renewer is None:
@@ -149,6 +153,8 @@ class AsyncLeaseKeeper:
         renewing = self._renewing
         if renewing is not None:
             await asyncio.shield(renewing)
+        if self._trio is not None:
+            await self._trio.stopped()
 
     def cancel(self) -> None:
         """Stop renewing without waiting (a crash path: the lease is left to expire)."""
@@ -156,6 +162,75 @@ class AsyncLeaseKeeper:
         renewer = self._renewer
         if renewer is not None:
             renewer.keepers.pop(self, None)
+        if self._trio is not None:
+            self._trio.cancel()
+
+
+class _TrioRenewal:
+    """One keeper's renewals on trio: a system task that sleeps an interval and extends, until stopped.
+
+    A system task, because the keeper outlives no nursery of the request's
+    (the handler runs inside the middleware's own call). A task per request
+    is dearer than asyncio's shared renewer, and trio servers are few.
+    """
+
+    __slots__ = ("_done", "_keeper", "_renewing", "_scope", "_trio")
+
+    def __init__(self, trio: Any, keeper: AsyncLeaseKeeper) -> None:
+        self._trio = trio
+        self._keeper = keeper
+        self._scope = trio.CancelScope()
+        self._renewing = False
+        self._done = trio.Event()
+
+    @classmethod
+    def start(cls, keeper: AsyncLeaseKeeper) -> _TrioRenewal | None:
+        """Start renewing ``keeper``'s lease when the caller runs under trio; else None."""
+        trio = sys.modules.get("trio")  # imported by whoever runs trio; never imported here
+        if trio is None:
+            return None
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:  # trio is imported but this is not its thread
+            return None
+        renewal = cls(trio, keeper)
+        trio.lowlevel.spawn_system_task(renewal._run, name="idempo-lease-renewer")
+        return renewal
+
+    async def _run(self) -> None:
+        keeper = self._keeper
+        store, record_key, token, lease_ttl_ms = keeper._args
+        try:
+            with self._scope:
+                while not keeper._stopped:
+                    await self._trio.sleep(keeper.interval)
+                    if keeper._stopped:
+                        break
+                    self._renewing = True
+                    try:
+                        # Shielded: a stop() waits for this call rather than
+                        # cancel it halfway through the store's transition.
+                        with self._trio.CancelScope(shield=True):
+                            await store.extend(record_key, token, lease_ttl_ms)
+                    except LeaseLost as exc:
+                        if not keeper._stopped:  # a renewal racing the final complete is expected
+                            _log_failure(record_key, exc)
+                        return
+                    except Exception as exc:  # an exception in a system task would end the whole trio run
+                        _log_failure(record_key, exc)
+                    finally:
+                        self._renewing = False
+        finally:
+            self._done.set()
+
+    def cancel(self) -> None:
+        """Stop the task: at once while it sleeps; after the store call while it renews."""
+        if not self._renewing:
+            self._scope.cancel()
+
+    async def stopped(self) -> None:
+        """Wait until the task has ended (a renewal in flight has landed)."""
+        await self._done.wait()
 
 
 class _Scheduler:

@@ -226,9 +226,9 @@ def idempotent(
             (default 24 h).
         lease_ttl: seconds (or a timedelta) of the lease a running call holds
             on its key: a crashed call delays a retry by at most this long.
-            The lease is renewed every third of it while the call runs, so a
-            slower call keeps its key (not on trio, where an async call must
-            finish within it). Default 30 s; zero or less is refused
+            The lease is renewed every third of it while the call runs
+            (asyncio, trio or a blocking call), so a slower call keeps its
+            key. Default 30 s; zero or less is refused
             (shared/cases B03).
         wait: seconds a concurrent call with the same key waits for the first
             one's result before raising :class:`~idempo.KeyInProgress`

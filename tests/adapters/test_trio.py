@@ -7,6 +7,7 @@ middleware's waits, body replay and SQLite offload are shown to work there.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -82,4 +83,26 @@ def test_trio_server_executes_once_and_replays(tmp_path: Path, store_kind: str) 
     assert waited.headers["idempotent-replayed"] == "true"
     assert waited.content == replay.content == original.content
     assert mismatch.status_code == 422
+    assert orders.calls == 1
+
+
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
+def test_trio_renews_the_lease_of_a_slow_handler(tmp_path: Path, store_kind: str) -> None:
+    """On trio the lease is renewed too: at twice the lease TTL a duplicate still gets 409; the handler runs once."""
+    orders = Orders()
+    store: AsyncStore = AsyncMemoryStore() if store_kind == "memory" else AsyncSQLiteStore(tmp_path / "i.db")
+    app = IdempotencyMiddleware(starlette_app(orders), store, policy=Policy(lease_ttl=0.6))
+    headers = {**JSON, "Idempotency-Key": K1}
+    with running_on_trio(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.post, "/orders", content=B, headers={**headers, "x-test-sleep": "2.0"})
+            assert eventually(lambda: orders.calls == 1)
+            time.sleep(1.2)  # twice the lease TTL: without renewal a duplicate would take the record over
+            duplicate = client.post("/orders", content=B, headers=headers)
+            original = first.result()
+        replay = client.post("/orders", content=B, headers=headers)
+    assert duplicate.status_code == 409
+    assert original.status_code == 201
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == original.content
     assert orders.calls == 1

@@ -152,3 +152,33 @@ def test_finished_event_loops_are_not_kept_alive() -> None:
         asyncio.run(job())
     gc.collect()
     assert [ref() for ref in loops] == [None] * 5
+
+
+def test_trio_keeper_renews_stops_and_survives_a_store_of_its_own_errors() -> None:
+    """On trio: renewed past the TTL; after stop() the lease lapses; a store raising its own error ends no trio run."""
+    trio = pytest.importorskip("trio")
+
+    class Broken(AsyncMemoryStore):
+        async def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
+            raise RuntimeError("not a StoreError")
+
+    async def scenario() -> None:
+        store, broken = AsyncMemoryStore(), Broken()
+        first = await store.begin("rk", "fp", LEASE_MS)
+        bad = await broken.begin("bad", "fp", LEASE_MS)
+        assert isinstance(first, Acquired)
+        assert isinstance(bad, Acquired)
+        keeper = AsyncLeaseKeeper(store, "rk", first.token, LEASE_MS)
+        failing = AsyncLeaseKeeper(broken, "bad", bad.token, LEASE_MS)
+        await trio.sleep(1.0)
+        duplicate = await store.begin("rk", "fp", LEASE_MS)
+        assert isinstance(duplicate, Existing)
+        assert duplicate.record.token == first.token
+        await keeper.stop()
+        await failing.stop()
+        await trio.sleep(0.5)
+        takeover = await store.begin("rk", "fp", LEASE_MS)
+        assert isinstance(takeover, Acquired)
+        assert takeover.takeover is True
+
+    trio.run(scenario)
