@@ -506,7 +506,8 @@ class _StarletteRouteOptions:
         self._table = table
         self._per_route: dict[int, tuple[object, RouteOptions | None]] = {}
         self._routes: object = None
-        self._count = -1
+        # Every route list the last read walked, nested ones included.
+        self._lists: tuple[_RouteList, ...] = ()
         self._default: Policy | None = None
         self._any = False
         self._methods: frozenset[str] = frozenset()
@@ -535,8 +536,9 @@ class _StarletteRouteOptions:
             if not isinstance(holder, starlette):
                 return None
         routes: Sequence[Any] = holder.router.routes
-        if routes is not self._routes or len(routes) != self._count or default is not self._default:
-            # Read once per route table (a route added later changes its length).
+        if routes is not self._routes or default is not self._default or _changed(self._lists):
+            # Read once per route table: a route added later, at the top or
+            # in a mounted app or an included router, changes some list.
             self._read(routes, default)
         if not self._any:
             return None
@@ -549,7 +551,8 @@ class _StarletteRouteOptions:
         return None if route is None else self._options(route)
 
     def _read(self, routes: Sequence[Any], default: Policy) -> None:
-        declared = [options for route in _all_routes(routes) if (options := self._options(route)) is not None]
+        lists: list[_RouteList] = []
+        declared = [options for route in _all_routes(routes, lists) if (options := self._options(route)) is not None]
         # A route's options derive from its path's policy, which depends on
         # the request's path, so take every policy the path could have.
         bases = [default, *(base for base in self._table.policies() if base is not None)]
@@ -561,7 +564,7 @@ class _StarletteRouteOptions:
                     methods.update(derived.methods)
         self._any = bool(declared)
         self._methods = frozenset(methods)
-        self._routes, self._count, self._default = routes, len(routes), default
+        self._routes, self._lists, self._default = routes, tuple(lists), default
 
     def _options(self, route: object) -> RouteOptions | None:
         cached = self._per_route.get(id(route))
@@ -591,12 +594,41 @@ def _flat(routes: Iterable[Any]) -> Iterator[Any]:
             yield route
 
 
-def _all_routes(routes: Iterable[Any]) -> Iterator[Any]:
-    for route in _flat(routes):
+#: A route list as read: (its owner, how to fetch it from the owner, the list, its length).
+#: The owner is None for the top-level list, a Mount (``routes``) or a FastAPI
+#: included router (``effective_candidates()``, a list FastAPI rebuilds when
+#: the included router's routes change).
+_RouteList = tuple[Any, str, Sequence[Any], int]
+
+
+def _changed(lists: tuple[_RouteList, ...]) -> bool:
+    """True when a route list read before is no longer the same list, or has another length."""
+    for owner, via, seen, count in lists:
+        if owner is None:
+            current = seen
+        elif via == "routes":
+            current = owner.routes
+        else:
+            current = owner.effective_candidates()
+        if current is not seen or len(current) != count:
+            return True
+    return False
+
+
+def _all_routes(routes: Sequence[Any], lists: list[_RouteList], owner: Any = None, via: str = "") -> Iterator[Any]:
+    """Every route, nested ones included; records each route list walked in ``lists``."""
+    lists.append((owner, via, routes, len(routes)))
+    for route in routes:
+        candidates = getattr(route, "effective_candidates", None)
+        if callable(candidates):
+            yield from _all_routes(candidates(), lists, route, "effective_candidates")
+            continue
         yield route
         children = getattr(route, "routes", None)
-        if children and not hasattr(route, "endpoint"):
-            yield from _all_routes(children)
+        # An empty list counts when it is the mounted app's own (routes may
+        # be added to it later), not a fresh [] made for an app without routes.
+        if children is not None and not hasattr(route, "endpoint") and (children or route.routes is children):
+            yield from _all_routes(children, lists, route, "routes")
 
 
 def _match(routes: Iterable[Any], scope: Scope) -> Any:

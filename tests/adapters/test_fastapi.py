@@ -255,22 +255,32 @@ def test_a_get_is_served_without_the_route_lookup(monkeypatch: pytest.MonkeyPatc
     assert lookups == ["/payments"]
 
 
-def test_a_route_added_after_the_first_request_gets_its_options() -> None:
-    """A route added once the app serves, whose options cover a new method (PUT), is found and applied."""
+@pytest.mark.parametrize("where", ["app", "mounted app", "included router"])
+def test_a_route_added_after_the_first_request_gets_its_options(where: str) -> None:
+    """A route added once the app serves, whose options cover a new method (PUT), is found and applied.
+
+    Also inside a mounted app or an included router, whose route lists the
+    top-level list does not show growing.
+    """
     calls: dict[str, int] = {}
     app = build(calls)
+    sub, router = FastAPI(), APIRouter()
+    app.mount("/sub", sub)
+    app.include_router(router, prefix="/r")
     install(app, AsyncMemoryStore())
+    target: Any = {"app": app, "mounted app": sub, "included router": router}[where]
+    path = {"app": "/late", "mounted app": "/sub/late", "included router": "/r/late"}[where]
     with running_asgi(app) as url, httpx.Client(base_url=url, timeout=10) as client:
         assert client.post("/payments", content=b'{"amount":1}', headers=JSON).status_code == 400
 
-        @app.put("/late", dependencies=[Depends(idempotency(methods={"PUT"}, require_key=True))])
+        @target.put("/late", dependencies=[Depends(idempotency(methods={"PUT"}, require_key=True))])
         async def late() -> dict[str, int]:
             calls["late"] = calls.get("late", 0) + 1
             return {"n": calls["late"]}
 
-        missing = client.put("/late")
+        missing = client.put(path)
         key = {"Idempotency-Key": fresh_key()}
-        first, second = client.put("/late", headers=key), client.put("/late", headers=key)
+        first, second = client.put(path, headers=key), client.put(path, headers=key)
     assert missing.status_code == 400
     assert first.json() == second.json() == {"n": 1}
     assert second.headers["idempotent-replayed"] == "true"
