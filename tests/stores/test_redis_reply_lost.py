@@ -129,3 +129,49 @@ def test_request_whose_begin_reply_was_lost_executes_once(
     assert replay.headers.get("idempotent-replayed") == "true"
     assert replay.content == first.content == b'{"order_id": 2}'
     assert app.calls == 2  # the warm-up request and this one, each once
+
+
+def test_release_whose_reply_was_lost_is_confirmed(
+    redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]
+) -> None:
+    """The retried release succeeds (no LeaseLost); the key is free, and the next lease's token is greater."""
+    url, proxy = _proxied(redis_store_url, round_trip_proxy)
+    store = RedisStore(url)
+    try:
+        _warm_up(store)
+        key = uuid.uuid4().hex
+        taken = store.begin(key, "fp", 30_000)
+        assert isinstance(taken, Acquired)
+        proxy.drop_next_reply()
+        store.release(key, taken.token)
+        assert proxy.replies_dropped == 1
+        assert store.get(key) is None
+        again = store.begin(key, "fp", 30_000)
+        assert isinstance(again, Acquired)
+        assert again.takeover is False
+        assert again.token > taken.token
+        # The first lease's release, sent once more, cannot remove the second lease.
+        with pytest.raises(LeaseLost):
+            store.release(key, taken.token)
+        assert isinstance(store.begin(key, "fp", 30_000), Existing)
+    finally:
+        store.close()
+
+
+def test_a_lease_taken_right_after_a_release_has_a_greater_token(redis_store_url: str) -> None:
+    """Release then begin, 300 times as fast as possible: the new token is always greater (never the same ms's)."""
+    store = RedisStore(redis_store_url)
+    try:
+        key = uuid.uuid4().hex
+        same = 0
+        for _ in range(300):
+            first = store.begin(key, "fp", 30_000)
+            assert isinstance(first, Acquired)
+            store.release(key, first.token)
+            second = store.begin(key, "fp", 30_000)
+            assert isinstance(second, Acquired)
+            same += second.token <= first.token
+            store.release(key, second.token)
+    finally:
+        store.close()
+    assert same == 0

@@ -23,9 +23,12 @@ Valkey: the scripts use commands common to Redis 6.2+ and Valkey 7.2+
 unchanged, with redis-py as the client.
 
 Retries: a command that fails on a broken connection is sent once more on a
-fresh one (``retries``). ``begin`` and ``complete`` carry a random attempt id,
-so a script whose reply was lost after it ran recognises its own first run:
-the caller gets its lease, or its stored record, never a 409 from itself.
+fresh one (``retries``; a cluster client also retries timeouts). ``begin``,
+``complete`` and ``release`` carry a random attempt id, so a script whose
+reply was lost after it ran recognises its own first run: the caller gets its
+lease, or its stored record, never a 409 from itself. A release leaves an
+expired tombstone holding the token for ``grace``, so the next lease's token
+is greater even within the same millisecond.
 
 The async store needs asyncio (redis-py's asyncio client); it does not run on trio.
 """
@@ -143,6 +146,9 @@ class _Codec:
         headers = encode_headers(response.headers)
         return [str(token), int(record_ttl_ms), response.status, headers, response.body, _attempt_id()]
 
+    def release_args(self, token: int) -> list[Any]:
+        return [str(token), _attempt_id(), self.grace_ms]
+
     def get_result(self, record_key: str, reply: Sequence[Any] | None) -> Record | None:
         return None if reply is None else self.record(record_key, reply[1:])
 
@@ -195,10 +201,10 @@ def _is_cluster_url(url: str) -> bool:
 def _retry(retries: int) -> Retry:
     # A stale pooled connection (the server restarted) fails before the
     # script ran, so one quick retry on a fresh connection recovers without a
-    # 503. A connection that drops after the script ran is retried too: begin
-    # and complete recognise their own first run by its attempt id, extend is
-    # idempotent, and a release run twice finds nothing the second time
-    # (LeaseLost, which the engine only logs). Timeouts are not retried.
+    # 503. A connection that drops after the script ran is retried too:
+    # begin, complete and release recognise their own first run by its
+    # attempt id, and extend is idempotent. Timeouts are not retried here
+    # (a cluster client retries them on its own; the attempt id covers that).
     return Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries, supported_errors=(redis.ConnectionError,))
 
 
@@ -311,7 +317,8 @@ class RedisStore:
     def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
         with _redis_errors():
-            done = self._scripts["release"](keys=[self._codec.key(record_key)], args=[str(token)])
+            args = self._codec.release_args(token)
+            done = self._scripts["release"](keys=[self._codec.key(record_key)], args=args)
         if done != 1:
             raise LeaseLost()
 
@@ -352,7 +359,7 @@ class RedisStore:
         three fields of each, a batch per round trip; the clock is the
         server's ``TIME`` (on a cluster, one node's). Completed records leave
         Redis at their expiry, so ``expired`` counts in-progress records
-        within their grace period.
+        within their grace period and released records' tombstones.
         """
         in_progress = completed = expired = 0
         oldest_key: bytes | None = None
@@ -488,7 +495,7 @@ class AsyncRedisStore:
 
     async def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
-        if await self._script("release", self._codec.key(record_key), [str(token)]) != 1:
+        if await self._script("release", self._codec.key(record_key), self._codec.release_args(token)) != 1:
             raise LeaseLost()
 
     async def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:

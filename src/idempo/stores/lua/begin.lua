@@ -20,6 +20,9 @@ Token    max(previous token + 1, now_ms), as idempo._core.records.next_token.
 Again    a live in-progress record holding this call's attempt id is the lease
          this very call took before its reply was lost: it is returned as taken
          (with the takeover flag of that first run), never as someone else's.
+         Its fingerprint is not compared: it is this call's own, by construction.
+Released a released record's tombstone (release.lua) is expired, so it is
+         taken like an absent record, its token continuing the sequence.
 ]]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

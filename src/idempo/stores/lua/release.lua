@@ -1,10 +1,26 @@
---[[ idempo release: remove the in-progress record, if the token still holds the lease.
+--[[ idempo release: give up the in-progress record, if the token still holds the lease.
 
 KEYS[1]  the record's hash, "<prefix>{<record key>}"
 ARGV[1]  the lease's fencing token, decimal
-Returns  1 when removed; 0 when the record is gone, completed or holds another token
+ARGV[2]  the call's attempt id, random, the same when redis-py sends the script
+         again after a dropped connection
+ARGV[3]  grace, integer milliseconds the tombstone is kept (see begin.lua)
+Returns  1 when released, or when this very call released it before its reply
+         was lost; 0 when the record is gone, completed or holds another token
+Tombstone  the hash is not deleted but reduced to state 'released' with the
+         token, already expired (expires_at = now): every script reads it as
+         absent, and the next begin's token is still greater than this one
+         (deleting it would let a begin in the same millisecond reuse the
+         token, and a resent release then remove that newer lease).
 ]]
-local r = redis.call('HMGET', KEYS[1], 'state', 'token')
-if r[1] ~= 'in_progress' or r[2] ~= ARGV[1] then return 0 end
+local r = redis.call('HMGET', KEYS[1], 'state', 'token', 'attempt')
+if r[2] ~= ARGV[1] then return 0 end
+if r[1] == 'released' and r[3] == ARGV[2] then return 1 end
+if r[1] ~= 'in_progress' then return 0 end
+local t = redis.call('TIME')
+local now = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'released', 'token', r[2], 'attempt', ARGV[2],
+           'lease_expires_at', now, 'created_at', now, 'expires_at', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
