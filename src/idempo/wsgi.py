@@ -281,6 +281,11 @@ class _Bypass:
     observation: RequestObservation
     error: StoreError
 
+    def finish(self, status: int | None) -> None:
+        """The handler is done and answered ``status`` (None: nothing): finish the observation as ``bypassed``."""
+        self.observation.handler_finished(status)
+        self.observation.finish(Outcome.BYPASSED, error=self.error)
+
 
 def _admit(
     store: Store,
@@ -366,22 +371,94 @@ def _read_input(environ: Environ, policy: Policy) -> bytes | None:
 def _run_bypassed(bypass: _Bypass, app: WSGIApp, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
     """Run the app unprotected (the store failed, the policy fails open), its answer marked bypassed.
 
-    The request's record says so: ``bypassed`` (WARNING), with the store's error.
+    The request's record says so: ``bypassed`` (WARNING), with the store's
+    error, the handler's status and its time until the body ends
+    (:class:`_BypassedBody`).
     """
-    observation = bypass.observation
+    status: int | None = None
 
-    def marked_start_response(status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /) -> Write:
-        observation.status = _status_code(status)
-        return start_response(status, [*headers, _BYPASSED_HEADER], exc_info)
+    def marked_start_response(
+        status_line: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
+    ) -> Write:
+        nonlocal status
+        write = start_response(status_line, [*headers, _BYPASSED_HEADER], exc_info)
+        # After the server's call: with exc_info once the headers are sent, it
+        # re-raises and the status already sent stands.
+        status = _status_code(status_line)
+        return write
 
-    observation.handler_started()
+    bypass.observation.handler_started()
     try:
-        return app(environ, marked_start_response)
-    finally:
-        # Timed until the app returns its iterable: a bypassed answer is not
-        # captured, so nothing here waits for its body to be sent.
-        observation.handler_finished(None)
-        observation.finish(Outcome.BYPASSED, error=bypass.error)
+        body = app(environ, marked_start_response)
+    except BaseException:
+        bypass.finish(status)
+        raise
+    if isinstance(body, (list, tuple)) or _is_file_wrapper(environ, body):
+        # A body already whole (or the server's own file wrapper): the app has
+        # answered and done its work. Handed back as it is, the server keeps
+        # its Content-Length for one chunk and its sendfile for a file.
+        bypass.finish(status)
+        return body
+    return _BypassedBody(bypass, body, lambda: status)
+
+
+def _is_file_wrapper(environ: Environ, body: Iterable[bytes]) -> bool:
+    """True when ``body`` is an instance of the server's ``wsgi.file_wrapper`` (PEP 3333's optional file handling)."""
+    wrapper = environ.get("wsgi.file_wrapper")
+    return isinstance(wrapper, type) and isinstance(body, wrapper)
+
+
+class _BypassedBody:
+    """A bypassed answer's body as the server iterates it; the request's observation finishes at its end.
+
+    A lazy app (a generator that calls ``start_response`` on its first
+    iteration, a streamed response) works and answers while its body is
+    iterated, so the handler's time and status are read once, when the body is
+    exhausted, raises, or is closed (the client left), whichever comes first.
+    :meth:`close` always closes the app's iterable; what the server left
+    unread is not consumed: no record waits for it.
+
+    Args:
+        bypass: the bypassed request.
+        body: the app's iterable.
+        status: returns the status the app answered so far (None: none yet).
+    """
+
+    __slots__ = ("_body", "_bypass", "_done", "_iterator", "_status")
+
+    def __init__(self, bypass: _Bypass, body: Iterable[bytes], status: Callable[[], int | None]) -> None:
+        self._bypass = bypass
+        self._body = body
+        self._status = status
+        self._iterator: Iterator[bytes] | None = None
+        self._done = False
+
+    def __iter__(self) -> _BypassedBody:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            if self._iterator is None:
+                self._iterator = iter(self._body)
+            return next(self._iterator)
+        except BaseException:
+            # The end (StopIteration), the app's exception or a crash: the handler is done.
+            self._finish()
+            raise
+
+    def close(self) -> None:
+        """Close the app's iterable, then finish the observation if the body had not ended."""
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._bypass.finish(self._status())
 
 
 class _Exchange:

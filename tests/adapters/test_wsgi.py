@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from idempo import ConfigurationError, Policy, RecordState, make_record_key
+from idempo import ConfigurationError, Policy, RecordState, StoreUnavailable, make_record_key
 from idempo.stores import MemoryStore
 from idempo.wsgi import IdempotencyMiddleware, read_body, request_path
 from tests.adapters.conftest import B_PRIME, JSON, K1, LOCAL, B
@@ -343,3 +343,86 @@ def test_crash_leaves_the_lease(caplog: pytest.LogCaptureFixture) -> None:
     assert record is not None
     assert record.state is RecordState.IN_PROGRESS
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class DownStore(MemoryStore):
+    """A store that cannot be reached: every ``begin`` raises StoreUnavailable."""
+
+    def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> Any:
+        raise StoreUnavailable("store down (test)")
+
+
+def bypassed(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """The per-request records of bypassed requests on the idempo logger so far."""
+    return [r for r in caplog.records if getattr(r, "idempo_outcome", None) == "bypassed"]
+
+
+def lazy_app(counter: Counter, fail: bool = False) -> Any:
+    """A WSGI app that works and answers on its body's first iteration: 50 ms, then start_response (PEP 3333)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        environ["wsgi.input"].read()
+        counter.calls += 1
+
+        def body() -> Iterator[bytes]:
+            try:
+                time.sleep(0.05)
+                start_response("201 Created", [("Content-Type", "text/plain"), ("Location", "/orders/1")])
+                yield b"made "
+                if fail:
+                    raise RuntimeError("broke mid-body")
+                yield b"late"
+            finally:
+                counter.closed += 1
+
+        return body()
+
+    return app
+
+
+def test_bypassed_lazy_app_is_logged_with_its_status_and_time(caplog: pytest.LogCaptureFixture) -> None:
+    """B18(c) on WSGI: an app answering from its body's first iteration is logged bypassed with its status and time."""
+    caplog.set_level(logging.DEBUG, logger="idempo")
+    counter = Counter()
+    with served(lazy_app(counter), DownStore(), policy=Policy(fail_open=True)) as client:
+        answer = post(client)
+    assert answer.status_code == 201
+    assert answer.headers["idempotency-bypassed"] == "store-unavailable"
+    assert answer.content == b"made late"
+    assert counter.calls == 1
+    assert eventually(lambda: len(bypassed(caplog)) == 1)
+    (record,) = bypassed(caplog)
+    assert record.idempo_status == 201  # type: ignore[attr-defined]
+    assert record.idempo_handler_ms >= 50  # type: ignore[attr-defined]
+    assert record.idempo_error.startswith("StoreUnavailable")  # type: ignore[attr-defined]
+    assert counter.closed == 1
+
+
+def test_bypassed_body_finishes_its_record_once_however_it_ends(caplog: pytest.LogCaptureFixture) -> None:
+    """A bypassed body closed early, raising mid-iteration, or an app raising before it returns: one record each."""
+    caplog.set_level(logging.DEBUG, logger="idempo")
+    counter = Counter()
+    fail_open = Policy(fail_open=True)
+
+    started, body = call(IdempotencyMiddleware(lazy_app(counter), DownStore(), policy=fail_open))
+    assert next(iter(body)) == b"made "
+    body.close()  # type: ignore[attr-defined]
+    body.close()  # type: ignore[attr-defined]
+    assert ("idempotency-bypassed", "store-unavailable") in started[0][1]
+
+    _, body = call(IdempotencyMiddleware(lazy_app(counter, fail=True), DownStore(), policy=fail_open))
+    with pytest.raises(RuntimeError):
+        list(body)
+    body.close()  # type: ignore[attr-defined]
+
+    def refusing(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        raise RuntimeError("refused before answering")
+
+    with pytest.raises(RuntimeError):
+        call(IdempotencyMiddleware(refusing, DownStore(), policy=fail_open))
+
+    closed, raised, refused = bypassed(caplog)
+    assert [r.idempo_status for r in (closed, raised, refused)] == [201, 201, None]  # type: ignore[attr-defined]
+    assert closed.idempo_handler_ms >= 50  # type: ignore[attr-defined]
+    assert raised.idempo_handler_ms >= 50  # type: ignore[attr-defined]
+    assert counter.closed == 2
