@@ -79,10 +79,9 @@ from ._core.http import (
 from ._core.policy import Policy
 from ._core.records import StoredResponse
 from .exceptions import ConfigurationError
-from .observability import Outcome
 from .stores import store_from_url
 from .typing import Store
-from .wsgi import _BYPASSED_HEADER, BodyIncomplete, CapturedBody, _Bypass, _Exchange, _admit
+from .wsgi import _BYPASSED_HEADER, BodyIncomplete, CapturedBody, _Bypass, _BypassedBody, _Exchange, _admit
 from .wsgi import default_principal as _wsgi_default_principal
 
 __all__ = [
@@ -269,9 +268,9 @@ class IdempotencyMiddleware:
         exchange = request.__dict__.pop(_EXCHANGE, None)
         if exchange is not None:
             return _capture(exchange, response)
-        if _finish_bypass(request, response.status_code):
-            name, value = _BYPASSED_HEADER
-            response.headers[name] = value
+        bypass: _Bypass | None = request.__dict__.pop(_BYPASSED, None)
+        if bypass is not None:
+            _mark_bypassed(bypass, response)
         return response
 
     def policy_for_view(self, path: str, view: Callable[..., Any]) -> Policy | None:
@@ -336,14 +335,34 @@ def _declared_length(request: HttpRequest) -> int:
         return 0
 
 
-def _finish_bypass(request: HttpRequest, status: int | None) -> bool:
-    """Finish a bypassed request's observation (``bypassed``, with ``status``); False if it was not bypassed."""
+def _finish_bypass(request: HttpRequest, status: int | None) -> None:
+    """Finish a bypassed request's observation (``bypassed``, with ``status``); nothing if it was not bypassed."""
     bypass: _Bypass | None = request.__dict__.pop(_BYPASSED, None)
-    if bypass is None:
-        return False
-    bypass.observation.handler_finished(status)
-    bypass.observation.finish(Outcome.BYPASSED, error=bypass.error)
-    return True
+    if bypass is not None:
+        bypass.finish(status)
+
+
+def _mark_bypassed(bypass: _Bypass, response: HttpResponseBase) -> None:
+    """Mark the view's answer bypassed; finish the observation now, or when a streamed body ends.
+
+    A streamed body runs the view's generator as the server iterates it, so
+    the handler's time runs until it ends (:class:`idempo.wsgi._BypassedBody`).
+    A file response (whose file the server may send itself) and an async
+    stream, which Django iterates on its own terms, finish now.
+    """
+    name, value = _BYPASSED_HEADER
+    response.headers[name] = value
+    if (
+        not response.streaming
+        or getattr(response, "file_to_stream", None) is not None
+        or getattr(response, "is_async", False)
+    ):
+        bypass.finish(response.status_code)
+        return
+    status = response.status_code
+    # The setter keeps the body's close() among the response's closers, which
+    # Django calls when the server closes the response (the client left too).
+    response.streaming_content = _BypassedBody(bypass, response.streaming_content, lambda: status)
 
 
 def _read_body(request: HttpRequest, policy: Policy) -> bytes | None:

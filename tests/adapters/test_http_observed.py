@@ -10,6 +10,7 @@ import pytest
 from idempo import Policy
 from tests.adapters.conftest import B_PRIME, ServeFactory
 from tests.support.clock import FakeClock, eventually
+from tests.support.orders import STREAM_CHUNKS
 from tests.support.stores import write_locked
 
 
@@ -43,20 +44,33 @@ def test_each_decision_is_logged_once_with_its_outcome(serve: ServeFactory, capl
     assert len(front) == 1
 
 
+@pytest.mark.parametrize(
+    ("headers", "handler_ms"),
+    [
+        pytest.param({"x-test-sleep": "0.05"}, 50, id="slow"),
+        # Each chunk is produced 10 ms after the last, while the server iterates the body.
+        pytest.param({"x-test-response": "stream"}, 10 * len(STREAM_CHUNKS), id="streamed"),
+    ],
+)
 def test_bypassed_request_is_logged_with_the_handlers_status_and_time(
-    serve: ServeFactory, caplog: pytest.LogCaptureFixture, tmp_path: Path
+    serve: ServeFactory, caplog: pytest.LogCaptureFixture, tmp_path: Path, headers: dict[str, str], handler_ms: int
 ) -> None:
-    """B18(c) observed: fail_open with the store down logs one ``bypassed`` record with status and handler time."""
+    """B18(c) observed: fail_open with the store down logs one ``bypassed`` record with status and handler time.
+
+    The handler's time covers its whole answer, a streamed body included.
+    """
     caplog.set_level(logging.DEBUG, logger="idempo")
     clock = FakeClock()
     path = tmp_path / "idempo.db"
     s = serve(store=serve.sqlite_store(path, clock, busy_timeout=0.1), clock=clock, policy=Policy(fail_open=True))
     with write_locked(path):
-        answer = s.post()
+        answer = s.post(headers=headers)
     assert answer.status_code == 201
+    assert answer.headers["idempotency-bypassed"] == "store-unavailable"
+    if "x-test-response" in headers:
+        assert answer.content == b"".join(STREAM_CHUNKS)
     assert s.orders.calls == 1
     assert eventually(lambda: outcomes(caplog) == [("bypassed", 201)]), outcomes(caplog)
     (record,) = [r for r in caplog.records if hasattr(r, "idempo_outcome")]
     assert record.levelno == logging.WARNING
-    assert record.idempo_handler_ms is not None  # type: ignore[attr-defined]
-    assert record.idempo_handler_ms >= 0  # type: ignore[attr-defined]
+    assert record.idempo_handler_ms >= handler_ms  # type: ignore[attr-defined]
