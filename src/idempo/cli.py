@@ -1,14 +1,15 @@
 """The ``idempo`` command line (needs the ``cli`` extra: click and rich).
 
 Each subcommand lives in its own module and is imported only when it runs, so
-``idempo --help`` stays fast and one command's dependencies never burden
-another. Register a command by adding a line to ``_COMMANDS``.
+``idempo --help`` stays fast, lists every command whichever extras are
+installed, and one command's dependencies never burden another. Register a
+command by adding a line to ``_COMMANDS``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, NamedTuple
 
 try:
     import click
@@ -17,30 +18,66 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["main"]
 
-# command name -> "module:attribute" of a click.Command
-_COMMANDS: dict[str, str] = {
-    "demo": "idempo.demo.command:demo",
-    "inspect": "idempo._ops:inspect",
-    "migrate": "idempo._migrate:migrate",
-    "purge": "idempo._ops:purge",
-    "stats": "idempo._ops:stats",
+
+class _Entry(NamedTuple):
+    """Where a subcommand lives and its one-line help."""
+
+    target: str  # "module:attribute" of a click.Command
+    # The command's short help, kept here so that `idempo --help` need not import the
+    # command (a test checks it against the command's own).
+    short_help: str
+
+
+_COMMANDS: dict[str, _Entry] = {
+    "demo": _Entry(
+        "idempo.demo.command:demo",
+        "Show what idempo changes: a retry storm against a payments API, with and without it.",
+    ),
+    "inspect": _Entry(
+        "idempo._ops:inspect",
+        "Show the record an idempotency KEY has in the store: state, lease, stored response.",
+    ),
+    "migrate": _Entry("idempo._migrate:migrate", "Create the store's schema, or upgrade it to this idempo's version."),
+    "purge": _Entry("idempo._ops:purge", "Delete expired records, in batches, until none is left; print how many."),
+    "stats": _Entry(
+        "idempo._ops:stats",
+        "Count the store's records by state, the expired ones awaiting purge, and show the oldest lease.",
+    ),
 }
 
 
 class _LazyGroup(click.Group):
-    """A group that imports a subcommand's module only when that command is used."""
+    """A group that imports a subcommand's module only when that command is used.
+
+    Click's lazy-loading pattern, plus a help listing read from ``_COMMANDS``:
+    click's own listing would import every command to ask for its help.
+    """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        """The subcommand names, sorted."""
         return sorted(_COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = _COMMANDS.get(cmd_name)
-        if target is None:
+        """Import and return the subcommand ``cmd_name`` (None for an unknown name)."""
+        entry = _COMMANDS.get(cmd_name)
+        if entry is None:
             return None
-        module_name, _, attribute = target.partition(":")
-        command: Any = getattr(importlib.import_module(module_name), attribute)
+        module_name, _, attribute = entry.target.partition(":")
+        module = importlib.import_module(module_name)
+        command: Any = getattr(module, attribute)
         assert isinstance(command, click.Command)
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Write the "Commands" section of the help from ``_COMMANDS``, importing none of them."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        # A bare Command shortens the text exactly as the imported command would.
+        rows = [
+            (name, click.Command(name, help=_COMMANDS[name].short_help).get_short_help_str(limit)) for name in names
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

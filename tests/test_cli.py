@@ -1,0 +1,81 @@
+"""The ``idempo`` command group: its help imports no command, and a command whose extra is missing says which."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import click
+import pytest
+
+from idempo.cli import _COMMANDS, main
+
+# Runs the idempo entry point with the third-party packages named in argv[1] (comma-separated)
+# made unimportable, as if their extra were not installed; argv[2:] are the command's arguments.
+_WITHOUT = """
+import sys
+
+blocked = set(sys.argv[1].split(","))
+
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Block())
+from idempo.cli import main
+
+main(sys.argv[2:], prog_name="idempo")
+"""
+
+# What `pip install 'idempo[cli]'` alone leaves out: the demo's, the client's and the stores' packages.
+_ONLY_CLI = ("httpx", "uvicorn", "fastapi", "h11", "tenacity", "prometheus_client", "psycopg", "redis")
+
+
+def idempo_without(blocked: tuple[str, ...], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``idempo ARGS`` in a subprocess where the packages in ``blocked`` cannot be imported."""
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT, ",".join(blocked), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ.copy(),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("args", [("--help",), ()], ids=["--help", "bare"])
+def test_help_lists_every_command_with_only_the_cli_extra(args: tuple[str, ...]) -> None:
+    """`idempo --help` and bare `idempo` list every command and its short help without importing any command."""
+    # With the demo's packages (and rich) missing, importing idempo.demo.command or idempo._ops would fail.
+    done = idempo_without((*_ONLY_CLI, "rich"), *args)
+    assert done.returncode == (0 if args else 2), done.stderr
+    listing = done.stdout if args else done.stdout + done.stderr
+    for name, entry in _COMMANDS.items():
+        # Help is at most 80 columns wide, so a short help may be cut: look for its start.
+        assert re.search(rf"^  {name} +{re.escape(entry.short_help[:40])}", listing, re.MULTILINE), listing
+    assert "extra" not in listing
+
+
+def test_short_help_table_matches_each_command() -> None:
+    """The short help `idempo --help` shows is the one each command would show itself."""
+    context = click.Context(main)
+    for name, entry in _COMMANDS.items():
+        command = main.get_command(context, name)
+        assert command is not None
+        assert command.get_short_help_str(limit=1000) == entry.short_help
+
+
+def test_demo_without_its_extra_prints_the_hint() -> None:
+    """Running `idempo demo` without the demo extra prints one line naming the extra and exits non-zero."""
+    done = idempo_without(_ONLY_CLI, "demo", "--payments", "1")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert "pip install 'idempo[demo]'" in done.stderr
