@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -79,3 +80,22 @@ def test_demo_without_its_extra_prints_the_hint() -> None:
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1
     assert "pip install 'idempo[demo]'" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["inspect", "stats", "purge"])
+def test_a_command_without_the_cli_extra_names_it(command: str, tmp_path: Path) -> None:
+    """Without rich (only idempo[fastapi], say), a command that needs it prints one line naming idempo[cli]."""
+    store = f"sqlite:///{tmp_path / 'idempo.db'}"
+    args = ("inspect", "--record-key", "0" * 32) if command == "inspect" else (command,)
+    done = idempo_without(("rich",), *args, "--store", store)
+    assert done.returncode == 1  # as the demo's hint
+    assert done.stdout == ""
+    assert done.stderr == f"idempo {command} needs the cli extra: pip install 'idempo[cli]' (No module named 'rich')\n"
+    assert not (tmp_path / "idempo.db").exists()  # the hint comes before the store is opened
+
+
+def test_a_command_that_does_not_need_rich_runs_without_it() -> None:
+    """`idempo migrate` needs click only: its help shows without rich."""
+    done = idempo_without(("rich",), "migrate", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "--print-sql" in done.stdout

@@ -20,9 +20,10 @@ __all__ = ["main"]
 
 
 class _Entry(NamedTuple):
-    """Where a subcommand lives and its one-line help."""
+    """Where a subcommand lives, the extra it needs, and its one-line help."""
 
     target: str  # "module:attribute" of a click.Command
+    extra: str
     # The command's short help, kept here so that `idempo --help` need not import the
     # command (a test checks it against the command's own).
     short_help: str
@@ -31,16 +32,23 @@ class _Entry(NamedTuple):
 _COMMANDS: dict[str, _Entry] = {
     "demo": _Entry(
         "idempo.demo.command:demo",
+        "demo",
         "Show what idempo changes: a retry storm against a payments API, with and without it.",
     ),
     "inspect": _Entry(
         "idempo._ops:inspect",
+        "cli",
         "Show the record an idempotency KEY has in the store: state, lease, stored response.",
     ),
-    "migrate": _Entry("idempo._migrate:migrate", "Create the store's schema, or upgrade it to this idempo's version."),
-    "purge": _Entry("idempo._ops:purge", "Delete expired records, in batches, until none is left; print how many."),
+    "migrate": _Entry(
+        "idempo._migrate:migrate", "cli", "Create the store's schema, or upgrade it to this idempo's version."
+    ),
+    "purge": _Entry(
+        "idempo._ops:purge", "cli", "Delete expired records, in batches, until none is left; print how many."
+    ),
     "stats": _Entry(
         "idempo._ops:stats",
+        "cli",
         "Count the store's records by state, the expired ones awaiting purge, and show the oldest lease.",
     ),
 }
@@ -58,12 +66,24 @@ class _LazyGroup(click.Group):
         return sorted(_COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        """Import and return the subcommand ``cmd_name`` (None for an unknown name)."""
+        """Import and return the subcommand ``cmd_name`` (None for an unknown name).
+
+        Raises SystemExit (status 1, as the demo's own hint) with one line naming
+        the extra to install when a third-party module the command needs is missing.
+        """
         entry = _COMMANDS.get(cmd_name)
         if entry is None:
             return None
         module_name, _, attribute = entry.target.partition(":")
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            # A missing idempo module is a bug, not a missing extra: let it raise.
+            if exc.name is None or exc.name.partition(".")[0] == "idempo":
+                raise
+            raise SystemExit(
+                f"idempo {cmd_name} needs the {entry.extra} extra: pip install 'idempo[{entry.extra}]' ({exc})"
+            ) from exc
         command: Any = getattr(module, attribute)
         assert isinstance(command, click.Command)
         return command
