@@ -594,41 +594,56 @@ def _flat(routes: Iterable[Any]) -> Iterator[Any]:
             yield route
 
 
-#: A route list as read: (its owner, how to fetch it from the owner, the list, its length).
-#: The owner is None for the top-level list, a Mount (``routes``) or a FastAPI
-#: included router (``effective_candidates()``, a list FastAPI rebuilds when
-#: the included router's routes change).
-_RouteList = tuple[Any, str, Sequence[Any], int]
+#: A route list as read, to tell later whether it changed: (the object that
+#: holds it, None for the top level; its list now, fetched cheaply; the list
+#: then; its length then). Checked on every request, so never anything that
+#: walks routes: for a FastAPI included router, the router's own route list
+#: (FastAPI rebuilds the include's candidates when that list changes).
+_RouteList = tuple[Any, Callable[[Any], Any], Any, int]
+
+
+def _own_routes(owner: Any) -> Any:
+    return owner.routes
+
+
+def _router_routes(owner: Any) -> Any:
+    return owner.original_router.routes
 
 
 def _changed(lists: tuple[_RouteList, ...]) -> bool:
-    """True when a route list read before is no longer the same list, or has another length."""
-    for owner, via, seen, count in lists:
-        if owner is None:
-            current = seen
-        elif via == "routes":
-            current = owner.routes
-        else:
-            current = owner.effective_candidates()
-        if current is not seen or len(current) != count:
+    """True when a route list read before is another list now, or has another length."""
+    for owner, fetch, seen, count in lists:
+        current = seen if owner is None else fetch(owner)
+        if (seen is not None and current is not seen) or len(current) != count:
             return True
     return False
 
 
-def _all_routes(routes: Sequence[Any], lists: list[_RouteList], owner: Any = None, via: str = "") -> Iterator[Any]:
-    """Every route, nested ones included; records each route list walked in ``lists``."""
-    lists.append((owner, via, routes, len(routes)))
+def _all_routes(routes: Sequence[Any], lists: list[_RouteList], owner: Any = None, fetch: Any = None) -> Iterator[Any]:
+    """Every route, nested ones included; records each route list walked in ``lists``.
+
+    A list its owner makes afresh on each access (a property) is recorded by
+    length only (``seen`` None), or the check would find it changed every time.
+    """
+    own = routes if owner is None else fetch(owner)
+    stable = owner is None or fetch(owner) is own
+    lists.append((owner, fetch, own if stable else None, len(own)))
     for route in routes:
         candidates = getattr(route, "effective_candidates", None)
         if callable(candidates):
-            yield from _all_routes(candidates(), lists, route, "effective_candidates")
+            fetch_included = _router_routes if hasattr(route, "original_router") else _candidates
+            yield from _all_routes(candidates(), lists, route, fetch_included)
             continue
         yield route
         children = getattr(route, "routes", None)
         # An empty list counts when it is the mounted app's own (routes may
         # be added to it later), not a fresh [] made for an app without routes.
         if children is not None and not hasattr(route, "endpoint") and (children or route.routes is children):
-            yield from _all_routes(children, lists, route, "routes")
+            yield from _all_routes(children, lists, route, _own_routes)
+
+
+def _candidates(owner: Any) -> Any:
+    return owner.effective_candidates()
 
 
 def _match(routes: Iterable[Any], scope: Scope) -> Any:
