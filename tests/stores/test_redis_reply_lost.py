@@ -175,3 +175,32 @@ def test_a_lease_taken_right_after_a_release_has_a_greater_token(redis_store_url
     finally:
         store.close()
     assert same == 0
+
+
+def test_released_records_are_no_records_for_stats_and_purge(redis_store_url: str) -> None:
+    """A released record's tombstone is not counted by stats nor deleted by purge_expired; get sees nothing."""
+    import redis
+
+    prefix = f"tomb-{uuid.uuid4().hex[:8]}:"
+    url = redis_store_url.replace("prefix=", f"prefix={prefix}")
+    store = RedisStore(url)
+    client = redis.Redis.from_url(redis_store_url.split("?")[0])
+    try:
+        keys = [uuid.uuid4().hex for _ in range(5)]
+        for key in keys:
+            taken = store.begin(key, "fp", 30_000)
+            assert isinstance(taken, Acquired)
+            store.release(key, taken.token)
+        stats = store.stats()
+        assert (stats.in_progress, stats.completed, stats.expired) == (0, 0, 0)
+        assert store.purge_expired() == 0
+        assert all(store.get(key) is None for key in keys)
+        tombstone = client.hgetall(f"{store._codec.prefix}{{{keys[0]}}}")
+        assert tombstone[b"state"] == b"released"
+        assert tombstone[b"expires_at"] == b"0"
+        assert 0 < client.pttl(f"{store._codec.prefix}{{{keys[0]}}}") <= 5000
+    finally:
+        for key in client.scan_iter(match=f"{store._codec.prefix}*"):
+            client.delete(key)
+        client.close()
+        store.close()

@@ -27,8 +27,8 @@ fresh one (``retries``; a cluster client also retries timeouts). ``begin``,
 ``complete`` and ``release`` carry a random attempt id, so a script whose
 reply was lost after it ran recognises its own first run: the caller gets its
 lease, or its stored record, never a 409 from itself. A release leaves an
-expired tombstone holding the token for ``grace``, so the next lease's token
-is greater even within the same millisecond.
+expired tombstone holding the token for a few seconds, so the next lease's
+token is greater even within the same millisecond.
 
 The async store needs asyncio (redis-py's asyncio client); it does not run on trio.
 """
@@ -146,11 +146,18 @@ class _Codec:
         headers = encode_headers(response.headers)
         return [str(token), int(record_ttl_ms), response.status, headers, response.body, _attempt_id()]
 
-    def release_args(self, token: int) -> list[Any]:
-        return [str(token), _attempt_id(), self.grace_ms]
+    @staticmethod
+    def release_args(token: int) -> list[Any]:
+        return [str(token), _attempt_id(), _TOMBSTONE_MS]
 
     def get_result(self, record_key: str, reply: Sequence[Any] | None) -> Record | None:
         return None if reply is None else self.record(record_key, reply[1:])
+
+
+#: Milliseconds a released record's tombstone stays (release.lua): past any
+#: retry of the release script, and past the few milliseconds a fencing token
+#: can run ahead of the clock, after which a new token is greater anyway.
+_TOMBSTONE_MS = 5000
 
 
 def _attempt_id() -> str:
@@ -359,7 +366,7 @@ class RedisStore:
         three fields of each, a batch per round trip; the clock is the
         server's ``TIME`` (on a cluster, one node's). Completed records leave
         Redis at their expiry, so ``expired`` counts in-progress records
-        within their grace period and released records' tombstones.
+        within their grace period. Released records' tombstones are no records.
         """
         in_progress = completed = expired = 0
         oldest_key: bytes | None = None
@@ -378,8 +385,8 @@ class RedisStore:
                     for name in batch:
                         pipe.hmget(name, "state", "created_at", "expires_at")
                     for name, (state, created, expires) in zip(batch, pipe.execute(), strict=True):
-                        if state is None:
-                            continue  # deleted since the scan saw it
+                        if state is None or state == b"released":
+                            continue  # deleted since the scan saw it, or a released record's tombstone
                         if int(expires) <= now:
                             expired += 1
                         elif state == b"in_progress":
