@@ -15,6 +15,7 @@ touches the store unless the handler is still running when its renewal is due.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import os
@@ -194,7 +195,9 @@ class _TrioRenewal:
         except RuntimeError:  # trio is imported but this is not its thread
             return None
         renewal = cls(trio, keeper)
-        trio.lowlevel.spawn_system_task(renewal._run, name="idempo-lease-renewer")
+        # A system task starts from an empty context; the request's own keeps
+        # its log records' context.
+        trio.lowlevel.spawn_system_task(renewal._run, name="idempo-lease-renewer", context=contextvars.copy_context())
         return renewal
 
     async def _run(self) -> None:
@@ -209,8 +212,11 @@ class _TrioRenewal:
                     self._renewing = True
                     try:
                         # Shielded: a stop() waits for this call rather than
-                        # cancel it halfway through the store's transition.
-                        with self._trio.CancelScope(shield=True):
+                        # cancel it halfway through the store's transition;
+                        # bounded by the lease, which is lost by then anyway,
+                        # so a hung store cannot hold up the trio run's end.
+                        deadline = self._trio.current_time() + lease_ttl_ms / 1000
+                        with self._trio.CancelScope(shield=True, deadline=deadline):
                             await store.extend(record_key, token, lease_ttl_ms)
                     except LeaseLost as exc:
                         if not keeper._stopped:  # a renewal racing the final complete is expected
