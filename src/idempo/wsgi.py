@@ -399,7 +399,10 @@ def _run_bypassed(bypass: _Bypass, app: WSGIApp, environ: Environ, start_respons
         # its Content-Length for one chunk and its sendfile for a file.
         bypass.finish(status)
         return body
-    return _BypassedBody(bypass, body, lambda: status)
+    # A body with a length keeps it: a server sets Content-Length from a
+    # one-chunk body's len() (PEP 3333).
+    wrapper = _SizedBypassedBody if hasattr(body, "__len__") else _BypassedBody
+    return wrapper(bypass, body, lambda: status)
 
 
 def _is_file_wrapper(environ: Environ, body: Iterable[bytes]) -> bool:
@@ -459,6 +462,15 @@ class _BypassedBody:
         if not self._done:
             self._done = True
             self._bypass.finish(self._status())
+
+
+class _SizedBypassedBody(_BypassedBody):
+    """A :class:`_BypassedBody` over an iterable with a length, which it reports as its own."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._body)  # type: ignore[arg-type]
 
 
 class _Exchange:

@@ -426,3 +426,34 @@ def test_bypassed_body_finishes_its_record_once_however_it_ends(caplog: pytest.L
     assert closed.idempo_handler_ms >= 50  # type: ignore[attr-defined]
     assert raised.idempo_handler_ms >= 50  # type: ignore[attr-defined]
     assert counter.closed == 2
+
+
+def test_bypassed_body_keeps_the_length_of_a_sized_iterable(caplog: pytest.LogCaptureFixture) -> None:
+    """A bypassed app's own iterable with a len() keeps it (a server sets Content-Length from it); one record."""
+    caplog.set_level(logging.DEBUG, logger="idempo")
+
+    class OneChunk:
+        def __init__(self) -> None:
+            self.closed = 0
+
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"whole"
+
+        def __len__(self) -> int:
+            return 1
+
+        def close(self) -> None:
+            self.closed += 1
+
+    answer = OneChunk()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return answer
+
+    _, body = call(IdempotencyMiddleware(app, DownStore(), policy=Policy(fail_open=True)))
+    assert len(body) == 1  # type: ignore[arg-type]
+    assert list(body) == [b"whole"]
+    body.close()  # type: ignore[attr-defined]
+    assert answer.closed == 1
+    assert [r.idempo_status for r in bypassed(caplog)] == [201]  # type: ignore[attr-defined]
