@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -36,23 +37,36 @@ def _proxied(redis_store_url: str, start: Callable[[str, int], RoundTripProxy]) 
     return url + "&max_connections=1", proxy
 
 
-def _warm_up(store: RedisStore) -> None:
-    # Loads the scripts (a first EVALSHA answers NOSCRIPT) and opens the
-    # pooled connection, so the next reply on the wire is the call's own.
+def _lease(store: RedisStore) -> tuple[str, Acquired]:
+    """A fresh key and the lease just taken on it."""
     key = uuid.uuid4().hex
     taken = store.begin(key, "fp", 30_000)
     assert isinstance(taken, Acquired)
-    store.complete(key, taken.token, RESPONSE, 60_000)
+    return key, taken
+
+
+@contextmanager
+def _warm_store(
+    redis_store_url: str, start: Callable[[str, int], RoundTripProxy]
+) -> Iterator[tuple[RedisStore, RoundTripProxy]]:
+    """A store through a proxy, its scripts loaded and its one connection open: the next reply is the next call's."""
+    url, proxy = _proxied(redis_store_url, start)
+    store = RedisStore(url)
+    try:
+        # A first EVALSHA answers NOSCRIPT and loads the script: done here, so
+        # a dropped reply is always the call's own.
+        key, taken = _lease(store)
+        store.complete(key, taken.token, RESPONSE, 60_000)
+        yield store, proxy
+    finally:
+        store.close()
 
 
 def test_begin_whose_reply_was_lost_keeps_its_lease(
     redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]
 ) -> None:
     """The retried begin returns the lease its first run took (same token); another caller still finds it held."""
-    url, proxy = _proxied(redis_store_url, round_trip_proxy)
-    store = RedisStore(url)
-    try:
-        _warm_up(store)
+    with _warm_store(redis_store_url, round_trip_proxy) as (store, proxy):
         key = uuid.uuid4().hex
         proxy.drop_next_reply()
         taken = store.begin(key, "fp", 30_000)
@@ -67,21 +81,14 @@ def test_begin_whose_reply_was_lost_keeps_its_lease(
         duplicate = store.begin(key, "fp", 30_000)
         assert isinstance(duplicate, Existing)
         assert duplicate.record.token == taken.token
-    finally:
-        store.close()
 
 
 def test_complete_whose_reply_was_lost_is_confirmed(
     redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]
 ) -> None:
     """The retried complete succeeds (no LeaseLost) and the record holds the response once stored."""
-    url, proxy = _proxied(redis_store_url, round_trip_proxy)
-    store = RedisStore(url)
-    try:
-        _warm_up(store)
-        key = uuid.uuid4().hex
-        taken = store.begin(key, "fp", 30_000)
-        assert isinstance(taken, Acquired)
+    with _warm_store(redis_store_url, round_trip_proxy) as (store, proxy):
+        key, taken = _lease(store)
         proxy.drop_next_reply()
         store.complete(key, taken.token, RESPONSE, 60_000)
         assert proxy.replies_dropped == 1
@@ -92,8 +99,6 @@ def test_complete_whose_reply_was_lost_is_confirmed(
         # A second complete with the same token is a different call: refused as before.
         with pytest.raises(LeaseLost):
             store.complete(key, taken.token, StoredResponse(200, (), b"other"), 60_000)
-    finally:
-        store.close()
 
 
 def test_request_whose_begin_reply_was_lost_executes_once(
@@ -135,13 +140,8 @@ def test_release_whose_reply_was_lost_is_confirmed(
     redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]
 ) -> None:
     """The retried release succeeds (no LeaseLost); the key is free, and the next lease's token is greater."""
-    url, proxy = _proxied(redis_store_url, round_trip_proxy)
-    store = RedisStore(url)
-    try:
-        _warm_up(store)
-        key = uuid.uuid4().hex
-        taken = store.begin(key, "fp", 30_000)
-        assert isinstance(taken, Acquired)
+    with _warm_store(redis_store_url, round_trip_proxy) as (store, proxy):
+        key, taken = _lease(store)
         proxy.drop_next_reply()
         store.release(key, taken.token)
         assert proxy.replies_dropped == 1
@@ -154,8 +154,6 @@ def test_release_whose_reply_was_lost_is_confirmed(
         with pytest.raises(LeaseLost):
             store.release(key, taken.token)
         assert isinstance(store.begin(key, "fp", 30_000), Existing)
-    finally:
-        store.close()
 
 
 def test_a_lease_taken_right_after_a_release_has_a_greater_token(redis_store_url: str) -> None:
