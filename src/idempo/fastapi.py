@@ -105,9 +105,11 @@ def idempotency(
         ConfigurationError: a change is not a valid Policy argument value.
         TypeError: a change is not a Policy argument.
     """
-    named = {"require_key": require_key, "record_ttl": record_ttl, "lease_ttl": lease_ttl}
-    changes.update({name: value for name, value in named.items() if value is not None})
-    return Idempotency(RouteOptions(policy=policy, changes=changes))
+    return Idempotency(
+        RouteOptions.declared(
+            policy, require_key=require_key, record_ttl=record_ttl, lease_ttl=lease_ttl, changes=changes
+        )
+    )
 
 
 #: The dependency that exempts a route (or a router's routes) from idempotency:

@@ -94,9 +94,9 @@ def idempotency(
         ConfigurationError: a change is not a valid Policy argument value.
         TypeError: a change is not a Policy argument.
     """
-    named = {"require_key": require_key, "record_ttl": record_ttl, "lease_ttl": lease_ttl}
-    changes.update({name: value for name, value in named.items() if value is not None})
-    options = RouteOptions(policy=policy, changes=changes)
+    options = RouteOptions.declared(
+        policy, require_key=require_key, record_ttl=record_ttl, lease_ttl=lease_ttl, changes=changes
+    )
     return lambda view: _decorate(view, options)
 
 

@@ -126,6 +126,26 @@ class RouteOptions:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
+    @classmethod
+    def declared(
+        cls,
+        policy: Policy | None,
+        *,
+        require_key: bool | None,
+        record_ttl: Any,
+        lease_ttl: Any,
+        changes: dict[str, Any],
+    ) -> RouteOptions:
+        """The options of a front's ``idempotency(...)``: its named arguments join ``changes`` unless None.
+
+        Raises:
+            ConfigurationError: a change is not a valid Policy argument value.
+            TypeError: a change is not a Policy argument.
+        """
+        named = {"require_key": require_key, "record_ttl": record_ttl, "lease_ttl": lease_ttl}
+        changes.update({name: value for name, value in named.items() if value is not None})
+        return cls(policy=policy, changes=changes)
+
     def __post_init__(self) -> None:
         if self.changes:
             # Fail when the route is declared, not on its first request.
