@@ -16,8 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Mapping
-from datetime import timedelta
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
@@ -41,7 +40,6 @@ __all__ = [
     "async_store",
     "digest",
     "key_text",
-    "make_policy",
     "record_key",
     "scope_of",
     "sync_store",
@@ -302,25 +300,3 @@ def async_store(store: Store | AsyncStore | str, scope: str) -> AsyncStore:
             f"{scope} is an async function: it needs an AsyncStore (e.g. AsyncSQLiteStore), not {type(store).__name__}"
         )
     return cast(AsyncStore, store)
-
-
-def make_policy(
-    *,
-    record_ttl: float | timedelta,
-    lease_ttl: float | timedelta,
-    wait: float | timedelta = 0.0,
-    exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
-    hold_ttl: float | timedelta | None = None,
-    fail_open: bool = False,
-    require_key: bool = False,
-) -> Policy:
-    """Build the Policy of a decorated function or consumer (ConfigurationError when invalid)."""
-    return Policy(
-        record_ttl=record_ttl,
-        lease_ttl=lease_ttl,
-        wait=wait,
-        exception_verdicts=exception_verdicts,
-        hold_ttl=hold_ttl,
-        fail_open=fail_open,
-        require_key=require_key,
-    )

@@ -43,8 +43,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from uuid import UUID
 
-from ._calls import Engine, async_store, digest, key_text, make_policy, scope_of, sync_store
-from ._core.policy import Verdict
+from ._calls import Engine, async_store, digest, key_text, scope_of, sync_store
+from ._core.policy import Policy, Verdict
 from ._engine import logger
 from .exceptions import KeyInProgress, MissingKey
 from .serializers import JSONSerializer, json_form
@@ -109,7 +109,7 @@ class _Consumer(Generic[M]):
         self.scope = scope if scope is not None else scope_of(handler)
         self._message_id = message_id
         self._fingerprint = fingerprint
-        policy = make_policy(
+        policy = Policy(
             record_ttl=record_ttl,
             lease_ttl=lease_ttl,
             exception_verdicts=exception_verdicts,

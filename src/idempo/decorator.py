@@ -44,8 +44,8 @@ from types import MappingProxyType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 from uuid import UUID
 
-from ._calls import Engine, async_store, digest, key_text, make_policy, record_key, scope_of, sync_store
-from ._core.policy import Verdict
+from ._calls import Engine, async_store, digest, key_text, record_key, scope_of, sync_store
+from ._core.policy import Policy, Verdict
 from ._engine import logger
 from .exceptions import ConfigurationError, MissingKey
 from .serializers import JSONSerializer, PickleSerializer, Serializer, json_form
@@ -280,7 +280,7 @@ def idempotent(
             a sync store for an async function (or the reverse), an unknown
             store URL or serialiser.
     """
-    policy = make_policy(
+    policy = Policy(
         record_ttl=record_ttl,
         lease_ttl=lease_ttl,
         wait=wait,
