@@ -10,8 +10,12 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
+import idempo
 from idempo.cli import _COMMANDS, main
+from idempo.stores._base import load_sql
+from idempo.stores.sql.postgres import SCHEMA_VERSION
 
 # Runs the idempo entry point with the third-party packages named in argv[1] (comma-separated)
 # made unimportable, as if their extra were not installed; argv[2:] are the command's arguments.
@@ -99,3 +103,35 @@ def test_a_command_that_does_not_need_rich_runs_without_it() -> None:
     done = idempo_without(("rich",), "migrate", "--help")
     assert done.returncode == 0, done.stderr
     assert "--print-sql" in done.stdout
+
+
+def test_version_is_the_package_version() -> None:
+    """`idempo --version` prints idempo.__version__, the one place the version is written (the wheel reads it too)."""
+    done = CliRunner().invoke(main, ["--version"])
+    assert done.exit_code == 0, done.output
+    assert done.output == f"idempo, version {idempo.__version__}\n"
+
+
+def test_print_sql_needs_no_store_and_no_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`idempo migrate --print-sql` alone prints the PostgreSQL schema and its version row, without psycopg."""
+    monkeypatch.delenv("IDEMPO_STORE", raising=False)
+    done = idempo_without(("psycopg", "psycopg_pool"), "migrate", "--print-sql")
+    assert done.returncode == 0, done.stderr
+    schema = load_sql("postgres", "schema.sql")
+    assert done.stdout == f"{schema}\nINSERT INTO idempo_schema_version (version) VALUES ({SCHEMA_VERSION});\n"
+    assert "CREATE TABLE idempo_records" in schema
+
+
+def test_migrate_without_store_or_print_sql_names_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`idempo migrate` with neither --store (nor $IDEMPO_STORE) nor --print-sql is a usage error naming --store."""
+    monkeypatch.delenv("IDEMPO_STORE", raising=False)
+    done = CliRunner().invoke(main, ["migrate"])
+    assert done.exit_code == 2
+    assert "Missing option '--store'" in done.output
+
+
+def test_print_sql_refuses_a_store_without_schema() -> None:
+    """`--print-sql` with a store URL that is not PostgreSQL is a usage error, not a PostgreSQL schema."""
+    done = CliRunner().invoke(main, ["migrate", "--print-sql", "--store", "redis://127.0.0.1:6379/0"])
+    assert done.exit_code == 2
+    assert "postgresql:// stores only" in done.output

@@ -22,16 +22,26 @@ __all__ = ["migrate"]
     "--store",
     "url",
     envvar="IDEMPO_STORE",
-    required=True,
-    help="The store URL, e.g. postgresql://user@host/db?schema=idempo (or $IDEMPO_STORE).",
+    default=None,
+    help="The store URL, e.g. postgresql://user@host/db?schema=idempo (or $IDEMPO_STORE); not needed with --print-sql.",
 )
 @click.option("--print-sql", is_flag=True, help="Print the PostgreSQL schema (schema.sql) and exit; change nothing.")
-def migrate(url: str, print_sql: bool) -> None:
+def migrate(url: str | None, print_sql: bool) -> None:
     """Create the store's schema, or upgrade it to this idempo's version."""
-    scheme = urlsplit(url).scheme.lower()
-    if scheme not in ("postgresql", "postgres"):
-        if print_sql:
+    scheme = None if url is None else urlsplit(url).scheme.lower()
+    if print_sql:
+        if scheme not in (None, "postgresql", "postgres"):
             raise click.UsageError("--print-sql applies to postgresql:// stores only")
+        # Read from the package alone: a DBA can print the schema without psycopg or a database.
+        from .stores._base import load_sql
+        from .stores.sql.postgres import SCHEMA_VERSION
+
+        click.echo(load_sql("postgres", "schema.sql"))
+        click.echo(f"INSERT INTO idempo_schema_version (version) VALUES ({SCHEMA_VERSION});")
+        return
+    if url is None:
+        raise click.UsageError("Missing option '--store' (or $IDEMPO_STORE).")
+    if scheme not in ("postgresql", "postgres"):
         from .stores import store_from_url
 
         try:
@@ -46,12 +56,6 @@ def migrate(url: str, print_sql: bool) -> None:
         from .stores import postgres
     except ImportError as exc:
         raise click.ClickException(f"the postgresql:// store needs `pip install idempo[postgres]` ({exc})") from exc
-    if print_sql:
-        from .stores._base import load_sql
-
-        click.echo(load_sql("postgres", "schema.sql"))
-        click.echo(f"INSERT INTO idempo_schema_version (version) VALUES ({postgres.SCHEMA_VERSION});")
-        return
     try:
         pg = postgres.PostgresStore(url, min_size=1, max_size=1, check_schema=False, timeout=10.0)
         try:

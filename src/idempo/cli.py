@@ -16,6 +16,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise SystemExit("the idempo command needs the cli extra: pip install 'idempo[cli]'") from exc
 
+from . import __version__
+
 __all__ = ["main"]
 
 
@@ -101,6 +103,8 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="idempo")
+# The version is written once, in idempo/__init__.py; the wheel's metadata is built from it too
+# (pyproject.toml's [tool.hatch.version]), so an editable install left stale still prints the source's.
+@click.version_option(version=__version__, prog_name="idempo")
 def main() -> None:
     """idempo: make APIs safe to retry (one execution per Idempotency-Key)."""

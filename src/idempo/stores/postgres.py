@@ -32,7 +32,6 @@ import contextlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from typing import Any, LiteralString
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -43,6 +42,7 @@ from psycopg import sql
 from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
 from ..exceptions import ConfigurationError, LeaseLost, StoreError
 from ._base import ErrorMap, load_queries, load_sql, map_errors, record_from_row
+from .sql.postgres import SCHEMA_VERSION, migrations
 
 __all__ = ["SCHEMA_VERSION", "AsyncPostgresStore", "PostgresStore", "migrations"]
 
@@ -60,21 +60,6 @@ _URL_OPTIONS: dict[str, Any] = {
 # A begin that finds no row lost a race with a concurrent commit (see the
 # begin query); the next attempt sees the committed record.
 _BEGIN_ATTEMPTS = 5
-
-
-def migrations() -> list[tuple[int, str]]:
-    """The shipped migrations as ``(version, sql)``, in order (``migrations/NNNN_name.sql``)."""
-    folder = resources.files("idempo.stores.sql").joinpath("postgres", "migrations")
-    found = []
-    for entry in folder.iterdir():
-        match = re.match(r"^(\d{4})_\w+\.sql$", entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.read_text("utf-8")))
-    return sorted(found)
-
-
-#: The schema version this idempo needs: the last migration's number.
-SCHEMA_VERSION = migrations()[-1][0]
 
 
 # OperationalError covers refused/reset/killed connections, an exhausted
