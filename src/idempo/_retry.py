@@ -19,9 +19,14 @@ RFC 9110):
   whatever happens: the client cannot know whether it executed.
 * Retried outcomes: transport failures (connection refused or reset, the
   connection closed before an answer, timeouts) and the statuses in
-  :attr:`RetryPolicy.retry_statuses` (409, 429, 502, 503, 504). 409 is
+  :attr:`RetryPolicy.retry_statuses` (409, 429, 500, 502, 503, 504). 409 is
   retried only under a key, where it means "the first request with this key
   is still running" (draft section 2.6); without a key it is a real conflict.
+  500 is retried because a server that honours keys does not store it: idempo
+  releases the key on any 5xx (DESIGN "HTTP behaviour"), so the retry under
+  the same key executes again, at most once; Stripe's SDKs retry it too. A
+  request without a key is retried only when its method is idempotent, so a
+  500 never makes an unkeyed POST run twice.
 * Never retried: every other status, 400 and 422 above all (draft section
   2.7: a malformed key, or a key reused for another request, will not get
   better by repeating).
@@ -75,9 +80,10 @@ DEFAULT_KEY_METHODS: frozenset[str] = frozenset({"POST", "PATCH"})
 #: Methods idempotent by definition (RFC 9110 section 9.2.2), retried without a key.
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-#: 409 (in progress, under a key), 429 (too many requests), 502, 503, 504
-#: (a gateway or the server is briefly unable to answer).
-DEFAULT_RETRY_STATUSES: frozenset[int] = frozenset({409, 429, 502, 503, 504})
+#: 409 (in progress, under a key), 429 (too many requests), 500 (the server
+#: failed; one that honours keys released the key, so a retry runs again), 502,
+#: 503, 504 (a gateway or the server is briefly unable to answer).
+DEFAULT_RETRY_STATUSES: frozenset[int] = frozenset({409, 429, 500, 502, 503, 504})
 
 #: Returns a fresh idempotency key for a logical request.
 KeyFactory = Callable[[], str]
@@ -113,7 +119,9 @@ class RetryPolicy:
         wait_max: the largest backoff bound, seconds. Default 5. A
             ``Retry-After`` is honoured even when longer (within ``timeout``).
         retry_statuses: statuses retried (409 only for requests with a key).
-            Default 409, 429, 502, 503, 504.
+            Default 409, 429, 500, 502, 503, 504; leave 500 out
+            (``DEFAULT_RETRY_STATUSES - {500}``) for a server that does not
+            release a key on a 5xx.
         key_methods: methods that get an idempotency key (and so become
             retryable). Default POST and PATCH. Empty disables keys; a key the
             caller sets on a request is still used.

@@ -14,7 +14,7 @@ gave one), kept across all its retries, so a server that honours the IETF
 draft draft-ietf-httpapi-idempotency-key-header (idempo's middleware, Stripe)
 executes it at most once however many attempts it takes. The retry rules,
 written once for httpx and requests, are in :class:`RetryPolicy`; in short:
-transport failures, timeouts, 409, 429, 502, 503 and 504 are retried with
+transport failures, timeouts, 409, 429, 500, 502, 503 and 504 are retried with
 exponential backoff and full jitter, honouring ``Retry-After``; 400 and 422 and
 every other status are final; a request without a key is retried only if its
 method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE).

@@ -14,8 +14,8 @@
 
 The same rules as the httpx transport (:mod:`idempo.client`), from the same
 code (:class:`RetryPolicy`): one ``Idempotency-Key`` per logical POST or
-PATCH, kept across its retries; transport failures, timeouts, 409, 429, 502,
-503 and 504 retried with full-jitter backoff, honouring ``Retry-After``; 400,
+PATCH, kept across its retries; transport failures, timeouts, 409, 429, 500,
+502, 503 and 504 retried with full-jitter backoff, honouring ``Retry-After``; 400,
 422 and every other status final; a request without a key retried only if
 its method is idempotent. A key the caller puts in the headers (any case) is
 used as is. urllib3's own retries are turned off (``max_retries=0``): one

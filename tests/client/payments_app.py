@@ -4,8 +4,10 @@
 execution (counted in :attr:`PaymentsApp.executions`, by ref) and answers 201
 with a body that depends only on the request, so a run with faults can be
 compared byte for byte with a run without. ``amount <= 0`` is a 400;
-``"block": true`` holds the handler until :attr:`PaymentsApp.gate` is set.
-``GET`` answers 200.
+``"block": true`` holds the handler until :attr:`PaymentsApp.gate` is set;
+``"fail_first": n`` makes the first ``n`` executions of that ref answer 500
+(counted in :attr:`PaymentsApp.failures`), as a handler hitting a database
+blip would. ``GET`` answers 200.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class PaymentsApp:
 
     def __init__(self) -> None:
         self.executions: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
         self.gate = threading.Event()
         self.blocked = threading.Event()
 
@@ -59,6 +62,10 @@ class PaymentsApp:
             while not self.gate.is_set():  # noqa: ASYNC110
                 await anyio.sleep(0.005)
         ref = payment["ref"]
+        if self.failures[ref] < payment.get("fail_first", 0):
+            self.failures[ref] += 1
+            await _answer(send, 500, {"error": "database unavailable"})
+            return
         self.executions[ref] += 1
         answer = {"payment_id": f"pay_{ref}", "amount": payment["amount"], "status": "captured"}
         await _answer(send, 201, answer, [(b"location", f"/payments/pay_{ref}".encode())])

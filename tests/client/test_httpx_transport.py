@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from idempo import InvalidKey
-from idempo.client import AsyncIdempotentTransport, Attempt, IdempotentTransport, RetryPolicy
+from idempo.client import DEFAULT_RETRY_STATUSES, AsyncIdempotentTransport, Attempt, IdempotentTransport, RetryPolicy
 from idempo.faults import DROP_ANSWER, PASS, RESET_BEFORE_BODY, Fault, FaultPlan, FaultProxy, scripted
 
 from .conftest import Delays, Server
@@ -359,3 +359,117 @@ def test_backoff_is_full_jitter_within_its_bounds(server: Server, make_proxy: Ma
     bounds = [0.1, 0.2, 0.25, 0.25, 0.25]
     assert len(delays) == 5
     assert all(0 <= delay <= bound for delay, bound in zip(delays, bounds, strict=True))
+
+
+# --- 500: retried under the key (issue 17, item 4) -------------------------------------------
+
+
+def test_500_from_the_server_is_retried_under_the_same_key(
+    server: Server, make_proxy: MakeProxy, delays: Delays
+) -> None:
+    """The handler answers 500 (the middleware releases the key), the retry under the same key executes: 201."""
+    proxy = make_proxy(scripted())
+    attempts: list[Attempt[httpx.Response]] = []
+    policy = RetryPolicy(wait_initial=0.1, wait_max=0.1)
+    with client(proxy, delays, retry=policy, on_attempt=attempts.append) as http:
+        response = http.post("/payments", json={**payment(), "fail_first": 1})
+        again = http.post(
+            "/payments",
+            json={**payment(), "fail_first": 1},
+            extensions={"idempotency_key": response.extensions["idempotency_key"]},
+        )
+    assert response.status_code == 201
+    assert [a.status for a in attempts[:2]] == [500, 201]
+    assert attempts[0].delay is not None
+    assert 0 <= attempts[0].delay <= 0.1
+    seen = keys_seen(proxy)
+    assert len(seen) == 3  # the third is the replayed call
+    assert seen[0] == seen[1] == [response.request.headers["Idempotency-Key"]]
+    assert (server.app.failures["p1"], server.app.executions["p1"]) == (1, 1)
+    assert again.headers["Idempotent-Replayed"] == "true"  # the 201 was stored, the 500 was not
+    assert server.app.executions["p1"] == 1
+
+
+@pytest.mark.anyio
+async def test_500_is_retried_by_the_async_transport(server: Server, make_proxy: MakeProxy, delays: Delays) -> None:
+    """The async transport retries a 500 under the same key too (asyncio and trio)."""
+    proxy = make_proxy(scripted(Fault.respond(500)))
+    transport = AsyncIdempotentTransport(sleep=delays.asleep)
+    async with httpx.AsyncClient(transport=transport, base_url=proxy.url, timeout=5) as http:
+        response = await http.post("/payments", json=payment())
+    assert response.status_code == 201
+    seen = keys_seen(proxy)
+    assert len(seen) == 2
+    assert seen[0] == seen[1]
+    assert server.app.executions["p1"] == 1
+    assert len(delays) == 1
+
+
+def test_500_without_a_key_is_final(server: Server, make_proxy: MakeProxy, delays: Delays) -> None:
+    """A POST without a key gets its 500 after one attempt: the client cannot know what the server did."""
+    proxy = make_proxy(scripted(Fault.respond(500)))
+    with client(proxy, delays, retry=RetryPolicy(key_methods=())) as http:
+        response = http.post("/payments", json=payment())
+    assert response.status_code == 500
+    assert len(proxy.log) == 1
+    assert delays == []
+
+
+def test_500_can_be_made_final(server: Server, make_proxy: MakeProxy, delays: Delays) -> None:
+    """retry_statuses without 500 returns the 500 after one attempt, with its key."""
+    proxy = make_proxy(scripted(Fault.respond(500)))
+    policy = RetryPolicy(retry_statuses=DEFAULT_RETRY_STATUSES - {500})
+    with client(proxy, delays, retry=policy) as http:
+        response = http.post("/payments", json=payment())
+    assert response.status_code == 500
+    assert len(proxy.log) == 1
+    assert response.request.headers["Idempotency-Key"] == keys_seen(proxy)[0][0]
+
+
+# --- giving up: the last response, its key, raise_for_status (issue 17, item 5) --------------
+
+
+def test_giving_up_returns_the_last_response_with_its_key(
+    server: Server, make_proxy: MakeProxy, delays: Delays
+) -> None:
+    """After the last attempt the last 500 comes back, body read; its request header holds the key all attempts sent."""
+    body = b'{"error":"still down"}'
+    proxy = make_proxy(scripted(*[Fault.respond(500, body=body)] * 3))
+    with client(proxy, delays, retry=RetryPolicy(attempts=3)) as http:
+        response = http.post("/payments", json=payment())
+    assert response.status_code == 500
+    assert response.content == body
+    assert keys_seen(proxy) == [[response.request.headers["Idempotency-Key"]]] * 3
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        response.raise_for_status()
+    assert caught.value.request.headers["Idempotency-Key"] == keys_seen(proxy)[0][0]
+    assert server.app.executions["p1"] == 0
+
+
+def test_the_last_409_after_the_deadline_and_a_422_raise_with_their_key(
+    server: Server, make_proxy: MakeProxy, delays: Delays
+) -> None:
+    """A 409 whose Retry-After passes the deadline and a 422 come back as responses; raise_for_status names the key."""
+    proxy = make_proxy(scripted(Fault.respond(409, retry_after=60)))
+    hooked: list[int] = []
+
+    def raise_for_status(response: httpx.Response) -> None:
+        hooked.append(response.status_code)
+        response.raise_for_status()
+
+    transport = IdempotentTransport(sleep=delays, retry=RetryPolicy(timeout=10))
+    with httpx.Client(
+        transport=transport, base_url=proxy.url, timeout=5, event_hooks={"response": [raise_for_status]}
+    ) as http:
+        with pytest.raises(httpx.HTTPStatusError) as conflict:
+            http.post("/payments", json=payment(), extensions={"idempotency_key": "K1"})
+        http.post("/payments", json=payment(), extensions={"idempotency_key": "K1"})
+        with pytest.raises(httpx.HTTPStatusError) as mismatch:
+            http.post("/payments", json=payment(amount=5), extensions={"idempotency_key": "K1"})
+    assert conflict.value.response.status_code == 409
+    assert mismatch.value.response.status_code == 422
+    assert conflict.value.request.headers["Idempotency-Key"] == "K1"
+    assert mismatch.value.request.headers["Idempotency-Key"] == "K1"
+    assert hooked == [409, 201, 422]  # once per logical request, after its retries
+    assert delays == []
+    assert server.app.executions["p1"] == 1

@@ -137,3 +137,36 @@ def test_max_retries_is_refused() -> None:
     """urllib3's retries cannot be stacked on the adapter's own."""
     with pytest.raises(TypeError, match="retry=RetryPolicy"):
         IdempotentAdapter(max_retries=3)
+
+
+def test_500_from_the_server_is_retried_under_the_same_key(
+    server: Server, make_proxy: MakeProxy, delays: Delays
+) -> None:
+    """The handler's 500 released the key; the adapter retries it under the same key (one policy, both fronts)."""
+    proxy = make_proxy(scripted())
+    with session(delays) as http:
+        response = http.post(proxy.url + "/payments", json={"ref": "p1", "amount": 1, "fail_first": 1})
+    assert response.status_code == 201
+    seen = keys_seen(proxy)
+    assert len(seen) == 2
+    assert seen[0] == seen[1] == [response.request.headers["Idempotency-Key"]]
+    assert (server.app.failures["p1"], server.app.executions["p1"]) == (1, 1)
+    assert len(delays) == 1
+
+
+def test_giving_up_returns_the_last_response_and_raise_for_status_names_the_key(
+    server: Server, make_proxy: MakeProxy, delays: Delays
+) -> None:
+    """After the last attempt the last 500 comes back; raise_for_status's HTTPError carries the request and its key."""
+    proxy = make_proxy(scripted(*[Fault.respond(500, body=b"down")] * 2))
+    with session(delays, retry=RetryPolicy(attempts=2)) as http:
+        response = http.post(proxy.url + "/payments", json={"ref": "p1", "amount": 1})
+    assert response.status_code == 500
+    assert response.content == b"down"
+    key = keys_seen(proxy)[0][0]
+    assert keys_seen(proxy) == [[key], [key]]
+    with pytest.raises(requests.HTTPError) as caught:
+        response.raise_for_status()
+    assert caught.value.request is not None
+    assert caught.value.request.headers["Idempotency-Key"] == key
+    assert server.app.executions["p1"] == 0

@@ -34,7 +34,7 @@ def test_parse_retry_after(value: str | None, expected: float | None) -> None:
 
 
 def test_policy_defaults_follow_the_rules() -> None:
-    """Defaults: keys for POST/PATCH; 409 retried only under a key; 400/422 never; GET retried by method."""
+    """Defaults: keys for POST/PATCH; 409 only under a key; 500 retried; 400/422 never; GET retried by method."""
     policy = RetryPolicy()
     assert policy.key_methods == {"POST", "PATCH"}
     assert policy.retry_status(409, keyed=True)
@@ -42,7 +42,13 @@ def test_policy_defaults_follow_the_rules() -> None:
     assert policy.retry_status(503, keyed=False)
     assert not policy.retry_status(400, keyed=True)
     assert not policy.retry_status(422, keyed=True)
-    assert not policy.retry_status(500, keyed=True)
+    assert policy.retry_status(500, keyed=True)  # issue 17: the server released the key
+    assert policy.retry_status(
+        500, keyed=False
+    )  # only ever asked for a retryable request (a key or an idempotent method)
+    assert not policy.retry_status(501, keyed=True)
+    assert policy.retry_statuses == {409, 429, 500, 502, 503, 504}
+    assert not RetryPolicy(retry_statuses=policy.retry_statuses - {500}).retry_status(500, keyed=True)
     assert policy.retryable("GET", keyed=False)
     assert not policy.retryable("POST", keyed=False)
     assert policy.retryable("POST", keyed=True)

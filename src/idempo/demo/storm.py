@@ -14,7 +14,7 @@ the payments is sent in harder ways (:class:`Share`):
 The retries are idempo's own client half: every request goes through
 :class:`idempo.client.AsyncIdempotentTransport` (over httpx's
 ``AsyncHTTPTransport``), which retries timeouts, connection errors, 409, 429,
-502, 503 and 504 under the request's key, honouring ``Retry-After``. The storm
+500, 502, 503 and 504 under the request's key, honouring ``Retry-After``. The storm
 puts the key in the ``Idempotency-Key`` header itself, so that the 2-3 clients
 of a double click send the same key; the transport keeps a key it is given.
 
