@@ -31,7 +31,7 @@ from ._engine import begin_async, begin_sync, settle_async, settle_sync
 from ._lease import AsyncLeaseKeeper, LeaseKeeper
 from .exceptions import ConfigurationError, FingerprintMismatch, InvalidKey, KeyInProgress, StoreError
 from .observability import Outcome, RequestObservation, observe_request
-from .serializers import Serializer
+from .serializers import JSONSerializer, Serializer
 from .stores import async_store_from_url, store_from_url
 from .typing import AsyncStore, Store
 
@@ -53,6 +53,7 @@ T = TypeVar("T")
 _METHOD = "@idempotent"
 _STATUS = 200
 _CONTENT_TYPE = b"content-type"
+_LEGACY_JSON = JSONSerializer.legacy_media_type.encode("latin-1")
 
 
 def record_key(scope: str, key: str) -> str:
@@ -130,17 +131,25 @@ class Engine:
 
     def encode(self, result: Any) -> StoredResponse:
         try:
-            body = self.serializer.dumps(result)
+            if isinstance(self.serializer, JSONSerializer):
+                # Checked against the return annotation too, so the replay is.
+                body = self.serializer.dumps(result, self._annotation())
+            else:
+                body = self.serializer.dumps(result)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(
                 f"{self.scope} returned a {type(result).__qualname__} that {self.serializer!r} cannot store ({exc}); "
-                "return JSON-able data, a dataclass or a pydantic model, or choose serializer='pickle'"
+                "return the types docs/decorator.md lists (dataclasses, pydantic models, ...), "
+                "or choose serializer='pickle'"
             ) from exc
         return StoredResponse(_STATUS, ((_CONTENT_TYPE, self._media_type),), body)
 
     def decode(self, response: StoredResponse) -> Any:
         media_type = next((v for n, v in response.headers if n == _CONTENT_TYPE), b"")
-        if response.status != _STATUS or media_type != self._media_type:
+        loads = self.serializer.loads
+        if isinstance(self.serializer, JSONSerializer) and (response.status, media_type) == (_STATUS, _LEGACY_JSON):
+            loads = self.serializer.loads_legacy  # written before typed results
+        elif response.status != _STATUS or media_type != self._media_type:
             # Another serialiser (or an HTTP response) wrote this record: never
             # hand its bytes to ours, above all never unpickle them.
             raise StoreError(
@@ -148,9 +157,9 @@ class Engine:
                 f"(status {response.status}), not {self.serializer.media_type}"
             )
         try:
-            return self.serializer.loads(response.body, self._annotation())
+            return loads(response.body, self._annotation())
         except (ValueError, TypeError) as exc:
-            raise StoreError(f"{self.scope}: the stored result cannot be decoded: {exc}") from exc
+            raise StoreError(f"{self.scope}: the stored result cannot be replayed: {exc}") from exc
 
     def refusal(self, decision: InProgress | Mismatch) -> Exception:
         if isinstance(decision, InProgress):

@@ -47,7 +47,7 @@ from ._calls import Engine, async_store, digest, key_text, scope_of, sync_store
 from ._core.policy import Policy, Verdict
 from ._engine import logger
 from .exceptions import KeyInProgress, MissingKey
-from .serializers import JSONSerializer, json_form
+from .serializers import JSONSerializer, fingerprint_form
 from .typing import AsyncStore, Store
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class _Consumer(Generic[M]):
             raise MissingKey(f"{self.scope}: the message has no id")
         if self._fingerprint is None:
             return key, ""
-        return key, digest(json_form(self._fingerprint(message)))
+        return key, digest(fingerprint_form(self._fingerprint(message)))
 
 
 class IdempotentConsumer(_Consumer[M]):
@@ -140,7 +140,8 @@ class IdempotentConsumer(_Consumer[M]):
         scope: what ids are unique within; default the handler's
             ``module.qualname``. Use the queue or stream name to keep records
             across a rename of the handler.
-        fingerprint: returns what the message asks for (with a JSON form);
+        fingerprint: returns what the message asks for (a value with a canonical
+            form, :func:`~idempo.serializers.fingerprint_form`);
             the same id with a different fingerprint raises
             :class:`~idempo.FingerprintMismatch`. Default: not checked.
         record_ttl: seconds (or a timedelta) a processed id is remembered;

@@ -13,11 +13,12 @@
     charge("pay_1", "acct_9", 5000)           # FingerprintMismatch: same key, other arguments
 
 The key comes from an argument (its name) or from a callable of the bound
-arguments. The other arguments make up the **fingerprint**: their JSON form
-(:func:`idempo.serializers.json_form`) in canonical form (the equalities of
-RFC 8785, as the request fingerprint) hashed with SHA-256, so a key reused for
-a different call is refused (as the IETF draft
-draft-ietf-httpapi-idempotency-key-header asks of HTTP APIs, section 2.7).
+arguments. The other arguments make up the **fingerprint**: their canonical
+form (:func:`idempo.serializers.fingerprint_form`: one form per equal value,
+sets in a canonical order, binary values included) as RFC 8785 canonical JSON,
+hashed with SHA-256, so a key reused for a different call is refused (as the
+IETF draft draft-ietf-httpapi-idempotency-key-header asks of HTTP APIs,
+section 2.7).
 
 The protocol is the one every idempo front shares, the sans-I/O flow of
 :mod:`idempo._core.flow` driven against the store: a call takes the lease on
@@ -25,7 +26,9 @@ its record, runs, and completes the record with its serialised result; a
 repeat replays that result; a concurrent repeat raises :class:`KeyInProgress`
 or, with ``wait``, waits for the result. The result is stored as a response
 (status 200, ``content-type`` naming the serialiser, the bytes as the body),
-so every store holds it unchanged.
+so every store holds it unchanged; the default JSON serialiser keeps its types
+(:class:`~idempo.serializers.JSONSerializer`), so a replay returns what the
+first call returned, with or without a return annotation.
 
 One decorator serves sync and async functions: it inspects the function
 (``inspect.iscoroutinefunction``, as stamina does). A sync function needs a
@@ -48,7 +51,7 @@ from ._calls import Engine, async_store, digest, key_text, record_key, scope_of,
 from ._core.policy import Policy, Verdict
 from ._engine import logger
 from .exceptions import ConfigurationError, MissingKey
-from .serializers import JSONSerializer, PickleSerializer, Serializer, json_form
+from .serializers import JSONSerializer, PickleSerializer, Serializer, check_return_type, fingerprint_form
 from .typing import AsyncStore, Store
 
 __all__ = ["Arguments", "KeyFunction", "idempotent", "record_key"]
@@ -138,7 +141,7 @@ class _Binder:
         Raises:
             MissingKey: no key, and ``require_key``.
             InvalidKey: the key is blank or of another type than str, int or UUID.
-            ConfigurationError: an argument of the fingerprint has no JSON form.
+            ConfigurationError: an argument of the fingerprint has no canonical form.
             TypeError: the arguments do not fit the function's signature.
         """
         arguments = self.arguments(args, kwargs)
@@ -154,7 +157,7 @@ class _Binder:
     def _fingerprint(self, arguments: dict[str, Any], view: Arguments) -> str:
         if callable(self.fingerprint):
             try:
-                return digest(json_form(self.fingerprint(view)))
+                return digest(fingerprint_form(self.fingerprint(view)))
             except TypeError as exc:
                 raise ConfigurationError(f"{self.scope}: the fingerprint callable returned {exc}") from exc
         if self.fingerprint is not None:
@@ -164,7 +167,7 @@ class _Binder:
         form = {}
         for name, value in chosen.items():
             try:
-                form[name] = json_form(value)
+                form[name] = fingerprint_form(value)
             except TypeError as exc:
                 raise ConfigurationError(
                     f"{self.scope}: argument {name!r} cannot be part of the fingerprint ({exc}); "
@@ -173,17 +176,43 @@ class _Binder:
         return digest(form)
 
 
-def _return_annotation(fn: Callable[..., Any]) -> Callable[[], Any]:
-    """The function's return annotation, resolved on first use (forward references)."""
+def _return_annotation(fn: Callable[..., Any], scope: str, serializer: Serializer) -> Callable[[], Any]:
+    """The function's return annotation, checked by a JSON serialiser; resolved now, or on the first call.
+
+    A JSON serialiser refuses an annotation naming a type it cannot rebuild
+    (:func:`~idempo.serializers.check_return_type`): at decoration when the
+    annotation resolves then, else (a forward reference to a class defined
+    later) when the first call asks for it, before the function runs.
+
+    Raises:
+        ConfigurationError: from the returned callable, or at once.
+    """
+
+    def check(hint: Any) -> Any:
+        if isinstance(serializer, JSONSerializer):
+            try:
+                check_return_type(hint)
+            except TypeError as exc:
+                raise ConfigurationError(
+                    f"{scope}: {exc}; return the types docs/decorator.md lists, or choose serializer='pickle'"
+                ) from exc
+        return hint
 
     @functools.cache
     def annotation() -> Any:
         try:
-            return typing.get_type_hints(fn).get("return", Any)
+            hint = typing.get_type_hints(fn).get("return", Any)
         except Exception:
-            logger.warning("idempo: cannot resolve the return annotation of %r; replays are plain JSON", fn)
+            logger.warning("idempo: cannot resolve the return annotation of %r; replays are checked against Any", fn)
             return Any
+        return check(hint)
 
+    try:
+        hint = typing.get_type_hints(fn).get("return", Any)
+    except Exception:
+        pass  # a forward reference, resolved on the first call
+    else:
+        check(hint)
     return annotation
 
 
@@ -235,13 +264,15 @@ def idempotent(
             (default 0: raise at once).
         fingerprint: the names of the arguments that make up the fingerprint,
             or a callable of the :data:`Arguments` returning a value with a
-            JSON form; default every argument except the key, a method's
+            canonical form (:func:`~idempo.serializers.fingerprint_form`);
+            default every argument except the key, a method's
             ``self``/``cls`` and ``exclude``. ``()`` disables the check.
         exclude: arguments left out of the default fingerprint (connections,
-            clients, loggers: anything without a JSON form).
-        serializer: ``"json"`` (default; dataclasses and pydantic models come
-            back as their annotated return type), ``"pickle"`` (any picklable
-            value; for stores only you can write to) or a
+            clients, loggers: anything without a canonical form).
+        serializer: ``"json"`` (default: typed JSON, a replay returns the
+            types the first call returned; see
+            :class:`~idempo.serializers.JSONSerializer`), ``"pickle"`` (any
+            picklable value; for stores only you can write to) or a
             :class:`~idempo.serializers.Serializer`.
         require_key: raise :class:`~idempo.MissingKey` when the key is None;
             by default such a call runs without idempotency and stores nothing.
@@ -271,14 +302,19 @@ def idempotent(
           after the call is logged; the result is still returned and the key
           stays in progress until its lease expires.
         - :class:`~idempo.ConfigurationError`: an argument of the fingerprint
-          or the result has no form the serialiser can store (the call ran;
-          its key is held, so it does not run twice).
+          has no canonical form (the call did not run), or the result cannot
+          be stored with its type or does not fit the return annotation (the
+          call ran; nothing is stored and its key is held, so it does not run
+          twice).
 
     Raises:
         ConfigurationError: at decoration: a TTL that is not positive, a key
             or argument name that is not a parameter, a generator function,
             a sync store for an async function (or the reverse), an unknown
-            store URL or serialiser.
+            store URL or serialiser, a return annotation the JSON serialiser
+            cannot rebuild (:func:`~idempo.serializers.check_return_type`;
+            one naming a class defined later is checked on the first call,
+            before the function runs).
     """
     policy = Policy(
         record_ttl=record_ttl,
@@ -296,7 +332,8 @@ def idempotent(
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise ConfigurationError(f"{name}: @idempotent cannot store a generator's results")
         binder = _Binder(fn, name, key, fingerprint, exclude, policy.require_key)
-        engine = Engine(name, policy, chosen_serializer, _return_annotation(fn))
+        return_type = _return_annotation(fn, name, chosen_serializer)
+        engine = Engine(name, policy, chosen_serializer, return_type)
 
         if inspect.iscoroutinefunction(fn):
             a_store = async_store(store, name)
@@ -304,6 +341,7 @@ def idempotent(
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
                 identity = binder.identify(args, kwargs)
+                return_type()  # a return type it cannot store is refused before the first call runs
                 call = cast(Callable[[], Awaitable[Any]], functools.partial(fn, *args, **kwargs))
                 if identity is None:
                     return await call()
@@ -317,6 +355,7 @@ def idempotent(
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             identity = binder.identify(args, kwargs)
+            return_type()  # a return type it cannot store is refused before the first call runs
             call = functools.partial(fn, *args, **kwargs)
             if identity is None:
                 return call()

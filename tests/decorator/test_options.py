@@ -341,15 +341,16 @@ def test_pickle_only_when_asked(store: MemoryStore) -> None:
     assert count.calls == 1
 
 
-def test_unannotated_results_replay_as_plain_json(store: MemoryStore) -> None:
-    """Without a return annotation a replay is the JSON value (a dataclass comes back as a dict)."""
+def test_unannotated_results_replay_with_their_types(store: MemoryStore) -> None:
+    """Without a return annotation a replay still rebuilds the dataclass, also in a new decorator (a new process)."""
 
-    @idempotent(store=store, key="key")
     def point(key):  # type: ignore[no-untyped-def]
         return Point(1, 2)
 
-    assert point("K1") == Point(1, 2)
-    assert point("K1") == {"x": 1, "y": 2}
+    assert idempotent(store=store, key="key", scope="point")(point)("K1") == Point(1, 2)
+    replayed = idempotent(store=store, key="key", scope="point")(point)("K1")
+    assert type(replayed) is Point
+    assert replayed == Point(1, 2)
 
 
 def test_an_undecodable_record_raises_store_error(store: MemoryStore) -> None:
@@ -364,7 +365,7 @@ def test_an_undecodable_record_raises_store_error(store: MemoryStore) -> None:
         return Point(1, 2)
 
     old("K1")
-    with pytest.raises(StoreError, match="cannot be decoded"):
+    with pytest.raises(StoreError, match="does not fit the return annotation"):
         new("K1")
 
 

@@ -281,7 +281,7 @@ def test_the_record_is_a_stored_response(backend: Backend, scope: str) -> None:
     assert record.state is RecordState.COMPLETED
     assert record.response is not None
     assert record.response.status == 200
-    assert record.response.headers == ((b"content-type", b"application/json"),)
+    assert record.response.headers == ((b"content-type", b"application/vnd.idempo+json"),)
     assert record.response.body == b'{"qty":3}'
     assert len(record.fingerprint) == 64
 
