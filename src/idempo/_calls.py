@@ -136,7 +136,7 @@ class Engine:
                 body = self.serializer.dumps(result, self._annotation())
             else:
                 body = self.serializer.dumps(result)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # whatever the serialiser raised: the result is not stored, the key is held
             raise ConfigurationError(
                 f"{self.scope} returned a {type(result).__qualname__} that {self.serializer!r} cannot store ({exc}); "
                 "return the types docs/decorator.md lists (dataclasses, pydantic models, ...), "
@@ -158,7 +158,7 @@ class Engine:
             )
         try:
             return loads(response.body, self._annotation())
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # a malformed record, or what a class rebuilt from it raised
             raise StoreError(f"{self.scope}: the stored result cannot be replayed: {exc}") from exc
 
     def refusal(self, decision: InProgress | Mismatch) -> Exception:

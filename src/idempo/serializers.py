@@ -130,10 +130,10 @@ class JSONSerializer:
     ==========================================  ==========================================
 
     A replay rebuilds a class only from the classes the return annotation
-    names, the classes this serialiser stored in this process, or a class
-    found by its name in a module that is already imported (never an import
-    the store's data asks for), and only a class of the kind the record says
-    (a dataclass, a pydantic model, an Enum, a NamedTuple). A dataclass is
+    names or a class found by its name in a module that is already imported
+    (never an import the store's data asks for; so not a class defined inside
+    a function, unless the annotation names it), and only a class of the kind
+    the record says (a dataclass, a pydantic model, an Enum, a NamedTuple). A dataclass is
     rebuilt by calling it with its ``init`` fields, then setting the others as
     stored; a pydantic model with ``model_validate`` (not strict) of its fields,
     then its ``model_fields_set`` as stored. A pydantic field of a type only
@@ -141,17 +141,17 @@ class JSONSerializer:
     JSON of it (a secret with its value, as an HTTP response body would hold it)
     and rebuilt by that validation.
 
-    Anything else (a ``str`` or ``dict`` subclass that is not an Enum, an
-    object, a datetime whose class is a subclass) raises ``TypeError``: it
-    would come back as another type.
+    Before a result is stored it is rebuilt that way and written again; a
+    result whose rebuilt form differs (a ``__post_init__`` or a validator that
+    changes the values, a class a replay could not find) raises ``TypeError``,
+    as does anything else outside the table (a ``str`` or ``dict`` subclass
+    that is not an Enum, an object, a datetime whose class is a subclass): it
+    would come back as another type or value.
     """
 
     media_type = "application/vnd.idempo+json"
     #: The media type of records written before typed results; read by :meth:`loads_legacy`.
     legacy_media_type = "application/json"
-
-    def __init__(self) -> None:
-        self._classes = _ClassTable()
 
     def dumps(self, value: Any, annotation: Any = Any) -> bytes:
         """Return the typed form of ``value`` as UTF-8 JSON.
@@ -167,7 +167,20 @@ class JSONSerializer:
         """
         if not _conforms(annotation, value):
             raise TypeError(f"the result {_describe(value)} does not fit the return annotation {annotation!r}")
-        form = _Encoder(self._classes).encode(value)
+        form = _Encoder().encode(value)
+        # Rebuild it as a replay in another process would, and compare: a
+        # result that would not come back the same is refused now, before
+        # anything is stored, not found out on a replay.
+        try:
+            rebuilt = _Decoder(_annotation_classes(annotation)).decode(form)
+        except ValueError as exc:
+            raise TypeError(f"the result could not be rebuilt on a replay: {exc}") from exc
+        if not _same_form(form, _Encoder().encode(rebuilt)):
+            raise TypeError(
+                f"the result {_describe(value)} would not come back equal on a replay "
+                "(a __post_init__ or a validator that changes the values it is given, "
+                "or a type only pydantic knows in a field typed Any?)"
+            )
         return json.dumps(form, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
     def loads(self, data: bytes, annotation: Any) -> Any:
@@ -179,7 +192,7 @@ class JSONSerializer:
                 value does not fit ``annotation`` (the function's return type
                 changed since the record was written).
         """
-        value = _Decoder(self._classes, _annotation_classes(annotation)).decode(json.loads(data))
+        value = _Decoder(_annotation_classes(annotation)).decode(json.loads(data))
         if not _conforms(annotation, value):
             raise ValueError(
                 f"the stored result {_describe(value)} does not fit the return annotation {annotation!r} "
@@ -441,23 +454,8 @@ _PATHS: dict[str, type[pathlib.PurePath]] = {
 }
 
 
-class _ClassTable:
-    """The classes a serialiser wrote, by name: a replay in the same process finds them again."""
-
-    def __init__(self) -> None:
-        self.seen: dict[str, type] = {}
-
-    def name(self, cls: type) -> str:
-        name = _class_name(cls)
-        self.seen.setdefault(name, cls)
-        return name
-
-
 class _Encoder:
     """Writes the typed form (see :class:`JSONSerializer`); raises TypeError for what it cannot keep."""
-
-    def __init__(self, classes: _ClassTable) -> None:
-        self.classes = classes
 
     def encode(self, value: Any) -> Any:
         try:
@@ -498,18 +496,18 @@ class _Encoder:
         if _PATHS.get(cls.__name__) is cls:
             return {"$path": [cls.__name__, str(value)]}
         if isinstance(value, enum.Enum):
-            return {"$enum": [self.classes.name(cls), self._encode(value.value, pydantic_owned)]}
+            return {"$enum": [_class_name(cls), self._encode(value.value, pydantic_owned)]}
         if issubclass(cls, tuple) and hasattr(cls, "_fields"):
-            return {"$namedtuple": [self.classes.name(cls), [self._encode(item, pydantic_owned) for item in value]]}
+            return {"$namedtuple": [_class_name(cls), [self._encode(item, pydantic_owned) for item in value]]}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             owned = _is_pydantic_dataclass(cls)
             fields = {f.name: self._encode(getattr(value, f.name), owned) for f in dataclasses.fields(value)}
-            return {"$dataclass": [self.classes.name(cls), fields]}
+            return {"$dataclass": [_class_name(cls), fields]}
         base_model = _pydantic_model()
         if base_model is not None and isinstance(value, base_model):
             fields = {name: self._encode(getattr(value, name), True) for name in cls.model_fields}
             extra = {_escape(k): self._encode(v, True) for k, v in (value.__pydantic_extra__ or {}).items()}
-            return {"$model": [self.classes.name(cls), {**fields, **extra}, sorted(value.model_fields_set)]}
+            return {"$model": [_class_name(cls), {**fields, **extra}, sorted(value.model_fields_set)]}
         if pydantic_owned:
             return self._pydantic_leaf(value)
         raise TypeError(f"a {_type_name(value)} cannot be stored with its type")
@@ -538,15 +536,14 @@ _KINDS: dict[str, Callable[[type], bool]] = {
 class _Decoder:
     """Reads the typed form back; raises ValueError for what it cannot rebuild."""
 
-    def __init__(self, classes: _ClassTable, named: dict[str, type]) -> None:
-        self.classes = classes
+    def __init__(self, named: dict[str, type]) -> None:
         self.named = named
 
     def decode(self, data: Any) -> Any:
         try:
             return self._decode(data)
-        except (KeyError, IndexError, TypeError, decimal.InvalidOperation, ValueError) as exc:
-            raise ValueError(f"not a typed form this version of idempo reads ({exc})") from exc
+        except Exception as exc:  # a malformed form, or what a class's own __init__ or validator raised
+            raise ValueError(str(exc) or type(exc).__name__) from exc
 
     def _decode(self, data: Any) -> Any:
         if isinstance(data, list):
@@ -604,14 +601,14 @@ class _Decoder:
             return self._dataclass(cls, payload[1])
         if tag == "$model":
             return self._model(cls, payload[1], payload[2])
-        raise ValueError(f"unknown type tag {tag!r}")
+        raise ValueError(f"unknown type tag {tag!r} (written by a newer idempo?)")
 
     def _find(self, tag: str, name: str) -> Any:
         """The class a record names: from the annotation, this process's results, or an imported module."""
         kind = _KINDS.get(tag)
         if kind is None:
-            raise ValueError(f"unknown type tag {tag!r}")
-        cls = self.named.get(name) or self.classes.seen.get(name) or _imported_class(name)
+            raise ValueError(f"unknown type tag {tag!r} (written by a newer idempo?)")
+        cls = self.named.get(name) or _imported_class(name)
         if cls is None:
             raise ValueError(
                 f"the stored result holds a {name.replace(':', '.')}, which is not in the return annotation "
@@ -636,7 +633,9 @@ class _Decoder:
 
     def _model(self, cls: Any, stored: dict[str, Any], fields_set: list[str]) -> Any:
         fields = {_unescape(key): self._decode(item) for key, item in stored.items()}
-        if _validates_by_name():
+        if getattr(cls, "__pydantic_root_model__", False):
+            instance = cls.model_validate(fields["root"], strict=False)
+        elif _validates_by_name():
             instance = cls.model_validate(fields, strict=False, by_name=True)
         else:  # pydantic before 2.11 validates by alias only
             instance = cls.model_validate(_by_alias(cls, fields), strict=False)
@@ -657,6 +656,24 @@ def _by_alias(cls: Any, fields: dict[str, Any]) -> dict[str, Any]:
         if isinstance(alias, str) and name in keyed:
             keyed[alias] = keyed.pop(name)
     return keyed
+
+
+def _same_form(a: Any, b: Any) -> bool:
+    """Two typed forms hold the same value: equal, a set's items in any order."""
+    return bool(_ordered(a) == _ordered(b))
+
+
+def _ordered(form: Any) -> Any:
+    """A typed form with each set's items in one order, and each number tagged with its type."""
+    if isinstance(form, list):
+        return [_ordered(item) for item in form]
+    if isinstance(form, dict):
+        ordered = {key: _ordered(item) for key, item in form.items()}
+        if len(form) == 1 and next(iter(form)) in ("$set", "$frozenset"):
+            ((tag, items),) = ordered.items()
+            return {tag: sorted(items, key=lambda item: json.dumps(item, sort_keys=True))}
+        return ordered
+    return (type(form).__name__, form)  # 1 == 1.0 == True for ==, not here
 
 
 def _imported_class(name: str) -> type | None:

@@ -577,3 +577,94 @@ def test_an_old_record_whose_types_are_unknown_fails_clearly(store: MemoryStore)
     with pytest.raises(StoreError, match="stored without its type"):
         untyped("K3")
     assert count.calls == 1
+
+
+@dataclasses.dataclass
+class Cents:
+    """A dataclass whose __post_init__ is not idempotent: building it again from its fields changes it."""
+
+    amount: int
+
+    def __post_init__(self) -> None:
+        self.amount *= 100
+
+
+@dataclasses.dataclass
+class WithInitVar:
+    amount: int
+    scale: dataclasses.InitVar[int]
+
+    def __post_init__(self, scale: int) -> None:
+        pass
+
+
+class Loose(pydantic.BaseModel):
+    anything: Any
+
+
+def local_class() -> Any:
+    @dataclasses.dataclass
+    class Local:
+        x: int
+
+    return Local(1)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: Cents(5), "would not come back equal"),
+        (lambda: WithInitVar(5, 2), "could not be rebuilt.*scale"),
+        (lambda: Loose(anything=pydantic.HttpUrl("http://example.org")), "would not come back equal"),
+        (local_class, "could not be rebuilt.*Local"),
+    ],
+    ids=["post_init", "InitVar", "pydantic type in Any", "local class"],
+)
+def test_a_result_a_replay_would_not_rebuild_equal_is_refused_before_it_is_stored(
+    store: MemoryStore, make: Any, match: str
+) -> None:
+    """The result is rebuilt as a replay would before it is stored; one that would differ raises on the call."""
+    count = Counter()
+
+    @idempotent(store=store, key="key", scope="unfaithful")
+    def unfaithful(key):  # type: ignore[no-untyped-def]
+        count()
+        return make()
+
+    with pytest.raises(ConfigurationError, match=match):
+        unfaithful("K1")
+    with pytest.raises(KeyInProgress):
+        unfaithful("K1")
+    record = store.get(record_key("unfaithful", "K1"))
+    assert record is not None
+    assert record.response is None
+    assert count.calls == 1
+
+
+class Scores(pydantic.RootModel[list[int]]):
+    pass
+
+
+class Aliased(pydantic.BaseModel):
+    amount: Decimal = pydantic.Field(alias="amt")
+    link: pydantic.HttpUrl
+    token: pydantic.SecretStr
+
+
+def test_pydantic_root_models_aliases_and_pydantic_types_replay(store: MemoryStore) -> None:
+    """A RootModel, a field with an alias, an HttpUrl and a SecretStr (with its secret) replay as they were."""
+    results = [Scores([3, 1]), Aliased(amt=Decimal("1.10"), link="https://example.org/x", token="s3cret")]
+    count = Counter()
+
+    @idempotent(store=store, key="key", scope="models")
+    def models(key):  # type: ignore[no-untyped-def]
+        count()
+        return results
+
+    models("K1")
+    replayed = models("K1")
+    assert count.calls == 1
+    assert replayed == results
+    assert [type(r) for r in replayed] == [Scores, Aliased]
+    assert replayed[1].token.get_secret_value() == "s3cret"
+    assert str(replayed[1].amount) == "1.10"
