@@ -30,7 +30,7 @@ from idempo._core.fingerprint import canonical_json
 from idempo._core.records import Acquired, StoredResponse
 from idempo.decorator import record_key
 from idempo.serializers import JSONSerializer, fingerprint_form
-from idempo.stores import MemoryStore
+from idempo.stores import AsyncMemoryStore, MemoryStore
 
 UTC = datetime.UTC
 PLUS_TWO = datetime.timezone(datetime.timedelta(hours=2))
@@ -668,3 +668,26 @@ def test_pydantic_root_models_aliases_and_pydantic_types_replay(store: MemorySto
     assert [type(r) for r in replayed] == [Scores, Aliased]
     assert replayed[1].token.get_secret_value() == "s3cret"
     assert str(replayed[1].amount) == "1.10"
+
+
+@pytest.mark.anyio
+async def test_async_functions_keep_their_types_and_refuse_the_same_way() -> None:
+    """The async wrapper: a typed replay, and a return type refused at decoration (asyncio and trio)."""
+    store = AsyncMemoryStore()
+    count = Counter()
+
+    @idempotent(store=store, key="key", scope="async")
+    async def book(key, when):  # type: ignore[no-untyped-def]
+        count()
+        return (when, uuid.UUID(int=3), {Decimal("1.50")})
+
+    when = datetime.datetime(2026, 1, 1, 9, tzinfo=PARIS)
+    first = await book("K1", when)
+    replayed = await book("K1", when.astimezone(UTC))  # the same instant: the same call
+    assert count.calls == 1
+    assert same_types(replayed, first)
+    with pytest.raises(ConfigurationError, match="Lockbox"):
+
+        @idempotent(store=store, key="key")
+        async def opaque(key: str) -> Lockbox:
+            return Lockbox()
