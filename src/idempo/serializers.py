@@ -359,7 +359,7 @@ def _fingerprint(value: Any, pydantic_owned: bool) -> Any:
             form[_escape(name)] = _fingerprint(item, True)
         return {"$model": [_class_name(cls), form]}
     if pydantic_owned:
-        return _pydantic_leaf(value, _fingerprint)
+        return _pydantic_leaf(value)
     raise TypeError(f"{_type_name(value)} has no fingerprint form")
 
 
@@ -424,11 +424,11 @@ def _is_pydantic_dataclass(cls: type) -> bool:
     return "__pydantic_validator__" in vars(cls)
 
 
-def _pydantic_leaf(value: Any, form: Callable[[Any, bool], Any]) -> Any:
+def _pydantic_leaf(value: Any) -> Any:
     """A value of a type only pydantic knows, inside a model: pydantic's JSON of it, named by its type."""
     secret = getattr(value, "get_secret_value", None)
     if callable(secret):
-        return {"$secret": form(secret(), True)}
+        return {"$secret": _fingerprint(secret(), True)}
     import pydantic_core  # present wherever a pydantic model is
 
     try:
@@ -515,8 +515,8 @@ class _Encoder:
     def _pydantic_leaf(self, value: Any) -> Any:
         """A value of a type only pydantic knows, in a model's field: pydantic's JSON of it, which it validates back."""
         secret = getattr(value, "get_secret_value", None)
-        if callable(secret):
-            return {"$json": self._encode(secret(), True)}
+        if callable(secret):  # SecretStr, SecretBytes: the str or bytes, which pydantic validates back
+            return self._encode(secret(), True)
         import pydantic_core  # present wherever a pydantic model is
 
         try:

@@ -649,10 +649,11 @@ class Aliased(pydantic.BaseModel):
     amount: Decimal = pydantic.Field(alias="amt")
     link: pydantic.HttpUrl
     token: pydantic.SecretStr
+    key: pydantic.SecretBytes = pydantic.SecretBytes(b"\x00k")
 
 
 def test_pydantic_root_models_aliases_and_pydantic_types_replay(store: MemoryStore) -> None:
-    """A RootModel, a field with an alias, an HttpUrl and a SecretStr (with its secret) replay as they were."""
+    """A RootModel, a field with an alias, an HttpUrl and secrets (with their values) replay as they were."""
     results = [Scores([3, 1]), Aliased(amt=Decimal("1.10"), link="https://example.org/x", token="s3cret")]
     count = Counter()
 
@@ -667,6 +668,7 @@ def test_pydantic_root_models_aliases_and_pydantic_types_replay(store: MemorySto
     assert replayed == results
     assert [type(r) for r in replayed] == [Scores, Aliased]
     assert replayed[1].token.get_secret_value() == "s3cret"
+    assert replayed[1].key.get_secret_value() == b"\x00k"
     assert str(replayed[1].amount) == "1.10"
 
 
