@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 import typing
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import timedelta
@@ -201,19 +202,40 @@ def _return_annotation(fn: Callable[..., Any], scope: str, serializer: Serialize
     @functools.cache
     def annotation() -> Any:
         try:
-            hint = typing.get_type_hints(fn).get("return", Any)
+            hint = _resolve_return(fn)
         except Exception:
             logger.warning("idempo: cannot resolve the return annotation of %r; replays are checked against Any", fn)
             return Any
         return check(hint)
 
     try:
-        hint = typing.get_type_hints(fn).get("return", Any)
+        hint = _resolve_return(fn)
     except Exception:
         pass  # a forward reference, resolved on the first call
     else:
         check(hint)
     return annotation
+
+
+_NO_CODE = (lambda: None).__code__
+
+
+def _resolve_return(fn: Callable[..., Any]) -> Any:
+    """The return annotation alone, evaluated in the function's module.
+
+    Alone, so a parameter annotated with a name only a type checker imports
+    (``if TYPE_CHECKING:``) does not hide the return type.
+
+    Raises:
+        NameError: the annotation names something not (yet) defined there.
+    """
+    target = inspect.unwrap(fn)
+    annotations = getattr(target, "__annotations__", None) or {}
+    if "return" not in annotations:
+        return Any
+    shim = types.FunctionType(_NO_CODE, getattr(target, "__globals__", {}))
+    shim.__annotations__ = {"return": annotations["return"]}
+    return typing.get_type_hints(shim)["return"]
 
 
 def idempotent(

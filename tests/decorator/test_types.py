@@ -693,3 +693,13 @@ async def test_async_functions_keep_their_types_and_refuse_the_same_way() -> Non
         @idempotent(store=store, key="key")
         async def opaque(key: str) -> Lockbox:
             return Lockbox()
+
+
+def test_a_parameter_type_only_a_type_checker_imports_does_not_hide_the_return_type(store: MemoryStore) -> None:
+    """An unresolvable parameter annotation (an `if TYPE_CHECKING:` import) still lets the return type be checked."""
+
+    def charge(key: str, client: StripeClient) -> Lockbox:  # type: ignore[name-defined]  # noqa: F821
+        return Lockbox()
+
+    with pytest.raises(ConfigurationError, match="Lockbox"):
+        idempotent(store=store, key="key", exclude=["client"])(charge)
