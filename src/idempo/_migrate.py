@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 
 import click
 
-from .exceptions import IdempoError, StoreUnavailable
+from .exceptions import IdempoError
+from .stores._base import cannot_use
 
 __all__ = ["migrate"]
 
@@ -42,13 +43,9 @@ def migrate(url: str | None, print_sql: bool) -> None:
     if url is None:
         raise click.UsageError("Missing option '--store' (or $IDEMPO_STORE).")
     if scheme not in ("postgresql", "postgres"):
-        from .stores import store_from_url
+        from ._ops import open_store
 
-        try:
-            store = store_from_url(url)  # SQLite creates its schema here
-            store.close()
-        except IdempoError as exc:
-            raise click.ClickException(str(exc)) from exc
+        open_store(url, must_exist=False).close()  # SQLite creates its file and schema here
         click.echo(f"{scheme}:// stores have no schema to migrate; nothing to do.")
         return
 
@@ -57,15 +54,13 @@ def migrate(url: str | None, print_sql: bool) -> None:
     except ImportError as exc:
         raise click.ClickException(f"the postgresql:// store needs `pip install idempo[postgres]` ({exc})") from exc
     try:
-        pg = postgres.PostgresStore(url, min_size=1, max_size=1, check_schema=False, timeout=10.0)
+        pg = postgres.PostgresStore(url, min_size=1, max_size=1, check_schema=False)
         try:
             applied = pg.create_schema()
         finally:
             pg.close()
-    except StoreUnavailable as exc:
-        raise click.ClickException(f"cannot reach PostgreSQL: {exc}") from exc
     except IdempoError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(cannot_use(url, exc)) from exc
     if applied:
         versions = ", ".join(str(v) for v in applied)
         click.echo(f"schema {pg.schema!r}: applied version(s) {versions}; now at {postgres.SCHEMA_VERSION}.")

@@ -4,16 +4,25 @@ Each takes ``--store URL`` (or ``$IDEMPO_STORE``), the same URLs the
 middleware takes, and ``--json`` for scripts. They use the blocking store
 front. Times are shown as UTC dates with seconds remaining: ``stats``
 measures them by the store's clock, ``inspect`` by this machine's.
+
+A store they cannot use ends them with exit status 1 and one line, the same
+in every command (and in ``idempo demo`` and ``idempo migrate``): ``cannot
+use the store at <URL, password masked>: <cause>``. They only look at a
+store, so an SQLite file that does not exist is such a cause: they never
+create one.
 """
 
 from __future__ import annotations
 
 import base64
+import inspect as _inspect
 import json
+import logging
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
@@ -23,8 +32,9 @@ from rich.table import Table
 
 from ._core.keys import make_record_key, parse_key_value, principal_from_credentials
 from ._core.records import Record, RecordState, StoreStats
-from .exceptions import ConfigurationError, IdempoError, InvalidKey, StoreError
-from .stores import store_from_url
+from .exceptions import ConfigurationError, IdempoError, InvalidKey
+from .stores import _resolve
+from .stores._base import cannot_use
 from .typing import Store, SupportsStats
 
 __all__ = ["inspect", "purge", "stats"]
@@ -41,22 +51,56 @@ _store_option = click.option(
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of tables.")
 
 
-def _redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+def open_store(url: str, *, must_exist: bool = True) -> Store:
+    """Open the blocking store at ``url`` for a command, checked now (one PING, a schema check).
 
+    Args:
+        url: the store URL.
+        must_exist: refuse an SQLite file that does not exist rather than create it.
 
-def _open(url: str) -> Store:
+    Raises:
+        click.BadParameter: the URL is malformed or its scheme unknown (exit 2).
+        click.ClickException: the store cannot be used (exit 1), in the one wording of
+            :func:`~idempo.stores._base.cannot_use`: unreachable, misconfigured,
+            a missing SQLite file.
+    """
     try:
-        return store_from_url(url)
+        cls, args = _resolve(url, 0)
     except ConfigurationError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from exc
-    except StoreError as exc:
-        raise click.ClickException(f"cannot open the store at {_redacted(url)}: {exc}") from exc
+    path = args.get("path")
+    if must_exist and path is not None and not Path(path).is_file():
+        raise click.ClickException(
+            cannot_use(
+                url,
+                f"the SQLite file {path} does not exist; check the path (sqlite:///relative.db is relative "
+                "to the current directory, sqlite:////absolute.db is absolute)",
+            )
+        )
+    if "check_schema" in _inspect.signature(cls).parameters:
+        args["check_schema"] = False  # checked once, by open() below
+    store: Store | None = None
+    idempo_logger = logging.getLogger("idempo")
+    level = idempo_logger.level
+    # A command reports an unreachable store as its error, not also as the start-up warning.
+    idempo_logger.setLevel(logging.ERROR)
+    try:
+        store = cls(**args)
+        open_ = getattr(store, "open", None)
+        if open_ is not None:
+            open_()
+    except IdempoError as exc:
+        if store is not None:
+            store.close()
+        raise click.ClickException(cannot_use(url, exc)) from exc
+    finally:
+        idempo_logger.setLevel(level)
+    assert store is not None
+    return store
+
+
+def _failed(url: str, exc: IdempoError, after: str = "") -> click.ClickException:
+    return click.ClickException(cannot_use(url, f"{exc}{after}"))
 
 
 def _date(ms: int) -> str:
@@ -118,11 +162,11 @@ def inspect(
     """
     if record_key is None:
         record_key = _record_key(key, principal, authorization, method, path)
-    store = _open(url)
+    store = open_store(url)
     try:
         record = store.get(record_key)
     except IdempoError as exc:
-        raise click.ClickException(f"the store failed: {exc}") from exc
+        raise _failed(url, exc) from exc
     finally:
         store.close()
     now_ms = int(time.time() * 1000)
@@ -225,14 +269,14 @@ def stats(url: str, as_json: bool) -> None:
     older than the slowest handler means a holder that is stuck or crashed;
     see it with `idempo inspect --record-key`.
     """
-    store = _open(url)
+    store = open_store(url)
     try:
         if not isinstance(store, SupportsStats):
             raise click.ClickException(f"the {urlsplit(url).scheme}:// store cannot count its records")
         try:
             counted = store.stats()
         except IdempoError as exc:
-            raise click.ClickException(f"the store failed: {exc}") from exc
+            raise _failed(url, exc) from exc
     finally:
         store.close()
     document = _stats_document(counted)
@@ -301,7 +345,7 @@ def purge(url: str, batch: int, as_json: bool) -> None:
     Safe while the application runs. Run it periodically (cron, a systemd
     timer): see docs/operating.md.
     """
-    store = _open(url)
+    store = open_store(url)
     purged = batches = 0
     started = time.monotonic()
     try:
@@ -310,7 +354,7 @@ def purge(url: str, batch: int, as_json: bool) -> None:
             try:
                 total = store.stats().expired
             except IdempoError as exc:
-                raise click.ClickException(f"the store failed: {exc}") from exc
+                raise _failed(url, exc) from exc
         console = Console(stderr=True, highlight=False)
         columns = (TextColumn("purging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, disable=as_json or not console.is_terminal) as progress:
@@ -319,7 +363,7 @@ def purge(url: str, batch: int, as_json: bool) -> None:
                 try:
                     deleted = store.purge_expired(batch)
                 except IdempoError as exc:
-                    raise click.ClickException(f"the store failed after {purged} records were purged: {exc}") from exc
+                    raise _failed(url, exc, f" (after {purged} records were purged)") from exc
                 purged += deleted
                 batches += 1
                 if total is not None and purged > total:

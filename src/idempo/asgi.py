@@ -42,9 +42,10 @@ from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
 from ._engine import begin_async, settle_async
 from ._lease import AsyncLeaseKeeper
-from .exceptions import ConfigurationError, StoreError
+from .exceptions import ConfigurationError, StoreError, StoreUnavailable
 from .observability import Outcome, RequestObservation, observe_request
 from .stores import async_store_from_url
+from .stores._base import warn_unreachable_at_startup
 from .typing import AsyncStore
 
 __all__ = ["EXCHANGE_SCOPE_KEY", "IdempotencyMiddleware", "default_principal", "report_exception"]
@@ -154,6 +155,7 @@ class IdempotencyMiddleware:
         self.app = app
         self.store: AsyncStore = async_store_from_url(store) if isinstance(store, str) else store
         self._owns_store = isinstance(store, str)
+        self._store_url: str = store if isinstance(store, str) else getattr(store, "url", type(store).__name__)
         self.policy = policy if policy is not None else Policy()
         self._routes = RouteTable(routes)
         self.principal = principal
@@ -169,10 +171,15 @@ class IdempotencyMiddleware:
         """Open the store at startup and close a store built from a URL at shutdown.
 
         Opening at startup (``store.open()`` where the store has one: the
-        PostgreSQL store checks its schema version, a Redis Cluster reads its
-        slot map) turns a misconfigured store into a failed startup instead of
-        an error on the first request. A store passed in as an object is the
-        caller's to close.
+        PostgreSQL store checks the server and its schema version, Redis
+        answers a PING, a Redis Cluster gives its slot map) turns a
+        misconfigured store (``ConfigurationError``: a wrong password or
+        role, a missing schema, an unknown host) into a failed startup with
+        one line naming the cause and the fix, instead of an error on every
+        request. A store that cannot be reached (``StoreUnavailable``) is not
+        a misconfiguration: one warning is logged and the app starts,
+        answering 503 until the store is back, so a store blip cannot stop a
+        deploy. A store passed in as an object is the caller's to close.
         """
 
         async def lifespan_send(message: Message) -> None:
@@ -181,6 +188,8 @@ class IdempotencyMiddleware:
                 if open_ is not None:
                     try:
                         await open_()
+                    except StoreUnavailable as exc:
+                        warn_unreachable_at_startup(self._store_url, exc)
                     except (ConfigurationError, StoreError) as exc:
                         if self._owns_store:
                             await self.store.aclose()

@@ -79,12 +79,17 @@ def test_schema_sql_equals_all_migrations_applied(postgres_url: str, schemas: li
 
 
 def test_store_refuses_a_missing_or_old_schema(postgres_url: str, schemas: list[str]) -> None:
-    """The store checks the schema version at start and tells the user to run `idempo migrate`."""
+    """The store checks the schema version at start and tells the user to run `idempo migrate`.
+
+    At start-up (the blocking store built, ``await open()``) it is a ConfigurationError; on a
+    first call that could not be checked before, a StoreError (the fronts answer 503) with the
+    same advice.
+    """
     import asyncio
 
     import psycopg
 
-    from idempo import ConfigurationError
+    from idempo import ConfigurationError, StoreError
     from idempo.stores.postgres import AsyncPostgresStore, PostgresStore
 
     schema = _new_schema(schemas)
@@ -95,12 +100,14 @@ def test_store_refuses_a_missing_or_old_schema(postgres_url: str, schemas: list[
     async def first_use() -> None:
         store = AsyncPostgresStore(url)
         try:
-            await store.begin("k", "fp", 1000)
+            with pytest.raises(StoreError, match="idempo migrate"):
+                await store.begin("k", "fp", 1000)
+            with pytest.raises(ConfigurationError, match="idempo migrate"):
+                await store.open()
         finally:
             await store.aclose()
 
-    with pytest.raises(ConfigurationError, match="idempo migrate"):
-        asyncio.run(first_use())
+    asyncio.run(first_use())
 
     store = PostgresStore(url, check_schema=False)
     store.create_schema()

@@ -117,14 +117,22 @@ def test_redis_store_takes_a_ready_cluster_client(redis_cluster_urls: list[str])
         client.close()
 
 
-def test_unreachable_redis_cluster_is_store_unavailable() -> None:
-    """A redis+cluster:// URL whose nodes all refuse connections gives StoreUnavailable."""
+def test_unreachable_redis_cluster_starts_and_is_store_unavailable(caplog: pytest.LogCaptureFixture) -> None:
+    """A redis+cluster:// URL whose nodes all refuse connections: the store starts with one
+    warning (issue 10 item 5), and each call is StoreUnavailable until a node answers."""
     from store_helpers import unused_port
 
     from idempo import StoreUnavailable
 
-    with pytest.raises(StoreUnavailable):
-        store_from_url(f"redis+cluster://127.0.0.1:{unused_port()}?socket_connect_timeout=1")
+    store = store_from_url(f"redis+cluster://127.0.0.1:{unused_port()}?socket_connect_timeout=1")
+    try:
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1
+        assert "cannot be reached at start-up" in warnings[0].getMessage()
+        with pytest.raises(StoreUnavailable):
+            store.get("k")
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize(

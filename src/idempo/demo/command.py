@@ -63,7 +63,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise SystemExit(f"idempo demo needs the demo extra: pip install 'idempo[demo]' ({exc})") from exc
 
 from ..exceptions import ConfigurationError, StoreError
-from ..stores import async_store_from_url
+from ..stores import _resolve, async_store_from_url
+from ..stores._base import cannot_use
 
 __all__ = ["demo"]
 
@@ -181,14 +182,17 @@ def _prepare_store(store_url: str) -> str | None:
 
     Raises:
         click.BadParameter: the URL is unknown or malformed (exit 2).
-        click.ClickException: the store cannot be reached or refused the schema (exit 1).
+        click.ClickException: the store cannot be used (exit 1): unreachable, or
+            misconfigured, or it refused the schema; one line, as every command says it.
     """
     try:
-        return anyio.run(_prepare_async_store, store_url)
+        _resolve(store_url, 1)
     except ConfigurationError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from exc
-    except StoreError as exc:
-        raise click.ClickException(f"the store at {_redacted(store_url)} cannot be used: {exc}") from exc
+    try:
+        return anyio.run(_prepare_async_store, store_url)
+    except (ConfigurationError, StoreError) as exc:
+        raise click.ClickException(cannot_use(store_url, exc)) from exc
 
 
 async def _prepare_async_store(store_url: str) -> str | None:

@@ -30,6 +30,21 @@ lease, or its stored record, never a 409 from itself. A release leaves an
 expired tombstone holding the token for a few seconds, so the next lease's
 token is greater even within the same millisecond.
 
+Deadline: every call ends within ``deadline`` seconds (default 2). It bounds
+the wait for a pooled connection, the connect and each reply
+(``socket_connect_timeout``, ``socket_timeout``), and a retry is not started
+past it; the async store also cancels the whole call at the deadline. A
+blocking call, whose steps are bounded one by one, can take up to twice the
+deadline in the worst case (a connection that breaks just before it, retried).
+Past it a call raises :class:`~idempo.exceptions.StoreUnavailable`.
+
+Start-up: :meth:`AsyncRedisStore.open` (the ASGI middleware calls it at
+lifespan start-up) and the blocking store's constructor send one ``PING``: a
+wrong password, an unknown user, a database number the server does not have
+or a host name that does not resolve raise
+:class:`~idempo.exceptions.ConfigurationError` (one line, with the fix); a
+server that cannot be reached is logged (one warning) and the store starts.
+
 The async store needs asyncio (redis-py's asyncio client); it does not run on trio.
 """
 
@@ -38,10 +53,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from importlib import resources
-from typing import Any
+from time import monotonic
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -51,18 +67,29 @@ import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
+    AuthenticationError,
     ClusterError,
     ReadOnlyError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
 from redis.retry import Retry
 
 from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
-from ..exceptions import ConfigurationError, LeaseLost, StoreUnavailable
-from ._base import ErrorMap, map_errors, record_from_row
+from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
+from ._base import (
+    DEFAULT_DEADLINE,
+    ErrorMap,
+    deadline_seconds,
+    map_errors,
+    misconfigured,
+    record_from_row,
+    warn_unreachable_at_startup,
+    within_deadline,
+)
 
 __all__ = ["AsyncRedisStore", "RedisStore"]
 
@@ -83,8 +110,9 @@ _STATS_BATCH = 500
 _LUA = {name: resources.files("idempo.stores.lua").joinpath(f"{name}.lua").read_text("utf-8") for name in _SCRIPTS}
 
 # Options idempo reads from a store URL's query; the rest go to redis-py.
-_OPTIONS = ("prefix", "grace")
+_OPTIONS = ("prefix", "grace", "deadline")
 _CLUSTER_OPTIONS = {"max_connections": int, "socket_timeout": float, "socket_connect_timeout": float}
+_T = TypeVar("_T")
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 Client = redis.Redis | redis.cluster.RedisCluster
@@ -205,34 +233,113 @@ def _is_cluster_url(url: str) -> bool:
     return urlsplit(url).scheme.lower() in ("redis+cluster", "rediss+cluster")
 
 
-def _retry(retries: int) -> Retry:
-    # A stale pooled connection (the server restarted) fails before the
-    # script ran, so one quick retry on a fresh connection recovers without a
-    # 503. A connection that drops after the script ran is retried too:
-    # begin, complete and release recognise their own first run by its
-    # attempt id, and extend is idempotent. Timeouts are not retried here
-    # (a cluster client retries them on its own; the attempt id covers that).
-    return Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries, supported_errors=(redis.ConnectionError,))
+class _DeadlineRetry(Retry):
+    """redis-py's Retry that starts no retry past the call's deadline.
+
+    A stale pooled connection (the server restarted) fails before the
+    script ran, so one quick retry on a fresh connection recovers without a
+    503. A connection that drops after the script ran is retried too:
+    begin, complete and release recognise their own first run by its
+    attempt id, and extend is idempotent. Timeouts are not retried here
+    (a cluster client retries them on its own; the attempt id covers that).
+    """
+
+    def __init__(self, retries: int, deadline: float) -> None:
+        super().__init__(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries, (redis.ConnectionError,))
+        self.deadline = deadline
+
+    def call_with_retry(self, do: Callable[[], _T], fail: Any, *args: Any, **kwargs: Any) -> _T:
+        """Call ``do``, retried on a broken connection while the deadline lasts."""
+        ends = monotonic() + self.deadline
+        tried = False
+
+        def attempt() -> _T:
+            nonlocal tried
+            if tried and monotonic() >= ends:
+                raise redis.TimeoutError(f"no answer within the {self.deadline:g} s deadline")
+            tried = True
+            return do()
+
+        return super().call_with_retry(attempt, fail, *args, **kwargs)
 
 
-def _async_retry(retries: int) -> AsyncRetry:
-    # redis.asyncio needs its own Retry: given the blocking one, it gets a
-    # coroutine back from call_with_retry and never retries at all.
-    return AsyncRetry(
-        ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries, supported_errors=(redis.ConnectionError,)
-    )
+class _AsyncDeadlineRetry(AsyncRetry):
+    """The async twin of :class:`_DeadlineRetry`.
+
+    redis.asyncio needs its own Retry: given the blocking one, it gets a
+    coroutine back from call_with_retry and never retries at all.
+    """
+
+    def __init__(self, retries: int, deadline: float) -> None:
+        super().__init__(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries, (redis.ConnectionError,))
+        self.deadline = deadline
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[_T]], fail: Any, *args: Any, **kwargs: Any) -> _T:
+        """Call ``do``, retried on a broken connection while the deadline lasts."""
+        ends = monotonic() + self.deadline
+        tried = False
+
+        async def attempt() -> _T:
+            nonlocal tried
+            if tried and monotonic() >= ends:
+                raise redis.TimeoutError(f"no answer within the {self.deadline:g} s deadline")
+            tried = True
+            return await do()
+
+        return await super().call_with_retry(attempt, fail, *args, **kwargs)
+
+
+def _misconfiguration(url: str, exc: BaseException) -> ConfigurationError | None:
+    """Name what a start-up error says is wrong with the configuration (None: the server is unreachable)."""
+    text = str(exc)
+    if isinstance(exc, AuthenticationError) or "WRONGPASS" in text or "NOAUTH" in text:
+        return misconfigured(url, text, "fix the user name or password in the store URL (or the server's ACL)")
+    if isinstance(exc, ResponseError) and "DB index is out of range" in text:
+        return misconfigured(url, text, "use a database number the server has (see its `databases` setting)")
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return misconfigured(url, text, "fix the host name in the store URL")
+    return None
+
+
+def _startup_failure(url: str, exc: BaseException) -> Exception:
+    named = _misconfiguration(url, exc)
+    if named is not None:
+        return named
+    if isinstance(exc, StoreError):
+        return exc
+    return StoreUnavailable(f"{type(exc).__name__}: {exc}")
 
 
 class _Options:
     """Parsed constructor arguments, shared by both fronts."""
 
-    def __init__(self, url: str | None, prefix: str, grace: float | timedelta, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        url: str | None,
+        prefix: str,
+        grace: float | timedelta,
+        deadline: float | timedelta,
+        socket_timeout: float | None,
+        socket_connect_timeout: float | None,
+    ) -> None:
         self.url = url
-        self.kwargs = kwargs
+        self.given_url = url or "(the client passed in)"
         options: dict[str, str] = {}
         if url is not None:
             self.url, options = _split_url(url)
         self.codec = _Codec(options.get("prefix", prefix), float(options["grace"]) if "grace" in options else grace)
+        self.deadline = deadline_seconds(options.get("deadline", deadline))
+        self.socket_timeout = self.deadline if socket_timeout is None else socket_timeout
+        self.socket_connect_timeout = self.deadline if socket_connect_timeout is None else socket_connect_timeout
+
+    def common(self, max_connections: int, retry: Retry | AsyncRetry) -> dict[str, Any]:
+        """Client arguments both fronts give, for one server or a cluster."""
+        return {
+            "max_connections": max_connections,
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_connect_timeout,
+            "retry": retry,
+        }
 
 
 class RedisStore:
@@ -243,7 +350,7 @@ class RedisStore:
             (TLS), ``unix:///path.sock`` or ``redis+cluster://host:port,host:port``
             (``rediss+cluster://`` for TLS). Query options: ``prefix``, ``grace``
             and, for ``redis://``, any redis-py connection option
-            (``socket_timeout``, ``max_connections``, ...). Omit when passing ``client``.
+            (``max_connections``, ``health_check_interval``, ...). Omit when passing ``client``.
         client: a ready ``redis.Redis`` or ``redis.cluster.RedisCluster`` (created
             with ``decode_responses=False``, the default); the store does not close it.
         prefix: prepended to every record's hash name (default ``"idempo:"``);
@@ -251,16 +358,21 @@ class RedisStore:
         grace: seconds (or a timedelta) an in-progress record's hash outlives its
             lease, so a takeover can report the crashed holder (default 60).
         max_connections: the connection pool's size (per cluster node). With
-            one Redis server, a command beyond it waits up to ``socket_timeout``
-            for a free connection.
-        socket_timeout: seconds to wait for a reply before StoreUnavailable.
-        socket_connect_timeout: seconds to wait for a connection.
-        retries: times a command is retried on a broken connection (default 1).
+            one Redis server, a command beyond it waits for a free connection
+            within the deadline.
+        deadline: seconds (or a timedelta) one call may take before
+            StoreUnavailable (default 2; URL ``?deadline=``); see the module docstring.
+        socket_timeout: seconds to wait for one reply (default: the deadline).
+        socket_connect_timeout: seconds to wait for a connection (default: the deadline).
+        retries: times a command is retried on a broken connection (default
+            1), within the deadline.
 
     Raises:
         ConfigurationError: neither or both of ``url`` and ``client`` given, a
-            malformed URL, or a prefix with braces.
-        StoreUnavailable: a Redis Cluster could not be reached to read its slots.
+            malformed URL or deadline, a prefix with braces; the server
+            refuses the configuration (see the module docstring). An
+            unreachable server is logged (one warning), and so is an
+            unreachable Redis Cluster, whose client is then built on first use.
     """
 
     def __init__(
@@ -271,77 +383,106 @@ class RedisStore:
         prefix: str = "idempo:",
         grace: float | timedelta = 60.0,
         max_connections: int = 50,
-        socket_timeout: float = 5.0,
-        socket_connect_timeout: float = 2.0,
+        deadline: float | timedelta = DEFAULT_DEADLINE,
+        socket_timeout: float | None = None,
+        socket_connect_timeout: float | None = None,
         retries: int = 1,
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("RedisStore takes either url= or client=")
-        options = _Options(url, prefix, grace)
+        options = _Options(url, prefix, grace, deadline, socket_timeout, socket_connect_timeout)
+        self._options = options
         self._codec = options.codec
+        #: The store URL as given (messages show it with the password masked).
+        self.url = options.given_url
+        #: Seconds one call may take (see the module docstring).
+        self.deadline = options.deadline
         self._owned = client is None
+        self._cluster_arguments: dict[str, Any] | None = None
         if client is None:
             assert options.url is not None
-            common: dict[str, Any] = {
-                "max_connections": max_connections,
-                "socket_timeout": socket_timeout,
-                "socket_connect_timeout": socket_connect_timeout,
-                "retry": _retry(retries),
-            }
+            common = options.common(max_connections, _DeadlineRetry(retries, options.deadline))
             if _is_cluster_url(options.url):
-                args = _cluster_arguments(options.url)
-                nodes = [redis.cluster.ClusterNode(host, port) for host, port in args.pop("nodes")]  # type: ignore[no-untyped-call]
-                try:
-                    # Reads the slot map now: every listed node unreachable is an outage.
-                    client = redis.cluster.RedisCluster(startup_nodes=nodes, **{**common, **args})
-                except (RedisError, RedisClusterException) as exc:
-                    raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                self._cluster_arguments = {**common, **_cluster_arguments(options.url)}
             else:
-                # A blocking pool: a command beyond max_connections waits (up to
-                # socket_timeout) for a free connection, where redis-py's default
+                # A blocking pool: a command beyond max_connections waits (within
+                # the deadline) for a free connection, where redis-py's default
                 # pool raises "Too many connections" at once, which is a 503.
-                pool = redis.BlockingConnectionPool.from_url(options.url, timeout=socket_timeout, **common)
+                pool = redis.BlockingConnectionPool.from_url(options.url, timeout=options.deadline, **common)
                 client = redis.Redis.from_pool(pool)
-        self.client: Client = client
-        self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
+        self._client = client
+        self._scripts = {} if client is None else {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
+        try:
+            self.open()
+        except StoreUnavailable as exc:
+            warn_unreachable_at_startup(options.given_url, exc)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def client(self) -> Client:
+        """The redis-py client (for a Redis Cluster unreachable so far, built now).
+
+        Raises:
+            StoreUnavailable: a Redis Cluster could not be reached to read its slots.
+        """
+        if self._client is None:
+            assert self._cluster_arguments is not None
+            args = dict(self._cluster_arguments)
+            nodes = [redis.cluster.ClusterNode(host, port) for host, port in args.pop("nodes")]  # type: ignore[no-untyped-call]
+            try:
+                # Reads the slot map now: every listed node unreachable is an outage.
+                client = redis.cluster.RedisCluster(startup_nodes=nodes, **args)
+            except (RedisError, RedisClusterException) as exc:
+                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
+            self._client = client
+        return self._client
+
+    def open(self) -> None:
+        """Check the server now with one ``PING`` (the constructor does).
+
+        Raises:
+            ConfigurationError: the server refuses the configuration (see the module docstring).
+            StoreUnavailable: the server cannot be reached.
+        """
+        try:
+            self.client.ping()
+        except (RedisError, RedisClusterException, StoreError) as exc:
+            raise _startup_failure(self._options.given_url, exc) from exc
+
+    def _script(self, name: str, key: str, args: Sequence[str | int] = ()) -> Any:
+        client = self.client
+        with _redis_errors():
+            return self._scripts[name](keys=[key], args=args, client=client)
 
     def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
         codec = self._codec
-        with _redis_errors():
-            args = codec.begin_args(fingerprint, lease_ttl_ms)
-            reply = self._scripts["begin"](keys=[codec.key(record_key)], args=args)
+        reply = self._script("begin", codec.key(record_key), codec.begin_args(fingerprint, lease_ttl_ms))
         return codec.begin_result(record_key, reply)
 
     def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.complete`."""
         args = self._codec.complete_args(token, response, record_ttl_ms)
-        with _redis_errors():
-            done = self._scripts["complete"](keys=[self._codec.key(record_key)], args=args)
-        if done != 1:
+        if self._script("complete", self._codec.key(record_key), args) != 1:
             raise LeaseLost()
 
     def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
-        with _redis_errors():
-            args = self._codec.release_args(token)
-            done = self._scripts["release"](keys=[self._codec.key(record_key)], args=args)
-        if done != 1:
+        if self._script("release", self._codec.key(record_key), self._codec.release_args(token)) != 1:
             raise LeaseLost()
 
     def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.extend`."""
         args: list[str | int] = [str(token), int(lease_ttl_ms), self._codec.grace_ms]
-        with _redis_errors():
-            done = self._scripts["extend"](keys=[self._codec.key(record_key)], args=args)
-        if done != 1:
+        if self._script("extend", self._codec.key(record_key), args) != 1:
             raise LeaseLost()
 
     def get(self, record_key: str) -> Record | None:
         """See :meth:`idempo.typing.Store.get`."""
-        with _redis_errors():
-            reply = self._scripts["get"](keys=[self._codec.key(record_key)])
-        return self._codec.get_result(record_key, reply)
+        return self._codec.get_result(record_key, self._script("get", self._codec.key(record_key)))
 
     def purge_expired(self, limit: int = 1000) -> int:
         """Delete up to ``limit`` expired records still present; return how many.
@@ -352,11 +493,12 @@ class RedisStore:
         record found: maintenance, not for the request path.
         """
         deleted = 0
+        client = self.client
         with _redis_errors():
-            for key in self.client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
+            for key in client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
                 if deleted >= limit:
                     break
-                deleted += int(self._scripts["purge"](keys=[key]))
+                deleted += int(self._scripts["purge"](keys=[key], client=client))
         return deleted
 
     def stats(self) -> StoreStats:
@@ -371,17 +513,18 @@ class RedisStore:
         in_progress = completed = expired = 0
         oldest_key: bytes | None = None
         oldest_created = 0
+        client = self.client
         with _redis_errors():
-            seconds, microseconds = self.client.time()
+            seconds, microseconds = client.time()
             now = int(seconds) * 1000 + int(microseconds) // 1000
             batch: list[bytes] = []
-            keys = self.client.scan_iter(match=self._codec.pattern, count=1000, _type="hash")
+            keys = client.scan_iter(match=self._codec.pattern, count=1000, _type="hash")
             while True:
                 key = next(keys, None)
                 if key is not None:
                     batch.append(key)
                 if batch and (key is None or len(batch) >= _STATS_BATCH):
-                    pipe = self.client.pipeline(transaction=False)
+                    pipe = client.pipeline(transaction=False)
                     for name in batch:
                         pipe.hmget(name, "state", "created_at", "expires_at")
                     for name, (state, created, expires) in zip(batch, pipe.execute(), strict=True):
@@ -400,7 +543,7 @@ class RedisStore:
                     break
             oldest = None
             if oldest_key is not None:
-                fields = self.client.hmget(oldest_key, list(_RECORD_FIELDS))
+                fields = client.hmget(oldest_key, list(_RECORD_FIELDS))
                 record_key = oldest_key.decode("utf-8")[len(self._codec.prefix) + 1 : -1]
                 if fields[0] is not None:
                     oldest = self._codec.record(record_key, fields)
@@ -408,8 +551,8 @@ class RedisStore:
 
     def close(self) -> None:
         """Close the connection pool (unless the client was passed in)."""
-        if self._owned:
-            self.client.close()
+        if self._owned and self._client is not None:
+            self._client.close()
 
 
 class AsyncRedisStore:
@@ -429,64 +572,77 @@ class AsyncRedisStore:
         prefix: str = "idempo:",
         grace: float | timedelta = 60.0,
         max_connections: int = 50,
-        socket_timeout: float = 5.0,
-        socket_connect_timeout: float = 2.0,
+        deadline: float | timedelta = DEFAULT_DEADLINE,
+        socket_timeout: float | None = None,
+        socket_connect_timeout: float | None = None,
         retries: int = 1,
     ) -> None:
         if (url is None) == (client is None):
             raise ConfigurationError("AsyncRedisStore takes either url= or client=")
-        options = _Options(url, prefix, grace)
+        options = _Options(url, prefix, grace, deadline, socket_timeout, socket_connect_timeout)
+        self._options = options
         self._codec = options.codec
+        #: The store URL as given (messages show it with the password masked).
+        self.url = options.given_url
+        #: Seconds one call may take (see the module docstring).
+        self.deadline = options.deadline
         self._owned = client is None
         if client is None:
             assert options.url is not None
-            common: dict[str, Any] = {
-                "max_connections": max_connections,
-                "socket_timeout": socket_timeout,
-                "socket_connect_timeout": socket_connect_timeout,
-                "retry": _async_retry(retries),
-            }
+            common = options.common(max_connections, _AsyncDeadlineRetry(retries, options.deadline))
             if _is_cluster_url(options.url):
                 args = _cluster_arguments(options.url)
                 nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in args.pop("nodes")]
                 client = redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **{**common, **args})
             else:
                 # See RedisStore: wait for a free connection rather than fail.
-                pool = redis.asyncio.BlockingConnectionPool.from_url(options.url, timeout=socket_timeout, **common)
+                pool = redis.asyncio.BlockingConnectionPool.from_url(options.url, timeout=options.deadline, **common)
                 client = redis.asyncio.Redis.from_pool(pool)
         self.client: AsyncClient = client
         self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
         # A cluster client reads the slot map on first use; redis-py races when
         # several tasks make that first use at once (commands interleave on
-        # one connection), so the first use is serialised by open().
+        # one connection), so the first use is serialised by _initialize().
         self._ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._open_lock: asyncio.Lock | None = None
 
     async def open(self) -> None:
-        """Connect now rather than on first use; for a Redis Cluster, read its slot map.
+        """Check the server now with one ``PING``; for a Redis Cluster, read its slot map first.
 
-        Called by the first operation if not called before; call it at startup
-        to find an unreachable cluster before the first request does.
+        Call it at start-up (the ASGI middleware does, at lifespan start-up);
+        without it, a cluster's slot map is read on first use.
 
         Raises:
-            StoreUnavailable: the cluster could not be reached.
+            ConfigurationError: the server refuses the configuration (see the module docstring).
+            StoreUnavailable: the server cannot be reached.
         """
-        if self._ready:
-            return
+        try:
+            await within_deadline(self.deadline, self._ping())
+        except (RedisError, RedisClusterException, StoreError) as exc:
+            raise _startup_failure(self._options.given_url, exc) from exc
+
+    async def _ping(self) -> None:
+        if not self._ready:
+            await self._initialize()
+        await self.client.ping()
+
+    async def _initialize(self) -> None:
         if self._open_lock is None:
             self._open_lock = asyncio.Lock()
         async with self._open_lock:
             if not self._ready:
                 assert isinstance(self.client, redis.asyncio.cluster.RedisCluster)
-                with _redis_errors():
-                    await self.client.initialize()
+                await self.client.initialize()
                 self._ready = True
 
-    async def _script(self, name: str, key: str, args: Sequence[str | int] = ()) -> Any:
+    async def _call(self, name: str, key: str, args: Sequence[str | int]) -> Any:
         if not self._ready:
-            await self.open()
+            await self._initialize()
+        return await self._scripts[name](keys=[key], args=args)
+
+    async def _script(self, name: str, key: str, args: Sequence[str | int] = ()) -> Any:
         with _redis_errors():
-            return await self._scripts[name](keys=[key], args=args)
+            return await within_deadline(self.deadline, self._call(name, key, args))
 
     async def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
@@ -518,10 +674,10 @@ class AsyncRedisStore:
 
     async def purge_expired(self, limit: int = 1000) -> int:
         """See :meth:`RedisStore.purge_expired`."""
-        if not self._ready:
-            await self.open()
         deleted = 0
         with _redis_errors():
+            if not self._ready:
+                await self._initialize()
             async for key in self.client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
                 if deleted >= limit:
                     break
