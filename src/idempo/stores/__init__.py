@@ -3,7 +3,8 @@
 =====================================  =========================================
 URL                                    store
 =====================================  =========================================
-``memory://``                          :class:`MemoryStore` (one process)
+``memory://``                          :class:`MemoryStore` (one process;
+                                       ``?max_records=``, ``?grace=``)
 ``sqlite:///relative/path.db``         :class:`SQLiteStore` (SQLAlchemy-style:
 ``sqlite:////absolute/path.db``        three slashes relative, four absolute)
 ``postgresql://user@host:5432/db``     :class:`~idempo.stores.postgres.PostgresStore`
@@ -67,7 +68,18 @@ def _resolve(url: str, kind: int) -> tuple[type[Any], dict[str, Any]]:
 
 def _arguments(scheme: str, url: str) -> dict[str, Any]:
     if scheme == "memory":
-        return {}
+        options: dict[str, Any] = {}
+        for name, value in parse_qsl(urlsplit(url).query):
+            try:
+                if name == "max_records":
+                    options[name] = int(value)
+                elif name == "grace":
+                    options[name] = float(value)
+                else:
+                    raise ConfigurationError(f"unknown memory URL option {name!r}; known: grace, max_records")
+            except ValueError as exc:
+                raise ConfigurationError(f"bad value for the memory URL option {name}: {value!r}") from exc
+        return options
     if scheme == "sqlite":
         parts = urlsplit(url)
         if parts.netloc:

@@ -3,12 +3,31 @@
 For tests and single-process apps. Records live in a dict guarded by a lock,
 so each transition is atomic across threads; nothing survives the process.
 It passes the same conformance suite as the production stores.
+
+Bounded memory: the store evicts expired records itself. Each record's
+eviction time sits in a min-heap; every write (``begin``, ``complete``,
+``release``, ``extend``) then evicts at most :data:`SWEEP_PER_CALL` records
+whose time has come, so the cost per call is bounded (O(log n) each) and,
+since a write adds at most one heap entry, eviction keeps up with any load.
+A completed record is evicted at its expiry; an in-progress one ``grace``
+seconds after its lease (as Redis keeps it), so a takeover still sees the
+crashed holder. An idle store evicts nothing until its next write, or
+:meth:`MemoryStore.purge_expired`.
+
+``max_records`` bounds the count: a ``begin`` of a new key in a full store
+first evicts the oldest completed record (by completion), never an
+in-progress one. A store full of in-progress records refuses the new key
+with :class:`~idempo.exceptions.StoreUnavailable` (the fronts answer 503 with
+Retry-After) until one settles or its lease ends.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
+from collections import OrderedDict
+from datetime import timedelta
 
 from .._core.records import (
     Acquired,
@@ -21,10 +40,13 @@ from .._core.records import (
     StoredResponse,
     next_token,
 )
-from ..exceptions import LeaseLost
+from ..exceptions import ConfigurationError, LeaseLost, StoreUnavailable
 from ..typing import Clock
 
-__all__ = ["AsyncMemoryStore", "MemoryStore"]
+__all__ = ["SWEEP_PER_CALL", "AsyncMemoryStore", "MemoryStore"]
+
+#: Most expired records one write evicts.
+SWEEP_PER_CALL = 8
 
 
 # A record as the store keeps it: (state, fingerprint, token, lease_expires_at_ms,
@@ -57,11 +79,33 @@ class MemoryStore:
     Args:
         clock: returns seconds since the epoch (default ``time.time``); inject a
             fake clock to test expiry.
+        max_records: the most records the store holds (None: no bound but
+            expiry); see the module docstring for what is evicted when full.
+        grace: seconds (or a timedelta) an in-progress record outlives its
+            lease before it is evicted (default 60, as the Redis store).
+
+    Raises:
+        ConfigurationError: ``max_records`` < 1 or ``grace`` < 0.
     """
 
-    def __init__(self, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self, *, clock: Clock = time.time, max_records: int | None = None, grace: float | timedelta = 60.0
+    ) -> None:
+        if max_records is not None and max_records < 1:
+            raise ConfigurationError(f"max_records must be at least 1, got {max_records!r}")
+        grace_s = grace.total_seconds() if isinstance(grace, timedelta) else float(grace)
+        if not grace_s >= 0:
+            raise ConfigurationError(f"grace must be a number of seconds >= 0, got {grace!r}")
         self._clock = clock
+        self.max_records = max_records
+        self._grace_ms = int(grace_s * 1000)
         self._records: dict[str, _Row] = {}
+        # (eviction time ms, record key): a row is evicted when the first entry
+        # naming it with its current eviction time comes due; older entries
+        # for a row that changed since are skipped.
+        self._evictions: list[tuple[int, str]] = []
+        # Completed record keys, oldest completion first (for max_records).
+        self._completed: OrderedDict[str, None] = OrderedDict()
         # Completed records already built for a replay (immutable until their
         # row is replaced, which drops them here); bounded, so few objects stay
         # on the garbage collector's list.
@@ -85,11 +129,51 @@ class MemoryStore:
                             self._replays.clear()
                         self._replays[record_key] = record
                 return Existing(record, now)
+            if old is None and self.max_records is not None and len(self._records) >= self.max_records:
+                self._make_room(now)
             token = next_token(old[2] if old is not None else 0, now)
             expires = now + lease_ttl_ms
             self._replays.pop(record_key, None)
+            self._completed.pop(record_key, None)
             self._records[record_key] = (_IN_PROGRESS, fingerprint, token, expires, now, expires, None, None, None)
+            self._schedule(record_key, expires + self._grace_ms)
+            self._sweep(now)
             return Acquired(token, takeover=old is not None and old[0] == _IN_PROGRESS)
+
+    def _eviction_ms(self, row: _Row) -> int:
+        return row[5] + (self._grace_ms if row[0] == _IN_PROGRESS else 0)
+
+    def _schedule(self, record_key: str, at_ms: int) -> None:
+        heapq.heappush(self._evictions, (at_ms, record_key))
+
+    def _evict(self, record_key: str) -> None:
+        del self._records[record_key]
+        self._replays.pop(record_key, None)
+        self._completed.pop(record_key, None)
+
+    def _sweep(self, now: int) -> None:
+        """Evict at most SWEEP_PER_CALL records whose eviction time has come (under the lock)."""
+        heap = self._evictions
+        for _ in range(SWEEP_PER_CALL):
+            if not heap or heap[0][0] > now:
+                return
+            at_ms, record_key = heapq.heappop(heap)
+            row = self._records.get(record_key)
+            if row is not None and self._eviction_ms(row) == at_ms:
+                self._evict(record_key)
+
+    def _make_room(self, now: int) -> None:
+        """Free one place for a new key in a full store: the oldest completed record (under the lock).
+
+        Raises:
+            StoreUnavailable: every record is in progress.
+        """
+        if self._completed:
+            self._evict(next(iter(self._completed)))
+            return
+        raise StoreUnavailable(
+            f"the memory store is full: its max_records={self.max_records} records are all in progress"
+        )
 
     def _held(self, record_key: str, token: int) -> _Row:
         row = self._records.get(record_key)
@@ -101,8 +185,11 @@ class MemoryStore:
         """See :meth:`idempo.typing.Store.complete`."""
         with self._lock:
             old = self._held(record_key, token)
-            expires = int(self._clock() * 1000) + record_ttl_ms
+            now = int(self._clock() * 1000)
+            expires = now + record_ttl_ms
             self._replays.pop(record_key, None)
+            self._completed[record_key] = None
+            self._schedule(record_key, expires)
             self._records[record_key] = (
                 _COMPLETED,
                 old[1],
@@ -114,21 +201,25 @@ class MemoryStore:
                 response.headers,
                 response.body,
             )
+            self._sweep(now)
 
     def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
         with self._lock:
             self._held(record_key, token)
-            self._replays.pop(record_key, None)
-            del self._records[record_key]
+            self._evict(record_key)
+            self._sweep(self._now_ms())
 
     def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.extend`."""
         with self._lock:
             old = self._held(record_key, token)
-            expires = self._now_ms() + lease_ttl_ms
+            now = self._now_ms()
+            expires = now + lease_ttl_ms
             self._replays.pop(record_key, None)
             self._records[record_key] = (old[0], old[1], token, expires, old[4], expires, None, None, None)
+            self._schedule(record_key, expires + self._grace_ms)
+            self._sweep(now)
 
     def get(self, record_key: str) -> Record | None:
         """See :meth:`idempo.typing.Store.get`."""
@@ -148,8 +239,7 @@ class MemoryStore:
             now = self._now_ms()
             expired = [k for k, r in self._records.items() if r[5] <= now][:limit]
             for key in expired:
-                self._replays.pop(key, None)
-                del self._records[key]
+                self._evict(key)
             return len(expired)
 
     def stats(self) -> StoreStats:
@@ -175,6 +265,8 @@ class MemoryStore:
         with self._lock:
             self._records.clear()
             self._replays.clear()
+            self._evictions.clear()
+            self._completed.clear()
 
     def __len__(self) -> int:
         """How many records (live or expired, not yet purged) the store holds."""
@@ -190,10 +282,19 @@ class AsyncMemoryStore:
     Args:
         store: the :class:`MemoryStore` to front; a new one when omitted.
         clock: the clock of the new store (ignored when ``store`` is given).
+        max_records: the new store's bound (see :class:`MemoryStore`).
+        grace: the new store's grace (see :class:`MemoryStore`).
     """
 
-    def __init__(self, store: MemoryStore | None = None, *, clock: Clock = time.time) -> None:
-        self.sync = store if store is not None else MemoryStore(clock=clock)
+    def __init__(
+        self,
+        store: MemoryStore | None = None,
+        *,
+        clock: Clock = time.time,
+        max_records: int | None = None,
+        grace: float | timedelta = 60.0,
+    ) -> None:
+        self.sync = store if store is not None else MemoryStore(clock=clock, max_records=max_records, grace=grace)
 
     async def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
