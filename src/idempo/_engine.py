@@ -7,17 +7,37 @@ decision; ``settle_sync`` / ``settle_async`` carry out the one command that
 settles a record after the handler ran. They are the only place the fronts
 (ASGI, WSGI, the decorator) touch a store, so the error handling is written
 once.
+
+Wait mode (``Policy.wait``): the duplicates of one running request that wait
+in one process are counted per store and record key, at most
+``Policy.max_waiters`` (one more gets 409 at once), and they share their
+polls: a waiter that wakes after another waiter's ``begin`` answered since it
+went to sleep takes that answer instead of asking the store again. So a burst
+of duplicates costs one ``begin`` each on arrival, then about one poll per
+backoff step for them all, not one per waiter and step.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Generator
 
 import anyio
 
-from ._core.flow import Begin, Complete, Decision, Extend, Release, Sleep, begin_flow, decide
+from ._core.flow import (
+    Begin,
+    Complete,
+    Decision,
+    Extend,
+    InProgress,
+    Release,
+    Sleep,
+    begin_flow,
+    decide,
+    retry_after_seconds,
+)
 from ._core.policy import Policy
 from ._core.records import BeginResult, Existing
 from .exceptions import LeaseLost, StoreError
@@ -41,6 +61,62 @@ Flow = Generator[Begin | Sleep, BeginResult | None, Decision]
 Settle = Complete | Release | Extend
 
 
+class WaitRoom:
+    """The duplicates of one running request waiting in this process, and their latest poll.
+
+    Attributes:
+        waiters: how many wait now.
+        latest: the last in-progress record a waiter's ``begin`` found, and
+            when (``time.monotonic()`` seconds) it answered.
+    """
+
+    __slots__ = ("latest", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters = 0
+        self.latest: tuple[Existing, float] | None = None
+
+    def fresh(self, since: float) -> Existing | None:
+        """A poll answered after ``since`` (monotonic seconds), if any: as good as asking again."""
+        latest = self.latest
+        if latest is not None and latest[1] >= since:
+            return latest[0]
+        return None
+
+    def found(self, result: BeginResult) -> None:
+        """Keep a ``begin`` answer for the other waiters (an in-progress record only: a lease is never shared)."""
+        if isinstance(result, Existing):
+            self.latest = (result, time.monotonic())
+
+
+_rooms: dict[tuple[int, str], WaitRoom] = {}
+_rooms_lock = threading.Lock()
+
+
+def _enter_room(store: object, record_key: str, policy: Policy) -> WaitRoom | None:
+    """Count one more waiter for ``record_key``; None when ``policy.max_waiters`` already wait."""
+    with _rooms_lock:
+        room = _rooms.get((id(store), record_key))
+        if room is None:
+            room = _rooms[(id(store), record_key)] = WaitRoom()
+        if room.waiters >= policy.max_waiters:
+            return None
+        room.waiters += 1
+        return room
+
+
+def _leave_room(store: object, record_key: str, room: WaitRoom) -> None:
+    with _rooms_lock:
+        room.waiters -= 1
+        if room.waiters == 0 and _rooms.get((id(store), record_key)) is room:
+            del _rooms[(id(store), record_key)]
+
+
+def _full(policy: Policy, first: Existing) -> InProgress:
+    """The 409 of a duplicate that finds ``max_waiters`` already waiting."""
+    return InProgress(retry_after_seconds(policy, first.record.lease_expires_at_ms - first.now_ms))
+
+
 def begin_sync(
     store: Store, record_key: str, fingerprint: str, policy: Policy, observation: RequestObservation | None = None
 ) -> Decision:
@@ -56,10 +132,21 @@ def begin_sync(
         StoreError: the store failed (StoreUnavailable when unreachable).
     """
     result = store_call_sync(observation, store, "begin", store.begin, record_key, fingerprint, policy.lease_ttl_ms)
-    decision = decide(result, fingerprint)
+    decision: Decision | None = decide(result, fingerprint)
     if decision is None:
         assert isinstance(result, Existing)
-        return drive_sync(begin_flow(record_key, fingerprint, policy, first=result), store, observation)
+        flow = begin_flow(record_key, fingerprint, policy, first=result)
+        if policy.wait <= 0:
+            return drive_sync(flow, store, observation)
+        room = _enter_room(store, record_key, policy)
+        if room is None:
+            decision = _full(policy, result)
+        else:
+            try:
+                return drive_sync(flow, store, observation, room)
+            finally:
+                _leave_room(store, record_key, room)
+    assert decision is not None
     if observation is not None:
         observation.decided(decision)
     return decision
@@ -75,30 +162,51 @@ async def begin_async(
     """
     call = store.begin(record_key, fingerprint, policy.lease_ttl_ms)
     result = await store_call_async(observation, store, "begin", call)
-    decision = decide(result, fingerprint)
+    decision: Decision | None = decide(result, fingerprint)
     if decision is None:
         assert isinstance(result, Existing)
-        return await drive_async(begin_flow(record_key, fingerprint, policy, first=result), store, observation)
+        flow = begin_flow(record_key, fingerprint, policy, first=result)
+        if policy.wait <= 0:
+            return await drive_async(flow, store, observation)
+        room = _enter_room(store, record_key, policy)
+        if room is None:
+            decision = _full(policy, result)
+        else:
+            try:
+                return await drive_async(flow, store, observation, room)
+            finally:
+                _leave_room(store, record_key, room)
+    assert decision is not None
     if observation is not None:
         observation.decided(decision)
     return decision
 
 
-def drive_sync(flow: Flow, store: Store, observation: RequestObservation | None = None) -> Decision:
+def drive_sync(
+    flow: Flow, store: Store, observation: RequestObservation | None = None, room: WaitRoom | None = None
+) -> Decision:
     """Run a flow against a blocking store; return its decision.
 
     ``observation``, when given, is told the store time and the decision.
+    ``room``, when given, shares the polls of the waiters of one key (see
+    the module docstring).
 
     Raises:
         StoreError: the store failed (StoreUnavailable when unreachable).
     """
+    slept_at = time.monotonic()
     try:
         command = next(flow)
         while True:
             if isinstance(command, Begin):
-                args = (command.record_key, command.fingerprint, command.lease_ttl_ms)
-                result: BeginResult | None = store_call_sync(observation, store, "begin", store.begin, *args)
+                result: BeginResult | None = room.fresh(slept_at) if room is not None else None
+                if result is None:
+                    args = (command.record_key, command.fingerprint, command.lease_ttl_ms)
+                    result = store_call_sync(observation, store, "begin", store.begin, *args)
+                    if room is not None:
+                        room.found(result)
             else:
+                slept_at = time.monotonic()
                 time.sleep(command.seconds)
                 result = None
             command = flow.send(result)
@@ -109,19 +217,27 @@ def drive_sync(flow: Flow, store: Store, observation: RequestObservation | None 
         return decision
 
 
-async def drive_async(flow: Flow, store: AsyncStore, observation: RequestObservation | None = None) -> Decision:
+async def drive_async(
+    flow: Flow, store: AsyncStore, observation: RequestObservation | None = None, room: WaitRoom | None = None
+) -> Decision:
     """Run a flow against an async store; return its decision (see :func:`drive_sync`).
 
     Raises:
         StoreError: the store failed (StoreUnavailable when unreachable).
     """
+    slept_at = time.monotonic()
     try:
         command = next(flow)
         while True:
             if isinstance(command, Begin):
-                call = store.begin(command.record_key, command.fingerprint, command.lease_ttl_ms)
-                result: BeginResult | None = await store_call_async(observation, store, "begin", call)
+                result: BeginResult | None = room.fresh(slept_at) if room is not None else None
+                if result is None:
+                    call = store.begin(command.record_key, command.fingerprint, command.lease_ttl_ms)
+                    result = await store_call_async(observation, store, "begin", call)
+                    if room is not None:
+                        room.found(result)
             else:
+                slept_at = time.monotonic()
                 await anyio.sleep(command.seconds)
                 result = None
             command = flow.send(result)

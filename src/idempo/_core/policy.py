@@ -110,6 +110,9 @@ class Policy:
             2.7); when False, keyless requests pass through untouched.
         wait: seconds a duplicate of a running request waits for its result
             before getting 409; 0 answers 409 at once (draft section 2.6).
+        max_waiters: duplicates of one key that wait at once in one process
+            (wait mode); one more gets 409 at once. The waiters share their
+            polls of the store (default 16).
         retry_after: whole seconds sent in ``Retry-After`` with 409 and 503.
         fail_open: when the store is unreachable, run the handler without
             idempotency (marked with an ``Idempotency-Bypassed`` header) instead
@@ -136,7 +139,7 @@ class Policy:
 
     Raises:
         ConfigurationError: a TTL is not positive, ``wait`` is negative, or a
-            size or ``retry_after`` is negative.
+            size or ``retry_after`` is negative, or ``max_waiters`` is below 1.
     """
 
     __slots__ = (
@@ -152,6 +155,7 @@ class Policy:
         "lease_ttl_ms",
         "max_request_body",
         "max_response_body",
+        "max_waiters",
         "methods",
         "record_ttl",
         "record_ttl_ms",
@@ -171,6 +175,7 @@ class Policy:
     methods: frozenset[str]
     require_key: bool
     wait: float
+    max_waiters: int
     retry_after: int
     fail_open: bool
     canonical_json: bool
@@ -191,6 +196,7 @@ class Policy:
         methods: Iterable[str] = DEFAULT_METHODS,
         require_key: bool = False,
         wait: float | timedelta = 0.0,
+        max_waiters: int = 16,
         retry_after: int = 1,
         fail_open: bool = False,
         canonical_json: bool = True,
@@ -217,6 +223,9 @@ class Policy:
         if not wait_s >= 0:
             raise ConfigurationError(f"wait must be zero or more seconds, got {wait!r}")
         set_(self, "wait", wait_s)
+        if max_waiters < 1:
+            raise ConfigurationError(f"max_waiters must be at least 1, got {max_waiters!r}")
+        set_(self, "max_waiters", int(max_waiters))
         if isinstance(methods, str):
             raise ConfigurationError("methods must be a collection of method names, not one string")
         set_(self, "methods", frozenset(m.upper() for m in methods))
