@@ -457,3 +457,31 @@ def test_bypassed_body_keeps_the_length_of_a_sized_iterable(caplog: pytest.LogCa
     body.close()  # type: ignore[attr-defined]
     assert answer.closed == 1
     assert [r.idempo_status for r in bypassed(caplog)] == [201]  # type: ignore[attr-defined]
+
+
+def test_an_over_long_folded_key_header_is_400_without_being_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 6 (B09): a 256 KiB folded Idempotency-Key (the same key repeated) is a 400
+    problem+json before any split; the app never runs."""
+    import idempo._core.keys
+
+    counter = Counter()
+    middleware = IdempotencyMiddleware(generator_app(counter, [b"{}"]), MemoryStore())
+    scanned: list[int] = []
+    real_enumerate = enumerate
+
+    def counting_enumerate(value: Any, *args: Any) -> Any:
+        scanned.append(len(value))
+        return real_enumerate(value, *args)
+
+    monkeypatch.setattr(idempo._core.keys, "enumerate", counting_enumerate, raising=False)
+    folded = ", ".join(["a"] * (256 * 1024 // 3))
+    started, body = call(middleware, HTTP_IDEMPOTENCY_KEY=folded)
+    assert started[0][0].startswith("400")
+    assert dict((name.lower(), value) for name, value in started[0][1])["content-type"] == "application/problem+json"
+    assert b"longer than 255" in b"".join(body)
+    assert counter.calls == 0
+    assert scanned == [], "the header was scanned byte by byte"
+    # A short folded header of one repeated key is still split and accepted, as before.
+    started, body = call(middleware, HTTP_IDEMPOTENCY_KEY="k1, k1")
+    assert started[0][0].startswith("201")
+    b"".join(body)

@@ -127,3 +127,14 @@ def test_split_folded_separates_lines_but_not_sf_strings() -> None:
     assert split_folded(b'"a,b"') == [b'"a,b"']
     assert split_folded(b'"a\\",b", c') == [b'"a\\",b"', b"c"]
     assert split_folded(b"K1, ") == [b"K1", b""]
+
+
+def test_split_folded_leaves_an_over_long_value_whole() -> None:
+    """Issue 10 item 6: a value past MAX_FOLDED_BYTES is not scanned; parse_key then rejects it as too long."""
+    from idempo._core.keys import MAX_FOLDED_BYTES, split_folded
+
+    longest = b", ".join([b"k"] * ((MAX_FOLDED_BYTES + 1) // 3 + 1))
+    assert len(longest) > MAX_FOLDED_BYTES
+    assert split_folded(longest) == [longest]
+    with pytest.raises(InvalidKey, match="longer than 255"):
+        parse_key(split_folded(longest))

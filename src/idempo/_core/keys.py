@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from ..exceptions import InvalidKey
 
 __all__ = [
+    "MAX_FOLDED_BYTES",
     "MAX_KEY_LENGTH",
     "format_key",
     "make_record_key",
@@ -38,6 +39,10 @@ _QUOTED = re.compile(rb'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
 _ESCAPE = re.compile(rb'\\(["\\])')
 # Longest raw value worth parsing: every character escaped, plus quotes and padding.
 _MAX_RAW = 2 * MAX_KEY_LENGTH + 64
+#: Longest folded header value (bytes) :func:`split_folded` splits: four
+#: repeats of the longest valid line. A longer one cannot be a key, so it is
+#: left whole (and rejected as too long) rather than scanned byte by byte.
+MAX_FOLDED_BYTES = 4 * (_MAX_RAW + 2)
 
 
 def parse_key(values: Sequence[bytes]) -> str | None:
@@ -79,9 +84,11 @@ def split_folded(value: bytes) -> list[bytes]:
 
     Returns:
         The values, each stripped of optional whitespace; ``[value]`` when
-        there is no comma outside a quoted string.
+        there is no comma outside a quoted string, or when the value is longer
+        than :data:`MAX_FOLDED_BYTES` (no split, so no cost to a client that
+        sends a huge header: the one value is too long to be a key).
     """
-    if b"," not in value:
+    if b"," not in value or len(value) > MAX_FOLDED_BYTES:
         return [value]
     parts: list[bytes] = []
     start = 0
