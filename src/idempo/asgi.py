@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Mu
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
 from ._core.flow import Proceed, finish
 from ._core.http import (
@@ -33,6 +34,7 @@ from ._core.http import (
     body_too_large_answer,
     check_key,
     decision_answer,
+    fingerprint_off_loop,
     principal_required_answer,
     request_identity,
     store_unavailable_answer,
@@ -262,9 +264,13 @@ class IdempotencyMiddleware:
             await _send_answer(send, body_too_large_answer(policy))
             return
 
-        identity = request_identity(
-            policy, principal, method, path, scope.get("query_string", b""), content_type, body, key
-        )
+        facts = (policy, principal, method, path, scope.get("query_string", b""), content_type, body, key)
+        if fingerprint_off_loop(policy, content_type, len(body)):
+            # A large body's fingerprint (canonical JSON: about 1 s for 10 MiB)
+            # is computed in a worker thread: the loop keeps serving meanwhile.
+            identity = await anyio.to_thread.run_sync(request_identity, *facts)
+        else:
+            identity = request_identity(*facts)
         observation.identify(principal, key, identity.record_key)
         try:
             decision = await begin_async(self.store, identity.record_key, identity.fingerprint, policy, observation)

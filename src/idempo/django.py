@@ -75,6 +75,8 @@ from django.utils.module_loading import import_string
 from ._core.http import (
     RouteOptions,
     RouteTable,
+    declared_length,
+    invalid_content_length_answer,
 )
 from ._core.policy import Policy
 from ._core.records import StoredResponse
@@ -244,13 +246,19 @@ class IdempotencyMiddleware:
         self._meta_key = "HTTP_" + self.key_header.upper().replace("-", "_")
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        if self._meta_key in request.META and _declared_length(request) <= self.policy.max_request_body:
-            # Read the body before any process_view (CSRF's reads request.POST,
-            # which would consume a multipart stream); Django keeps it for the view.
-            try:
-                request.body  # noqa: B018
-            except RequestDataTooBig:
-                setattr(request, _BODY_TOO_LARGE, True)
+        if self._meta_key in request.META:
+            declared = declared_length(request.META.get("CONTENT_LENGTH"))
+            if declared is None:
+                # Django's own request.body would raise ValueError (a 500) on
+                # it; with a key, it is idempo's request to answer, on any route.
+                return StoredHttpResponse(invalid_content_length_answer())
+            if declared <= self.policy.max_request_body:
+                # Read the body before any process_view (CSRF's reads request.POST,
+                # which would consume a multipart stream); Django keeps it for the view.
+                try:
+                    request.body  # noqa: B018
+                except RequestDataTooBig:
+                    setattr(request, _BODY_TOO_LARGE, True)
         try:
             response = self.get_response(request)
         except Exception as exc:
@@ -329,10 +337,8 @@ class IdempotencyMiddleware:
 
 
 def _declared_length(request: HttpRequest) -> int:
-    try:
-        return int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        return 0
+    # __call__ answered a malformed length already; 0 keeps this total.
+    return declared_length(request.META.get("CONTENT_LENGTH")) or 0
 
 
 def _finish_bypass(request: HttpRequest, status: int | None) -> None:

@@ -210,3 +210,52 @@ def test_settings_accept_urls_dicts_and_dotted_paths() -> None:
 
 def fake_principal(request: Any) -> str:
     return "tenant:1"
+
+
+def _wsgi_call(handler: Any, method: str, content_length: str, key: str | None) -> tuple[str, dict[str, str], bytes]:
+    """Call a Django WSGI handler as a server that passes Content-Length through unchecked would."""
+    import io
+
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": "/orders",
+        "SCRIPT_NAME": "",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": content_length,
+        "wsgi.input": io.BytesIO(B),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": io.StringIO(),
+    }
+    if key is not None:
+        environ["HTTP_IDEMPOTENCY_KEY"] = key
+    started: list[Any] = []
+    body = b"".join(handler(environ, lambda status, headers, exc_info=None: started.append((status, headers))))
+    status, headers = started[0]
+    return status, {name.lower(): value for name, value in headers}, body
+
+
+@pytest.mark.parametrize("content_length", ["abc", "0x10", "1" * 4301, "-5", "+12"])
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_malformed_content_length_with_a_key_is_400(content_length: str, method: str) -> None:
+    """Issue 10 item 7: a Content-Length that is not a number of bytes, with a key, is a 400 problem+json
+    on any route and method (it was a 500 from Django's own body read); the view never runs."""
+    handler = django_handler(PATTERNS, {"STORE": MemoryStore()})
+    before = CALLS.get("order", 0)
+    status, headers, body = _wsgi_call(handler, method, content_length, fresh())
+    assert status.startswith("400"), (status, body)
+    assert headers["content-type"] == "application/problem+json"
+    assert b"invalid-content-length" in body
+    assert CALLS.get("order", 0) == before
+
+
+def test_a_malformed_content_length_without_a_key_is_the_apps_business() -> None:
+    """Without a key idempo does not answer: what the request gets is Django's and the view's doing."""
+    handler = django_handler(PATTERNS, {"STORE": MemoryStore()})
+    status, headers, _ = _wsgi_call(handler, "GET", "abc", None)
+    assert headers.get("content-type") != "application/problem+json"
+    assert status.startswith("201")
