@@ -211,7 +211,9 @@ class SQLiteStore:
     Args:
         path: the database file; created with its schema when missing.
         clock: returns seconds since the epoch (default ``time.time``).
-        busy_timeout: seconds to wait for the write lock (default 5).
+        busy_timeout: seconds to wait for the write lock (default 2): SQLite's
+            deadline. A local call waits only for another writer; past it,
+            StoreUnavailable (503), as a network store past its deadline.
         synchronous: SQLite's ``synchronous`` pragma (default ``"NORMAL"``).
 
     Raises:
@@ -224,7 +226,7 @@ class SQLiteStore:
         path: str | os.PathLike[str],
         *,
         clock: Clock = time.time,
-        busy_timeout: float = 5.0,
+        busy_timeout: float = 2.0,
         synchronous: Synchronous = "NORMAL",
     ) -> None:
         self._db = _Database(path, clock, busy_timeout, synchronous)
@@ -289,7 +291,7 @@ class AsyncSQLiteStore:
         path: str | os.PathLike[str],
         *,
         clock: Clock = time.time,
-        busy_timeout: float = 5.0,
+        busy_timeout: float = 2.0,
         synchronous: Synchronous = "NORMAL",
     ) -> None:
         self.sync = SQLiteStore(path, clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
