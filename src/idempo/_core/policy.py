@@ -112,7 +112,9 @@ class Policy:
             before getting 409; 0 answers 409 at once (draft section 2.6).
         max_waiters: duplicates of one key that wait at once in one process
             (wait mode); one more gets 409 at once. The waiters share their
-            polls of the store (default 16).
+            polls of the store (default 64: a waiter costs a coroutine or a
+            thread and no store calls of its own, and a burst of 50 duplicates,
+            shared/cases B01, all wait for the replay).
         retry_after: whole seconds sent in ``Retry-After`` with 409 and 503.
         fail_open: when the store is unreachable, run the handler without
             idempotency (marked with an ``Idempotency-Bypassed`` header) instead
@@ -196,7 +198,7 @@ class Policy:
         methods: Iterable[str] = DEFAULT_METHODS,
         require_key: bool = False,
         wait: float | timedelta = 0.0,
-        max_waiters: int = 16,
+        max_waiters: int = 64,
         retry_after: int = 1,
         fail_open: bool = False,
         canonical_json: bool = True,
