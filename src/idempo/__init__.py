@@ -12,17 +12,19 @@ This module imports no optional dependency.
 from ._core.fingerprint import fingerprint
 from ._core.keys import MAX_KEY_LENGTH, make_record_key, parse_key
 from ._core.policy import DEFAULT_EXCLUDED_HEADERS, DEFAULT_METHODS, Policy, Verdict
-from ._core.records import Acquired, BeginResult, Existing, Record, RecordState, StoreStats, StoredResponse
+from ._core.records import Acquired, BeginResult, Existing, Marker, Record, RecordState, StoreStats, StoredResponse
 from .decorator import idempotent
 from .exceptions import (
     ConfigurationError,
     FingerprintMismatch,
     IdempoError,
     InvalidKey,
+    KeyHeld,
     KeyInProgress,
     KeyRejected,
     LeaseLost,
     MissingKey,
+    ResultNotReplayable,
     StoreError,
     StoreUnavailable,
 )
@@ -43,14 +45,17 @@ __all__ = [
     "FingerprintMismatch",
     "IdempoError",
     "InvalidKey",
+    "KeyHeld",
     "KeyInProgress",
     "KeyRejected",
     "LeaseLost",
     "MAX_KEY_LENGTH",
+    "Marker",
     "MissingKey",
     "Policy",
     "Record",
     "RecordState",
+    "ResultNotReplayable",
     "Store",
     "StoreError",
     "StoreStats",

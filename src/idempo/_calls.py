@@ -20,16 +20,22 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
-import anyio
-
 from ._core.fingerprint import canonical_json
-from ._core.flow import Complete, Extend, InProgress, Mismatch, Proceed, Release, Replay, finish
+from ._core.flow import Held, InProgress, Mismatch, NotReplayable, Proceed, Replay
 from ._core.keys import make_record_key
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import begin_async, begin_sync, settle_async, settle_sync
-from ._lease import AsyncLeaseKeeper, LeaseKeeper
-from .exceptions import ConfigurationError, FingerprintMismatch, InvalidKey, KeyInProgress, StoreError
+from ._engine import begin_async, begin_sync
+from ._lease import AsyncExecution, Execution
+from .exceptions import (
+    ConfigurationError,
+    FingerprintMismatch,
+    InvalidKey,
+    KeyHeld,
+    KeyInProgress,
+    ResultNotReplayable,
+    StoreError,
+)
 from .observability import Outcome, RequestObservation, observe_request
 from .serializers import JSONSerializer, Serializer
 from .stores import async_store_from_url, store_from_url
@@ -161,31 +167,40 @@ class Engine:
         except Exception as exc:  # a malformed record, or what a class rebuilt from it raised
             raise StoreError(f"{self.scope}: the stored result cannot be replayed: {exc}") from exc
 
-    def refusal(self, decision: InProgress | Mismatch) -> Exception:
+    def refusal(self, decision: InProgress | Mismatch | Held | NotReplayable) -> Exception:
         if isinstance(decision, InProgress):
             return KeyInProgress(
                 f"{self.scope}: a call with this idempotency key is still running; retry in {decision.retry_after} s",
                 retry_after=decision.retry_after,
             )
+        if isinstance(decision, Held):
+            return KeyHeld(
+                f"{self.scope}: the first call with this idempotency key has an unknown outcome ({decision.reason}); "
+                "the key is held until it expires or an operator resolves it (idempo resolve)",
+                reason=decision.reason,
+            )
+        if isinstance(decision, NotReplayable):
+            return ResultNotReplayable(
+                f"{self.scope}: the first call with this idempotency key ran, but its result was not kept "
+                f"({decision.reason}); it will not run again for this key"
+            )
         return FingerprintMismatch(f"{self.scope}: the idempotency key was already used with other arguments")
 
-    def settlement(
-        self, record_key: str, token: int, result: Any
-    ) -> tuple[Complete | Release | Extend, Exception | None]:
-        """The settling command for a result, and the error to raise once settled."""
+    def settlement(self, result: Any) -> tuple[StoredResponse | None, Verdict | None, Exception | None]:
+        """What settles the record for a result (response, verdict), and the error to raise once settled."""
         try:
             response = self.encode(result)
         except ConfigurationError as exc:
             # The call ran, so its side effects may have happened: neither
             # replaying nor running it again is safe. Hold the key.
-            return finish(self.policy, record_key, token, None, verdict=Verdict.HOLD), exc
-        return finish(self.policy, record_key, token, response), None
+            return None, Verdict.HOLD, exc
+        return response, None, None
 
     def run_sync(self, store: Store, key: str, fingerprint: str, call: Callable[[], T]) -> tuple[T, bool]:
         """Run ``call`` at most once for ``key``; return (result, replayed).
 
         Raises:
-            KeyInProgress, FingerprintMismatch: as the flow decided.
+            KeyInProgress, KeyHeld, ResultNotReplayable, FingerprintMismatch: as the flow decided.
             StoreError: the store failed before the call (not raised with fail_open).
             ConfigurationError: the result cannot be serialised (the key is held).
             Whatever ``call`` raises, unchanged, after the record is released or held.
@@ -207,23 +222,23 @@ class Engine:
                 raise self.refusal(decision)
             # The lease is renewed while the call runs, so a slow call is never run
             # twice; once this process dies the renewals stop and it lapses.
-            keeper = LeaseKeeper(store, record_key, decision.token, self.policy.lease_ttl_ms)
+            execution = Execution(store, self.policy, record_key, decision.token, observation)
             observation.handler_started()
             try:
-                result = call()
-            except Exception as exc:
-                keeper.stop()
-                observation.error = exc
-                command = finish(self.policy, record_key, decision.token, None, verdict=self._verdict(exc))
-                settle_sync(store, command, observation)
+                try:
+                    result = call()
+                finally:
+                    observation.handler_finished(None)
+                response, verdict, error = self.settlement(result)
+                execution.settle(response, verdict, "unserialisable result" if error is not None else None)
+            except BaseException as exc:
+                # The call's exception settles by its verdict; a crash (KeyboardInterrupt,
+                # SystemExit) settles nothing: the side effect may be half done, so the
+                # lease is left to expire.
+                if isinstance(exc, Exception):
+                    observation.error = exc
+                execution.fail(exc)
                 raise
-            finally:
-                # BaseException (KeyboardInterrupt, SystemExit) settles nothing: the
-                # side effect may be half done, so the lease is left to expire.
-                keeper.stop()
-                observation.handler_finished(None)
-            command, error = self.settlement(record_key, decision.token, result)
-            settle_sync(store, command, observation)
             if error is not None:
                 raise error
             return result, False
@@ -249,23 +264,22 @@ class Engine:
                 return self.decode(decision.response), True
             if not isinstance(decision, Proceed):
                 raise self.refusal(decision)
-            keeper = AsyncLeaseKeeper(store, record_key, decision.token, self.policy.lease_ttl_ms)
+            execution = AsyncExecution(store, self.policy, record_key, decision.token, observation)
             observation.handler_started()
             try:
-                result = await call()
-            except Exception as exc:
-                await _stop(keeper)
-                observation.error = exc
-                command = finish(self.policy, record_key, decision.token, None, verdict=self._verdict(exc))
-                await settle_async(store, command, observation)
-                raise
-            finally:
+                try:
+                    result = await call()
+                finally:
+                    observation.handler_finished(None)
+                response, verdict, error = self.settlement(result)
+                await execution.settle(response, verdict, "unserialisable result" if error is not None else None)
+            except BaseException as exc:
                 # Cancellation settles nothing (the lease is left to expire), but the
-                # renewals must stop even inside a cancelled scope.
-                await _stop(keeper)
-                observation.handler_finished(None)
-            command, error = self.settlement(record_key, decision.token, result)
-            await settle_async(store, command, observation)
+                # renewals stop even inside a cancelled scope.
+                if isinstance(exc, Exception):
+                    observation.error = exc
+                await execution.fail(exc)
+                raise
             if error is not None:
                 raise error
             return result, False
@@ -277,16 +291,6 @@ class Engine:
         observation = observe_request("decorator", "CALL", self.scope, self.scope)
         observation.identify("", key, record_key)
         return observation
-
-    def _verdict(self, exc: Exception) -> Verdict:
-        verdict = self.policy.verdict_for_exception(exc)
-        # STORE makes no sense without a result: an exception is never replayed.
-        return Verdict.RELEASE if verdict is Verdict.STORE else verdict
-
-
-async def _stop(keeper: AsyncLeaseKeeper) -> None:
-    with anyio.CancelScope(shield=True):
-        await keeper.stop()
 
 
 def scope_of(fn: Callable[..., Any]) -> str:

@@ -2,11 +2,12 @@
 
 ``begin_sync`` / ``begin_async`` run the protocol to its decision (the first
 ``begin`` inline, :func:`idempo._core.flow.begin_flow` only for a key that is
-in progress); ``drive_sync`` / ``drive_async`` run a flow generator to its
-decision; ``settle_sync`` / ``settle_async`` carry out the one command that
-settles a record after the handler ran. They are the only place the fronts
-(ASGI, WSGI, the decorator) touch a store, so the error handling is written
-once.
+in progress), and hold a key taken over under ``on_takeover="hold"``;
+``drive_sync`` / ``drive_async`` run a flow generator to its decision;
+``settle_once_sync`` / ``settle_once_async`` make the one store call that
+settles a record after the handler ran (:mod:`idempo._lease` retries it when
+the store fails). They are the only place the fronts (ASGI, WSGI, the
+decorator) touch a store, so the error handling is written once.
 
 Wait mode (``Policy.wait``): the duplicates of one running request that wait
 in one process are counted per store and record key, at most
@@ -31,26 +32,33 @@ from ._core.flow import (
     Complete,
     Decision,
     Extend,
+    Held,
     InProgress,
+    Proceed,
     Release,
     Sleep,
     begin_flow,
     decide,
     retry_after_seconds,
+    takeover_hold,
 )
 from ._core.policy import Policy
 from ._core.records import BeginResult, Existing
-from .exceptions import LeaseLost, StoreError
+from .exceptions import LeaseLost
 from .observability import RequestObservation, store_call_async, store_call_sync
 from .typing import AsyncStore, Store
 
 __all__ = [
     "begin_async",
     "begin_sync",
+    "call_store_async",
+    "call_store_sync",
     "drive_async",
     "drive_sync",
     "logger",
     "settle_async",
+    "settle_once_async",
+    "settle_once_sync",
     "settle_sync",
 ]
 
@@ -128,6 +136,14 @@ def begin_sync(
     same decisions, no generator on the common path. ``observation``, when
     given, is told the store time and the decision.
 
+    A takeover (an expired lease with no result) under
+    ``policy.on_takeover == "hold"`` does not proceed: the store gave this
+    request the lease atomically, so no other request executes meanwhile, and
+    the record is held here (:func:`~idempo._core.flow.takeover_hold`); the
+    decision is :class:`~idempo._core.flow.Held` with ``takeover=True``. When
+    the store fails to take the hold, the lease lapses and the next request
+    holds it again: nothing runs either way.
+
     Raises:
         StoreError: the store failed (StoreUnavailable when unreachable).
     """
@@ -137,16 +153,22 @@ def begin_sync(
         assert isinstance(result, Existing)
         flow = begin_flow(record_key, fingerprint, policy, first=result)
         if policy.wait <= 0:
-            return drive_sync(flow, store, observation)
-        room = _enter_room(store, record_key, policy)
-        if room is None:
-            decision = _full(policy, result)
+            decision = drive_sync(flow, store, observation, decided=False)
         else:
-            try:
-                return drive_sync(flow, store, observation, room)
-            finally:
-                _leave_room(store, record_key, room)
+            room = _enter_room(store, record_key, policy)
+            if room is None:
+                decision = _full(policy, result)
+            else:
+                try:
+                    decision = drive_sync(flow, store, observation, room, decided=False)
+                finally:
+                    _leave_room(store, record_key, room)
     assert decision is not None
+    if type(decision) is Proceed and decision.takeover:
+        hold = takeover_hold(policy, record_key, decision.token)
+        if hold is not None:
+            settle_once_sync(store, hold, None)
+            decision = Held("takeover", takeover=True)
     if observation is not None:
         observation.decided(decision)
     return decision
@@ -167,27 +189,39 @@ async def begin_async(
         assert isinstance(result, Existing)
         flow = begin_flow(record_key, fingerprint, policy, first=result)
         if policy.wait <= 0:
-            return await drive_async(flow, store, observation)
-        room = _enter_room(store, record_key, policy)
-        if room is None:
-            decision = _full(policy, result)
+            decision = await drive_async(flow, store, observation, decided=False)
         else:
-            try:
-                return await drive_async(flow, store, observation, room)
-            finally:
-                _leave_room(store, record_key, room)
+            room = _enter_room(store, record_key, policy)
+            if room is None:
+                decision = _full(policy, result)
+            else:
+                try:
+                    decision = await drive_async(flow, store, observation, room, decided=False)
+                finally:
+                    _leave_room(store, record_key, room)
     assert decision is not None
+    if type(decision) is Proceed and decision.takeover:
+        hold = takeover_hold(policy, record_key, decision.token)
+        if hold is not None:
+            await settle_once_async(store, hold, None)
+            decision = Held("takeover", takeover=True)
     if observation is not None:
         observation.decided(decision)
     return decision
 
 
 def drive_sync(
-    flow: Flow, store: Store, observation: RequestObservation | None = None, room: WaitRoom | None = None
+    flow: Flow,
+    store: Store,
+    observation: RequestObservation | None = None,
+    room: WaitRoom | None = None,
+    *,
+    decided: bool = True,
 ) -> Decision:
     """Run a flow against a blocking store; return its decision.
 
-    ``observation``, when given, is told the store time and the decision.
+    ``observation``, when given, is told the store time and (unless
+    ``decided`` is False: the caller tells it) the decision.
     ``room``, when given, shares the polls of the waiters of one key (see
     the module docstring).
 
@@ -212,13 +246,18 @@ def drive_sync(
             command = flow.send(result)
     except StopIteration as stop:
         decision: Decision = stop.value
-        if observation is not None:
+        if observation is not None and decided:
             observation.decided(decision)
         return decision
 
 
 async def drive_async(
-    flow: Flow, store: AsyncStore, observation: RequestObservation | None = None, room: WaitRoom | None = None
+    flow: Flow,
+    store: AsyncStore,
+    observation: RequestObservation | None = None,
+    room: WaitRoom | None = None,
+    *,
+    decided: bool = True,
 ) -> Decision:
     """Run a flow against an async store; return its decision (see :func:`drive_sync`).
 
@@ -243,21 +282,31 @@ async def drive_async(
             command = flow.send(result)
     except StopIteration as stop:
         decision: Decision = stop.value
-        if observation is not None:
+        if observation is not None and decided:
             observation.decided(decision)
         return decision
 
 
 def settle_sync(store: Store, command: Settle, observation: RequestObservation | None = None) -> bool:
-    """Carry out a settling command; return True when the store took it.
+    """Carry out a settling command once; return True when the store took it (see :func:`settle_once_sync`)."""
+    return settle_once_sync(store, command, observation) is None
+
+
+async def settle_async(store: AsyncStore, command: Settle, observation: RequestObservation | None = None) -> bool:
+    """The async twin of :func:`settle_sync`."""
+    return await settle_once_async(store, command, observation) is None
+
+
+def settle_once_sync(store: Store, command: Settle, observation: RequestObservation | None = None) -> Exception | None:
+    """Make the store call of a settling command once; return None when the store took it, else the error.
 
     Never raises for the store: the handler already ran and its answer must
-    still reach the client. A store failure leaves the record in progress
-    until its lease expires (a retry meanwhile gets 409, never a second
-    execution; shared/cases B18); a lost lease means another request took
-    the record over. Both are logged. ``observation``, when given, is told
-    the verdict, the failure and the store time.
+    still reach the client. The error (LeaseLost: another request took the
+    record over; any other: the store failed, and
+    :meth:`idempo._lease.LeaseKeeper.save` retries it) is logged and told to
+    ``observation`` with the verdict and the store time.
     """
+    error: Exception | None = None
     try:
         if isinstance(command, Complete):
             args: tuple[object, ...] = (command.record_key, command.token, command.response, command.record_ttl_ms)
@@ -267,18 +316,18 @@ def settle_sync(store: Store, command: Settle, observation: RequestObservation |
         else:
             args = (command.record_key, command.token, command.lease_ttl_ms)
             store_call_sync(observation, store, "extend", store.extend, *args)
-    except (StoreError, LeaseLost) as exc:
+    except Exception as exc:  # a StoreError, LeaseLost, or a third-party store's own error
+        error = exc
         _log_settle_failure(command, exc)
-        if observation is not None:
-            observation.settled(command, exc)
-        return False
-    if observation is not None:
-        observation.settled(command, None)
-    return True
+    _tell(observation, command, error)
+    return error
 
 
-async def settle_async(store: AsyncStore, command: Settle, observation: RequestObservation | None = None) -> bool:
-    """The async twin of :func:`settle_sync`."""
+async def settle_once_async(
+    store: AsyncStore, command: Settle, observation: RequestObservation | None = None
+) -> Exception | None:
+    """The async twin of :func:`settle_once_sync`."""
+    error: Exception | None = None
     try:
         if isinstance(command, Complete):
             call = store.complete(command.record_key, command.token, command.response, command.record_ttl_ms)
@@ -288,14 +337,40 @@ async def settle_async(store: AsyncStore, command: Settle, observation: RequestO
         else:
             call = store.extend(command.record_key, command.token, command.lease_ttl_ms)
             await store_call_async(observation, store, "extend", call)
-    except (StoreError, LeaseLost) as exc:
+    except Exception as exc:  # a StoreError, LeaseLost, or a third-party store's own error
+        error = exc
         _log_settle_failure(command, exc)
-        if observation is not None:
-            observation.settled(command, exc)
-        return False
-    if observation is not None:
-        observation.settled(command, None)
-    return True
+    _tell(observation, command, error)
+    return error
+
+
+def call_store_sync(store: Store, command: Settle) -> None:
+    """Make a settling command's store call, untimed (a background retry); raises what the store raises."""
+    if isinstance(command, Complete):
+        store.complete(command.record_key, command.token, command.response, command.record_ttl_ms)
+    elif isinstance(command, Release):
+        store.release(command.record_key, command.token)
+    else:
+        store.extend(command.record_key, command.token, command.lease_ttl_ms)
+
+
+async def call_store_async(store: AsyncStore, command: Settle) -> None:
+    """The async twin of :func:`call_store_sync`."""
+    if isinstance(command, Complete):
+        await store.complete(command.record_key, command.token, command.response, command.record_ttl_ms)
+    elif isinstance(command, Release):
+        await store.release(command.record_key, command.token)
+    else:
+        await store.extend(command.record_key, command.token, command.lease_ttl_ms)
+
+
+def _tell(observation: RequestObservation | None, command: Settle, error: Exception | None) -> None:
+    if observation is None:
+        return
+    try:
+        observation.settled(command, error)
+    except Exception:  # an observation's failure must not undo a settle
+        logger.exception("idempo: recording the settle of record %s failed", command.record_key)
 
 
 def _log_settle_failure(command: Settle, exc: BaseException) -> None:
@@ -312,7 +387,7 @@ def _log_settle_failure(command: Settle, exc: BaseException) -> None:
     else:
         extra["idempo_event"] = "store_error"
         logger.error(
-            "idempo: %s failed (record %s): %s; the record stays in progress until its lease expires",
+            "idempo: %s failed (record %s): %s; the lease is kept and the save retried (Policy.save_retry_for)",
             action,
             command.record_key,
             exc,

@@ -10,6 +10,20 @@ Renewal costs next to nothing for requests faster than a third of the lease:
 an async keeper is an entry in the registry of one renewal task per event
 loop, a blocking keeper an entry in the heap of one shared thread; neither
 touches the store unless the handler is still running when its renewal is due.
+
+A keeper also carries the save: :meth:`LeaseKeeper.save` makes the settling
+store call (complete, release, or a hold) once, inline; when the store fails,
+the keeper keeps renewing the lease and retries the save in the background with
+jittered backoff until it lands, the lease is lost to a takeover, or
+``Policy.save_retry_for`` passes. So a result that reached the handler's end
+is never executed a second time while the process lives (DESIGN "HTTP
+behaviour", a failed save); only a process that dies with its result unsaved
+leaves a takeover behind.
+
+:class:`Execution` / :class:`AsyncExecution` are what the fronts hold from
+the handler's start until the record is settled: the one place that settles a
+record exactly once, falls back to a release when idempo's own code fails
+after the handler ran, and stops the renewals.
 """
 
 from __future__ import annotations
@@ -19,21 +33,149 @@ import contextvars
 import heapq
 import itertools
 import os
+import random
 import sys
 import threading
 import time
 import weakref
 from typing import Any
 
-from ._engine import logger
+import anyio
+
+from ._core.flow import Complete, Release, finish
+from ._core.policy import Policy, Verdict
+from ._core.records import Marker, RecordState, StoredResponse
+from ._engine import Settle, call_store_async, call_store_sync, logger, settle_once_async, settle_once_sync
 from .exceptions import LeaseLost, StoreError
+from .observability import RequestObservation, save_outcome, store_label
 from .typing import AsyncStore, Store
 
-__all__ = ["AsyncLeaseKeeper", "LeaseKeeper"]
+__all__ = ["AsyncExecution", "AsyncLeaseKeeper", "Execution", "LeaseKeeper"]
 
 
 # Seconds: how late a blocking renewal may run at most beyond its due time.
 _GRANULARITY = 0.05
+# Seconds: the first pause before retrying a failed save, doubled up to the cap.
+_SAVE_FIRST = 0.1
+_SAVE_CAP = 5.0
+# Strong references to the background save retries, so none is collected mid-way.
+_SAVING: set[Any] = set()
+
+
+def _save_delay(retries: int) -> float:
+    """Seconds before the next save attempt: exponential, capped, with equal jitter.
+
+    Half the step is fixed and half random, so processes that failed together
+    do not retry together ("equal jitter", AWS Architecture Blog,
+    "Exponential Backoff And Jitter").
+    """
+    step = min(_SAVE_CAP, _SAVE_FIRST * 2.0 ** min(retries, 16))
+    return step / 2 + random.uniform(0, step / 2)
+
+
+class _PendingSave:
+    """A settling command the store failed to take, retried until it lands, is refused, or the bound passes.
+
+    The decisions (when to retry, when to give up, the fallback at the bound)
+    are here once; the blocking and async keepers only make the store calls.
+    """
+
+    __slots__ = ("command", "deadline", "due", "fell_back", "label", "retries", "token")
+
+    def __init__(self, store: object, command: Settle, retry_for: float) -> None:
+        self.command = command
+        self.token = command.token
+        self.label = store_label(store)
+        self.retries = 0
+        self.fell_back = False
+        now = time.monotonic()
+        self.deadline = now + retry_for
+        self.due = now + _save_delay(0)
+
+    def attempting(self) -> None:
+        """One more attempt is about to be made (counted in ``idempo_save_retries_total``)."""
+        self.retries += 1
+        save_outcome(self.label, "retry")
+
+    def landed(self) -> None:
+        """The save landed: log it (WARNING: the key answered 409 meanwhile) and count it."""
+        save_outcome(self.label, "saved")
+        logger.warning(
+            "idempo: %s of record %s landed after %d retries; duplicates got 409 meanwhile, none executed",
+            _action(self.command),
+            self.command.record_key,
+            self.retries,
+            extra=_extra(self.command, "save_recovered", self.retries),
+        )
+
+    def lost(self) -> None:
+        """The lease was taken over before the save landed: this result is not stored."""
+        save_outcome(self.label, "lease_lost")
+        logger.error(
+            "idempo: %s of record %s refused after %d retries: the lease was taken over; this result was not stored",
+            _action(self.command),
+            self.command.record_key,
+            self.retries,
+            extra=_extra(self.command, "lease_lost", self.retries),
+        )
+
+    def failed(self, exc: BaseException) -> bool:
+        """The attempt failed in the store; return True to try again (at :attr:`due`), False when given up.
+
+        At the bound a result that could not be stored is replaced, once, by a
+        not-replayable marker (small, so a store that refused the response may
+        take it): retries then get 410 rather than a second execution. When
+        that fails too, the lease is left to expire.
+        """
+        now = time.monotonic()
+        if now < self.deadline:
+            self.due = now + _save_delay(self.retries)
+            logger.debug(
+                "idempo: %s of record %s failed again: %s", _action(self.command), self.command.record_key, exc
+            )
+            return True
+        command = self.command
+        if not self.fell_back and isinstance(command, Complete) and Marker.of(command.response) is None:
+            self.fell_back = True
+            marker = Marker(Marker.NOT_REPLAYABLE, "save_failed", command.response.status, len(command.response.body))
+            self.command = Complete(command.record_key, command.token, marker.response(), command.record_ttl_ms)
+            self.due = now
+            return True
+        save_outcome(self.label, "given_up")
+        logger.error(
+            "idempo: gave up saving record %s after %d retries (save_retry_for passed): %s; the lease is left to "
+            "expire, after which a takeover decides (on_takeover)",
+            command.record_key,
+            self.retries,
+            exc,
+            extra=_extra(command, "save_given_up", self.retries),
+        )
+        return False
+
+
+def _action(command: Settle) -> str:
+    return type(command).__name__.lower()
+
+
+def _extra(command: Settle, event: str, retries: int) -> dict[str, Any]:
+    return {
+        "idempo_event": event,
+        "idempo_operation": _action(command),
+        "idempo_record_key": command.record_key,
+        "idempo_save_retries": retries,
+    }
+
+
+def _saved_already(record: Any, command: Settle) -> bool:
+    """True when ``record`` (read after a LeaseLost) shows this command landed on an earlier attempt.
+
+    A store whose reply was lost (PostgreSQL, SQLite) refuses the resent
+    ``complete``, since the record is completed by then; the record, still
+    under this token, tells the two apart. A release leaves no record.
+    """
+    if isinstance(command, Release):
+        return record is None
+    return record is not None and record.state is RecordState.COMPLETED and record.token == command.token
 
 
 def _interval(lease_ttl_ms: int) -> float:
@@ -105,11 +247,13 @@ class AsyncLeaseKeeper:
     nothing is renewed.
     """
 
-    __slots__ = ("_args", "_renewer", "_renewing", "_stopped", "_trio", "due", "interval")
+    __slots__ = ("_args", "_paused", "_renewer", "_renewing", "_stopped", "_trio", "due", "interval")
 
     def __init__(self, store: AsyncStore, record_key: str, token: int, lease_ttl_ms: int) -> None:
         self._args = (store, record_key, token, lease_ttl_ms)
         self._stopped = False
+        # True while a save attempt runs: a renewal must not race it.
+        self._paused = False
         self._renewing: asyncio.Future[None] | None = None
         self._trio: _TrioRenewal | None = None
         self.interval = _interval(lease_ttl_ms)
@@ -129,7 +273,7 @@ class AsyncLeaseKeeper:
 
     async def renew(self) -> None:
         """Extend the lease once (called by the loop's renewer when due)."""
-        if self._stopped:
+        if self._stopped or self._paused:
             return
         store, record_key, token, lease_ttl_ms = self._args
         loop = asyncio.get_running_loop()
@@ -156,6 +300,91 @@ class AsyncLeaseKeeper:
             await asyncio.shield(renewing)
         if self._trio is not None:
             await self._trio.stopped()
+
+    async def _quiet(self) -> None:
+        """Pause renewals and wait for one in flight, so a save attempt never races a renewal."""
+        self._paused = True
+        renewing = self._renewing
+        if renewing is not None:
+            await asyncio.shield(renewing)
+        if self._trio is not None:
+            await self._trio.quiet()
+
+    async def save(self, command: Settle, observation: RequestObservation | None, retry_for: float) -> bool:
+        """Settle the record with ``command``; return True when the store took it at once.
+
+        On a store failure the lease is kept: renewals go on and the save is
+        retried in a background task (see :class:`_PendingSave`), so the
+        caller can send its answer now. A lost lease ends the renewals.
+        Renewals stop for good once the save landed, was refused, or was
+        given up. Never raises.
+        """
+        store = self._args[0]
+        try:
+            await self._quiet()
+        except BaseException:
+            self.cancel()
+            raise
+        try:
+            error = await settle_once_async(store, command, observation)
+        except BaseException:
+            await self.stop()
+            raise
+        if error is None or isinstance(error, LeaseLost) or self._stopped:
+            await self.stop()
+            return error is None
+        pending = _PendingSave(store, command, retry_for)
+        self._paused = False
+        if not self._spawn(self._retry(pending)):
+            await self.stop()
+        return False
+
+    def _spawn(self, coroutine: Any) -> bool:
+        """Run ``coroutine`` in the background of this loop (asyncio or trio); False when there is none."""
+        if self._renewer is not None:
+            task = asyncio.get_running_loop().create_task(coroutine, name="idempo-save-retry")
+            _SAVING.add(task)
+            task.add_done_callback(_SAVING.discard)
+            return True
+        trio = sys.modules.get("trio")
+        if self._trio is not None and trio is not None:
+            trio.lowlevel.spawn_system_task(coroutine, name="idempo-save-retry", context=contextvars.copy_context())
+            return True
+        coroutine.close()
+        logger.error(
+            "idempo: no event loop to retry the save of record %s in; the lease is left to expire", self._args[1]
+        )
+        return False
+
+    async def _retry(self, pending: _PendingSave) -> None:
+        """Retry a failed save until it lands, the lease is lost, or the bound passes; then stop renewing."""
+        store, record_key = self._args[0], self._args[1]
+        try:
+            while True:
+                await anyio.sleep(max(0.0, pending.due - time.monotonic()))
+                if self._stopped:  # the lease was lost meanwhile (a renewal was refused)
+                    record = await _get_async(store, record_key)
+                    (pending.landed if _saved_already(record, pending.command) else pending.lost)()
+                    return
+                await self._quiet()
+                pending.attempting()
+                try:
+                    await call_store_async(store, pending.command)
+                except LeaseLost:
+                    record = await _get_async(store, record_key)
+                    (pending.landed if _saved_already(record, pending.command) else pending.lost)()
+                    return
+                except Exception as exc:  # a StoreError, or a third-party store's own: retry
+                    if not pending.failed(exc):
+                        return
+                else:
+                    pending.landed()
+                    return
+                self._paused = False
+        except Exception:  # never let the retry end a trio run or leave an unretrieved task error
+            logger.exception("idempo: the save retry of record %s failed", record_key)
+        finally:
+            self.cancel()
 
     def cancel(self) -> None:
         """Stop renewing without waiting (a crash path: the lease is left to expire)."""
@@ -209,6 +438,8 @@ class _TrioRenewal:
                     await self._trio.sleep(keeper.interval)
                     if keeper._stopped:
                         break
+                    if keeper._paused:
+                        continue
                     self._renewing = True
                     try:
                         # Shielded: a stop() waits for this call rather than
@@ -238,9 +469,18 @@ class _TrioRenewal:
         """Wait until the task has ended (a renewal in flight has landed)."""
         await self._done.wait()
 
+    async def quiet(self) -> None:
+        """Wait until no renewal is in flight (the keeper is paused, so none starts)."""
+        while self._renewing:
+            await self._trio.sleep(0.005)
+
 
 class _Scheduler:
-    """One daemon thread that renews the leases of every blocking keeper, earliest first."""
+    """One daemon thread that runs the blocking keepers (renewals, save retries), earliest first.
+
+    A keeper's latest wake-up is the one that counts (``keeper._wake``): an
+    earlier entry still in the heap is skipped when it comes up.
+    """
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, LeaseKeeper]] = []
@@ -250,7 +490,9 @@ class _Scheduler:
 
     def add(self, keeper: LeaseKeeper, due: float) -> None:
         with self._wake:
-            heapq.heappush(self._heap, (due, next(self._counter), keeper))
+            entry = next(self._counter)
+            keeper._wake = entry
+            heapq.heappush(self._heap, (due, entry, keeper))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="idempo-lease-keeper", daemon=True)
                 self._thread.start()
@@ -268,15 +510,17 @@ class _Scheduler:
                 now = time.monotonic()
                 due = []
                 while self._heap and self._heap[0][0] <= now:
-                    due.append(heapq.heappop(self._heap)[2])
+                    _, entry, keeper = heapq.heappop(self._heap)
+                    if keeper._wake == entry:
+                        due.append(keeper)
             for keeper in due:
                 try:
-                    again = keeper.renew()
+                    again = keeper._tick()
                 except Exception as exc:  # a third-party store's own error must not kill the thread
                     _log_failure(keeper._args[1], exc)
-                    again = True
-                if again:
-                    self.add(keeper, time.monotonic() + keeper.interval)
+                    again = time.monotonic() + keeper.interval
+                if again is not None:
+                    self.add(keeper, again)
 
 
 _SCHEDULER = _Scheduler()
@@ -285,21 +529,24 @@ os.register_at_fork(after_in_child=lambda: _Scheduler.__init__(_SCHEDULER))
 
 
 class LeaseKeeper:
-    """Extends a lease on a blocking store while the handler runs.
+    """Extends a lease on a blocking store while the handler runs, and while a failed save is retried.
 
-    Args: as :class:`AsyncLeaseKeeper`. Renewals run on one shared daemon
-    thread, so the store must be usable from another thread (idempo's are).
-    Call :meth:`stop` when the handler has finished.
+    Args: as :class:`AsyncLeaseKeeper`. Renewals and save retries run on one
+    shared daemon thread, so the store must be usable from another thread
+    (idempo's are). Call :meth:`save` to settle the record, or :meth:`stop`.
     """
 
-    __slots__ = ("_args", "_lock", "_stopped", "interval")
+    __slots__ = ("_args", "_lock", "_pending", "_renew_due", "_stopped", "_wake", "interval")
 
     def __init__(self, store: Store, record_key: str, token: int, lease_ttl_ms: int) -> None:
         self._args: tuple[Any, ...] = (store, record_key, token, lease_ttl_ms)
         self._lock = threading.Lock()
         self._stopped = False
+        self._pending: _PendingSave | None = None
+        self._wake = -1
         self.interval = _interval(lease_ttl_ms)
-        _SCHEDULER.add(self, time.monotonic() + self.interval)
+        self._renew_due = time.monotonic() + self.interval
+        _SCHEDULER.add(self, self._renew_due)
 
     def renew(self) -> bool:
         """Extend the lease once; return whether to keep renewing."""
@@ -310,13 +557,235 @@ class LeaseKeeper:
             try:
                 store.extend(record_key, token, lease_ttl_ms)
             except LeaseLost as exc:
-                _log_failure(record_key, exc)
+                if self._pending is None:
+                    _log_failure(record_key, exc)
                 return False
             except StoreError as exc:
                 _log_failure(record_key, exc)
             return True
 
+    def _tick(self) -> float | None:
+        """Run what is due (a save attempt, a renewal); return when to run next (monotonic), None to stop."""
+        if self._stopped:
+            return None
+        now = time.monotonic()
+        pending = self._pending
+        if pending is not None and now >= pending.due:
+            with self._lock:
+                if self._stopped:
+                    return None
+                if self._attempt(pending):
+                    self._stopped = True
+                    return None
+        if now >= self._renew_due:
+            if not self.renew():
+                with self._lock:
+                    pending = self._pending
+                    if pending is not None and not self._stopped:
+                        # The lease is gone: the save can no longer land (or it already did).
+                        self._stopped = True
+                        record = _get_sync(self._args[0], self._args[1])
+                        (pending.landed if _saved_already(record, pending.command) else pending.lost)()
+                return None
+            self._renew_due = time.monotonic() + self.interval
+        pending = self._pending
+        return self._renew_due if pending is None else min(self._renew_due, pending.due)
+
+    def _attempt(self, pending: _PendingSave) -> bool:
+        """One retry of a failed save (the lock held); True when it is over (landed, refused, given up)."""
+        store = self._args[0]
+        pending.attempting()
+        try:
+            call_store_sync(store, pending.command)
+        except LeaseLost:
+            record = _get_sync(store, self._args[1])
+            (pending.landed if _saved_already(record, pending.command) else pending.lost)()
+            return True
+        except Exception as exc:  # a StoreError, or a third-party store's own: retry
+            return not pending.failed(exc)
+        pending.landed()
+        return True
+
+    def save(self, command: Settle, observation: RequestObservation | None, retry_for: float) -> bool:
+        """Settle the record with ``command``; return True when the store took it at once.
+
+        The blocking twin of :meth:`AsyncLeaseKeeper.save`: on a store failure
+        the lease is kept and the save retried on the keepers' thread.
+        Never raises for the store.
+        """
+        store = self._args[0]
+        with self._lock:  # waits for a renewal in flight
+            self._stopped = True
+        error = settle_once_sync(store, command, observation)
+        if error is None or isinstance(error, LeaseLost):
+            return error is None
+        pending = _PendingSave(store, command, retry_for)
+        with self._lock:
+            self._pending = pending
+            self._stopped = False
+        _SCHEDULER.add(self, min(pending.due, self._renew_due))
+        return False
+
     def stop(self) -> None:
         """Stop renewing; waits for a renewal in flight, so it never lands after the record settles."""
         with self._lock:
             self._stopped = True
+
+
+def _get_sync(store: Store, record_key: str) -> Any:
+    try:
+        return store.get(record_key)
+    except Exception:
+        return _UNKNOWN
+
+
+async def _get_async(store: AsyncStore, record_key: str) -> Any:
+    try:
+        return await store.get(record_key)
+    except Exception:
+        return _UNKNOWN
+
+
+# A record that could not be read: neither saved nor released, as far as anyone knows.
+_UNKNOWN = object()
+
+
+class Execution:
+    """One request's lease, from the handler's start until its record is settled (blocking fronts).
+
+    The one place that guarantees every executed request's record is settled
+    exactly once (completed, released or held) and its renewals stop, however
+    idempo's own code fails after the handler ran: a front calls
+    :meth:`settle` with the captured answer, :meth:`fail` from any exception
+    handler, and :meth:`abandon` on a crash. A store failure while settling
+    keeps the lease and retries the save (:meth:`LeaseKeeper.save`).
+
+    Args:
+        store: the store holding the record.
+        policy: the route's policy (verdicts, TTLs, ``save_retry_for``).
+        record_key: the record being executed.
+        token: the lease's fencing token.
+        observation: the request's observation, told the settle.
+    """
+
+    __slots__ = ("keeper", "observation", "policy", "record_key", "settled", "store", "token")
+
+    def __init__(
+        self, store: Store, policy: Policy, record_key: str, token: int, observation: RequestObservation | None
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.record_key = record_key
+        self.token = token
+        self.observation = observation
+        self.settled = False
+        # Renews the lease while the handler runs, so a slow handler is never run twice.
+        self.keeper = LeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
+
+    def settle(
+        self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None
+    ) -> bool:
+        """Settle the record once (later calls do nothing); True when the store took it at once.
+
+        ``response``, ``verdict`` and ``reason`` as :func:`idempo._core.flow.finish`.
+        Never raises: idempo's own failure to build the command releases the
+        record instead; a store failure is retried in the background.
+        """
+        if self.settled:
+            return False
+        self.settled = True
+        try:
+            command: Settle = finish(self.policy, self.record_key, self.token, response, verdict=verdict, reason=reason)
+        except Exception:
+            logger.exception("idempo: settling record %s failed; releasing it", self.record_key)
+            command = Release(self.record_key, self.token)
+        try:
+            return self.keeper.save(command, self.observation, self.policy.save_retry_for)
+        except Exception:
+            logger.exception("idempo: settling record %s failed", self.record_key)
+            self.keeper.stop()
+            return False
+
+    def fail(self, exc: BaseException, status: int | None = None) -> None:
+        """Settle after ``exc`` (the handler's, or idempo's own after the handler ran), unless already settled.
+
+        An ``Exception`` settles by its verdict (``Policy.exception_verdicts``),
+        or HOLD when ``status`` (the answer's, if one was started) maps to
+        HOLD; otherwise the record is released so a retry executes. Anything
+        else (a crash: SystemExit, KeyboardInterrupt) settles nothing and the
+        lease is left to expire. Renewals stop either way. Never raises.
+        """
+        if not isinstance(exc, Exception):
+            self.abandon()
+            return
+        self.settle(None, _failure_verdict(self.policy, exc, status), f"exception {type(exc).__name__}")
+
+    def abandon(self) -> None:
+        """A crash: settle nothing and stop renewing, so the lease expires (DESIGN guarantee 2)."""
+        if not self.settled:
+            self.settled = True
+            self.keeper.stop()
+
+
+class AsyncExecution:
+    """The async twin of :class:`Execution` (ASGI, async functions)."""
+
+    __slots__ = ("keeper", "observation", "policy", "record_key", "settled", "store", "token")
+
+    def __init__(
+        self, store: AsyncStore, policy: Policy, record_key: str, token: int, observation: RequestObservation | None
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.record_key = record_key
+        self.token = token
+        self.observation = observation
+        self.settled = False
+        self.keeper = AsyncLeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
+
+    async def settle(
+        self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None
+    ) -> bool:
+        """See :meth:`Execution.settle`."""
+        if self.settled:
+            return False
+        self.settled = True
+        try:
+            command: Settle = finish(self.policy, self.record_key, self.token, response, verdict=verdict, reason=reason)
+        except Exception:
+            logger.exception("idempo: settling record %s failed; releasing it", self.record_key)
+            command = Release(self.record_key, self.token)
+        # Shielded: a cancelled request still settles what it ran, and the
+        # renewals stop (or go on with a pending save) either way.
+        with anyio.CancelScope(shield=True):
+            try:
+                return await self.keeper.save(command, self.observation, self.policy.save_retry_for)
+            except Exception:
+                logger.exception("idempo: settling record %s failed", self.record_key)
+                await self.keeper.stop()
+        return False
+
+    async def fail(self, exc: BaseException, status: int | None = None) -> None:
+        """See :meth:`Execution.fail`."""
+        if not isinstance(exc, Exception):
+            self.abandon()
+            return
+        await self.settle(None, _failure_verdict(self.policy, exc, status), f"exception {type(exc).__name__}")
+
+    def abandon(self) -> None:
+        """See :meth:`Execution.abandon` (does not wait for a renewal in flight)."""
+        if not self.settled:
+            self.settled = True
+            self.keeper.cancel()
+
+
+def _failure_verdict(policy: Policy, exc: Exception, status: int | None) -> Verdict:
+    """RELEASE or HOLD after an exception: the exception's verdict, or the started answer's HOLD."""
+    try:
+        verdict = policy.verdict_for_exception(exc)
+        if verdict is not Verdict.HOLD and status is not None and policy.verdict_for_status(status) is Verdict.HOLD:
+            verdict = Verdict.HOLD
+    except Exception:
+        return Verdict.RELEASE
+    # STORE makes no sense without a result: an exception is never replayed.
+    return Verdict.RELEASE if verdict is Verdict.STORE else verdict

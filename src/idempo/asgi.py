@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ._core.flow import Proceed, finish
+from ._core.flow import Proceed
 from ._core.http import (
     BYPASSED_HEADER,
     ResponseCapture,
@@ -42,8 +42,8 @@ from ._core.http import (
 from ._core.http import default_principal as _default_principal
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import begin_async, settle_async
-from ._lease import AsyncLeaseKeeper
+from ._engine import begin_async, logger
+from ._lease import AsyncExecution
 from .exceptions import ConfigurationError, StoreError, StoreUnavailable
 from .observability import Outcome, RequestObservation, observe_request
 from .stores import async_store_from_url
@@ -347,14 +347,21 @@ class IdempotencyMiddleware:
         it has the answer finds the record settled. The app runs to the end
         even when the client has gone: its result is still recorded and the
         retry gets the replay (shared/cases B04).
+
+        Every way out settles the record through one :class:`AsyncExecution`:
+        when idempo's own code fails after the app started answering (the
+        capture, the verdict, the settle, the observation), the record is
+        released (or held, as the verdict says), renewals stop, and the app's
+        answer is passed through untouched from there on.
         """
-        store = self.store
         capture = ResponseCapture(policy)
+        execution = AsyncExecution(self.store, policy, record_key, token, observation)
         start: Message | None = None
         start_sent = False
-        settled = False
         complete = False
         client_gone = False
+        # True once idempo's own code failed: the rest of the answer passes through.
+        broken = False
         done: anyio.Event | None = None
 
         async def forward(message: Message) -> None:
@@ -368,35 +375,55 @@ class IdempotencyMiddleware:
                 # goes on, so its result is still recorded for the retry.
                 client_gone = True
 
-        async def settle(response: StoredResponse | None, outcome: Verdict) -> None:
-            nonlocal settled
-            settled = True
-            await keeper.stop()
-            await settle_async(store, finish(policy, record_key, token, response, verdict=outcome), observation)
+        async def settle(response: StoredResponse | None, outcome: Verdict, reason: str | None = None) -> None:
+            await execution.settle(response, outcome, reason)
+            if done is not None:
+                done.set()
+
+        async def failed(exc: Exception) -> None:
+            nonlocal broken
+            broken = True
+            logger.error(
+                "idempo: capturing the answer of record %s failed; the record is released",
+                record_key,
+                exc_info=exc,
+            )
+            await execution.fail(exc, start["status"] if start is not None else None)
             if done is not None:
                 done.set()
 
         async def capture_send(message: Message) -> None:
             nonlocal start, start_sent, complete
             kind = message["type"]
-            if kind == "http.response.start":
-                start = message
-                capture.start(message["status"], message.get("headers", ()))
-                return
-            if kind != "http.response.body" or start is None or settled:
+            if broken:
+                if kind == "http.response.body" and start is not None and not start_sent:
+                    start_sent = True
+                    await forward(start)
                 await forward(message)
                 return
-            capture.add(message.get("body", b""))
-            if not message.get("more_body", False):
-                complete = True
-                # With exception verdicts configured, an answer that is not
-                # stored is settled when the app finishes: frameworks send
-                # their 500 before re-raising, and the exception decides.
-                if capture.verdict is Verdict.STORE or not policy.exception_verdicts:
-                    await settle(capture.response(), capture.verdict)
-                elif done is not None:
-                    done.set()  # the response is whole: an app waiting for the disconnect may have it
-            if not start_sent:
+            try:
+                if kind == "http.response.start":
+                    start = message
+                    capture.start(message["status"], message.get("headers", ()))
+                    return
+                if kind != "http.response.body" or start is None or execution.settled:
+                    await forward(message)
+                    return
+                capture.add(message.get("body", b""))
+                if not message.get("more_body", False):
+                    complete = True
+                    # With exception verdicts configured, an answer that is not
+                    # stored is settled when the app finishes: frameworks send
+                    # their 500 before re-raising, and the exception decides.
+                    if capture.verdict is Verdict.STORE or not policy.exception_verdicts:
+                        await settle(capture.response(), capture.verdict, f"status {capture.status}")
+                    elif done is not None:
+                        done.set()  # the response is whole: an app waiting for the disconnect may have it
+            except Exception as exc:
+                await failed(exc)
+                if kind == "http.response.start":
+                    return
+            if not start_sent and start is not None:
                 start_sent = True
                 await forward(start)
             await forward(message)
@@ -409,7 +436,7 @@ class IdempotencyMiddleware:
                 body_pending = False
                 return {"type": "http.request", "body": body, "more_body": False}
             message = await receive()
-            if message["type"] != "http.disconnect" or settled or complete:
+            if message["type"] != "http.disconnect" or execution.settled or complete:
                 return message
             # Hide the client's departure until the response is complete, so
             # frameworks that stop on disconnect (Starlette's StreamingResponse)
@@ -427,33 +454,47 @@ class IdempotencyMiddleware:
         # such as the route a router picked, stay visible to outer middleware.
         reported = _Reported()
         scope[EXCHANGE_SCOPE_KEY] = reported
-        keeper = AsyncLeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
-        observation.handler_started()
         try:
-            await app(scope, app_receive, capture_send)
-        except Exception as exc:
-            observation.error = exc
-            if not settled:
-                await settle(None, policy.verdict_for_exception(exc))
+            observation.handler_started()
+            try:
+                await app(scope, app_receive, capture_send)
+            except Exception as exc:
+                observation.error = exc
+                if not execution.settled:
+                    await execution.fail(exc, start["status"] if start is not None else None)
+                    if done is not None:
+                        done.set()
+                raise
+            finally:
+                observation.handler_finished(start["status"] if start is not None else None)
+            if not execution.settled:
+                # Either a deferred non-stored answer (decided by the exception a
+                # framework reported, if any), or the app returned without
+                # completing its response: nothing whole to store.
+                reason = None
+                if not complete:
+                    outcome = Verdict.RELEASE
+                elif reported.exception is not None and capture.verdict is not Verdict.STORE:
+                    outcome = _exception_verdict(policy, reported.exception)
+                    reason = f"exception {type(reported.exception).__name__}"
+                else:
+                    outcome = capture.verdict
+                await settle(None, outcome, reason)
+                if start is not None and not start_sent:
+                    start_sent = True
+                    await forward(start)
+        except BaseException as exc:
+            # Whatever failed (the app, or idempo's own code after it): the
+            # record is settled by it, and renewals stop. A crash (cancellation,
+            # SystemExit) settles nothing: the lease expires, a retry may execute.
+            await execution.fail(exc, start["status"] if start is not None else None)
             raise
-        finally:
-            # A crash (cancellation, SystemExit) settles nothing: with the
-            # renewals stopped, the lease expires and a retry may execute.
-            keeper.cancel()
-            observation.handler_finished(start["status"] if start is not None else None)
-        if not settled:
-            # Either a deferred non-stored answer (decided by the exception a
-            # framework reported, if any), or the app returned without
-            # completing its response: nothing whole to store.
-            if not complete:
-                outcome = Verdict.RELEASE
-            elif reported.exception is not None and capture.verdict is not Verdict.STORE:
-                outcome = policy.verdict_for_exception(reported.exception)
-            else:
-                outcome = capture.verdict
-            await settle(None, outcome)
-            if start is not None and not start_sent:
-                await forward(start)
+
+
+def _exception_verdict(policy: Policy, exc: BaseException) -> Verdict:
+    verdict = policy.verdict_for_exception(exc)
+    # STORE makes no sense without a result: an exception is never replayed.
+    return Verdict.RELEASE if verdict is Verdict.STORE else verdict
 
 
 class _ClientGone(Exception):

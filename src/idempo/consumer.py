@@ -46,7 +46,7 @@ from uuid import UUID
 from ._calls import Engine, async_store, digest, key_text, scope_of, sync_store
 from ._core.policy import Policy, Verdict
 from ._engine import logger
-from .exceptions import KeyInProgress, MissingKey
+from .exceptions import KeyHeld, KeyInProgress, MissingKey, ResultNotReplayable
 from .serializers import JSONSerializer, fingerprint_form
 from .typing import AsyncStore, Store
 
@@ -83,6 +83,10 @@ class Outcome(enum.Enum):
     IN_PROGRESS = "in_progress"
     #: Reported by :class:`RedisStreamConsumer` when processing raised: left unacked.
     FAILED = "failed"
+    #: The id is held: its first processing's outcome is unknown (a HOLD verdict, or a
+    #: takeover under ``on_takeover="hold"``). Left unacked until the hold expires or an
+    #: operator resolves it (``idempo resolve``).
+    HELD = "held"
 
     @property
     def ack(self) -> bool:
@@ -104,6 +108,7 @@ class _Consumer(Generic[M]):
         lease_ttl: float | timedelta,
         exception_verdicts: Mapping[type[BaseException], Verdict] | None,
         hold_ttl: float | timedelta | None,
+        on_takeover: str = "execute",
     ) -> None:
         self.handler = handler
         self.scope = scope if scope is not None else scope_of(handler)
@@ -115,6 +120,7 @@ class _Consumer(Generic[M]):
             exception_verdicts=exception_verdicts,
             hold_ttl=hold_ttl,
             require_key=True,
+            on_takeover=on_takeover,
         )
         # The handler's return value is not kept: a duplicate is skipped, not answered.
         self._engine = Engine(self.scope, policy, JSONSerializer(), lambda: None)
@@ -153,6 +159,10 @@ class IdempotentConsumer(_Consumer[M]):
             redelivery runs the handler again) or ``Verdict.HOLD`` (the id
             stays in progress for ``hold_ttl``).
         hold_ttl: seconds a HOLD keeps the id (default ``record_ttl``).
+        on_takeover: ``"execute"`` (default) or ``"hold"``: what a delivery does
+            when it finds the lease of a consumer that died mid-handler
+            (:class:`~idempo.Policy` ``on_takeover``); a held id is reported
+            as HELD.
 
     Raises:
         ConfigurationError: a TTL is not positive, or the store is async or its URL unknown.
@@ -170,6 +180,7 @@ class IdempotentConsumer(_Consumer[M]):
         lease_ttl: float | timedelta = 30.0,
         exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
         hold_ttl: float | timedelta | None = None,
+        on_takeover: str = "execute",
     ) -> None:
         super().__init__(
             handler,
@@ -180,6 +191,7 @@ class IdempotentConsumer(_Consumer[M]):
             lease_ttl=lease_ttl,
             exception_verdicts=exception_verdicts,
             hold_ttl=hold_ttl,
+            on_takeover=on_takeover,
         )
         self.store: Store = sync_store(store, self.scope)
 
@@ -187,7 +199,7 @@ class IdempotentConsumer(_Consumer[M]):
         """Handle one delivery of a message; return whether to ack it.
 
         Returns:
-            PROCESSED or DUPLICATE (ack it), or IN_PROGRESS (do not ack).
+            PROCESSED or DUPLICATE (ack it), or IN_PROGRESS or HELD (do not ack).
 
         Raises:
             MissingKey, InvalidKey: the message has no usable id.
@@ -202,6 +214,10 @@ class IdempotentConsumer(_Consumer[M]):
             )
         except KeyInProgress:
             return Outcome.IN_PROGRESS
+        except KeyHeld:
+            return Outcome.HELD
+        except ResultNotReplayable:  # it ran; its result was not kept
+            return Outcome.DUPLICATE
         return Outcome.DUPLICATE if replayed else Outcome.PROCESSED
 
 
@@ -224,6 +240,7 @@ class AsyncIdempotentConsumer(_Consumer[M]):
         lease_ttl: float | timedelta = 30.0,
         exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
         hold_ttl: float | timedelta | None = None,
+        on_takeover: str = "execute",
     ) -> None:
         super().__init__(
             handler,
@@ -234,6 +251,7 @@ class AsyncIdempotentConsumer(_Consumer[M]):
             lease_ttl=lease_ttl,
             exception_verdicts=exception_verdicts,
             hold_ttl=hold_ttl,
+            on_takeover=on_takeover,
         )
         self._async_handler = handler
         self.store: AsyncStore = async_store(store, self.scope)
@@ -249,6 +267,10 @@ class AsyncIdempotentConsumer(_Consumer[M]):
             _, replayed = await self._engine.run_async(self.store, key, fingerprint, call)
         except KeyInProgress:
             return Outcome.IN_PROGRESS
+        except KeyHeld:
+            return Outcome.HELD
+        except ResultNotReplayable:  # it ran; its result was not kept
+            return Outcome.DUPLICATE
         return Outcome.DUPLICATE if replayed else Outcome.PROCESSED
 
 

@@ -253,6 +253,7 @@ def idempotent(
     exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
     hold_ttl: float | timedelta | None = None,
     fail_open: bool = False,
+    on_takeover: Literal["execute", "hold"] = "execute",
 ) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """Make a sync or async function run at most once per idempotency key.
 
@@ -305,6 +306,11 @@ def idempotent(
             as a timeout talking to a payment provider). The exception always
             propagates unchanged.
         hold_ttl: seconds a HOLD keeps the key (default ``record_ttl``).
+        on_takeover: what a call does when it finds the expired lease of a
+            call that died mid-way (:class:`~idempo.Policy` ``on_takeover``):
+            ``"execute"`` (default) runs the function again; ``"hold"`` raises
+            :class:`~idempo.KeyHeld` instead, until ``hold_ttl`` passes or an
+            operator resolves the key (``idempo resolve``).
         fail_open: when the store fails before the call, run the function
             without idempotency (logged) instead of raising
             :class:`~idempo.StoreError` (default: fail closed, shared/cases B18).
@@ -314,15 +320,20 @@ def idempotent(
         function raises:
 
         - :class:`~idempo.KeyInProgress` (``.retry_after`` seconds): a call
-          with the same key is running (or is held).
+          with the same key is running, or its result is being saved.
+        - :class:`~idempo.KeyHeld`: the key is held (its first outcome is
+          unknown: a HOLD verdict, or a takeover under ``on_takeover="hold"``).
+        - :class:`~idempo.ResultNotReplayable`: the first call ran but its
+          result could not be saved within ``save_retry_for``.
         - :class:`~idempo.FingerprintMismatch`: the key was used with other
           arguments.
         - :class:`~idempo.MissingKey`, :class:`~idempo.InvalidKey`: no key
           (with ``require_key``), or a blank key or one of another type.
         - :class:`~idempo.StoreError` / :class:`~idempo.StoreUnavailable`:
           the store failed before the call, so it did not run. A store failure
-          after the call is logged; the result is still returned and the key
-          stays in progress until its lease expires.
+          after the call is logged; the result is still returned, and the save
+          is retried in the background while the lease is kept (duplicates
+          get KeyInProgress, never a second run).
         - :class:`~idempo.ConfigurationError`: an argument of the fingerprint
           has no canonical form (the call did not run), or the result cannot
           be stored with its type or does not fit the return annotation (the
@@ -346,6 +357,7 @@ def idempotent(
         hold_ttl=hold_ttl,
         fail_open=fail_open,
         require_key=require_key,
+        on_takeover=on_takeover,
     )
     chosen_serializer = _serializer(serializer)
 

@@ -275,7 +275,11 @@ class IdempotencyMiddleware:
             raise
         exchange = request.__dict__.pop(_EXCHANGE, None)
         if exchange is not None:
-            return _capture(exchange, response)
+            try:
+                return _capture(exchange, response)
+            except Exception as exc:  # idempo's own failure: settled, and the view's answer goes out as it is
+                exchange.fail(exc)
+                return response
         bypass: _Bypass | None = request.__dict__.pop(_BYPASSED, None)
         if bypass is not None:
             _mark_bypassed(bypass, response)
@@ -399,17 +403,20 @@ def _policy(value: Any, where: str) -> Policy | None:
 
 def _capture(exchange: _Exchange, response: HttpResponseBase) -> HttpResponseBase:
     """Capture the view's response for the record; settle now, or when a streamed body ends."""
-    lines = [
-        *response.items(),
-        *(("Set-Cookie", cookie.OutputString()) for cookie in response.cookies.values()),
-    ]
     exchange.started = True
-    exchange.capture.start(
-        response.status_code, [(name.encode("latin-1"), value.encode("latin-1")) for name, value in lines]
-    )
-    if not response.streaming:
-        assert isinstance(response, HttpResponse)
-        exchange.capture.add(response.content)
+    with exchange.guard():
+        lines = [
+            *response.items(),
+            *(("Set-Cookie", cookie.OutputString()) for cookie in response.cookies.values()),
+        ]
+        exchange.capture.start(
+            response.status_code, [(name.encode("latin-1"), value.encode("latin-1")) for name, value in lines]
+        )
+        if not response.streaming:
+            assert isinstance(response, HttpResponse)
+            exchange.capture.add(response.content)
+    if not response.streaming or exchange.settled:
+        # Settled by a failure above (the answer then passes through as it is), or now.
         exchange.settle()
         return response
     body = CapturedBody(exchange, response.streaming_content)

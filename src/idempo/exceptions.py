@@ -8,6 +8,8 @@ Every exception derives from :class:`IdempoError`::
     │   ├── MissingKey            400: the route requires a key and none was sent
     │   ├── InvalidKey            400: the header is not one valid key
     │   ├── KeyInProgress         409: the first request with this key is still running
+    │   ├── KeyHeld               409: the first outcome is unknown; the key is held
+    │   ├── ResultNotReplayable   410: the first answer was not kept; it will not run again
     │   └── FingerprintMismatch   422: the key was used for a different request
     ├── LeaseLost                 complete/release/extend found another lease token
     └── StoreError                the store failed; the original error is in __cause__
@@ -29,10 +31,12 @@ __all__ = [
     "FingerprintMismatch",
     "IdempoError",
     "InvalidKey",
+    "KeyHeld",
     "KeyInProgress",
     "KeyRejected",
     "LeaseLost",
     "MissingKey",
+    "ResultNotReplayable",
     "StoreError",
     "StoreUnavailable",
 ]
@@ -53,7 +57,7 @@ class KeyRejected(IdempoError):
     """The request cannot proceed under its idempotency key.
 
     Attributes:
-        status_code: the HTTP status an adapter answers with (400, 409 or 422).
+        status_code: the HTTP status an adapter answers with (400, 409, 410 or 422).
     """
 
     status_code: int = 400
@@ -88,6 +92,34 @@ class KeyInProgress(KeyRejected):
     def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class KeyHeld(KeyRejected):
+    """The first request with this idempotency key has an unknown outcome, so the key is held.
+
+    Neither replayed nor executed again until the record expires
+    (``Policy.hold_ttl``) or an operator resolves it (``idempo resolve``):
+    a HOLD verdict, or a takeover under ``on_takeover="hold"``.
+
+    Attributes:
+        reason: why it is held, e.g. ``"takeover"`` or ``"exception TimeoutError"``.
+    """
+
+    status_code = 409
+
+    def __init__(self, message: str | None = None, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ResultNotReplayable(KeyRejected):
+    """The first request with this idempotency key ran, but its answer was not kept; it will not run again.
+
+    The answer was larger than ``Policy.max_response_body``, or the store
+    would not take it within ``Policy.save_retry_for``.
+    """
+
+    status_code = 410
 
 
 class FingerprintMismatch(KeyRejected):

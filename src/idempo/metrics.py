@@ -16,8 +16,13 @@ metric                                             labels                    wha
 ``idempo_store_operation_errors_total``            store, operation, error   failed store calls (unavailable, error,
                                                                              lease_lost)
 ``idempo_leases_in_flight``                        route                     leases this process holds now (gauge)
-``idempo_lease_takeovers_total``                   route                     expired leases taken over (a holder crashed
-                                                                             or outlived its lease)
+``idempo_lease_takeovers_total``                   route, decision           expired leases taken over (a holder crashed
+                                                                             or lost the store), by what ``on_takeover``
+                                                                             decided: ``execute`` or ``hold``
+``idempo_save_retries_total``                      store                     background retries of a save that failed
+                                                                             after the handler ran
+``idempo_saves_total``                             store, result             how those saves ended: ``saved``,
+                                                                             ``lease_lost``, ``given_up``
 ``idempo_oldest_lease_age_seconds``                                          age of the oldest lease this process holds
 =================================================  ========================  ==========================================
 
@@ -137,8 +142,22 @@ class PrometheusMetrics:
         )
         self.lease_takeovers = Counter(
             "idempo_lease_takeovers",
-            "Expired leases taken over by a new request: the holder crashed or outlived its lease.",
-            ["route"],
+            "Expired leases taken over by a new request (the holder crashed or lost the store), "
+            "by decision: execute (ran the handler again) or hold (on_takeover='hold').",
+            ["route", "decision"],
+            registry=registry,
+        )
+        self.save_retries = Counter(
+            "idempo_save_retries",
+            "Background retries of a save (complete, release, hold) that failed after the handler ran.",
+            ["store"],
+            registry=registry,
+        )
+        self.saves = Counter(
+            "idempo_saves",
+            "How saves retried in the background ended: saved, lease_lost (taken over first), "
+            "given_up (save_retry_for passed).",
+            ["store", "result"],
             registry=registry,
         )
         self._leases: dict[int, float] = {}
@@ -171,7 +190,18 @@ class PrometheusMetrics:
         if observation.lease_started is not None:
             self._leases[id(observation)] = observation.lease_started
         if observation.lease_takeover:
-            self._child(self.lease_takeovers, observation.route).inc()
+            self._child(self.lease_takeovers, observation.route, "execute").inc()
+
+    def takeover_held(self, observation: RequestObservation) -> None:
+        """A request found an expired lease and held the key (``on_takeover="hold"``) instead of executing."""
+        self._child(self.lease_takeovers, observation.route, "hold").inc()
+
+    def save_event(self, store: str, event: str) -> None:
+        """A background save retry: an attempt (``retry``) or how it ended (``saved``, ``lease_lost``, ``given_up``)."""
+        if event == "retry":
+            self._child(self.save_retries, store).inc()
+        else:
+            self._child(self.saves, store, event).inc()
 
     def request_finished(self, observation: RequestObservation) -> None:
         """Count the request's outcome; record its handler time; end its lease in flight."""

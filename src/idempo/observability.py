@@ -44,7 +44,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._core.flow import Complete, Decision, Extend, InProgress, Mismatch, Proceed, Release, Replay
+from ._core.flow import Complete, Decision, Extend, Held, InProgress, Mismatch, NotReplayable, Proceed, Release, Replay
+from ._core.records import Marker
 from .exceptions import LeaseLost, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ __all__ = [
     "error_kind",
     "instrument",
     "observe_request",
+    "save_outcome",
     "store_call_async",
     "store_call_sync",
     "store_label",
@@ -102,6 +104,16 @@ class Outcome(enum.StrEnum):
     RELEASED = "released"
     #: The handler ran; the policy holds the key (Verdict.HOLD): retries get 409 until it expires.
     HELD = "held"
+    #: The handler ran and answered in full, but the answer exceeds ``max_response_body``:
+    #: the record completes as not replayable (retries get 410; the handler never runs again).
+    TOO_LARGE = "too_large"
+    #: A retry of a key whose first answer was not kept: 410, handler not run.
+    NOT_REPLAYABLE = "not_replayable"
+    #: A retry of a held key (its first outcome is unknown): 409 ``outcome-unknown``, handler not run.
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    #: The request found an expired lease with no result under ``on_takeover="hold"``:
+    #: it held the key instead of executing (409 ``outcome-unknown``).
+    TAKEOVER_HELD = "takeover_held"
     #: The store failed before the handler ran: 503, handler not run (fail closed).
     STORE_ERROR = "store_error"
     #: The store failed and ``Policy.fail_open`` ran the handler without idempotency.
@@ -129,16 +141,27 @@ LEVELS: dict[Outcome, int] = {
     Outcome.BODY_INCOMPLETE: logging.INFO,
     Outcome.LEASE_TAKEOVER: logging.WARNING,
     Outcome.HELD: logging.WARNING,
+    Outcome.TOO_LARGE: logging.WARNING,
+    Outcome.NOT_REPLAYABLE: logging.INFO,
+    Outcome.OUTCOME_UNKNOWN: logging.INFO,
+    Outcome.TAKEOVER_HELD: logging.WARNING,
     Outcome.BYPASSED: logging.WARNING,
     Outcome.ABANDONED: logging.WARNING,
     Outcome.STORE_ERROR: logging.ERROR,
 }
 
-_VERDICT_OUTCOMES = {"store": Outcome.EXECUTED, "release": Outcome.RELEASED, "hold": Outcome.HELD}
+_VERDICT_OUTCOMES = {
+    "store": Outcome.EXECUTED,
+    "release": Outcome.RELEASED,
+    "hold": Outcome.HELD,
+    "not_replayable": Outcome.TOO_LARGE,
+}
 _DECISION_OUTCOMES: dict[type, Outcome] = {
     Replay: Outcome.REPLAYED,
     InProgress: Outcome.CONFLICT,
     Mismatch: Outcome.MISMATCH,
+    Held: Outcome.OUTCOME_UNKNOWN,
+    NotReplayable: Outcome.NOT_REPLAYABLE,
 }
 
 
@@ -236,7 +259,8 @@ class RequestObservation:
         error: the exception behind a store error, a bypass or a failed handler.
         lease_takeover: True when ``begin`` took over an expired lease.
         verdict: how the record was settled after the handler: ``"store"``,
-            ``"release"``, ``"hold"``; None when the handler did not run under a lease.
+            ``"release"``, ``"hold"``, ``"not_replayable"`` (an answer too
+            large to keep); None when the handler did not run under a lease.
         settle_error: ``"lease_lost"`` or ``"store_error"`` when settling failed.
         record_key: the record key (a hash of scope and key), once identified.
         timed: True when the handler and each store call are timed: metrics
@@ -351,13 +375,23 @@ class RequestObservation:
             sinks = self._sinks
             if sinks is not None and sinks.metrics is not None:
                 sinks.metrics.lease_taken(self)
+        elif type(decision) is Held and decision.takeover:
+            self.lease_takeover = True
+            self.outcome = Outcome.TAKEOVER_HELD
+            sinks = self._sinks
+            if sinks is not None and sinks.metrics is not None:
+                sinks.metrics.takeover_held(self)
         else:
             self.outcome = _DECISION_OUTCOMES[type(decision)]
 
     def settled(self, command: Complete | Release | Extend, error: BaseException | None) -> None:
         """The record was settled by ``command``; ``error`` when the store refused or failed."""
         if isinstance(command, Complete):
-            self.verdict = "store"
+            marker = Marker.of(command.response)
+            if marker is None:
+                self.verdict = "store"
+            else:
+                self.verdict = "hold" if marker.kind == Marker.HELD else "not_replayable"
         elif isinstance(command, Extend):
             self.verdict = "hold"
         else:
@@ -462,6 +496,9 @@ class _QuietObservation(RequestObservation):
         if type(decision) is Proceed:
             self.lease_started = 0.0  # under a lease; no lease clock kept here
             self.lease_takeover = decision.takeover
+        elif type(decision) is Held and decision.takeover:
+            self.lease_takeover = True
+            self.outcome = Outcome.TAKEOVER_HELD
         else:
             self.outcome = _DECISION_OUTCOMES[type(decision)]
 
@@ -586,6 +623,19 @@ def _store_done(
             sinks.metrics.store_operation(label, operation, seconds, error)
         if span is not None and sinks.tracing is not None:
             sinks.tracing.end_store(span, result, error)
+
+
+def save_outcome(store: str, event: str) -> None:
+    """Count one event of a failed save's background retries, by store (metrics on only).
+
+    Args:
+        store: the store's label (:func:`store_label`).
+        event: ``"retry"`` (an attempt), ``"saved"`` (it landed), ``"lease_lost"``
+            (taken over first) or ``"given_up"`` (``Policy.save_retry_for`` passed).
+    """
+    sinks = _sinks
+    if sinks is not None and sinks.metrics is not None:
+        sinks.metrics.save_event(store, event)
 
 
 def error_kind(error: BaseException) -> str:

@@ -35,6 +35,7 @@ protocol against a blocking :class:`~idempo.typing.Store` with
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from typing import TypeVar
 from wsgiref.types import StartResponse as StartResponse
 from wsgiref.types import WSGIApplication, WSGIEnvironment
 
-from ._core.flow import Proceed, finish
+from ._core.flow import Proceed
 from ._core.http import (
     BYPASSED_HEADER,
     ResponseCapture,
@@ -61,8 +62,8 @@ from ._core.http import default_principal as _default_principal
 from ._core.keys import split_folded
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import begin_sync, logger, settle_sync
-from ._lease import LeaseKeeper
+from ._engine import begin_sync, logger
+from ._lease import Execution
 from .exceptions import StoreError
 from .observability import Outcome, RequestObservation, observe_request
 from .stores import store_from_url
@@ -248,21 +249,20 @@ class IdempotencyMiddleware:
             # start_response re-raises it once the headers are sent.
             write = start_response(status, headers, exc_info)
             exchange.started = True
-            capture.start(_status_code(status), [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers])
+            with exchange.guard():
+                capture.start(_status_code(status), [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers])
 
             def capture_write(data: bytes) -> object:
-                capture.add(data)
+                with exchange.guard():
+                    capture.add(data)
                 return write(data)
 
             return capture_write
 
         try:
             body = app(environ, capture_start_response)
-        except Exception as exc:
+        except BaseException as exc:
             exchange.settle(exc)
-            raise
-        except BaseException:
-            exchange.abandon()
             raise
         return CapturedBody(exchange, body)
 
@@ -474,72 +474,102 @@ class _SizedBypassedBody(_BypassedBody):
 
 
 class _Exchange:
-    """One executing request: its lease, the capture of its response, and its settling."""
+    """One executing request: its lease (an :class:`Execution`), the capture of its response, and its settling.
 
-    __slots__ = (
-        "capture",
-        "keeper",
-        "observation",
-        "policy",
-        "record_key",
-        "reported",
-        "settled",
-        "started",
-        "store",
-        "token",
-    )
+    Every step after the app started is run under :meth:`guard`: when
+    idempo's own code fails (the capture, header encoding, the verdict, the
+    settle, the observation), the record is released (or held, as the verdict
+    says), renewals stop, the failure is logged, and the app's answer passes
+    through untouched from there on.
+    """
+
+    __slots__ = ("capture", "execution", "observation", "policy", "reported", "started")
 
     def __init__(
         self, store: Store, policy: Policy, record_key: str, token: int, observation: RequestObservation
     ) -> None:
-        self.store = store
         self.policy = policy
-        self.record_key = record_key
-        self.token = token
         self.capture = ResponseCapture(policy)
         self.started = False
-        self.settled = False
         self.reported: BaseException | None = None
-        # Renews the lease while the app runs, so a slow app is never run twice.
-        self.keeper = LeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
         self.observation = observation
+        self.execution = Execution(store, policy, record_key, token, observation)
         observation.handler_started()
+
+    @property
+    def settled(self) -> bool:
+        """True once the record is settled (or idempo gave up capturing the answer)."""
+        return self.execution.settled
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Run idempo's own step of the exchange: a failure in it settles the record and is not raised."""
+        try:
+            yield
+        except Exception as exc:
+            self.fail(exc)
+
+    def fail(self, exc: Exception) -> None:
+        """idempo's own code failed after the app ran: log, settle by the failure, finish the observation."""
+        if self.execution.settled:
+            logger.debug("idempo: capturing the answer of record %s failed again: %r", self.execution.record_key, exc)
+            return
+        logger.error(
+            "idempo: capturing the answer of record %s failed; the record is released",
+            self.execution.record_key,
+            exc_info=exc,
+        )
+        self.execution.fail(exc, self.capture.status if self.started else None)
+        self._finish(None)
 
     def abandon(self) -> None:
         """A crash (SystemExit, KeyboardInterrupt): settle nothing, stop renewing; the lease expires."""
-        self.keeper.stop()
-        self.observation.handler_finished(None)
-        self.observation.finish()
+        self.execution.abandon()
+        self._finish(None)
 
-    def settle(self, raised: Exception | None = None) -> None:
+    def settle(self, raised: BaseException | None = None) -> None:
         """Settle the record once: by the exception the app raised, else by the captured response.
 
         A response that is not stored, answered for an exception the
         framework reported (:func:`report_exception`), is settled by that
-        exception's verdict, as on ASGI.
+        exception's verdict, as on ASGI. Never raises.
         """
-        if self.settled:
+        execution = self.execution
+        if execution.settled:
             return
-        self.settled = True
-        self.keeper.stop()
-        capture = self.capture
-        response: StoredResponse | None = None
         if raised is not None:
-            verdict = self.policy.verdict_for_exception(raised)
-        elif not self.started:
-            verdict = Verdict.RELEASE  # the body ended without a status line: nothing whole to store
-        elif capture.verdict is not Verdict.STORE and self.reported is not None:
-            verdict = self.policy.verdict_for_exception(self.reported)
-        else:
-            response, verdict = capture.response(), capture.verdict
+            self.observation.error = raised
+            execution.fail(raised, self.capture.status if self.started else None)
+            self._finish(self.capture.status if self.started else None)
+            return
+        try:
+            capture = self.capture
+            response: StoredResponse | None = None
+            reason = None
+            if not self.started:
+                verdict = Verdict.RELEASE  # the body ended without a status line: nothing whole to store
+            elif capture.verdict is not Verdict.STORE and self.reported is not None:
+                verdict = self.policy.verdict_for_exception(self.reported)
+                verdict = Verdict.RELEASE if verdict is Verdict.STORE else verdict
+                reason = f"exception {type(self.reported).__name__}"
+            else:
+                response, verdict = capture.response(), capture.verdict
+                reason = f"status {capture.status}"
+            self.observation.handler_finished(capture.status if self.started else None)
+            execution.settle(response, verdict, reason)
+        except Exception as exc:
+            logger.error("idempo: settling record %s failed", execution.record_key, exc_info=exc)
+            execution.fail(exc, self.capture.status if self.started else None)
+        self._finish(None)
+
+    def _finish(self, status: int | None) -> None:
         observation = self.observation
-        if raised is not None:
-            observation.error = raised
-        observation.handler_finished(capture.status if self.started else None)
-        settle_sync(
-            self.store, finish(self.policy, self.record_key, self.token, response, verdict=verdict), observation
-        )
-        observation.finish()
+        try:
+            if observation.handler_seconds is None:
+                observation.handler_finished(status)
+            observation.finish()
+        except Exception:  # an observation's failure must not undo a settle
+            logger.exception("idempo: recording record %s failed", self.execution.record_key)
 
 
 class CapturedBody:
@@ -564,6 +594,7 @@ class CapturedBody:
         return self
 
     def __next__(self) -> bytes:
+        exchange = self._exchange
         while not self._done:
             try:
                 if self._iterator is None:
@@ -571,19 +602,20 @@ class CapturedBody:
                 chunk = next(self._iterator)
             except StopIteration:
                 self._done = True
-                self._exchange.settle()
+                exchange.settle()
                 break
-            except Exception as exc:
+            except BaseException as exc:
+                # The app's exception settles by its verdict; a crash (SystemExit,
+                # KeyboardInterrupt) settles nothing: the side effect may be half
+                # done, so the lease is left to expire (DESIGN, B03).
                 self._done = True
-                self._exchange.settle(exc)
+                exchange.settle(exc)
                 raise
-            except BaseException:
-                # A crash (SystemExit, KeyboardInterrupt): the side effect may be
-                # half done, so the lease is left to expire (DESIGN, B03).
-                self._done = True
-                self._exchange.abandon()
-                raise
-            self._exchange.capture.add(chunk)
+            if not exchange.settled:
+                try:
+                    exchange.capture.add(chunk)
+                except Exception as exc:
+                    exchange.fail(exc)
             held, self._held = self._held, chunk
             if held is not None:
                 return held
@@ -601,9 +633,13 @@ class CapturedBody:
                 for _ in self:
                     pass
         finally:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
+            try:
+                close = getattr(self._body, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                # Whatever happened above, the record is settled and renewals stop.
+                self._exchange.settle()
 
 
 class BodyIncomplete(Exception):

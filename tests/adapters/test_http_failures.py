@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from idempo import Policy, RecordState, Verdict
-from tests.adapters.conftest import K1, ServeFactory, Served
+from idempo import Marker, Policy, RecordState, Verdict
+from tests.adapters.conftest import B_PRIME, K1, ServeFactory, Served
 from tests.support.clock import FakeClock, eventually
-from tests.support.orders import Orders
+from tests.support.orders import STREAM_CHUNKS, Orders
 from tests.support.stores import write_locked
 
 
@@ -68,7 +68,11 @@ def test_hold_verdict_keeps_answering_409(serve: ServeFactory) -> None:
     s = serve(policy=Policy(status_verdicts={504: Verdict.HOLD}, hold_ttl=3600))
     assert s.post(headers={"x-test-status": "504"}).status_code == 504
     s.clock.advance(31)  # past the 30 s lease: the hold outlives it
-    assert s.post().status_code == 409
+    held = s.post()
+    assert held.status_code == 409
+    assert held.json()["type"] == "https://idempo.dev/problems/outcome-unknown"
+    assert held.json()["reason"] == "status 504"
+    assert "retry-after" not in held.headers
     assert s.orders.calls == 1
     s.clock.advance(3600)
     assert s.post().status_code == 201
@@ -164,8 +168,9 @@ def test_store_down_at_begin_is_503_and_nothing_runs(serve: ServeFactory, tmp_pa
     assert s.orders.calls == 1
 
 
-def test_store_down_at_complete_keeps_the_lease(serve: ServeFactory, tmp_path: Path) -> None:
-    """B18(b): the store fails after the handler ran: the client still gets 201, retries get 409, not a rerun."""
+def test_store_down_at_complete_keeps_the_lease_and_saves_later(serve: ServeFactory, tmp_path: Path) -> None:
+    """B18(b), issue 10 item 1: the save fails after the handler ran: the client still gets 201, duplicates get 409
+    while the process retries the save, and once the store is back the retry gets the replay: never a second run."""
     clock = FakeClock()
     path = tmp_path / "idempo.db"
     s = serve(store=serve.sqlite_store(path, clock, busy_timeout=0.1), clock=clock)
@@ -190,12 +195,13 @@ def test_store_down_at_complete_keeps_the_lease(serve: ServeFactory, tmp_path: P
     assert s.post().status_code == 409  # readers still see the in-progress record
     unlock.set()
     holder.join(10)
-    assert record_state(s) is RecordState.IN_PROGRESS
-    assert s.post().status_code == 409
+    assert eventually(lambda: record_state(s) is RecordState.COMPLETED)
+    s.clock.advance(31)  # past the first lease: the record is saved, so nothing is taken over
+    replay = s.post()
+    assert replay.status_code == 201
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.json() == {"order_id": 1}
     assert s.orders.calls == 1
-    s.clock.advance(31)  # past the lease: B03 applies, and this may re-execute
-    assert s.post().status_code == 201
-    assert s.orders.calls == 2
 
 
 def test_fail_open_runs_the_handler_and_marks_the_answer(serve: ServeFactory, tmp_path: Path) -> None:
@@ -220,14 +226,27 @@ def test_oversized_request_body_is_413_before_anything_is_stored(serve: ServeFac
     assert record_state(s) is None
 
 
-def test_oversized_response_is_passed_through_and_released(serve: ServeFactory) -> None:
-    """A response over max_response_body reaches the client whole but is not stored: the retry executes."""
-    s = serve(policy=Policy(max_response_body=100))
-    first = s.post(headers={"x-test-response": "binary"})
-    assert len(first.content) == 1024
-    assert record_state(s) is None
-    s.post(headers={"x-test-response": "binary"})
-    assert s.orders.calls == 2
+@pytest.mark.parametrize("kind", ["binary", "stream"])
+def test_oversized_response_is_passed_through_and_never_runs_again(serve: ServeFactory, kind: str) -> None:
+    """Issue 10 item 3: a response over max_response_body reaches the client whole; the record completes as not
+    replayable, every retry gets 410 problem+json (response-not-replayable) and the handler never runs again."""
+    s = serve(policy=Policy(max_response_body=10))
+    first = s.post(headers={"x-test-response": kind})
+    assert first.status_code == 201
+    assert len(first.content) == (1024 if kind == "binary" else len(b"".join(STREAM_CHUNKS)))
+    record = s.record()
+    assert record is not None
+    assert record.state is RecordState.COMPLETED
+    assert record.marker == Marker(Marker.NOT_REPLAYABLE, "too_large", 201, len(first.content))
+    for _ in range(2):
+        retry = s.post(headers={"x-test-response": kind})
+        assert retry.status_code == 410
+        assert retry.headers["content-type"] == "application/problem+json"
+        problem = retry.json()
+        assert problem["type"] == "https://idempo.dev/problems/response-not-replayable"
+        assert problem["first_status"] == 201
+    assert s.post(body=B_PRIME).status_code == 422  # another request under the key is still a mismatch
+    assert s.orders.calls == 1
 
 
 def test_client_leaving_mid_upload_runs_nothing_and_stores_nothing(serve: ServeFactory) -> None:

@@ -80,7 +80,7 @@ def test_a_handler_error_propagates_and_releases_the_id() -> None:
 
 
 def test_a_held_error_keeps_the_id_until_hold_ttl() -> None:
-    """With a HOLD verdict, redeliveries are IN_PROGRESS (not acked, not run) until hold_ttl passes."""
+    """With a HOLD verdict, redeliveries are HELD (not acked, not run) until hold_ttl passes."""
     clock = FakeClock()
     attempts = 0
 
@@ -99,7 +99,7 @@ def test_a_held_error_keeps_the_id_until_hold_ttl() -> None:
     )
     with pytest.raises(TimeoutError):
         consumer.process({"id": "m1"})
-    assert consumer.process({"id": "m1"}) is Outcome.IN_PROGRESS
+    assert consumer.process({"id": "m1"}) is Outcome.HELD
     clock.advance(601)
     assert consumer.process({"id": "m1"}) is Outcome.PROCESSED
     assert attempts == 2

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from idempo import Acquired, Existing, Policy, Record, RecordState, StoredResponse, Verdict
+from idempo import Acquired, Existing, Marker, Policy, Record, RecordState, StoredResponse, Verdict
 from idempo._core.flow import (
     Begin,
     Complete,
-    Extend,
     InProgress,
     Mismatch,
     Proceed,
@@ -113,13 +112,17 @@ def test_retry_after_is_at_least_one_and_never_past_the_lease() -> None:
 
 
 def test_finish_maps_outcomes_to_store_commands() -> None:
-    """STORE completes, RELEASE releases, HOLD extends by hold_ttl; no response means release."""
+    """STORE completes, RELEASE releases, HOLD completes with a held marker for hold_ttl; no response releases."""
     policy = Policy(hold_ttl=60)
     assert finish(policy, "rk", 3, RESPONSE) == Complete("rk", 3, RESPONSE, 86_400_000)
     failed = StoredResponse(500, (), b"")
     assert finish(policy, "rk", 3, failed) == Release("rk", 3)
     assert finish(policy, "rk", 3, None) == Release("rk", 3)
-    assert finish(policy, "rk", 3, None, verdict=Verdict.HOLD) == Extend("rk", 3, 60_000)
+    held = Marker(Marker.HELD, "verdict").response()
+    assert finish(policy, "rk", 3, None, verdict=Verdict.HOLD) == Complete("rk", 3, held, 60_000)
+    timeout = StoredResponse(504, (), b"")
+    held_504 = Marker(Marker.HELD, "status 504", 504).response()
+    assert finish(policy, "rk", 3, timeout, verdict=Verdict.HOLD) == Complete("rk", 3, held_504, 60_000)
     assert finish(policy, "rk", 3, None, verdict=Verdict.STORE) == Release("rk", 3)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from idempo import Policy, StoredResponse, Verdict
+from idempo import Existing, Marker, Policy, Record, RecordState, StoredResponse, Verdict
 from idempo._core.flow import InProgress, Mismatch, Replay
 from idempo._core.http import (
     REPLAYED_HEADER,
@@ -94,18 +94,53 @@ def test_capture_keeps_allowed_headers_in_order_and_lower_case() -> None:
     assert response == StoredResponse(201, ((b"location", b"/o/1"), (b"link", b"<a>"), (b"link", b"<b>")), b"abc")
 
 
-def test_capture_releases_unstored_statuses_and_oversized_bodies() -> None:
-    """A 5xx is not captured; a body over max_response_body turns STORE into RELEASE."""
+def test_capture_releases_unstored_statuses_and_marks_oversized_bodies_not_replayable() -> None:
+    """A 5xx is not captured; a body over max_response_body is stored as a not-replayable marker (status, size)."""
     capture = ResponseCapture(Policy())
     assert capture.start(503, []) is Verdict.RELEASE
     capture.add(b"x")
     assert capture.response() is None
     small = ResponseCapture(Policy(max_response_body=3))
-    small.start(200, [])
+    small.start(201, [(b"location", b"/orders/1")])
     small.add(b"ab")
     small.add(b"cd")
-    assert small.verdict is Verdict.RELEASE
-    assert small.response() is None
+    small.add(b"ef")
+    assert small.verdict is Verdict.STORE
+    assert small.too_large
+    response = small.response()
+    assert response is not None
+    assert Marker.of(response) == Marker(Marker.NOT_REPLAYABLE, "too_large", 201, 6)
+
+
+def test_decisions_on_marker_records_answer_410_and_409_with_their_own_types() -> None:
+    """A not-replayable record answers 410 response-not-replayable; a held one 409 outcome-unknown, no Retry-After."""
+    from idempo._core.flow import Held, NotReplayable, decide
+    from idempo._core.http import decision_answer
+
+    def completed(marker: Marker) -> Existing:
+        record = Record("rk", RecordState.COMPLETED, "fp", 1, 0, 0, 10, marker.response())
+        return Existing(record, 5)
+
+    too_large = decide(completed(Marker(Marker.NOT_REPLAYABLE, "too_large", 201, 6)), "fp")
+    assert too_large == NotReplayable(201, "too_large")
+    assert isinstance(too_large, NotReplayable)
+    answer = decision_answer(too_large)
+    body = json.loads(answer.body)
+    assert (answer.status, body["type"], body["first_status"]) == (
+        410,
+        "https://idempo.dev/problems/response-not-replayable",
+        201,
+    )
+    held = decide(completed(Marker(Marker.HELD, "takeover")), "fp")
+    assert held == Held("takeover")
+    assert isinstance(held, Held)
+    answer = decision_answer(held)
+    assert answer.status == 409
+    assert json.loads(answer.body)["type"] == "https://idempo.dev/problems/outcome-unknown"
+    assert b"retry-after" not in dict(answer.headers)
+    assert decide(completed(Marker(Marker.HELD, "takeover")), "other") == Mismatch()
+    unreadable = Existing(Record("rk", RecordState.COMPLETED, "fp", 1, 0, 0, 10, StoredResponse(0, (), b"?")), 5)
+    assert decide(unreadable, "fp") == Held("unreadable marker")
 
 
 def test_route_table_first_match_wins_and_rejects_non_policies() -> None:

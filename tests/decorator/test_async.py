@@ -10,7 +10,7 @@ import anyio.lowlevel
 import pydantic
 import pytest
 
-from idempo import AsyncStore, FingerprintMismatch, KeyInProgress, Verdict, idempotent
+from idempo import AsyncStore, FingerprintMismatch, KeyHeld, KeyInProgress, Verdict, idempotent
 from tests.support.backends import Backend
 
 pytestmark = pytest.mark.anyio
@@ -168,7 +168,7 @@ async def test_hold_verdict_keeps_the_key_in_progress(astore: AsyncStore, backen
 
     with pytest.raises(TimeoutError):
         await pay("K1")
-    with pytest.raises(KeyInProgress):
+    with pytest.raises(KeyHeld, match="exception TimeoutError"):
         await pay("K1")
     backend.advance(1.2)
     assert await pay("K1") == 2

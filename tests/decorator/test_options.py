@@ -16,7 +16,7 @@ from idempo import (
     ConfigurationError,
     FingerprintMismatch,
     InvalidKey,
-    KeyInProgress,
+    KeyHeld,
     MissingKey,
     RecordState,
     StoreError,
@@ -307,7 +307,7 @@ def test_a_result_without_json_form_holds_the_key(store: MemoryStore) -> None:
 
     with pytest.raises(ConfigurationError, match="serializer='pickle'"):
         open_handle("K1")
-    with pytest.raises(KeyInProgress):
+    with pytest.raises(KeyHeld, match="unserialisable result"):
         open_handle("K1")
     assert count.calls == 1
 

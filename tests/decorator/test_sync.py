@@ -12,7 +12,7 @@ from decimal import Decimal
 import pydantic
 import pytest
 
-from idempo import FingerprintMismatch, KeyInProgress, RecordState, Verdict, idempotent
+from idempo import FingerprintMismatch, KeyHeld, KeyInProgress, RecordState, Verdict, idempotent
 from idempo.decorator import record_key
 from tests.support.backends import Backend
 
@@ -196,7 +196,7 @@ def test_exception_releases_the_key(backend: Backend, scope: str) -> None:
 
 
 def test_hold_verdict_keeps_the_key_in_progress(backend: Backend, scope: str) -> None:
-    """An exception with a HOLD verdict keeps the key: retries raise KeyInProgress until hold_ttl passes."""
+    """An exception with a HOLD verdict holds the key: retries raise KeyHeld (reason: the exception) until hold_ttl."""
     calls = 0
 
     @idempotent(
@@ -215,7 +215,7 @@ def test_hold_verdict_keeps_the_key_in_progress(backend: Backend, scope: str) ->
 
     with pytest.raises(TimeoutError):
         pay("K1")
-    with pytest.raises(KeyInProgress):
+    with pytest.raises(KeyHeld, match="exception TimeoutError"):
         pay("K1")
     assert calls == 1
     backend.advance(1.2)

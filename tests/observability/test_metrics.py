@@ -96,7 +96,7 @@ def test_lease_takeovers_and_store_errors(serve: Callable[..., Site], registry: 
     site.clock.advance(2)
     site.post()
     eventually(lambda: requests(registry, "lease_takeover") == 1)
-    assert value(registry, "idempo_lease_takeovers_total", route="/orders/*") == 1
+    assert value(registry, "idempo_lease_takeovers_total", route="/orders/*", decision="execute") == 1
 
     # A slow holder outlives its lease; a retry takes the record over; the holder's complete is refused.
     runner = threading.Thread(target=site.post, args=("/slow",), kwargs={"key": "slow-key"})
@@ -112,7 +112,7 @@ def test_lease_takeovers_and_store_errors(serve: Callable[..., Site], registry: 
     retry.join(10)
     errors = "idempo_store_operation_errors_total"
     eventually(lambda: value(registry, errors, store="memory", operation="complete", error="lease_lost") == 1)
-    assert value(registry, "idempo_lease_takeovers_total", route="*") == 1
+    assert value(registry, "idempo_lease_takeovers_total", route="*", decision="execute") == 1
 
 
 def test_metrics_served_over_asgi_and_wsgi(serve: Callable[..., Site]) -> None:

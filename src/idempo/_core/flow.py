@@ -8,8 +8,12 @@ protocol (fingerprint comparison, wait-or-409, lease takeover) is written once
 for every front: ASGI, WSGI, the decorator.
 
 After the handler ran, :func:`finish` maps its outcome to the one store command
-that settles the record (:class:`Complete`, :class:`Release` or
-:class:`Extend` for a hold).
+that settles the record (:class:`Complete`, or :class:`Release`). A hold and a
+response too large to keep complete the record with a
+:class:`~idempo._core.records.Marker` in place of the response; a request
+that finds such a record gets :class:`Held` or :class:`NotReplayable`. A
+takeover under ``on_takeover="hold"`` is settled at once by
+:func:`takeover_hold`, without running the handler.
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 from .policy import Policy, Verdict
-from .records import Acquired, BeginResult, Existing, RecordState, StoredResponse
+from .records import MARKER_STATUS, Acquired, BeginResult, Existing, Marker, RecordState, StoredResponse
 
 __all__ = [
     "Begin",
     "Complete",
     "Decision",
     "Extend",
+    "Held",
     "InProgress",
     "Mismatch",
+    "NotReplayable",
     "Proceed",
     "Release",
     "Replay",
@@ -35,6 +41,7 @@ __all__ = [
     "decide",
     "finish",
     "retry_after_seconds",
+    "takeover_hold",
 ]
 
 
@@ -77,7 +84,7 @@ class Release:
 
 @dataclass(frozen=True, slots=True)
 class Extend:
-    """Call ``store.extend(record_key, token, lease_ttl_ms)``: keep the lease (a hold)."""
+    """Call ``store.extend(record_key, token, lease_ttl_ms)``: keep the lease (a renewal)."""
 
     record_key: str
     token: int
@@ -123,7 +130,34 @@ class Mismatch:
     """The key was used with another fingerprint: 422 (draft section 2.7)."""
 
 
-Decision = Proceed | Replay | InProgress | Mismatch
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The key is held (its first outcome is unknown): 409 ``outcome-unknown`` until the record expires.
+
+    Attributes:
+        reason: why it is held (:attr:`Marker.reason`), e.g. ``"takeover"``.
+        takeover: True when this very request found the expired lease and held
+            the key (``on_takeover="hold"``) instead of executing.
+    """
+
+    reason: str
+    takeover: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NotReplayable:
+    """The key completed but its answer was not kept (too large): 410, the handler not run.
+
+    Attributes:
+        status: the first answer's status, when known.
+        reason: :attr:`Marker.reason`, e.g. ``"too_large"``.
+    """
+
+    status: int | None
+    reason: str
+
+
+Decision = Proceed | Replay | InProgress | Mismatch | Held | NotReplayable
 
 # First pause between polls in wait mode, doubled up to the cap (seconds).
 _POLL_FIRST = 0.01
@@ -133,7 +167,7 @@ _POLL_CAP = 0.25
 _MISMATCH = Mismatch()
 
 
-def decide(result: BeginResult, fingerprint: str) -> Proceed | Replay | Mismatch | None:
+def decide(result: BeginResult, fingerprint: str) -> Proceed | Replay | Mismatch | Held | NotReplayable | None:
     """Classify what ``begin`` returned; None while another request holds the lease.
 
     The one place the fingerprint is compared: a fingerprint that differs from
@@ -148,8 +182,15 @@ def decide(result: BeginResult, fingerprint: str) -> Proceed | Replay | Mismatch
     if record.fingerprint != fingerprint:
         return _MISMATCH
     if record.state is RecordState.COMPLETED:
-        assert record.response is not None
-        return Replay(record.response)
+        response = record.response
+        assert response is not None
+        if response.status == MARKER_STATUS:
+            marker = Marker.of(response)
+            assert marker is not None
+            if marker.kind == Marker.NOT_REPLAYABLE:
+                return NotReplayable(marker.status, marker.reason)
+            return Held(marker.reason)
+        return Replay(response)
     return None
 
 
@@ -208,8 +249,15 @@ def finish(
     response: StoredResponse | None,
     *,
     verdict: Verdict | None = None,
-) -> Complete | Release | Extend:
+    reason: str | None = None,
+) -> Complete | Release:
     """Return the command that settles the record after the handler ran.
+
+    A HOLD completes the record with a held :class:`Marker` kept for
+    ``policy.hold_ttl``: retries get 409 ``outcome-unknown`` and the record
+    says why it is held. A response that is itself a marker (a response too
+    large to keep, see :class:`~idempo._core.http.ResponseCapture`) is stored
+    for ``record_ttl`` like any response.
 
     Args:
         policy: the route's policy.
@@ -219,11 +267,30 @@ def finish(
             the response could not be captured whole.
         verdict: overrides the verdict drawn from ``response.status``; adapters
             pass the exception's verdict here.
+        reason: why a HOLD holds (shown by ``idempo inspect``); default the
+            response's status, else ``"verdict"``.
     """
     if verdict is None:
         verdict = Verdict.RELEASE if response is None else policy.verdict_for_status(response.status)
     if verdict is Verdict.STORE and response is not None:
         return Complete(record_key, token, response, policy.record_ttl_ms)
     if verdict is Verdict.HOLD:
-        return Extend(record_key, token, policy.hold_ttl_ms)
+        if reason is None:
+            reason = f"status {response.status}" if response is not None else "verdict"
+        status = response.status if response is not None and response.status != MARKER_STATUS else None
+        marker = Marker(Marker.HELD, reason, status)
+        return Complete(record_key, token, marker.response(), policy.hold_ttl_ms)
     return Release(record_key, token)
+
+
+def takeover_hold(policy: Policy, record_key: str, token: int) -> Complete | None:
+    """The command that holds a key taken over under ``on_takeover="hold"``; None to execute.
+
+    The store's ``begin`` gave this request the expired lease atomically, so
+    no other request can execute meanwhile; holding completes the record with
+    a held :class:`Marker` (reason ``"takeover"``) for ``policy.hold_ttl``
+    instead of running the handler (DESIGN "takeover").
+    """
+    if policy.on_takeover != "hold":
+        return None
+    return Complete(record_key, token, Marker(Marker.HELD, "takeover").response(), policy.hold_ttl_ms)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..exceptions import ConfigurationError, InvalidKey
 from .fingerprint import _media_type, fingerprint, is_json_media_type
-from .flow import InProgress, Mismatch, Replay
+from .flow import Held, InProgress, Mismatch, NotReplayable, Replay
 from .keys import make_record_key, parse_key, principal_from_credentials
 from .policy import Policy, Verdict
 from .problems import (
@@ -34,11 +34,13 @@ from .problems import (
     INVALID_KEY,
     KEY_IN_PROGRESS,
     MISSING_KEY,
+    OUTCOME_UNKNOWN,
     PRINCIPAL_REQUIRED,
+    RESPONSE_NOT_REPLAYABLE,
     STORE_UNAVAILABLE,
     problem_response,
 )
-from .records import Headers, StoredResponse
+from .records import Headers, Marker, StoredResponse
 
 __all__ = [
     "BYPASSED_HEADER",
@@ -308,11 +310,14 @@ def fingerprint_off_loop(policy: Policy, content_type: bytes | str | None, size:
     return size >= OFF_LOOP_JSON_BYTES and policy.canonical_json and is_json_media_type(_media_type(content_type))
 
 
-def decision_answer(decision: Replay | InProgress | Mismatch) -> StoredResponse:
+def decision_answer(decision: Replay | InProgress | Mismatch | Held | NotReplayable) -> StoredResponse:
     """The answer for a decision that does not run the handler.
 
     Replay: the stored status, headers and body plus ``Idempotent-Replayed:
-    true``. InProgress: 409 with ``Retry-After``. Mismatch: 422.
+    true``. InProgress: 409 with ``Retry-After``. Held: 409
+    ``outcome-unknown``, without ``Retry-After`` (waiting does not help).
+    NotReplayable: 410 ``response-not-replayable``, with the first answer's
+    status as the problem's ``first_status`` member. Mismatch: 422.
     """
     if isinstance(decision, Replay):
         stored = decision.response
@@ -320,6 +325,23 @@ def decision_answer(decision: Replay | InProgress | Mismatch) -> StoredResponse:
     if isinstance(decision, InProgress):
         detail = "A request with this Idempotency-Key is still being processed; retry later."
         return problem_response(KEY_IN_PROGRESS, detail, retry_after=decision.retry_after)
+    if isinstance(decision, Held):
+        detail = (
+            "The first request with this Idempotency-Key may or may not have taken effect, so it is neither "
+            "replayed nor executed again until the key expires or an operator resolves it; "
+            "check the outcome before retrying with a new key."
+        )
+        return problem_response(OUTCOME_UNKNOWN, detail, extra={"reason": decision.reason})
+    if isinstance(decision, NotReplayable):
+        why = "was too large to keep" if decision.reason == "too_large" else "could not be saved"
+        detail = (
+            f"The first request with this Idempotency-Key was executed and answered, but its answer {why}; "
+            "it will not run again for this key."
+        )
+        extra: dict[str, object] = {"reason": decision.reason}
+        if decision.status is not None:
+            extra["first_status"] = decision.status
+        return problem_response(RESPONSE_NOT_REPLAYABLE, detail, extra=extra)
     detail = "This Idempotency-Key was already used with a different request; use a new key."
     return problem_response(FINGERPRINT_MISMATCH, detail)
 
@@ -329,14 +351,17 @@ class ResponseCapture:
 
     Call :meth:`start` with the status and headers, :meth:`add` with each
     body chunk, then :meth:`response`. The verdict comes from the status
-    (``Policy.verdict_for_status``); only a STORE verdict captures the body,
-    and a body over ``policy.max_response_body`` turns it into RELEASE.
+    (``Policy.verdict_for_status``); only a STORE verdict captures the body.
+    A body over ``policy.max_response_body`` is no longer kept (it still
+    reaches the client whole): the response to store becomes a
+    not-replayable :class:`~idempo._core.records.Marker`, so a retry gets
+    410 and the handler never runs twice.
 
     Attributes:
         verdict: what to do with the record once the response is complete.
     """
 
-    __slots__ = ("_chunks", "_headers", "_policy", "_size", "_status", "verdict")
+    __slots__ = ("_chunks", "_headers", "_policy", "_size", "_status", "_too_large", "verdict")
 
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
@@ -344,6 +369,7 @@ class ResponseCapture:
         self._headers: Headers = ()
         self._chunks: list[bytes] = []
         self._size = 0
+        self._too_large = False
         self.verdict = Verdict.RELEASE
 
     def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> Verdict:
@@ -357,6 +383,7 @@ class ResponseCapture:
         self._headers = ()
         self._chunks = []
         self._size = 0
+        self._too_large = False
         self.verdict = verdict = policy.verdict_for_status(status)
         if verdict is Verdict.STORE:
             stored_name = policy.stored_name
@@ -373,8 +400,10 @@ class ResponseCapture:
         if self.verdict is not Verdict.STORE or not chunk:
             return
         self._size += len(chunk)
+        if self._too_large:
+            return
         if self._size > self._policy.max_response_body:
-            self.verdict = Verdict.RELEASE
+            self._too_large = True
             self._chunks = []
         else:
             self._chunks.append(chunk)
@@ -384,8 +413,15 @@ class ResponseCapture:
         """The status passed to :meth:`start` (0 before)."""
         return self._status
 
+    @property
+    def too_large(self) -> bool:
+        """True once the body exceeded ``max_response_body`` (it is no longer kept)."""
+        return self._too_large
+
     def response(self) -> StoredResponse | None:
-        """The response to store, or None when the verdict is not STORE."""
+        """The response to store (a not-replayable marker when too large), or None when the verdict is not STORE."""
         if self.verdict is not Verdict.STORE:
             return None
+        if self._too_large:
+            return Marker(Marker.NOT_REPLAYABLE, "too_large", self._status, self._size).response()
         return StoredResponse(self._status, self._headers, b"".join(self._chunks))

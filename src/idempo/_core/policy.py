@@ -15,6 +15,7 @@ from ..exceptions import ConfigurationError
 __all__ = [
     "DEFAULT_EXCLUDED_HEADERS",
     "DEFAULT_METHODS",
+    "ON_TAKEOVER",
     "Policy",
     "Verdict",
     "default_verdict",
@@ -67,6 +68,9 @@ DEFAULT_EXCLUDED_HEADERS: frozenset[str] = frozenset(
         "idempotent-replayed",
     }
 )
+
+#: The values of ``Policy.on_takeover``.
+ON_TAKEOVER: frozenset[str] = frozenset({"execute", "hold"})
 
 # Prefixes of per-exchange headers (rate-limit counters, draft-ietf-httpapi-ratelimit-headers).
 _EXCLUDED_PREFIXES: tuple[str, ...] = ("x-ratelimit-", "ratelimit")
@@ -124,7 +128,10 @@ class Policy:
         max_request_body: bytes of request body read for the fingerprint; a
             larger body is answered with 413 before anything is stored.
         max_response_body: bytes of response body captured; a larger response
-            is passed through and the record released (not stored).
+            is passed through to the client whole, and the record completes as
+            *not replayable*: every retry gets 410 problem+json
+            (``response-not-replayable``) and the handler never runs again for
+            the key while the record lives (record_ttl).
         store_set_cookie: store and replay ``Set-Cookie`` (off: credentials do
             not belong at rest in the store).
         excluded_headers: lower-case header names never stored nor replayed;
@@ -137,11 +144,36 @@ class Policy:
             When any are configured, a record whose answer is not stored is
             settled once the app has finished rather than when the answer is
             sent, because frameworks send their 500 before re-raising.
-        hold_ttl: seconds a HOLD keeps the key answering 409; default record_ttl.
+        hold_ttl: seconds (or a timedelta) a held key answers 409
+            (``outcome-unknown``), after a HOLD verdict or a held takeover;
+            default record_ttl: the window in which a client may still retry
+            with the key, so no retry in it executes a second time. An
+            operator ends a hold early with ``idempo resolve``.
+        on_takeover: what a request does when it finds an expired lease whose
+            holder left no result (it crashed, or lost the store): ``"execute"``
+            (default) runs the handler again, which is safe on a transactional
+            route or where the app's own unique constraint dedupes;
+            ``"hold"`` runs nothing and holds the key (409 ``outcome-unknown``
+            for ``hold_ttl``), because the first execution's outcome is unknown.
+        save_retry_for: seconds (or a timedelta) a process keeps retrying a
+            save (complete, release or hold) that failed after the handler ran,
+            keeping and renewing the lease meanwhile, so the handler never
+            runs a second time while the process lives (duplicates get 409).
+            The client's answer is not held up: the first attempt is made
+            before the answer's end is sent, the retries after. Default 300 s:
+            more than a managed PostgreSQL or Redis failover takes (tens of
+            seconds to two minutes); a save still failing after that is
+            likely refused for good (a record the store will not take), and
+            holding the key longer would only prolong the 409s. At the bound
+            the record is completed as *not replayable* if the store takes
+            that, else the lease is left to expire (a takeover, decided by
+            ``on_takeover``).
 
     Raises:
-        ConfigurationError: a TTL is not positive, ``wait`` is negative, or a
-            size or ``retry_after`` is negative, or ``max_waiters`` is below 1.
+        ConfigurationError: a TTL or ``save_retry_for`` is not positive,
+            ``wait`` is negative, a size or ``retry_after`` is negative,
+            ``max_waiters`` is below 1, or ``on_takeover`` is neither
+            ``"execute"`` nor ``"hold"``.
     """
 
     __slots__ = (
@@ -159,10 +191,12 @@ class Policy:
         "max_response_body",
         "max_waiters",
         "methods",
+        "on_takeover",
         "record_ttl",
         "record_ttl_ms",
         "require_key",
         "retry_after",
+        "save_retry_for",
         "status_verdicts",
         "store_set_cookie",
         "wait",
@@ -187,6 +221,8 @@ class Policy:
     excluded_headers: frozenset[str]
     status_verdicts: Mapping[int, Verdict]
     exception_verdicts: Mapping[type[BaseException], Verdict]
+    on_takeover: str
+    save_retry_for: float
     _args: dict[str, Any]
     _names: dict[bytes, bytes | None]
 
@@ -209,6 +245,8 @@ class Policy:
         status_verdicts: Mapping[int, Verdict] | None = None,
         exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
         hold_ttl: float | timedelta | None = None,
+        on_takeover: str = "execute",
+        save_retry_for: float | timedelta = 300.0,
     ) -> None:
         args = dict(locals())
         del args["self"]
@@ -246,6 +284,10 @@ class Policy:
         set_(self, "excluded_headers", frozenset(excluded))
         set_(self, "status_verdicts", MappingProxyType(dict(status_verdicts or {})))
         set_(self, "exception_verdicts", MappingProxyType(dict(exception_verdicts or {})))
+        if on_takeover not in ON_TAKEOVER:
+            raise ConfigurationError(f"on_takeover must be 'execute' or 'hold', got {on_takeover!r}")
+        set_(self, "on_takeover", on_takeover)
+        set_(self, "save_retry_for", _seconds(save_retry_for, "save_retry_for"))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"Policy is immutable; use policy.replace({name}=...)")

@@ -40,23 +40,34 @@ BODY_INCOMPLETE = Problem(400, "body-incomplete", "Request body is incomplete")
 INVALID_CONTENT_LENGTH = Problem(400, "invalid-content-length", "Content-Length is not a valid length")
 KEY_IN_PROGRESS = Problem(409, "key-in-progress", "A request is outstanding for this Idempotency-Key")
 FINGERPRINT_MISMATCH = Problem(422, "fingerprint-mismatch", "Idempotency-Key is already used for a different request")
+#: 409, not the "in progress" type: waiting does not help, the key is held until
+#: its record expires or an operator resolves it.
+OUTCOME_UNKNOWN = Problem(409, "outcome-unknown", "The first outcome for this Idempotency-Key is unknown")
+#: 410 Gone (RFC 9110 section 15.5.11): the first answer existed and is
+#: permanently unavailable for this key, and the request will not run again.
+RESPONSE_NOT_REPLAYABLE = Problem(
+    410, "response-not-replayable", "The first answer for this Idempotency-Key was not kept"
+)
 STORE_UNAVAILABLE = Problem(503, "store-unavailable", "Idempotency store is unavailable")
 
 
-def problem_response(problem: Problem, detail: str, *, retry_after: int | None = None) -> StoredResponse:
+def problem_response(
+    problem: Problem, detail: str, *, retry_after: int | None = None, extra: dict[str, object] | None = None
+) -> StoredResponse:
     """Build the HTTP answer for a problem.
 
     Args:
         problem: which problem.
         detail: a sentence for the client about this occurrence.
         retry_after: whole seconds for a ``Retry-After`` header, or None.
+        extra: extension members of the problem (RFC 9457 section 3.2).
 
     Returns:
         status, headers (``content-type``, ``content-length``, maybe
         ``retry-after``) and the JSON body.
     """
     body = json.dumps(
-        {"type": problem.type, "title": problem.title, "status": problem.status, "detail": detail},
+        {"type": problem.type, "title": problem.title, "status": problem.status, "detail": detail, **(extra or {})},
         separators=(",", ":"),
     ).encode()
     headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]

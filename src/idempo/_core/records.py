@@ -15,6 +15,8 @@ __all__ = [
     "Acquired",
     "BeginResult",
     "Existing",
+    "MARKER_STATUS",
+    "Marker",
     "Record",
     "RecordState",
     "StoreStats",
@@ -52,6 +54,74 @@ class StoredResponse:
     body: bytes
 
 
+#: The status of a marker response: no HTTP response has status 0, so a
+#: stored response with it is never an answer to replay (see :class:`Marker`).
+MARKER_STATUS = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """What a record completed without a replayable answer keeps in place of one.
+
+    A store keeps it as a response of status :data:`MARKER_STATUS` whose body is
+    the marker's JSON, so every store (a third-party one too) represents it with
+    no schema of its own; :meth:`of` tells it from a real response.
+
+    Attributes:
+        kind: :attr:`HELD` (retries get 409 "outcome unknown" until the record
+            expires or an operator resolves it) or :attr:`NOT_REPLAYABLE` (the
+            first answer was sent but not kept: retries get 410).
+        reason: why, for operators: ``"takeover"`` (a lease expired with no
+            result under ``on_takeover="hold"``), ``"status 504"`` or
+            ``"exception TimeoutError"`` (a HOLD verdict), ``"too_large"`` (a
+            response over ``max_response_body``), ``"save_failed"`` (the
+            result could not be saved).
+        status: the first answer's HTTP status, when one was sent.
+        size: bytes of the first answer's body, when known.
+    """
+
+    HELD = "held"
+    NOT_REPLAYABLE = "not_replayable"
+
+    kind: str
+    reason: str
+    status: int | None = None
+    size: int | None = None
+
+    def response(self) -> StoredResponse:
+        """The marker as a stored response (status 0, no headers, the JSON as body)."""
+        fields: dict[str, object] = {"idempo": self.kind, "reason": self.reason}
+        if self.status is not None:
+            fields["status"] = self.status
+        if self.size is not None:
+            fields["size"] = self.size
+        return StoredResponse(MARKER_STATUS, (), _HEADERS_JSON.encode(fields).encode("utf-8"))
+
+    @classmethod
+    def of(cls, response: StoredResponse | None) -> Marker | None:
+        """The marker a stored response stands for; None for a real response (or none).
+
+        A marker whose body cannot be read (written by a later idempo, or
+        damaged) counts as held: neither replaying nor executing is safe.
+        """
+        if response is None or response.status != MARKER_STATUS:
+            return None
+        try:
+            fields = json.loads(response.body)
+            kind = fields["idempo"]
+            if kind not in (cls.HELD, cls.NOT_REPLAYABLE):
+                raise ValueError(kind)
+            status, size = fields.get("status"), fields.get("size")
+            return cls(
+                kind,
+                str(fields.get("reason", "")),
+                status if isinstance(status, int) else None,
+                size if isinstance(size, int) else None,
+            )
+        except (ValueError, TypeError, KeyError):
+            return cls(cls.HELD, "unreadable marker")
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """What a store keeps for one record key.
@@ -77,6 +147,11 @@ class Record:
     created_at_ms: int
     expires_at_ms: int
     response: StoredResponse | None = None
+
+    @property
+    def marker(self) -> Marker | None:
+        """The :class:`Marker` of a record completed without a replayable answer (held, not replayable)."""
+        return Marker.of(self.response)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from datetime import timedelta
 
 from .._core.records import (
+    MARKER_STATUS,
     Acquired,
     BeginResult,
     Existing,
@@ -177,16 +178,19 @@ class MemoryStore:
             f"the memory store is full: its max_records={self.max_records} records are all in progress"
         )
 
-    def _held(self, record_key: str, token: int) -> _Row:
+    def _held(self, record_key: str, token: int, *, marker: bool = False) -> _Row:
+        """The row ``token`` holds: in progress, or (``marker``) a live marker under that token."""
         row = self._records.get(record_key)
-        if row is None or row[2] != token or row[0] != _IN_PROGRESS:
+        if row is None or row[2] != token:
+            raise LeaseLost()
+        if row[0] != _IN_PROGRESS and not (marker and row[6] == MARKER_STATUS and row[5] > self._now_ms()):
             raise LeaseLost()
         return row
 
     def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.complete`."""
         with self._lock:
-            old = self._held(record_key, token)
+            old = self._held(record_key, token, marker=True)
             now = int(self._clock() * 1000)
             expires = now + record_ttl_ms
             self._replays.pop(record_key, None)
@@ -208,7 +212,7 @@ class MemoryStore:
     def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
         with self._lock:
-            self._held(record_key, token)
+            self._held(record_key, token, marker=True)
             self._evict(record_key)
             self._sweep(self._now_ms())
 

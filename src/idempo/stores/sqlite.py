@@ -170,7 +170,8 @@ class _Database:
             raise LeaseLost()
 
     def release(self, conn: sqlite3.Connection, record_key: str, token: int) -> None:
-        if conn.execute(_Q["release"], {"record_key": record_key, "token": token}).rowcount != 1:
+        params = {"record_key": record_key, "token": token, "now": self.now_ms()}
+        if conn.execute(_Q["release"], params).rowcount != 1:
             raise LeaseLost()
 
     def extend(self, conn: sqlite3.Connection, record_key: str, token: int, lease_ttl_ms: int) -> None:

@@ -53,6 +53,8 @@ FROM old, clock
 WHERE old.expires_at > clock.now_ms AND NOT EXISTS (SELECT FROM taken);
 
 -- name: complete
+-- The lease holder's record, or a live marker (status 0: held, not replayable)
+-- under the same token: how an operator resolves a held key.
 UPDATE idempo_records
 SET state = 'completed',
     lease_expires_at = 0,
@@ -60,11 +62,16 @@ SET state = 'completed',
     status = %(status)s::integer,
     headers = %(headers)s,
     body = %(body)s
-WHERE record_key = %(record_key)s AND token = %(token)s::bigint AND state = 'in_progress';
+WHERE record_key = %(record_key)s AND token = %(token)s::bigint
+  AND (state = 'in_progress'
+       OR (state = 'completed' AND status = 0 AND expires_at > (extract(epoch FROM now()) * 1000)::bigint));
 
 -- name: release
+-- Like complete: the lease holder's record, or a live marker under the same token.
 DELETE FROM idempo_records
-WHERE record_key = %(record_key)s AND token = %(token)s::bigint AND state = 'in_progress';
+WHERE record_key = %(record_key)s AND token = %(token)s::bigint
+  AND (state = 'in_progress'
+       OR (state = 'completed' AND status = 0 AND expires_at > (extract(epoch FROM now()) * 1000)::bigint));
 
 -- name: extend
 UPDATE idempo_records

@@ -34,14 +34,18 @@ ON CONFLICT (record_key) DO UPDATE SET
     body = NULL;
 
 -- name: complete
+-- The lease holder's record, or a live marker (status 0: held, not replayable)
+-- under the same token: how an operator resolves a held key.
 UPDATE idempo_records
 SET state = 'completed', lease_expires_at = 0, expires_at = :now + :record_ttl_ms,
     status = :status, headers = :headers, body = :body
-WHERE record_key = :record_key AND token = :token AND state = 'in_progress';
+WHERE record_key = :record_key AND token = :token
+  AND (state = 'in_progress' OR (state = 'completed' AND status = 0 AND expires_at > :now));
 
 -- name: release
 DELETE FROM idempo_records
-WHERE record_key = :record_key AND token = :token AND state = 'in_progress';
+WHERE record_key = :record_key AND token = :token
+  AND (state = 'in_progress' OR (state = 'completed' AND status = 0 AND expires_at > :now));
 
 -- name: extend
 UPDATE idempo_records
