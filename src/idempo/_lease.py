@@ -335,22 +335,26 @@ class AsyncLeaseKeeper:
             return error is None
         pending = _PendingSave(store, command, retry_for)
         self._paused = False
-        if not self._spawn(self._retry(pending)):
+        if not self._spawn(pending):
             await self.stop()
         return False
 
-    def _spawn(self, coroutine: Any) -> bool:
-        """Run ``coroutine`` in the background of this loop (asyncio or trio); False when there is none."""
-        if self._renewer is not None:
-            task = asyncio.get_running_loop().create_task(coroutine, name="idempo-save-retry")
-            _SAVING.add(task)
-            task.add_done_callback(_SAVING.discard)
-            return True
-        trio = sys.modules.get("trio")
-        if self._trio is not None and trio is not None:
-            trio.lowlevel.spawn_system_task(coroutine, name="idempo-save-retry", context=contextvars.copy_context())
-            return True
-        coroutine.close()
+    def _spawn(self, pending: _PendingSave) -> bool:
+        """Retry ``pending`` in the background of this loop (asyncio or trio); False when there is none."""
+        try:
+            if self._renewer is not None:
+                task = asyncio.get_running_loop().create_task(self._retry(pending), name="idempo-save-retry")
+                _SAVING.add(task)
+                task.add_done_callback(_SAVING.discard)
+                return True
+            trio = sys.modules.get("trio")
+            if self._trio is not None and trio is not None:
+                trio.lowlevel.spawn_system_task(
+                    self._retry, pending, name="idempo-save-retry", context=contextvars.copy_context()
+                )
+                return True
+        except Exception:
+            logger.exception("idempo: cannot start the save retry of record %s", self._args[1])
         logger.error(
             "idempo: no event loop to retry the save of record %s in; the lease is left to expire", self._args[1]
         )

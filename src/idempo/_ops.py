@@ -1,4 +1,4 @@
-"""``idempo inspect``, ``idempo stats`` and ``idempo purge``: look into any store, and keep it tidy.
+"""``idempo inspect``, ``idempo resolve``, ``idempo stats`` and ``idempo purge``: look into any store, and keep it tidy.
 
 Each takes ``--store URL`` (or ``$IDEMPO_STORE``), the same URLs the
 middleware takes, and ``--json`` for scripts. They use the blocking store
@@ -31,13 +31,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ._core.keys import make_record_key, parse_key_value, principal_from_credentials
-from ._core.records import Record, RecordState, StoreStats
-from .exceptions import ConfigurationError, IdempoError, InvalidKey
+from ._core.records import Marker, Record, RecordState, StoreStats, StoredResponse
+from .exceptions import ConfigurationError, IdempoError, InvalidKey, LeaseLost
 from .stores import _resolve
 from .stores._base import cannot_use
 from .typing import Store, SupportsStats
 
-__all__ = ["inspect", "purge", "stats"]
+__all__ = ["inspect", "purge", "resolve", "stats"]
 
 _store_option = click.option(
     "--store",
@@ -119,22 +119,41 @@ def _console() -> Console:
 # --- idempo inspect ----------------------------------------------------------------------
 
 
+def _key_options(command: Any) -> Any:
+    """The options that find a record: KEY with its scope, or --record-key (inspect, resolve)."""
+    for option in reversed(
+        [
+            click.argument("key", required=False),
+            _store_option,
+            click.option(
+                "--record-key", help="The record key itself (32 hex characters, the idempo_record_key log field)."
+            ),
+            click.option(
+                "--principal",
+                help="Who sent the request, as the principal resolver returns it (a tenant or user id; "
+                "'addr:10.0.0.7' for an anonymous client under the default resolver).",
+            ),
+            click.option(
+                "--authorization",
+                metavar="VALUE",
+                help="The request's Authorization header: the principal is its hash, as the default resolver "
+                "computes it.",
+            ),
+            click.option(
+                "--method",
+                default="POST",
+                show_default=True,
+                help="The request method (the decorator: its scope name).",
+            ),
+            click.option("--path", help="The request path the key was sent to, e.g. /payments."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @click.command()
-@click.argument("key", required=False)
-@_store_option
-@click.option("--record-key", help="The record key itself (32 hex characters, the idempo_record_key log field).")
-@click.option(
-    "--principal",
-    help="Who sent the request, as the principal resolver returns it (a tenant or user id; 'addr:10.0.0.7' for an "
-    "anonymous client under the default resolver).",
-)
-@click.option(
-    "--authorization",
-    metavar="VALUE",
-    help="The request's Authorization header: the principal is its hash, as the default resolver computes it.",
-)
-@click.option("--method", default="POST", show_default=True, help="The request method (the decorator: its scope name).")
-@click.option("--path", help="The request path the key was sent to, e.g. /payments.")
+@_key_options
 @click.option(
     "--body-bytes",
     type=click.IntRange(0),
@@ -216,10 +235,19 @@ def _record_document(record: Record, now_ms: int, body_bytes: int) -> dict[str, 
         "expires_at": _date(record.expires_at_ms),
         "expires_at_ms": record.expires_at_ms,
         "expires_in_s": _seconds(record.expires_at_ms - now_ms),
+        "held": None,
+        "not_replayable": None,
         "response": None,
     }
     response = record.response
-    if response is not None:
+    marker = record.marker
+    if marker is not None:
+        document["held" if marker.kind == Marker.HELD else "not_replayable"] = {
+            "reason": marker.reason,
+            "first_status": marker.status,
+            "first_body_size": marker.size,
+        }
+    elif response is not None:
         preview = response.body[:body_bytes].decode("utf-8", "replace")
         document["response"] = {
             "status": response.status,
@@ -246,6 +274,11 @@ def _print_record(document: dict[str, Any]) -> None:
         when = f"in {remaining:.1f} s" if remaining > 0 else f"{-remaining:.1f} s ago: a new request takes it over"
         table.add_row("lease expires", f"{document['lease_expires_at']} ({when})")
     table.add_row("record expires", f"{document['expires_at']} (in {document['expires_in_s']:.1f} s)")
+    for kind, what in (("held", "held"), ("not_replayable", "not replayable")):
+        marker = document[kind]
+        if marker is not None:
+            first = f", first answer {marker['first_status']}" if marker["first_status"] is not None else ""
+            table.add_row(what, f"yes: {marker['reason']}{first}")
     response = document["response"]
     if response is not None:
         table.add_row("status", str(response["status"]))
@@ -254,6 +287,85 @@ def _print_record(document: dict[str, Any]) -> None:
         more = ", preview" + (" truncated" if response["body_truncated"] else "")
         table.add_row("body", f"{response['body_size']} bytes{more}:\n" + escape(response["body_preview"]))
     _console().print(table)
+
+
+# --- idempo resolve ------------------------------------------------------------------------
+
+
+@click.command()
+@_key_options
+@click.option("--release", "release", is_flag=True, help="Remove the record: the next request with the key executes.")
+@click.option(
+    "--complete-with-status",
+    "status",
+    type=click.IntRange(100, 599),
+    help="Complete the record with this status: every retry gets it replayed (with --body, if given).",
+)
+@click.option("--body", default="", help="The body of the completed answer (UTF-8 text; default empty).")
+@click.option("--content-type", default="application/json", show_default=True, help="The content type of --body.")
+@click.option(
+    "--ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    default=86400.0,
+    show_default=True,
+    help="Seconds the completed answer is kept.",
+)
+def resolve(
+    key: str | None,
+    url: str,
+    record_key: str | None,
+    principal: str | None,
+    authorization: str | None,
+    method: str,
+    path: str | None,
+    release: bool,
+    status: int | None,
+    body: str,
+    content_type: str,
+    ttl: float,
+) -> None:
+    """End the hold on a KEY whose first outcome is unknown: --release it, or --complete-with-status N.
+
+    A key is held after a HOLD verdict or a takeover under on_takeover="hold"
+    (idempo inspect shows it, and why); retries get 409 outcome-unknown until
+    it expires. Once you know what the first request did, --release lets the
+    next request execute, and --complete-with-status replays that status to
+    every retry. A record answering 410 (its answer was not kept) can be
+    released the same way. Only such records are changed, and only if they
+    still hold the token read (no race with a request). Exits 1 otherwise.
+    """
+    if release == (status is not None):
+        raise click.UsageError("give exactly one of --release and --complete-with-status N")
+    if record_key is None:
+        record_key = _record_key(key, principal, authorization, method, path)
+    store = open_store(url)
+    try:
+        record = store.get(record_key)
+        if record is None:
+            click.echo(f"no live record {record_key} (never created, released, or expired)")
+            raise click.exceptions.Exit(1)
+        marker = record.marker
+        if marker is None:
+            state = "in progress" if record.state is RecordState.IN_PROGRESS else "completed with a stored answer"
+            click.echo(f"record {record_key} is not held ({state}); nothing changed")
+            raise click.exceptions.Exit(1)
+        if release:
+            store.release(record_key, record.token)
+            click.echo(f"released record {record_key} (was {marker.kind}: {marker.reason}); the next request executes")
+            return
+        assert status is not None
+        data = body.encode("utf-8")
+        headers = ((b"content-type", content_type.encode("latin-1")),) if data else ()
+        store.complete(record_key, record.token, StoredResponse(status, headers, data), int(ttl * 1000))
+        click.echo(f"completed record {record_key} with status {status} (was {marker.kind}: {marker.reason})")
+    except LeaseLost as exc:
+        raise click.ClickException(
+            f"record {record_key} changed meanwhile; nothing changed (inspect it again)"
+        ) from exc
+    except IdempoError as exc:
+        raise _failed(url, exc) from exc
+    finally:
+        store.close()
 
 
 # --- idempo stats --------------------------------------------------------------------------

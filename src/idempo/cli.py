@@ -48,6 +48,11 @@ _COMMANDS: dict[str, _Entry] = {
     "purge": _Entry(
         "idempo._ops:purge", "cli", "Delete expired records, in batches, until none is left; print how many."
     ),
+    "resolve": _Entry(
+        "idempo._ops:resolve",
+        "cli",
+        "End the hold on a KEY whose first outcome is unknown: --release it, or --complete-with-status N.",
+    ),
     "stats": _Entry(
         "idempo._ops:stats",
         "cli",

@@ -36,7 +36,16 @@ from multiprocessing import get_context
 from typing import Any, TypeVar
 
 from ._core.keys import make_record_key
-from ._core.records import Acquired, BeginResult, Existing, Record, RecordState, StoredResponse, encode_headers
+from ._core.records import (
+    Acquired,
+    BeginResult,
+    Existing,
+    Marker,
+    Record,
+    RecordState,
+    StoredResponse,
+    encode_headers,
+)
 from .exceptions import LeaseLost
 from .typing import AsyncStore, Store
 
@@ -395,6 +404,64 @@ class StoreContract:
         record = store.get(key)
         assert record is not None
         assert record.response == _response()
+
+    # --- markers: held, not replayable (issue 10) ------------------------------------------
+
+    def test_a_marker_round_trips_and_replays_as_itself(self, subject: StoreSubject) -> None:
+        """A record completed with a marker (status 0) comes back as that marker: held, or not replayable."""
+        store = subject.store
+        for marker in (Marker(Marker.HELD, "takeover"), Marker(Marker.NOT_REPLAYABLE, "too_large", 201, 12_000_000)):
+            key = _key()
+            acquired = store.begin(key, "fp-1", LONG_MS)
+            assert isinstance(acquired, Acquired)
+            store.complete(key, acquired.token, marker.response(), LONG_MS)
+            found = store.begin(key, "fp-1", LONG_MS)
+            assert isinstance(found, Existing), found
+            assert found.record.state is RecordState.COMPLETED
+            assert found.record.marker == marker
+
+    def test_a_live_marker_is_resolved_under_its_token_only(self, subject: StoreSubject) -> None:
+        """complete/release act on a live marker holding the same token (how an operator resolves a held key);
+        another token, a stored answer, or extend are refused with LeaseLost."""
+        store = subject.store
+        held = Marker(Marker.HELD, "takeover").response()
+        key = _key()
+        acquired = store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(acquired, Acquired)
+        store.complete(key, acquired.token, held, LONG_MS)
+        _raises_lease_lost(lambda: store.complete(key, acquired.token + 1, _response(), LONG_MS))
+        _raises_lease_lost(lambda: store.release(key, acquired.token + 1))
+        _raises_lease_lost(lambda: store.extend(key, acquired.token, LONG_MS))
+        store.complete(key, acquired.token, _response(), LONG_MS)
+        record = store.get(key)
+        assert record is not None
+        assert record.response == _response()
+        # A stored answer is never resolved away.
+        _raises_lease_lost(lambda: store.complete(key, acquired.token, _response(b"other"), LONG_MS))
+        _raises_lease_lost(lambda: store.release(key, acquired.token))
+        released = _key()
+        acquired = store.begin(released, "fp-1", LONG_MS)
+        assert isinstance(acquired, Acquired)
+        store.complete(released, acquired.token, held, LONG_MS)
+        store.release(released, acquired.token)
+        assert store.get(released) is None
+        again = store.begin(released, "fp-2", LONG_MS)
+        assert isinstance(again, Acquired)
+        assert again.takeover is False
+
+    def test_an_expired_marker_is_absent_and_not_resolved(self, subject: StoreSubject) -> None:
+        """A marker past its TTL (hold_ttl) is absent: begin acquires afresh (no takeover), resolving it is refused."""
+        store = subject.store
+        key = _key()
+        acquired = store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(acquired, Acquired)
+        store.complete(key, acquired.token, Marker(Marker.HELD, "takeover").response(), subject.short_ms)
+        subject.pass_short()
+        _raises_lease_lost(lambda: store.complete(key, acquired.token, _response(), LONG_MS))
+        _raises_lease_lost(lambda: store.release(key, acquired.token))
+        again = store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(again, Acquired)
+        assert again.takeover is False
 
     # --- expiry, takeover, fencing -------------------------------------------------------
 

@@ -1,0 +1,182 @@
+"""Issue 10 item 1 in process: a failed save never re-executes while the process lives.
+
+A store whose ``complete`` fails N times: the process keeps (and renews) the
+lease, duplicates are refused as in progress, the save is retried with backoff
+until it lands, and the key then replays: the function ran once. The retries
+are counted (``idempo_save_retries_total``, ``idempo_saves_total``) and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+from prometheus_client import CollectorRegistry
+
+from idempo import Acquired, KeyInProgress, Marker, Policy, RecordState, ResultNotReplayable, StoredResponse
+from idempo._calls import Engine, record_key
+from idempo.exceptions import StoreUnavailable
+from idempo.observability import instrument, uninstrument
+from idempo.serializers import JSONSerializer
+from idempo.stores import AsyncMemoryStore, MemoryStore
+from tests.support.clock import FakeClock, eventually
+
+
+class FlakyStore(MemoryStore):
+    """A memory store whose ``complete`` raises StoreUnavailable ``failures`` times (or while ``down``)."""
+
+    def __init__(self, failures: int = 0, *, refuse_large: bool = False, clock: Any = None) -> None:
+        super().__init__(**({"clock": clock} if clock is not None else {}))
+        self.failures = failures
+        self.refuse_large = refuse_large
+        self.completes = 0
+        self.extends = 0
+        self.lock = threading.Lock()
+
+    def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
+        with self.lock:
+            self.completes += 1
+            failing = self.failures > 0
+            if failing:
+                self.failures -= 1
+        if failing or (self.refuse_large and Marker.of(response) is None):
+            raise StoreUnavailable("the store is down (injected)")
+        super().complete(record_key, token, response, record_ttl_ms)
+
+    def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
+        self.extends += 1
+        super().extend(record_key, token, lease_ttl_ms)
+
+
+@pytest.fixture
+def registry() -> Iterator[CollectorRegistry]:
+    registry = CollectorRegistry()
+    instrument(metrics=registry)
+    yield registry
+    uninstrument()
+
+
+def _engine(policy: Policy) -> Engine:
+    return Engine("save-retry", policy, JSONSerializer(), lambda: Any)
+
+
+def test_a_complete_failing_three_times_is_retried_and_never_reexecuted(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The call returns its result at once; duplicates get KeyInProgress while the save is retried; once it
+    lands they get the replay; one execution; the retries are counted and the recovery logged."""
+    store = FlakyStore(failures=3)
+    engine = _engine(Policy(lease_ttl=0.3))
+    calls = 0
+
+    def pay() -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        return {"payment": calls}
+
+    with caplog.at_level(logging.WARNING, logger="idempo"):
+        assert engine.run_sync(store, "K1", "fp", pay) == ({"payment": 1}, False)
+        with pytest.raises(KeyInProgress):
+            engine.run_sync(store, "K1", "fp", pay)
+        assert eventually(lambda: store.completes == 4)
+        assert engine.run_sync(store, "K1", "fp", pay) == ({"payment": 1}, True)
+    assert calls == 1
+    assert registry.get_sample_value("idempo_save_retries_total", {"store": "flaky"}) == 3
+    assert registry.get_sample_value("idempo_saves_total", {"store": "flaky", "result": "saved"}) == 1
+    assert any("landed after 3 retries" in r.getMessage() for r in caplog.records)
+
+
+def test_the_lease_is_renewed_while_the_save_is_retried() -> None:
+    """An outage longer than the lease: the keeper keeps renewing, so no duplicate takes the record over."""
+    store = FlakyStore(failures=1000)
+    engine = _engine(Policy(lease_ttl=0.3))
+    calls = 0
+
+    def pay() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    engine.run_sync(store, "K1", "fp", pay)
+    before = store.extends
+    assert eventually(lambda: store.extends >= before + 3)  # a second of outage: three lease TTLs
+    with pytest.raises(KeyInProgress):
+        engine.run_sync(store, "K1", "fp", pay)
+    store.failures = 0
+    assert eventually(lambda: (r := store.get(record_key("save-retry", "K1"))) is not None and r.response is not None)
+    assert engine.run_sync(store, "K1", "fp", pay) == (1, True)
+    assert calls == 1
+
+
+def test_at_the_bound_a_result_the_store_refuses_becomes_not_replayable(registry: CollectorRegistry) -> None:
+    """save_retry_for passed and the store still refuses the result: it is replaced by a not-replayable marker,
+    so a retry raises ResultNotReplayable instead of running again."""
+    store = FlakyStore(refuse_large=True)
+    engine = _engine(Policy(lease_ttl=0.3, save_retry_for=0.3))
+    calls = 0
+
+    def pay() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    engine.run_sync(store, "K1", "fp", pay)
+    key = record_key("save-retry", "K1")
+    assert eventually(lambda: (r := store.get(key)) is not None and r.state is RecordState.COMPLETED)
+    record = store.get(key)
+    assert record is not None
+    assert record.marker == Marker(Marker.NOT_REPLAYABLE, "save_failed", 200, 1)
+    with pytest.raises(ResultNotReplayable):
+        engine.run_sync(store, "K1", "fp", pay)
+    assert calls == 1
+
+
+def test_a_takeover_ends_the_retries_without_a_second_save() -> None:
+    """The lease lost to a takeover (the store's clock passed the lease, say after a long pause): the retry stops
+    with the result unsaved and the newer holder's record stays."""
+    clock = FakeClock()
+    store = FlakyStore(failures=1000, clock=clock)
+    engine = _engine(Policy(lease_ttl=30))
+    engine.run_sync(store, "K1", "fp", lambda: 1)
+    key = record_key("save-retry", "K1")
+    clock.advance(31)
+    taken = store.begin(key, "fp", 60_000)
+    assert isinstance(taken, Acquired)
+    assert taken.takeover
+    store.failures = 0
+    assert eventually(lambda: store.completes >= 2)
+    after = store.get(key)
+    assert after is not None
+    assert after.state is RecordState.IN_PROGRESS
+    assert after.token == taken.token
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_save_retry_on_both_loops(backend: str) -> None:
+    """The async front retries from a background task (asyncio) or system task (trio): one execution, replay."""
+    sync = FlakyStore(failures=2)
+    store = AsyncMemoryStore(sync)
+    engine = _engine(Policy(lease_ttl=0.3))
+    calls = 0
+
+    async def pay() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    async def scenario() -> None:
+        assert await engine.run_async(store, "K1", "fp", pay) == (1, False)
+        with pytest.raises(KeyInProgress):
+            await engine.run_async(store, "K1", "fp", pay)
+        for _ in range(200):
+            if sync.completes >= 3:
+                break
+            await anyio.sleep(0.02)
+        assert await engine.run_async(store, "K1", "fp", pay) == (1, True)
+
+    anyio.run(scenario, backend=backend)
+    assert calls == 1
