@@ -231,3 +231,35 @@ def test_stats_counts_by_state(kind: str, request: pytest.FixtureRequest, tmp_pa
     assert counted.oldest_lease is not None
     assert counted.oldest_lease.record_key.startswith("first-")
     assert counted.oldest_lease.created_at_ms <= counted.now_ms
+
+
+def test_inspect_shows_a_held_key_and_resolve_ends_the_hold(store_url: str) -> None:
+    """Issue 10 item 9: `idempo inspect` shows a held record and why; `idempo resolve --complete-with-status`
+    replaces it with that answer (replayed to retries), `--release` removes it; neither touches a stored answer."""
+    from idempo import Marker
+
+    store = store_from_url(store_url)
+    try:
+        held, released, stored = ("held-" + uuid.uuid4().hex, "rel-" + uuid.uuid4().hex, "ok-" + uuid.uuid4().hex)
+        for key, response in ((held, None), (released, None), (stored, RESPONSE)):
+            acquired = store.begin(key, "fp", 600_000)
+            assert isinstance(acquired, Acquired)
+            marker = Marker(Marker.HELD, "takeover").response()
+            store.complete(key, acquired.token, response or marker, 600_000)
+    finally:
+        store.close()
+    document = as_json("inspect", "--record-key", held, "--store", store_url)
+    assert document["held"] == {"reason": "takeover", "first_status": None, "first_body_size": None}
+    shown = idempo("inspect", "--record-key", held, "--store", store_url)
+    assert "held" in shown.stdout and "takeover" in shown.stdout
+    done = idempo("resolve", "--record-key", held, "--store", store_url, "--complete-with-status", "201")
+    assert done.returncode == 0, done.stderr
+    assert "completed record" in done.stdout
+    response = as_json("inspect", "--record-key", held, "--store", store_url)["response"]
+    assert isinstance(response, dict)
+    assert response["status"] == 201
+    assert idempo("resolve", "--record-key", released, "--store", store_url, "--release").returncode == 0
+    assert idempo("inspect", "--record-key", released, "--store", store_url).returncode == 1
+    refused = idempo("resolve", "--record-key", stored, "--store", store_url, "--release")
+    assert refused.returncode == 1
+    assert "not held" in refused.stdout
