@@ -46,7 +46,7 @@ def renewals(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Calls]:
         extend(self, record_key, token, lease_ttl_ms)
 
     monkeypatch.setattr(MemoryStore, "extend", counted)
-    yield calls
+    return calls
 
 
 def _raiser(original: Callable[..., Any]) -> Callable[..., Any]:

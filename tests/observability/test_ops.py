@@ -251,7 +251,8 @@ def test_inspect_shows_a_held_key_and_resolve_ends_the_hold(store_url: str) -> N
     document = as_json("inspect", "--record-key", held, "--store", store_url)
     assert document["held"] == {"reason": "takeover", "first_status": None, "first_body_size": None}
     shown = idempo("inspect", "--record-key", held, "--store", store_url)
-    assert "held" in shown.stdout and "takeover" in shown.stdout
+    assert "held" in shown.stdout
+    assert "takeover" in shown.stdout
     done = idempo("resolve", "--record-key", held, "--store", store_url, "--complete-with-status", "201")
     assert done.returncode == 0, done.stderr
     assert "completed record" in done.stdout

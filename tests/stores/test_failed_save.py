@@ -10,7 +10,6 @@ retry replays it. The handler's ledger shows one execution per key.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import uuid
@@ -20,12 +19,13 @@ from contextlib import suppress
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio.to_thread
 import httpx
 import pytest
 from store_helpers import serve
+from tests.support.clock import eventually
 
 from idempo.asgi import IdempotencyMiddleware
-from tests.support.clock import eventually
 
 pytestmark = pytest.mark.redis
 
@@ -111,8 +111,7 @@ class GatedApp:
         key = dict(scope["headers"])[b"idempotency-key"].decode()
         self.ledger.append(key)
         self.entered.release()
-        while not self.gate.is_set():
-            await asyncio.sleep(0.01)
+        await anyio.to_thread.run_sync(self.gate.wait, 30)
         body = b'{"order_id":"%s"}' % key.encode()
         await send({"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
