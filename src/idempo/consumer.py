@@ -157,7 +157,7 @@ class IdempotentConsumer(_Consumer[M]):
             delays the message by at most this long (default 30 s).
         exception_verdicts: per exception class, ``Verdict.RELEASE`` (default:
             redelivery runs the handler again) or ``Verdict.HOLD`` (the id
-            stays in progress for ``hold_ttl``).
+            is held, reported as HELD, for ``hold_ttl``).
         hold_ttl: seconds a HOLD keeps the id (default ``record_ttl``).
         on_takeover: ``"execute"`` (default) or ``"hold"``: what a delivery does
             when it finds the lease of a consumer that died mid-handler

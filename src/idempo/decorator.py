@@ -301,10 +301,10 @@ def idempotent(
             by default such a call runs without idempotency and stores nothing.
         exception_verdicts: what an exception raised by the function does to
             its key, by class (matched along the MRO): ``Verdict.RELEASE``
-            (default: a retry runs again) or ``Verdict.HOLD`` (the key stays
-            in progress for ``hold_ttl``: for outcomes that are unknown, such
-            as a timeout talking to a payment provider). The exception always
-            propagates unchanged.
+            (default: a retry runs again) or ``Verdict.HOLD`` (the key is held:
+            retries raise :class:`~idempo.KeyHeld` for ``hold_ttl``; for
+            outcomes that are unknown, such as a timeout talking to a payment
+            provider). The exception always propagates unchanged.
         hold_ttl: seconds a HOLD keeps the key (default ``record_ttl``).
         on_takeover: what a call does when it finds the expired lease of a
             call that died mid-way (:class:`~idempo.Policy` ``on_takeover``):

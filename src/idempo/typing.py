@@ -53,6 +53,11 @@ class Store(Protocol):
     def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
         """Store the response and mark the record completed, if ``token`` still holds the lease.
 
+        Also replaces a live :class:`~idempo.Marker` record (completed with
+        status 0: held, or not replayable) under the same token: how an
+        operator resolves a held key (``idempo resolve``). A real stored
+        answer is never replaced.
+
         Raises:
             LeaseLost: the record holds another token (taken over) or is gone.
             StoreError: the store failed.
@@ -61,6 +66,9 @@ class Store(Protocol):
 
     def release(self, record_key: str, token: int) -> None:
         """Remove the in-progress record, if ``token`` still holds the lease.
+
+        Also removes a live :class:`~idempo.Marker` record under the same
+        token, as :meth:`complete` replaces one.
 
         Raises:
             LeaseLost: the record holds another token or is gone.
@@ -71,7 +79,7 @@ class Store(Protocol):
     def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
         """Set the lease to expire ``lease_ttl_ms`` from now, if ``token`` holds it.
 
-        Used to hold a key whose outcome is unknown (``Verdict.HOLD``).
+        Used to renew the lease of a running request (and while a failed save is retried).
 
         Raises:
             LeaseLost: the record holds another token or is gone.

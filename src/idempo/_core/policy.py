@@ -27,9 +27,12 @@ class Verdict(enum.Enum):
 
     STORE: the response is stored and replayed to every retry.
     RELEASE: the record is removed, so a retry executes again.
-    HOLD: the record stays in progress (retries get 409) for ``Policy.hold_ttl``
-        seconds; for outcomes that are unknown, e.g. a timeout talking to a
-        payment provider, where neither replaying nor re-executing is safe.
+    HOLD: the record is held (retries get 409 ``outcome-unknown``) for
+        ``Policy.hold_ttl`` seconds, or until an operator resolves it
+        (``idempo resolve``); for outcomes that are unknown, e.g. a timeout
+        talking to a payment provider, where neither replaying nor
+        re-executing is safe. The record keeps a held
+        :class:`~idempo.Marker` saying why.
     """
 
     STORE = "store"

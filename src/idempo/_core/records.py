@@ -136,7 +136,9 @@ class Record:
         created_at_ms: when the current lease was taken.
         expires_at_ms: when the record stops counting and may be purged: the
             lease expiry while IN_PROGRESS, completion time + record TTL after.
-        response: the stored response once COMPLETED, else None.
+        response: the stored response once COMPLETED, else None; a response
+            of status :data:`MARKER_STATUS` is a :class:`Marker` (held, or
+            not replayable), never replayed (see :attr:`marker`).
     """
 
     record_key: str
