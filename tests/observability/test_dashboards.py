@@ -151,6 +151,30 @@ def exercise(registry: CollectorRegistry) -> None:
     eventually(lambda: count("bypassed") == 1)
     for outcome in ("executed", "replayed", "mismatch", "released", "held", "lease_takeover", "conflict"):
         assert count(outcome) >= 1, outcome
+    _failed_save_then_saved(registry)
+
+
+def _failed_save_then_saved(registry: CollectorRegistry) -> None:
+    """A call whose save fails once after it ran: retried in the background (idempo_save_retries_total), saved."""
+    from idempo import StoredResponse
+    from idempo._calls import Engine
+    from idempo.exceptions import StoreUnavailable
+    from idempo.serializers import JSONSerializer
+    from idempo.stores import MemoryStore
+
+    class OnceDown(MemoryStore):
+        store_name = "memory"
+        down = True
+
+        def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
+            if self.down:
+                self.down = False
+                raise StoreUnavailable("down once")
+            super().complete(record_key, token, response, record_ttl_ms)
+
+    Engine("dashboard", Policy(), JSONSerializer(), lambda: int).run_sync(OnceDown(), "K", "fp", lambda: 1)
+    saved = {"store": "memory", "result": "saved"}
+    assert eventually(lambda: registry.get_sample_value("idempo_saves_total", saved) == 1)
 
 
 @pytest.fixture(scope="module")
