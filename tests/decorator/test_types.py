@@ -25,7 +25,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from idempo import ConfigurationError, FingerprintMismatch, KeyInProgress, RecordState, StoreError, idempotent
+from idempo import (
+    ConfigurationError,
+    FingerprintMismatch,
+    KeyHeld,
+    Marker,
+    RecordState,
+    StoreError,
+    idempotent,
+)
 from idempo._core.fingerprint import canonical_json
 from idempo._core.records import Acquired, StoredResponse
 from idempo.decorator import record_key
@@ -494,12 +502,12 @@ def test_a_result_that_cannot_keep_its_type_is_refused_before_it_is_stored(store
 
     with pytest.raises(ConfigurationError, match="cannot be stored with its type"):
         odd("K1")
-    with pytest.raises(KeyInProgress):
+    with pytest.raises(KeyHeld, match="unserialisable result"):
         odd("K1")
     record = store.get(record_key("odd", "K1"))
     assert record is not None
-    assert record.state is RecordState.IN_PROGRESS
-    assert record.response is None
+    assert record.state is RecordState.COMPLETED
+    assert record.marker == Marker(Marker.HELD, "unserialisable result")
     assert count.calls == 1
 
 
@@ -516,7 +524,7 @@ def test_a_result_that_does_not_fit_its_annotation_is_refused_before_it_is_store
         liar("K1")
     record = store.get(record_key("liar", "K1"))
     assert record is not None
-    assert record.response is None
+    assert record.marker == Marker(Marker.HELD, "unserialisable result")
     assert count.calls == 1
 
 
@@ -633,11 +641,11 @@ def test_a_result_a_replay_would_not_rebuild_equal_is_refused_before_it_is_store
 
     with pytest.raises(ConfigurationError, match=match):
         unfaithful("K1")
-    with pytest.raises(KeyInProgress):
+    with pytest.raises(KeyHeld, match="unserialisable result"):
         unfaithful("K1")
     record = store.get(record_key("unfaithful", "K1"))
     assert record is not None
-    assert record.response is None
+    assert record.marker == Marker(Marker.HELD, "unserialisable result")
     assert count.calls == 1
 
 
