@@ -31,8 +31,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from idempo import AsyncStore, Policy
+from idempo import AsyncStore, Policy, StoredResponse
 from idempo.asgi import IdempotencyMiddleware
+from idempo.exceptions import StoreUnavailable
 from idempo.metrics import PrometheusMetrics
 from idempo.observability import Outcome, instrument, uninstrument
 from idempo.stores import AsyncMemoryStore
@@ -93,6 +94,22 @@ def read_registry(registry: CollectorRegistry) -> Exported:
     return exported
 
 
+class FailingSaves(AsyncMemoryStore):
+    """A memory store whose ``complete`` raises StoreUnavailable ``failures`` times: down while results are saved."""
+
+    store_name = "memory"  # the store label: a memory store
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("the store is down (injected)")
+        await super().complete(record_key, token, response, record_ttl_ms)
+
+
 @contextmanager
 def _site(store: AsyncStore | None = None, policy: Policy | None = None) -> Iterator[Site]:
     """The observability tests' app behind idempo under uvicorn (as conftest's ``serve`` builds it)."""
@@ -110,7 +127,8 @@ def _site(store: AsyncStore | None = None, policy: Policy | None = None) -> Iter
 
 def exercise(registry: CollectorRegistry) -> None:
     """Real requests that make idempo record every metric: each outcome the files name, store calls
-    that fail (unavailable, lease_lost), a lease held while a handler runs, a takeover."""
+    that fail (unavailable, lease_lost), a lease held while a handler runs, takeovers (executed and
+    held), saves retried after the handler (saved and given up)."""
 
     def count(outcome: str) -> float:
         return sum(
@@ -144,6 +162,24 @@ def exercise(registry: CollectorRegistry) -> None:
         retry.join(10)
         errors = {"store": "memory", "operation": "complete", "error": "lease_lost"}
         eventually(lambda: registry.get_sample_value("idempo_store_operation_errors_total", errors) == 1)
+    # A save that fails once after the handler ran is retried and lands; one the store refuses
+    # for all of save_retry_for is given up.
+    with _site(store=FailingSaves(failures=1)) as flaky:
+        flaky.handlers.gate.set()
+        assert flaky.post("/slow").status_code == 201
+        saved = {"store": "memory", "result": "saved"}
+        eventually(lambda: registry.get_sample_value("idempo_saves_total", saved))
+    with _site(store=FailingSaves(failures=10**9), policy=Policy(save_retry_for=0.3)) as down:
+        down.handlers.gate.set()
+        assert down.post("/slow").status_code == 201
+        given_up = {"store": "memory", "result": "given_up"}
+        eventually(lambda: registry.get_sample_value("idempo_saves_total", given_up))
+    # on_takeover="hold": an expired lease with no result holds the key instead of running the handler.
+    with _site(policy=Policy(on_takeover="hold")) as holding:
+        holding.store.sync.begin(record_key("/failing"), "crashed", 1000)  # type: ignore[attr-defined]
+        holding.clock.advance(2)
+        assert holding.post("/failing").status_code == 409  # takeover_held
+        assert holding.handlers.executions["failing"] == 0
     with _site(store=dead_redis_store()) as closed:
         assert closed.post().status_code == 503  # store_error
     with _site(store=dead_redis_store(), policy=Policy(fail_open=True)) as opened:
@@ -151,30 +187,6 @@ def exercise(registry: CollectorRegistry) -> None:
     eventually(lambda: count("bypassed") == 1)
     for outcome in ("executed", "replayed", "mismatch", "released", "held", "lease_takeover", "conflict"):
         assert count(outcome) >= 1, outcome
-    _failed_save_then_saved(registry)
-
-
-def _failed_save_then_saved(registry: CollectorRegistry) -> None:
-    """A call whose save fails once after it ran: retried in the background (idempo_save_retries_total), saved."""
-    from idempo import StoredResponse
-    from idempo._calls import Engine
-    from idempo.exceptions import StoreUnavailable
-    from idempo.serializers import JSONSerializer
-    from idempo.stores import MemoryStore
-
-    class OnceDown(MemoryStore):
-        store_name = "memory"
-        down = True
-
-        def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
-            if self.down:
-                self.down = False
-                raise StoreUnavailable("down once")
-            super().complete(record_key, token, response, record_ttl_ms)
-
-    Engine("dashboard", Policy(), JSONSerializer(), lambda: int).run_sync(OnceDown(), "K", "fp", lambda: 1)
-    saved = {"store": "memory", "result": "saved"}
-    assert eventually(lambda: registry.get_sample_value("idempo_saves_total", saved) == 1)
 
 
 @pytest.fixture(scope="module")
