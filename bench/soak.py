@@ -475,9 +475,10 @@ class RoundRobin(httpx.AsyncBaseTransport):
         headers = [(k, v) for k, v in request.headers.raw if k.lower() != b"host"]
         async with self._slots:
             ports = self._ports()
+            first = next(self._turn)
             start = time.monotonic()
-            for _ in range(len(ports)):
-                port = ports[next(self._turn) % len(ports)]
+            for turn in range(first, first + len(ports)):
+                port = ports[turn % len(ports)]
                 routed = httpx.Request(
                     request.method,
                     request.url.copy_with(port=port),
@@ -697,7 +698,8 @@ def _timeline(args: argparse.Namespace, outages: bool) -> list[tuple[str, float]
     busy = args.duration - warm_up - 2 * calm
     if busy < 4:
         raise SystemExit(f"soak: --duration must be at least {6 + 2 * calm:g} s with a lease of {args.lease:g} s")
-    return [("warm-up", warm_up), ("kills", busy / 2), ("calm", calm), ("outages", busy / 2), ("calm", calm)]
+    # Outages get two thirds: the Done-when figures come from them; a kill every 1-2 s adds up fast.
+    return [("warm-up", warm_up), ("kills", busy / 3), ("calm", calm), ("outages", busy * 2 / 3), ("calm", calm)]
 
 
 async def _progress(load: Load, faults: Faults, started: float) -> None:

@@ -390,11 +390,26 @@ def compute(rec: Recorded) -> dict[str, Any]:
             "t0_monotonic": rec.t0,
             "outages": [[o.kind, round(o.start - rec.t0, 3), round(o.end - rec.t0, 3)] for o in rec.outages],
             "kills": [[life.name, round(life.ended - rec.t0, 3)] for life in killed if life.ended is not None],
-            "keys_executed_twice": {
-                key: [[first.id, second.id, verdict] for first, second, verdict in pairs]
-                for key, pairs in repeats.items()
-            },
+            "keys_executed_twice": {key: _story(key, pairs, rec) for key, pairs in repeats.items()},
         },
+    }
+
+
+def _story(key: str, pairs: list[tuple[Execution, Execution, str]], rec: Recorded) -> dict[str, Any]:
+    """A key executed twice, for the JSON report: verdicts, executions and attempts (seconds from the load's start)."""
+
+    def at(t: float | None) -> float | None:
+        return None if t is None else round(t - rec.t0, 3)
+
+    runs = [pairs[0][0], *(second for _, second, _ in pairs)]
+    return {
+        "verdicts": [verdict for _, _, verdict in pairs],
+        "executions": [[e.id, at(e.start), at(e.end)] for e in runs],
+        "attempts": [
+            [at(a.start), at(a.end), a.status if a.status is not None else a.error]
+            for a in rec.attempts
+            if a.key == key
+        ],
     }
 
 
