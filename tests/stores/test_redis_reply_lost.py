@@ -45,13 +45,17 @@ def _lease(store: RedisStore) -> tuple[str, Acquired]:
     return key, taken
 
 
+# The default deadline, and a short one: the retry of a lost reply fits within either (issue 10 item 4).
+DEADLINES = pytest.mark.parametrize("deadline", ["", "&deadline=0.3"], ids=["default-deadline", "deadline-0.3"])
+
+
 @contextmanager
 def _warm_store(
-    redis_store_url: str, start: Callable[[str, int], RoundTripProxy]
+    redis_store_url: str, start: Callable[[str, int], RoundTripProxy], deadline: str = ""
 ) -> Iterator[tuple[RedisStore, RoundTripProxy]]:
     """A store through a proxy, its scripts loaded and its one connection open: the next reply is the next call's."""
     url, proxy = _proxied(redis_store_url, start)
-    store = RedisStore(url)
+    store = RedisStore(url + deadline)
     try:
         # A first EVALSHA answers NOSCRIPT and loads the script: done here, so
         # a dropped reply is always the call's own.
@@ -62,11 +66,12 @@ def _warm_store(
         store.close()
 
 
+@DEADLINES
 def test_begin_whose_reply_was_lost_keeps_its_lease(
-    redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]
+    redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy], deadline: str
 ) -> None:
     """The retried begin returns the lease its first run took (same token); another caller still finds it held."""
-    with _warm_store(redis_store_url, round_trip_proxy) as (store, proxy):
+    with _warm_store(redis_store_url, round_trip_proxy, deadline) as (store, proxy):
         key = uuid.uuid4().hex
         proxy.drop_next_reply()
         taken = store.begin(key, "fp", 30_000)
@@ -101,15 +106,16 @@ def test_complete_whose_reply_was_lost_is_confirmed(
             store.complete(key, taken.token, StoredResponse(200, (), b"other"), 60_000)
 
 
+@DEADLINES
 def test_request_whose_begin_reply_was_lost_executes_once(
-    redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]
+    redis_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy], deadline: str
 ) -> None:
     """Through the ASGI middleware: 201 (not a 409 from itself), the handler ran once, the replay is stored."""
     url, proxy = _proxied(redis_store_url, round_trip_proxy)
     app = OrdersApp()
 
     async def main() -> tuple[httpx.Response, httpx.Response]:
-        store = AsyncRedisStore(url)
+        store = AsyncRedisStore(url + deadline)
         transport = httpx.ASGITransport(app=IdempotencyMiddleware(app, store))
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
