@@ -182,3 +182,33 @@ def test_a_bad_deadline_is_a_configuration_error(value: str) -> None:
     for url in ("redis://127.0.0.1:6379/0", "postgresql://postgres@127.0.0.1:5432/test"):
         with pytest.raises(ConfigurationError, match="deadline"):
             async_store_from_url(f"{url}?deadline={value}")
+
+
+@pytest.mark.postgres
+def test_postgres_pool_serves_again_soon_after_a_long_outage(
+    postgres_store_url: str, relay: Callable[[str], tuple[Relay, str]]
+) -> None:
+    """After 8 s of refused connections, the pool serves within a few deadlines of the heal: psycopg_pool's
+    doubling reconnect delay (1, 2, 4, 8 s ...) is cut short, the next request starting a fresh attempt."""
+    from idempo.stores.postgres import PostgresStore
+
+    cut, through = relay(postgres_store_url)
+    store = PostgresStore(through, deadline=DEADLINE, min_size=1, max_size=2)
+    try:
+        assert store.get(uuid.uuid4().hex) is None
+        cut.refuse()
+        ends = time.monotonic() + 8
+        while time.monotonic() < ends:  # requests keep coming during the outage, as in production
+            with pytest.raises(StoreUnavailable):
+                store.get(uuid.uuid4().hex)
+        cut.heal()
+        healed = time.monotonic()
+        while True:
+            try:
+                store.get(uuid.uuid4().hex)
+                break
+            except StoreUnavailable:
+                # Without the cut, the next attempt is up to 8 s away.
+                assert time.monotonic() - healed < DEADLINE * 10, "the pool did not reconnect soon after the heal"
+    finally:
+        store.close()

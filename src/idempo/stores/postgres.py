@@ -95,6 +95,8 @@ _BEGIN_ATTEMPTS = 5
 # Seconds maintenance calls (stats, create_schema) may take: they scan or
 # alter the whole table, which no request waits for.
 _MAINTENANCE_DEADLINE = 300.0
+# Seconds psycopg_pool keeps retrying one lost connection with backoff.
+_RECONNECT_TIMEOUT = 5.0
 _RV = TypeVar("_RV")
 
 
@@ -189,6 +191,12 @@ class _Settings:
             "open": False,
             "connection_class": connection_class,
             "configure": configure,
+            # psycopg_pool retries a lost server with a doubling delay (1, 2,
+            # 4 ... s) for reconnect_timeout (300 s by default): after a
+            # minute's outage the next attempt could be half a minute away.
+            # Cut short, the attempt gives up and the next request starts a new
+            # one at once, so the store serves again within seconds of its return.
+            "reconnect_timeout": _RECONNECT_TIMEOUT,
         }
 
     def _configure(self, conn: Any) -> None:
