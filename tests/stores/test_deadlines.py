@@ -212,3 +212,28 @@ def test_postgres_pool_serves_again_soon_after_a_long_outage(
                 assert time.monotonic() - healed < DEADLINE * 10, "the pool did not reconnect soon after the heal"
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_refusing_connections_is_named_and_not_waited_for(
+    postgres_store_url: str, relay: Callable[[str], tuple[Relay, str]]
+) -> None:
+    """Once the pool's attempt to reconnect was refused, a call says so (not a bare PoolTimeout) and waits
+    only a moment for a connection, not its whole deadline."""
+    from idempo.stores.postgres import PostgresStore
+
+    cut, through = relay(postgres_store_url)
+    store = PostgresStore(through, deadline=DEADLINE)
+    try:
+        assert store.get(uuid.uuid4().hex) is None
+        cut.refuse()
+        errors = []
+        for _ in range(4):
+            with pytest.raises(StoreUnavailable) as caught:
+                store.get(uuid.uuid4().hex)
+            errors.append(str(caught.value))
+        assert "the server refuses connections" in errors[-1], errors
+        assert "Connection refused" in errors[-1]
+        assert store._settings.pool_wait(DEADLINE) < DEADLINE
+    finally:
+        store.close()

@@ -97,6 +97,10 @@ _BEGIN_ATTEMPTS = 5
 _MAINTENANCE_DEADLINE = 300.0
 # Seconds psycopg_pool keeps retrying one lost connection with backoff.
 _RECONNECT_TIMEOUT = 5.0
+# Seconds a call waits for a pooled connection while the server refuses new
+# ones (the pool's last attempt was refused): a 503 at once rather than after
+# the whole deadline, yet long enough to take a connection the pool just made.
+_REFUSED_WAIT = 0.05
 _RV = TypeVar("_RV")
 
 
@@ -179,6 +183,46 @@ class _Settings:
             if name not in libpq_names:
                 kwargs[name] = value
         self.kwargs = kwargs
+        #: Why the pool's last connection attempt failed, when the server
+        #: refused it (the port is closed); None once an attempt succeeds.
+        self.refused: str | None = None
+
+    def connect_failed(self, exc: psycopg.OperationalError) -> None:
+        """Note a failed connection attempt of the pool."""
+        text = " ".join(str(exc).split())
+        self.refused = text if "Connection refused" in text else None
+
+    def pool_wait(self, limit: float) -> float:
+        """Seconds a call waits for a pooled connection: its deadline, or a moment while the server refuses."""
+        return min(limit, _REFUSED_WAIT) if self.refused is not None else limit
+
+    def connection_classes(self) -> tuple[type[_BoundedConnection], type[_AsyncBoundedConnection]]:
+        """Connection classes for this store's pools that tell it how their connection attempts end."""
+        settings = self
+
+        class StoreConnection(_BoundedConnection):
+            @classmethod
+            def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+                try:
+                    conn = super().connect(conninfo, **kwargs)
+                except psycopg.OperationalError as exc:
+                    settings.connect_failed(exc)
+                    raise
+                settings.refused = None
+                return conn
+
+        class AsyncStoreConnection(_AsyncBoundedConnection):
+            @classmethod
+            async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+                try:
+                    conn = await super().connect(conninfo, **kwargs)
+                except psycopg.OperationalError as exc:
+                    settings.connect_failed(exc)
+                    raise
+                settings.refused = None
+                return conn
+
+        return StoreConnection, AsyncStoreConnection
 
     def pool_arguments(self, connection_class: type[Any], configure: Any) -> dict[str, Any]:
         return {
@@ -300,6 +344,13 @@ def _startup_failure(settings: _Settings, exc: psycopg.Error) -> Exception:
     return StoreError(f"{type(exc).__name__}: {exc}")
 
 
+def _no_connection(settings: _Settings, exc: psycopg_pool.PoolTimeout) -> StoreUnavailable:
+    """The error of a call that got no pooled connection: the server's refusal when that is why."""
+    if settings.refused is not None:
+        return StoreUnavailable(f"the server refuses connections: {settings.refused}")
+    return StoreUnavailable(f"PoolTimeout: no connection within the {settings.deadline:g} s deadline ({exc})")
+
+
 def _timed_out(exc: BaseException) -> bool:
     """Whether a call failed by waiting (pool or server) rather than on a broken connection."""
     return isinstance(exc, psycopg_pool.PoolTimeout) or type(exc).__name__ == "_WaitTimeout"
@@ -403,7 +454,7 @@ class PostgresStore:
         #: Seconds one call may take (connect, pool wait and statement together).
         self.deadline = self._settings.deadline
         self._pool: psycopg_pool.ConnectionPool[_BoundedConnection] = psycopg_pool.ConnectionPool(
-            **self._settings.pool_arguments(_BoundedConnection, self._settings._configure)
+            **self._settings.pool_arguments(self._settings.connection_classes()[0], self._settings._configure)
         )
         # Opened on first use: a store that fails its start-up check (or a
         # command's) leaves no pool retrying and logging in the background.
@@ -462,7 +513,10 @@ class PostgresStore:
                     self._pool_opened = True
         try:
             with _pg_errors():
-                conn = self._pool.getconn(timeout=limit)
+                try:
+                    conn = self._pool.getconn(timeout=self._settings.pool_wait(limit))
+                except psycopg_pool.PoolTimeout as exc:
+                    raise _no_connection(self._settings, exc) from exc
                 conn.deadline = ends
                 try:
                     if not self._checked:
@@ -683,7 +737,8 @@ class AsyncPostgresStore:
     async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool[_AsyncBoundedConnection]:
         if self._pool is None:
             # Created here, not in __init__: the pool binds to the running event loop.
-            arguments = self._settings.pool_arguments(_AsyncBoundedConnection, self._settings._configure_async)
+            classes = self._settings.connection_classes()
+            arguments = self._settings.pool_arguments(classes[1], self._settings._configure_async)
             pool: psycopg_pool.AsyncConnectionPool[_AsyncBoundedConnection] = psycopg_pool.AsyncConnectionPool(
                 **arguments
             )
@@ -699,7 +754,10 @@ class AsyncPostgresStore:
         ends = monotonic() + limit
         try:
             with _pg_errors():
-                conn = await pool.getconn(timeout=limit)
+                try:
+                    conn = await pool.getconn(timeout=self._settings.pool_wait(limit))
+                except psycopg_pool.PoolTimeout as exc:
+                    raise _no_connection(self._settings, exc) from exc
                 conn.deadline = ends
                 try:
                     if not self._ready:
