@@ -130,3 +130,19 @@ def test_memory_url_options() -> None:
     assert store._grace_ms == 1500
     with pytest.raises(ConfigurationError):
         store_from_url("memory://?max=5")
+
+
+def test_max_records_never_evicts_a_held_or_not_replayable_marker() -> None:
+    """A marker (a hold: outcome unknown; a too-large answer) stands for an outcome that must not run
+    again: max_records evicts ordinary completed records only, and refuses a new key when none is left."""
+    from idempo._core.records import Marker
+
+    store = MemoryStore(max_records=2)
+    held = store.begin("held", "fp", 60_000)
+    assert isinstance(held, Acquired)
+    store.complete("held", held.token, Marker(Marker.HELD, "takeover").response(), 60_000)
+    _complete(store, "done")
+    _complete(store, "next")  # full: "done" goes, the held marker stays
+    assert set(store._records) == {"held", "next"}
+    _complete(store, "again")
+    assert set(store._records) == {"held", "again"}

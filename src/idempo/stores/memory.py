@@ -16,8 +16,11 @@ crashed holder. An idle store evicts nothing until its next write, or
 
 ``max_records`` bounds the count: a ``begin`` of a new key in a full store
 first evicts the oldest completed record (by completion), never an
-in-progress one. A store full of in-progress records refuses the new key
-with :class:`~idempo.exceptions.StoreUnavailable` (the fronts answer 503 with
+in-progress one nor a marker (a hold, a not-replayable answer), which stay to
+their expiry. An evicted record's key executes again on its next request, as
+after its TTL: size ``max_records`` above the records a TTL's traffic leaves.
+A store full of in-progress records and markers refuses the new key with
+:class:`~idempo.exceptions.StoreUnavailable` (the fronts answer 503 with
 Retry-After) until one settles or its lease ends.
 """
 
@@ -175,7 +178,7 @@ class MemoryStore:
             self._evict(next(iter(self._completed)))
             return
         raise StoreUnavailable(
-            f"the memory store is full: its max_records={self.max_records} records are all in progress"
+            f"the memory store is full: its max_records={self.max_records} records are all in progress or held"
         )
 
     def _held(self, record_key: str, token: int, *, marker: bool = False) -> _Row:
@@ -194,7 +197,12 @@ class MemoryStore:
             now = int(self._clock() * 1000)
             expires = now + record_ttl_ms
             self._replays.pop(record_key, None)
-            self._completed[record_key] = None
+            if response.status == MARKER_STATUS:
+                # A hold or a not-replayable answer stands for an outcome
+                # that must not run again: kept to its expiry, as a lease is.
+                self._completed.pop(record_key, None)
+            else:
+                self._completed[record_key] = None
             self._schedule(record_key, expires)
             self._records[record_key] = (
                 _COMPLETED,
