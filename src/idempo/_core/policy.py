@@ -78,17 +78,23 @@ ON_TAKEOVER: frozenset[str] = frozenset({"execute", "hold"})
 # Prefixes of per-exchange headers (rate-limit counters, draft-ietf-httpapi-ratelimit-headers).
 _EXCLUDED_PREFIXES: tuple[str, ...] = ("x-ratelimit-", "ratelimit")
 
-# 408 Request Timeout, 409 Conflict, 425 Too Early, 429 Too Many Requests: the
-# request may succeed if repeated, so storing them would wedge the key.
-_RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+# 401 Unauthorized, 403 Forbidden: an authentication or permission failure is
+# not the request's outcome; the same retry may succeed once the caller has the
+# right (a permission granted, MFA completed), and a replayed 401 would lack
+# the WWW-Authenticate challenge RFC 9110 section 15.5.2 requires (it is never
+# stored). 408 Request Timeout, 409 Conflict, 425 Too Early, 429 Too Many
+# Requests: the request may succeed if repeated, so storing them would wedge
+# the key.
+_RETRYABLE_4XX = frozenset({401, 403, 408, 409, 425, 429})
 
 
 def default_verdict(status: int) -> Verdict:
-    """The default outcome for a status: store 1xx-4xx except 408, 409, 425 and 429; release 5xx.
+    """The default outcome for a status: store 1xx-4xx except 401, 403, 408, 409, 425 and 429; release 5xx.
 
     Deterministic client errors (400, 404, 422, ...) are stored and replayed,
-    as Stripe does; transient ones and server errors are released so a retry
-    executes again (shared/cases B06).
+    as Stripe does; authentication and permission failures, transient errors
+    and server errors are released so a retry executes again (DESIGN outcome
+    defaults; shared/cases B06).
     """
     if status >= 500 or status in _RETRYABLE_4XX:
         return Verdict.RELEASE
