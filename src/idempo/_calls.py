@@ -13,16 +13,15 @@ crashed call blocks its key.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
+from ._core.digests import Digests, as_digests
 from ._core.fingerprint import canonical_json
 from ._core.flow import Held, InProgress, Mismatch, NotReplayable, Proceed, Replay
-from ._core.keys import make_record_key
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
 from ._engine import begin_async, begin_sync
@@ -37,6 +36,7 @@ from .exceptions import (
     StoreError,
 )
 from .observability import Outcome, RequestObservation, observe_request
+from .secrets import SecretSource
 from .serializers import JSONSerializer, Serializer
 from .stores import async_store_from_url, store_from_url
 from .typing import AsyncStore, Store
@@ -44,7 +44,7 @@ from .typing import AsyncStore, Store
 __all__ = [
     "Engine",
     "async_store",
-    "digest",
+    "canonical_form",
     "key_text",
     "record_key",
     "scope_of",
@@ -62,13 +62,22 @@ _CONTENT_TYPE = b"content-type"
 _LEGACY_JSON = JSONSerializer.legacy_media_type.encode("latin-1")
 
 
-def record_key(scope: str, key: str) -> str:
+def record_key(scope: str, key: str, *, secret: Digests | bytes | str) -> str:
     """Return the record key under which ``@idempotent(scope=scope)`` keeps ``key``.
 
     For inspecting records (``store.get(record_key(...))``). The default scope
     of a function is ``f"{fn.__module__}.{fn.__qualname__}"``.
+
+    Args:
+        scope: the function's scope.
+        key: the idempotency key, as a str.
+        secret: the server secret the decorator uses (``secret=``,
+            ``$IDEMPO_SECRET``, or the store's: :func:`idempo.secrets.store_secret`).
+
+    Raises:
+        ValueError: the secret is shorter than 16 bytes.
     """
-    return make_record_key("", _METHOD, scope, key)
+    return as_digests(secret).record_key("", _METHOD, scope, key)
 
 
 def key_text(value: object, scope: str) -> str | None:
@@ -86,20 +95,20 @@ def key_text(value: object, scope: str) -> str | None:
     raise InvalidKey(f"{scope}: the idempotency key must be a str, int or UUID, got {type(value).__qualname__}")
 
 
-def digest(value: Any) -> str:
-    """SHA-256 hex of the canonical JSON of a JSON form (the request fingerprint's form).
+def canonical_form(value: Any) -> bytes:
+    """The bytes a call's fingerprint is the keyed digest of: the canonical JSON of a JSON form.
 
-    Two argument sets get one digest exactly when RFC 8785 would give their
+    Two argument sets get one form exactly when RFC 8785 would give their
     JSON one form (see :mod:`idempo._core.fingerprint`). NaN and infinities,
-    which JSON cannot write, are hashed in Python's own sorted form instead
-    (tagged, so the two forms never collide): still stable.
+    which JSON cannot write, are written in Python's own sorted form instead
+    (tagged, so the two forms never collide): still stable. The engine hashes
+    it with HMAC-SHA256 under the server secret (:meth:`Digests.value`).
     """
     try:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False)
-        data = b"j:" + canonical_json(text.encode("utf-8", "surrogatepass"))
+        return b"j:" + canonical_json(text.encode("utf-8", "surrogatepass"))
     except (ValueError, TypeError, RecursionError):
-        data = b"p:" + repr(_sorted(value)).encode("utf-8", "surrogatepass")
-    return hashlib.sha256(data).hexdigest()
+        return b"p:" + repr(_sorted(value)).encode("utf-8", "surrogatepass")
 
 
 def _sorted(value: Any) -> Any:
@@ -125,15 +134,23 @@ class Engine:
         policy: Policy,
         serializer: Serializer,
         annotation: Callable[[], Any],
+        secret: SecretSource,
     ) -> None:
         self.scope = scope
         self.policy = policy
         self.serializer = serializer
+        self.secret = secret
         self._annotation = annotation
         self._media_type = serializer.media_type.encode("latin-1")
 
-    def record_key(self, key: str) -> str:
-        return record_key(self.scope, key)
+    def identify(self, digests: Digests, key: str, form: bytes | None) -> tuple[str, str]:
+        """The record key and fingerprint of a call: keyed digests of its key and canonical form.
+
+        A call without a form (a consumer with no fingerprint function) has the
+        empty fingerprint: never compared.
+        """
+        fingerprint = "" if form is None else digests.value(form)
+        return digests.record_key("", _METHOD, self.scope, key), fingerprint
 
     def encode(self, result: Any) -> StoredResponse:
         try:
@@ -196,8 +213,10 @@ class Engine:
             return None, Verdict.HOLD, exc
         return response, None, None
 
-    def run_sync(self, store: Store, key: str, fingerprint: str, call: Callable[[], T]) -> tuple[T, bool]:
+    def run_sync(self, store: Store, key: str, form: bytes | None, call: Callable[[], T]) -> tuple[T, bool]:
         """Run ``call`` at most once for ``key``; return (result, replayed).
+
+        ``form`` is what the fingerprint is the keyed digest of (:func:`canonical_form`).
 
         Raises:
             KeyInProgress, KeyHeld, ResultNotReplayable, FingerprintMismatch: as the flow decided.
@@ -205,10 +224,12 @@ class Engine:
             ConfigurationError: the result cannot be serialised (the key is held).
             Whatever ``call`` raises, unchanged, after the record is released or held.
         """
-        record_key = self.record_key(key)
-        observation = self._observe(key, record_key)
+        observation = self._observe()
         try:
             try:
+                digests = self.secret.digests or self.secret.load(store)
+                record_key, fingerprint = self.identify(digests, key, form)
+                observation.identify("", key, record_key, digests)
                 decision = begin_sync(store, record_key, fingerprint, self.policy, observation)
             except StoreError as exc:
                 if not self.policy.fail_open:
@@ -246,13 +267,15 @@ class Engine:
             observation.finish()
 
     async def run_async(
-        self, store: AsyncStore, key: str, fingerprint: str, call: Callable[[], Awaitable[T]]
+        self, store: AsyncStore, key: str, form: bytes | None, call: Callable[[], Awaitable[T]]
     ) -> tuple[T, bool]:
         """The async twin of :meth:`run_sync`."""
-        record_key = self.record_key(key)
-        observation = self._observe(key, record_key)
+        observation = self._observe()
         try:
             try:
+                digests = self.secret.digests or await self.secret.aload(store)
+                record_key, fingerprint = self.identify(digests, key, form)
+                observation.identify("", key, record_key, digests)
                 decision = await begin_async(store, record_key, fingerprint, self.policy, observation)
             except StoreError as exc:
                 if not self.policy.fail_open:
@@ -286,11 +309,9 @@ class Engine:
         finally:
             observation.finish()
 
-    def _observe(self, key: str, record_key: str) -> RequestObservation:
+    def _observe(self) -> RequestObservation:
         """Start the call's observation (logs, metrics, spans); the scope is its route label."""
-        observation = observe_request("decorator", "CALL", self.scope, self.scope)
-        observation.identify("", key, record_key)
-        return observation
+        return observe_request("decorator", "CALL", self.scope, self.scope)
 
 
 def scope_of(fn: Callable[..., Any]) -> str:

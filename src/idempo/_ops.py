@@ -30,9 +30,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._core.keys import make_record_key, parse_key_value, principal_from_credentials
+from ._core.digests import Digests
+from ._core.keys import parse_key_value
 from ._core.records import Marker, Record, RecordState, StoreStats, StoredResponse
 from .exceptions import ConfigurationError, IdempoError, InvalidKey, LeaseLost
+from .principals import credentials
+from .secrets import SECRET_RECORD_KEY, configured_secret, is_secret_record
 from .stores import _resolve
 from .stores._base import cannot_use
 from .typing import Store, SupportsStats
@@ -136,8 +139,15 @@ def _key_options(command: Any) -> Any:
             click.option(
                 "--authorization",
                 metavar="VALUE",
-                help="The request's Authorization header: the principal is its hash, as the default resolver "
-                "computes it.",
+                help="The request's Authorization header: the principal is its digest, as the default resolver "
+                "computes it for a request without a framework user or session cookie.",
+            ),
+            click.option(
+                "--secret",
+                envvar="IDEMPO_SECRET",
+                metavar="SECRET",
+                help="The server secret the app keys its record keys with (or $IDEMPO_SECRET); without one, the "
+                "secret the store keeps.",
             ),
             click.option(
                 "--method",
@@ -168,6 +178,7 @@ def inspect(
     record_key: str | None,
     principal: str | None,
     authorization: str | None,
+    secret: str | None,
     method: str,
     path: str | None,
     body_bytes: int,
@@ -177,21 +188,28 @@ def inspect(
 
     The record key is computed from the key's scope (--principal or
     --authorization, --method, --path) as the middleware computes it, or given
-    with --record-key. Exits 1 when there is no live record.
+    with --record-key. Record keys are keyed with the server secret: --secret
+    (or $IDEMPO_SECRET) where the app has one, else the store's own. Exits 1
+    when there is no live record.
     """
-    if record_key is None:
-        record_key = _record_key(key, principal, authorization, method, path)
+    configured, scope = _scope(secret, record_key, key, principal, authorization, method, path)
     store = open_store(url)
     try:
-        record = store.get(record_key)
+        if scope is not None:
+            record_key = _record_key(store, configured, scope)
+        record = store.get(record_key) if record_key is not None else None
     except IdempoError as exc:
         raise _failed(url, exc) from exc
     finally:
         store.close()
     now_ms = int(time.time() * 1000)
+    if record is not None and is_secret_record(record):
+        raise click.ClickException(f"{SECRET_RECORD_KEY!r} holds the store's secret, not a request's record")
     if record is None:
         if as_json:
             click.echo(json.dumps({"record_key": record_key, "found": False}))
+        elif record_key is None:
+            click.echo("no live record (the store holds no secret yet, so no record made by this idempo version)")
         else:
             click.echo(f"no live record {record_key} (never created, released, or expired)")
         raise click.exceptions.Exit(1)
@@ -202,9 +220,28 @@ def inspect(
         _print_record(document)
 
 
-def _record_key(
-    key: str | None, principal: str | None, authorization: str | None, method: str, path: str | None
-) -> str:
+Scope = tuple[str, str, str, str]
+
+
+def _scope(
+    secret: str | None,
+    record_key: str | None,
+    key: str | None,
+    principal: str | None,
+    authorization: str | None,
+    method: str,
+    path: str | None,
+) -> tuple[bytes | None, Scope | None]:
+    """The configured secret, and the (principal, method, path, key) to compute the record key from.
+
+    The scope is None when --record-key names the record.
+    """
+    try:
+        configured = configured_secret(secret)
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--secret") from exc
+    if record_key is not None:
+        return configured, None
     if key is None or path is None or (principal is None) == (authorization is None):
         raise click.UsageError("give KEY with --path and one of --principal / --authorization, or give --record-key")
     try:
@@ -214,8 +251,20 @@ def _record_key(
         raise click.BadParameter(str(exc), param_hint="KEY") from exc
     if principal is None:
         assert authorization is not None
-        principal = principal_from_credentials(authorization.encode("latin-1"))
-    return make_record_key(principal, method.upper(), path, parsed)
+        principal = credentials({"HTTP_AUTHORIZATION": authorization})
+        assert principal is not None
+    return configured, (principal, method.upper(), path, parsed)
+
+
+def _record_key(store: Store, secret: bytes | None, scope: Scope) -> str | None:
+    """The record key of a scope, keyed with ``secret`` or the store's; None when the store holds no secret yet."""
+    if secret is None:
+        # The store's own secret, read without writing one.
+        kept = store.get(SECRET_RECORD_KEY)
+        if kept is None:
+            return None
+        secret = bytes.fromhex(kept.fingerprint.rpartition(":")[2])
+    return Digests(secret).record_key(*scope)
 
 
 def _record_document(record: Record, now_ms: int, body_bytes: int) -> dict[str, Any]:
@@ -316,6 +365,7 @@ def resolve(
     record_key: str | None,
     principal: str | None,
     authorization: str | None,
+    secret: str | None,
     method: str,
     path: str | None,
     release: bool,
@@ -336,12 +386,13 @@ def resolve(
     """
     if release == (status is not None):
         raise click.UsageError("give exactly one of --release and --complete-with-status N")
-    if record_key is None:
-        record_key = _record_key(key, principal, authorization, method, path)
+    configured, scope = _scope(secret, record_key, key, principal, authorization, method, path)
     store = open_store(url)
     try:
-        record = store.get(record_key)
-        if record is None:
+        if scope is not None:
+            record_key = _record_key(store, configured, scope)
+        record = store.get(record_key) if record_key is not None else None
+        if record is None or record_key is None:
             click.echo(f"no live record {record_key} (never created, released, or expired)")
             raise click.exceptions.Exit(1)
         marker = record.marker

@@ -39,13 +39,14 @@ from ._core.http import (
     request_identity,
     store_unavailable_answer,
 )
-from ._core.http import default_principal as _default_principal
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
 from ._engine import begin_async, logger
 from ._lease import AsyncExecution
 from .exceptions import ConfigurationError, StoreError, StoreUnavailable
 from .observability import Outcome, RequestObservation, observe_request
+from .principals import default as default_principal
+from .secrets import SecretSource
 from .stores import async_store_from_url
 from .stores._base import warn_unreachable_at_startup
 from .typing import AsyncStore
@@ -98,24 +99,6 @@ def report_exception(scope: Scope, exc: BaseException) -> None:
         reported.exception = exc
 
 
-def default_principal(scope: Scope) -> str:
-    """The default principal: a hash of the ``Authorization`` credentials.
-
-    Without credentials, the client's address (behind a proxy, run uvicorn
-    with ``--proxy-headers`` so it is the real client's), so two anonymous
-    callers are never one silent global bucket (shared/cases B11). Only when
-    the server reports no client address either is the principal
-    ``"anonymous"``.
-    """
-    authorization = None
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            authorization = value
-            break
-    client = scope.get("client")
-    return _default_principal(authorization, str(client[0]) if client else None)
-
-
 class IdempotencyMiddleware:
     """Make POST/PATCH requests with an ``Idempotency-Key`` execute at most once.
 
@@ -136,12 +119,19 @@ class IdempotencyMiddleware:
         principal: returns who sent the request, from the ASGI scope; the
             key is unique per principal, method and path, and a response is
             never replayed to another principal. Returning None answers 400
-            (no anonymous bucket). Default :func:`default_principal`.
+            (no anonymous bucket). Default :func:`idempo.principals.default`:
+            ``scope["user"]`` when an authentication middleware that runs
+            before this one set it, else a digest of ``Authorization`` and
+            the session cookies, else the client address.
         key_header: the request header carrying the key.
+        secret: the server secret every stored and logged digest is keyed
+            with (at least 16 bytes); default ``$IDEMPO_SECRET``, else a
+            random one kept in the store (see :mod:`idempo.secrets`).
 
     Raises:
-        ConfigurationError: the store URL is unknown or ``routes`` holds a
-            value that is neither a Policy nor None.
+        ConfigurationError: the store URL is unknown, ``routes`` holds a
+            value that is neither a Policy nor None, or the secret is
+            shorter than 16 bytes.
     """
 
     def __init__(
@@ -153,7 +143,9 @@ class IdempotencyMiddleware:
         routes: Mapping[str, Policy | None] | None = None,
         principal: PrincipalResolver = default_principal,
         key_header: str = "Idempotency-Key",
+        secret: str | bytes | None = None,
     ) -> None:
+        self._secret = SecretSource(secret)
         self.app = app
         self.store: AsyncStore = async_store_from_url(store) if isinstance(store, str) else store
         self._owns_store = isinstance(store, str)
@@ -264,14 +256,19 @@ class IdempotencyMiddleware:
             await _send_answer(send, body_too_large_answer(policy))
             return
 
-        facts = (policy, principal, method, path, scope.get("query_string", b""), content_type, body, key)
+        try:
+            digests = self._secret.digests or await self._secret.aload(self.store)
+        except StoreError as exc:
+            await self._store_failed(exc, policy, app, scope, _replay_body(body, receive), send, observation)
+            return
+        facts = (policy, digests, principal, method, path, scope.get("query_string", b""), content_type, body, key)
         if fingerprint_off_loop(policy, content_type, len(body)):
             # A large body's fingerprint (canonical JSON: about 1 s for 10 MiB)
             # is computed in a worker thread: the loop keeps serving meanwhile.
             identity = await anyio.to_thread.run_sync(request_identity, *facts)
         else:
             identity = request_identity(*facts)
-        observation.identify(principal, key, identity.record_key)
+        observation.identify(principal, key, identity.record_key, digests)
         try:
             decision = await begin_async(self.store, identity.record_key, identity.fingerprint, policy, observation)
         except StoreError as exc:

@@ -43,10 +43,11 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from uuid import UUID
 
-from ._calls import Engine, async_store, digest, key_text, scope_of, sync_store
+from ._calls import Engine, async_store, canonical_form, key_text, scope_of, sync_store
 from ._core.policy import Policy, Verdict
 from ._engine import logger
 from .exceptions import KeyHeld, KeyInProgress, MissingKey, ResultNotReplayable
+from .secrets import SecretSource
 from .serializers import JSONSerializer, fingerprint_form
 from .typing import AsyncStore, Store
 
@@ -109,6 +110,7 @@ class _Consumer(Generic[M]):
         exception_verdicts: Mapping[type[BaseException], Verdict] | None,
         hold_ttl: float | timedelta | None,
         on_takeover: str = "execute",
+        secret: str | bytes | None = None,
     ) -> None:
         self.handler = handler
         self.scope = scope if scope is not None else scope_of(handler)
@@ -123,15 +125,15 @@ class _Consumer(Generic[M]):
             on_takeover=on_takeover,
         )
         # The handler's return value is not kept: a duplicate is skipped, not answered.
-        self._engine = Engine(self.scope, policy, JSONSerializer(), lambda: None)
+        self._engine = Engine(self.scope, policy, JSONSerializer(), lambda: None, SecretSource(secret))
 
-    def _identify(self, message: M) -> tuple[str, str]:
+    def _identify(self, message: M) -> tuple[str, bytes | None]:
         key = key_text(self._message_id(message), self.scope)
         if key is None:
             raise MissingKey(f"{self.scope}: the message has no id")
         if self._fingerprint is None:
-            return key, ""
-        return key, digest(fingerprint_form(self._fingerprint(message)))
+            return key, None
+        return key, canonical_form(fingerprint_form(self._fingerprint(message)))
 
 
 class IdempotentConsumer(_Consumer[M]):
@@ -163,9 +165,13 @@ class IdempotentConsumer(_Consumer[M]):
             when it finds the lease of a consumer that died mid-handler
             (:class:`~idempo.Policy` ``on_takeover``); a held id is reported
             as HELD.
+        secret: the server secret record keys and fingerprints are keyed with
+            (HMAC-SHA256); default ``$IDEMPO_SECRET``, else a random one kept
+            in the store (see :mod:`idempo.secrets`).
 
     Raises:
-        ConfigurationError: a TTL is not positive, or the store is async or its URL unknown.
+        ConfigurationError: a TTL is not positive, the store is async or its
+            URL unknown, or the secret is shorter than 16 bytes.
     """
 
     def __init__(
@@ -181,6 +187,7 @@ class IdempotentConsumer(_Consumer[M]):
         exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
         hold_ttl: float | timedelta | None = None,
         on_takeover: str = "execute",
+        secret: str | bytes | None = None,
     ) -> None:
         super().__init__(
             handler,
@@ -192,6 +199,7 @@ class IdempotentConsumer(_Consumer[M]):
             exception_verdicts=exception_verdicts,
             hold_ttl=hold_ttl,
             on_takeover=on_takeover,
+            secret=secret,
         )
         self.store: Store = sync_store(store, self.scope)
 
@@ -241,6 +249,7 @@ class AsyncIdempotentConsumer(_Consumer[M]):
         exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
         hold_ttl: float | timedelta | None = None,
         on_takeover: str = "execute",
+        secret: str | bytes | None = None,
     ) -> None:
         super().__init__(
             handler,
@@ -252,6 +261,7 @@ class AsyncIdempotentConsumer(_Consumer[M]):
             exception_verdicts=exception_verdicts,
             hold_ttl=hold_ttl,
             on_takeover=on_takeover,
+            secret=secret,
         )
         self._async_handler = handler
         self.store: AsyncStore = async_store(store, self.scope)

@@ -16,9 +16,9 @@ The key comes from an argument (its name) or from a callable of the bound
 arguments. The other arguments make up the **fingerprint**: their canonical
 form (:func:`idempo.serializers.fingerprint_form`: one form per equal value,
 sets in a canonical order, binary values included) as RFC 8785 canonical JSON,
-hashed with SHA-256, so a key reused for a different call is refused (as the
-IETF draft draft-ietf-httpapi-idempotency-key-header asks of HTTP APIs,
-section 2.7).
+hashed with HMAC-SHA256 under the server secret (:mod:`idempo.secrets`), so a
+key reused for a different call is refused (as the IETF draft
+draft-ietf-httpapi-idempotency-key-header asks of HTTP APIs, section 2.7).
 
 The protocol is the one every idempo front shares, the sans-I/O flow of
 :mod:`idempo._core.flow` driven against the store: a call takes the lease on
@@ -48,10 +48,11 @@ from types import MappingProxyType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 from uuid import UUID
 
-from ._calls import Engine, async_store, digest, key_text, record_key, scope_of, sync_store
+from ._calls import Engine, async_store, canonical_form, key_text, record_key, scope_of, sync_store
 from ._core.policy import Policy, Verdict
 from ._engine import logger
 from .exceptions import ConfigurationError, MissingKey
+from .secrets import SecretSource
 from .serializers import JSONSerializer, PickleSerializer, Serializer, check_return_type, fingerprint_form
 from .typing import AsyncStore, Store
 
@@ -136,8 +137,11 @@ class _Binder:
             arguments.update(arguments.pop(self._var_keyword))
         return arguments
 
-    def identify(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str] | None:
-        """Return (key, fingerprint) of a call, or None when it has no key and none is required.
+    def identify(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, bytes] | None:
+        """Return (key, canonical form of the fingerprinted arguments) of a call; None without a key.
+
+        None when the call has no key and none is required; the engine keys
+        the form's digest with the server secret.
 
         Raises:
             MissingKey: no key, and ``require_key``.
@@ -155,10 +159,10 @@ class _Binder:
             return None
         return key, self._fingerprint(arguments, view)
 
-    def _fingerprint(self, arguments: dict[str, Any], view: Arguments) -> str:
+    def _fingerprint(self, arguments: dict[str, Any], view: Arguments) -> bytes:
         if callable(self.fingerprint):
             try:
-                return digest(fingerprint_form(self.fingerprint(view)))
+                return canonical_form(fingerprint_form(self.fingerprint(view)))
             except TypeError as exc:
                 raise ConfigurationError(f"{self.scope}: the fingerprint callable returned {exc}") from exc
         if self.fingerprint is not None:
@@ -174,7 +178,7 @@ class _Binder:
                     f"{self.scope}: argument {name!r} cannot be part of the fingerprint ({exc}); "
                     f"leave it out with exclude=[{name!r}], or choose the arguments with fingerprint=[...]"
                 ) from exc
-        return digest(form)
+        return canonical_form(form)
 
 
 def _return_annotation(fn: Callable[..., Any], scope: str, serializer: Serializer) -> Callable[[], Any]:
@@ -254,6 +258,7 @@ def idempotent(
     hold_ttl: float | timedelta | None = None,
     fail_open: bool = False,
     on_takeover: Literal["execute", "hold"] = "execute",
+    secret: str | bytes | None = None,
 ) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """Make a sync or async function run at most once per idempotency key.
 
@@ -314,6 +319,9 @@ def idempotent(
         fail_open: when the store fails before the call, run the function
             without idempotency (logged) instead of raising
             :class:`~idempo.StoreError` (default: fail closed, shared/cases B18).
+        secret: the server secret the record keys and fingerprints are keyed
+            with (HMAC-SHA256, at least 16 bytes); default ``$IDEMPO_SECRET``,
+            else a random one kept in the store (see :mod:`idempo.secrets`).
 
     Returns:
         A decorator; the decorated function raises, besides what the
@@ -347,7 +355,7 @@ def idempotent(
             store URL or serialiser, a return annotation the JSON serialiser
             cannot rebuild (:func:`~idempo.serializers.check_return_type`;
             one naming a class defined later is checked on the first call,
-            before the function runs).
+            before the function runs), a secret shorter than 16 bytes.
     """
     policy = Policy(
         record_ttl=record_ttl,
@@ -360,6 +368,7 @@ def idempotent(
         on_takeover=on_takeover,
     )
     chosen_serializer = _serializer(serializer)
+    secrets = SecretSource(secret)
 
     def decorate(fn: Callable[P, T]) -> Callable[P, T]:
         name = scope if scope is not None else scope_of(fn)
@@ -367,7 +376,7 @@ def idempotent(
             raise ConfigurationError(f"{name}: @idempotent cannot store a generator's results")
         binder = _Binder(fn, name, key, fingerprint, exclude, policy.require_key)
         return_type = _return_annotation(fn, name, chosen_serializer)
-        engine = Engine(name, policy, chosen_serializer, return_type)
+        engine = Engine(name, policy, chosen_serializer, return_type, secrets)
 
         if inspect.iscoroutinefunction(fn):
             a_store = async_store(store, name)

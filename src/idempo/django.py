@@ -17,6 +17,7 @@
         "ROUTES": {"/webhooks/*": None},         # path patterns: Policy, dict of arguments, or None
         "PRINCIPAL": "myapp.idem.principal",     # dotted path or callable: HttpRequest -> str | None
         "KEY_HEADER": "Idempotency-Key",
+        "SECRET": os.environ["IDEMPO_SECRET"],   # keys every stored/logged digest (default: the same variable)
     }
 
 ``views.py``::
@@ -42,8 +43,9 @@ The HTTP behaviour is the ASGI and WSGI middlewares' (the rules live in
 :mod:`idempo._core.http`; ``process_view`` admits a request with the WSGI
 middleware's own steps). What is particular to Django:
 
-- The default principal is ``request.user`` when authenticated, else the
-  hash of ``Authorization``, else the client address.
+- The default principal (:func:`idempo.principals.default`) is
+  ``request.user`` when authenticated, else a digest of ``Authorization``
+  and the session cookie (``sessionid``), else the client address.
 - The body is read through ``request.body`` (so the view and ``request.POST``
   still work); Django's ``DATA_UPLOAD_MAX_MEMORY_SIZE`` also bounds it, and a
   larger body is answered with 413.
@@ -81,10 +83,11 @@ from ._core.http import (
 from ._core.policy import Policy
 from ._core.records import StoredResponse
 from .exceptions import ConfigurationError
+from .principals import default as default_principal
+from .secrets import SecretSource
 from .stores import store_from_url
 from .typing import Store
 from .wsgi import _BYPASSED_HEADER, BodyIncomplete, CapturedBody, _Bypass, _BypassedBody, _Exchange, _admit
-from .wsgi import default_principal as _wsgi_default_principal
 
 __all__ = [
     "IdempotencyMiddleware",
@@ -98,25 +101,11 @@ __all__ = [
 View = TypeVar("View", bound=Callable[..., Any])
 PrincipalResolver = Callable[[HttpRequest], "str | None"]
 
-_CONFIG_KEYS = frozenset({"STORE", "POLICY", "ROUTES", "PRINCIPAL", "KEY_HEADER"})
+_CONFIG_KEYS = frozenset({"STORE", "POLICY", "ROUTES", "PRINCIPAL", "KEY_HEADER", "SECRET"})
 # Per-request state, kept on the request between process_view and __call__.
 _EXCHANGE = "_idempo_exchange"
 _BYPASSED = "_idempo_bypassed"
 _BODY_TOO_LARGE = "_idempo_body_too_large"
-
-
-def default_principal(request: HttpRequest) -> str:
-    """The default principal: the authenticated user, else the ``Authorization`` hash, else the client address.
-
-    ``"user:<pk>"`` when ``request.user`` is authenticated (set by
-    ``AuthenticationMiddleware``); otherwise :func:`idempo.wsgi.default_principal`
-    on ``request.META``, so API tokens (``Authorization``) and anonymous
-    callers (``REMOTE_ADDR``) are each their own scope (shared/cases B11).
-    """
-    user = getattr(request, "user", None)
-    if user is not None and getattr(user, "is_authenticated", False):
-        return f"user:{user.pk}"
-    return _wsgi_default_principal(request.META)
 
 
 # --- view decorators -----------------------------------------------------------------
@@ -240,6 +229,7 @@ class IdempotencyMiddleware:
             self._routes = RouteTable({p: _policy(v, f"ROUTES[{p!r}]") for p, v in routes.items()})
             principal = config.get("PRINCIPAL", default_principal)
             self.principal: PrincipalResolver = import_string(principal) if isinstance(principal, str) else principal
+            self._secret = SecretSource(config.get("SECRET"))
         except (ConfigurationError, ImportError, TypeError) as exc:
             raise ImproperlyConfigured(f"settings.IDEMPO: {exc}") from exc
         self.key_header: str = config.get("KEY_HEADER", "Idempotency-Key")
@@ -319,6 +309,7 @@ class IdempotencyMiddleware:
             key_name=self._meta_key,
             principal=self.principal,
             read=_read_body,
+            secret=self._secret,
         )
         if admitted is None:
             return None

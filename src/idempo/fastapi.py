@@ -46,6 +46,7 @@ from ._core.keys import MAX_KEY_LENGTH
 from ._core.policy import Policy
 from ._core.problems import PROBLEM_BASE
 from .asgi import IdempotencyMiddleware, PrincipalResolver, default_principal
+from .secrets import SecretSource
 from .typing import AsyncStore
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ def install(
     routes: Mapping[str, Policy | None] | None = None,
     principal: PrincipalResolver = default_principal,
     key_header: str = "Idempotency-Key",
+    secret: str | bytes | None = None,
 ) -> None:
     """Add :class:`idempo.asgi.IdempotencyMiddleware` to a FastAPI app and document it in the schema.
 
@@ -132,11 +134,17 @@ def install(
     Call it once, before the app serves its first request; routes may be
     added after it.
 
+    The default principal is ``scope["user"]`` when Starlette's
+    ``AuthenticationMiddleware`` runs before idempo's: add it after calling
+    ``install`` (the middleware added last runs first).
+
     Raises:
         ConfigurationError: ``routes`` holds a value that is neither a Policy
-            nor None (a bad store URL is reported when the app starts serving).
+            nor None, or the secret is shorter than 16 bytes (a bad store URL
+            is reported when the app starts serving).
     """
     RouteTable(routes)  # fail here rather than on the first request
+    SecretSource(secret)
     app.add_middleware(
         IdempotencyMiddleware,
         store=store,
@@ -144,6 +152,7 @@ def install(
         routes=routes,
         principal=principal,
         key_header=key_header,
+        secret=secret,
     )
     document(app, policy=policy, routes=routes, key_header=key_header)
 

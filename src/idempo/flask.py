@@ -28,6 +28,9 @@ middleware's), and adds what only Flask knows:
 - A view's uncaught exception, which Flask turns into its own 500, is
   reported to the middleware through Flask's ``got_request_exception``
   signal, so ``Policy.exception_verdicts`` apply as on ASGI.
+- With Flask-Login, the default principal is the logged-in user (the
+  ``_user_id`` Flask-Login keeps in the app's session), so a user's retry is
+  one principal whatever its session cookie (:mod:`idempo.principals`).
 
 The plain middleware (``app.wsgi_app = IdempotencyMiddleware(app.wsgi_app,
 ...)``) works too, without those two.
@@ -46,6 +49,7 @@ from werkzeug.routing import RoutingException
 
 from ._core.http import RouteOptions
 from ._core.policy import Policy
+from .principals import USER_ENVIRON_KEY, flask_login_user
 from .typing import Store
 from .wsgi import (
     Environ,
@@ -115,12 +119,18 @@ class Idempotency:
         policy: the default :class:`~idempo.Policy`.
         routes: per-path policies (glob patterns to a Policy, or None to exempt).
         principal: returns who sent the request, from the WSGI environ.
-            Default :func:`idempo.wsgi.default_principal`.
+            Default :func:`idempo.principals.default`: Flask-Login's user,
+            else a digest of ``Authorization`` and the session cookies, else
+            ``REMOTE_ADDR``.
         key_header: the request header carrying the key.
+        secret: the server secret every stored and logged digest is keyed
+            with; None reads ``app.config["IDEMPO_SECRET"]``, else
+            ``$IDEMPO_SECRET``, else a random one kept in the store.
 
     Raises:
-        ConfigurationError: no store is given, the URL is unknown, or
-            ``routes`` holds a value that is neither a Policy nor None.
+        ConfigurationError: no store is given, the URL is unknown,
+            ``routes`` holds a value that is neither a Policy nor None, or
+            the secret is shorter than 16 bytes.
     """
 
     def __init__(
@@ -132,6 +142,7 @@ class Idempotency:
         routes: Mapping[str, Policy | None] | None = None,
         principal: PrincipalResolver = default_principal,
         key_header: str = "Idempotency-Key",
+        secret: str | bytes | None = None,
     ) -> None:
         self._options: dict[str, Any] = {
             "policy": policy,
@@ -139,6 +150,7 @@ class Idempotency:
             "principal": principal,
             "key_header": key_header,
         }
+        self._secret = secret
         self._store = store
         self.middleware: IdempotencyMiddleware | None = None
         if app is not None:
@@ -151,7 +163,8 @@ class Idempotency:
         store = self._store if self._store is not None else app.config.get("IDEMPO_STORE")
         if store is None:
             raise ConfigurationError("idempo.flask.Idempotency needs store= or app.config['IDEMPO_STORE']")
-        self.middleware = IdempotencyMiddleware(app.wsgi_app, store, **self._options)
+        secret = self._secret if self._secret is not None else app.config.get("IDEMPO_SECRET")
+        self.middleware = IdempotencyMiddleware(app.wsgi_app, store, secret=secret, **self._options)
         app.wsgi_app = _FlaskIdempotency(app, self.middleware)  # type: ignore[method-assign]
         got_request_exception.connect(_report, app, weak=False)
         app.extensions["idempo"] = self
@@ -172,6 +185,10 @@ class _FlaskIdempotency:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         middleware = self.middleware
+        if getattr(self.flask, "login_manager", None) is not None:
+            # Hand Flask-Login's user to the principal resolver, read only if it asks.
+            flask = self.flask
+            environ[USER_ENVIRON_KEY] = lambda: flask_login_user(flask, environ)
         policy = middleware.policy_for(request_path(environ))
         options = self._view_options(environ)
         if options is not None:

@@ -103,8 +103,13 @@ class IdempotencyMiddleware(ASGIMiddleware):
             handler's ``idempotency`` option wins over them.
         principal: returns who sent the request, from the ASGI scope (which
             holds Litestar's ``user`` and ``auth`` once its authentication
-            middleware ran). Default :func:`idempo.asgi.default_principal`.
+            middleware ran). Default :func:`idempo.principals.default`: the
+            scope's ``user`` when set, else a digest of ``Authorization`` and
+            the session cookies, else the client address.
         key_header: the request header carrying the key.
+        secret: the server secret every stored and logged digest is keyed
+            with; default ``$IDEMPO_SECRET``, else a random one kept in the
+            store (see :mod:`idempo.secrets`).
 
     Raises:
         ConfigurationError: the store URL is unknown or ``routes`` holds a
@@ -121,9 +126,10 @@ class IdempotencyMiddleware(ASGIMiddleware):
         routes: Mapping[str, Policy | None] | None = None,
         principal: PrincipalResolver = default_principal,
         key_header: str = "Idempotency-Key",
+        secret: str | bytes | None = None,
     ) -> None:
         self._engine = _ASGIMiddleware(
-            _unrouted, store, policy=policy, routes=routes, principal=principal, key_header=key_header
+            _unrouted, store, policy=policy, routes=routes, principal=principal, key_header=key_header, secret=secret
         )
 
     @property
@@ -174,9 +180,10 @@ class IdempotencyPlugin(InitPlugin):
         routes: Mapping[str, Policy | None] | None = None,
         principal: PrincipalResolver = default_principal,
         key_header: str = "Idempotency-Key",
+        secret: str | bytes | None = None,
     ) -> None:
         self.middleware = IdempotencyMiddleware(
-            store, policy=policy, routes=routes, principal=principal, key_header=key_header
+            store, policy=policy, routes=routes, principal=principal, key_header=key_header, secret=secret
         )
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:

@@ -23,7 +23,7 @@ object per request, :class:`RequestObservation`::
     ...                                                # reject early:
     observation.finish(Outcome.MISSING_KEY, 400)
     ...
-    observation.identify(principal, key, record_key)
+    observation.identify(principal, key, record_key, digests)
     decision = drive_sync(flow, store, observation)    # the engine reports begin and the decision
     observation.handler_started()
     ...                                                # run the handler
@@ -38,7 +38,6 @@ store latency is measured in one place for every front.
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -51,6 +50,7 @@ from .exceptions import LeaseLost, StoreUnavailable
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from ._core.digests import Digests
     from .metrics import PrometheusMetrics
     from .tracing import Tracing
 
@@ -99,7 +99,7 @@ class Outcome(enum.StrEnum):
     #: The request took over the expired lease of a crashed holder, then ran the handler
     #: (how it was settled is in ``idempo_verdict``).
     LEASE_TAKEOVER = "lease_takeover"
-    #: The handler ran; its outcome is not stored (5xx, exception, 408/409/425/429,
+    #: The handler ran; its outcome is not stored (5xx, exception, 401/403/408/409/425/429,
     #: response too large): the record was released so a retry executes again.
     RELEASED = "released"
     #: The handler ran; the policy holds the key (Verdict.HOLD): retries get 409 until it expires.
@@ -234,11 +234,6 @@ def uninstrument() -> None:
     instrument(metrics=False, tracing=False, log_keys=False)
 
 
-def _short_hash(text: str) -> str:
-    # 64 bits: enough to tell keys and scopes apart in logs, useless to recover them.
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
 class RequestObservation:
     """What one idempotent request did; reported when it ends (:meth:`finish`).
 
@@ -289,6 +284,7 @@ class RequestObservation:
     span_token: Any = None
     _principal: str | None = None
     _key: str | None = None
+    _digests: Digests | None = None
     _handler_started = 0.0
     _handler_store = 0.0
     _done = False
@@ -308,11 +304,12 @@ class RequestObservation:
 
     # --- what the front reports ---------------------------------------------------------
 
-    def identify(self, principal: str, key: str, record_key: str) -> None:
-        """Record who sent the request and under which key (hashed when reported)."""
+    def identify(self, principal: str, key: str, record_key: str, digests: Digests) -> None:
+        """Record who sent the request and under which key (reported as HMACs under the server secret)."""
         self._principal = principal
         self._key = key
         self.record_key = record_key
+        self._digests = digests
 
     def handler_started(self) -> None:
         """The handler is about to run."""
@@ -416,18 +413,20 @@ class RequestObservation:
         ``idempo_outcome``, ``idempo_front``, ``idempo_method``, ``idempo_route``,
         ``idempo_path``, ``idempo_status``, ``idempo_record_key``,
         ``idempo_scope_hash`` and ``idempo_key_hash`` (16 hex characters of
-        SHA-256), ``idempo_lease_takeover``, ``idempo_verdict``,
+        HMAC-SHA256 under the server secret, so a log line cannot be checked
+        against guessed keys or credentials), ``idempo_lease_takeover``, ``idempo_verdict``,
         ``idempo_settle_error``, ``idempo_error``, ``idempo_store_ms``,
         ``idempo_handler_ms``, ``idempo_duration_ms``; plus ``idempo_key``
         after ``instrument(log_keys=True)``.
         """
-        principal, key = self._principal, self._key
+        principal, key, digests = self._principal, self._key, self._digests
         scope_hash = key_hash = None
-        if principal is not None:
-            method, path = self.method, self.path
-            scope_hash = _short_hash(f"{len(principal)}:{principal}{len(method)}:{method}{len(path)}:{path}")
-        if key is not None:
-            key_hash = _short_hash(key)
+        if digests is not None:
+            if principal is not None:
+                method, path = self.method, self.path
+                scope_hash = digests.log_hash(f"{len(principal)}:{principal}{len(method)}:{method}{len(path)}:{path}")
+            if key is not None:
+                key_hash = digests.log_hash(key)
         error = self.error
         fields: dict[str, Any] = {
             "idempo_outcome": str(self.outcome) if self.outcome is not None else None,

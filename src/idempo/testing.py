@@ -277,8 +277,12 @@ def _process_pool() -> ProcessPoolExecutor:
 # --- the suite -------------------------------------------------------------------------
 
 
+# The contract suite's own secret: record keys are HMACs, and the store never sees the secret.
+_SECRET = b"idempo contract suite secret"
+
+
 def _key() -> str:
-    return make_record_key("contract", "POST", "/orders", str(uuid.uuid4()))
+    return make_record_key("contract", "POST", "/orders", str(uuid.uuid4()), secret=_SECRET)
 
 
 def _response(body: bytes = b'{"order_id":1}') -> StoredResponse:
@@ -587,8 +591,8 @@ class StoreContract:
         """One idempotency key under two principals is two independent records."""
         store = subject.store
         idempotency_key = str(uuid.uuid4())
-        alice = make_record_key("alice", "POST", "/orders", idempotency_key)
-        bob = make_record_key("bob", "POST", "/orders", idempotency_key)
+        alice = make_record_key("alice", "POST", "/orders", idempotency_key, secret=_SECRET)
+        bob = make_record_key("bob", "POST", "/orders", idempotency_key, secret=_SECRET)
         assert alice != bob
         a = store.begin(alice, "fp-a", LONG_MS)
         b = store.begin(bob, "fp-b", LONG_MS)

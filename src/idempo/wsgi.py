@@ -58,7 +58,6 @@ from ._core.http import (
     request_identity,
     store_unavailable_answer,
 )
-from ._core.http import default_principal as _default_principal
 from ._core.keys import split_folded
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
@@ -66,6 +65,8 @@ from ._engine import begin_sync, logger
 from ._lease import Execution
 from .exceptions import StoreError
 from .observability import Outcome, RequestObservation, observe_request
+from .principals import default as default_principal
+from .secrets import SecretSource
 from .stores import store_from_url
 from .typing import Store
 
@@ -95,19 +96,6 @@ EXCHANGE_ENVIRON_KEY = "idempo.exchange"
 _READ_CHUNK = 64 * 1024
 # The Idempotency-Bypassed header line as WSGI (and Django) headers are: text.
 _BYPASSED_HEADER = (BYPASSED_HEADER[0].decode("latin-1"), BYPASSED_HEADER[1].decode("latin-1"))
-
-
-def default_principal(environ: Environ) -> str:
-    """The default principal: a hash of the ``Authorization`` credentials, else ``REMOTE_ADDR``.
-
-    The same rule as :func:`idempo.asgi.default_principal` (shared/cases B11):
-    two anonymous callers are never one global bucket. Behind a proxy, have
-    the server set ``REMOTE_ADDR`` to the real client's (waitress
-    ``trusted_proxy``, werkzeug's ``ProxyFix``).
-    """
-    authorization = environ.get("HTTP_AUTHORIZATION")
-    raw = authorization.encode("latin-1") if authorization is not None else None
-    return _default_principal(raw, environ.get("REMOTE_ADDR") or None)
 
 
 def report_exception(environ: Environ, exc: BaseException) -> None:
@@ -159,12 +147,19 @@ class IdempotencyMiddleware:
         principal: returns who sent the request, from the WSGI environ; the
             key is unique per principal, method and path, and a response is
             never replayed to another principal. Returning None answers 400
-            (no anonymous bucket). Default :func:`default_principal`.
+            (no anonymous bucket). Default :func:`idempo.principals.default`:
+            the framework's user (``REMOTE_USER``, Flask-Login's with the Flask
+            extension), else a digest of ``Authorization`` and the session
+            cookies, else ``REMOTE_ADDR``.
         key_header: the request header carrying the key.
+        secret: the server secret every stored and logged digest is keyed
+            with (at least 16 bytes); default ``$IDEMPO_SECRET``, else a
+            random one kept in the store (see :mod:`idempo.secrets`).
 
     Raises:
-        ConfigurationError: the store URL is unknown or ``routes`` holds a
-            value that is neither a Policy nor None.
+        ConfigurationError: the store URL is unknown, ``routes`` holds a
+            value that is neither a Policy nor None, or the secret is
+            shorter than 16 bytes.
     """
 
     def __init__(
@@ -176,7 +171,9 @@ class IdempotencyMiddleware:
         routes: Mapping[str, Policy | None] | None = None,
         principal: PrincipalResolver = default_principal,
         key_header: str = "Idempotency-Key",
+        secret: str | bytes | None = None,
     ) -> None:
+        self._secret = SecretSource(secret)
         self.app = app
         self.store: Store = store_from_url(store) if isinstance(store, str) else store
         self.policy = policy if policy is not None else Policy()
@@ -225,6 +222,7 @@ class IdempotencyMiddleware:
             key_name=self._environ_key,
             principal=self.principal,
             read=_read_input,
+            secret=self._secret,
         )
         if admitted is None:
             return app(environ, start_response)
@@ -300,6 +298,7 @@ def _admit(
     key_name: str,
     principal: Callable[[_Request], str | None],
     read: Callable[[_Request, Policy], bytes | None],
+    secret: SecretSource,
 ) -> StoredResponse | _Exchange | _Bypass | None:
     """Admit one request to a blocking store: the steps the WSGI and Django middlewares share.
 
@@ -342,9 +341,10 @@ def _admit(
 
     query = environ.get("QUERY_STRING", "")
     content_type = environ.get("CONTENT_TYPE") or None
-    identity = request_identity(policy, who, method, path, query, content_type, body, key)
-    observation.identify(who, key, identity.record_key)
     try:
+        digests = secret.digests or secret.load(store)
+        identity = request_identity(policy, digests, who, method, path, query, content_type, body, key)
+        observation.identify(who, key, identity.record_key, digests)
         decision = begin_sync(store, identity.record_key, identity.fingerprint, policy, observation)
     except StoreError as exc:
         if policy.fail_open:

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from idempo import Policy, Record, make_record_key
+from idempo.secrets import async_store_secret, store_secret
 from tests.support.clock import FakeClock
 from tests.support.frameworks import FRAMEWORKS, Framework, ServerPool
 from tests.support.orders import Orders
@@ -64,12 +65,19 @@ class Served:
         self, key: str = K1, principal: str = LOCAL, method: str = "POST", path: str = "/orders"
     ) -> Record | None:
         """The record the store holds for a key in a scope, read through the store (sync or async)."""
-        record_key = make_record_key(principal, method, path, key)
+        record_key = make_record_key(principal, method, path, key, secret=self.secret())
         if inspect.iscoroutinefunction(self.store.get):
             result: Record | None = anyio.run(self.store.get, record_key)
             return result
         sync_result: Record | None = self.store.get(record_key)
         return sync_result
+
+    def secret(self) -> bytes:
+        """The secret the store keeps (the apps under test configure none), as the middleware reads it."""
+        if inspect.iscoroutinefunction(self.store.get):
+            secret: bytes = anyio.run(async_store_secret, self.store)
+            return secret
+        return store_secret(self.store)
 
 
 class ServeFactory:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from idempo import ConfigurationError, Policy, RecordState, StoreUnavailable, make_record_key
+from idempo.secrets import store_secret
 from idempo.stores import MemoryStore
 from idempo.wsgi import IdempotencyMiddleware, read_body, request_path
 from tests.adapters.conftest import B_PRIME, JSON, K1, LOCAL, B
@@ -22,7 +23,10 @@ from tests.support.clock import eventually
 from tests.support.orders import header_set
 from tests.support.servers import running_wsgi
 
-RECORD = make_record_key(LOCAL, "POST", "/orders", K1)
+
+def _record(store: MemoryStore) -> str:
+    """The record key of K1 from the test client, under the secret the store keeps."""
+    return make_record_key(LOCAL, "POST", "/orders", K1, secret=store_secret(store))
 
 
 @contextmanager
@@ -121,6 +125,7 @@ def test_start_response_header_list_keeps_repeated_lines() -> None:
 
     with running_wsgi(spy) as url, httpx.Client(base_url=url, timeout=10) as client:
         first = post(client)
+        client.cookies.clear()  # the answer's session cookie would make the retry another principal
         replay = post(client)
     first_lines, replay_lines = seen
     assert len(first_lines) == 1 + len(header_set(1))
@@ -183,11 +188,11 @@ def test_exception_mid_iteration_releases_the_key_and_closes() -> None:
     with pytest.raises(RuntimeError):
         list(body)
     body.close()  # type: ignore[attr-defined]
-    assert store.get(RECORD) is None
+    assert store.get(_record(store)) is None
     _, body = call(middleware)
     assert b"".join(body) == b"partial and whole"
     body.close()  # type: ignore[attr-defined]
-    assert store.get(RECORD).state is RecordState.COMPLETED  # type: ignore[union-attr]
+    assert store.get(_record(store)).state is RecordState.COMPLETED  # type: ignore[union-attr]
     assert counter.closed == 2
 
 
@@ -200,7 +205,7 @@ def test_close_before_the_end_finishes_the_body_and_completes_the_record() -> No
     first = next(iter(body))
     body.close()  # type: ignore[attr-defined]
     assert first == b"a"
-    record = store.get(RECORD)
+    record = store.get(_record(store))
     assert record is not None
     assert record.state is RecordState.COMPLETED
     assert record.response is not None
@@ -217,7 +222,7 @@ def test_client_leaving_mid_body_still_records_the_whole_body(caplog: pytest.Log
     with served(generator_app(counter, chunks, delay=0.01), store) as client:
         with client.stream("POST", "/orders", content=B, headers={**JSON, "Idempotency-Key": K1}) as response:
             assert next(response.iter_raw(1024))
-        assert eventually(lambda: (r := store.get(RECORD)) is not None and r.state is RecordState.COMPLETED)
+        assert eventually(lambda: (r := store.get(_record(store))) is not None and r.state is RecordState.COMPLETED)
         replay = post(client)
     assert replay.headers["idempotent-replayed"] == "true"
     assert replay.content == b"".join(chunks)
@@ -339,7 +344,7 @@ def test_crash_leaves_the_lease(caplog: pytest.LogCaptureFixture) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         call(IdempotencyMiddleware(app, store))
-    record = store.get(RECORD)
+    record = store.get(_record(store))
     assert record is not None
     assert record.state is RecordState.IN_PROGRESS
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from idempo import Existing, Marker, Policy, Record, RecordState, StoredResponse, Verdict
+from idempo._core.digests import Digests
 from idempo._core.flow import InProgress, Mismatch, Replay
 from idempo._core.http import (
     REPLAYED_HEADER,
@@ -69,8 +70,9 @@ def test_error_answers() -> None:
 def test_request_identity_scopes_and_fingerprints() -> None:
     """The record key depends on the principal, the fingerprint on the request."""
     policy = Policy()
-    a = request_identity(policy, "p1", "POST", "/o", b"", b"application/json", b'{"a":1}', "k")
-    b = request_identity(policy, "p2", "POST", "/o", b"", b"application/json", b'{ "a" : 1 }', "k")
+    digests = Digests(b"http core test secret")
+    a = request_identity(policy, digests, "p1", "POST", "/o", b"", b"application/json", b'{"a":1}', "k")
+    b = request_identity(policy, digests, "p2", "POST", "/o", b"", b"application/json", b'{ "a" : 1 }', "k")
     assert a.record_key != b.record_key
     assert a.fingerprint == b.fingerprint
 
@@ -181,17 +183,6 @@ def test_route_options_derive_replace_or_exempt() -> None:
     assert RouteOptions(exempt=True).apply(path_policy, default) is None
     with pytest.raises(TypeError):
         RouteOptions(changes={"record_tll": 60})
-
-
-def test_default_principal_prefers_credentials_then_address() -> None:
-    """Authorization hash first, then the client address, then "anonymous"; credentials never appear."""
-    from idempo._core.http import default_principal
-
-    principal = default_principal(b"Bearer secret", "10.0.0.1")
-    assert principal.startswith("cred:")
-    assert "secret" not in principal
-    assert default_principal(None, "10.0.0.1") == "addr:10.0.0.1"
-    assert default_principal(None, None) == "anonymous"
 
 
 def test_capture_start_again_starts_over() -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from idempo import MAX_KEY_LENGTH, InvalidKey, make_record_key, parse_key
-from idempo._core.keys import parse_key_value, principal_from_credentials
+from idempo._core.keys import parse_key_value
+
+SECRET = b"test secret, 16+ bytes"
 
 
 @pytest.mark.parametrize(
@@ -90,14 +92,18 @@ def test_error_messages_say_what_is_wrong() -> None:
 
 def test_record_keys_do_not_collide_across_part_boundaries() -> None:
     """B11(6): scope "u1:x" + key "k" and scope "u1" + key "x:k" are distinct records."""
-    assert make_record_key("u1:x", "POST", "/orders", "k") != make_record_key("u1", "POST", "/orders", "x:k")
-    assert make_record_key("u1", "POST", "/a", "k") != make_record_key("u1", "POST", "/a/", "k")
+    assert make_record_key("u1:x", "POST", "/orders", "k", secret=SECRET) != make_record_key(
+        "u1", "POST", "/orders", "x:k", secret=SECRET
+    )
+    assert make_record_key("u1", "POST", "/a", "k", secret=SECRET) != make_record_key(
+        "u1", "POST", "/a/", "k", secret=SECRET
+    )
 
 
 def test_record_key_depends_on_every_part() -> None:
     """Principal, method, route and key each change the record key; equal parts give equal keys."""
-    base = make_record_key("p", "POST", "/orders", "k")
-    assert base == make_record_key("p", "POST", "/orders", "k")
+    base = make_record_key("p", "POST", "/orders", "k", secret=SECRET)
+    assert base == make_record_key("p", "POST", "/orders", "k", secret=SECRET)
     assert len(base) == 32
     assert int(base, 16) >= 0
     for other in [
@@ -106,15 +112,16 @@ def test_record_key_depends_on_every_part() -> None:
         ("p", "POST", "/order", "k"),
         ("p", "POST", "/orders", "K"),
     ]:
-        assert make_record_key(*other) != base
+        assert make_record_key(*other, secret=SECRET) != base
 
 
-def test_principal_from_credentials_hides_the_credentials() -> None:
-    """Only a digest of the credentials is kept; different credentials differ."""
-    principal = principal_from_credentials(b"Bearer secret-token")
-    assert "secret" not in principal
-    assert principal.startswith("cred:")
-    assert principal != principal_from_credentials(b"Bearer other-token")
+def test_record_key_is_keyed_with_the_secret() -> None:
+    """One scope and key under two secrets are two record keys; a secret under 16 bytes is refused."""
+    base = make_record_key("p", "POST", "/orders", "k", secret=SECRET)
+    assert make_record_key("p", "POST", "/orders", "k", secret=SECRET + b"!") != base
+    assert make_record_key("p", "POST", "/orders", "k", secret=SECRET.decode()) == base
+    with pytest.raises(ValueError, match="16 bytes"):
+        make_record_key("p", "POST", "/orders", "k", secret=b"short")
 
 
 def test_split_folded_separates_lines_but_not_sf_strings() -> None:

@@ -23,6 +23,7 @@ from idempo import (
     idempotent,
 )
 from idempo.decorator import record_key
+from idempo.secrets import store_secret
 from idempo.stores import AsyncMemoryStore, MemoryStore
 from tests.support.clock import FakeClock
 
@@ -70,12 +71,12 @@ def test_a_tiny_lease_still_gives_the_record_a_finite_lease(store: MemoryStore, 
 
     with pytest.raises(Died):
         pay("K1")
-    record = store.get(record_key("tiny", "K1"))
+    record = store.get(record_key("tiny", "K1", secret=store_secret(store)))
     assert record is not None
     assert record.state is RecordState.IN_PROGRESS
     assert record.created_at_ms < record.lease_expires_at_ms <= record.created_at_ms + 1
     clock.advance(0.002)
-    assert store.get(record_key("tiny", "K1")) is None
+    assert store.get(record_key("tiny", "K1", secret=store_secret(store))) is None
 
 
 # --- keys --------------------------------------------------------------------------------------
@@ -171,14 +172,15 @@ def test_two_functions_never_share_records(store: MemoryStore) -> None:
     assert refund("K1") == "refund"
     assert charge("K1") == "charge"
     scope = f"{__name__}.test_two_functions_never_share_records.<locals>.charge"
-    assert store.get(record_key(scope, "K1")) is not None
+    assert store.get(record_key(scope, "K1", secret=store_secret(store))) is not None
 
 
 def test_function_records_never_collide_with_http_records() -> None:
     """A function's record key differs from an HTTP route's for the same scope text and key."""
     from idempo import make_record_key
 
-    assert record_key("/orders", "K1") != make_record_key("", "POST", "/orders", "K1")
+    secret = b"decorator test secret"
+    assert record_key("/orders", "K1", secret=secret) != make_record_key("", "POST", "/orders", "K1", secret=secret)
 
 
 # --- fingerprint -------------------------------------------------------------------------------
@@ -329,7 +331,7 @@ def test_pickle_only_when_asked(store: MemoryStore) -> None:
     pickled = idempotent(store=store, key="key", scope="shared", serializer="pickle")(make)
     first = pickled("K1")
     assert pickled("K1") == first == {Point(1, 2): frozenset({3})}
-    record = store.get(record_key("shared", "K1"))
+    record = store.get(record_key("shared", "K1", secret=store_secret(store)))
     assert record is not None
     assert record.response is not None
     assert record.response.headers == ((b"content-type", b"application/x-python-pickle"),)

@@ -14,6 +14,7 @@ import pytest
 
 from idempo import FingerprintMismatch, KeyHeld, KeyInProgress, RecordState, Verdict, idempotent
 from idempo.decorator import record_key
+from idempo.secrets import store_secret
 from tests.support.backends import Backend
 
 
@@ -276,7 +277,7 @@ def test_the_record_is_a_stored_response(backend: Backend, scope: str) -> None:
         return {"qty": qty}
 
     order("K1", 3)
-    record = store.get(record_key(scope, "K1"))
+    record = store.get(record_key(scope, "K1", secret=store_secret(store)))
     assert record is not None
     assert record.state is RecordState.COMPLETED
     assert record.response is not None

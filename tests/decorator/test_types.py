@@ -37,6 +37,7 @@ from idempo import (
 from idempo._core.fingerprint import canonical_json
 from idempo._core.records import Acquired, StoredResponse
 from idempo.decorator import record_key
+from idempo.secrets import store_secret
 from idempo.serializers import JSONSerializer, fingerprint_form
 from idempo.stores import AsyncMemoryStore, MemoryStore
 
@@ -394,7 +395,7 @@ def test_an_unannotated_function_replays_datetime_uuid_and_decimal(store: Memory
     assert [type(v) for v in replayed.values()] == [datetime.datetime, uuid.UUID, Decimal, datetime.date]
     assert str(replayed["amount"]) == "10.50"
     assert replayed["when"].tzinfo is PARIS
-    record = store.get(record_key("receipt", "K1"))
+    record = store.get(record_key("receipt", "K1", secret=store_secret(store)))
     assert record is not None
     assert record.response is not None
     assert record.response.body == (
@@ -483,7 +484,7 @@ def test_a_forward_reference_is_checked_before_the_first_call_runs(
     with pytest.raises(ConfigurationError, match="Lockbox"):
         later("K1")
     assert count.calls == 0
-    assert store.get(record_key("later", "K1")) is None
+    assert store.get(record_key("later", "K1", secret=store_secret(store))) is None
 
 
 @pytest.mark.parametrize(
@@ -504,7 +505,7 @@ def test_a_result_that_cannot_keep_its_type_is_refused_before_it_is_stored(store
         odd("K1")
     with pytest.raises(KeyHeld, match="unserialisable result"):
         odd("K1")
-    record = store.get(record_key("odd", "K1"))
+    record = store.get(record_key("odd", "K1", secret=store_secret(store)))
     assert record is not None
     assert record.state is RecordState.COMPLETED
     assert record.marker == Marker(Marker.HELD, "unserialisable result")
@@ -522,7 +523,7 @@ def test_a_result_that_does_not_fit_its_annotation_is_refused_before_it_is_store
 
     with pytest.raises(ConfigurationError, match="does not fit the return annotation"):
         liar("K1")
-    record = store.get(record_key("liar", "K1"))
+    record = store.get(record_key("liar", "K1", secret=store_secret(store)))
     assert record is not None
     assert record.marker == Marker(Marker.HELD, "unserialisable result")
     assert count.calls == 1
@@ -533,14 +534,14 @@ def test_a_result_that_does_not_fit_its_annotation_is_refused_before_it_is_store
 
 def legacy_record(store: MemoryStore, scope: str, key: str, fingerprint: str, body: bytes) -> None:
     """A completed record as idempo wrote it before typed results: content-type application/json, plain JSON."""
-    rk = record_key(scope, key)
+    rk = record_key(scope, key, secret=store_secret(store))
     began = store.begin(rk, fingerprint, 30_000)
     assert isinstance(began, Acquired)
     store.complete(rk, began.token, StoredResponse(200, ((b"content-type", b"application/json"),), body), 60_000)
 
 
 def fingerprint_of(store: MemoryStore, scope: str, key: str) -> str:
-    record = store.get(record_key(scope, key))
+    record = store.get(record_key(scope, key, secret=store_secret(store)))
     assert record is not None
     return record.fingerprint
 
@@ -643,7 +644,7 @@ def test_a_result_a_replay_would_not_rebuild_equal_is_refused_before_it_is_store
         unfaithful("K1")
     with pytest.raises(KeyHeld, match="unserialisable result"):
         unfaithful("K1")
-    record = store.get(record_key("unfaithful", "K1"))
+    record = store.get(record_key("unfaithful", "K1", secret=store_secret(store)))
     assert record is not None
     assert record.marker == Marker(Marker.HELD, "unserialisable result")
     assert count.calls == 1

@@ -33,6 +33,8 @@ from tests.support.servers import running_asgi
 KEY = "8e03978e-40d5-43e8-bc93-6894a57f9324"
 BODY = b'{"sku":"A","qty":1}'
 PRINCIPAL = "addr:127.0.0.1"  # the default principal of a loopback client without credentials
+#: The server secret of the app under test (every digest it stores or logs is keyed with it).
+SECRET = "observability tests secret"
 #: ``routes`` of the app under test: each pattern becomes the ``route`` label of its requests.
 ROUTES: dict[str, Policy | None] = {
     "/orders/*": Policy(),
@@ -108,7 +110,7 @@ class Site:
 
 def record_key(path: str = "/orders/1", key: str = KEY) -> str:
     """The record key the middleware uses for a loopback client's POST."""
-    return make_record_key(PRINCIPAL, "POST", path, key)
+    return make_record_key(PRINCIPAL, "POST", path, key, secret=SECRET)
 
 
 def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -148,7 +150,7 @@ def serve() -> Iterator[Callable[..., Site]]:
             if mount is not None:
                 mount(app)
             stack.callback(handlers.gate.set)  # never leave a handler waiting
-            wrapped = IdempotencyMiddleware(app, store, policy=policy, routes=ROUTES)
+            wrapped = IdempotencyMiddleware(app, store, policy=policy, routes=ROUTES, secret=SECRET)
             url = stack.enter_context(running_asgi(wrapped))
             client = stack.enter_context(httpx.Client(base_url=url, timeout=30, trust_env=False))
             return Site(url, client, handlers, store, clock)

@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from idempo import Policy, StoredResponse
+from idempo._core.digests import Digests
 from idempo._core.flow import Proceed, begin_flow, finish
 from idempo._engine import drive_sync, settle_sync
 from idempo.observability import Outcome, instrument, observe_request
@@ -21,7 +22,7 @@ def run_once(store: SQLiteStore, key: str) -> None:
     policy = Policy()
     observation = observe_request("decorator", "charge", "charge", "charge")
     try:
-        observation.identify("tenant-1", key, key)
+        observation.identify("tenant-1", key, key, Digests(b"hooks test secret, 16+"))
         decision = drive_sync(begin_flow(key, "fp", policy), store, observation)
         if isinstance(decision, Proceed):
             observation.handler_started()

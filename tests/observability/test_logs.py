@@ -10,11 +10,12 @@ from collections.abc import Callable
 import pytest
 
 from idempo import Policy
+from idempo._core.digests import Digests
 from idempo.observability import instrument
 from idempo.stores.redis import AsyncRedisStore
 from tests.support.servers import free_port
 
-from .conftest import KEY, PRINCIPAL, Site, eventually, record_key
+from .conftest import KEY, PRINCIPAL, SECRET, Site, eventually, record_key
 
 FIELDS = {
     "idempo_outcome",
@@ -71,7 +72,9 @@ def test_executed_then_replayed_records_carry_every_field(
         assert record.idempo_path == "/orders/1"
         assert record.idempo_status == 201
         assert record.idempo_record_key == record_key()
-        assert record.idempo_key_hash == hashlib.sha256(KEY.encode()).hexdigest()[:16]
+        # Keyed with the server secret: the plain SHA-256 of the key is not in the log (guarantee 7).
+        assert record.idempo_key_hash == Digests(SECRET.encode()).log_hash(KEY)
+        assert record.idempo_key_hash != hashlib.sha256(KEY.encode()).hexdigest()[:16]
         assert len(record.idempo_scope_hash) == 16
         assert record.idempo_store_ms >= 0
         assert record.idempo_duration_ms >= record.idempo_store_ms

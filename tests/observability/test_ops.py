@@ -18,13 +18,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from idempo import Acquired, StoredResponse, SupportsStats, store_from_url
+from idempo import Acquired, StoredResponse, SupportsStats, make_record_key, store_from_url
 from idempo.asgi import IdempotencyMiddleware
+from idempo.secrets import store_secret
 from idempo.stores import MemoryStore
 from tests.conftest import SESSION
 from tests.support.servers import running_asgi
 
-from .conftest import KEY, PRINCIPAL, record_key
+from .conftest import KEY, PRINCIPAL, SECRET, record_key
 
 RESPONSE = StoredResponse(201, ((b"content-type", b"application/json"),), b'{"id":"pay_1"}')
 
@@ -80,13 +81,16 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield url
 
 
-def serve_one_payment(url: str) -> None:
-    """POST /orders/1 with KEY through the middleware on ``url``, over real HTTP; the record is completed."""
+def serve_one_payment(url: str, secret: str | None = None) -> None:
+    """POST /orders/1 with KEY through the middleware on ``url``, over real HTTP; the record is completed.
+
+    Without ``secret``, the middleware keys its digests with the secret the store keeps.
+    """
 
     async def orders(request: Request) -> JSONResponse:
         return JSONResponse({"id": "pay_1"}, status_code=201)
 
-    app = IdempotencyMiddleware(Starlette(routes=[Route("/orders/{n}", orders, methods=["POST"])]), url)
+    app = IdempotencyMiddleware(Starlette(routes=[Route("/orders/{n}", orders, methods=["POST"])]), url, secret=secret)
     with running_asgi(app) as base, httpx.Client(base_url=base, timeout=30, trust_env=False) as client:
         answer = client.post("/orders/1", json={"sku": "A"}, headers={"Idempotency-Key": KEY})
         assert answer.status_code == 201
@@ -112,9 +116,15 @@ def test_inspect_stats_purge_round(store_url: str) -> None:
     serve_one_payment(store_url)
     live = add_leases(store_url, expired=3)
     scope = ("--store", store_url, "--principal", PRINCIPAL, "--path", "/orders/1")
+    store = store_from_url(store_url)
+    try:
+        kept = make_record_key(PRINCIPAL, "POST", "/orders/1", KEY, secret=store_secret(store))
+    finally:
+        store.close()
 
+    # No --secret: inspect keys the record key with the secret the store keeps, as the app did.
     record = as_json("inspect", KEY, *scope)
-    assert record["record_key"] == record_key()
+    assert record["record_key"] == kept
     assert record["state"] == "completed"
     assert record["lease_expires_at"] is None
     assert 0 < float(record["expires_in_s"]) <= 86400  # type: ignore[arg-type]
@@ -124,7 +134,7 @@ def test_inspect_stats_purge_round(store_url: str) -> None:
     assert ["content-type", "application/json"] in response["headers"]
     assert response["body_preview"] == '{"id":"pay_1"}'
     # The draft's sf-string form names the same key.
-    assert as_json("inspect", f'"{KEY}"', *scope)["record_key"] == record_key()
+    assert as_json("inspect", f'"{KEY}"', *scope)["record_key"] == kept
 
     counted = as_json("stats", "--store", store_url)
     assert (counted["in_progress"], counted["completed"], counted["expired"], counted["total"]) == (1, 1, 3, 5)
@@ -148,10 +158,10 @@ def test_inspect_stats_purge_round(store_url: str) -> None:
 def test_human_output(tmp_path: Path) -> None:
     """Without --json: readable tables (dates, remaining seconds, the body), and a final purge count."""
     url = f"sqlite:///{tmp_path / 'idempo.db'}"
-    serve_one_payment(url)
+    serve_one_payment(url, secret=SECRET)
     live = add_leases(url, expired=2)
 
-    shown = idempo("inspect", KEY, "--store", url, "--principal", PRINCIPAL, "--path", "/orders/1")
+    shown = idempo("inspect", KEY, "--store", url, "--principal", PRINCIPAL, "--path", "/orders/1", "--secret", SECRET)
     assert shown.returncode == 0, shown.stderr
     assert record_key() in shown.stdout
     assert "completed" in shown.stdout

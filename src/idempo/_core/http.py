@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..exceptions import ConfigurationError, InvalidKey
+from .digests import Digests
 from .fingerprint import _media_type, fingerprint, is_json_media_type
 from .flow import Held, InProgress, Mismatch, NotReplayable, Replay
-from .keys import make_record_key, parse_key, principal_from_credentials
+from .keys import parse_key
 from .policy import Policy, Verdict
 from .problems import (
     BODY_INCOMPLETE,
@@ -54,7 +55,6 @@ __all__ = [
     "check_key",
     "decision_answer",
     "declared_length",
-    "default_principal",
     "fingerprint_off_loop",
     "invalid_content_length_answer",
     "principal_required_answer",
@@ -178,24 +178,6 @@ class RouteOptions:
         return result
 
 
-def default_principal(authorization: bytes | None, client_host: str | None) -> str:
-    """The default principal: a hash of the ``Authorization`` credentials.
-
-    Without credentials, the client's address (behind a proxy, have the
-    server report the real client's), so two anonymous callers are never one
-    silent global bucket (shared/cases B11). Only when the server reports no
-    client address either is the principal ``"anonymous"``. Every adapter
-    uses this rule, so one client has one principal whichever adapter serves it.
-
-    Args:
-        authorization: the raw ``Authorization`` header value, or None.
-        client_host: the client's address as the server reports it, or None.
-    """
-    if authorization is not None:
-        return principal_from_credentials(authorization)
-    return "addr:" + client_host if client_host else "anonymous"
-
-
 def check_key(policy: Policy, method: str, path: str, key_values: Sequence[bytes]) -> str | StoredResponse | None:
     """Decide whether a request takes part in idempotency, from its key header lines.
 
@@ -274,6 +256,7 @@ class RequestIdentity:
 
 def request_identity(
     policy: Policy,
+    digests: Digests,
     principal: str,
     method: str,
     path: str,
@@ -282,10 +265,10 @@ def request_identity(
     body: bytes,
     key: str,
 ) -> RequestIdentity:
-    """Return the record key (scope: principal, method, path) and the fingerprint."""
+    """Return the record key (scope: principal, method, path) and the fingerprint, both keyed with ``digests``."""
     return RequestIdentity(
-        make_record_key(principal, method, path, key),
-        fingerprint(method, path, query, content_type, body, canonical_json=policy.canonical_json),
+        digests.record_key(principal, method, path, key),
+        fingerprint(method, path, query, content_type, body, secret=digests, canonical_json=policy.canonical_json),
     )
 
 

@@ -12,11 +12,11 @@ client's key and what the server knows of the client: that is the record key.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 
 from ..exceptions import InvalidKey
+from .digests import Digests, as_digests
 
 __all__ = [
     "MAX_FOLDED_BYTES",
@@ -25,7 +25,6 @@ __all__ = [
     "make_record_key",
     "parse_key",
     "parse_key_value",
-    "principal_from_credentials",
     "split_folded",
 ]
 
@@ -187,29 +186,25 @@ def _explain(value: bytes, *, quoted: bool) -> str:
     return "An unquoted Idempotency-Key cannot contain a double quote."
 
 
-def make_record_key(principal: str, method: str, route: str, key: str) -> str:
-    """Return the store's record key for a key within its scope.
+def make_record_key(principal: str, method: str, route: str, key: str, *, secret: Digests | bytes | str) -> str:
+    """Return the store's record key for a key within its scope: an HMAC-SHA256 under the server secret.
 
     The parts are length-prefixed before hashing, so no two different scopes
     can produce the same input (scope ``"u1:x"`` with key ``"k"`` never equals
-    scope ``"u1"`` with key ``"x:k"``).
+    scope ``"u1"`` with key ``"x:k"``). Keyed, so a leaked store cannot be
+    checked against guessed keys (DESIGN "digest at rest").
 
     Args:
-        principal: who sent the request (a tenant/user id or a credentials hash).
-        method: the HTTP method, upper-case (or a function name for @idempotent).
+        principal: who sent the request (see :mod:`idempo.principals`).
+        method: the HTTP method, upper-case (or ``"@idempotent"`` for functions).
         route: the path or route the key is unique within.
         key: the idempotency key.
+        secret: the server secret (at least 16 bytes; see :mod:`idempo.secrets`).
 
     Returns:
-        32 lower-case hex characters (128 bits of SHA-256).
+        32 lower-case hex characters (128 bits of HMAC-SHA256).
+
+    Raises:
+        ValueError: the secret is shorter than 16 bytes.
     """
-    data = f"{len(principal)}:{principal}{len(method)}:{method}{len(route)}:{route}{len(key)}:{key}"
-    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def principal_from_credentials(credentials: bytes) -> str:
-    """Return a principal for raw credentials (e.g. an ``Authorization`` value).
-
-    Only a SHA-256 digest is kept, so credentials never reach the store.
-    """
-    return "cred:" + hashlib.sha256(credentials).hexdigest()[:32]
+    return as_digests(secret).record_key(principal, method, route, key)

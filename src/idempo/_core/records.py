@@ -17,6 +17,7 @@ __all__ = [
     "Existing",
     "MARKER_STATUS",
     "Marker",
+    "SECRET_RECORD_KEY",
     "Record",
     "RecordState",
     "StoreStats",
@@ -25,6 +26,12 @@ __all__ = [
     "encode_headers",
     "next_token",
 ]
+
+
+#: The record key under which a store keeps the secret idempo generated for it
+#: (:mod:`idempo.secrets`). idempo's record keys are 32 hex characters, so none
+#: equals it; stores leave it out of their stats.
+SECRET_RECORD_KEY = "idempo:secret"
 
 
 class RecordState(enum.Enum):

@@ -78,7 +78,16 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
+from .._core.records import (
+    SECRET_RECORD_KEY,
+    Acquired,
+    BeginResult,
+    Existing,
+    Record,
+    StoreStats,
+    StoredResponse,
+    encode_headers,
+)
 from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from ._base import (
     DEFAULT_DEADLINE,
@@ -518,10 +527,11 @@ class RedisStore:
             seconds, microseconds = client.time()
             now = int(seconds) * 1000 + int(microseconds) // 1000
             batch: list[bytes] = []
+            secret = self._codec.key(SECRET_RECORD_KEY).encode("utf-8")
             keys = client.scan_iter(match=self._codec.pattern, count=1000, _type="hash")
             while True:
                 key = next(keys, None)
-                if key is not None:
+                if key is not None and key != secret:  # the store's generated secret is no record
                     batch.append(key)
                 if batch and (key is None or len(batch) >= _STATS_BATCH):
                     pipe = client.pipeline(transaction=False)

@@ -1,0 +1,95 @@
+"""Every digest idempo stores or logs: HMAC-SHA256 under the server secret (DESIGN "digest at rest").
+
+A record key, a fingerprint or a log hash made with a plain hash can be
+checked against guesses: a leaked store gives back a short body (a PIN) in a
+few thousand guesses, a log line a Basic-auth password. Keyed with a secret
+the attacker does not have (RFC 2104 HMAC with SHA-256), none of them can be.
+
+One :class:`Digests` per secret; it derives one key per use from the secret
+(record keys, fingerprints, log hashes, argument digests), so a digest of one
+kind never equals a digest of another kind over the same input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+__all__ = ["MIN_SECRET_BYTES", "Digests", "as_digests"]
+
+#: The shortest secret accepted, in bytes: 128 bits.
+MIN_SECRET_BYTES = 16
+
+
+class Digests:
+    """HMAC-SHA256 digests under one server secret.
+
+    Args:
+        secret: the server secret, at least :data:`MIN_SECRET_BYTES` bytes.
+
+    Raises:
+        ValueError: the secret is shorter than :data:`MIN_SECRET_BYTES`.
+    """
+
+    __slots__ = ("_fingerprint", "_log", "_record", "_value")
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError(f"the idempo secret must be at least {MIN_SECRET_BYTES} bytes")
+
+        # Keyed HMAC objects, copied per digest: copying skips the key schedule.
+        def keyed(purpose: bytes) -> hmac.HMAC:
+            return hmac.new(hmac.new(secret, purpose, hashlib.sha256).digest(), digestmod=hashlib.sha256)
+
+        self._record = keyed(b"idempo record key")
+        self._fingerprint = keyed(b"idempo fingerprint")
+        self._log = keyed(b"idempo log hash")
+        self._value = keyed(b"idempo value digest")
+
+    def record_key(self, principal: str, method: str, route: str, key: str) -> str:
+        """Return the store's record key for a key within its scope.
+
+        The parts are length-prefixed before hashing, so no two different
+        scopes share an input (scope ``"u1:x"`` with key ``"k"`` never equals
+        scope ``"u1"`` with key ``"x:k"``).
+
+        Args:
+            principal: who sent the request (see :mod:`idempo.principals`).
+            method: the HTTP method, upper-case (or ``"@idempotent"`` for functions).
+            route: the path or scope the key is unique within.
+            key: the idempotency key.
+
+        Returns:
+            32 lower-case hex characters (128 bits of HMAC-SHA256).
+        """
+        data = f"{len(principal)}:{principal}{len(method)}:{method}{len(route)}:{route}{len(key)}:{key}"
+        digest = self._record.copy()
+        digest.update(data.encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:32]
+
+    def fingerprint_hash(self) -> hmac.HMAC:
+        """A fresh keyed hash for one request fingerprint (:func:`idempo._core.fingerprint.fingerprint`)."""
+        return self._fingerprint.copy()
+
+    def log_hash(self, text: str) -> str:
+        """16 hex characters (64 bits) naming ``text`` in logs and spans: tells values apart, reveals none."""
+        digest = self._log.copy()
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:16]
+
+    def value(self, data: bytes) -> str:
+        """64 hex characters: the fingerprint of a function call or message (the decorator, the consumers)."""
+        digest = self._value.copy()
+        digest.update(data)
+        return digest.hexdigest()
+
+
+def as_digests(secret: Digests | bytes | str) -> Digests:
+    """``secret`` as :class:`Digests` (a str is encoded as UTF-8).
+
+    Raises:
+        ValueError: the secret is shorter than :data:`MIN_SECRET_BYTES`.
+    """
+    if isinstance(secret, Digests):
+        return secret
+    return Digests(secret.encode("utf-8") if isinstance(secret, str) else secret)

@@ -1,0 +1,433 @@
+"""Who sent a request: the principal an idempotency key is scoped to (DESIGN "principal", guarantee 4).
+
+A key is unique per principal, method and route, and a response is never
+replayed to another principal. Every front (ASGI, Starlette, FastAPI,
+Litestar, WSGI, Flask, Django) resolves the principal here, by one rule,
+unless the app passes a resolver of its own (``principal=``):
+
+1. **The user the framework already authenticated**: Django's
+   ``request.user``; ``scope["user"]`` on ASGI (Starlette's and FastAPI's
+   ``AuthenticationMiddleware``, Litestar's authentication middleware), when
+   it is authenticated; Flask-Login's user (the ``_user_id`` it keeps in
+   Flask's session); ``REMOTE_USER`` on WSGI (set by the server, CGI's rule).
+   ``"user:<id>"``. The same user with a refreshed token or a new session is
+   the same principal.
+2. **A digest of the credentials**: the ``Authorization`` header (its scheme
+   case-insensitive, RFC 9110 section 11.1) and the session cookies whose names
+   match :data:`DEFAULT_SESSION_COOKIES` (or the names given to
+   :func:`standard`), together: two callers who differ in any of them are two
+   principals, even when both send a placeholder such as
+   ``Authorization: Bearer null``. ``"cred:<32 hex>"``. The digest only ever
+   feeds the record key and the log hashes, which are keyed with the server
+   secret (DESIGN "digest at rest"); it is never stored or logged itself.
+   It changes when the token or the session cookie changes: see
+   "Token refresh" below.
+3. **The client address** as the server reports it (``"addr:<host>"``; behind
+   a proxy, have the server report the real client's).
+4. ``"anonymous"``: no identity at all (uvicorn on a unix socket with a
+   credential-less client).
+
+Other cookies (analytics, CSRF tokens, load-balancer stickiness) are left out:
+they change without the user changing, and a retry would then be a new
+principal and execute again.
+
+Ready resolvers, for ``principal=`` on any front (each takes whatever the
+front passes: an ASGI scope, a WSGI environ or a Django ``HttpRequest``):
+
+- :func:`from_user`: only the framework's authenticated user; a request
+  without one is answered 400 (``principal-required``).
+- :func:`from_claim`: a claim (``sub``) of a bearer token that the app's own
+  verifier has checked, e.g. a JWT: the principal of an API authenticated by
+  tokens, stable across token refresh.
+- :func:`from_header`: a header set by a trusted gateway that authenticated
+  the caller (``X-User-Id``); only where the gateway strips client copies.
+- :func:`standard`: the default rule with another list of session cookies.
+- :func:`first`: the first of several resolvers that finds an identity.
+
+Token refresh: where the framework does not tell who the user is, the
+principal is the credentials' digest, so a client that retries with a
+refreshed token (or a rotated session cookie) is a new principal and its
+retry executes again. A cookie-session app should let the framework's
+authentication run before idempo (the default then uses its user) or pass
+:func:`from_user`; a JWT app should pass :func:`from_claim` with its verifier.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "DEFAULT_SESSION_COOKIES",
+    "USER_ENVIRON_KEY",
+    "Resolver",
+    "client_address",
+    "credentials",
+    "default",
+    "first",
+    "flask_login_user",
+    "framework_user",
+    "from_claim",
+    "from_header",
+    "from_user",
+    "header_values",
+    "standard",
+]
+
+#: A principal resolver: takes the request as the front passes it (an ASGI
+#: scope, a WSGI environ or a Django ``HttpRequest``) and returns the
+#: principal, or None when the request carries no identity (answered 400).
+Resolver = Callable[[Any], "str | None"]
+
+#: Cookie names (``fnmatch`` patterns, case-insensitive) that carry a login,
+#: part of the credentials' digest: ``sessionid`` (Django), ``session``
+#: (Flask, Starlette's ``SessionMiddleware``, Litestar's cookie sessions),
+#: ``remember_token`` (Flask-Login), and the usual names of other stacks a
+#: proxy may front: ``*session*`` (Rails' ``_app_session``, Java's
+#: ``JSESSIONID``, ``laravel_session``, ASP.NET's ``ASP.NET_SessionId``),
+#: ``*sessid*`` (PHP's ``PHPSESSID``), ``sid`` and ``*.sid`` (Express's
+#: ``connect.sid``), ``*auth*`` (``.AspNetCore.Auth``-style cookies) and
+#: ``*jwt*``, ``access_token``, ``id_token`` (tokens kept in a cookie).
+DEFAULT_SESSION_COOKIES: tuple[str, ...] = (
+    "sessionid",
+    "session",
+    "remember_token",
+    "*session*",
+    "*sessid*",
+    "sid",
+    "*.sid",
+    "*auth*",
+    "*jwt*",
+    "access_token",
+    "id_token",
+)
+
+#: The WSGI environ key under which a front hands over the framework's user
+#: (a str, or a callable returning one or None); the Flask extension puts the
+#: Flask app's Flask-Login user there.
+USER_ENVIRON_KEY = "idempo.user"
+
+# RFC 9110 section 5.6.2 token characters: an auth scheme.
+_SCHEME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+# --- reading a request, whichever front passes it -------------------------------------
+
+
+def _kind(request: Any) -> str:
+    """``"asgi"`` (a scope), ``"wsgi"`` (an environ) or ``"django"`` (an HttpRequest)."""
+    if isinstance(request, Mapping):
+        return "asgi" if "type" in request and "headers" in request else "wsgi"
+    if hasattr(request, "META"):
+        return "django"
+    raise TypeError(f"idempo.principals: cannot read a request of type {type(request).__qualname__}")
+
+
+def _environ(request: Any, kind: str) -> Mapping[str, Any]:
+    environ: Mapping[str, Any] = request if kind == "wsgi" else request.META
+    return environ
+
+
+def header_values(request: Any, name: str) -> list[bytes]:
+    """Every value of a request header, latin-1 bytes, in the order received.
+
+    WSGI servers and Django fold repeated lines into one value (``Cookie``
+    lines with ``"; "``, others with ``", "``), which then comes back as one.
+    """
+    kind = _kind(request)
+    if kind == "asgi":
+        raw = name.lower().encode("latin-1")
+        return [value for header, value in request["headers"] if header == raw]
+    environ = _environ(request, kind)
+    meta = name.upper().replace("-", "_")
+    value = environ.get(meta if meta in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + meta)
+    return [] if value is None else [value.encode("latin-1")]
+
+
+def client_address(request: Any) -> str | None:
+    """The client's address as the server reports it (ASGI ``client``, WSGI ``REMOTE_ADDR``), or None."""
+    kind = _kind(request)
+    if kind == "asgi":
+        client = request.get("client")
+        return str(client[0]) if client else None
+    return _environ(request, kind).get("REMOTE_ADDR") or None
+
+
+def framework_user(request: Any) -> str | None:
+    """The identity the framework already authenticated, ``"user:<id>"``, or None.
+
+    - Django: ``request.user`` when ``is_authenticated`` (its ``pk``).
+    - ASGI (Starlette, FastAPI, Litestar): ``scope["user"]`` when an
+      authentication middleware set it and, where it says so,
+      ``is_authenticated``. Its id is the first of ``identity``, ``id``,
+      ``pk``, ``username``, ``display_name`` that it has (a str user is its
+      own id; a mapping's ``id`` or ``sub``).
+    - WSGI: what a front handed over under :data:`USER_ENVIRON_KEY` (Flask:
+      Flask-Login's user), else ``REMOTE_USER``.
+
+    A user whose id cannot be read is no user here: the credentials decide.
+    """
+    kind = _kind(request)
+    if kind == "django":
+        user = getattr(request, "user", None)
+        if user is not None and getattr(user, "is_authenticated", False):
+            return f"user:{user.pk}"
+        return None
+    if kind == "asgi":
+        user = request.get("user")
+        if user is None or not _authenticated(user):
+            return None
+        identity = _identity(user)
+        return None if identity is None else "user:" + identity
+    environ = request
+    handed = environ.get(USER_ENVIRON_KEY)
+    if callable(handed):
+        handed = handed()
+    if handed:
+        return "user:" + str(handed)
+    remote_user = environ.get("REMOTE_USER")
+    return "user:" + remote_user if remote_user else None
+
+
+def _authenticated(user: Any) -> bool:
+    try:
+        return bool(getattr(user, "is_authenticated", True))
+    except Exception:  # a user class whose property raises (Starlette's BaseUser)
+        return False
+
+
+def _identity(user: Any) -> str | None:
+    if isinstance(user, str):
+        return user or None
+    if isinstance(user, Mapping):
+        value = user.get("id", user.get("sub"))
+        return None if value is None else str(value)
+    for name in ("identity", "id", "pk", "username", "display_name"):
+        try:
+            value = getattr(user, name, None)
+        except Exception:  # NotImplementedError from an abstract property
+            continue
+        if value is not None and not callable(value) and str(value):
+            return str(value)
+    return None
+
+
+def _matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    compiled = re.compile("|".join(fnmatch.translate(p.lower()) for p in patterns) or "(?!)")
+    return lambda name: compiled.match(name.lower()) is not None
+
+
+def _cookies(request: Any, wanted: Callable[[str], bool]) -> list[tuple[bytes, bytes]]:
+    """The (name, value) pairs of the cookies ``wanted`` picks, sorted, from every ``Cookie`` line."""
+    pairs: list[tuple[bytes, bytes]] = []
+    for line in header_values(request, "cookie"):
+        for item in line.split(b";"):
+            name, sep, value = item.strip().partition(b"=")
+            if sep and name and wanted(name.decode("latin-1")):
+                pairs.append((name, value.strip()))
+    pairs.sort()
+    return pairs
+
+
+def _authorization(value: bytes) -> bytes:
+    """``bearer  abc`` -> ``bearer abc``: the scheme is case-insensitive (RFC 9110 section 11.1), the rest is not."""
+    value = value.strip(b" \t")
+    scheme, sep, rest = value.partition(b" ")
+    if not sep or _SCHEME.fullmatch(scheme) is None:
+        return value
+    return scheme.lower() + b" " + rest.lstrip(b" \t")
+
+
+def credentials(request: Any, session_cookies: Sequence[str] = DEFAULT_SESSION_COOKIES) -> str | None:
+    """The digest of a request's credentials, ``"cred:<32 hex>"``, or None when it carries none.
+
+    The credentials are every ``Authorization`` value (scheme lower-cased) and
+    the cookies whose names match ``session_cookies`` (``fnmatch`` patterns,
+    case-insensitive), each length-prefixed so no two different sets share an
+    input. The digest is an unkeyed SHA-256 because it never leaves the
+    process: the record key and the log hashes it feeds are keyed with the
+    server secret.
+    """
+    return _credentials(request, _matcher(session_cookies))
+
+
+def _credentials(request: Any, wanted: Callable[[str], bool]) -> str | None:
+    parts = [b"a" + _authorization(value) for value in header_values(request, "authorization")]
+    parts.extend(b"c" + name + b"=" + value for name, value in _cookies(request, wanted))
+    if not parts:
+        return None
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(b"%d:" % len(part))
+        digest.update(part)
+    return "cred:" + digest.hexdigest()[:32]
+
+
+# --- resolvers ------------------------------------------------------------------------
+
+
+def standard(*, session_cookies: Sequence[str] = DEFAULT_SESSION_COOKIES) -> Resolver:
+    """The default rule (see the module docstring) with another list of session cookies.
+
+    Args:
+        session_cookies: cookie names (``fnmatch`` patterns, case-insensitive)
+            that carry a login; default :data:`DEFAULT_SESSION_COOKIES`. Add
+            yours: ``standard(session_cookies=(*DEFAULT_SESSION_COOKIES, "login"))``.
+
+    Returns:
+        A resolver that never returns None: the framework's user, else the
+        credentials' digest, else ``"addr:<host>"``, else ``"anonymous"``.
+    """
+    if isinstance(session_cookies, str):
+        raise TypeError("session_cookies must be a sequence of names, not one string")
+    wanted = _matcher(session_cookies)
+
+    def resolve(request: Any) -> str:
+        user = framework_user(request)
+        if user is not None:
+            return user
+        digest = _credentials(request, wanted)
+        if digest is not None:
+            return digest
+        address = client_address(request)
+        return "addr:" + address if address else "anonymous"
+
+    resolve.__doc__ = "The default principal: the framework's user, the credentials' digest, the address."
+    return resolve
+
+
+#: The default resolver of every front: ``standard()`` with :data:`DEFAULT_SESSION_COOKIES`.
+default: Resolver = standard()
+
+
+def from_user() -> Resolver:
+    """Only the user the framework authenticated (see :func:`framework_user`); None (400) without one.
+
+    For a cookie-session app whose idempotent routes need a login: the
+    principal is the user, whatever session or device the retry comes from.
+    Put the framework's authentication before idempo (Django's
+    ``AuthenticationMiddleware`` above it in ``MIDDLEWARE``; Starlette's
+    ``AuthenticationMiddleware`` added after idempo, so it runs first).
+    """
+    return framework_user
+
+
+def from_header(name: str, *, prefix: str = "hdr") -> Resolver:
+    """The value of a request header set by a trusted gateway; None (400) without it.
+
+    Only safe where the gateway that authenticated the caller sets the header
+    and strips any copy the client sent: otherwise a client can name anyone.
+
+    Args:
+        name: the header, e.g. ``"X-User-Id"`` (case-insensitive).
+        prefix: put before the value (``"hdr:<value>"``), so a header value
+            never equals a principal of another kind.
+    """
+    if not name:
+        raise ValueError("from_header needs a header name")
+
+    def resolve(request: Any) -> str | None:
+        values = header_values(request, name)
+        if not values:
+            return None
+        value = values[0].strip().decode("latin-1")
+        return f"{prefix}:{value}" if value else None
+
+    return resolve
+
+
+def from_claim(
+    verify: Callable[[str], Mapping[str, Any] | None],
+    claim: str = "sub",
+    *,
+    scheme: str = "bearer",
+) -> Resolver:
+    """A claim of the request's bearer token, verified by the app's own verifier; None (400) without one.
+
+    The principal of an API authenticated by tokens (JWT): ``"claim:<sub>"``
+    is the same for the original token and a refreshed one, so a retry with
+    a refreshed token replays instead of executing again. idempo runs before
+    the app's routes, so it verifies the token itself, with the function the
+    app hands over; an unverified claim is never used.
+
+    ::
+
+        import jwt  # PyJWT
+
+        def verify(token: str) -> dict:
+            return jwt.decode(token, PUBLIC_KEY, algorithms=["RS256"], audience="api")
+
+        app.add_middleware(IdempotencyMiddleware, store=..., principal=principals.from_claim(verify))
+
+    Args:
+        verify: takes the token (the ``Authorization`` value after the scheme)
+            and returns its verified claims; raising or returning None means
+            the token is not valid.
+        claim: the claim that names the caller (default ``"sub"``).
+        scheme: the auth scheme carrying the token (case-insensitive).
+
+    Returns:
+        A resolver returning ``"claim:<value>"``, or None (answered 400, nothing
+        run) for a request without a valid token. To let such requests through
+        under the default rule instead: ``first(from_claim(verify), default)``.
+    """
+    expected = scheme.lower().encode("latin-1")
+
+    def resolve(request: Any) -> str | None:
+        for value in header_values(request, "authorization"):
+            normalised = _authorization(value)
+            found, sep, token = normalised.partition(b" ")
+            if not sep or found != expected or not token:
+                continue
+            try:
+                claims = verify(token.decode("latin-1"))
+            except Exception:
+                return None
+            if not claims:
+                return None
+            subject = claims.get(claim)
+            return None if subject is None or subject == "" else f"claim:{subject}"
+        return None
+
+    return resolve
+
+
+def first(*resolvers: Resolver) -> Resolver:
+    """The first principal any of ``resolvers`` finds (in order); None when none does."""
+    if not resolvers:
+        raise ValueError("first needs at least one resolver")
+
+    def resolve(request: Any) -> str | None:
+        for resolver in resolvers:
+            principal = resolver(request)
+            if principal is not None:
+                return principal
+        return None
+
+    return resolve
+
+
+# --- Flask-Login ----------------------------------------------------------------------
+
+
+def flask_login_user(app: Any, environ: Mapping[str, Any]) -> str | None:
+    """The id Flask-Login keeps in the Flask app's session (``_user_id``), or None.
+
+    The session is opened with the app's own session interface (a signed
+    cookie by default: a forged one opens empty), outside any request
+    context, so no ``before_request`` or teardown handler runs twice. None
+    when Flask-Login is not in use or the session holds no user.
+    """
+    if "flask_login" not in sys.modules or getattr(app, "login_manager", None) is None:
+        return None
+    try:
+        request = app.request_class(environ)
+        session = app.session_interface.open_session(app, request)
+    except Exception:
+        return None
+    user_id = session.get("_user_id") if session is not None else None
+    return None if user_id is None or user_id == "" else str(user_id)
