@@ -134,12 +134,12 @@ class Engine:
         policy: Policy,
         serializer: Serializer,
         annotation: Callable[[], Any],
-        secret: SecretSource,
+        secret: SecretSource | None = None,
     ) -> None:
         self.scope = scope
         self.policy = policy
         self.serializer = serializer
-        self.secret = secret
+        self.secret = secret if secret is not None else SecretSource()
         self._annotation = annotation
         self._media_type = serializer.media_type.encode("latin-1")
 

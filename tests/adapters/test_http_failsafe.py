@@ -158,7 +158,7 @@ def test_an_operator_resolves_a_held_key(serve: ServeFactory) -> None:
     record = s.record()
     assert record is not None
     sync = s.store.sync if hasattr(s.store, "sync") else s.store
-    record_key = make_record_key(LOCAL, "POST", "/orders", K1)
+    record_key = make_record_key(LOCAL, "POST", "/orders", K1, secret=s.secret())
     from idempo import StoredResponse
 
     sync.complete(record_key, record.token, StoredResponse(201, (), b""), 60_000)
@@ -171,6 +171,6 @@ def test_an_operator_resolves_a_held_key(serve: ServeFactory) -> None:
     assert s.post(key=other).status_code == 409
     held = s.record(other)
     assert held is not None
-    sync.release(make_record_key(LOCAL, "POST", "/orders", other), held.token)
+    sync.release(make_record_key(LOCAL, "POST", "/orders", other, secret=s.secret()), held.token)
     assert s.post(key=other).status_code == 201
     assert eventually(lambda: s.orders.calls == 3)

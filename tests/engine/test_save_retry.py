@@ -21,6 +21,7 @@ from idempo import Acquired, KeyInProgress, Marker, Policy, RecordState, ResultN
 from idempo._calls import Engine, record_key
 from idempo.exceptions import StoreUnavailable
 from idempo.observability import instrument, uninstrument
+from idempo.secrets import store_secret
 from idempo.serializers import JSONSerializer
 from idempo.stores import AsyncMemoryStore, MemoryStore
 from tests.support.clock import FakeClock, eventually
@@ -79,11 +80,11 @@ def test_a_complete_failing_three_times_is_retried_and_never_reexecuted(
         return {"payment": calls}
 
     with caplog.at_level(logging.WARNING, logger="idempo"):
-        assert engine.run_sync(store, "K1", "fp", pay) == ({"payment": 1}, False)
+        assert engine.run_sync(store, "K1", b"fp", pay) == ({"payment": 1}, False)
         with pytest.raises(KeyInProgress):
-            engine.run_sync(store, "K1", "fp", pay)
+            engine.run_sync(store, "K1", b"fp", pay)
         assert eventually(lambda: store.completes == 4)
-        assert engine.run_sync(store, "K1", "fp", pay) == ({"payment": 1}, True)
+        assert engine.run_sync(store, "K1", b"fp", pay) == ({"payment": 1}, True)
     assert calls == 1
     assert registry.get_sample_value("idempo_save_retries_total", {"store": "flaky"}) == 3
     assert registry.get_sample_value("idempo_saves_total", {"store": "flaky", "result": "saved"}) == 1
@@ -101,14 +102,19 @@ def test_the_lease_is_renewed_while_the_save_is_retried() -> None:
         calls += 1
         return calls
 
-    engine.run_sync(store, "K1", "fp", pay)
+    engine.run_sync(store, "K1", b"fp", pay)
     before = store.extends
     assert eventually(lambda: store.extends >= before + 3)  # a second of outage: three lease TTLs
     with pytest.raises(KeyInProgress):
-        engine.run_sync(store, "K1", "fp", pay)
+        engine.run_sync(store, "K1", b"fp", pay)
     store.failures = 0
-    assert eventually(lambda: (r := store.get(record_key("save-retry", "K1"))) is not None and r.response is not None)
-    assert engine.run_sync(store, "K1", "fp", pay) == (1, True)
+    assert eventually(
+        lambda: (
+            (r := store.get(record_key("save-retry", "K1", secret=store_secret(store)))) is not None
+            and r.response is not None
+        )
+    )
+    assert engine.run_sync(store, "K1", b"fp", pay) == (1, True)
     assert calls == 1
 
 
@@ -124,14 +130,14 @@ def test_at_the_bound_a_result_the_store_refuses_becomes_not_replayable(registry
         calls += 1
         return calls
 
-    engine.run_sync(store, "K1", "fp", pay)
-    key = record_key("save-retry", "K1")
+    engine.run_sync(store, "K1", b"fp", pay)
+    key = record_key("save-retry", "K1", secret=store_secret(store))
     assert eventually(lambda: (r := store.get(key)) is not None and r.state is RecordState.COMPLETED)
     record = store.get(key)
     assert record is not None
     assert record.marker == Marker(Marker.NOT_REPLAYABLE, "save_failed", 200, 1)
     with pytest.raises(ResultNotReplayable):
-        engine.run_sync(store, "K1", "fp", pay)
+        engine.run_sync(store, "K1", b"fp", pay)
     assert calls == 1
 
 
@@ -141,8 +147,8 @@ def test_a_takeover_ends_the_retries_without_a_second_save() -> None:
     clock = FakeClock()
     store = FlakyStore(failures=1000, clock=clock)
     engine = _engine(Policy(lease_ttl=30))
-    engine.run_sync(store, "K1", "fp", lambda: 1)
-    key = record_key("save-retry", "K1")
+    engine.run_sync(store, "K1", b"fp", lambda: 1)
+    key = record_key("save-retry", "K1", secret=store_secret(store))
     clock.advance(31)
     taken = store.begin(key, "fp", 60_000)
     assert isinstance(taken, Acquired)
@@ -169,14 +175,14 @@ def test_async_save_retry_on_both_loops(backend: str) -> None:
         return calls
 
     async def scenario() -> None:
-        assert await engine.run_async(store, "K1", "fp", pay) == (1, False)
+        assert await engine.run_async(store, "K1", b"fp", pay) == (1, False)
         with pytest.raises(KeyInProgress):
-            await engine.run_async(store, "K1", "fp", pay)
+            await engine.run_async(store, "K1", b"fp", pay)
         for _ in range(200):
             if sync.completes >= 3:
                 break
             await anyio.sleep(0.02)
-        assert await engine.run_async(store, "K1", "fp", pay) == (1, True)
+        assert await engine.run_async(store, "K1", b"fp", pay) == (1, True)
 
     anyio.run(scenario, backend=backend)
     assert calls == 1

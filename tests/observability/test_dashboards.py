@@ -40,7 +40,7 @@ from idempo.stores import AsyncMemoryStore
 from tests.support.clock import FakeClock
 from tests.support.servers import running_asgi
 
-from .conftest import ROUTES, Handlers, Site, eventually, record_key
+from .conftest import ROUTES, SECRET, Handlers, Site, eventually, record_key
 from .test_logs import dead_redis_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +119,7 @@ def _site(store: AsyncStore | None = None, policy: Policy | None = None) -> Iter
     with ExitStack() as stack:
         stack.callback(handlers.gate.set)  # never leave a handler waiting
         url = stack.enter_context(
-            running_asgi(IdempotencyMiddleware(handlers.app(), store, policy=policy, routes=ROUTES))
+            running_asgi(IdempotencyMiddleware(handlers.app(), store, policy=policy, routes=ROUTES, secret=SECRET))
         )
         client = stack.enter_context(httpx.Client(base_url=url, timeout=30, trust_env=False))
         yield Site(url, client, handlers, store, clock)
