@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
-from ._core.digests import Digests, as_digests
+from ._core.digests import Digests, as_digests, legacy_record_key, legacy_value
 from ._core.fingerprint import canonical_json
-from ._core.flow import Held, InProgress, Mismatch, NotReplayable, Proceed, Replay
+from ._core.flow import Held, InProgress, LegacyIdentity, Mismatch, NotReplayable, Proceed, Replay
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
 from ._engine import begin_async, begin_sync
@@ -152,6 +152,11 @@ class Engine:
         fingerprint = "" if form is None else digests.value(form)
         return digests.record_key("", _METHOD, self.scope, key), fingerprint
 
+    def legacy(self, key: str, form: bytes | None) -> LegacyIdentity:
+        """Where a version before keyed digests kept this call's record (looked up in the legacy window only)."""
+        fingerprint = "" if form is None else legacy_value(form)
+        return LegacyIdentity(legacy_record_key("", _METHOD, self.scope, key), fingerprint)
+
     def encode(self, result: Any) -> StoredResponse:
         try:
             if isinstance(self.serializer, JSONSerializer):
@@ -230,7 +235,13 @@ class Engine:
                 digests = self.secret.digests or self.secret.load(store)
                 record_key, fingerprint = self.identify(digests, key, form)
                 observation.identify("", key, record_key, digests)
-                decision = begin_sync(store, record_key, fingerprint, self.policy, observation)
+                legacy = None
+                if self.secret.legacy_possible():
+
+                    def legacy() -> LegacyIdentity | None:
+                        return self.legacy(key, form) if self.secret.legacy_open(store) else None
+
+                decision = begin_sync(store, record_key, fingerprint, self.policy, observation, legacy)
             except StoreError as exc:
                 if not self.policy.fail_open:
                     observation.finish(Outcome.STORE_ERROR, error=exc)
@@ -276,7 +287,13 @@ class Engine:
                 digests = self.secret.digests or await self.secret.aload(store)
                 record_key, fingerprint = self.identify(digests, key, form)
                 observation.identify("", key, record_key, digests)
-                decision = await begin_async(store, record_key, fingerprint, self.policy, observation)
+                alegacy = None
+                if self.secret.legacy_possible():
+
+                    async def alegacy() -> LegacyIdentity | None:
+                        return self.legacy(key, form) if await self.secret.alegacy_open(store) else None
+
+                decision = await begin_async(store, record_key, fingerprint, self.policy, observation, alegacy)
             except StoreError as exc:
                 if not self.policy.fail_open:
                     observation.finish(Outcome.STORE_ERROR, error=exc)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 
 import anyio
 
@@ -34,16 +34,19 @@ from ._core.flow import (
     Extend,
     Held,
     InProgress,
+    LegacyIdentity,
     Proceed,
     Release,
+    Replay,
     Sleep,
     begin_flow,
     decide,
+    legacy_decision,
     retry_after_seconds,
     takeover_hold,
 )
 from ._core.policy import Policy
-from ._core.records import BeginResult, Existing
+from ._core.records import Acquired, BeginResult, Existing
 from .exceptions import LeaseLost
 from .observability import RequestObservation, store_call_async, store_call_sync
 from .typing import AsyncStore, Store
@@ -126,7 +129,12 @@ def _full(policy: Policy, first: Existing) -> InProgress:
 
 
 def begin_sync(
-    store: Store, record_key: str, fingerprint: str, policy: Policy, observation: RequestObservation | None = None
+    store: Store,
+    record_key: str,
+    fingerprint: str,
+    policy: Policy,
+    observation: RequestObservation | None = None,
+    legacy: Callable[[], LegacyIdentity | None] | None = None,
 ) -> Decision:
     """Return what this request does: ``drive_sync(begin_flow(...), store)``, one call cheaper.
 
@@ -144,10 +152,23 @@ def begin_sync(
     the store fails to take the hold, the lease lapses and the next request
     holds it again: nothing runs either way.
 
+    ``legacy``: called when the request took a fresh lease; returns where a
+    version before keyed digests kept this request's record while the legacy
+    window is open, else None. The request then looks there too (one
+    ``get``): such a record replays, or answers 422 or 409, as it did before
+    the upgrade; a replay is carried over to the new record key for the rest
+    of its TTL, and the lease is released otherwise.
+
     Raises:
         StoreError: the store failed (StoreUnavailable when unreachable).
     """
     result = store_call_sync(observation, store, "begin", store.begin, record_key, fingerprint, policy.lease_ttl_ms)
+    if legacy is not None and isinstance(result, Acquired) and not result.takeover:
+        found = _legacy_sync(store, record_key, result.token, legacy, policy, observation)
+        if found is not None:
+            if observation is not None:
+                observation.decided(found)
+            return found
     decision: Decision | None = decide(result, fingerprint)
     if decision is None:
         assert isinstance(result, Existing)
@@ -175,7 +196,12 @@ def begin_sync(
 
 
 async def begin_async(
-    store: AsyncStore, record_key: str, fingerprint: str, policy: Policy, observation: RequestObservation | None = None
+    store: AsyncStore,
+    record_key: str,
+    fingerprint: str,
+    policy: Policy,
+    observation: RequestObservation | None = None,
+    legacy: Callable[[], Awaitable[LegacyIdentity | None]] | None = None,
 ) -> Decision:
     """The async twin of :func:`begin_sync`.
 
@@ -184,6 +210,12 @@ async def begin_async(
     """
     call = store.begin(record_key, fingerprint, policy.lease_ttl_ms)
     result = await store_call_async(observation, store, "begin", call)
+    if legacy is not None and isinstance(result, Acquired) and not result.takeover:
+        found = await _legacy_async(store, record_key, result.token, legacy, policy, observation)
+        if found is not None:
+            if observation is not None:
+                observation.decided(found)
+            return found
     decision: Decision | None = decide(result, fingerprint)
     if decision is None:
         assert isinstance(result, Existing)
@@ -207,6 +239,64 @@ async def begin_async(
             decision = Held("takeover", takeover=True)
     if observation is not None:
         observation.decided(decision)
+    return decision
+
+
+def _legacy_settlement(record_key: str, token: int, decision: Decision, expires_at_ms: int) -> Settle:
+    """What becomes of the fresh lease once a legacy record decided: its answer carried over, or released."""
+    if isinstance(decision, Replay):
+        # For the rest of the old record's TTL, by this machine's clock.
+        return Complete(record_key, token, decision.response, max(1, expires_at_ms - int(time.time() * 1000)))
+    return Release(record_key, token)
+
+
+def _legacy_sync(
+    store: Store,
+    record_key: str,
+    token: int,
+    legacy: Callable[[], LegacyIdentity | None],
+    policy: Policy,
+    observation: RequestObservation | None,
+) -> Decision | None:
+    """Look where the older version kept the record; settle the fresh lease by what is there (see begin_sync)."""
+    try:
+        identity = legacy()
+        if identity is None:
+            return None
+        old = store_call_sync(observation, store, "get", store.get, identity.record_key)
+    except Exception:
+        settle_once_sync(store, Release(record_key, token))  # nothing decided: give the lease back
+        raise
+    decision = legacy_decision(old, identity.fingerprint, policy, int(time.time() * 1000))
+    if decision is not None:
+        assert old is not None
+        # Not told to the observation: the request did not run, nothing was settled for it.
+        settle_once_sync(store, _legacy_settlement(record_key, token, decision, old.expires_at_ms))
+    return decision
+
+
+async def _legacy_async(
+    store: AsyncStore,
+    record_key: str,
+    token: int,
+    legacy: Callable[[], Awaitable[LegacyIdentity | None]],
+    policy: Policy,
+    observation: RequestObservation | None,
+) -> Decision | None:
+    """The async twin of :func:`_legacy_sync`."""
+    try:
+        identity = await legacy()
+        if identity is None:
+            return None
+        old = await store_call_async(observation, store, "get", store.get(identity.record_key))
+    except Exception:
+        with anyio.CancelScope(shield=True):
+            await settle_once_async(store, Release(record_key, token))
+        raise
+    decision = legacy_decision(old, identity.fingerprint, policy, int(time.time() * 1000))
+    if decision is not None:
+        assert old is not None
+        await settle_once_async(store, _legacy_settlement(record_key, token, decision, old.expires_at_ms))
     return decision
 
 

@@ -35,7 +35,7 @@ from ._core.keys import parse_key_value
 from ._core.records import Marker, Record, RecordState, StoreStats, StoredResponse
 from .exceptions import ConfigurationError, IdempoError, InvalidKey, LeaseLost
 from .principals import credentials
-from .secrets import SECRET_RECORD_KEY, configured_secret, is_secret_record
+from .secrets import SECRET_RECORD_KEY, configured_secret, is_reserved
 from .stores import _resolve
 from .stores._base import cannot_use
 from .typing import Store, SupportsStats
@@ -203,8 +203,8 @@ def inspect(
     finally:
         store.close()
     now_ms = int(time.time() * 1000)
-    if record is not None and is_secret_record(record):
-        raise click.ClickException(f"{SECRET_RECORD_KEY!r} holds the store's secret, not a request's record")
+    if record is not None and is_reserved(record.record_key):
+        raise click.ClickException(f"{record.record_key!r} is idempo's own record, not a request's")
     if record is None:
         if as_json:
             click.echo(json.dumps({"record_key": record_key, "found": False}))

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ._core.flow import Proceed
+from ._core.flow import LegacyIdentity, Proceed
 from ._core.http import (
     BYPASSED_HEADER,
     ResponseCapture,
@@ -35,6 +35,7 @@ from ._core.http import (
     check_key,
     decision_answer,
     fingerprint_off_loop,
+    legacy_identity,
     principal_required_answer,
     request_identity,
     store_unavailable_answer,
@@ -46,6 +47,7 @@ from ._lease import AsyncExecution
 from .exceptions import ConfigurationError, StoreError, StoreUnavailable
 from .observability import Outcome, RequestObservation, observe_request
 from .principals import default as default_principal
+from .principals import legacy_principal
 from .secrets import SecretSource
 from .stores import async_store_from_url
 from .stores._base import warn_unreachable_at_startup
@@ -269,8 +271,22 @@ class IdempotencyMiddleware:
         else:
             identity = request_identity(*facts)
         observation.identify(principal, key, identity.record_key, digests)
+        legacy = None
+        if self._secret.legacy_possible():
+
+            async def legacy() -> LegacyIdentity | None:
+                # After a fresh lease: where a version before keyed digests kept the record.
+                if not await self._secret.alegacy_open(self.store):
+                    return None
+                old = legacy_principal(scope, self.principal, principal)
+                if old is None:
+                    return None
+                query = scope.get("query_string", b"")
+                return legacy_identity(policy, old, method, path, query, content_type, body, key)
+
         try:
-            decision = await begin_async(self.store, identity.record_key, identity.fingerprint, policy, observation)
+            call = begin_async(self.store, identity.record_key, identity.fingerprint, policy, observation, legacy)
+            decision = await call
         except StoreError as exc:
             await self._store_failed(exc, policy, app, scope, _replay_body(body, receive), send, observation)
             return

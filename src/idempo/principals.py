@@ -75,6 +75,7 @@ __all__ = [
     "from_header",
     "from_user",
     "header_values",
+    "legacy_principal",
     "standard",
 ]
 
@@ -409,6 +410,36 @@ def first(*resolvers: Resolver) -> Resolver:
         return None
 
     return resolve
+
+
+# --- the records of versions before keyed digests -------------------------------------
+
+_DEFAULT_WANTED = _matcher(DEFAULT_SESSION_COOKIES)
+
+
+def legacy_principal(request: Any, resolver: Resolver, principal: str) -> str | None:
+    """The principal versions before keyed digests gave this request, to find their records; None: do not look.
+
+    The app's own resolver gave the principal it gives now. The default rule
+    was then: Django's authenticated user; else a SHA-256 of the (first)
+    ``Authorization`` value; else the address. A request that carries session
+    cookies is never looked up under that rule: it scoped callers with
+    cookies by their address, so such a record may be another user's.
+    """
+    if resolver is not default:
+        return principal
+    kind = _kind(request)
+    if kind == "django":
+        user = getattr(request, "user", None)
+        if user is not None and getattr(user, "is_authenticated", False):
+            return f"user:{user.pk}"
+    if _cookies(request, _DEFAULT_WANTED):
+        return None
+    values = header_values(request, "authorization")
+    if values:
+        return "cred:" + hashlib.sha256(values[0]).hexdigest()[:32]
+    address = client_address(request)
+    return "addr:" + address if address else "anonymous"
 
 
 # --- Flask-Login ----------------------------------------------------------------------

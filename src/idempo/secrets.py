@@ -18,6 +18,11 @@ Give every process that shares a store the same secret (at least 16 bytes;
 ``python -c "import secrets; print(secrets.token_urlsafe(32))"``). Changing
 it changes every record key: records made under the old secret are no longer
 found (their retries execute again) and expire on their own.
+
+Records of idempo versions before keyed digests (plain SHA-256 record keys
+and fingerprints) are found only while the legacy window is open
+(:func:`open_legacy_window`, ``idempo migrate --legacy-digests``); outside it
+they are treated as absent.
 """
 
 from __future__ import annotations
@@ -26,19 +31,23 @@ import logging
 import os
 import secrets as _random
 import threading
+import time
 from typing import Any
 
 from ._core.digests import MIN_SECRET_BYTES, Digests
-from ._core.records import SECRET_RECORD_KEY, Acquired, Record
+from ._core.records import LEGACY_RECORD_KEY, RESERVED_PREFIX, SECRET_RECORD_KEY, Acquired, Existing
 from .exceptions import ConfigurationError, StoreError
 from .typing import AsyncStore, Store
 
 __all__ = [
     "ENV_VAR",
+    "LEGACY_RECORD_KEY",
     "SECRET_RECORD_KEY",
     "SecretSource",
     "async_store_secret",
     "configured_secret",
+    "is_reserved",
+    "open_legacy_window",
     "store_secret",
 ]
 
@@ -123,16 +132,42 @@ async def async_store_secret(store: AsyncStore) -> bytes:
     return _kept(await store.begin(SECRET_RECORD_KEY, candidate, _SECRET_LEASE_MS), candidate)
 
 
-def is_secret_record(record: Record) -> bool:
-    """True for the record a store keeps its generated secret in (not a request's record)."""
-    return record.record_key == SECRET_RECORD_KEY
+def is_reserved(record_key: str) -> bool:
+    """True for a record key idempo keeps for itself (the store's secret, the legacy window), not a request's."""
+    return record_key.startswith(RESERVED_PREFIX)
+
+
+def open_legacy_window(store: Store, seconds: float) -> int:
+    """Open the legacy window for ``seconds`` from now (or move its end there): ``idempo migrate --legacy-digests``.
+
+    While it is open, every front that starts also looks up the records of
+    idempo versions before keyed digests (plain SHA-256 record keys and
+    fingerprints) for a request that finds no record of its own: such a
+    record replays, or answers 422 or 409, as it did before the upgrade.
+    The window is one reserved record whose lease ends with it.
+
+    Returns:
+        The window's end, milliseconds since the epoch by the store's clock.
+
+    Raises:
+        StoreError: the store failed.
+    """
+    ms = max(1, int(seconds * 1000))
+    result = store.begin(LEGACY_RECORD_KEY, "legacy-digests:v0", ms)
+    if isinstance(result, Existing):
+        store.extend(LEGACY_RECORD_KEY, result.record.token, ms)
+    marker = store.get(LEGACY_RECORD_KEY)
+    return marker.expires_at_ms if marker is not None else 0
 
 
 class SecretSource:
     """The :class:`~idempo._core.digests.Digests` of one front: from the configured secret, or the store's.
 
-    A configured secret is read at construction; the store's is read on first
-    use and kept for the life of the front.
+    A configured secret is checked at construction and keys the digests
+    from then on; the store's secret is read on first use. Whether the legacy
+    window (:func:`open_legacy_window`) is open, and until when, is read from
+    the store once, by the first request that looks for a record.
+    Both are kept for the life of the front.
 
     Args:
         secret: the front's ``secret=`` argument (None: ``$IDEMPO_SECRET``,
@@ -142,12 +177,15 @@ class SecretSource:
         ConfigurationError: the configured secret is shorter than 16 bytes.
     """
 
-    __slots__ = ("digests",)
+    __slots__ = ("_legacy_read", "digests", "legacy_until_ms")
 
     def __init__(self, secret: str | bytes | None = None) -> None:
         configured = configured_secret(secret)
         #: The digests, once known (None until the store's secret is read).
         self.digests: Digests | None = Digests(configured) if configured is not None else None
+        #: The end of the legacy window (ms since the epoch, the store's clock); 0: closed.
+        self.legacy_until_ms = 0
+        self._legacy_read = False
 
     def load(self, store: Store) -> Digests:
         """The digests, reading the store's secret the first time.
@@ -168,3 +206,31 @@ class SecretSource:
             digests = self.digests = Digests(await async_store_secret(store))
             _warn()
         return digests
+
+    def legacy_open(self, store: Store) -> bool:
+        """True while the legacy window is open (by this machine's clock); reads it from ``store`` the first time.
+
+        Raises:
+            StoreError: the store failed.
+        """
+        if not self._legacy_read:
+            marker = store.get(LEGACY_RECORD_KEY)
+            self.legacy_until_ms = marker.expires_at_ms if marker is not None else 0
+            self._legacy_read = True
+        return self._open()
+
+    async def alegacy_open(self, store: AsyncStore) -> bool:
+        """The async twin of :meth:`legacy_open`."""
+        if not self._legacy_read:
+            marker = await store.get(LEGACY_RECORD_KEY)
+            self.legacy_until_ms = marker.expires_at_ms if marker is not None else 0
+            self._legacy_read = True
+        return self._open()
+
+    def legacy_possible(self) -> bool:
+        """False once the window was read and is closed: no legacy lookup, not even the read."""
+        return not self._legacy_read or self._open()
+
+    def _open(self) -> bool:
+        until = self.legacy_until_ms
+        return until > 0 and time.time() * 1000 < until

@@ -45,7 +45,7 @@ from typing import TypeVar
 from wsgiref.types import StartResponse as StartResponse
 from wsgiref.types import WSGIApplication, WSGIEnvironment
 
-from ._core.flow import Proceed
+from ._core.flow import LegacyIdentity, Proceed
 from ._core.http import (
     BYPASSED_HEADER,
     ResponseCapture,
@@ -54,6 +54,7 @@ from ._core.http import (
     body_too_large_answer,
     check_key,
     decision_answer,
+    legacy_identity,
     principal_required_answer,
     request_identity,
     store_unavailable_answer,
@@ -66,6 +67,7 @@ from ._lease import Execution
 from .exceptions import StoreError
 from .observability import Outcome, RequestObservation, observe_request
 from .principals import default as default_principal
+from .principals import legacy_principal
 from .secrets import SecretSource
 from .stores import store_from_url
 from .typing import Store
@@ -345,7 +347,19 @@ def _admit(
         digests = secret.digests or secret.load(store)
         identity = request_identity(policy, digests, who, method, path, query, content_type, body, key)
         observation.identify(who, key, identity.record_key, digests)
-        decision = begin_sync(store, identity.record_key, identity.fingerprint, policy, observation)
+        legacy = None
+        if secret.legacy_possible():
+
+            def legacy() -> LegacyIdentity | None:
+                # After a fresh lease: where a version before keyed digests kept the record.
+                if not secret.legacy_open(store):
+                    return None
+                old = legacy_principal(request, principal, who)
+                if old is None:
+                    return None
+                return legacy_identity(policy, old, method, path, query, content_type, body, key)
+
+        decision = begin_sync(store, identity.record_key, identity.fingerprint, policy, observation, legacy)
     except StoreError as exc:
         if policy.fail_open:
             return _Bypass(observation, exc)

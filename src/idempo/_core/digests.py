@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-__all__ = ["MIN_SECRET_BYTES", "Digests", "as_digests"]
+__all__ = ["MIN_SECRET_BYTES", "Digests", "as_digests", "legacy_record_key", "legacy_value"]
 
 #: The shortest secret accepted, in bytes: 128 bits.
 MIN_SECRET_BYTES = 16
@@ -82,6 +82,21 @@ class Digests:
         digest = self._value.copy()
         digest.update(data)
         return digest.hexdigest()
+
+
+def legacy_record_key(principal: str, method: str, route: str, key: str) -> str:
+    """The record key versions before keyed digests computed: plain SHA-256, for finding their records.
+
+    Only read during the legacy window (``idempo migrate --legacy-digests``);
+    nothing is ever written under it.
+    """
+    data = f"{len(principal)}:{principal}{len(method)}:{method}{len(route)}:{route}{len(key)}:{key}"
+    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def legacy_value(data: bytes) -> str:
+    """The fingerprint of a call or message as versions before keyed digests computed it (plain SHA-256)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def as_digests(secret: Digests | bytes | str) -> Digests:

@@ -28,15 +28,16 @@ guesses.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import json.encoder
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 from .digests import Digests, as_digests
 
-__all__ = ["canonical_json", "canonical_query", "fingerprint", "is_json_media_type"]
+__all__ = ["canonical_json", "canonical_query", "fingerprint", "is_json_media_type", "legacy_fingerprint"]
 
 # Floats that hold an integer within 2**53 become ints, so 1.0 and 1e0 equal 1
 # as RFC 8785 (ECMAScript number formatting) has it; other floats print with
@@ -125,9 +126,41 @@ def fingerprint(
     Raises:
         ValueError: the secret is shorter than 16 bytes.
     """
+    digest = (secret if isinstance(secret, Digests) else as_digests(secret)).fingerprint_hash()
+    return _hexdigest(digest, method, path, query, content_type, body, canonical_json)
+
+
+def legacy_fingerprint(
+    method: str, path: str, query: bytes | str, content_type: bytes | str | None, body: bytes, *, canonical_json: bool
+) -> str:
+    """The fingerprint versions before keyed digests stored: the same input under plain SHA-256.
+
+    Only to compare a request with a record of such a version during the
+    legacy window (``idempo migrate --legacy-digests``).
+    """
+    return _hexdigest(hashlib.sha256(), method, path, query, content_type, body, canonical_json)
+
+
+class _Hasher(Protocol):
+    """A hash object: hmac.HMAC (keyed) or hashlib's SHA-256 (the legacy fingerprint)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def _hexdigest(
+    digest: _Hasher,
+    method: str,
+    path: str,
+    query: bytes | str,
+    content_type: bytes | str | None,
+    body: bytes,
+    canonical_json: bool,
+) -> str:
+    """Feed the request's length-prefixed head and its body (canonical JSON or raw) to ``digest``."""
     key = (method, path, query, content_type)
     head, is_json = _HEADS.get(key) or _head(key)
-    digest = (secret if isinstance(secret, Digests) else as_digests(secret)).fingerprint_hash()
     digest.update(head)
     if canonical_json and is_json and body:
         try:

@@ -22,7 +22,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 from .policy import Policy, Verdict
-from .records import MARKER_STATUS, Acquired, BeginResult, Existing, Marker, RecordState, StoredResponse
+from .records import MARKER_STATUS, Acquired, BeginResult, Existing, Marker, Record, RecordState, StoredResponse
 
 __all__ = [
     "Begin",
@@ -31,6 +31,7 @@ __all__ = [
     "Extend",
     "Held",
     "InProgress",
+    "LegacyIdentity",
     "Mismatch",
     "NotReplayable",
     "Proceed",
@@ -40,6 +41,7 @@ __all__ = [
     "begin_flow",
     "decide",
     "finish",
+    "legacy_decision",
     "retry_after_seconds",
     "takeover_hold",
 ]
@@ -192,6 +194,35 @@ def decide(result: BeginResult, fingerprint: str) -> Proceed | Replay | Mismatch
             return Held(marker.reason)
         return Replay(response)
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyIdentity:
+    """Where a version before keyed digests kept a request's record, and the fingerprint it stored there.
+
+    Attributes:
+        record_key: the unkeyed record key that version computed.
+        fingerprint: the unkeyed fingerprint that version stored for this request.
+    """
+
+    record_key: str
+    fingerprint: str
+
+
+def legacy_decision(record: Record | None, fingerprint: str, policy: Policy, now_ms: int) -> Decision | None:
+    """Classify the record a version before keyed digests left, for a request that took a fresh lease.
+
+    The rules of :func:`decide` (another fingerprint is a mismatch whatever
+    the state; a completed record replays), and a record still running (a
+    process of the older version, during a rolling deploy) is a 409. None:
+    there is no such record, the request proceeds.
+    """
+    if record is None:
+        return None
+    decision = decide(Existing(record, now_ms), fingerprint)
+    if decision is None:
+        return InProgress(retry_after_seconds(policy, record.lease_expires_at_ms - now_ms))
+    return decision
 
 
 def begin_flow(

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..exceptions import ConfigurationError, InvalidKey
-from .digests import Digests
-from .fingerprint import _media_type, fingerprint, is_json_media_type
-from .flow import Held, InProgress, Mismatch, NotReplayable, Replay
+from .digests import Digests, legacy_record_key
+from .fingerprint import _media_type, fingerprint, is_json_media_type, legacy_fingerprint
+from .flow import Held, InProgress, LegacyIdentity, Mismatch, NotReplayable, Replay
 from .keys import parse_key
 from .policy import Policy, Verdict
 from .problems import (
@@ -57,6 +57,7 @@ __all__ = [
     "declared_length",
     "fingerprint_off_loop",
     "invalid_content_length_answer",
+    "legacy_identity",
     "principal_required_answer",
     "request_identity",
     "store_unavailable_answer",
@@ -280,6 +281,27 @@ def request_identity(
 #: 0.6 us per KiB (64 KiB: 37 us), and hashlib releases the GIL as it hashes.
 OFF_LOOP_JSON_BYTES = 4 * 1024
 OFF_LOOP_RAW_BYTES = 64 * 1024
+
+
+def legacy_identity(
+    policy: Policy,
+    principal: str,
+    method: str,
+    path: str,
+    query: bytes | str,
+    content_type: bytes | str | None,
+    body: bytes,
+    key: str,
+) -> LegacyIdentity:
+    """Where a version before keyed digests kept this request's record, and the fingerprint it stored there.
+
+    ``principal`` is the principal that version gave the request
+    (:func:`idempo.principals.legacy_principal`).
+    """
+    return LegacyIdentity(
+        legacy_record_key(principal, method, path, key),
+        legacy_fingerprint(method, path, query, content_type, body, canonical_json=policy.canonical_json),
+    )
 
 
 def fingerprint_off_loop(policy: Policy, content_type: bytes | str | None, size: int) -> bool:

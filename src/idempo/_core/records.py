@@ -17,6 +17,8 @@ __all__ = [
     "Existing",
     "MARKER_STATUS",
     "Marker",
+    "LEGACY_RECORD_KEY",
+    "RESERVED_PREFIX",
     "SECRET_RECORD_KEY",
     "Record",
     "RecordState",
@@ -32,6 +34,15 @@ __all__ = [
 #: (:mod:`idempo.secrets`). idempo's record keys are 32 hex characters, so none
 #: equals it; stores leave it out of their stats.
 SECRET_RECORD_KEY = "idempo:secret"
+
+#: The record key of the legacy window ``idempo migrate --legacy-digests``
+#: opens: while it lives, the records of versions before keyed digests are
+#: looked up too (:mod:`idempo.secrets`).
+LEGACY_RECORD_KEY = "idempo:legacy-digests"
+
+#: Every record key idempo reserves for itself starts with this; stores leave
+#: them out of their stats, and no record key idempo computes (32 hex) has it.
+RESERVED_PREFIX = "idempo:"
 
 
 class RecordState(enum.Enum):

@@ -34,7 +34,7 @@ from datetime import timedelta
 
 from .._core.records import (
     MARKER_STATUS,
-    SECRET_RECORD_KEY,
+    RESERVED_PREFIX,
     Acquired,
     BeginResult,
     Existing,
@@ -264,8 +264,8 @@ class MemoryStore:
             in_progress = completed = expired = 0
             oldest: tuple[str, _Row] | None = None
             for record_key, row in self._records.items():
-                if record_key == SECRET_RECORD_KEY:
-                    continue  # the store's generated secret, not a request's record
+                if record_key.startswith(RESERVED_PREFIX):
+                    continue  # idempo's own (its generated secret, the legacy window), not a request's record
                 if row[5] <= now:
                     expired += 1
                 elif row[0] == _IN_PROGRESS:

@@ -79,7 +79,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from .._core.records import (
-    SECRET_RECORD_KEY,
+    RESERVED_PREFIX,
     Acquired,
     BeginResult,
     Existing,
@@ -527,11 +527,12 @@ class RedisStore:
             seconds, microseconds = client.time()
             now = int(seconds) * 1000 + int(microseconds) // 1000
             batch: list[bytes] = []
-            secret = self._codec.key(SECRET_RECORD_KEY).encode("utf-8")
+            # idempo's own records (its generated secret, the legacy window) are no requests' records.
+            reserved = self._codec.key(RESERVED_PREFIX)[:-1].encode("utf-8")
             keys = client.scan_iter(match=self._codec.pattern, count=1000, _type="hash")
             while True:
                 key = next(keys, None)
-                if key is not None and key != secret:  # the store's generated secret is no record
+                if key is not None and not key.startswith(reserved):
                     batch.append(key)
                 if batch and (key is None or len(batch) >= _STATS_BATCH):
                     pipe = client.pipeline(transaction=False)

@@ -100,13 +100,13 @@ WHERE record_key IN (
 -- name: stats
 -- For `idempo stats`: the database's clock, then live in-progress, live
 -- completed and expired records (one scan; maintenance, not the request path).
--- 'idempo:secret' holds the store's generated secret (idempo.secrets), not a request's record.
+-- 'idempo:...' keys are idempo's own (its generated secret, the legacy window), not requests' records.
 SELECT n.now_ms,
        count(r.record_key) FILTER (WHERE r.state = 'in_progress' AND r.expires_at > n.now_ms),
        count(r.record_key) FILTER (WHERE r.state = 'completed' AND r.expires_at > n.now_ms),
        count(r.record_key) FILTER (WHERE r.expires_at <= n.now_ms)
 FROM (SELECT (extract(epoch FROM now()) * 1000)::bigint AS now_ms) AS n
-LEFT JOIN idempo_records AS r ON r.record_key <> 'idempo:secret'
+LEFT JOIN idempo_records AS r ON r.record_key NOT LIKE 'idempo:%'
 GROUP BY n.now_ms;
 
 -- name: oldest_lease
@@ -114,7 +114,7 @@ GROUP BY n.now_ms;
 SELECT record_key, state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body
 FROM idempo_records
 WHERE state = 'in_progress' AND expires_at > (extract(epoch FROM now()) * 1000)::bigint
-  AND record_key <> 'idempo:secret'
+  AND record_key NOT LIKE 'idempo:%'
 ORDER BY created_at
 LIMIT 1;
 

@@ -58,18 +58,18 @@ WHERE rowid IN (SELECT rowid FROM idempo_records WHERE expires_at <= :now LIMIT 
 
 -- name: stats
 -- For `idempo stats`: live in-progress, live completed and expired records (one scan).
--- 'idempo:secret' holds the store's generated secret (idempo.secrets), not a request's record.
+-- 'idempo:...' keys are idempo's own (its generated secret, the legacy window), not requests' records.
 SELECT
     coalesce(sum(state = 'in_progress' AND expires_at > :now), 0),
     coalesce(sum(state = 'completed' AND expires_at > :now), 0),
     coalesce(sum(expires_at <= :now), 0)
 FROM idempo_records
-WHERE record_key <> 'idempo:secret';
+WHERE record_key NOT LIKE 'idempo:%';
 
 -- name: oldest_lease
 -- The live in-progress record whose lease was taken first.
 SELECT record_key, state, fingerprint, token, lease_expires_at, created_at, expires_at, status, headers, body
 FROM idempo_records
-WHERE state = 'in_progress' AND expires_at > :now AND record_key <> 'idempo:secret'
+WHERE state = 'in_progress' AND expires_at > :now AND record_key NOT LIKE 'idempo:%'
 ORDER BY created_at
 LIMIT 1;
