@@ -98,8 +98,9 @@ def key_text(value: object, scope: str) -> str | None:
 def canonical_form(value: Any) -> bytes:
     """The bytes a call's fingerprint is the keyed digest of: the canonical JSON of a JSON form.
 
-    Two argument sets get one form exactly when RFC 8785 would give their
-    JSON one form (see :mod:`idempo._core.fingerprint`). NaN and infinities,
+    Two argument sets get one form exactly when their JSON has one
+    canonical form: the request body's rules, numbers compared by exact
+    decimal value (see :mod:`idempo._core.fingerprint`). NaN and infinities,
     which JSON cannot write, are written in Python's own sorted form instead
     (tagged, so the two forms never collide): still stable. The engine hashes
     it with HMAC-SHA256 under the server secret (:meth:`Digests.value`).

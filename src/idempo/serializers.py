@@ -263,8 +263,10 @@ def fingerprint_form(value: Any) -> Any:
     does not matter, and two values get one form exactly when they are equal
     as Python's ``==`` has it, with these decisions:
 
-    - numbers compare by value as RFC 8785 writes them: ``2 == 2.0`` (exact up
-      to 2**53; integers of any size stay exact); ``True`` is not ``1`` (JSON
+    - numbers compare by value as the request fingerprint's canonical JSON
+      has it (:mod:`idempo._core.fingerprint`): ``2 == 2.0``, and a float that
+      holds an integer below 10**21 equals the integer its shortest repr
+      spells (``1e16`` is ``10**16``); integers of any size stay exact; ``True`` is not ``1`` (JSON
       keeps booleans apart);
     - a ``Decimal`` compares by value with Decimals (``Decimal("10.5")`` is
       ``Decimal("10.50")``) and never equals an int or a float;

@@ -133,7 +133,9 @@ class Policy:
             idempotency (marked with an ``Idempotency-Bypassed`` header) instead
             of answering 503. Off by default: an outage must not cause a second
             execution (shared/cases B18).
-        canonical_json: canonicalise JSON bodies (RFC 8785) in the fingerprint.
+        canonical_json: canonicalise JSON bodies in the fingerprint (key order,
+            whitespace, escapes and number spelling do not matter; see
+            :mod:`idempo._core.fingerprint`).
         max_request_body: bytes of request body read for the fingerprint; a
             larger body is answered with 413 before anything is stored.
         max_response_body: bytes of response body captured; a larger response
