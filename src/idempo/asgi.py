@@ -33,8 +33,10 @@ from ._core.http import (
     RouteTable,
     body_too_large_answer,
     check_key,
+    content_type_of,
     decision_answer,
     fingerprint_off_loop,
+    identity_path,
     legacy_identity,
     principal_required_answer,
     request_identity,
@@ -227,12 +229,12 @@ class IdempotencyMiddleware:
             return
 
         key_values = []
-        content_type = None
+        content_types = []
         for name, value in scope["headers"]:
             if name == self._key_header:
                 key_values.append(value)
             elif name == b"content-type":
-                content_type = value
+                content_types.append(value)
         path: str = scope["path"]
         key = check_key(policy, method, path, key_values)
         if key is None:
@@ -242,6 +244,11 @@ class IdempotencyMiddleware:
         if isinstance(key, StoredResponse):
             observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
             await _send_answer(send, key)
+            return
+        content_type = content_type_of(content_types)
+        if isinstance(content_type, StoredResponse):
+            observation.finish(Outcome.CONTENT_TYPE_AMBIGUOUS, content_type.status)
+            await _send_answer(send, content_type)
             return
         principal = self.principal(scope)
         if principal is None:
@@ -263,7 +270,9 @@ class IdempotencyMiddleware:
         except StoreError as exc:
             await self._store_failed(exc, policy, app, scope, _replay_body(body, receive), send, observation)
             return
-        facts = (policy, digests, principal, method, path, scope.get("query_string", b""), content_type, body, key)
+        query = scope.get("query_string", b"")
+        identity_at = identity_path(path, scope.get("raw_path"))
+        facts = (policy, digests, principal, method, identity_at, query, content_type, body, key)
         if fingerprint_off_loop(policy, content_type, len(body)):
             # A large body's fingerprint (canonical JSON: about 1 s for 10 MiB)
             # is computed in a worker thread: the loop keeps serving meanwhile.
@@ -389,6 +398,11 @@ class IdempotencyMiddleware:
                 client_gone = True
 
         async def settle(response: StoredResponse | None, outcome: Verdict, reason: str | None = None) -> None:
+            if capture.refusal is not None:
+                # Not stored (the capture released it); the server does with the
+                # response what it does with any it cannot send (uvicorn drops it).
+                observation.response_refused(capture.refusal)
+                response, outcome = None, Verdict.RELEASE
             await execution.settle(response, outcome, reason)
             if done is not None:
                 done.set()
@@ -418,6 +432,8 @@ class IdempotencyMiddleware:
                 if kind == "http.response.start":
                     start = message
                     capture.start(message["status"], message.get("headers", ()))
+                    if capture.refusal is not None:
+                        observation.response_refused(capture.refusal)
                     return
                 if kind != "http.response.body" or start is None or execution.settled:
                     await forward(message)

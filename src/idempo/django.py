@@ -306,6 +306,10 @@ class IdempotencyMiddleware:
             route=getattr(request.resolver_match, "route", None) or "*",
             method=method,
             path=request.path,
+            # Django re-escapes path bytes that are not UTF-8 (%FF stays
+            # "%FF"), so request.path already keeps /files/%FF and /files/%FE
+            # apart, and is what the view sees.
+            identity_path=request.path,
             key_name=self._meta_key,
             principal=self.principal,
             read=_read_body,
@@ -400,9 +404,7 @@ def _capture(exchange: _Exchange, response: HttpResponseBase) -> HttpResponseBas
             *response.items(),
             *(("Set-Cookie", cookie.OutputString()) for cookie in response.cookies.values()),
         ]
-        exchange.capture.start(
-            response.status_code, [(name.encode("latin-1"), value.encode("latin-1")) for name, value in lines]
-        )
+        exchange.start(response.status_code, lines)
         if not response.streaming:
             assert isinstance(response, HttpResponse)
             exchange.capture.add(response.content)

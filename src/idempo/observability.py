@@ -96,6 +96,8 @@ class Outcome(enum.StrEnum):
     BODY_TOO_LARGE = "body_too_large"
     #: The body ended before its declared length (the client left mid-upload): nothing ran.
     BODY_INCOMPLETE = "body_incomplete"
+    #: Two different ``Content-Type`` values: 400, nothing ran.
+    CONTENT_TYPE_AMBIGUOUS = "content_type_ambiguous"
     #: The request took over the expired lease of a crashed holder, then ran the handler
     #: (how it was settled is in ``idempo_verdict``).
     LEASE_TAKEOVER = "lease_takeover"
@@ -114,6 +116,9 @@ class Outcome(enum.StrEnum):
     #: The request found an expired lease with no result under ``on_takeover="hold"``:
     #: it held the key instead of executing (409 ``outcome-unknown``).
     TAKEOVER_HELD = "takeover_held"
+    #: The handler ran; its response has a header line no server may send (RFC 9110
+    #: section 5.5): the record was released, nothing stored (``idempo_detail`` says why).
+    INVALID_RESPONSE = "invalid_response"
     #: The store failed before the handler ran: 503, handler not run (fail closed).
     STORE_ERROR = "store_error"
     #: The store failed and ``Policy.fail_open`` ran the handler without idempotency.
@@ -139,12 +144,14 @@ LEVELS: dict[Outcome, int] = {
     Outcome.NO_PRINCIPAL: logging.INFO,
     Outcome.BODY_TOO_LARGE: logging.INFO,
     Outcome.BODY_INCOMPLETE: logging.INFO,
+    Outcome.CONTENT_TYPE_AMBIGUOUS: logging.INFO,
     Outcome.LEASE_TAKEOVER: logging.WARNING,
     Outcome.HELD: logging.WARNING,
     Outcome.TOO_LARGE: logging.WARNING,
     Outcome.NOT_REPLAYABLE: logging.INFO,
     Outcome.OUTCOME_UNKNOWN: logging.INFO,
     Outcome.TAKEOVER_HELD: logging.WARNING,
+    Outcome.INVALID_RESPONSE: logging.WARNING,
     Outcome.BYPASSED: logging.WARNING,
     Outcome.ABANDONED: logging.WARNING,
     Outcome.STORE_ERROR: logging.ERROR,
@@ -252,6 +259,7 @@ class RequestObservation:
         outcome: the :class:`Outcome`, once known.
         status: the HTTP status answered, when known.
         error: the exception behind a store error, a bypass or a failed handler.
+        detail: why the handler's response was not stored (``invalid_response``), else None.
         lease_takeover: True when ``begin`` took over an expired lease.
         verdict: how the record was settled after the handler: ``"store"``,
             ``"release"``, ``"hold"``, ``"not_replayable"`` (an answer too
@@ -272,6 +280,7 @@ class RequestObservation:
     outcome: Outcome | None = None
     status: int | None = None
     error: BaseException | None = None
+    detail: str | None = None
     lease_takeover = False
     lease_started: float | None = None
     verdict: str | None = None
@@ -310,6 +319,11 @@ class RequestObservation:
         self._key = key
         self.record_key = record_key
         self._digests = digests
+
+    def response_refused(self, reason: str) -> None:
+        """The handler's response is not stored because no server may send it: outcome ``invalid_response``."""
+        self.outcome = Outcome.INVALID_RESPONSE
+        self.detail = reason
 
     def handler_started(self) -> None:
         """The handler is about to run."""
@@ -415,7 +429,7 @@ class RequestObservation:
         ``idempo_scope_hash`` and ``idempo_key_hash`` (16 hex characters of
         HMAC-SHA256 under the server secret, so a log line cannot be checked
         against guessed keys or credentials), ``idempo_lease_takeover``, ``idempo_verdict``,
-        ``idempo_settle_error``, ``idempo_error``, ``idempo_store_ms``,
+        ``idempo_settle_error``, ``idempo_error``, ``idempo_detail``, ``idempo_store_ms``,
         ``idempo_handler_ms``, ``idempo_duration_ms``; plus ``idempo_key``
         after ``instrument(log_keys=True)``.
         """
@@ -442,6 +456,7 @@ class RequestObservation:
             "idempo_verdict": self.verdict,
             "idempo_settle_error": self.settle_error,
             "idempo_error": f"{type(error).__name__}: {error}" if error is not None else None,
+            "idempo_detail": self.detail,
             "idempo_store_ms": round(self.store_seconds * 1000, 3) if self.timed else None,
             "idempo_handler_ms": round(self.handler_seconds * 1000, 3) if self.handler_seconds is not None else None,
             "idempo_duration_ms": round(duration * 1000, 3) if duration is not None else None,
@@ -463,6 +478,9 @@ class RequestObservation:
         if self.error is not None and (self.outcome in (Outcome.STORE_ERROR, Outcome.BYPASSED) or self.settle_error):
             message += ": %s"
             args += (fields["idempo_error"],)
+        if self.detail is not None:
+            message += "; not stored: %s"
+            args += (self.detail,)
         logger.log(level, message, *args, extra=fields)
 
 

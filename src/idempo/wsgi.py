@@ -53,6 +53,7 @@ from ._core.http import (
     body_incomplete_answer,
     body_too_large_answer,
     check_key,
+    content_type_of,
     decision_answer,
     legacy_identity,
     principal_required_answer,
@@ -122,14 +123,37 @@ def request_path(environ: Environ) -> str:
     """The request path as ASGI servers report it: ``SCRIPT_NAME + PATH_INFO``, URL-decoded, UTF-8.
 
     PEP 3333 hands the path as latin-1 text of the raw bytes; decoding the
-    bytes as UTF-8 gives the path an ASGI server would, so one request has one
-    record key and fingerprint under either middleware.
+    bytes as UTF-8 gives the path an ASGI server would (bytes that are not
+    UTF-8 become U+FFFD), for route patterns and logs. Record keys and
+    fingerprints keep those bytes (:func:`_identity_path`).
     """
     raw: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
     try:
         return raw.encode("latin-1").decode("utf-8", "replace")
     except UnicodeEncodeError:  # a server that already decoded it
         return raw
+
+
+def _undecoded(raw: str) -> str | None:
+    """PEP 3333's latin-1 text of a path decoded with its bytes kept, or None when they are UTF-8.
+
+    Record keys and fingerprints are made of this path where it is not None:
+    bytes that are not UTF-8 are kept (``surrogateescape``), so
+    ``/files/%FF`` and ``/files/%FE`` differ, and the result equals the ASGI
+    front's (:func:`idempo._core.http.identity_path`) for the same request. A
+    UTF-8 path keeps the path it always had, so its record key never changes.
+    """
+    if raw.isascii():
+        return None
+    try:
+        data = raw.encode("latin-1")
+    except UnicodeEncodeError:  # a server that already decoded it
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "surrogateescape")
+    return None
 
 
 class IdempotencyMiddleware:
@@ -212,6 +236,7 @@ class IdempotencyMiddleware:
         method: str = environ["REQUEST_METHOD"]
         if policy is None or method not in policy.methods:
             return app(environ, start_response)
+        path = request_path(environ)
         admitted = _admit(
             self.store,
             policy,
@@ -220,7 +245,8 @@ class IdempotencyMiddleware:
             front="wsgi",
             route=route,
             method=method,
-            path=request_path(environ),
+            path=path,
+            identity_path=_undecoded(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")) or path,
             key_name=self._environ_key,
             principal=self.principal,
             read=_read_input,
@@ -245,12 +271,13 @@ class IdempotencyMiddleware:
         def capture_start_response(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
         ) -> Write:
-            # PEP 3333: a second call carries exc_info; the server's own
-            # start_response re-raises it once the headers are sent.
-            write = start_response(status, headers, exc_info)
-            exchange.started = True
+            # Captured before the server sees it, so a response the server
+            # refuses (it raises) is known as refused. PEP 3333: a second call
+            # carries exc_info; the server's own start_response re-raises it
+            # once the headers are sent, and the exception settles the record.
             with exchange.guard():
-                capture.start(_status_code(status), [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers])
+                exchange.start(status, headers)
+            write = start_response(status, headers, exc_info)
 
             def capture_write(data: bytes) -> object:
                 with exchange.guard():
@@ -297,6 +324,7 @@ def _admit(
     route: str,
     method: str,
     path: str,
+    identity_path: str,
     key_name: str,
     principal: Callable[[_Request], str | None],
     read: Callable[[_Request, Policy], bytes | None],
@@ -310,7 +338,9 @@ def _admit(
     policy)`` for the body (None past ``policy.max_request_body``: 413;
     :class:`BodyIncomplete`: 400); then runs ``begin``. The caller has
     checked that ``policy`` covers ``method``; ``front`` and ``route`` label
-    the observation.
+    the observation; ``path`` is shown in logs and problem details,
+    ``identity_path`` (the same path with bytes that are not UTF-8 kept) makes
+    the record key and the fingerprint.
 
     Returns:
         None to pass the request through untouched; a StoredResponse to answer
@@ -320,7 +350,7 @@ def _admit(
         when the store failed and the policy fails open.
     """
     raw_key = environ.get(key_name)
-    key_values = [] if raw_key is None else split_folded(raw_key.encode("latin-1"))
+    key_values = [] if raw_key is None else split_folded(_latin1(raw_key))
     key = check_key(policy, method, path, key_values)
     if key is None:
         return None
@@ -328,6 +358,11 @@ def _admit(
     if isinstance(key, StoredResponse):
         observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
         return key
+    raw_content_type = environ.get("CONTENT_TYPE")
+    content_type = content_type_of([_latin1(raw_content_type)] if raw_content_type else [])
+    if isinstance(content_type, StoredResponse):
+        observation.finish(Outcome.CONTENT_TYPE_AMBIGUOUS, content_type.status)
+        return content_type
     who = principal(request)
     if who is None:
         observation.finish(Outcome.NO_PRINCIPAL, 400)
@@ -342,10 +377,9 @@ def _admit(
         return body_too_large_answer(policy)
 
     query = environ.get("QUERY_STRING", "")
-    content_type = environ.get("CONTENT_TYPE") or None
     try:
         digests = secret.digests or secret.load(store)
-        identity = request_identity(policy, digests, who, method, path, query, content_type, body, key)
+        identity = request_identity(policy, digests, who, method, identity_path, query, content_type, body, key)
         observation.identify(who, key, identity.record_key, digests)
         legacy = None
         if secret.legacy_possible():
@@ -371,6 +405,14 @@ def _admit(
         observation.finish(status=answer.status)
         return answer
     return _Exchange(store, policy, identity.record_key, decision.token, observation)
+
+
+def _latin1(text: str) -> bytes:
+    """A header's bytes from PEP 3333's latin-1 text (UTF-8 from a server that decoded it otherwise)."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
 
 
 def _read_input(environ: Environ, policy: Policy) -> bytes | None:
@@ -536,6 +578,25 @@ class _Exchange:
         self.execution.fail(exc, self.capture.status if self.started else None)
         self._finish(None)
 
+    def start(self, status: int | str, headers: Iterable[tuple[str, str]]) -> None:
+        """Capture the status (a WSGI status line, or Django's code) and header lines (text, PEP 3333).
+
+        A line that is not latin-1 text, or a status line that does not start
+        with a code, is a response no server can send: it is never stored.
+        """
+        self.started = True
+        capture = self.capture
+        code = status if isinstance(status, int) else _status_code(status)
+        try:
+            lines = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        except (AttributeError, UnicodeEncodeError):
+            capture.start(code, ())
+            capture.refuse("a response header line is not latin-1 text (PEP 3333)")
+        else:
+            capture.start(code, lines)
+        if code == 0:
+            capture.refuse(f"the status line {str(status)[:64]!r} does not start with a status code")
+
     def abandon(self) -> None:
         """A crash (SystemExit, KeyboardInterrupt): settle nothing, stop renewing; the lease expires."""
         self.execution.abandon()
@@ -553,14 +614,23 @@ class _Exchange:
             return
         if raised is not None:
             self.observation.error = raised
-            execution.fail(raised, self.capture.status if self.started else None)
+            if self.capture.refusal is not None:
+                # The server refused the answer (it raised): never stored, as any refused one.
+                self.observation.response_refused(self.capture.refusal)
+                execution.settle(None, Verdict.RELEASE)
+            else:
+                execution.fail(raised, self.capture.status if self.started else None)
             self._finish(self.capture.status if self.started else None)
             return
         try:
             capture = self.capture
             response: StoredResponse | None = None
             reason = None
-            if not self.started:
+            if capture.refusal is not None:
+                # No server may send it: never stored.
+                verdict = Verdict.RELEASE
+                self.observation.response_refused(capture.refusal)
+            elif not self.started:
                 verdict = Verdict.RELEASE  # the body ended without a status line: nothing whole to store
             elif capture.verdict is not Verdict.STORE and self.reported is not None:
                 verdict = self.policy.verdict_for_exception(self.reported)
@@ -720,4 +790,10 @@ def _answer(start_response: StartResponse, response: StoredResponse) -> list[byt
 
 
 def _status_code(status: str) -> int:
-    return int(status.split(" ", 1)[0])
+    """``"201 Created"`` -> 201; 0 when the status line does not start with a three-digit code."""
+    if not isinstance(status, str):
+        return 0
+    code = status[:3]
+    if len(code) == 3 and code.isdigit() and code.isascii() and status[3:4] in ("", " "):
+        return int(code)
+    return 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote_to_bytes
+
 import pytest
 
 from idempo import Policy
-from tests.adapters.conftest import B_PRIME, ServeFactory
+from tests.adapters.conftest import B_PRIME, K1, B, ServeFactory, Served
 
 
 @pytest.mark.parametrize(
@@ -15,11 +17,14 @@ from tests.adapters.conftest import B_PRIME, ServeFactory
         (b'{"a":{"y":1,"x":2},"l":[1,2]}', b'{"l":[1,2],"a":{"x":2,"y":1}}'),
         (b'{"name":"\\u00e9"}', '{"name":"é"}'.encode()),
         (b'{"qty":1}', b'{"qty":1.0}'),
+        (b'{"n":9007199254740992}', b'{"n":9007199254740992.0}'),
+        (b'{"n":1e400}', b'{"n":10e399}'),
+        (b'{"n":0}', b'{"n":-0.0}'),
     ],
-    ids=["key-order-and-whitespace", "nested", "unicode-escape", "number-1-vs-1.0"],
+    ids=["key-order-and-whitespace", "nested", "unicode-escape", "number-1-vs-1.0", "2**53", "1e400", "zero"],
 )
 def test_equivalent_json_is_the_same_request(serve: ServeFactory, first: bytes, retry: bytes) -> None:
-    """B07: JSON that differs only in key order, whitespace, escapes or 1 vs 1.0 (RFC 8785) replays."""
+    """B07: JSON that differs only in key order, whitespace, escapes or the spelling of a number's value replays."""
     s = serve()
     original = s.post(body=first)
     replay = s.post(body=retry)
@@ -35,11 +40,14 @@ def test_equivalent_json_is_the_same_request(serve: ServeFactory, first: bytes, 
         (b'{"sku":"A","qty":1}', b'{"sku":"A","qty":"1"}'),
         (b'{"a":{"y":1,"x":2},"l":[1,2]}', b'{"a":{"y":1,"x":2},"l":[2,1]}'),
         (b'{"sku":"A","qty":1}', B_PRIME),
+        (b'{"n":9007199254740993}', b'{"n":9007199254740992}'),
+        (b'{"n":0.1}', b'{"n":0.10000000000000001}'),
+        (b'{"n":1e-400}', b'{"n":0}'),
     ],
-    ids=["value-type", "array-order", "value"],
+    ids=["value-type", "array-order", "value", "big-integers", "decimal-digits", "underflow"],
 )
 def test_different_json_is_a_mismatch(serve: ServeFactory, first: bytes, retry: bytes) -> None:
-    """B07: a different value, value type or array order with the same key is 422 problem+json."""
+    """B07: a different value (numbers by exact decimal value), value type or array order with the same key is 422."""
     s = serve()
     s.post(body=first)
     mismatch = s.post(body=retry)
@@ -109,3 +117,100 @@ def test_expired_record_is_treated_as_new(serve: ServeFactory) -> None:
     assert other_body.status_code == 201
     assert other_body.json() == {"order_id": 3}
     assert s.orders.calls == 3
+
+
+# --- collisions (issue 11, item 5): requests the app can tell apart never share a fingerprint or record ---
+
+
+def test_two_different_content_type_lines_are_a_400(serve: ServeFactory) -> None:
+    """Two Content-Type lines that differ are 400 content-type-ambiguous on every front (frameworks read either).
+
+    Nothing runs and nothing is stored: idempo could not fingerprint what
+    the app reads (Starlette reads the first line; waitress joins both).
+    """
+    s = serve()
+    lines = [("Content-Type", "application/json"), ("Content-Type", "text/plain"), ("Idempotency-Key", K1)]
+    answer = s.client.post("/orders", content=B, headers=lines)
+    assert answer.status_code == 400
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["type"] == "https://idempo.dev/problems/content-type-ambiguous"
+    assert s.orders.calls == 0
+    assert s.record() is None
+    # One line with two media types is what a WSGI server makes of two lines: the same 400 everywhere.
+    folded = s.client.post(
+        "/orders", content=B, headers={"Content-Type": "application/json, text/plain", "Idempotency-Key": K1}
+    )
+    assert folded.status_code == 400
+    assert s.orders.calls == 0
+
+
+def test_repeated_identical_content_type_lines_count_as_one(serve: ServeFactory) -> None:
+    """Identical repeats (some proxies add them) are one media type: executed once, then replayed to one line."""
+    s = serve()
+    lines = [("Content-Type", "application/json"), ("Content-Type", "application/json"), ("Idempotency-Key", K1)]
+    first = s.client.post("/orders", content=B, headers=lines)
+    assert first.status_code == 201
+    assert s.post().headers["idempotent-replayed"] == "true"
+    assert s.orders.calls == 1
+
+
+def multipart(boundary: str) -> bytes:
+    return f'--{boundary}\r\nContent-Disposition: form-data; name="sku"\r\n\r\nA\r\n--{boundary}--\r\n'.encode()
+
+
+def test_multipart_boundary_case_is_part_of_the_request(serve: ServeFactory) -> None:
+    """A boundary is case-sensitive (RFC 2046): boundary=AbC after boundary=abc is 422, not abc's stored answer."""
+    s = serve()
+    body = multipart("AbC")
+    assert s.post(body=body, headers={"content-type": "multipart/form-data; boundary=abc"}).status_code == 201
+    corrected = s.post(body=body, headers={"content-type": "multipart/form-data; boundary=AbC"})
+    assert corrected.status_code == 422
+    assert "idempotent-replayed" not in corrected.headers
+    assert s.orders.calls == 1
+
+
+def test_media_type_spelling_does_not_matter(serve: ServeFactory) -> None:
+    """Type, subtype and parameter names ignore case, a quoted value equals the token (RFC 9110 8.3.1): a replay."""
+    s = serve()
+    body = multipart("AbC")
+    assert s.post(body=body, headers={"content-type": "multipart/form-data; boundary=AbC"}).status_code == 201
+    same = s.post(body=body, headers={"content-type": 'Multipart/Form-Data ; BOUNDARY="AbC"'})
+    assert same.headers["idempotent-replayed"] == "true"
+    assert s.orders.calls == 1
+
+
+@pytest.mark.parametrize("escaped", ["%FF", "%C3%A9"], ids=["not-utf8", "utf8"])
+def test_path_bytes_that_are_not_utf8_make_their_own_record(serve: ServeFactory, escaped: str) -> None:
+    """/orders/x%FF and /orders/x%FE are two records on every front (bytes, not one U+FFFD); UTF-8 paths keep theirs."""
+    s = serve()
+    first = s.post(path=f"/orders/x{escaped}")
+    assert first.status_code == 201
+    assert s.record(path=identity_path(s, f"/orders/x{escaped}")) is not None
+    other = s.post(path="/orders/x%FE")
+    assert other.status_code == 201
+    assert "idempotent-replayed" not in other.headers
+    assert s.orders.calls == 2
+    assert s.record(path=identity_path(s, "/orders/x%FE")) is not None
+    assert s.post(path=f"/orders/x{escaped}").headers["idempotent-replayed"] == "true"
+    assert s.orders.calls == 2
+
+
+def identity_path(s: Served, path: str) -> str:
+    """The path a record key is made of: bytes that are not UTF-8 kept (Django: re-escaped, as its views see them)."""
+    data = unquote_to_bytes(path)
+    if s.framework.name == "django":
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return path
+    return data.decode("utf-8", "surrogateescape")
+
+
+def test_query_bytes_that_are_not_utf8_are_part_of_the_request(serve: ServeFactory) -> None:
+    """?sig=%FF then ?sig=%FE with the same key is a mismatch (422) on every front, not the first signature's answer."""
+    s = serve()
+    assert s.post(path="/orders?sig=%FF").status_code == 201
+    assert s.post(path="/orders?sig=%FF").headers["idempotent-replayed"] == "true"
+    other = s.post(path="/orders?sig=%FE")
+    assert other.status_code == 422
+    assert s.orders.calls == 1

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Any
+from urllib.parse import quote_from_bytes, unquote
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from idempo import Existing, Marker, Policy, Record, RecordState, StoredResponse, Verdict
 from idempo._core.digests import Digests
@@ -12,10 +18,14 @@ from idempo._core.http import (
     ResponseCapture,
     body_too_large_answer,
     check_key,
+    content_type_of,
     decision_answer,
+    header_refusal,
+    identity_path,
     request_identity,
     store_unavailable_answer,
 )
+from idempo.wsgi import _undecoded, request_path
 
 
 def problem(response: StoredResponse) -> dict[str, object]:
@@ -194,3 +204,100 @@ def test_capture_start_again_starts_over() -> None:
     capture.add(b"whole")
     response = capture.response()
     assert response == StoredResponse(200, ((b"x-second", b"2"),), b"whole")
+
+
+# --- issue 11, item 5: what the fingerprint and the record key are made of ---
+
+
+def test_content_type_of_one_media_type() -> None:
+    """One line is taken as it is; identical repeats (lines, or a WSGI server's fold) count as one; none is None."""
+    assert content_type_of([]) is None
+    assert content_type_of([b"application/json"]) == b"application/json"
+    assert content_type_of([b"application/json", b"application/json"]) == b"application/json"
+    assert content_type_of([b"application/json, application/json"]) == b"application/json"
+    assert content_type_of([b'multipart/form-data; boundary="a,b"']) == b'multipart/form-data; boundary="a,b"'
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"application/json", b"text/plain"],
+        [b"application/json, text/plain"],
+        [b"application/json,"],
+        [b"text/plain", b"text/plain, application/json"],
+    ],
+)
+def test_content_type_of_two_media_types_is_a_400(lines: list[bytes]) -> None:
+    """Two different values (two lines, or one line a WSGI server folded) are 400 content-type-ambiguous."""
+    answer = content_type_of(lines)
+    assert isinstance(answer, StoredResponse)
+    assert answer.status == 400
+    assert problem(answer)["type"] == "https://idempo.dev/problems/content-type-ambiguous"
+
+
+def test_identity_path_gives_back_bytes_that_are_not_utf8() -> None:
+    """ASGI: /x/%FF and /x/%FE (both /x/U+FFFD in path) keep their bytes; a UTF-8 path is left as it is."""
+    assert identity_path("/x/\ufffd", b"/x/%FF") == "/x/\udcff"
+    assert identity_path("/x/\ufffd", b"/x/%FE") == "/x/\udcfe"
+    assert identity_path("/x/\u00e9", b"/x/%C3%A9") == "/x/\u00e9"
+    assert identity_path("/x/\ufffd", b"/x/%EF%BF%BD") == "/x/\ufffd"  # a real U+FFFD stays one
+    assert identity_path("/api/x/\ufffd", b"/x/%FF") == "/api/x/\udcff"  # a root_path before path only
+    assert identity_path("/x/\ufffd", None) == "/x/\ufffd"  # no raw_path: nothing to give back
+    assert identity_path("/y/\ufffd", b"/x/%FF") == "/y/\ufffd"  # a raw_path that does not match
+
+
+@given(st.binary(max_size=12))
+def test_asgi_and_wsgi_identity_paths_agree_and_keep_every_byte(tail: bytes) -> None:
+    """For any path bytes, both fronts make one identity path of them, and different bytes never share one."""
+    raw = b"/f/" + tail
+    escaped = quote_from_bytes(raw, safe="/")
+    asgi = identity_path(unquote(escaped), escaped.encode("ascii"))  # what uvicorn puts in path and raw_path
+    environ = {"PATH_INFO": raw.decode("latin-1")}  # PEP 3333
+    wsgi = _undecoded(environ["PATH_INFO"]) or request_path(environ)
+    assert asgi == wsgi
+    assert asgi.encode("utf-8", "surrogateescape") == raw
+
+
+def test_header_refusal() -> None:
+    """Names must be tokens, values free of CR, LF, NUL and other controls but HTAB (RFC 9110 5.1, 5.5); bytes only."""
+    assert header_refusal([(b"content-type", b"application/json"), (b"x-a", b"a\tb \xe9"), (b"x-e", b"")]) is None
+    refused: list[Any] = [
+        [(b"x-a", b"a\r\nset-cookie: x=1")],
+        [(b"x-a", b"a\x00")],
+        [(b"x-a", b"a\x01")],
+        [(b"x-a", b"a\x7f")],
+        [(b"bad name", b"v")],
+        [(b"", b"v")],
+        [(b"x-a:", b"v")],
+        [("x-a", b"v")],
+        [(b"x-a", "v")],
+    ]
+    for headers in refused:
+        reason = header_refusal(headers)
+        assert reason is not None
+        assert "a\r" not in reason
+        assert "set-cookie" not in reason
+
+
+def test_capture_refuses_a_response_no_server_may_send() -> None:
+    """A header line that is not a valid field: RELEASE, with the reason, nothing kept; a 5xx is released anyway."""
+    capture = ResponseCapture(Policy())
+    assert capture.start(201, [(b"x-echo", b"a\r\nb")]) is Verdict.RELEASE
+    capture.add(b"{}")
+    assert capture.response() is None
+    assert capture.refusal is not None
+    assert "x-echo" in capture.refusal
+    assert capture.start(201, [(b"x-echo", b"ab")]) is Verdict.STORE  # starting over forgets the refusal
+    assert capture.refusal is None
+    capture.add(bytearray(b"{"))
+    capture.add(memoryview(b"}"))
+    stored = capture.response()
+    assert stored is not None
+    assert stored.body == b"{}"
+    capture.start(201, [])
+    capture.add("text")  # type: ignore[arg-type]  # an app that yields str
+    assert capture.response() is None
+    assert capture.refusal == "a body chunk is str, not bytes"
+    unstored = ResponseCapture(Policy())
+    assert unstored.start(500, [(b"x-echo", b"a\r\nb")]) is Verdict.RELEASE
+    assert unstored.refusal is None

@@ -31,6 +31,7 @@ FIELDS = {
     "idempo_verdict",
     "idempo_settle_error",
     "idempo_error",
+    "idempo_detail",
     "idempo_store_ms",
     "idempo_handler_ms",
     "idempo_duration_ms",

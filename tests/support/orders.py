@@ -3,7 +3,7 @@
 Contract (each framework's version must keep it, so one behaviour suite runs
 against all of them):
 
-``POST /orders`` (also ``PATCH /orders``) increments ``Orders.calls`` (n) and
+``POST /orders`` (also ``PATCH /orders``, and both on ``/orders/<anything>``) increments ``Orders.calls`` (n) and
 answers ``201`` with body ``{"order_id": n}`` (plus ``"owner": X`` when the
 request has ``Authorization: Bearer X``), ``Location: /orders/<n>`` and
 ``Content-Type: application/json``. Request headers steer it; they are not
@@ -19,6 +19,10 @@ part of the fingerprint, so a retry may change them:
   ``raw:<json>`` (that JSON literal as the body, e.g. ``raw:[1,2]``),
   ``headers`` (the header set of case B13), ``background`` (a background task
   that increments ``Orders.background``), ``file`` (a file response).
+- ``X-Test-Header: <name>=<value>``: add this header line to the ``json``
+  answer, name and value percent-decoded to latin-1 text, so a test can make
+  the app reflect CR, LF or NUL into a header (Flask and Django refuse CR and
+  LF themselves: their view raises).
 
 ``GET /orders`` and ``PUT``/``DELETE /orders`` also count and answer 200, to
 show methods that are idempotent by definition pass through. ``GET /health``
@@ -47,6 +51,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import anyio
 from litestar import Litestar, get, patch, post, route
@@ -80,6 +85,15 @@ def header_set(n: int) -> list[tuple[str, str]]:
         ("Link", '<a>; rel="x"'),
         ("Link", '<b>; rel="y"'),
     ]
+
+
+def extra_header(headers: Any) -> tuple[str, str] | None:
+    """The header line ``X-Test-Header: <name>=<value>`` asks for (percent-decoded, latin-1), or None."""
+    spec = headers.get("x-test-header")
+    if not spec:
+        return None
+    name, _, value = spec.partition("=")
+    return unquote_to_bytes(name).decode("latin-1"), unquote_to_bytes(value).decode("latin-1")
 
 
 def compact_json(payload: Any) -> bytes:
@@ -153,7 +167,11 @@ def build_response(orders: Orders, n: int, headers: Any) -> Response:
     if kind == "file":
         assert orders.file_path is not None
         return FileResponse(orders.file_path, status_code=status, media_type="application/octet-stream")
-    return JSONResponse(payload, status_code=status, headers=location)
+    response = JSONResponse(payload, status_code=status, headers=location)
+    extra = extra_header(headers)
+    if extra is not None:
+        response.raw_headers.append((extra[0].encode("latin-1"), extra[1].encode("latin-1")))
+    return response
 
 
 async def handle_order(orders: Orders, request: Request) -> Response:
@@ -183,6 +201,7 @@ def starlette_app(orders: Orders) -> Starlette:
     return Starlette(
         routes=[
             Route("/orders", orders_endpoint, methods=["GET", "POST", "PATCH", "PUT", "DELETE"]),
+            Route("/orders/{rest:path}", orders_endpoint, methods=["POST", "PATCH"]),
             Route("/health", health),
         ]
     )
@@ -200,6 +219,10 @@ def fastapi_app(orders: Orders) -> Any:
 
     @app.patch("/orders")
     async def patch_order(request: Request) -> Response:
+        return await handle_order(orders, request)
+
+    @app.api_route("/orders/{rest:path}", methods=["POST", "PATCH"], status_code=201)
+    async def order_below(request: Request) -> Response:
         return await handle_order(orders, request)
 
     @app.api_route("/orders", methods=["GET", "PUT", "DELETE"])
@@ -290,6 +313,10 @@ def litestar_app(orders: Orders, plugins: list[Any] | None = None) -> Any:
         if kind == "file":
             assert orders.file_path is not None
             return File(orders.file_path, status_code=status, media_type="application/octet-stream")
+        extra = extra_header(headers)
+        if extra is not None:
+            lines = [("content-type", "application/json"), *location.items(), extra]
+            return ASGIResponse(body=compact_json(payload), status_code=status, headers=lines)
         return LitestarResponse(
             compact_json(payload), status_code=status, media_type="application/json", headers=location
         )
@@ -314,6 +341,10 @@ def litestar_app(orders: Orders, plugins: list[Any] | None = None) -> Any:
     async def patch_order(request: LitestarRequest[Any, Any, Any]) -> ASGIApp:
         return await handle(request)
 
+    @route("/orders/{rest:path}", http_method=["POST", "PATCH"], status_code=201)
+    async def order_below(request: LitestarRequest[Any, Any, Any]) -> ASGIApp:
+        return await handle(request)
+
     @route("/orders", http_method=["GET", "PUT", "DELETE"], status_code=200)
     async def other(request: LitestarRequest[Any, Any, Any]) -> dict[str, str]:
         orders.enter()
@@ -323,7 +354,7 @@ def litestar_app(orders: Orders, plugins: list[Any] | None = None) -> Any:
     async def health() -> str:
         return "ok"
 
-    return Litestar([create_order, patch_order, other, health], plugins=plugins or [], logging_config=None)
+    return Litestar([create_order, patch_order, order_below, other, health], plugins=plugins or [], logging_config=None)
 
 
 def order_payload(n: int, headers: Any) -> dict[str, Any]:
@@ -386,6 +417,9 @@ def flask_app(orders: Orders) -> Any:
         if kind.startswith("raw:"):
             return Response(kind[4:].encode(), status=status, mimetype="application/json", headers=location)
         response = Response(compact_json(payload), status=status, mimetype="application/json", headers=location)
+        extra = extra_header(headers)
+        if extra is not None:
+            response.headers.add(*extra)  # werkzeug raises for CR and LF
         if kind == "headers":
             del response.headers["Location"]
             for name, value in header_set(n):
@@ -402,6 +436,11 @@ def flask_app(orders: Orders) -> Any:
             response = send_file(orders.file_path, mimetype="application/octet-stream")
             response.status_code = status
         return response
+
+    @app.route("/orders/<path:rest>", methods=["POST", "PATCH"])
+    def order_below(rest: str) -> Any:
+        request.get_data()
+        return respond(enter_sync(orders, request.headers))
 
     @app.route("/orders", methods=["GET", "POST", "PATCH", "PUT", "DELETE"])
     def orders_endpoint() -> Any:
@@ -504,9 +543,13 @@ def django_app(orders: Orders, idempo: dict[str, Any]) -> Any:
         if kind == "file":
             assert orders.file_path is not None
             return FileResponse(orders.file_path.open("rb"), status=status, content_type="application/octet-stream")
-        return HttpResponse(compact_json(payload), status=status, content_type="application/json", headers=location)
+        response = HttpResponse(compact_json(payload), status=status, content_type="application/json", headers=location)
+        extra = extra_header(headers)
+        if extra is not None:
+            response.headers[extra[0]] = extra[1]  # Django raises BadHeaderError for CR and LF
+        return response
 
-    def orders_view(request: Any) -> Any:
+    def orders_view(request: Any, rest: str | None = None) -> Any:
         if request.method in ("POST", "PATCH"):
             request.body  # noqa: B018
             return respond(request, enter_sync(orders, request.headers))
@@ -516,7 +559,8 @@ def django_app(orders: Orders, idempo: dict[str, Any]) -> Any:
     def health(request: Any) -> Any:
         return HttpResponse(b"ok", content_type="text/plain")
 
-    return django_handler([path("orders", orders_view), path("health", health)], idempo)
+    patterns = [path("orders", orders_view), path("orders/<path:rest>", orders_view), path("health", health)]
+    return django_handler(patterns, idempo)
 
 
 def django_handler(patterns: list[Any], idempo: dict[str, Any], middleware: list[str] | None = None) -> Any:

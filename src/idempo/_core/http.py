@@ -3,9 +3,12 @@
 An adapter (ASGI, WSGI, Django) reads the request, then asks this module:
 
 1. :func:`check_key`: does the request take part, under which key, or is it a 400?
-2. :func:`request_identity`: the record key and fingerprint of the request.
-3. :func:`decision_answer`: the answer for a replay, a 409 or a 422.
-4. :class:`ResponseCapture`: what of the handler's response is stored.
+2. :func:`content_type_of`: the one media type the fingerprint covers, or a 400.
+3. :func:`request_identity`: the record key and fingerprint of the request
+   (over the path :func:`identity_path` gives back the raw bytes of).
+4. :func:`decision_answer`: the answer for a replay, a 409 or a 422.
+5. :class:`ResponseCapture`: what of the handler's response is stored (never
+   a response no server may send).
 
 and, before all that, which policy applies: :class:`RouteTable` (path
 patterns) and :class:`RouteOptions` (options declared on a route or view by a
@@ -20,16 +23,18 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from ..exceptions import ConfigurationError, InvalidKey
 from .digests import Digests, legacy_record_key
 from .fingerprint import _media_type, fingerprint, is_json_media_type, legacy_fingerprint
 from .flow import Held, InProgress, LegacyIdentity, Mismatch, NotReplayable, Replay
-from .keys import parse_key
+from .keys import parse_key, split_folded
 from .policy import Policy, Verdict
 from .problems import (
     BODY_INCOMPLETE,
     BODY_TOO_LARGE,
+    CONTENT_TYPE_AMBIGUOUS,
     FINGERPRINT_MISMATCH,
     INVALID_CONTENT_LENGTH,
     INVALID_KEY,
@@ -53,9 +58,12 @@ __all__ = [
     "body_incomplete_answer",
     "body_too_large_answer",
     "check_key",
+    "content_type_of",
     "decision_answer",
     "declared_length",
     "fingerprint_off_loop",
+    "header_refusal",
+    "identity_path",
     "invalid_content_length_answer",
     "legacy_identity",
     "principal_required_answer",
@@ -203,6 +211,66 @@ def check_key(policy: Policy, method: str, path: str, key_values: Sequence[bytes
     return key
 
 
+def content_type_of(values: Sequence[bytes]) -> bytes | StoredResponse | None:
+    """The request's media type, from its ``Content-Type`` header lines; a 400 when they name two.
+
+    ``Content-Type`` is a singleton field (RFC 9110 sections 5.3 and 8.3):
+    two lines that differ are an error, and frameworks would each read their
+    own (Starlette the first line, a WSGI server one of them or, as waitress
+    does, both joined with a comma), so no fingerprint could cover what the
+    app reads. The lines, and the comma-separated parts of each (what a WSGI
+    server makes of two lines; a comma inside a quoted parameter value is no
+    separator), must therefore be one media type. Identical repeats count as
+    one, as for ``Idempotency-Key``. The rule is the same on every front.
+
+    Args:
+        values: the raw value of every ``Content-Type`` line (latin-1 bytes).
+
+    Returns:
+        None without the header; the one value; or the 400 problem to answer
+        with (nothing run, nothing stored).
+    """
+    if not values:
+        return None
+    first = values[0]
+    if len(values) == 1 and b"," not in first:
+        return first
+    parts = [part for value in values for part in split_folded(value)]
+    first = parts[0]
+    for other in parts[1:]:
+        if other != first:
+            detail = "The request has two different Content-Type values; send exactly one media type."
+            return problem_response(CONTENT_TYPE_AMBIGUOUS, detail)
+    return first
+
+
+def identity_path(path: str, raw_path: bytes | None) -> str:
+    """The path a record key and fingerprint are made of (ASGI): ``path``, with bytes that are not UTF-8 kept.
+
+    ASGI servers decode the percent-decoded path as UTF-8 and replace what is
+    not UTF-8 with U+FFFD (uvicorn and hypercorn use ``unquote``), so
+    ``/files/%FF`` and ``/files/%FE`` arrive as one ``path``. The raw path
+    (``raw_path``, ASGI 3) still holds the bytes; they are decoded with
+    ``surrogateescape``, as the WSGI front decodes PEP 3333's latin-1 text, so
+    one request has one record key and fingerprint under either front. A path
+    that is UTF-8 is returned as it is, so its record key never changes.
+
+    Args:
+        path: the scope's ``path``.
+        raw_path: the scope's ``raw_path`` (the bytes of the request target's
+            path, escapes not decoded), or None when the server gives none.
+    """
+    if "\ufffd" not in path or not isinstance(raw_path, bytes):
+        return path
+    faithful = unquote_to_bytes(raw_path).decode("utf-8", "surrogateescape")
+    lossy = faithful.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if lossy == path:
+        return faithful
+    if path.endswith(lossy):  # a root_path the server put before the path only
+        return path[: len(path) - len(lossy)] + faithful
+    return path
+
+
 def principal_required_answer() -> StoredResponse:
     """The 400 for a request whose principal resolver found no identity."""
     return problem_response(PRINCIPAL_REQUIRED, "This request carries no identity to scope its Idempotency-Key to.")
@@ -266,7 +334,12 @@ def request_identity(
     body: bytes,
     key: str,
 ) -> RequestIdentity:
-    """Return the record key (scope: principal, method, path) and the fingerprint, both keyed with ``digests``."""
+    """Return the record key (scope: principal, method, path) and the fingerprint, both keyed with ``digests``.
+
+    ``path`` is the identity path (:func:`identity_path`, or the WSGI
+    front's latin-1 text decoded with ``surrogateescape``): two paths that
+    differ in their bytes never share a record key or a fingerprint.
+    """
     return RequestIdentity(
         digests.record_key(principal, method, path, key),
         fingerprint(method, path, query, content_type, body, secret=digests, canonical_json=policy.canonical_json),
@@ -351,6 +424,44 @@ def decision_answer(decision: Replay | InProgress | Mismatch | Held | NotReplaya
     return problem_response(FINGERPRINT_MISMATCH, detail)
 
 
+# RFC 9110 section 5.1: a field name is a token. Section 5.5: a field value
+# holds no CR, LF or NUL, nor any other control character but HTAB (uvicorn's
+# httptools protocol refuses exactly these; h11 and waitress refuse part of them).
+_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_NOT_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Names already checked: an app sends few distinct ones; bounded.
+_FIELD_NAMES: set[bytes] = set()
+
+
+def header_refusal(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """Why no server may send these response header lines, or None when each is valid.
+
+    A name must be a token (RFC 9110 section 5.1) and a value must hold no
+    CR, LF, NUL or other control character but HTAB (section 5.5), both as
+    bytes. The reason names the header, never its value.
+    """
+    for name, value in headers:
+        if type(name) is not bytes:
+            return f"the response header name {_shown(name)} is not bytes"
+        if name not in _FIELD_NAMES:
+            if _FIELD_NAME.fullmatch(name) is None:
+                return f"the response header name {_shown(name)} is not a token (RFC 9110 section 5.1)"
+            if len(_FIELD_NAMES) < 1024:
+                _FIELD_NAMES.add(name)
+        if type(value) is not bytes:
+            return f"the value of the response header {_shown(name)} is not bytes"
+        if _NOT_FIELD_VALUE.search(value) is not None:
+            return (
+                f"the value of the response header {_shown(name)} holds a control character "
+                "(CR, LF, NUL, ...; RFC 9110 section 5.5)"
+            )
+    return None
+
+
+def _shown(name: object) -> str:
+    return repr(name[:64] if isinstance(name, (bytes, str)) else name)
+
+
 class ResponseCapture:
     """Collects what of the handler's response will be stored.
 
@@ -360,13 +471,17 @@ class ResponseCapture:
     A body over ``policy.max_response_body`` is no longer kept (it still
     reaches the client whole): the response to store becomes a
     not-replayable :class:`~idempo._core.records.Marker`, so a retry gets
-    410 and the handler never runs twice.
+    410 and the handler never runs twice. A response no server may send
+    (:func:`header_refusal`) is never stored: its verdict becomes RELEASE,
+    and :attr:`refusal` says why.
 
     Attributes:
         verdict: what to do with the record once the response is complete.
+        refusal: why the response is not stored although its status would
+            be, or None.
     """
 
-    __slots__ = ("_chunks", "_headers", "_policy", "_size", "_status", "_too_large", "verdict")
+    __slots__ = ("_chunks", "_headers", "_policy", "_size", "_status", "_too_large", "refusal", "verdict")
 
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
@@ -376,6 +491,7 @@ class ResponseCapture:
         self._size = 0
         self._too_large = False
         self.verdict = Verdict.RELEASE
+        self.refusal: str | None = None
 
     def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> Verdict:
         """Record the status line and headers; return the verdict for the status.
@@ -389,8 +505,13 @@ class ResponseCapture:
         self._chunks = []
         self._size = 0
         self._too_large = False
+        self.refusal = None
         self.verdict = verdict = policy.verdict_for_status(status)
         if verdict is Verdict.STORE:
+            refusal = header_refusal(headers)
+            if refusal is not None:
+                self.refuse(refusal)
+                return self.verdict
             stored_name = policy.stored_name
             kept = []
             for name, value in headers:
@@ -400,10 +521,27 @@ class ResponseCapture:
             self._headers = tuple(kept)
         return verdict
 
+    def refuse(self, reason: str) -> None:
+        """Never store this response (the server cannot send it): RELEASE, with ``reason`` as :attr:`refusal`.
+
+        A no-op unless the verdict is STORE: only a response that would be
+        stored needs refusing.
+        """
+        if self.verdict is Verdict.STORE:
+            self.verdict = Verdict.RELEASE
+            self.refusal = reason
+            self._headers = ()
+            self._chunks = []
+
     def add(self, chunk: bytes) -> None:
-        """Add a body chunk (ignored unless the verdict is STORE)."""
+        """Add a body chunk (ignored unless the verdict is STORE); a chunk that is not bytes refuses the response."""
         if self.verdict is not Verdict.STORE or not chunk:
             return
+        if type(chunk) is not bytes:
+            if not isinstance(chunk, (bytearray, memoryview)):
+                self.refuse(f"a body chunk is {type(chunk).__name__}, not bytes")
+                return
+            chunk = bytes(chunk)
         self._size += len(chunk)
         if self._too_large:
             return

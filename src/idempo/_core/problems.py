@@ -38,6 +38,7 @@ PRINCIPAL_REQUIRED = Problem(400, "principal-required", "Idempotency-Key needs a
 BODY_TOO_LARGE = Problem(413, "body-too-large", "Request body is too large for an idempotent request")
 BODY_INCOMPLETE = Problem(400, "body-incomplete", "Request body is incomplete")
 INVALID_CONTENT_LENGTH = Problem(400, "invalid-content-length", "Content-Length is not a valid length")
+CONTENT_TYPE_AMBIGUOUS = Problem(400, "content-type-ambiguous", "Content-Type holds more than one media type")
 KEY_IN_PROGRESS = Problem(409, "key-in-progress", "A request is outstanding for this Idempotency-Key")
 FINGERPRINT_MISMATCH = Problem(422, "fingerprint-mismatch", "Idempotency-Key is already used for a different request")
 #: 409, not the "in progress" type: waiting does not help, the key is held until
