@@ -490,3 +490,37 @@ def test_an_over_long_folded_key_header_is_400_without_being_split(monkeypatch: 
     started, body = call(middleware, HTTP_IDEMPOTENCY_KEY="k1, k1")
     assert started[0][0].startswith("201")
     b"".join(body)
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "chunks"),
+    [
+        ("201 Created", [("Content-Type", "application/json"), ("X-Price", "5 €")], [b"{}"]),
+        ("Created", [("Content-Type", "application/json")], [b"{}"]),
+        ("201 Created", [("Content-Type", "text/plain")], ["text, not bytes"]),
+    ],
+    ids=["header-not-latin1", "status-without-code", "str-body"],
+)
+def test_a_response_no_server_can_send_is_refused_not_raised(
+    status: str, headers: list[tuple[str, str]], chunks: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """PEP 3333 violations by the app (non-latin-1 header, no status code, str body) release the key, never raise."""
+    caplog.set_level(logging.WARNING, logger="idempo")
+    calls = 0
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        nonlocal calls
+        calls += 1
+        start_response(status, headers)
+        return chunks
+
+    store = MemoryStore()
+    middleware = IdempotencyMiddleware(app, store)
+    for _ in range(2):
+        _, body = call(middleware)
+        list(body)
+        getattr(body, "close", lambda: None)()
+    assert calls == 2  # released, so the retry ran again
+    assert store.get(_record(store)) is None
+    outcomes = [getattr(r, "idempo_outcome", None) for r in caplog.records if hasattr(r, "idempo_outcome")]
+    assert outcomes == ["invalid_response"] * 2
