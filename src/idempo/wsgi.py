@@ -125,7 +125,7 @@ def request_path(environ: Environ) -> str:
     PEP 3333 hands the path as latin-1 text of the raw bytes; decoding the
     bytes as UTF-8 gives the path an ASGI server would (bytes that are not
     UTF-8 become U+FFFD), for route patterns and logs. Record keys and
-    fingerprints keep those bytes (:func:`_identity_path`).
+    fingerprints keep those bytes (:func:`_undecoded`).
     """
     raw: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
     try:
