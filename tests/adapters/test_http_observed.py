@@ -73,4 +73,6 @@ def test_bypassed_request_is_logged_with_the_handlers_status_and_time(
     assert eventually(lambda: outcomes(caplog) == [("bypassed", 201)]), outcomes(caplog)
     (record,) = [r for r in caplog.records if hasattr(r, "idempo_outcome")]
     assert record.levelno == logging.WARNING
-    assert record.idempo_handler_ms >= handler_ms  # type: ignore[attr-defined]
+    # uvloop (libuv) runs timers on a millisecond clock cached at each loop turn, so a 50 ms sleep can
+    # end up to 1 ms early by the perf_counter idempo times the handler with.
+    assert record.idempo_handler_ms >= handler_ms - 1  # type: ignore[attr-defined]

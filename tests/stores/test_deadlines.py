@@ -150,8 +150,10 @@ def test_blocking_store_outage_is_store_unavailable_within_the_deadline(
         cut.heal()
         ends = time.monotonic() + RECOVERY
         while True:
+            # A fresh key each time: a begin that timed out on our side may still have landed on the
+            # server (its reply lost), and would then answer this key with its own record.
             try:
-                result = store.begin(key, "fp", 30_000)
+                result = store.begin(uuid.uuid4().hex, "fp", 30_000)
                 break
             except StoreUnavailable:
                 assert time.monotonic() < ends, "the store did not recover after the relay healed"
