@@ -18,7 +18,8 @@ from idempo._core.flow import Replay, begin_flow
 from idempo._core.keys import make_record_key, parse_key
 from idempo._core.policy import Policy
 from idempo._core.records import StoredResponse
-from idempo._engine import begin_async, begin_sync, drive_async, drive_sync
+from idempo._engine.begin import begin_async, begin_sync
+from idempo._engine.drivers import drive_async, drive_sync
 from idempo.asgi import IdempotencyMiddleware
 from idempo.stores.memory import AsyncMemoryStore, MemoryStore
 

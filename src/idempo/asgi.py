@@ -44,10 +44,10 @@ from ._core.http import (
 )
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import begin_async, logger
-from ._lease import AsyncExecution
+from ._engine.begin import Legacy, begin_async
+from ._engine.execution import AsyncExecution
 from .exceptions import ConfigurationError, StoreError, StoreUnavailable
-from .observability import Outcome, RequestObservation, observe_request
+from .observability import Outcome, RequestObservation, logger, observe_request
 from .principals import default as default_principal
 from .principals import legacy_principal
 from .secrets import SecretSource
@@ -283,15 +283,15 @@ class IdempotencyMiddleware:
         legacy = None
         if self._secret.legacy_possible():
 
-            async def legacy() -> LegacyIdentity | None:
+            def old_identity() -> LegacyIdentity | None:
                 # After a fresh lease: where a version before keyed digests kept the record.
-                if not await self._secret.alegacy_open(self.store):
-                    return None
                 old = legacy_principal(scope, self.principal, principal)
                 if old is None:
                     return None
                 query = scope.get("query_string", b"")
                 return legacy_identity(policy, old, method, path, query, content_type, body, key)
+
+            legacy = Legacy(self._secret, old_identity)
 
         try:
             call = begin_async(self.store, identity.record_key, identity.fingerprint, policy, observation, legacy)

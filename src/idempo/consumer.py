@@ -43,10 +43,10 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from uuid import UUID
 
-from ._calls import Engine, async_store, canonical_form, key_text, scope_of, sync_store
 from ._core.policy import Policy, Verdict
-from ._engine import logger
+from ._engine.calls import Engine, async_store, canonical_form, key_text, scope_of, sync_store
 from .exceptions import KeyHeld, KeyInProgress, MissingKey, ResultNotReplayable
+from .observability import logger
 from .secrets import SecretSource
 from .serializers import JSONSerializer, fingerprint_form
 from .typing import AsyncStore, Store

@@ -48,10 +48,10 @@ from types import MappingProxyType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 from uuid import UUID
 
-from ._calls import Engine, async_store, canonical_form, key_text, record_key, scope_of, sync_store
 from ._core.policy import Policy, Verdict
-from ._engine import logger
+from ._engine.calls import Engine, async_store, canonical_form, key_text, record_key, scope_of, sync_store
 from .exceptions import ConfigurationError, MissingKey
+from .observability import logger
 from .secrets import SecretSource
 from .serializers import JSONSerializer, PickleSerializer, Serializer, check_return_type, fingerprint_form
 from .typing import AsyncStore, Store

@@ -27,7 +27,6 @@ they are treated as absent.
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets as _random
 import threading
@@ -37,6 +36,7 @@ from typing import Any
 from ._core.digests import MIN_SECRET_BYTES, Digests
 from ._core.records import LEGACY_RECORD_KEY, RESERVED_PREFIX, SECRET_RECORD_KEY, Acquired, Existing
 from .exceptions import ConfigurationError, StoreError
+from .observability import logger
 from .typing import AsyncStore, Store
 
 __all__ = [
@@ -59,7 +59,6 @@ ENV_VAR = "IDEMPO_SECRET"
 _SECRET_LEASE_MS = 100 * 365 * 24 * 3600 * 1000
 _PREFIX = "secret:v1:"
 
-logger = logging.getLogger("idempo")
 _warned = threading.Event()
 
 

@@ -12,7 +12,7 @@
 The behaviour is the ASGI middleware's (:mod:`idempo.asgi`), rule for rule:
 both ask :mod:`idempo._core.http` what to answer, and this one drives the
 protocol against a blocking :class:`~idempo.typing.Store` with
-:func:`idempo._engine.begin_sync`. What is particular to WSGI (PEP 3333):
+:func:`idempo._engine.begin.begin_sync`. What is particular to WSGI (PEP 3333):
 
 - The request body is read from ``wsgi.input`` (at most ``CONTENT_LENGTH``
   bytes, refused with 413 past ``Policy.max_request_body`` before reading)
@@ -63,10 +63,10 @@ from ._core.http import (
 from ._core.keys import split_folded
 from ._core.policy import Policy, Verdict
 from ._core.records import StoredResponse
-from ._engine import begin_sync, logger
-from ._lease import Execution
+from ._engine.begin import Legacy, begin_sync
+from ._engine.execution import Execution
 from .exceptions import StoreError
-from .observability import Outcome, RequestObservation, observe_request
+from .observability import Outcome, RequestObservation, logger, observe_request
 from .principals import default as default_principal
 from .principals import legacy_principal
 from .secrets import SecretSource
@@ -384,14 +384,14 @@ def _admit(
         legacy = None
         if secret.legacy_possible():
 
-            def legacy() -> LegacyIdentity | None:
+            def old_identity() -> LegacyIdentity | None:
                 # After a fresh lease: where a version before keyed digests kept the record.
-                if not secret.legacy_open(store):
-                    return None
                 old = legacy_principal(request, principal, who)
                 if old is None:
                     return None
                 return legacy_identity(policy, old, method, path, query, content_type, body, key)
+
+            legacy = Legacy(secret, old_identity)
 
         decision = begin_sync(store, identity.record_key, identity.fingerprint, policy, observation, legacy)
     except StoreError as exc:

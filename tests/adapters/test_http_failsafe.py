@@ -63,7 +63,7 @@ STEPS: dict[str, tuple[Any, str]] = {
     "capture-body": (ResponseCapture, "add"),
     "capture-response": (ResponseCapture, "response"),
     "verdict": (Policy, "verdict_for_status"),
-    "settle-command": ("idempo._lease", "finish"),
+    "settle-command": ("idempo._engine.execution", "finish"),
     "observation": (RequestObservation, "settled"),
 }
 

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from idempo import Acquired, FingerprintMismatch, StoredResponse, idempotent, store_from_url
-from idempo._calls import canonical_form
 from idempo._core.digests import legacy_record_key, legacy_value
+from idempo._engine.calls import canonical_form
 from idempo.cli import main
 from idempo.consumer import IdempotentConsumer, Outcome
 from idempo.secrets import LEGACY_RECORD_KEY, open_legacy_window

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from idempo import Acquired, Existing, RecordState
-from idempo._lease import AsyncLeaseKeeper, LeaseKeeper
+from idempo._engine.lease import AsyncLeaseKeeper, LeaseKeeper
 from idempo.stores import AsyncMemoryStore, MemoryStore
 from tests.support.clock import FakeClock
 

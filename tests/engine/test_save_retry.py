@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from idempo import Acquired, KeyInProgress, Marker, Policy, RecordState, ResultNotReplayable, StoredResponse
-from idempo._calls import Engine, record_key
+from idempo._engine.calls import Engine, record_key
 from idempo.exceptions import StoreUnavailable
 from idempo.observability import instrument, uninstrument
 from idempo.secrets import store_secret

@@ -18,7 +18,7 @@ import anyio.to_thread
 import httpx
 
 from idempo import Policy
-from idempo._engine import _rooms
+from idempo._engine.begin import _rooms
 from idempo.asgi import IdempotencyMiddleware
 from idempo.stores import AsyncMemoryStore, MemoryStore
 from idempo.wsgi import IdempotencyMiddleware as WSGIMiddleware

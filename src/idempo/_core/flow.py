@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Protocol
 
 from .policy import Policy, Verdict
 from .records import MARKER_STATUS, Acquired, BeginResult, Existing, Marker, Record, RecordState, StoredResponse
@@ -29,17 +30,21 @@ __all__ = [
     "Complete",
     "Decision",
     "Extend",
+    "Get",
     "Held",
     "InProgress",
     "LegacyIdentity",
     "Mismatch",
     "NotReplayable",
+    "Polls",
     "Proceed",
     "Release",
     "Replay",
     "Sleep",
     "begin_flow",
     "decide",
+    "exception_verdict",
+    "failure_verdict",
     "finish",
     "legacy_decision",
     "retry_after_seconds",
@@ -57,6 +62,13 @@ class Begin:
     record_key: str
     fingerprint: str
     lease_ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    """Call ``store.get(record_key)``; the result sent back is the :class:`Record` or None."""
+
+    record_key: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,8 +237,21 @@ def legacy_decision(record: Record | None, fingerprint: str, policy: Policy, now
     return decision
 
 
+class Polls(Protocol):
+    """The polls the waiters of one key share (the engine's wait room); see :func:`begin_flow`."""
+
+    def mark(self) -> float:
+        """The moment a waiter goes to sleep, to compare polls against (an opaque clock reading)."""
+
+    def fresh(self, since: float) -> Existing | None:
+        """A poll answered after ``since`` (a :meth:`mark`), if any: as good as asking the store again."""
+
+    def found(self, result: BeginResult) -> None:
+        """A ``begin`` answered ``result``: keep it for the other waiters."""
+
+
 def begin_flow(
-    record_key: str, fingerprint: str, policy: Policy, first: Existing | None = None
+    record_key: str, fingerprint: str, policy: Policy, first: Existing | None = None, polls: Polls | None = None
 ) -> Generator[Begin | Sleep, BeginResult | None, Decision]:
     """Run the protocol up to the decision of what this request does.
 
@@ -242,14 +267,22 @@ def begin_flow(
         first: the result of a ``begin`` the driver already made (an
             in-progress record, see :func:`decide`); the flow starts from it
             instead of yielding its first Begin.
+        polls: shared with the other waiters of this key in the process: a
+            poll one of them made since this one went to sleep stands in for
+            its own ``begin``, and its own answers are shared in turn.
     """
     waited = 0.0
     pause = _POLL_FIRST
     result: BeginResult | None = first
+    since = polls.mark() if polls is not None else 0.0
     while True:
+        if result is None and polls is not None:
+            result = polls.fresh(since)
         if result is None:
             result = yield Begin(record_key, fingerprint, policy.lease_ttl_ms)
-        assert result is not None
+            assert result is not None
+            if polls is not None:
+                polls.found(result)
         decision = decide(result, fingerprint)
         if decision is not None:
             return decision
@@ -257,6 +290,8 @@ def begin_flow(
         if waited >= policy.wait:
             return InProgress(retry_after_seconds(policy, result.record.lease_expires_at_ms - result.now_ms))
         step = min(pause, policy.wait - waited)
+        if polls is not None:
+            since = polls.mark()
         yield Sleep(step)
         waited += step
         pause = min(pause * 2, _POLL_CAP)
@@ -312,6 +347,31 @@ def finish(
         marker = Marker(Marker.HELD, reason, status)
         return Complete(record_key, token, marker.response(), policy.hold_ttl_ms)
     return Release(record_key, token)
+
+
+def exception_verdict(policy: Policy, exc: BaseException) -> Verdict:
+    """The verdict for a handler's exception (``Policy.exception_verdicts``), RELEASE for one that says STORE.
+
+    STORE makes no sense without a result: an exception is never replayed.
+    """
+    verdict = policy.verdict_for_exception(exc)
+    return Verdict.RELEASE if verdict is Verdict.STORE else verdict
+
+
+def failure_verdict(policy: Policy, exc: Exception, status: int | None = None) -> Verdict:
+    """RELEASE or HOLD after an exception (the handler's, or idempo's own after the handler ran).
+
+    The exception's verdict (:func:`exception_verdict`), or HOLD when
+    ``status`` (the answer already started, if any) maps to HOLD. Never
+    raises: a policy that fails here gives RELEASE, so a retry executes.
+    """
+    try:
+        verdict = exception_verdict(policy, exc)
+        if verdict is not Verdict.HOLD and status is not None and policy.verdict_for_status(status) is Verdict.HOLD:
+            verdict = Verdict.HOLD
+    except Exception:
+        return Verdict.RELEASE
+    return verdict
 
 
 def takeover_hold(policy: Policy, record_key: str, token: int) -> Complete | None:

@@ -18,13 +18,7 @@ jittered backoff until it lands, the lease is lost to a takeover, or
 ``Policy.save_retry_for`` passes. So a result that reached the handler's end
 is never executed a second time while the process lives (DESIGN "HTTP
 behaviour", a failed save); only a process that dies with its result unsaved
-leaves a takeover behind.
-
-:class:`Execution` / :class:`AsyncExecution` are what the fronts hold from
-the handler's start until the record is settled: the one place that settles a
-record exactly once, falls back to a release when idempo's own code fails
-after the handler ran, and stops the renewals.
-"""
+leaves a takeover behind."""
 
 from __future__ import annotations
 
@@ -42,15 +36,14 @@ from typing import Any
 
 import anyio
 
-from ._core.flow import Complete, Release, finish
-from ._core.policy import Policy, Verdict
-from ._core.records import Marker, RecordState, StoredResponse
-from ._engine import Settle, call_store_async, call_store_sync, logger, settle_once_async, settle_once_sync
-from .exceptions import LeaseLost, StoreError
-from .observability import RequestObservation, save_outcome, store_label
-from .typing import AsyncStore, Store
+from .._core.flow import Complete, Release
+from .._core.records import Marker, RecordState
+from ..exceptions import LeaseLost, StoreError
+from ..observability import RequestObservation, logger, save_outcome, store_label
+from ..typing import AsyncStore, Store
+from .store import Settle, call_store_async, call_store_sync, settle_once_async, settle_once_sync
 
-__all__ = ["AsyncExecution", "AsyncLeaseKeeper", "Execution", "LeaseKeeper"]
+__all__ = ["AsyncLeaseKeeper", "LeaseKeeper"]
 
 
 # Seconds: how late a blocking renewal may run at most beyond its due time.
@@ -652,144 +645,3 @@ async def _get_async(store: AsyncStore, record_key: str) -> Any:
 
 # A record that could not be read: neither saved nor released, as far as anyone knows.
 _UNKNOWN = object()
-
-
-class Execution:
-    """One request's lease, from the handler's start until its record is settled (blocking fronts).
-
-    The one place that guarantees every executed request's record is settled
-    exactly once (completed, released or held) and its renewals stop, however
-    idempo's own code fails after the handler ran: a front calls
-    :meth:`settle` with the captured answer, :meth:`fail` from any exception
-    handler, and :meth:`abandon` on a crash. A store failure while settling
-    keeps the lease and retries the save (:meth:`LeaseKeeper.save`).
-
-    Args:
-        store: the store holding the record.
-        policy: the route's policy (verdicts, TTLs, ``save_retry_for``).
-        record_key: the record being executed.
-        token: the lease's fencing token.
-        observation: the request's observation, told the settle.
-    """
-
-    __slots__ = ("keeper", "observation", "policy", "record_key", "settled", "store", "token")
-
-    def __init__(
-        self, store: Store, policy: Policy, record_key: str, token: int, observation: RequestObservation | None
-    ) -> None:
-        self.store = store
-        self.policy = policy
-        self.record_key = record_key
-        self.token = token
-        self.observation = observation
-        self.settled = False
-        # Renews the lease while the handler runs, so a slow handler is never run twice.
-        self.keeper = LeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
-
-    def settle(
-        self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None
-    ) -> bool:
-        """Settle the record once (later calls do nothing); True when the store took it at once.
-
-        ``response``, ``verdict`` and ``reason`` as :func:`idempo._core.flow.finish`.
-        Never raises: idempo's own failure to build the command releases the
-        record instead; a store failure is retried in the background.
-        """
-        if self.settled:
-            return False
-        self.settled = True
-        try:
-            command: Settle = finish(self.policy, self.record_key, self.token, response, verdict=verdict, reason=reason)
-        except Exception:
-            logger.exception("idempo: settling record %s failed; releasing it", self.record_key)
-            command = Release(self.record_key, self.token)
-        try:
-            return self.keeper.save(command, self.observation, self.policy.save_retry_for)
-        except Exception:
-            logger.exception("idempo: settling record %s failed", self.record_key)
-            self.keeper.stop()
-            return False
-
-    def fail(self, exc: BaseException, status: int | None = None) -> None:
-        """Settle after ``exc`` (the handler's, or idempo's own after the handler ran), unless already settled.
-
-        An ``Exception`` settles by its verdict (``Policy.exception_verdicts``),
-        or HOLD when ``status`` (the answer's, if one was started) maps to
-        HOLD; otherwise the record is released so a retry executes. Anything
-        else (a crash: SystemExit, KeyboardInterrupt) settles nothing and the
-        lease is left to expire. Renewals stop either way. Never raises.
-        """
-        if not isinstance(exc, Exception):
-            self.abandon()
-            return
-        self.settle(None, _failure_verdict(self.policy, exc, status), f"exception {type(exc).__name__}")
-
-    def abandon(self) -> None:
-        """A crash: settle nothing and stop renewing, so the lease expires (DESIGN guarantee 2)."""
-        if not self.settled:
-            self.settled = True
-            self.keeper.stop()
-
-
-class AsyncExecution:
-    """The async twin of :class:`Execution` (ASGI, async functions)."""
-
-    __slots__ = ("keeper", "observation", "policy", "record_key", "settled", "store", "token")
-
-    def __init__(
-        self, store: AsyncStore, policy: Policy, record_key: str, token: int, observation: RequestObservation | None
-    ) -> None:
-        self.store = store
-        self.policy = policy
-        self.record_key = record_key
-        self.token = token
-        self.observation = observation
-        self.settled = False
-        self.keeper = AsyncLeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
-
-    async def settle(
-        self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None
-    ) -> bool:
-        """See :meth:`Execution.settle`."""
-        if self.settled:
-            return False
-        self.settled = True
-        try:
-            command: Settle = finish(self.policy, self.record_key, self.token, response, verdict=verdict, reason=reason)
-        except Exception:
-            logger.exception("idempo: settling record %s failed; releasing it", self.record_key)
-            command = Release(self.record_key, self.token)
-        # Shielded: a cancelled request still settles what it ran, and the
-        # renewals stop (or go on with a pending save) either way.
-        with anyio.CancelScope(shield=True):
-            try:
-                return await self.keeper.save(command, self.observation, self.policy.save_retry_for)
-            except Exception:
-                logger.exception("idempo: settling record %s failed", self.record_key)
-                await self.keeper.stop()
-        return False
-
-    async def fail(self, exc: BaseException, status: int | None = None) -> None:
-        """See :meth:`Execution.fail`."""
-        if not isinstance(exc, Exception):
-            self.abandon()
-            return
-        await self.settle(None, _failure_verdict(self.policy, exc, status), f"exception {type(exc).__name__}")
-
-    def abandon(self) -> None:
-        """See :meth:`Execution.abandon` (does not wait for a renewal in flight)."""
-        if not self.settled:
-            self.settled = True
-            self.keeper.cancel()
-
-
-def _failure_verdict(policy: Policy, exc: Exception, status: int | None) -> Verdict:
-    """RELEASE or HOLD after an exception: the exception's verdict, or the started answer's HOLD."""
-    try:
-        verdict = policy.verdict_for_exception(exc)
-        if verdict is not Verdict.HOLD and status is not None and policy.verdict_for_status(status) is Verdict.HOLD:
-            verdict = Verdict.HOLD
-    except Exception:
-        return Verdict.RELEASE
-    # STORE makes no sense without a result: an exception is never replayed.
-    return Verdict.RELEASE if verdict is Verdict.STORE else verdict

@@ -1,32 +1,33 @@
 """What ``@idempotent`` and the idempotent consumers share: the engine that runs a call once per key.
 
 :class:`Engine` drives the sans-I/O flow (:func:`idempo._core.flow.begin_flow`)
-against a store with the drivers of :mod:`idempo._engine`, runs the call when
-it holds the lease, and settles the record with :func:`idempo._core.flow.finish`.
+against a store with the drivers of :mod:`idempo._engine.drivers`, runs the
+call when it holds the lease, and settles the record with
+:func:`idempo._core.flow.finish`.
 A call's result is stored as a response (status 200, ``content-type`` naming
 the serialiser, the serialised bytes as the body), so every store keeps it
-unchanged. Sync and async differ only in the driver and in awaiting the call.
-While the call runs its lease is renewed (:mod:`idempo._lease`), so a call
+unchanged. Sync and async run the same steps (:meth:`Engine.steps`) and differ
+only in the driver.
+While the call runs its lease is renewed (:mod:`idempo._engine.lease`), so a call
 slower than ``lease_ttl`` is not run twice; ``lease_ttl`` is how long a
 crashed call blocks its key.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
-from ._core.digests import Digests, as_digests, legacy_record_key, legacy_value
-from ._core.fingerprint import canonical_json
-from ._core.flow import Held, InProgress, LegacyIdentity, Mismatch, NotReplayable, Proceed, Replay
-from ._core.policy import Policy, Verdict
-from ._core.records import StoredResponse
-from ._engine import begin_async, begin_sync
-from ._lease import AsyncExecution, Execution
-from .exceptions import (
+from .._core.digests import Digests, as_digests, legacy_record_key, legacy_value
+from .._core.fingerprint import canonical_json
+from .._core.flow import Held, InProgress, LegacyIdentity, Mismatch, NotReplayable, Proceed, Replay
+from .._core.policy import Policy, Verdict
+from .._core.records import StoredResponse
+from ..exceptions import (
     ConfigurationError,
     FingerprintMismatch,
     InvalidKey,
@@ -35,11 +36,14 @@ from .exceptions import (
     ResultNotReplayable,
     StoreError,
 )
-from .observability import Outcome, RequestObservation, observe_request
-from .secrets import SecretSource
-from .serializers import JSONSerializer, Serializer
-from .stores import async_store_from_url, store_from_url
-from .typing import AsyncStore, Store
+from ..observability import Outcome, RequestObservation, observe_request
+from ..secrets import SecretSource
+from ..serializers import JSONSerializer, Serializer
+from ..stores import async_store_from_url, store_from_url
+from ..typing import AsyncStore, Store
+from .admission import StoreFailed, admit
+from .commands import Call, Command, Lease
+from .drivers import drive_async, drive_sync
 
 __all__ = [
     "Engine",
@@ -123,10 +127,10 @@ def _sorted(value: Any) -> Any:
 class Engine:
     """The decorator's protocol for one scope, shared by ``@idempotent`` and the consumers.
 
-    It drives :func:`~idempo._core.flow.begin_flow` against a store, runs the
-    call when it holds the lease, and settles the record with
-    :func:`~idempo._core.flow.finish`. Sync and async differ only in the
-    driver and in awaiting the call.
+    Its :meth:`steps` admit a call (:func:`idempo._engine.admission.admit`),
+    run it when it holds the lease, and settle the record; :meth:`run_sync`
+    and :meth:`run_async` drive those same steps against a blocking or an
+    async store.
     """
 
     def __init__(
@@ -219,6 +223,63 @@ class Engine:
             return None, Verdict.HOLD, exc
         return response, None, None
 
+    def steps(
+        self, store: object, key: str, form: bytes | None, call: Callable[[], Any]
+    ) -> Generator[Command, Any, tuple[Any, bool]]:
+        """Run ``call`` at most once for ``key``: the step generator behind :meth:`run_sync` and :meth:`run_async`.
+
+        Yields the commands of :mod:`idempo._engine.commands`; ``call`` is
+        carried out by the driver (``call()``, or ``await call()``).
+        """
+        observation = self._observe()
+        try:
+            admission = yield from admit(
+                store,
+                self.policy,
+                self.secret,
+                observation,
+                lambda digests: self.identify(digests, key, form),
+                principal="",
+                key=key,
+                legacy=functools.partial(self.legacy, key, form),
+            )
+            if isinstance(admission, StoreFailed):
+                if not admission.bypass:
+                    observation.finish(Outcome.STORE_ERROR, error=admission.error)
+                    raise admission.error
+                observation.finish(Outcome.BYPASSED, error=admission.error)
+                return (yield Call(call)), False
+            decision = admission.decision
+            if isinstance(decision, Replay):
+                return self.decode(decision.response), True
+            if not isinstance(decision, Proceed):
+                raise self.refusal(decision)
+            # The lease is renewed while the call runs, so a slow call is never run
+            # twice; once this process dies the renewals stop and it lapses.
+            execution = yield Lease(self.policy, admission.record_key, decision.token, observation)
+            observation.handler_started()
+            try:
+                try:
+                    result = yield Call(call)
+                finally:
+                    observation.handler_finished(None)
+                response, verdict, error = self.settlement(result)
+                reason = "unserialisable result" if error is not None else None
+                yield Call(functools.partial(execution.settle, response, verdict, reason))
+            except BaseException as exc:
+                # The call's exception settles by its verdict; a crash (KeyboardInterrupt,
+                # SystemExit, cancellation) settles nothing: the side effect may be half
+                # done, so the lease is left to expire, but the renewals stop.
+                if isinstance(exc, Exception):
+                    observation.error = exc
+                yield Call(functools.partial(execution.fail, exc))
+                raise
+            if error is not None:
+                raise error
+            return result, False
+        finally:
+            observation.finish()
+
     def run_sync(self, store: Store, key: str, form: bytes | None, call: Callable[[], T]) -> tuple[T, bool]:
         """Run ``call`` at most once for ``key``; return (result, replayed).
 
@@ -230,102 +291,15 @@ class Engine:
             ConfigurationError: the result cannot be serialised (the key is held).
             Whatever ``call`` raises, unchanged, after the record is released or held.
         """
-        observation = self._observe()
-        try:
-            try:
-                digests = self.secret.digests or self.secret.load(store)
-                record_key, fingerprint = self.identify(digests, key, form)
-                observation.identify("", key, record_key, digests)
-                legacy = None
-                if self.secret.legacy_possible():
-
-                    def legacy() -> LegacyIdentity | None:
-                        return self.legacy(key, form) if self.secret.legacy_open(store) else None
-
-                decision = begin_sync(store, record_key, fingerprint, self.policy, observation, legacy)
-            except StoreError as exc:
-                if not self.policy.fail_open:
-                    observation.finish(Outcome.STORE_ERROR, error=exc)
-                    raise
-                observation.finish(Outcome.BYPASSED, error=exc)
-                return call(), False
-            if isinstance(decision, Replay):
-                return self.decode(decision.response), True
-            if not isinstance(decision, Proceed):
-                raise self.refusal(decision)
-            # The lease is renewed while the call runs, so a slow call is never run
-            # twice; once this process dies the renewals stop and it lapses.
-            execution = Execution(store, self.policy, record_key, decision.token, observation)
-            observation.handler_started()
-            try:
-                try:
-                    result = call()
-                finally:
-                    observation.handler_finished(None)
-                response, verdict, error = self.settlement(result)
-                execution.settle(response, verdict, "unserialisable result" if error is not None else None)
-            except BaseException as exc:
-                # The call's exception settles by its verdict; a crash (KeyboardInterrupt,
-                # SystemExit) settles nothing: the side effect may be half done, so the
-                # lease is left to expire.
-                if isinstance(exc, Exception):
-                    observation.error = exc
-                execution.fail(exc)
-                raise
-            if error is not None:
-                raise error
-            return result, False
-        finally:
-            observation.finish()
+        result: tuple[T, bool] = drive_sync(self.steps(store, key, form, call), store, decided=False)
+        return result
 
     async def run_async(
         self, store: AsyncStore, key: str, form: bytes | None, call: Callable[[], Awaitable[T]]
     ) -> tuple[T, bool]:
-        """The async twin of :meth:`run_sync`."""
-        observation = self._observe()
-        try:
-            try:
-                digests = self.secret.digests or await self.secret.aload(store)
-                record_key, fingerprint = self.identify(digests, key, form)
-                observation.identify("", key, record_key, digests)
-                alegacy = None
-                if self.secret.legacy_possible():
-
-                    async def alegacy() -> LegacyIdentity | None:
-                        return self.legacy(key, form) if await self.secret.alegacy_open(store) else None
-
-                decision = await begin_async(store, record_key, fingerprint, self.policy, observation, alegacy)
-            except StoreError as exc:
-                if not self.policy.fail_open:
-                    observation.finish(Outcome.STORE_ERROR, error=exc)
-                    raise
-                observation.finish(Outcome.BYPASSED, error=exc)
-                return await call(), False
-            if isinstance(decision, Replay):
-                return self.decode(decision.response), True
-            if not isinstance(decision, Proceed):
-                raise self.refusal(decision)
-            execution = AsyncExecution(store, self.policy, record_key, decision.token, observation)
-            observation.handler_started()
-            try:
-                try:
-                    result = await call()
-                finally:
-                    observation.handler_finished(None)
-                response, verdict, error = self.settlement(result)
-                await execution.settle(response, verdict, "unserialisable result" if error is not None else None)
-            except BaseException as exc:
-                # Cancellation settles nothing (the lease is left to expire), but the
-                # renewals stop even inside a cancelled scope.
-                if isinstance(exc, Exception):
-                    observation.error = exc
-                await execution.fail(exc)
-                raise
-            if error is not None:
-                raise error
-            return result, False
-        finally:
-            observation.finish()
+        """The async twin of :meth:`run_sync`: the same steps, driven against an async store."""
+        result: tuple[T, bool] = await drive_async(self.steps(store, key, form, call), store, decided=False)
+        return result
 
     def _observe(self) -> RequestObservation:
         """Start the call's observation (logs, metrics, spans); the scope is its route label."""
