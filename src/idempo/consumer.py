@@ -213,7 +213,7 @@ class IdempotentConsumer(_Consumer[M]):
             MissingKey, InvalidKey: the message has no usable id.
             FingerprintMismatch: the id was processed for another message.
             StoreError: the store failed before the handler ran (do not ack).
-            Whatever the handler raises, unchanged, once its id is released (do not ack).
+            Exception: whatever the handler raises, unchanged, once its id is released (do not ack).
         """
         key, fingerprint = self._identify(message)
         try:

@@ -5,7 +5,7 @@ URL                                    store
 =====================================  =========================================
 ``memory://``                          :class:`MemoryStore` (one process;
                                        ``?max_records=``, ``?grace=``)
-``sqlite:///relative/path.db``         :class:`SQLiteStore` (SQLAlchemy-style:
+``sqlite:///relative/path.db``         :class:`~idempo.stores.sqlite.SQLiteStore` (SQLAlchemy-style:
 ``sqlite:////absolute/path.db``        three slashes relative, four absolute)
 ``postgresql://user@host:5432/db``     :class:`~idempo.stores.postgres.PostgresStore`
 ``postgres://...``                     (extra ``idempo[postgres]``; ``?schema=``)

@@ -668,8 +668,8 @@ class AsyncPostgresStore:
     and schema are checked at start-up by ``await store.open()`` (the ASGI
     middleware calls it at lifespan start-up), else within the first call.
 
-    Args: as :class:`PostgresStore`; ``check_schema`` applies to :meth:`open`
-        and the first call.
+    It takes the arguments of :class:`PostgresStore`; ``check_schema`` applies
+    to :meth:`open` and the first call.
 
     Raises:
         ConfigurationError: a malformed URL, schema name or deadline (here).

@@ -571,8 +571,8 @@ class AsyncRedisStore:
 
     Connections are made on first use, so constructing the store does no I/O.
 
-    Args: as :class:`RedisStore`; ``client`` is a ``redis.asyncio.Redis`` or
-        ``redis.asyncio.cluster.RedisCluster``.
+    It takes the arguments of :class:`RedisStore`; ``client`` is a
+    ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``.
     """
 
     def __init__(
