@@ -39,9 +39,10 @@ middleware listed after this one does not run for them either. Put it after
 replayed) and ``AuthenticationMiddleware`` (the default principal is the
 authenticated user).
 
-The HTTP behaviour is the ASGI and WSGI middlewares' (the rules live in
-:mod:`idempo._core.http`; ``process_view`` admits a request with the WSGI
-middleware's own steps). What is particular to Django:
+The HTTP behaviour is the ASGI and WSGI middlewares' (``process_view``
+admits a request with the steps every front shares,
+:mod:`idempo._http.admission`, and the view runs in the WSGI front's
+:class:`~idempo._http.wsgi.Exchange`). What is particular to Django:
 
 - The default principal (:func:`idempo.principals.default`) is
   ``request.user`` when authenticated, else a digest of ``Authorization``
@@ -74,20 +75,21 @@ from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
-from ._core.http import (
-    RouteOptions,
-    RouteTable,
-    declared_length,
-    invalid_content_length_answer,
-)
+from ._core.http import declared_length, invalid_content_length_answer
+from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
+from ._core.routes import RouteOptions, RouteTable
+from ._engine.drivers import drive_sync
+from ._engine.execution import Execution
+from ._http.admission import BodyIncomplete, Bypass, Execute, admission
+from ._http.wsgi import BYPASSED_HEADER_TEXT, BypassedBody, CapturedBody, Exchange, header_bytes
 from .exceptions import ConfigurationError
 from .principals import default as default_principal
+from .principals import legacy_principal
 from .secrets import SecretSource
 from .stores import store_from_url
 from .typing import Store
-from .wsgi import _BYPASSED_HEADER, BodyIncomplete, CapturedBody, _Bypass, _BypassedBody, _Exchange, _admit
 
 __all__ = [
     "IdempotencyMiddleware",
@@ -268,9 +270,9 @@ class IdempotencyMiddleware:
             try:
                 return _capture(exchange, response)
             except Exception as exc:  # idempo's own failure: settled, and the view's answer goes out as it is
-                exchange.fail(exc)
+                exchange.broke(exc)
                 return response
-        bypass: _Bypass | None = request.__dict__.pop(_BYPASSED, None)
+        bypass: Bypass | None = request.__dict__.pop(_BYPASSED, None)
         if bypass is not None:
             _mark_bypassed(bypass, response)
         return response
@@ -297,11 +299,14 @@ class IdempotencyMiddleware:
         policy = self.policy_for_view(request.path, view_func)
         if policy is None or method not in policy.methods:
             return None
-        admitted = _admit(
+        meta = request.META
+        raw_key = meta.get(self._meta_key)
+        raw_content_type = meta.get("CONTENT_TYPE")
+        resolve = self.principal
+        steps = admission(
             self.store,
             policy,
-            request,
-            request.META,
+            self._secret,
             front="django",
             route=getattr(request.resolver_match, "route", None) or "*",
             method=method,
@@ -310,20 +315,25 @@ class IdempotencyMiddleware:
             # "%FF"), so request.path already keeps /files/%FF and /files/%FE
             # apart, and is what the view sees.
             identity_path=request.path,
-            key_name=self._meta_key,
-            principal=self.principal,
-            read=_read_body,
-            secret=self._secret,
+            query=meta.get("QUERY_STRING", ""),
+            key_values=[] if raw_key is None else split_folded(header_bytes(raw_key)),
+            content_types=[header_bytes(raw_content_type)] if raw_content_type else [],
+            principal=lambda: resolve(request),
+            legacy_principal=lambda who: legacy_principal(request, resolve, who),
+            read_body=lambda: _read_body(request, policy),
         )
+        admitted = drive_sync(steps, self.store, decided=False)
         if admitted is None:
             return None
-        if isinstance(admitted, _Exchange):
-            setattr(request, _EXCHANGE, admitted)
+        if isinstance(admitted, Execute):
+            assert isinstance(admitted.execution, Execution)
+            setattr(request, _EXCHANGE, Exchange(admitted.execution, admitted.observation, policy))
             return None
         if isinstance(admitted, StoredResponse):
             return StoredHttpResponse(admitted)
         # The store failed and the policy fails open: the view runs
         # unprotected; __call__ marks its answer and finishes the observation.
+        assert isinstance(admitted, Bypass)  # GONE is ASGI's alone
         admitted.observation.handler_started()
         setattr(request, _BYPASSED, admitted)
         return None
@@ -342,20 +352,20 @@ def _declared_length(request: HttpRequest) -> int:
 
 def _finish_bypass(request: HttpRequest, status: int | None) -> None:
     """Finish a bypassed request's observation (``bypassed``, with ``status``); nothing if it was not bypassed."""
-    bypass: _Bypass | None = request.__dict__.pop(_BYPASSED, None)
+    bypass: Bypass | None = request.__dict__.pop(_BYPASSED, None)
     if bypass is not None:
         bypass.finish(status)
 
 
-def _mark_bypassed(bypass: _Bypass, response: HttpResponseBase) -> None:
+def _mark_bypassed(bypass: Bypass, response: HttpResponseBase) -> None:
     """Mark the view's answer bypassed; finish the observation now, or when a streamed body ends.
 
     A streamed body runs the view's generator as the server iterates it, so
-    the handler's time runs until it ends (:class:`idempo.wsgi._BypassedBody`).
+    the handler's time runs until it ends (:class:`idempo._http.wsgi.BypassedBody`).
     A file response (whose file the server may send itself) and an async
     stream, which Django iterates on its own terms, finish now.
     """
-    name, value = _BYPASSED_HEADER
+    name, value = BYPASSED_HEADER_TEXT
     response.headers[name] = value
     if (
         not response.streaming
@@ -367,7 +377,7 @@ def _mark_bypassed(bypass: _Bypass, response: HttpResponseBase) -> None:
     status = response.status_code
     # The setter keeps the body's close() among the response's closers, which
     # Django calls when the server closes the response (the client left too).
-    response.streaming_content = _BypassedBody(bypass, response.streaming_content, lambda: status)
+    response.streaming_content = BypassedBody(bypass, response.streaming_content, lambda: status)
 
 
 def _read_body(request: HttpRequest, policy: Policy) -> bytes | None:
@@ -396,7 +406,7 @@ def _policy(value: Any, where: str) -> Policy | None:
     raise ImproperlyConfigured(f"settings.IDEMPO {where} must be a Policy, a dict of Policy arguments or None")
 
 
-def _capture(exchange: _Exchange, response: HttpResponseBase) -> HttpResponseBase:
+def _capture(exchange: Exchange, response: HttpResponseBase) -> HttpResponseBase:
     """Capture the view's response for the record; settle now, or when a streamed body ends."""
     exchange.started = True
     with exchange.guard():

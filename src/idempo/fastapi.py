@@ -41,10 +41,12 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from ._core.http import RouteOptions, RouteTable
 from ._core.keys import MAX_KEY_LENGTH
 from ._core.policy import Policy
 from ._core.problems import PROBLEM_BASE
+from ._core.routes import RouteOptions, RouteTable
+from ._http.asgi import add_route_options_finder
+from ._http.starlette import StarletteRouteOptions, dependant_options, flat_routes
 from .asgi import IdempotencyMiddleware, PrincipalResolver, default_principal
 from .secrets import SecretSource
 from .typing import AsyncStore
@@ -53,6 +55,10 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 __all__ = ["Idempotency", "document", "idempotency", "idempotency_exempt", "install"]
+
+# The ASGI middleware finds a route's options with Starlette's own matcher
+# once this module is imported (the options below cannot exist without it).
+add_route_options_finder(StarletteRouteOptions)
 
 _PROBLEM_SCHEMA = "IdempotencyProblem"
 _PROBLEM_CONTENT = {"application/problem+json": {"schema": {"$ref": f"#/components/schemas/{_PROBLEM_SCHEMA}"}}}
@@ -187,17 +193,15 @@ def document(
 
 
 def _add_idempotency(app: FastAPI, schema: dict[str, Any], default: Policy, table: RouteTable, key_header: str) -> None:
-    from .asgi import _dependant_options, _flat
-
     paths = schema.get("paths", {})
     documented = False
-    for route in _flat(app.routes):
+    for route in flat_routes(app.routes):
         # APIRoutes, and (FastAPI 0.120+) the routes of included routers,
         # which carry the include's prefix and dependencies.
         if getattr(route, "dependant", None) is None or not getattr(route, "include_in_schema", False):
             continue
         route_policy = table.policy_for(route.path, default)
-        options = _dependant_options(route.dependant)
+        options = dependant_options(route.dependant)
         if options is not None:
             route_policy = options.apply(route_policy, default)
         if route_policy is None:

@@ -47,19 +47,13 @@ from flask import Flask, got_request_exception, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RoutingException
 
-from ._core.http import RouteOptions
 from ._core.policy import Policy
+from ._core.routes import RouteOptions
+from ._http.wsgi import Environ, StartResponse, request_path
+from .exceptions import ConfigurationError
 from .principals import USER_ENVIRON_KEY, flask_login_user
 from .typing import Store
-from .wsgi import (
-    Environ,
-    IdempotencyMiddleware,
-    PrincipalResolver,
-    StartResponse,
-    default_principal,
-    report_exception,
-    request_path,
-)
+from .wsgi import IdempotencyMiddleware, PrincipalResolver, default_principal, report_exception
 
 __all__ = ["Idempotency", "idempotency", "idempotency_exempt"]
 
@@ -158,8 +152,6 @@ class Idempotency:
 
     def init_app(self, app: Flask) -> None:
         """Wrap ``app.wsgi_app`` and connect the exception signal."""
-        from .exceptions import ConfigurationError
-
         store = self._store if self._store is not None else app.config.get("IDEMPO_STORE")
         if store is None:
             raise ConfigurationError("idempo.flask.Idempotency needs store= or app.config['IDEMPO_STORE']")

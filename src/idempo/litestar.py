@@ -43,8 +43,8 @@ from litestar.middleware import ASGIMiddleware
 from litestar.plugins import InitPlugin
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from ._core.http import RouteOptions
 from ._core.policy import Policy
+from ._core.routes import RouteOptions
 from .asgi import IdempotencyMiddleware as _ASGIMiddleware
 from .asgi import PrincipalResolver, default_principal, report_exception
 from .exceptions import ConfigurationError

@@ -221,16 +221,16 @@ def test_idempotency_rejects_unknown_policy_arguments() -> None:
 
 def count_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record the path of every route-options lookup (Starlette's matcher run by the middleware)."""
-    import idempo.asgi
+    import idempo._http.starlette
 
     seen: list[str] = []
-    match = idempo.asgi._match
+    match = idempo._http.starlette.match_route
 
     def counting_match(routes: Any, scope: Any) -> Any:
         seen.append(scope["path"])
         return match(routes, scope)
 
-    monkeypatch.setattr(idempo.asgi, "_match", counting_match)
+    monkeypatch.setattr(idempo._http.starlette, "match_route", counting_match)
     return seen
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from idempo import Marker, Policy, RecordState, make_record_key
-from idempo._core.http import ResponseCapture
+from idempo._core.capture import ResponseCapture
 from idempo.observability import RequestObservation
 from idempo.stores import MemoryStore
 from tests.adapters.conftest import K1, LOCAL, ServeFactory

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-import idempo.asgi
+import idempo._http.admission
 from idempo import Policy
 from idempo._core.http import OFF_LOOP_JSON_BYTES, OFF_LOOP_RAW_BYTES, fingerprint_off_loop
 from idempo.asgi import IdempotencyMiddleware
@@ -29,7 +29,7 @@ JSON = {"content-type": "application/json"}
 def test_the_loop_serves_another_request_while_a_10_mib_body_is_fingerprinted(monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 10 item 6: the fingerprint of a 10 MiB JSON body is held until another request has been
     answered; on the event loop that answer could never come, so both completing proves the loop was free."""
-    real = idempo.asgi.request_identity
+    real = idempo._http.admission.request_identity
     big_started = threading.Event()
     small_answered = threading.Event()
 
@@ -40,7 +40,7 @@ def test_the_loop_serves_another_request_while_a_10_mib_body_is_fingerprinted(mo
                 raise AssertionError("no other request was answered while the large body was fingerprinted")
         return real(*facts)
 
-    monkeypatch.setattr(idempo.asgi, "request_identity", held_identity)
+    monkeypatch.setattr(idempo._http.admission, "request_identity", held_identity)
     orders = Orders()
     big = json.dumps({"items": [{"sku": f"sku_{i:07d}", "qty": i} for i in range(270_000)]}).encode()
     assert 9 * 1024 * 1024 < len(big) <= Policy().max_request_body

@@ -11,21 +11,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from idempo import Existing, Marker, Policy, Record, RecordState, StoredResponse, Verdict
+from idempo._core.capture import ResponseCapture, header_refusal
 from idempo._core.digests import Digests
 from idempo._core.flow import InProgress, Mismatch, Replay
 from idempo._core.http import (
     REPLAYED_HEADER,
-    ResponseCapture,
     body_too_large_answer,
     check_key,
     content_type_of,
     decision_answer,
-    header_refusal,
     identity_path,
     request_identity,
     store_unavailable_answer,
 )
-from idempo.wsgi import _undecoded, request_path
+from idempo._http.wsgi import undecoded_path as _undecoded
+from idempo.wsgi import request_path
 
 
 def problem(response: StoredResponse) -> dict[str, object]:
@@ -160,7 +160,7 @@ def test_route_table_first_match_wins_and_rejects_non_policies() -> None:
     import pytest
 
     from idempo import ConfigurationError
-    from idempo._core.http import RouteTable
+    from idempo._core.routes import RouteTable
 
     strict = Policy(require_key=True)
     default = Policy()
@@ -178,7 +178,7 @@ def test_route_options_derive_replace_or_exempt() -> None:
     """RouteOptions change the path's policy, replace it, or exempt the route; derived policies are cached."""
     import pytest
 
-    from idempo._core.http import RouteOptions
+    from idempo._core.routes import RouteOptions
 
     default = Policy()
     path_policy = Policy(lease_ttl=5)

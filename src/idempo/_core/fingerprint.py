@@ -58,7 +58,14 @@ from urllib.parse import parse_qsl, urlencode
 
 from .digests import Digests, as_digests
 
-__all__ = ["canonical_json", "canonical_query", "fingerprint", "is_json_media_type", "legacy_fingerprint"]
+__all__ = [
+    "canonical_json",
+    "canonical_query",
+    "fingerprint",
+    "is_json_media_type",
+    "legacy_fingerprint",
+    "media_type",
+]
 
 # Numbers. The C scanner hands every literal with a fraction or an exponent to
 # _number, which returns what the C encoder then prints: an int for an
@@ -171,7 +178,7 @@ _HEAD_MAX_BYTES = 1024
 
 def _head(key: tuple[str, str, bytes | str, bytes | str | None]) -> tuple[bytes, bool]:
     method, path, query, content_type = key
-    media = _media_type(content_type)
+    media = media_type(content_type)
     method_b = method.encode("utf-8", "surrogatepass")
     path_b = _path_bytes(path)
     query_b = canonical_query(query)
@@ -437,7 +444,12 @@ def _path_bytes(path: str) -> bytes:
         return path.encode("utf-8", "surrogatepass")
 
 
-def _media_type(content_type: bytes | str | None) -> bytes:
+def media_type(content_type: bytes | str | None) -> bytes:
+    """A ``Content-Type`` value in one spelling per meaning (as the fingerprint covers it); b"" when absent.
+
+    Text is taken as PEP 3333's latin-1 (UTF-8 where it is not); the
+    spelling rules are those of the module docstring (RFC 9110 section 8.3).
+    """
     if not content_type:
         return b""
     if isinstance(content_type, str):

@@ -7,30 +7,25 @@ An adapter (ASGI, WSGI, Django) reads the request, then asks this module:
 3. :func:`request_identity`: the record key and fingerprint of the request
    (over the path :func:`identity_path` gives back the raw bytes of).
 4. :func:`decision_answer`: the answer for a replay, a 409 or a 422.
-5. :class:`ResponseCapture`: what of the handler's response is stored (never
-   a response no server may send).
 
-and, before all that, which policy applies: :class:`RouteTable` (path
-patterns) and :class:`RouteOptions` (options declared on a route or view by a
-framework integration), so the rules of the DESIGN "HTTP behaviour" table are
-written once.
+and, once the handler ran, :class:`~idempo._core.capture.ResponseCapture`
+says what of its response is stored. Which policy applies comes first, from
+:mod:`idempo._core.routes`. So the rules of the DESIGN "HTTP behaviour" table
+are written once.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-from ..exceptions import ConfigurationError, InvalidKey
+from ..exceptions import InvalidKey
 from .digests import Digests, legacy_record_key
-from .fingerprint import _media_type, fingerprint, is_json_media_type, legacy_fingerprint
+from .fingerprint import fingerprint, is_json_media_type, legacy_fingerprint, media_type
 from .flow import Held, InProgress, LegacyIdentity, Mismatch, NotReplayable, Replay
 from .keys import parse_key, split_folded
-from .policy import Policy, Verdict
+from .policy import Policy
 from .problems import (
     BODY_INCOMPLETE,
     BODY_TOO_LARGE,
@@ -46,15 +41,12 @@ from .problems import (
     STORE_UNAVAILABLE,
     problem_response,
 )
-from .records import Headers, Marker, StoredResponse
+from .records import StoredResponse
 
 __all__ = [
     "BYPASSED_HEADER",
     "REPLAYED_HEADER",
     "RequestIdentity",
-    "ResponseCapture",
-    "RouteOptions",
-    "RouteTable",
     "body_incomplete_answer",
     "body_too_large_answer",
     "check_key",
@@ -62,7 +54,6 @@ __all__ = [
     "decision_answer",
     "declared_length",
     "fingerprint_off_loop",
-    "header_refusal",
     "identity_path",
     "invalid_content_length_answer",
     "legacy_identity",
@@ -75,116 +66,6 @@ __all__ = [
 REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 #: Added when the store was down and ``Policy.fail_open`` let the handler run unprotected.
 BYPASSED_HEADER = (b"idempotency-bypassed", b"store-unavailable")
-
-
-class RouteTable:
-    """Per-path policies: glob patterns (``fnmatch``) mapped to a Policy, or None to exempt.
-
-    Args:
-        routes: e.g. ``{"/payments*": Policy(require_key=True), "/webhooks/*": None}``;
-            the first matching pattern wins.
-
-    Raises:
-        ConfigurationError: a value is neither a Policy nor None.
-    """
-
-    __slots__ = ("_routes",)
-
-    def __init__(self, routes: Mapping[str, Policy | None] | None = None) -> None:
-        self._routes: list[tuple[str, re.Pattern[str], Policy | None]] = []
-        for pattern, route_policy in (routes or {}).items():
-            if route_policy is not None and not isinstance(route_policy, Policy):
-                raise ConfigurationError(f"routes[{pattern!r}] must be a Policy or None")
-            self._routes.append((pattern, re.compile(fnmatch.translate(pattern)), route_policy))
-
-    def __bool__(self) -> bool:
-        return bool(self._routes)
-
-    def policies(self) -> list[Policy | None]:
-        """Return the patterns' policies in order (None: a pattern that exempts its paths)."""
-        return [route_policy for _, _, route_policy in self._routes]
-
-    def policy_for(self, path: str, default: Policy) -> Policy | None:
-        """Return the first matching pattern's policy (None: exempt), else ``default``."""
-        return self.route_for(path, default)[1]
-
-    def route_for(self, path: str, default: Policy) -> tuple[str, Policy | None]:
-        """Return the route label of a path and its policy (None: exempt).
-
-        The label is the pattern that matched, or ``"*"`` for ``default``:
-        logs, metrics and spans name routes by it, never by raw path, so
-        labels stay few.
-        """
-        for name, pattern, route_policy in self._routes:
-            if pattern.match(path):
-                return name, route_policy
-        return "*", default
-
-
-@dataclass(frozen=True, slots=True)
-class RouteOptions:
-    """Idempotency options declared on one route or view (FastAPI dependency, Django decorator, ...).
-
-    Attributes:
-        policy: a whole policy replacing the one the middleware would use, or
-            None to derive it from that policy with ``changes``.
-        changes: Policy arguments to change, e.g. ``{"require_key": True,
-            "record_ttl": 3600}``.
-        exempt: the route takes no part in idempotency at all.
-    """
-
-    policy: Policy | None = None
-    changes: Mapping[str, Any] = field(default_factory=dict)
-    exempt: bool = False
-    # apply()'s results per (base, default): a Policy is built once per pair, not per request.
-    _derived: dict[tuple[int, int], tuple[Policy | None, Policy, Policy]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-
-    @classmethod
-    def declared(
-        cls,
-        policy: Policy | None,
-        *,
-        require_key: bool | None,
-        record_ttl: Any,
-        lease_ttl: Any,
-        changes: dict[str, Any],
-    ) -> RouteOptions:
-        """The options of a front's ``idempotency(...)``: its named arguments join ``changes`` unless None.
-
-        Raises:
-            ConfigurationError: a change is not a valid Policy argument value.
-            TypeError: a change is not a Policy argument.
-        """
-        named = {"require_key": require_key, "record_ttl": record_ttl, "lease_ttl": lease_ttl}
-        changes.update({name: value for name, value in named.items() if value is not None})
-        return cls(policy=policy, changes=changes)
-
-    def __post_init__(self) -> None:
-        if self.changes:
-            # Fail when the route is declared, not on its first request.
-            (self.policy or Policy()).replace(**self.changes)
-
-    def apply(self, base: Policy | None, default: Policy) -> Policy | None:
-        """Return the route's policy: None when exempt, else ``policy`` or ``base`` with ``changes``.
-
-        Args:
-            base: the policy the middleware would use for the path (None when
-                its path patterns exempt the path).
-            default: the middleware's default policy, used when ``base`` is None.
-        """
-        if self.exempt:
-            return None
-        policy = self.policy or base or default
-        if not self.changes:
-            return policy
-        derived = self._derived.get((id(base), id(default)))
-        if derived is not None and derived[0] is base and derived[1] is default:
-            return derived[2]
-        result = policy.replace(**self.changes)
-        self._derived[(id(base), id(default))] = (base, default, result)
-        return result
 
 
 def check_key(policy: Policy, method: str, path: str, key_values: Sequence[bytes]) -> str | StoredResponse | None:
@@ -385,7 +266,7 @@ def fingerprint_off_loop(policy: Policy, content_type: bytes | str | None, size:
     """
     if size >= OFF_LOOP_RAW_BYTES:
         return True
-    return size >= OFF_LOOP_JSON_BYTES and policy.canonical_json and is_json_media_type(_media_type(content_type))
+    return size >= OFF_LOOP_JSON_BYTES and policy.canonical_json and is_json_media_type(media_type(content_type))
 
 
 def decision_answer(decision: Replay | InProgress | Mismatch | Held | NotReplayable) -> StoredResponse:
@@ -422,149 +303,3 @@ def decision_answer(decision: Replay | InProgress | Mismatch | Held | NotReplaya
         return problem_response(RESPONSE_NOT_REPLAYABLE, detail, extra=extra)
     detail = "This Idempotency-Key was already used with a different request; use a new key."
     return problem_response(FINGERPRINT_MISMATCH, detail)
-
-
-# RFC 9110 section 5.1: a field name is a token. Section 5.5: a field value
-# holds no CR, LF or NUL, nor any other control character but HTAB (uvicorn's
-# httptools protocol refuses exactly these; h11 and waitress refuse part of them).
-_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_NOT_FIELD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# Names already checked: an app sends few distinct ones; bounded.
-_FIELD_NAMES: set[bytes] = set()
-
-
-def header_refusal(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-    """Why no server may send these response header lines, or None when each is valid.
-
-    A name must be a token (RFC 9110 section 5.1) and a value must hold no
-    CR, LF, NUL or other control character but HTAB (section 5.5), both as
-    bytes. The reason names the header, never its value.
-    """
-    for name, value in headers:
-        if type(name) is not bytes:
-            return f"the response header name {_shown(name)} is not bytes"
-        if name not in _FIELD_NAMES:
-            if _FIELD_NAME.fullmatch(name) is None:
-                return f"the response header name {_shown(name)} is not a token (RFC 9110 section 5.1)"
-            if len(_FIELD_NAMES) < 1024:
-                _FIELD_NAMES.add(name)
-        if type(value) is not bytes:
-            return f"the value of the response header {_shown(name)} is not bytes"
-        if _NOT_FIELD_VALUE.search(value) is not None:
-            return (
-                f"the value of the response header {_shown(name)} holds a control character "
-                "(CR, LF, NUL, ...; RFC 9110 section 5.5)"
-            )
-    return None
-
-
-def _shown(name: object) -> str:
-    return repr(name[:64] if isinstance(name, (bytes, str)) else name)
-
-
-class ResponseCapture:
-    """Collects what of the handler's response will be stored.
-
-    Call :meth:`start` with the status and headers, :meth:`add` with each
-    body chunk, then :meth:`response`. The verdict comes from the status
-    (``Policy.verdict_for_status``); only a STORE verdict captures the body.
-    A body over ``policy.max_response_body`` is no longer kept (it still
-    reaches the client whole): the response to store becomes a
-    not-replayable :class:`~idempo._core.records.Marker`, so a retry gets
-    410 and the handler never runs twice. A response no server may send
-    (:func:`header_refusal`) is never stored: its verdict becomes RELEASE,
-    and :attr:`refusal` says why.
-
-    Attributes:
-        verdict: what to do with the record once the response is complete.
-        refusal: why the response is not stored although its status would
-            be, or None.
-    """
-
-    __slots__ = ("_chunks", "_headers", "_policy", "_size", "_status", "_too_large", "refusal", "verdict")
-
-    def __init__(self, policy: Policy) -> None:
-        self._policy = policy
-        self._status = 0
-        self._headers: Headers = ()
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._too_large = False
-        self.verdict = Verdict.RELEASE
-        self.refusal: str | None = None
-
-    def start(self, status: int, headers: Sequence[tuple[bytes, bytes]]) -> Verdict:
-        """Record the status line and headers; return the verdict for the status.
-
-        Calling it again (a WSGI app's ``start_response`` with ``exc_info``)
-        starts the capture over.
-        """
-        policy = self._policy
-        self._status = status
-        self._headers = ()
-        self._chunks = []
-        self._size = 0
-        self._too_large = False
-        self.refusal = None
-        self.verdict = verdict = policy.verdict_for_status(status)
-        if verdict is Verdict.STORE:
-            refusal = header_refusal(headers)
-            if refusal is not None:
-                self.refuse(refusal)
-                return self.verdict
-            stored_name = policy.stored_name
-            kept = []
-            for name, value in headers:
-                lower = stored_name(name)
-                if lower is not None:
-                    kept.append((lower, value))
-            self._headers = tuple(kept)
-        return verdict
-
-    def refuse(self, reason: str) -> None:
-        """Never store this response (the server cannot send it): RELEASE, with ``reason`` as :attr:`refusal`.
-
-        A no-op unless the verdict is STORE: only a response that would be
-        stored needs refusing.
-        """
-        if self.verdict is Verdict.STORE:
-            self.verdict = Verdict.RELEASE
-            self.refusal = reason
-            self._headers = ()
-            self._chunks = []
-
-    def add(self, chunk: bytes) -> None:
-        """Add a body chunk (ignored unless the verdict is STORE); a chunk that is not bytes refuses the response."""
-        if self.verdict is not Verdict.STORE or not chunk:
-            return
-        if type(chunk) is not bytes:
-            if not isinstance(chunk, (bytearray, memoryview)):
-                self.refuse(f"a body chunk is {type(chunk).__name__}, not bytes")
-                return
-            chunk = bytes(chunk)
-        self._size += len(chunk)
-        if self._too_large:
-            return
-        if self._size > self._policy.max_response_body:
-            self._too_large = True
-            self._chunks = []
-        else:
-            self._chunks.append(chunk)
-
-    @property
-    def status(self) -> int:
-        """The status passed to :meth:`start` (0 before)."""
-        return self._status
-
-    @property
-    def too_large(self) -> bool:
-        """True once the body exceeded ``max_response_body`` (it is no longer kept)."""
-        return self._too_large
-
-    def response(self) -> StoredResponse | None:
-        """The response to store (a not-replayable marker when too large), or None when the verdict is not STORE."""
-        if self.verdict is not Verdict.STORE:
-            return None
-        if self._too_large:
-            return Marker(Marker.NOT_REPLAYABLE, "too_large", self._status, self._size).response()
-        return StoredResponse(self._status, self._headers, b"".join(self._chunks))

@@ -36,13 +36,13 @@ from ..exceptions import (
     ResultNotReplayable,
     StoreError,
 )
-from ..observability import Outcome, RequestObservation, observe_request
+from ..observability import Outcome, RequestObservation
 from ..secrets import SecretSource
 from ..serializers import JSONSerializer, Serializer
 from ..stores import async_store_from_url, store_from_url
 from ..typing import AsyncStore, Store
 from .admission import StoreFailed, admit
-from .commands import Call, Command, Lease
+from .commands import Call, Command, Lease, Observe
 from .drivers import drive_async, drive_sync
 
 __all__ = [
@@ -231,7 +231,8 @@ class Engine:
         Yields the commands of :mod:`idempo._engine.commands`; ``call`` is
         carried out by the driver (``call()``, or ``await call()``).
         """
-        observation = self._observe()
+        # The scope is the call's route label.
+        observation: RequestObservation = yield Observe("decorator", "CALL", self.scope, self.scope)
         try:
             admission = yield from admit(
                 store,
@@ -300,10 +301,6 @@ class Engine:
         """The async twin of :meth:`run_sync`: the same steps, driven against an async store."""
         result: tuple[T, bool] = await drive_async(self.steps(store, key, form, call), store, decided=False)
         return result
-
-    def _observe(self) -> RequestObservation:
-        """Start the call's observation (logs, metrics, spans); the scope is its route label."""
-        return observe_request("decorator", "CALL", self.scope, self.scope)
 
 
 def scope_of(fn: Callable[..., Any]) -> str:

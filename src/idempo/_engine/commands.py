@@ -14,6 +14,8 @@ command                    blocking driver                         async driver
 =========================  ======================================  ======================================
 ``Begin``, ``Get``         ``store.begin(...)``, ``store.get(...)`` the same, awaited
 ``Sleep``                  ``time.sleep``                          ``anyio.sleep``
+:class:`Observe`           ``observe_request(...)``, which then    the same
+                           times every store call
 ``Complete``, ``Release``, ``settle_once_sync`` (never raises)     ``settle_once_async``, shielded from
 ``Extend``                                                         cancellation
 :class:`LoadDigests`       ``source.load(store)``                  ``await source.aload(store)``
@@ -35,7 +37,20 @@ from .._core.policy import Policy
 from ..observability import RequestObservation
 from ..secrets import SecretSource
 
-__all__ = ["Call", "Command", "Lease", "LegacyWindow", "LoadDigests", "Offload"]
+__all__ = ["Call", "Command", "Lease", "LegacyWindow", "LoadDigests", "Observe", "Offload"]
+
+
+@dataclass(frozen=True, slots=True)
+class Observe:
+    """Start observing the request (:func:`idempo.observability.observe_request`); the result is the observation.
+
+    The driver times every later store call of the flow for it.
+    """
+
+    front: str
+    method: str
+    route: str
+    path: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,4 +93,6 @@ class Lease:
 
 
 #: Everything a step generator may yield.
-Command = Begin | Get | Sleep | Complete | Release | Extend | LoadDigests | LegacyWindow | Offload | Call | Lease
+Command = (
+    Begin | Get | Sleep | Complete | Release | Extend | Observe | LoadDigests | LegacyWindow | Offload | Call | Lease
+)

@@ -20,9 +20,9 @@ import anyio
 import anyio.to_thread
 
 from .._core.flow import Begin, Complete, Decision, Extend, Get, Release, Sleep
-from ..observability import RequestObservation, store_call_async, store_call_sync
+from ..observability import RequestObservation, observe_request, store_call_async, store_call_sync
 from ..typing import AsyncStore, Store
-from .commands import Call, Command, Lease, LegacyWindow, LoadDigests, Offload
+from .commands import Call, Command, Lease, LegacyWindow, LoadDigests, Observe, Offload
 from .execution import AsyncExecution, Execution
 from .store import settle_once_async, settle_once_sync
 
@@ -36,9 +36,9 @@ def drive_sync(
 ) -> T:
     """Run a step generator against a blocking store; return what it returns.
 
-    ``observation``, when given, is told the time of each store call and,
-    unless ``decided`` is False (the generator tells it itself), the
-    decision the generator returns.
+    ``observation``, when given (or made by an :class:`Observe` command),
+    is told the time of each store call and, unless ``decided`` is False
+    (the generator tells it itself), the decision the generator returns.
 
     Raises:
         What the generator raises (a StoreError it does not handle).
@@ -54,7 +54,11 @@ def drive_sync(
             result: T = stop.value
             return result
         try:
-            value, resume = _carry_out_sync(command, store, observation), flow.send
+            if type(command) is Observe:
+                value = observation = observe_request(command.front, command.method, command.route, command.path)
+            else:
+                value = _carry_out_sync(command, store, observation)
+            resume = flow.send
         except BaseException as exc:  # the generator decides what it means
             value, resume = exc, flow.throw
 
@@ -78,7 +82,11 @@ async def drive_async(
             result: T = stop.value
             return result
         try:
-            value, resume = await _carry_out_async(command, store, observation), flow.send
+            if type(command) is Observe:
+                value = observation = observe_request(command.front, command.method, command.route, command.path)
+            else:
+                value = await _carry_out_async(command, store, observation)
+            resume = flow.send
         except BaseException as exc:  # the generator decides what it means
             value, resume = exc, flow.throw
 

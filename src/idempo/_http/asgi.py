@@ -1,0 +1,387 @@
+"""The ASGI front's I/O: reading the body, sending an answer, and running an app under the lease.
+
+:class:`Exchange` is one request the ASGI middleware executes, as an object
+of its own (Starlette's ``GZipResponder`` is the model): the app gets the
+exchange's :meth:`Exchange.receive` and :meth:`Exchange.send`, which capture
+its answer and hold ``http.response.start`` back until idempo has decided;
+:meth:`Exchange.commit` is the one point where the record is settled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Protocol
+
+import anyio
+
+from .._core.capture import ResponseCapture, Settlement
+from .._core.http import BYPASSED_HEADER
+from .._core.policy import Policy, Verdict
+from .._core.records import StoredResponse
+from .._core.routes import RouteOptions, RouteTable
+from .._engine.execution import AsyncExecution
+from ..observability import RequestObservation, logger
+from .admission import Bypass, ClientGone
+
+__all__ = [
+    "EXCHANGE_SCOPE_KEY",
+    "ROUTE_OPTIONS_FINDERS",
+    "ASGIApp",
+    "Exchange",
+    "Message",
+    "Receive",
+    "RouteOptionsFinder",
+    "Scope",
+    "Send",
+    "add_route_options_finder",
+    "read_body",
+    "replay_body",
+    "report_exception",
+    "run_bypassed",
+    "send_answer",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: The scope key under which the middleware leaves the :class:`Exchange` of a
+#: request it executes; :func:`report_exception` reads it.
+EXCHANGE_SCOPE_KEY = "idempo.exchange"
+
+# Response extensions whose bodies never pass through ``send``; hidden from
+# the app so every response can be captured.
+_UNCAPTURABLE = ("http.response.pathsend", "http.response.zerocopysend")
+
+
+class RouteOptionsFinder(Protocol):
+    """Finds the options the route a request goes to declares, for a framework the ASGI front does not know."""
+
+    def find(self, scope: Scope, app: Any, policy: Policy | None, default: Policy) -> RouteOptions | None:
+        """The options of the route ``scope`` goes to, or None.
+
+        Args:
+            scope: the request's ASGI scope (before routing).
+            app: the app the middleware wraps.
+            policy: the policy of the request's path (None: exempt by a pattern).
+            default: the middleware's default policy.
+        """
+
+
+#: Makes the finders of one middleware from its path patterns. Framework glue
+#: adds its own (:func:`add_route_options_finder`) when it is imported, so the
+#: generic ASGI front needs no framework knowledge: idempo.fastapi adds
+#: Starlette's route matcher (:mod:`idempo._http.starlette`).
+ROUTE_OPTIONS_FINDERS: list[Callable[[RouteTable], RouteOptionsFinder]] = []
+
+
+def add_route_options_finder(factory: Callable[[RouteTable], RouteOptionsFinder]) -> None:
+    """Make every ASGI middleware ask finders made by ``factory`` for a route's options (once per factory)."""
+    if factory not in ROUTE_OPTIONS_FINDERS:
+        ROUTE_OPTIONS_FINDERS.append(factory)
+
+
+def report_exception(scope: Scope, exc: BaseException) -> None:
+    """Tell the middleware that the handler raised ``exc`` though the framework answered anyway.
+
+    For frameworks whose exception handling sits between the middleware and
+    the handler (Litestar answers 500 inside the middleware stack), so the
+    exception never reaches the middleware: reporting it lets
+    ``Policy.exception_verdicts`` decide what happens to the record.
+    :class:`idempo.litestar.IdempotencyPlugin` does this for Litestar. A no-op
+    for requests the middleware does not execute.
+
+    Args:
+        scope: the request's ASGI scope, as the app received it.
+        exc: the exception the handler raised.
+    """
+    exchange = scope.get(EXCHANGE_SCOPE_KEY)
+    if isinstance(exchange, Exchange):
+        exchange.reported = exc
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """Read the whole request body; None when it exceeds ``limit`` bytes.
+
+    Raises:
+        ClientGone: the client left mid-upload. Nothing may run on a partial
+            body: its fingerprint would refuse the complete retry with 422.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone()
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A receive callable that hands the app the body already read, then the real stream."""
+    pending = True
+
+    async def replay_receive() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay_receive
+
+
+async def send_answer(send: Send, response: StoredResponse) -> None:
+    """Answer with a stored response or a problem: its status, headers (repeats kept) and body."""
+    await send({"type": "http.response.start", "status": response.status, "headers": list(response.headers)})
+    await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+
+async def run_bypassed(app: ASGIApp, scope: Scope, receive: Receive, send: Send, bypass: Bypass) -> None:
+    """Run the app unprotected (the store failed, the policy fails open), its answer marked bypassed.
+
+    The request's record says so: ``bypassed`` (WARNING), with the store's
+    error, the handler's status and time.
+    """
+    status: int | None = None
+
+    async def marked_send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            message = {**message, "headers": [*message.get("headers", ()), BYPASSED_HEADER]}
+        await send(message)
+
+    bypass.observation.handler_started()
+    try:
+        await app(scope, replay_body(bypass.body, receive), marked_send)
+    finally:
+        bypass.finish(status)
+
+
+class Exchange:
+    """One request the ASGI middleware runs holding the lease: the app's receive and send, and the settle.
+
+    The app first receives ``body`` (already read), then the real stream. Its
+    answer is captured as it goes out; ``http.response.start`` is held back
+    until the first body message, and the record is settled (:meth:`commit`)
+    before the last body message reaches the client, so a client that retries
+    as soon as it has the answer finds the record settled. The app runs to
+    the end even when the client has gone: its result is still recorded and
+    the retry gets the replay (shared/cases B04).
+
+    Every way out settles the record through one :class:`AsyncExecution`:
+    when idempo's own code fails after the app started answering (the
+    capture, the verdict, the settle, the observation), the record is
+    released (or held, as the verdict says), renewals stop, and the app's
+    answer is passed through untouched from there on.
+
+    :meth:`commit` is where a variant that settles differently (a
+    transactional route: the record's completion inside the handler's
+    transaction, then COMMIT) extends the exchange.
+
+    Args:
+        app: the ASGI app.
+        execution: the request's lease.
+        observation: the request's observation (the caller finishes it).
+        policy: the route's policy.
+        body: the request body, already read.
+        receive: the server's receive.
+        send: the server's send.
+    """
+
+    __slots__ = (
+        "_body_pending",
+        "_done",
+        "_receive",
+        "_send",
+        "app",
+        "body",
+        "broken",
+        "capture",
+        "client_gone",
+        "complete",
+        "execution",
+        "observation",
+        "reported",
+        "start",
+        "start_sent",
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        execution: AsyncExecution,
+        observation: RequestObservation,
+        policy: Policy,
+        body: bytes,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        self.app = app
+        self.execution = execution
+        self.observation = observation
+        self.capture = ResponseCapture(policy)
+        self.body = body
+        self._receive = receive
+        self._send = send
+        #: The app's ``http.response.start``, held back until the first body message.
+        self.start: Message | None = None
+        self.start_sent = False
+        #: True once the app's body ended (``more_body`` false).
+        self.complete = False
+        self.client_gone = False
+        #: True once idempo's own code failed: the rest of the answer passes through.
+        self.broken = False
+        #: The exception a framework reported for the handler (:func:`report_exception`).
+        self.reported: BaseException | None = None
+        self._body_pending = True
+        # Set once the record is settled (or the answer is whole), for an app
+        # waiting on a disconnect the exchange hides meanwhile.
+        self._done: anyio.Event | None = None
+
+    @property
+    def status(self) -> int | None:
+        """The status the app answered, once it started answering."""
+        return self.start["status"] if self.start is not None else None
+
+    async def __call__(self, scope: Scope) -> None:
+        """Run the app on ``scope``; settle the record whichever way it ends."""
+        extensions = scope.get("extensions")
+        if extensions and any(name in extensions for name in _UNCAPTURABLE):
+            extensions = {k: v for k, v in extensions.items() if k not in _UNCAPTURABLE}
+            scope = {**scope, "extensions": extensions}
+        # Added in place (a key of our own): the app's changes to the scope,
+        # such as the route a router picked, stay visible to outer middleware.
+        scope[EXCHANGE_SCOPE_KEY] = self
+        execution, observation = self.execution, self.observation
+        try:
+            observation.handler_started()
+            try:
+                await self.app(scope, self.receive, self.send)
+            except Exception as exc:
+                observation.error = exc
+                if not execution.settled:
+                    await self.fail(exc)
+                raise
+            finally:
+                observation.handler_finished(self.status)
+            if not execution.settled:
+                # Either a deferred answer that is not stored (decided by the
+                # exception a framework reported, if any), or the app returned
+                # without completing its response: nothing whole to store.
+                await self.commit(self.capture.settlement(complete=self.complete, reported=self.reported))
+                if self.start is not None and not self.start_sent:
+                    self.start_sent = True
+                    await self.forward(self.start)
+        except BaseException as exc:
+            # Whatever failed (the app, or idempo's own code after it): the
+            # record is settled by it, and renewals stop. A crash (cancellation,
+            # SystemExit) settles nothing: the lease expires, a retry may execute.
+            await execution.fail(exc, self.status)
+            raise
+
+    async def commit(self, settlement: Settlement) -> None:
+        """Settle the record by ``settlement``: the one point the answer's verdict reaches the store."""
+        if self.capture.refusal is not None:
+            # Not stored (the capture released it); the server does with the
+            # response what it does with any it cannot send (uvicorn drops it).
+            self.observation.response_refused(self.capture.refusal)
+        await self.execution.settle(settlement.response, settlement.verdict, settlement.reason)
+        self._wake()
+
+    async def fail(self, exc: Exception) -> None:
+        """The app raised: settle by the exception's verdict (a response no server may send is released)."""
+        if self.capture.refusal is not None:
+            await self.commit(Settlement(None, Verdict.RELEASE, None))
+            return
+        await self.execution.fail(exc, self.status)
+        self._wake()
+
+    async def broke(self, exc: Exception) -> None:
+        """idempo's own code failed while the app answered: settle by the failure, pass the rest through."""
+        self.broken = True
+        logger.error(
+            "idempo: capturing the answer of record %s failed; the record is released",
+            self.execution.record_key,
+            exc_info=exc,
+        )
+        await self.execution.fail(exc, self.status)
+        self._wake()
+
+    async def forward(self, message: Message) -> None:
+        """Send ``message`` to the client, unless it has gone (the app goes on regardless)."""
+        if self.client_gone:
+            return
+        try:
+            await self._send(message)
+        except OSError:
+            # ASGI 2.4: send raises OSError once the client is gone. The app
+            # goes on, so its result is still recorded for the retry.
+            self.client_gone = True
+
+    async def send(self, message: Message) -> None:
+        """The app's ``send``: capture the answer, settle at its end, forward it."""
+        kind = message["type"]
+        if self.broken:
+            if kind == "http.response.body" and self.start is not None and not self.start_sent:
+                self.start_sent = True
+                await self.forward(self.start)
+            await self.forward(message)
+            return
+        capture = self.capture
+        try:
+            if kind == "http.response.start":
+                self.start = message
+                capture.start(message["status"], message.get("headers", ()))
+                if capture.refusal is not None:
+                    self.observation.response_refused(capture.refusal)
+                return
+            if kind != "http.response.body" or self.start is None or self.execution.settled:
+                await self.forward(message)
+                return
+            capture.add(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.complete = True
+                if capture.settles_when_whole():
+                    await self.commit(capture.settlement(complete=True))
+                else:
+                    self._wake()  # the response is whole: an app waiting for the disconnect may have it
+        except Exception as exc:
+            await self.broke(exc)
+            if kind == "http.response.start":
+                return
+        if not self.start_sent and self.start is not None:
+            self.start_sent = True
+            await self.forward(self.start)
+        await self.forward(message)
+
+    async def receive(self) -> Message:
+        """The app's ``receive``: the body already read, then the server's messages.
+
+        The client's departure is hidden until the response is complete, so
+        frameworks that stop on disconnect (Starlette's ``StreamingResponse``)
+        finish the work the lease stands for.
+        """
+        if self._body_pending:
+            self._body_pending = False
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        message = await self._receive()
+        if message["type"] != "http.disconnect" or self.execution.settled or self.complete:
+            return message
+        if self._done is None:
+            self._done = anyio.Event()
+        await self._done.wait()
+        return message
+
+    def _wake(self) -> None:
+        if self._done is not None:
+            self._done.set()
