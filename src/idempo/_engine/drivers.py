@@ -54,8 +54,17 @@ def drive_sync(
             result: T = stop.value
             return result
         try:
-            if type(command) is Observe:
+            # The commands of every request first, inline; the rest in _carry_out_sync.
+            kind = type(command)
+            if kind is Begin:
+                args = (command.record_key, command.fingerprint, command.lease_ttl_ms)
+                value = store_call_sync(observation, store, "begin", store.begin, *args)
+            elif kind is Call:
+                value = command.fn()
+            elif kind is Observe:
                 value = observation = observe_request(command.front, command.method, command.route, command.path)
+            elif kind is Lease:
+                value = Execution(store, command.policy, command.record_key, command.token, command.observation)
             else:
                 value = _carry_out_sync(command, store, observation)
             resume = flow.send
@@ -82,8 +91,17 @@ async def drive_async(
             result: T = stop.value
             return result
         try:
-            if type(command) is Observe:
+            # The commands of every request first, inline; the rest in _carry_out_async.
+            kind = type(command)
+            if kind is Begin:
+                call = store.begin(command.record_key, command.fingerprint, command.lease_ttl_ms)
+                value = await store_call_async(observation, store, "begin", call)
+            elif kind is Call:
+                value = await command.fn()
+            elif kind is Observe:
                 value = observation = observe_request(command.front, command.method, command.route, command.path)
+            elif kind is Lease:
+                value = AsyncExecution(store, command.policy, command.record_key, command.token, command.observation)
             else:
                 value = await _carry_out_async(command, store, observation)
             resume = flow.send
@@ -92,11 +110,6 @@ async def drive_async(
 
 
 def _carry_out_sync(command: Command, store: Store, observation: RequestObservation | None) -> Any:
-    if type(command) is Begin:
-        args = (command.record_key, command.fingerprint, command.lease_ttl_ms)
-        return store_call_sync(observation, store, "begin", store.begin, *args)
-    if type(command) is Call:
-        return command.fn()
     if type(command) is Get:
         return store_call_sync(observation, store, "get", store.get, command.record_key)
     if type(command) is Sleep:
@@ -108,8 +121,6 @@ def _carry_out_sync(command: Command, store: Store, observation: RequestObservat
         return command.source.legacy_open(store)
     if type(command) is Offload:
         return command.fn(*command.args)
-    if type(command) is Lease:
-        return Execution(store, command.policy, command.record_key, command.token, command.observation)
     # A settling command made before the handler ran (a held takeover, a legacy record's carry-over):
     # not the request's verdict, so not told to its observation.
     assert isinstance(command, Complete | Release | Extend)
@@ -117,11 +128,6 @@ def _carry_out_sync(command: Command, store: Store, observation: RequestObservat
 
 
 async def _carry_out_async(command: Command, store: AsyncStore, observation: RequestObservation | None) -> Any:
-    if type(command) is Begin:
-        call = store.begin(command.record_key, command.fingerprint, command.lease_ttl_ms)
-        return await store_call_async(observation, store, "begin", call)
-    if type(command) is Call:
-        return await command.fn()
     if type(command) is Get:
         return await store_call_async(observation, store, "get", store.get(command.record_key))
     if type(command) is Sleep:
@@ -133,8 +139,6 @@ async def _carry_out_async(command: Command, store: AsyncStore, observation: Req
         return await command.source.alegacy_open(store)
     if type(command) is Offload:
         return await anyio.to_thread.run_sync(command.fn, *command.args)
-    if type(command) is Lease:
-        return AsyncExecution(store, command.policy, command.record_key, command.token, command.observation)
     # Shielded: a request cancelled meanwhile still gives back (or holds) what it took.
     with anyio.CancelScope(shield=True):
         assert isinstance(command, Complete | Release | Extend)

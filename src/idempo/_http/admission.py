@@ -170,18 +170,21 @@ def admission(
         identity = request_identity(policy, digests, who, method, identity_path, query, content_type, body, key)
         return identity.record_key, identity.fingerprint
 
-    def old_identity() -> LegacyIdentity | None:
-        # After a fresh lease: where a version before keyed digests kept the record.
-        old = legacy_principal(who)
-        if old is None:
-            return None
-        return legacy_identity(policy, old, method, path, query, content_type, body, key)
+    legacy = None
+    if source.legacy_possible():
+
+        def legacy() -> LegacyIdentity | None:
+            # After a fresh lease: where a version before keyed digests kept the record.
+            old = legacy_principal(who)
+            if old is None:
+                return None
+            return legacy_identity(policy, old, method, path, query, content_type, body, key)
 
     # A large body's fingerprint (canonical JSON: about 1 s for 10 MiB) is
     # computed in a worker thread on ASGI: the loop keeps serving meanwhile.
     offload = fingerprint_off_loop(policy, content_type, len(body))
     admitted = yield from admit(
-        store, policy, source, observation, identify, principal=who, key=key, offload=offload, legacy=old_identity
+        store, policy, source, observation, identify, principal=who, key=key, offload=offload, legacy=legacy
     )
     if isinstance(admitted, StoreFailed):
         if admitted.bypass:
