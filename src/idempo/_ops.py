@@ -252,7 +252,12 @@ def _scope(
     if principal is None:
         assert authorization is not None
         principal = credentials({"HTTP_AUTHORIZATION": authorization})
-        assert principal is not None
+        if principal is None:
+            raise click.BadParameter(
+                "a placeholder (Bearer null, an empty bearer) carries no identity: such a request is scoped by "
+                "its address; pass --principal addr:<ip>",
+                param_hint="--authorization",
+            )
     return configured, (principal, method.upper(), path, parsed)
 
 

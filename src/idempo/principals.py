@@ -12,24 +12,32 @@ unless the app passes a resolver of its own (``principal=``):
    Flask's session); ``REMOTE_USER`` on WSGI (set by the server, CGI's rule).
    ``"user:<id>"``. The same user with a refreshed token or a new session is
    the same principal.
-2. **A digest of the credentials**: the ``Authorization`` header (its scheme
-   case-insensitive, RFC 9110 section 11.1) and the session cookies whose names
-   match :data:`DEFAULT_SESSION_COOKIES` (or the names given to
-   :func:`standard`), together: two callers who differ in any of them are two
-   principals, even when both send a placeholder such as
-   ``Authorization: Bearer null``. ``"cred:<32 hex>"``. The digest only ever
-   feeds the record key and the log hashes, which are keyed with the server
-   secret (DESIGN "digest at rest"); it is never stored or logged itself.
-   It changes when the token or the session cookie changes: see
-   "Token refresh" below.
+2. **A digest of the credentials**: every request header whose name matches
+   :data:`DEFAULT_CREDENTIAL_HEADERS` (``Authorization``, ``X-API-Key``,
+   ``X-Auth-Token``, ...; the auth scheme case-insensitive, RFC 9110
+   section 11.1) and every cookie whose name matches
+   :data:`DEFAULT_SESSION_COOKIES` (``sessionid``, ``session``, ``token``,
+   ``access-token``, ``koa.sess``, ...), less the names that match
+   :data:`DEFAULT_NOT_CREDENTIALS` (CSRF tokens, analytics), all together:
+   two callers who differ in any of them are two principals, whatever their
+   address. A value that is a known placeholder
+   (:data:`DEFAULT_PLACEHOLDERS`: ``Authorization: Bearer null``, an empty
+   bearer, ``X-API-Key: undefined``, what a logged-out browser app sends)
+   carries no identity and counts as absent, so two anonymous callers who
+   both send one are still told apart by their address. ``"cred:<32
+   hex>"``. The digest only ever feeds the record key and the log hashes,
+   which are keyed with the server secret (DESIGN "digest at rest"); it is
+   never stored or logged itself. It changes when a token or a session
+   cookie changes: see "Token refresh" below. All four lists can be changed
+   with :func:`standard`.
 3. **The client address** as the server reports it (``"addr:<host>"``; behind
    a proxy, have the server report the real client's).
 4. ``"anonymous"``: no identity at all (uvicorn on a unix socket with a
    credential-less client).
 
-Other cookies (analytics, CSRF tokens, load-balancer stickiness) are left out:
-they change without the user changing, and a retry would then be a new
-principal and execute again.
+Other headers and cookies (analytics, CSRF tokens, load-balancer stickiness,
+tracing) are left out: they change without the user changing, and a retry
+would then be a new principal and execute again.
 
 Ready resolvers, for ``principal=`` on any front (each takes whatever the
 front passes: an ASGI scope, a WSGI environ or a Django ``HttpRequest``):
@@ -41,7 +49,8 @@ front passes: an ASGI scope, a WSGI environ or a Django ``HttpRequest``):
   tokens, stable across token refresh.
 - :func:`from_header`: a header set by a trusted gateway that authenticated
   the caller (``X-User-Id``); only where the gateway strips client copies.
-- :func:`standard`: the default rule with another list of session cookies.
+- :func:`standard`: the default rule with other lists of credential headers,
+  session cookies, names that are not credentials, or placeholders.
 - :func:`first`: the first of several resolvers that finds an identity.
 
 Token refresh: where the framework does not tell who the user is, the
@@ -62,6 +71,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "DEFAULT_CREDENTIAL_HEADERS",
+    "DEFAULT_NOT_CREDENTIALS",
+    "DEFAULT_PLACEHOLDERS",
     "DEFAULT_SESSION_COOKIES",
     "USER_ENVIRON_KEY",
     "Resolver",
@@ -84,19 +96,42 @@ __all__ = [
 #: principal, or None when the request carries no identity (answered 400).
 Resolver = Callable[[Any], "str | None"]
 
+#: Request header names (``fnmatch`` patterns, case-insensitive; ``_`` and
+#: ``-`` are one character, as WSGI servers and Django fold them) that carry
+#: a credential, part of the credentials' digest: ``Authorization`` and
+#: ``Proxy-Authorization`` (RFC 9110 section 11), API keys (``X-API-Key``,
+#: FastAPI's ``APIKeyHeader``; ``Api-Key``, ``X-Goog-Api-Key``, ``apikey``),
+#: tokens (``X-Auth-Token``, ``X-Access-Token``, ``X-Amz-Security-Token``),
+#: anything naming auth (``X-Authenticated-User``) or a session
+#: (``X-Session-Id``), and secrets (``X-Client-Secret``).
+DEFAULT_CREDENTIAL_HEADERS: tuple[str, ...] = (
+    "authorization",
+    "proxy-authorization",
+    "*api-key*",
+    "*apikey*",
+    "*token*",
+    "*auth*",
+    "*session*",
+    "*secret*",
+)
+
 #: Cookie names (``fnmatch`` patterns, case-insensitive) that carry a login,
 #: part of the credentials' digest: ``sessionid`` (Django), ``session``
 #: (Flask, Starlette's ``SessionMiddleware``, Litestar's cookie sessions),
-#: ``remember_token`` (Flask-Login), and the usual names of other stacks a
-#: proxy may front: ``*session*`` (Rails' ``_app_session``, Java's
-#: ``JSESSIONID``, ``laravel_session``, ASP.NET's ``ASP.NET_SessionId``),
-#: ``*sessid*`` (PHP's ``PHPSESSID``), ``sid`` and ``*.sid`` (Express's
-#: ``connect.sid``), ``*auth*`` (``.AspNetCore.Auth``-style cookies) and
-#: ``*jwt*``, ``access_token``, ``id_token`` (tokens kept in a cookie).
+#: ``remember_token`` (Flask-Login), ``token`` (Litestar's JWT cookie
+#: authentication), ``*token*`` (fastapi-login's ``access-token``,
+#: ``access_token``, ``id_token``, NextAuth's ``next-auth.session-token``),
+#: ``*sess*`` (Koa's ``koa.sess``, Rails' ``_app_session``, Java's
+#: ``JSESSIONID``, ``laravel_session``, ASP.NET's ``ASP.NET_SessionId``,
+#: PHP's ``PHPSESSID``), ``sid`` and ``*.sid`` (Express's ``connect.sid``),
+#: ``*auth*`` (``.AspNetCore.Auth``-style cookies) and ``*jwt*``.
 DEFAULT_SESSION_COOKIES: tuple[str, ...] = (
     "sessionid",
     "session",
     "remember_token",
+    "token",
+    "*token*",
+    "*sess*",
     "*session*",
     "*sessid*",
     "sid",
@@ -107,10 +142,27 @@ DEFAULT_SESSION_COOKIES: tuple[str, ...] = (
     "id_token",
 )
 
+#: Header and cookie names (``fnmatch`` patterns, case-insensitive) that are
+#: never credentials although a pattern above matches them: CSRF tokens
+#: (Django's ``csrftoken`` cookie and ``X-CSRFToken`` header, Angular's
+#: ``XSRF-TOKEN`` and ``X-XSRF-TOKEN``), which a page may renew between a
+#: request and its retry, and analytics cookies named like sessions
+#: (Hotjar's ``_hjSession*``, Application Insights' ``ai_session``).
+DEFAULT_NOT_CREDENTIALS: tuple[str, ...] = ("*csrf*", "*xsrf*", "_hj*", "ai_session")
+
+#: Credential values (case-insensitive, after the auth scheme for an
+#: ``Authorization``-like header) that carry no identity: what a browser app
+#: sends when it has no token (``Bearer null``, ``Bearer undefined``, an empty
+#: bearer, ``String(false)``, ``[object Object]``). They count as absent.
+DEFAULT_PLACEHOLDERS: tuple[str, ...] = ("", "null", "undefined", "none", "nil", "false", "nan", "[object object]")
+
 #: The WSGI environ key under which a front hands over the framework's user
 #: (a str, or a callable returning one or None); the Flask extension puts the
 #: Flask app's Flask-Login user there.
 USER_ENVIRON_KEY = "idempo.user"
+
+# The auth schemes a client sends alone when it has no token (an empty bearer).
+_SCHEMES = frozenset((b"bearer", b"basic", b"token", b"jwt", b"digest"))
 
 # RFC 9110 section 5.6.2 token characters: an auth scheme.
 _SCHEME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -164,13 +216,19 @@ def framework_user(request: Any) -> str | None:
     - Django: ``request.user`` when ``is_authenticated`` (its ``pk``).
     - ASGI (Starlette, FastAPI, Litestar): ``scope["user"]`` when an
       authentication middleware set it and, where it says so,
-      ``is_authenticated``. Its id is the first of ``identity``, ``id``,
-      ``pk``, ``username``, ``display_name`` that it has (a str user is its
-      own id; a mapping's ``id`` or ``sub``).
+      ``is_authenticated``. Its id is the first of the attributes that
+      identify a user that it has: ``identity`` (Starlette's ``BaseUser``,
+      ``SimpleUser``'s username), ``get_id()`` (Flask-Login's ``UserMixin``,
+      documented as unique), ``id``, ``pk`` (an ORM's primary key),
+      ``username`` (a login name: unique on Django's ``AbstractUser``); a str
+      user is its own id; a mapping's ``id`` or ``sub``. Never a name meant
+      for display (``display_name``, ``name``, ``email``): two users may
+      share one.
     - WSGI: what a front handed over under :data:`USER_ENVIRON_KEY` (Flask:
       Flask-Login's user), else ``REMOTE_USER``.
 
-    A user whose id cannot be read is no user here: the credentials decide.
+    A user whose id cannot be read is no user here: the credentials decide
+    (two users whose only difference is their session are two principals).
     """
     kind = _kind(request)
     if kind == "django":
@@ -201,25 +259,37 @@ def _authenticated(user: Any) -> bool:
         return False
 
 
+#: The attributes that identify a user, in order (see :func:`framework_user`).
+_IDENTIFYING = ("identity", "get_id", "id", "pk", "username")
+
+
 def _identity(user: Any) -> str | None:
     if isinstance(user, str):
         return user or None
     if isinstance(user, Mapping):
         value = user.get("id", user.get("sub"))
-        return None if value is None else str(value)
-    for name in ("identity", "id", "pk", "username", "display_name"):
+        return None if value is None or value == "" else str(value)
+    for name in _IDENTIFYING:
         try:
             value = getattr(user, name, None)
-        except Exception:  # NotImplementedError from an abstract property
+            if name == "get_id" and callable(value):
+                value = value()
+        except Exception:  # NotImplementedError from an abstract property or get_id()
             continue
         if value is not None and not callable(value) and str(value):
             return str(value)
     return None
 
 
-def _matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
-    compiled = re.compile("|".join(fnmatch.translate(p.lower()) for p in patterns) or "(?!)")
-    return lambda name: compiled.match(name.lower()) is not None
+def _matcher(patterns: Iterable[str], *, header: bool = False) -> Callable[[str], bool]:
+    """A test of a name against ``fnmatch`` patterns, case-insensitive (for headers, ``_`` is ``-``)."""
+
+    def fold(name: str) -> str:
+        name = name.lower()
+        return name.replace("_", "-") if header else name
+
+    compiled = re.compile("|".join(fnmatch.translate(fold(p)) for p in patterns) or "(?!)")
+    return lambda name: compiled.match(fold(name)) is not None
 
 
 def _cookies(request: Any, wanted: Callable[[str], bool]) -> list[tuple[bytes, bytes]]:
@@ -243,22 +313,87 @@ def _authorization(value: bytes) -> bytes:
     return scheme.lower() + b" " + rest.lstrip(b" \t")
 
 
-def credentials(request: Any, session_cookies: Sequence[str] = DEFAULT_SESSION_COOKIES) -> str | None:
-    """The digest of a request's credentials, ``"cred:<32 hex>"``, or None when it carries none.
+class _Rule:
+    """Which headers and cookies are credentials, and which values are placeholders (see :func:`standard`)."""
 
-    The credentials are every ``Authorization`` value (scheme lower-cased) and
-    the cookies whose names match ``session_cookies`` (``fnmatch`` patterns,
-    case-insensitive), each length-prefixed so no two different sets share an
-    input. The digest is an unkeyed SHA-256 because it never leaves the
-    process: the record key and the log hashes it feeds are keyed with the
-    server secret.
+    __slots__ = ("cookie", "header", "placeholders")
+
+    def __init__(
+        self,
+        credential_headers: Sequence[str],
+        session_cookies: Sequence[str],
+        not_credentials: Sequence[str],
+        placeholders: Sequence[str],
+    ) -> None:
+        for name, value in (
+            ("credential_headers", credential_headers),
+            ("session_cookies", session_cookies),
+            ("not_credentials", not_credentials),
+            ("placeholders", placeholders),
+        ):
+            if isinstance(value, str | bytes):
+                raise TypeError(f"{name} must be a sequence of names, not one string")
+        header = _matcher(credential_headers, header=True)
+        cookie = _matcher(session_cookies)
+        excluded_header = _matcher(not_credentials, header=True)
+        excluded_cookie = _matcher(not_credentials)
+        self.header: Callable[[str], bool] = lambda name: (
+            name != "cookie" and header(name) and not excluded_header(name)
+        )
+        self.cookie: Callable[[str], bool] = lambda name: cookie(name) and not excluded_cookie(name)
+        self.placeholders = frozenset(p.lower().encode("latin-1") for p in placeholders)
+
+    def placeholder(self, value: bytes) -> bool:
+        """True for a value that carries no identity (``null``, an empty bearer, ...)."""
+        value = value.strip(b" \t")
+        if len(value) >= 2 and value[:1] == value[-1:] == b'"':
+            value = value[1:-1].strip(b" \t")  # a quoted cookie value
+        return value.lower() in self.placeholders
+
+
+def _header_pairs(request: Any, wanted: Callable[[str], bool]) -> list[tuple[str, bytes]]:
+    """The (lower-case name, value) of every header ``wanted`` picks, in the order received (latin-1 bytes)."""
+    kind = _kind(request)
+    if kind == "asgi":
+        return [(name.decode("latin-1"), value) for name, value in request["headers"] if wanted(name.decode("latin-1"))]
+    pairs = []
+    for meta, value in _environ(request, kind).items():
+        if isinstance(meta, str) and meta.startswith("HTTP_") and isinstance(value, str):
+            name = meta[5:].lower().replace("_", "-")
+            if wanted(name):
+                pairs.append((name, value.encode("latin-1", "replace")))
+    return pairs
+
+
+def _credential_parts(request: Any, rule: _Rule) -> list[bytes]:
+    """The credentials of a request, each tagged, placeholders left out (see :func:`credentials`).
+
+    ``Authorization`` values keep the input the digest had before other
+    headers counted (``a`` + value, first), so a caller with only a bearer
+    token or only a session cookie keeps its principal across that change.
     """
-    return _credentials(request, _matcher(session_cookies))
+    authorization: list[bytes] = []
+    others: list[bytes] = []
+    for name, value in _header_pairs(request, rule.header):
+        if name in ("authorization", "proxy-authorization"):
+            value = _authorization(value)
+            scheme, sep, token = value.partition(b" ")
+            if rule.placeholder(token) if sep else (scheme.lower() in _SCHEMES or rule.placeholder(value)):
+                continue
+        else:
+            value = value.strip(b" \t")
+            if rule.placeholder(value):
+                continue
+        if name == "authorization":
+            authorization.append(b"a" + value)
+        else:
+            others.append(b"h" + name.encode("latin-1") + b"=" + value)
+    others.sort()
+    cookies = [b"c" + n + b"=" + v for n, v in _cookies(request, rule.cookie) if not rule.placeholder(v)]
+    return authorization + others + cookies
 
 
-def _credentials(request: Any, wanted: Callable[[str], bool]) -> str | None:
-    parts = [b"a" + _authorization(value) for value in header_values(request, "authorization")]
-    parts.extend(b"c" + name + b"=" + value for name, value in _cookies(request, wanted))
+def _digest(parts: list[bytes]) -> str | None:
     if not parts:
         return None
     digest = hashlib.sha256()
@@ -268,30 +403,72 @@ def _credentials(request: Any, wanted: Callable[[str], bool]) -> str | None:
     return "cred:" + digest.hexdigest()[:32]
 
 
+def credentials(
+    request: Any,
+    session_cookies: Sequence[str] = DEFAULT_SESSION_COOKIES,
+    *,
+    credential_headers: Sequence[str] = DEFAULT_CREDENTIAL_HEADERS,
+    not_credentials: Sequence[str] = DEFAULT_NOT_CREDENTIALS,
+    placeholders: Sequence[str] = DEFAULT_PLACEHOLDERS,
+) -> str | None:
+    """The digest of a request's credentials, ``"cred:<32 hex>"``, or None when it carries none.
+
+    The credentials are the headers whose names match ``credential_headers``
+    (``Authorization``-like ones with their scheme lower-cased) and the
+    cookies whose names match ``session_cookies`` (``fnmatch`` patterns,
+    case-insensitive), less the names matching ``not_credentials`` and the
+    values in ``placeholders``; each is length-prefixed so no two different
+    sets share an input. The digest is an unkeyed SHA-256 because it never
+    leaves the process: the record key and the log hashes it feeds are keyed
+    with the server secret.
+
+    Raises:
+        TypeError: one of the lists is a single string.
+    """
+    rule = _Rule(credential_headers, session_cookies, not_credentials, placeholders)
+    return _digest(_credential_parts(request, rule))
+
+
 # --- resolvers ------------------------------------------------------------------------
 
 
-def standard(*, session_cookies: Sequence[str] = DEFAULT_SESSION_COOKIES) -> Resolver:
-    """The default rule (see the module docstring) with another list of session cookies.
+def standard(
+    *,
+    session_cookies: Sequence[str] = DEFAULT_SESSION_COOKIES,
+    credential_headers: Sequence[str] = DEFAULT_CREDENTIAL_HEADERS,
+    not_credentials: Sequence[str] = DEFAULT_NOT_CREDENTIALS,
+    placeholders: Sequence[str] = DEFAULT_PLACEHOLDERS,
+) -> Resolver:
+    """The default rule (see the module docstring) with other lists of credentials.
 
     Args:
         session_cookies: cookie names (``fnmatch`` patterns, case-insensitive)
             that carry a login; default :data:`DEFAULT_SESSION_COOKIES`. Add
             yours: ``standard(session_cookies=(*DEFAULT_SESSION_COOKIES, "login"))``.
+        credential_headers: header names (``fnmatch`` patterns,
+            case-insensitive) that carry a credential; default
+            :data:`DEFAULT_CREDENTIAL_HEADERS`.
+        not_credentials: header and cookie names that never count although
+            a pattern above matches them; default :data:`DEFAULT_NOT_CREDENTIALS`.
+            Add a header that changes between a request and its retry but
+            says nothing of who sends it (a per-request signature or nonce).
+        placeholders: values that carry no identity and count as absent;
+            default :data:`DEFAULT_PLACEHOLDERS`.
 
     Returns:
         A resolver that never returns None: the framework's user, else the
         credentials' digest, else ``"addr:<host>"``, else ``"anonymous"``.
+
+    Raises:
+        TypeError: one of the lists is a single string.
     """
-    if isinstance(session_cookies, str):
-        raise TypeError("session_cookies must be a sequence of names, not one string")
-    wanted = _matcher(session_cookies)
+    rule = _Rule(credential_headers, session_cookies, not_credentials, placeholders)
 
     def resolve(request: Any) -> str:
         user = framework_user(request)
         if user is not None:
             return user
-        digest = _credentials(request, wanted)
+        digest = _digest(_credential_parts(request, rule))
         if digest is not None:
             return digest
         address = client_address(request)
@@ -301,7 +478,7 @@ def standard(*, session_cookies: Sequence[str] = DEFAULT_SESSION_COOKIES) -> Res
     return resolve
 
 
-#: The default resolver of every front: ``standard()`` with :data:`DEFAULT_SESSION_COOKIES`.
+#: The default resolver of every front: :func:`standard` with the default lists.
 default: Resolver = standard()
 
 
@@ -414,7 +591,10 @@ def first(*resolvers: Resolver) -> Resolver:
 
 # --- the records of versions before keyed digests -------------------------------------
 
-_DEFAULT_WANTED = _matcher(DEFAULT_SESSION_COOKIES)
+_DEFAULT_RULE = _Rule(
+    DEFAULT_CREDENTIAL_HEADERS, DEFAULT_SESSION_COOKIES, DEFAULT_NOT_CREDENTIALS, DEFAULT_PLACEHOLDERS
+)
+_ANY_VALUE = _Rule(DEFAULT_CREDENTIAL_HEADERS, DEFAULT_SESSION_COOKIES, DEFAULT_NOT_CREDENTIALS, ())
 
 
 def legacy_principal(request: Any, resolver: Resolver, principal: str) -> str | None:
@@ -422,9 +602,21 @@ def legacy_principal(request: Any, resolver: Resolver, principal: str) -> str | 
 
     The app's own resolver gave the principal it gives now. The default rule
     was then: Django's authenticated user; else a SHA-256 of the (first)
-    ``Authorization`` value; else the address. A request that carries session
-    cookies is never looked up under that rule: it scoped callers with
-    cookies by their address, so such a record may be another user's.
+    ``Authorization`` value; else the address. A record is looked up only
+    where that rule told callers apart at least as well as today's, so an
+    old record is never another user's:
+
+    - a Django user: ``user:<pk>``, as then;
+    - a request whose only credential (by today's rule, placeholders
+      included) is one ``Authorization`` value that is no placeholder: that
+      value's old digest;
+    - a request with no credential at all and no framework user: its address.
+
+    Any other request (a user another framework authenticated, whom the old
+    rule scoped by address; an API key, a session or token cookie, a
+    placeholder bearer, which the old rule ignored or shared between users)
+    is not looked up: its retry executes once more instead of risking
+    another caller's answer.
     """
     if resolver is not default:
         return principal
@@ -433,13 +625,17 @@ def legacy_principal(request: Any, resolver: Resolver, principal: str) -> str | 
         user = getattr(request, "user", None)
         if user is not None and getattr(user, "is_authenticated", False):
             return f"user:{user.pk}"
-    if _cookies(request, _DEFAULT_WANTED):
+    elif framework_user(request) is not None:
         return None
-    values = header_values(request, "authorization")
-    if values:
-        return "cred:" + hashlib.sha256(values[0]).hexdigest()[:32]
-    address = client_address(request)
-    return "addr:" + address if address else "anonymous"
+    every = _credential_parts(request, _ANY_VALUE)
+    if not every:
+        address = client_address(request)
+        return "addr:" + address if address else "anonymous"
+    if len(every) == 1 and every[0][:1] == b"a" and _credential_parts(request, _DEFAULT_RULE) == every:
+        values = header_values(request, "authorization")
+        if len(values) == 1:
+            return "cred:" + hashlib.sha256(values[0]).hexdigest()[:32]
+    return None
 
 
 # --- Flask-Login ----------------------------------------------------------------------

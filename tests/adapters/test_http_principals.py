@@ -7,9 +7,10 @@ credentials tell them apart.
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
-from tests.adapters.conftest import B_PRIME, ServeFactory
+from tests.adapters.conftest import B_PRIME, JSON, K1, B, ServeFactory, Served
 
 
 @pytest.mark.parametrize("cookie", ["sessionid", "session"])
@@ -73,3 +74,57 @@ def test_authentication_and_permission_failures_release_the_key(serve: ServeFact
     assert s.orders.calls == 2
     assert s.post().headers["idempotent-replayed"] == "true"
     assert s.orders.calls == 2
+
+
+def test_two_api_clients_behind_one_address_both_execute(serve: ServeFactory) -> None:
+    """Review r01: X-API-Key (FastAPI's APIKeyHeader) is a credential: Bob never gets Alice's answer."""
+    s = serve()
+    alice = s.post(headers={"x-api-key": "key-alice-7f3a"})
+    bob = s.post(headers={"x-api-key": "key-bob-19c2"})
+    assert alice.json() == {"order_id": 1}
+    assert bob.json() == {"order_id": 2}
+    assert "idempotent-replayed" not in bob.headers
+    again = s.post(headers={"x-api-key": "key-alice-7f3a"})
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == {"order_id": 1}
+    assert s.orders.calls == 2
+
+
+def post_from(s: Served, address: str, headers: dict[str, str]) -> httpx.Response:
+    """The contract's request sent from another loopback address (the server sees it as the client's)."""
+    transport = httpx.HTTPTransport(local_address=address)
+    with httpx.Client(transport=transport, base_url=s.url, timeout=10) as client:
+        return client.post("/orders", content=B, headers={**JSON, "Idempotency-Key": K1, **headers})
+
+
+def test_a_placeholder_bearer_never_joins_callers_across_addresses(serve: ServeFactory) -> None:
+    """Review r01: Alice and Bob both send ``Bearer null`` (a logged-out SPA) and their API keys, from two addresses."""
+    s = serve()
+    alice = post_from(s, "127.0.0.1", {"authorization": "Bearer null", "x-api-key": "key-alice-7f3a"})
+    bob = post_from(s, "127.0.0.2", {"authorization": "Bearer null", "x-api-key": "key-bob-19c2"})
+    assert alice.json() == {"order_id": 1, "owner": "null"}
+    assert bob.json() == {"order_id": 2, "owner": "null"}
+    # Without any other credential, a placeholder is no identity: each address is its own principal.
+    anonymous = post_from(s, "127.0.0.2", {"authorization": "Bearer null"})
+    assert anonymous.json() == {"order_id": 3, "owner": "null"}
+    assert s.record(principal="addr:127.0.0.2") is not None
+    assert s.orders.calls == 3
+
+
+@pytest.mark.parametrize("cookie", ["token", "access-token", "koa.sess"])
+def test_token_cookies_tell_users_apart(serve: ServeFactory, cookie: str) -> None:
+    """Litestar's JWT cookie ``token``, fastapi-login's ``access-token``, Koa's ``koa.sess`` are credentials."""
+    s = serve()
+    assert s.post(headers={"cookie": f"{cookie}=alice"}).json() == {"order_id": 1}
+    bob = s.post(headers={"cookie": f"{cookie}=bob"})
+    assert bob.json() == {"order_id": 2}
+    assert "idempotent-replayed" not in bob.headers
+
+
+def test_a_renewed_csrf_token_does_not_make_a_retry_a_new_principal(serve: ServeFactory) -> None:
+    """A page that renews its CSRF header and cookie between a request and its retry: still one caller, one run."""
+    s = serve()
+    s.post(headers={"x-api-key": "k", "x-csrftoken": "one", "cookie": "csrftoken=one"})
+    retry = s.post(headers={"x-api-key": "k", "x-csrftoken": "two", "cookie": "csrftoken=two"})
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert s.orders.calls == 1

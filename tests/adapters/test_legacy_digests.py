@@ -10,6 +10,7 @@ Every test runs on the five frameworks.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -119,3 +120,31 @@ def test_the_window_closes(serve: ServeFactory) -> None:
     assert later > first
     assert blocking(store).get(LEGACY_RECORD_KEY) is not None
     assert blocking(store).stats().in_progress == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"x-api-key": "key-bob"}, {"authorization": "Bearer null", "x-api-key": "key-bob"}, {"cookie": "token=bob"}],
+    ids=["api key", "placeholder bearer and api key", "token cookie"],
+)
+def test_a_caller_with_a_credential_the_old_rule_ignored_never_gets_an_old_record(
+    serve: ServeFactory, window_store: Any, headers: dict[str, str]
+) -> None:
+    """Review r19: the older version scoped API-key and token-cookie callers by address (or a shared placeholder)."""
+    legacy_record(window_store)
+    legacy_record(window_store, principal="cred:" + hashlib.sha256(b"Bearer null").hexdigest()[:32])
+    s = serve(store=window_store)
+    answer = s.post(headers=headers)
+    assert answer.status_code == 201
+    assert "idempotent-replayed" not in answer.headers
+    assert s.orders.calls == 1
+
+
+def test_a_bearer_token_finds_its_own_old_record(serve: ServeFactory, window_store: Any) -> None:
+    """One bearer token and nothing else: the older version's digest of it is the same caller: its record replays."""
+    legacy_record(window_store, principal="cred:" + hashlib.sha256(b"Bearer alice").hexdigest()[:32])
+    s = serve(store=window_store)
+    replay = s.post(headers={"authorization": "Bearer alice"})
+    assert replay.content == OLD_ANSWER.body
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert s.orders.calls == 0

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -27,15 +27,20 @@ from litestar import post as litestar_post
 from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
 from starlette.applications import Starlette
-from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
+from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser, SimpleUser
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from idempo import Acquired, StoredResponse
+from idempo._core.digests import legacy_record_key
+from idempo._core.fingerprint import legacy_fingerprint
 from idempo.asgi import IdempotencyMiddleware
+from idempo.secrets import open_legacy_window
 from idempo.stores import AsyncMemoryStore, MemoryStore
+from idempo.stores.sqlite import SQLiteStore
 from tests.adapters.conftest import JSON, K1, B
 from tests.support.servers import running_asgi, running_wsgi
 
@@ -243,3 +248,83 @@ def test_unix_socket_clients_with_different_session_cookies_both_execute(tmp_pat
     assert bob.json() == {"order_id": 2}
     assert alice_again.headers["idempotent-replayed"] == "true"
     assert counter.calls == 2
+
+
+class NamedUser(BaseUser):
+    """A user class that keeps its id under a name idempo does not read, and shows a name two users share."""
+
+    def __init__(self, user_id: int, name: str) -> None:
+        self.user_id, self.name = user_id, name
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def display_name(self) -> str:
+        return self.name
+
+
+class SessionBackend(AuthenticationBackend):
+    """``sessionid`` cookie -> a NamedUser; both users are called "Alex Smith"."""
+
+    USERS: ClassVar[dict[str, NamedUser]] = {"tok-1": NamedUser(1, "Alex Smith"), "tok-2": NamedUser(2, "Alex Smith")}
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
+        user = self.USERS.get(conn.cookies.get("sessionid", ""))
+        return (AuthCredentials(["authenticated"]), user) if user else None
+
+
+def test_two_users_with_one_display_name_are_two_principals() -> None:
+    """Review r23: a user without an identifying attribute never wins by its display_name; the session decides."""
+    counter = Counter()
+    app = Starlette(
+        routes=[orders_route(counter)],
+        middleware=[
+            Middleware(AuthenticationMiddleware, backend=SessionBackend()),
+            Middleware(IdempotencyMiddleware, store=AsyncMemoryStore()),
+        ],
+    )
+    with running_asgi(app) as url:
+        one = httpx.post(url + "/orders", content=B, headers={**KEYED, "cookie": "sessionid=tok-1"}, timeout=10)
+        two = httpx.post(url + "/orders", content=B, headers={**KEYED, "cookie": "sessionid=tok-2"}, timeout=10)
+    assert one.json() == {"order_id": 1}
+    assert two.json() == {"order_id": 2}
+    assert "idempotent-replayed" not in two.headers
+    assert counter.calls == 2
+
+
+class KeyBackend(AuthenticationBackend):
+    """``X-API-Key`` -> a SimpleUser (Starlette's identity is its username)."""
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        user = {"key-alice": "alice", "key-bob": "bob"}.get(conn.headers.get("x-api-key", ""))
+        return (AuthCredentials(["authenticated"]), SimpleUser(user)) if user else None
+
+
+def test_legacy_window_never_looks_a_framework_user_up_by_address(tmp_path: Path) -> None:
+    """Review r19: the older version scoped Bob (a Starlette user) by address; Alice's old record there stays hers."""
+    store = SQLiteStore(tmp_path / "idempo.db")
+    try:
+        record_key = legacy_record_key("addr:127.0.0.1", "POST", "/orders", K1)
+        fingerprint = legacy_fingerprint("POST", "/orders", b"", b"application/json", B, canonical_json=True)
+        began = store.begin(record_key, fingerprint, 30_000)
+        assert isinstance(began, Acquired)
+        alices = StoredResponse(201, ((b"content-type", b"application/json"),), b'{"owner":"alice"}')
+        store.complete(record_key, began.token, alices, 86_400_000)
+        open_legacy_window(store, 3600)
+    finally:
+        store.close()
+    counter = Counter()
+    app = Starlette(
+        routes=[orders_route(counter)],
+        middleware=[
+            Middleware(AuthenticationMiddleware, backend=KeyBackend()),
+            Middleware(IdempotencyMiddleware, store=f"sqlite:///{tmp_path / 'idempo.db'}"),
+        ],
+    )
+    with running_asgi(app) as url:
+        bob = httpx.post(url + "/orders", content=B, headers={**KEYED, "x-api-key": "key-bob"}, timeout=10)
+    assert bob.json() == {"order_id": 1}
+    assert "idempotent-replayed" not in bob.headers
+    assert counter.calls == 1

@@ -207,3 +207,181 @@ def test_an_unknown_request_type_is_a_type_error() -> None:
     """A resolver handed something that is no request says so."""
     with pytest.raises(TypeError):
         default(42)
+
+
+# --- review findings: credentials beyond Authorization, placeholders, identifying attributes, legacy lookups ---
+
+
+@pytest.mark.parametrize("make", FRONTS)
+@pytest.mark.parametrize(
+    "header", ["X-API-Key", "Api-Key", "X-Auth-Token", "X-Access-Token", "apikey", "X-Goog-Api-Key", "X-Session-Id"]
+)
+def test_api_key_and_token_headers_are_credentials(make: Any, header: str) -> None:
+    """Review r01: two API clients at one address who differ only in an API-key or token header are two principals."""
+    alice = default(make({header: "key-alice-7f3a"}))
+    bob = default(make({header: "key-bob-19c2"}))
+    assert alice.startswith("cred:")
+    assert alice != bob
+    assert default(make({header: "key-alice-7f3a"})) == alice
+
+
+@pytest.mark.parametrize("make", FRONTS)
+@pytest.mark.parametrize(
+    "placeholder", ["Bearer null", "Bearer undefined", "Bearer", "bearer ", "null", "Bearer [object Object]"]
+)
+def test_a_placeholder_authorization_carries_no_identity(make: Any, placeholder: str) -> None:
+    """Review r01: ``Bearer null`` is no credential: alone it is the address; beside an API key, the key decides."""
+    assert default(make({"authorization": placeholder})) == "addr:10.0.0.1"
+    with_key = default(make({"authorization": placeholder, "x-api-key": "key-alice"}))
+    assert with_key == default(make({"x-api-key": "key-alice"}))
+    assert with_key != default(make({"authorization": placeholder, "x-api-key": "key-bob"}))
+    assert default(make({"x-api-key": "undefined"})) == "addr:10.0.0.1"
+
+
+def test_a_placeholder_is_never_shared_across_addresses() -> None:
+    """Two anonymous callers who both send ``Bearer null`` from two addresses are two principals (their addresses)."""
+    one = default(scope({"authorization": "Bearer null"}, client=("10.0.0.1", 1)))
+    two = default(scope({"authorization": "Bearer null"}, client=("10.0.0.2", 1)))
+    assert (one, two) == ("addr:10.0.0.1", "addr:10.0.0.2")
+
+
+@pytest.mark.parametrize("make", FRONTS)
+@pytest.mark.parametrize("cookie", ["token", "access-token", "koa.sess", "next-auth.session-token", "auth_jwt"])
+def test_token_and_session_cookies_are_credentials(make: Any, cookie: str) -> None:
+    """Litestar's JWT cookie ``token``, fastapi-login's ``access-token``, ``koa.sess``: two users, two principals."""
+    assert default(make({"cookie": f"{cookie}=alice"})) != default(make({"cookie": f"{cookie}=bob"}))
+    assert default(make({"cookie": f"{cookie}=null"})) == "addr:10.0.0.1"
+
+
+@pytest.mark.parametrize("make", FRONTS)
+def test_csrf_tracing_and_analytics_do_not_change_the_principal(make: Any) -> None:
+    """A retry whose CSRF token, trace id or analytics cookie changed is the same caller."""
+    base = default(make({"x-api-key": "k1", "cookie": "sessionid=s"}))
+    retry = default(
+        make(
+            {
+                "x-api-key": "k1",
+                "cookie": "sessionid=s; csrftoken=new; XSRF-TOKEN=new; _hjSession_1=x; ai_session=y",
+                "x-csrftoken": "new",
+                "x-xsrf-token": "new",
+                "traceparent": "00-1-2-01",
+                "x-request-id": "r2",
+            }
+        )
+    )
+    assert retry == base
+
+
+def test_credential_lists_can_be_changed() -> None:
+    """``standard(credential_headers=..., not_credentials=..., placeholders=...)``; a lone string is refused."""
+    mine = principals.standard(credential_headers=["x-tenant-key"])
+    assert mine(environ({"x-tenant-key": "a"})) != mine(environ({"x-tenant-key": "b"}))
+    assert mine(environ({"x-api-key": "a"})) == "addr:10.0.0.1"
+    nonce_free = principals.standard(not_credentials=(*principals.DEFAULT_NOT_CREDENTIALS, "x-auth-nonce"))
+    assert nonce_free(scope({"x-auth-nonce": "1"})) == nonce_free(scope({"x-auth-nonce": "2"}))
+    strict = principals.standard(placeholders=())
+    assert strict(scope({"authorization": "Bearer null"})).startswith("cred:")
+    for name in ("credential_headers", "not_credentials", "placeholders"):
+        with pytest.raises(TypeError):
+            principals.standard(**{name: "x"})
+
+
+def test_bearer_and_session_cookie_principals_are_those_of_before_api_keys_counted() -> None:
+    """A bearer token or a session cookie alone has the digest input it had: a retry across the upgrade replays."""
+    import hashlib
+
+    def old(parts: list[bytes]) -> str:
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(b"%d:" % len(part) + part)
+        return "cred:" + digest.hexdigest()[:32]
+
+    assert default(scope({"authorization": "Bearer T"})) == old([b"abearer T"])
+    assert default(scope({"cookie": "sessionid=s"})) == old([b"csessionid=s"])
+
+
+def test_a_user_is_identified_only_by_identifying_attributes() -> None:
+    """Review r23: two users named "Alex Smith" whose ids idempo cannot read are told apart by their credentials."""
+    from starlette.authentication import BaseUser
+
+    class NamedOnly(BaseUser):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @property
+        def is_authenticated(self) -> bool:
+            return True
+
+        @property
+        def display_name(self) -> str:
+            return self.name
+
+    one = default(scope({"cookie": "sessionid=tok-1"}, user=NamedOnly("Alex Smith")))
+    two = default(scope({"cookie": "sessionid=tok-2"}, user=NamedOnly("Alex Smith")))
+    assert one.startswith("cred:")
+    assert one != two
+    assert default(scope(user=SimpleNamespace(is_authenticated=True, display_name="Alex"))) == "addr:10.0.0.1"
+    assert default(scope(user=SimpleNamespace(is_authenticated=True, name="Alex", email="a@x"))) == "addr:10.0.0.1"
+
+
+def test_identifying_attributes_in_order() -> None:
+    """``identity`` (Starlette), ``get_id()`` (Flask-Login), ``id``, ``pk``, ``username``; a raising one is skipped."""
+    flask_login = pytest.importorskip("flask_login")
+
+    class LoginUser(flask_login.UserMixin):  # type: ignore[misc]
+        def __init__(self, user_id: int) -> None:
+            self.id = user_id
+
+    assert default(scope(user=LoginUser(12))) == "user:12"
+
+    class Custom:
+        is_authenticated = True
+
+        def get_id(self) -> str:
+            return "g-1"
+
+    assert default(scope(user=Custom())) == "user:g-1"
+    assert default(scope(user=SimpleNamespace(is_authenticated=True, pk=4, username="x"))) == "user:4"
+    assert default(scope(user=SimpleNamespace(is_authenticated=True, username="ann"))) == "user:ann"
+
+    class Broken:
+        is_authenticated = True
+
+        def get_id(self) -> str:
+            raise NotImplementedError
+
+    assert default(scope({"cookie": "session=a"}, user=Broken())).startswith("cred:")
+
+
+LEGACY_CASES = [
+    pytest.param({}, None, "addr:10.0.0.1", id="anonymous: the address, as then"),
+    pytest.param({"authorization": "Bearer T"}, None, "bearer", id="one bearer token: its old digest"),
+    pytest.param({"authorization": "Bearer null"}, None, None, id="a placeholder bearer, shared then"),
+    pytest.param({"authorization": "Bearer null", "x-api-key": "k"}, None, None, id="an API key, ignored then"),
+    pytest.param({"x-api-key": "k"}, None, None, id="an API key alone, scoped by address then"),
+    pytest.param({"authorization": "Bearer T", "x-api-key": "k"}, None, None, id="bearer and API key"),
+    pytest.param({"cookie": "token=t"}, None, None, id="a token cookie"),
+    pytest.param({"x-api-key": "k"}, "alice", None, id="a framework user, scoped by address then"),
+    pytest.param({}, "alice", None, id="a framework user without credentials"),
+]
+
+
+@pytest.mark.parametrize(("headers", "user", "expected"), LEGACY_CASES)
+def test_legacy_lookups_only_where_the_old_rule_kept_callers_apart(
+    headers: dict[str, str], user: str | None, expected: str | None
+) -> None:
+    """Review r19: the legacy window looks an old record up only where the old principal was no coarser than today's."""
+    import hashlib
+
+    request = scope(headers, user=SimpleNamespace(is_authenticated=True, identity=user) if user else None)
+    if expected == "bearer":
+        expected = "cred:" + hashlib.sha256(b"Bearer T").hexdigest()[:32]
+    assert principals.legacy_principal(request, default, default(request)) == expected
+    wsgi = environ(headers, **({"REMOTE_USER": user} if user else {}))
+    assert principals.legacy_principal(wsgi, default, default(wsgi)) == expected
+
+
+def test_legacy_lookup_of_a_django_user_is_its_user() -> None:
+    """Django's user was the principal then too: ``user:<pk>``, whatever credentials it carries."""
+    request = django_request({"x-api-key": "k"}, user=SimpleNamespace(is_authenticated=True, pk=7))
+    assert principals.legacy_principal(request, default, default(request)) == "user:7"

@@ -182,10 +182,13 @@ def test_human_output(tmp_path: Path) -> None:
 
 
 def test_usage_errors(tmp_path: Path) -> None:
-    """inspect without a scope, or with a malformed key, is a usage error (exit 2); a bad URL names --store."""
+    """inspect without a scope, with a malformed key or a placeholder bearer is a usage error; --store named."""
     url = f"sqlite:///{tmp_path / 'idempo.db'}"
     assert idempo("inspect", KEY, "--store", url).returncode == 2
     assert idempo("inspect", "two, keys", "--store", url, "--principal", "p", "--path", "/x").returncode == 2
+    placeholder = idempo("inspect", KEY, "--store", url, "--authorization", "Bearer null", "--path", "/x")
+    assert placeholder.returncode == 2
+    assert "--principal addr:<ip>" in placeholder.stderr
     bad = idempo("stats", "--store", "nosuch://x")
     assert bad.returncode == 2
     assert "--store" in bad.stderr
