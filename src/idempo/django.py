@@ -89,6 +89,7 @@ from .principals import default as default_principal
 from .principals import legacy_principal
 from .secrets import SecretSource
 from .stores import store_from_url
+from .stores._base import open_at_startup
 from .typing import Store
 
 __all__ = [
@@ -226,6 +227,7 @@ class IdempotencyMiddleware:
         try:
             store = config["STORE"]
             self.store: Store = store_from_url(store) if isinstance(store, str) else store
+            open_at_startup(self.store)  # a misconfigured store fails the start-up; an unreachable one is a warning
             self.policy = _policy(config.get("POLICY"), "POLICY") or Policy()
             routes = config.get("ROUTES") or {}
             self._routes = RouteTable({p: _policy(v, f"ROUTES[{p!r}]") for p, v in routes.items()})

@@ -67,6 +67,7 @@ from .principals import default as default_principal
 from .principals import legacy_principal
 from .secrets import SecretSource
 from .stores import store_from_url
+from .stores._base import open_at_startup
 from .typing import Store
 
 __all__ = [
@@ -129,6 +130,7 @@ class IdempotencyMiddleware:
         self._secret = SecretSource(secret)
         self.app = app
         self.store: Store = store_from_url(store) if isinstance(store, str) else store
+        open_at_startup(self.store)  # a misconfigured store fails the start-up; an unreachable one is a warning
         self.policy = policy if policy is not None else Policy()
         self._routes = RouteTable(routes)
         self.principal = principal

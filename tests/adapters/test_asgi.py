@@ -90,7 +90,10 @@ def test_store_url_builds_the_store(tmp_path: Any) -> None:
     path = tmp_path / "from-url.db"
     middleware = IdempotencyMiddleware(raw_asgi_app(Orders()), f"sqlite:///{path}")
     assert type(middleware.store).__name__ == "AsyncSQLiteStore"
+    assert not path.exists()  # building a store does no I/O: open() (at lifespan start-up) makes the file
+    anyio.run(middleware.store.open)  # type: ignore[attr-defined]
     assert path.exists()
+    anyio.run(middleware.store.aclose)
 
 
 def test_routes_must_map_to_policies() -> None:

@@ -81,7 +81,7 @@ def test_schema_sql_equals_all_migrations_applied(postgres_url: str, schemas: li
 def test_store_refuses_a_missing_or_old_schema(postgres_url: str, schemas: list[str]) -> None:
     """The store checks the schema version at start and tells the user to run `idempo migrate`.
 
-    At start-up (the blocking store built, ``await open()``) it is a ConfigurationError; on a
+    At start-up (``open()``, ``await open()``) it is a ConfigurationError; on a
     first call that could not be checked before, a StoreError (the fronts answer 503) with the
     same advice.
     """
@@ -94,8 +94,16 @@ def test_store_refuses_a_missing_or_old_schema(postgres_url: str, schemas: list[
 
     schema = _new_schema(schemas)
     url = f"{postgres_url}?schema={schema}"
+
+    def open_blocking() -> None:
+        store = PostgresStore(url)
+        try:
+            store.open()
+        finally:
+            store.close()
+
     with pytest.raises(ConfigurationError, match="idempo migrate"):
-        PostgresStore(url)
+        open_blocking()
 
     async def first_use() -> None:
         store = AsyncPostgresStore(url)
@@ -115,7 +123,7 @@ def test_store_refuses_a_missing_or_old_schema(postgres_url: str, schemas: list[
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f"UPDATE {schema}.idempo_schema_version SET version = 0")
     with pytest.raises(ConfigurationError, match="version 0"):
-        PostgresStore(url)
+        open_blocking()
 
 
 def test_idempo_migrate_command_creates_then_finds_nothing_to_do(postgres_url: str, schemas: list[str]) -> None:

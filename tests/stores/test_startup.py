@@ -5,8 +5,9 @@ refuses, nothing answers) is one warning and the application starts,
 answering 503 until the store is back; a misconfiguration (a wrong role or
 password, a missing database or schema, a host name that does not resolve, a
 database number the server lacks) fails the start-up with one line naming the
-cause and the fix, from the ASGI lifespan and from a blocking store's
-constructor alike.
+cause and the fix, from the ASGI lifespan and from the blocking fronts
+(the WSGI middleware, ``@idempotent``) when they are built alike. Building a
+store does no I/O: ``open()`` checks, and the fronts call it at start-up.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from store_helpers import OrdersApp, serve, unused_port
 
 from idempo import ConfigurationError, StoreUnavailable
 from idempo.asgi import IdempotencyMiddleware
+from idempo.wsgi import IdempotencyMiddleware as WSGIMiddleware
 
 UNKNOWN_HOST = "db.idempo-test.invalid"
 
@@ -55,6 +57,19 @@ def _failed_startup(store: Any) -> str:
     message: str = sent[0]["message"]
     assert "\n" not in message
     return message
+
+
+def _wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
+    start_response("201 Created", [("content-type", "application/json")])
+    return [b"{}"]
+
+
+def _blocking_startup(store: Any) -> None:
+    """Build the blocking fronts over ``store`` (their start-up), closing the store whatever happens."""
+    try:
+        WSGIMiddleware(_wsgi_app, store)
+    finally:
+        store.close()
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -107,11 +122,12 @@ def test_postgres_unreachable_at_startup_starts_with_one_warning_and_answers_503
 def test_blocking_postgres_store_unreachable_at_startup_is_built_then_unavailable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The blocking store on a refusing port is built (one warning), and each call is StoreUnavailable."""
+    """The blocking store on a refusing port starts its front (one warning), and each call is StoreUnavailable."""
     from idempo.stores.postgres import PostgresStore
 
+    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{unused_port()}/test", deadline=0.5)
     with caplog.at_level(logging.WARNING, "idempo"):
-        store = PostgresStore(f"postgresql://postgres@127.0.0.1:{unused_port()}/test", deadline=0.5)
+        WSGIMiddleware(_wsgi_app, store)
     try:
         assert len(_warnings(caplog)) == 1
         with pytest.raises(StoreUnavailable):
@@ -149,7 +165,7 @@ def test_postgres_misconfiguration_is_one_line_naming_cause_and_fix(
     assert message.startswith("idempo: cannot use the store at ")
     assert ":pw@" not in message
     with pytest.raises(ConfigurationError) as caught:
-        PostgresStore(url)
+        _blocking_startup(PostgresStore(url))
     assert cause in str(caught.value)
     assert fix in str(caught.value)
 
@@ -174,6 +190,7 @@ def test_redis_unreachable_at_startup_starts_with_one_warning_and_answers_503(
         assert app.calls == 0
         assert len([w for w in _warnings(caplog) if "start-up" in w]) == 1
         blocking = RedisStore(url, deadline=0.5)
+        WSGIMiddleware(_wsgi_app, blocking)
     try:
         assert len([w for w in _warnings(caplog) if "start-up" in w]) == 2
         with pytest.raises(StoreUnavailable):
@@ -208,6 +225,6 @@ def test_redis_misconfiguration_is_one_line_naming_cause_and_fix(
     assert fix in message, message
     assert ":pw@" not in message
     with pytest.raises(ConfigurationError) as caught:
-        RedisStore(url)
+        _blocking_startup(RedisStore(url))
     assert cause in str(caught.value)
     assert fix in str(caught.value)

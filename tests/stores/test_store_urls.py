@@ -123,8 +123,11 @@ def test_unreachable_redis_cluster_starts_and_is_store_unavailable(caplog: pytes
     from store_helpers import unused_port
 
     from idempo import StoreUnavailable
+    from idempo.wsgi import IdempotencyMiddleware
 
-    store = store_from_url(f"redis+cluster://127.0.0.1:{unused_port()}?socket_connect_timeout=1")
+    url = f"redis+cluster://127.0.0.1:{unused_port()}?socket_connect_timeout=1"
+    front = IdempotencyMiddleware(lambda environ, start_response: [], url)  # opens its store at start-up
+    store = front.store
     try:
         warnings = [r for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1

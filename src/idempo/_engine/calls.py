@@ -40,6 +40,7 @@ from ..observability import Outcome, RequestObservation
 from ..secrets import SecretSource
 from ..serializers import JSONSerializer, Serializer
 from ..stores import async_store_from_url, store_from_url
+from ..stores._base import open_at_startup
 from ..typing import AsyncStore, Store
 from .admission import StoreFailed, admit
 from .commands import Call, Command, Lease, Observe
@@ -309,10 +310,13 @@ def scope_of(fn: Callable[..., Any]) -> str:
 
 def sync_store(store: Store | AsyncStore | str, scope: str) -> Store:
     if isinstance(store, str):
-        return store_from_url(store)
-    if inspect.iscoroutinefunction(getattr(store, "begin", None)):
+        built = store_from_url(store)
+    elif inspect.iscoroutinefunction(getattr(store, "begin", None)):
         raise ConfigurationError(f"{scope} is a sync function: it needs a Store, not {type(store).__name__}")
-    return cast(Store, store)
+    else:
+        built = cast(Store, store)
+    open_at_startup(built)  # a misconfigured store fails at decoration; an unreachable one is a warning
+    return built
 
 
 def async_store(store: Store | AsyncStore | str, scope: str) -> AsyncStore:

@@ -6,14 +6,28 @@ unless the store is given ``deadline=`` (or ``?deadline=`` in its URL). Past
 it the call raises :class:`~idempo.exceptions.StoreUnavailable`, which the
 fronts answer with 503 and ``Retry-After``.
 
-Start-up (one behaviour for every network store): a store that cannot be
-reached when the application starts logs one warning
-(:func:`warn_unreachable_at_startup`) and the application starts anyway,
-answering 503 until the store is back, so a store blip cannot stop a deploy.
-A store that is reached but refuses the configuration (a wrong password or
-role, a missing database or schema, a host name that does not resolve)
-raises :class:`~idempo.exceptions.ConfigurationError` with one line naming
-the cause and the fix, which fails the start-up.
+Open and close (one rule for every store, blocking and async alike):
+building a store checks its arguments and does no I/O. ``open()`` (``await
+store.open()`` on an async store) makes the start-up check: it connects on a
+connection of its own and checks what the store needs there (PostgreSQL: the
+server and the schema version; Redis: a ``PING``, a cluster's slot map;
+SQLite: the file and its schema); once it succeeded, calling it again does
+nothing. A store that
+was not opened opens on its first call, within that call's deadline. The
+fronts open their store at start-up (the ASGI middleware at lifespan
+start-up, the blocking fronts when built: :func:`open_at_startup`).
+``close()`` / ``aclose()`` releases the store's connections; calling it again
+is harmless, and any other call on a closed store raises
+:class:`~idempo.exceptions.StoreError` (:func:`closed`).
+
+Start-up: a store that cannot be reached when the application starts logs
+one warning (:func:`warn_unreachable_at_startup`) and the application starts
+anyway, answering 503 until the store is back, so a store blip cannot stop a
+deploy. A store that is reached but refuses the configuration (a wrong
+password or role, a missing database or schema, a host name that does not
+resolve, an SQLite file that cannot be created) raises
+:class:`~idempo.exceptions.ConfigurationError` with one line naming the
+cause and the fix, which fails the start-up.
 """
 
 from __future__ import annotations
@@ -36,11 +50,13 @@ __all__ = [
     "DEFAULT_DEADLINE",
     "ErrorMap",
     "cannot_use",
+    "closed",
     "deadline_seconds",
     "load_queries",
     "load_sql",
     "map_errors",
     "misconfigured",
+    "open_at_startup",
     "past_deadline",
     "record_from_row",
     "redact_url",
@@ -233,3 +249,33 @@ def cannot_use(url: str, cause: BaseException | str) -> str:
     if text.startswith("cannot use the store at "):
         return text
     return f"cannot use the store at {redact_url(url)}: {text}"
+
+
+def closed(url: str) -> StoreError:
+    """The error of a call on a store that was closed (the store's URL, password masked)."""
+    return StoreError(f"the store at {redact_url(url)} is closed")
+
+
+def open_at_startup(store: object, url: str | None = None) -> None:
+    """Open a blocking store at start-up, as a front does when it is built (see the module docstring).
+
+    Calls ``store.open()`` where the store has one. An unreachable store is
+    one warning (:func:`warn_unreachable_at_startup`) and the start-up goes
+    on; its calls answer StoreUnavailable until it is back.
+
+    Args:
+        store: the store (any object; one without ``open`` is left as it is).
+        url: the URL to name in the warning (default: the store's ``url``).
+
+    Raises:
+        ConfigurationError: the store refuses the configuration (one line,
+            the cause and the fix).
+        StoreError: the store failed otherwise.
+    """
+    open_ = getattr(store, "open", None)
+    if open_ is None:
+        return
+    try:
+        open_()
+    except StoreUnavailable as exc:
+        warn_unreachable_at_startup(url or str(getattr(store, "url", type(store).__name__)), exc)

@@ -22,6 +22,11 @@ after its TTL: size ``max_records`` above the records a TTL's traffic leaves.
 A store full of in-progress records and markers refuses the new key with
 :class:`~idempo.exceptions.StoreUnavailable` (the fronts answer 503 with
 Retry-After) until one settles or its lease ends.
+
+Open and close: as every store (``idempo.stores._base``): ``open()`` has
+nothing to check; ``close()`` drops every record, and any later call raises
+:class:`~idempo.exceptions.StoreError`. :class:`AsyncMemoryStore` is the same
+store behind ``async def`` calls, each completing without awaiting.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from .._core.records import (
 )
 from ..exceptions import ConfigurationError, LeaseLost, StoreUnavailable
 from ..typing import Clock
+from ._base import closed
 
 __all__ = ["SWEEP_PER_CALL", "AsyncMemoryStore", "MemoryStore"]
 
@@ -65,6 +71,16 @@ _Row = tuple[str, str, int, int, int, int, "int | None", "Headers | None", "byte
 _REPLAYS_MAX = 1024
 _IN_PROGRESS = RecordState.IN_PROGRESS.value
 _COMPLETED = RecordState.COMPLETED.value
+
+
+class _Closed:
+    """Stands in for a closed store's lock: every call takes the lock, so every call raises."""
+
+    def __enter__(self) -> None:
+        raise closed("memory://")
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
 
 
 def _record(record_key: str, row: _Row) -> Record:
@@ -117,7 +133,16 @@ class MemoryStore:
         # row is replaced, which drops them here); bounded, so few objects stay
         # on the garbage collector's list.
         self._replays: dict[str, Record] = {}
-        self._lock = threading.Lock()
+        self._lock: threading.Lock | _Closed = threading.Lock()
+
+    def open(self) -> None:
+        """Nothing to check (see the module docstring); kept for the one open/close rule of every store.
+
+        Raises:
+            StoreError: the store was closed.
+        """
+        with self._lock:
+            return
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -278,12 +303,16 @@ class MemoryStore:
             return StoreStats(now, in_progress, completed, expired, oldest_record)
 
     def close(self) -> None:
-        """Drop every record."""
-        with self._lock:
+        """Drop every record; any later call raises StoreError. Calling it again does nothing."""
+        lock = self._lock
+        if isinstance(lock, _Closed):
+            return
+        with lock:
             self._records.clear()
             self._replays.clear()
             self._evictions.clear()
             self._completed.clear()
+            self._lock = _Closed()
 
     def __len__(self) -> int:
         """How many records (live or expired, not yet purged) the store holds."""
@@ -291,7 +320,7 @@ class MemoryStore:
 
 
 class AsyncMemoryStore:
-    """The async front of :class:`MemoryStore`; shares its records when given one.
+    """The async twin of :class:`MemoryStore`; shares its records when given one.
 
     Every call completes without awaiting: the lock is held for a dict
     operation only, so it never blocks the event loop for long.
@@ -336,6 +365,14 @@ class AsyncMemoryStore:
     async def purge_expired(self, limit: int = 1000) -> int:
         """See :meth:`idempo.typing.Store.purge_expired`."""
         return self.sync.purge_expired(limit)
+
+    async def stats(self) -> StoreStats:
+        """See :meth:`idempo.typing.SupportsStats.stats`."""
+        return self.sync.stats()
+
+    async def open(self) -> None:
+        """See :meth:`MemoryStore.open`."""
+        self.sync.open()
 
     async def aclose(self) -> None:
         """See :meth:`MemoryStore.close`."""

@@ -31,13 +31,22 @@ server cancels a statement past it on its side (``statement_timeout``,
 notice a dead peer on an idle pooled connection. Past the deadline a call
 raises :class:`~idempo.exceptions.StoreUnavailable`.
 
-Start-up: the store checks the server and the schema once (the blocking
-store when built, the async one in :meth:`AsyncPostgresStore.open`) over a
-connection of its own, so a misconfiguration is named at once: a wrong
-password or role, a missing database or schema, or a host name that does
-not resolve raise :class:`~idempo.exceptions.ConfigurationError` (one line,
-with the fix). A server that cannot be reached is not a misconfiguration:
-the blocking store logs one warning and checks again on first use.
+Open and close: as every store (``idempo.stores._base``). Building a store
+does no I/O. ``open()`` (the fronts call it at start-up) checks the server
+and the schema once over a connection of its own, so a misconfiguration is
+named at once: a wrong password or role, a missing database or schema, or a
+host name that does not resolve raise
+:class:`~idempo.exceptions.ConfigurationError` (one line, with the fix). A
+server that cannot be reached is not a misconfiguration: ``open()`` raises
+StoreUnavailable (the fronts log one warning and start), and the first call
+checks the schema. The pool opens on the first call.
+
+Twins: :class:`PostgresStore` and :class:`AsyncPostgresStore` share
+everything but the I/O: the constructor and the checks
+(:class:`_PostgresBase`), and each call's statements, written once as a
+generator (``_begin``, ``_complete``, ``_stats`` ...) that
+:func:`_run_steps` or :func:`_arun_steps` drives on a connection. Those two
+drivers run a call on any psycopg connection, the store's or one handed in.
 
 The async store needs asyncio (psycopg's async connections); it does not run on trio.
 """
@@ -48,11 +57,11 @@ import contextlib
 import math
 import re
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
 from time import monotonic
-from typing import Any, LiteralString, TypeVar
+from typing import Any, LiteralString, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -64,14 +73,13 @@ from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats,
 from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from ._base import (
     DEFAULT_DEADLINE,
-    ErrorMap,
+    closed,
     deadline_seconds,
     load_queries,
     load_sql,
     map_errors,
     misconfigured,
     record_from_row,
-    warn_unreachable_at_startup,
 )
 from .sql.postgres import SCHEMA_VERSION, migrations
 
@@ -107,10 +115,8 @@ _RV = TypeVar("_RV")
 # OperationalError covers refused/reset/killed connections, an exhausted
 # pool (PoolTimeout) and statement timeouts (QueryCanceled).
 _PG_ERRORS = map_errors((psycopg.OperationalError,), (psycopg.Error,))
-
-
-def _pg_errors() -> ErrorMap:
-    return _PG_ERRORS
+# Guards making and closing a blocking store's pool (rare: once per store).
+_POOL_LOCK = threading.Lock()
 
 
 class _Settings:
@@ -224,7 +230,10 @@ class _Settings:
 
         return StoreConnection, AsyncStoreConnection
 
-    def pool_arguments(self, connection_class: type[Any], configure: Any) -> dict[str, Any]:
+    def pool_arguments(self, blocking: bool) -> dict[str, Any]:
+        """Arguments of the store's pool: a blocking psycopg_pool.ConnectionPool, or the async one."""
+        connection_class = self.connection_classes()[0 if blocking else 1]
+        configure = self._configure if blocking else self._configure_async
         return {
             "conninfo": self.conninfo,
             "kwargs": self.kwargs,
@@ -351,40 +360,150 @@ def _no_connection(settings: _Settings, exc: psycopg_pool.PoolTimeout) -> StoreU
     return StoreUnavailable(f"PoolTimeout: no connection within the {settings.deadline:g} s deadline ({exc})")
 
 
-def _timed_out(exc: BaseException) -> bool:
-    """Whether a call failed by waiting (pool or server) rather than on a broken connection."""
-    return isinstance(exc, psycopg_pool.PoolTimeout) or type(exc).__name__ == "_WaitTimeout"
+def _broken(exc: StoreError) -> bool:
+    """Whether a call failed on a broken connection, rather than by waiting (pool or server) or in SQL."""
+    cause = exc.__cause__
+    if not isinstance(cause, psycopg.OperationalError):
+        return False
+    return not (isinstance(cause, psycopg_pool.PoolTimeout) or type(cause).__name__ == "_WaitTimeout")
 
 
-def _maintenance(conn: Any) -> Any:
+# --- the statements of each call, written once ----------------------------------------------
+#
+# Each call is a generator of the statements it runs (sans-I/O): it yields a
+# _Statement, receives its _Rows, and returns the call's result or raises
+# (LeaseLost, StoreError). :func:`_run_steps` drives one on a blocking psycopg
+# connection and :func:`_arun_steps` on an async one: those two are the only
+# I/O, on whatever connection they are given (the store's pool, or a
+# connection of the application's own). Every statement's text comes from
+# ``queries.sql``.
+
+
+class _Statement(NamedTuple):
+    """One statement to execute: text, parameters, binary results, prepare (None: psycopg's threshold)."""
+
+    query: LiteralString | sql.Composed
+    params: dict[str, Any] | None = None
+    binary: bool = False
+    prepare: bool | None = None
+
+
+class _Rows(NamedTuple):
+    """What a statement gave back: the affected row count and the first row (None: no row)."""
+
+    rowcount: int
+    row: tuple[Any, ...] | None
+
+
+_Steps = Generator[_Statement, _Rows, _RV]
+
+
+def _run_steps(conn: psycopg.Connection[Any], steps: _Steps[_RV]) -> _RV:
+    """Run a call's statements on a blocking connection and return its result (psycopg's errors as they come)."""
+    try:
+        statement = next(steps)
+        while True:
+            cursor = conn.execute(statement.query, statement.params, binary=statement.binary, prepare=statement.prepare)
+            # rownumber, not description: description builds a Column per column on each read.
+            statement = steps.send(_Rows(cursor.rowcount, None if cursor.rownumber is None else cursor.fetchone()))
+    except StopIteration as done:
+        result: _RV = done.value
+        return result
+
+
+async def _arun_steps(conn: psycopg.AsyncConnection[Any], steps: _Steps[_RV]) -> _RV:
+    """The async twin of :func:`_run_steps`."""
+    try:
+        statement = next(steps)
+        while True:
+            cursor = await conn.execute(
+                statement.query, statement.params, binary=statement.binary, prepare=statement.prepare
+            )
+            statement = steps.send(
+                _Rows(cursor.rowcount, None if cursor.rownumber is None else await cursor.fetchone())
+            )
+    except StopIteration as done:
+        result: _RV = done.value
+        return result
+
+
+def _begin(record_key: str, fingerprint: str, lease_ttl_ms: int) -> _Steps[BeginResult]:
+    params = {"record_key": record_key, "fingerprint": fingerprint, "lease_ttl_ms": int(lease_ttl_ms)}
+    for _ in range(_BEGIN_ATTEMPTS):
+        row = (yield _Statement(_Q["begin"], params, binary=True)).row
+        if row is not None:
+            acquired, now_ms, token, takeover, *record = row
+            if acquired:
+                return Acquired(token, takeover=takeover)
+            return Existing(record_from_row(record_key, tuple(record)), now_ms)
+    raise StoreError(f"begin could not take or read record {record_key} after {_BEGIN_ATTEMPTS} attempts")
+
+
+def _fenced(name: LiteralString, params: dict[str, Any]) -> _Steps[None]:
+    """complete, release or extend: one statement that changes one row if the token holds it."""
+    if (yield _Statement(_Q[name], params)).rowcount != 1:
+        raise LeaseLost()
+
+
+def _complete(record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> _Steps[None]:
+    return _fenced(
+        "complete",
+        {
+            "record_key": record_key,
+            "token": token,
+            "record_ttl_ms": int(record_ttl_ms),
+            "status": response.status,
+            "headers": encode_headers(response.headers),
+            "body": response.body,
+        },
+    )
+
+
+def _get(record_key: str) -> _Steps[Record | None]:
+    row = (yield _Statement(_Q["get"], {"record_key": record_key}, binary=True)).row
+    return None if row is None else record_from_row(record_key, row)
+
+
+def _purge_expired(limit: int) -> _Steps[int]:
+    return (yield _Statement(_Q["purge_expired"], {"limit": int(limit)})).rowcount
+
+
+def _maintenance() -> _Statement:
     # A whole-table statement may outlast a request's deadline on the server too.
-    return conn.execute(f"SET LOCAL statement_timeout = {int(_MAINTENANCE_DEADLINE * 1000)}", prepare=False)
+    return _Statement(f"SET LOCAL statement_timeout = {int(_MAINTENANCE_DEADLINE * 1000)}", prepare=False)
 
 
-def _begin_params(record_key: str, fingerprint: str, lease_ttl_ms: int) -> dict[str, Any]:
-    return {"record_key": record_key, "fingerprint": fingerprint, "lease_ttl_ms": int(lease_ttl_ms)}
+def _stats() -> _Steps[StoreStats]:
+    """Run in one transaction (one snapshot for both statements)."""
+    yield _maintenance()
+    counts = (yield _Statement(_Q["stats"], prepare=False)).row
+    row = (yield _Statement(_Q["oldest_lease"], binary=True, prepare=False)).row
+    assert counts is not None  # the query always returns one row
+    now_ms, in_progress, completed, expired = counts
+    oldest = None if row is None else record_from_row(row[0], row[1:])
+    return StoreStats(int(now_ms), int(in_progress), int(completed), int(expired), oldest)
 
 
-def _begin_result(record_key: str, row: tuple[Any, ...]) -> BeginResult:
-    acquired, now_ms, token, takeover, *record = row
-    if acquired:
-        return Acquired(token, takeover=takeover)
-    return Existing(record_from_row(record_key, tuple(record)), now_ms)
+def _schema_version() -> _Steps[tuple[Any, ...] | None]:
+    return (yield _Statement(_Q["schema_version"], prepare=False)).row
 
 
-def _complete_params(record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> dict[str, Any]:
-    return {
-        "record_key": record_key,
-        "token": token,
-        "record_ttl_ms": int(record_ttl_ms),
-        "status": response.status,
-        "headers": encode_headers(response.headers),
-        "body": response.body,
-    }
-
-
-def _create_schema_statement(schema: str) -> sql.Composed:
-    return sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
+def _create_schema(schema: str) -> _Steps[list[int]]:
+    """Run in one transaction: create the schema, or upgrade it; return the versions applied."""
+    yield _maintenance()
+    yield _Statement(_Q["migration_lock"], {"schema": schema}, prepare=False)
+    yield _Statement(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)), prepare=False)
+    row = (yield _Statement(_Q["version_table_exists"], prepare=False)).row
+    current = None
+    if row is not None and row[0]:
+        found = yield from _schema_version()
+        current = found[0] if found is not None and found[0] is not None else 0
+    applied: list[int] = []
+    for version, text in _plan(current):
+        yield _Statement(text, prepare=False)
+        yield _Statement(_Q["record_version"], {"version": version}, prepare=False)
+        applied.append(version)
+    return applied
 
 
 def _plan(current: int | None) -> list[tuple[int, LiteralString]]:
@@ -394,8 +513,81 @@ def _plan(current: int | None) -> list[tuple[int, LiteralString]]:
     return [(version, text) for version, text in migrations() if version > current]
 
 
-class PostgresStore:
+# --- the stores ---------------------------------------------------------------------------
+
+
+class _PostgresBase:
+    """What the blocking and the async PostgreSQL stores share: the constructor, settings and checks."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "public",
+        min_size: int = 1,
+        max_size: int = 10,
+        deadline: float | timedelta = DEFAULT_DEADLINE,
+        application_name: str = "idempo",
+        prepare_threshold: int | None = 5,
+        check_schema: bool = True,
+    ) -> None:
+        self._settings = _Settings(
+            url,
+            schema=schema,
+            min_size=min_size,
+            max_size=max_size,
+            deadline=deadline,
+            application_name=application_name,
+            prepare_threshold=prepare_threshold,
+        )
+        self.schema = self._settings.schema
+        #: The store URL as given (messages show it with the password masked).
+        self.url = url
+        #: Seconds one call may take (connect, pool wait and statement together).
+        self.deadline = self._settings.deadline
+        # The schema version is checked once: by open(), else by the first call.
+        self._checked = not check_schema
+        self._open = False  # open() succeeded
+        self._closed = False
+
+    def _limits(self, deadline: float | None) -> tuple[float, float]:
+        """(seconds the pool wait may take, monotonic end of the call) for a call starting now."""
+        limit = self.deadline if deadline is None else deadline
+        return self._settings.pool_wait(limit), monotonic() + limit
+
+    def _probe_failed(self, exc: psycopg.Error) -> tuple[Any, ...] | None:
+        """What a failed start-up probe means: no idempo tables (None), or the error to raise."""
+        if isinstance(exc, psycopg.errors.UndefinedTable):
+            return None
+        raise _startup_failure(self._settings, exc) from exc
+
+    def _opened(self, row: tuple[Any, ...] | None) -> None:
+        """Take the probe's schema version row: the store is open."""
+        _check_version(self._settings, row)
+        self._checked = self._open = True
+
+    def _checked_on_first_use(self, row: tuple[Any, ...] | None) -> None:
+        """Take the schema version row a first call read: a misconfiguration there is that call's StoreError."""
+        try:
+            _check_version(self._settings, row)
+        except ConfigurationError as exc:
+            raise StoreError(str(exc)) from exc
+        self._checked = True
+
+    def _no_schema(self, exc: StoreError) -> Exception:
+        """What check_schema raises for a failed read: no idempo tables is a ConfigurationError."""
+        if isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
+            error = _schema_error(self._settings.url, self.schema, None)
+            error.__suppress_context__ = True
+            return error
+        return exc
+
+
+class PostgresStore(_PostgresBase):
     """A store in PostgreSQL, for blocking code (WSGI, Django, sync functions).
+
+    Building it does no I/O: :meth:`open` (the blocking fronts call it when
+    built) checks the server and the schema; otherwise the first call does.
 
     Args:
         url: ``postgresql://[user[:password]@]host[:port]/dbname[?options]``
@@ -414,107 +606,66 @@ class PostgresStore:
         prepare_threshold: executions of a statement on a connection before
             psycopg prepares it on the server (default 5); None never prepares
             (needed behind PgBouncer in transaction mode before 1.21).
-        check_schema: check the server and the schema version now (default),
-            over a connection of its own. Pass False to call
+        check_schema: let the first call check the schema version when
+            :meth:`open` was not called (default). Pass False to call
             :meth:`create_schema` first.
 
     Raises:
-        ConfigurationError: a malformed URL, schema name or deadline; with
-            ``check_schema``, a server that refuses the configuration (wrong
-            password or role, missing database, unknown host) or a schema
-            missing or older than :data:`SCHEMA_VERSION` (run ``idempo
-            migrate``). An unreachable server is logged (one warning) and
-            checked again on first use, where it is StoreUnavailable.
+        ConfigurationError: a malformed URL, schema name or deadline.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        schema: str = "public",
-        min_size: int = 1,
-        max_size: int = 10,
-        deadline: float | timedelta = DEFAULT_DEADLINE,
-        application_name: str = "idempo",
-        prepare_threshold: int | None = 5,
-        check_schema: bool = True,
-    ) -> None:
-        self._settings = _Settings(
-            url,
-            schema=schema,
-            min_size=min_size,
-            max_size=max_size,
-            deadline=deadline,
-            application_name=application_name,
-            prepare_threshold=prepare_threshold,
-        )
-        self.schema = self._settings.schema
-        #: The store URL as given (messages show it with the password masked).
-        self.url = url
-        #: Seconds one call may take (connect, pool wait and statement together).
-        self.deadline = self._settings.deadline
-        self._pool: psycopg_pool.ConnectionPool[_BoundedConnection] = psycopg_pool.ConnectionPool(
-            **self._settings.pool_arguments(self._settings.connection_classes()[0], self._settings._configure)
-        )
-        # Opened on first use: a store that fails its start-up check (or a
-        # command's) leaves no pool retrying and logging in the background.
-        self._pool_opened = False
-        self._pool_lock = threading.Lock()
-        self._checked = not check_schema
-        if check_schema:
-            try:
-                self.open()
-            except StoreUnavailable as exc:
-                warn_unreachable_at_startup(url, exc)
-            except BaseException:
-                self.close()
-                raise
+    _pool: psycopg_pool.ConnectionPool[_BoundedConnection] | None = None
 
     def open(self) -> None:
         """Check the server and the schema version now, over a connection of its own.
 
-        The constructor calls it (with ``check_schema``); the first call
-        checks the schema when it could not.
+        Once it succeeded, calling it again does nothing. The blocking fronts
+        call it when they are built; without it, the first call checks the schema.
 
         Raises:
-            ConfigurationError: the server refuses the configuration (see the
-                class), or the schema is missing or older than :data:`SCHEMA_VERSION`.
+            ConfigurationError: the server refuses the configuration (a wrong
+                password or role, a missing database, an unknown host), or
+                the schema is missing or older than :data:`SCHEMA_VERSION`
+                (run ``idempo migrate``).
             StoreUnavailable: the server cannot be reached.
+            StoreError: the store was closed.
         """
-        _check_version(self._settings, self._probe())
-        self._checked = True
+        if not self._open:
+            self._opened(self._probe())
 
     def _probe(self) -> tuple[Any, ...] | None:
-        """Connect once, directly, and read the schema version row (None: no idempo tables).
-
-        Raises:
-            ConfigurationError: the server refuses the configuration.
-            StoreUnavailable: the server cannot be reached.
-        """
+        """Connect once, directly (no pool left retrying after a failed start-up), and read the schema version."""
+        if self._closed:
+            raise closed(self.url)
         settings = self._settings
         try:
             with _BoundedConnection.connect(settings.conninfo, **settings.probe_arguments()) as conn:
                 conn.deadline = monotonic() + settings.deadline
-                return conn.execute(_Q["schema_version"], prepare=False).fetchone()
-        except psycopg.errors.UndefinedTable:
-            return None
+                return _run_steps(conn, _schema_version())
         except psycopg.Error as exc:
-            raise _startup_failure(settings, exc) from exc
+            return self._probe_failed(exc)
+
+    def _get_pool(self) -> psycopg_pool.ConnectionPool[_BoundedConnection]:
+        # Made on first use: a store that fails its start-up check (or a
+        # command's) leaves no pool retrying and logging in the background.
+        with _POOL_LOCK:
+            if self._closed:
+                raise closed(self.url)
+            if self._pool is None:
+                pool = psycopg_pool.ConnectionPool(**self._settings.pool_arguments(blocking=True))
+                pool.open(wait=False)
+                self._pool = pool
+            return self._pool
 
     @contextmanager
     def _connection(self, deadline: float | None = None) -> Iterator[_BoundedConnection]:
         """A pooled connection whose waits end ``deadline`` seconds (default: the store's) from now."""
-        limit = self.deadline if deadline is None else deadline
-        ends = monotonic() + limit
-        if not self._pool_opened:
-            with self._pool_lock:
-                if not self._pool_opened:
-                    self._pool.open(wait=False)
-                    self._pool_opened = True
+        wait, ends = self._limits(deadline)
+        pool = self._pool or self._get_pool()
         try:
-            with _pg_errors():
+            with _PG_ERRORS:
                 try:
-                    conn = self._pool.getconn(timeout=self._settings.pool_wait(limit))
+                    conn = pool.getconn(timeout=wait)
                 except psycopg_pool.PoolTimeout as exc:
                     raise _no_connection(self._settings, exc) from exc
                 conn.deadline = ends
@@ -527,25 +678,28 @@ class PostgresStore:
                     raise
                 finally:
                     conn.deadline = None
-                    self._pool.putconn(conn)
+                    pool.putconn(conn)
         except StoreError as exc:
-            if isinstance(exc.__cause__, psycopg.OperationalError) and not _timed_out(exc.__cause__):
+            if _broken(exc):
                 # A killed backend or restarted server leaves every idle
                 # connection dead; checking them now makes the next request use
                 # a fresh one. Not after a timeout: the checks would wait too.
                 with contextlib.suppress(Exception):  # best effort: the pool reconnects anyway
-                    self._pool.check()
+                    pool.check()
             raise
 
     def _check_on(self, conn: _BoundedConnection) -> None:
-        """The schema check the constructor could not make, within this call's deadline."""
+        """The schema check open() did not make, on the first call's connection, within its deadline."""
         try:
-            _check_version(self._settings, conn.execute(_Q["schema_version"], prepare=False).fetchone())
+            row = _run_steps(conn, _schema_version())
         except psycopg.errors.UndefinedTable:
-            raise StoreError(str(_schema_error(self._settings.url, self.schema, None))) from None
-        except ConfigurationError as exc:
-            raise StoreError(str(exc)) from exc
-        self._checked = True
+            row = None  # no idempo tables
+        self._checked_on_first_use(row)
+
+    def _run(self, steps: _Steps[_RV]) -> _RV:
+        """Run one call's statements on a pooled connection."""
+        with self._connection() as conn:
+            return _run_steps(conn, steps)
 
     def check_schema(self) -> int:
         """Return the schema version found.
@@ -555,12 +709,9 @@ class PostgresStore:
             StoreUnavailable: the database cannot be reached.
         """
         try:
-            with self._connection() as conn:
-                row = conn.execute(_Q["schema_version"], prepare=False).fetchone()
+            row = self._run(_schema_version())
         except StoreError as exc:
-            if isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
-                raise _schema_error(self._settings.url, self.schema, None) from None
-            raise
+            raise self._no_schema(exc) from exc
         return _check_version(self._settings, row)
 
     def create_schema(self) -> list[int]:
@@ -576,69 +727,37 @@ class PostgresStore:
             StoreError: the database refused (e.g. no CREATE privilege).
             StoreUnavailable: the database cannot be reached.
         """
-        applied: list[int] = []
         self._probe()
         self._checked = True  # nothing to check before the schema exists
         with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
-            _maintenance(conn)
-            conn.execute(_Q["migration_lock"], {"schema": self.schema}, prepare=False)
-            conn.execute(_create_schema_statement(self.schema), prepare=False)
-            row = conn.execute(_Q["version_table_exists"], prepare=False).fetchone()
-            current = None
-            if row is not None and row[0]:
-                found = conn.execute(_Q["schema_version"], prepare=False).fetchone()
-                current = found[0] if found is not None and found[0] is not None else 0
-            for version, text in _plan(current):
-                conn.execute(text, prepare=False)
-                conn.execute(_Q["record_version"], {"version": version}, prepare=False)
-                applied.append(version)
-        return applied
+            return _run_steps(conn, _create_schema(self.schema))
 
     def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
-        params = _begin_params(record_key, fingerprint, lease_ttl_ms)
-        with self._connection() as conn:
-            for _ in range(_BEGIN_ATTEMPTS):
-                row = conn.execute(_Q["begin"], params, binary=True).fetchone()
-                if row is not None:
-                    return _begin_result(record_key, row)
-        raise StoreError(f"begin could not take or read record {record_key} after {_BEGIN_ATTEMPTS} attempts")
+        return self._run(_begin(record_key, fingerprint, lease_ttl_ms))
 
     def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.complete`."""
-        with self._connection() as conn:
-            count = conn.execute(_Q["complete"], _complete_params(record_key, token, response, record_ttl_ms)).rowcount
-        if count != 1:
-            raise LeaseLost()
+        self._run(_complete(record_key, token, response, record_ttl_ms))
 
     def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
-        with self._connection() as conn:
-            count = conn.execute(_Q["release"], {"record_key": record_key, "token": token}).rowcount
-        if count != 1:
-            raise LeaseLost()
+        self._run(_fenced("release", {"record_key": record_key, "token": token}))
 
     def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.extend`."""
-        params = {"record_key": record_key, "token": token, "lease_ttl_ms": int(lease_ttl_ms)}
-        with self._connection() as conn:
-            count = conn.execute(_Q["extend"], params).rowcount
-        if count != 1:
-            raise LeaseLost()
+        self._run(_fenced("extend", {"record_key": record_key, "token": token, "lease_ttl_ms": int(lease_ttl_ms)}))
 
     def get(self, record_key: str) -> Record | None:
         """See :meth:`idempo.typing.Store.get`."""
-        with self._connection() as conn:
-            row = conn.execute(_Q["get"], {"record_key": record_key}, binary=True).fetchone()
-        return None if row is None else record_from_row(record_key, row)
+        return self._run(_get(record_key))
 
     def purge_expired(self, limit: int = 1000) -> int:
         """Delete up to ``limit`` expired records, oldest first; return how many.
 
         One bounded batch per call: call again while it returns ``limit``.
         """
-        with self._connection() as conn:
-            return conn.execute(_Q["purge_expired"], {"limit": int(limit)}).rowcount
+        return self._run(_purge_expired(limit))
 
     def stats(self) -> StoreStats:
         """See :meth:`idempo.typing.SupportsStats.stats` (one scan of the table, one transaction).
@@ -646,121 +765,74 @@ class PostgresStore:
         Maintenance: it may take up to 300 s, not the store's deadline.
         """
         with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
-            _maintenance(conn)
-            counts = conn.execute(_Q["stats"], prepare=False).fetchone()
-            row = conn.execute(_Q["oldest_lease"], prepare=False, binary=True).fetchone()
-        assert counts is not None  # the query always returns one row
-        now_ms, in_progress, completed, expired = counts
-        oldest = None if row is None else record_from_row(row[0], row[1:])
-        return StoreStats(int(now_ms), int(in_progress), int(completed), int(expired), oldest)
+            return _run_steps(conn, _stats())
 
     def close(self) -> None:
-        """Close the connection pool."""
-        with self._pool_lock:
-            self._pool_opened = True  # a call after close() fails rather than reopening
-        self._pool.close()
+        """Close the connection pool; any later call raises StoreError. Calling it again does nothing."""
+        with _POOL_LOCK:
+            self._closed, self._open = True, False
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
 
-class AsyncPostgresStore:
+class AsyncPostgresStore(_PostgresBase):
     """A store in PostgreSQL, for asyncio (ASGI, async functions).
 
-    Constructing it does no I/O: the pool opens on first use, and the server
-    and schema are checked at start-up by ``await store.open()`` (the ASGI
-    middleware calls it at lifespan start-up), else within the first call.
+    Building it does no I/O: ``await store.open()`` (the ASGI middleware
+    calls it at lifespan start-up) checks the server and the schema;
+    otherwise the first call does.
 
-    It takes the arguments of :class:`PostgresStore`; ``check_schema`` applies
-    to :meth:`open` and the first call.
+    It takes the arguments of :class:`PostgresStore`.
 
     Raises:
-        ConfigurationError: a malformed URL, schema name or deadline (here).
+        ConfigurationError: a malformed URL, schema name or deadline.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        schema: str = "public",
-        min_size: int = 1,
-        max_size: int = 10,
-        deadline: float | timedelta = DEFAULT_DEADLINE,
-        application_name: str = "idempo",
-        prepare_threshold: int | None = 5,
-        check_schema: bool = True,
-    ) -> None:
-        self._settings = _Settings(
-            url,
-            schema=schema,
-            min_size=min_size,
-            max_size=max_size,
-            deadline=deadline,
-            application_name=application_name,
-            prepare_threshold=prepare_threshold,
-        )
-        self.schema = self._settings.schema
-        #: The store URL as given (messages show it with the password masked).
-        self.url = url
-        #: Seconds one call may take (connect, pool wait and statement together).
-        self.deadline = self._settings.deadline
-        self._pool: psycopg_pool.AsyncConnectionPool[_AsyncBoundedConnection] | None = None
-        self._ready = not check_schema
+    _pool: psycopg_pool.AsyncConnectionPool[_AsyncBoundedConnection] | None = None
 
     async def open(self) -> None:
-        """Check the server and the schema version now, over a connection of its own.
-
-        Call it at start-up (the ASGI middleware does, at lifespan start-up);
-        without it, the first call checks the schema within its deadline.
-
-        Raises:
-            ConfigurationError: the server refuses the configuration (see
-                :class:`PostgresStore`), or the schema is missing or older
-                than :data:`SCHEMA_VERSION`.
-            StoreUnavailable: the server cannot be reached.
-        """
-        if self._ready:
-            return
-        _check_version(self._settings, await self._probe())
-        self._ready = True
+        """See :meth:`PostgresStore.open`."""
+        if not self._open:
+            self._opened(await self._probe())
 
     async def _probe(self) -> tuple[Any, ...] | None:
         """See :meth:`PostgresStore._probe`."""
+        if self._closed:
+            raise closed(self.url)
         settings = self._settings
         try:
             conn = await _AsyncBoundedConnection.connect(settings.conninfo, **settings.probe_arguments())
             async with conn:
                 conn.deadline = monotonic() + settings.deadline
-                return await (await conn.execute(_Q["schema_version"], prepare=False)).fetchone()
-        except psycopg.errors.UndefinedTable:
-            return None
+                return await _arun_steps(conn, _schema_version())
         except psycopg.Error as exc:
-            raise _startup_failure(settings, exc) from exc
+            return self._probe_failed(exc)
 
     async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool[_AsyncBoundedConnection]:
+        # Made on first use, on the running event loop (the pool binds to it).
+        if self._closed:
+            raise closed(self.url)
         if self._pool is None:
-            # Created here, not in __init__: the pool binds to the running event loop.
-            classes = self._settings.connection_classes()
-            arguments = self._settings.pool_arguments(classes[1], self._settings._configure_async)
-            pool: psycopg_pool.AsyncConnectionPool[_AsyncBoundedConnection] = psycopg_pool.AsyncConnectionPool(
-                **arguments
-            )
-            await pool.open(wait=False)
+            pool = psycopg_pool.AsyncConnectionPool(**self._settings.pool_arguments(blocking=False))
             self._pool = pool
+            await pool.open(wait=False)
         return self._pool
 
     @asynccontextmanager
     async def _connection(self, deadline: float | None = None) -> AsyncIterator[_AsyncBoundedConnection]:
         """See :meth:`PostgresStore._connection`."""
-        pool = await self._get_pool()
-        limit = self.deadline if deadline is None else deadline
-        ends = monotonic() + limit
+        wait, ends = self._limits(deadline)
+        pool = self._pool or await self._get_pool()
         try:
-            with _pg_errors():
+            with _PG_ERRORS:
                 try:
-                    conn = await pool.getconn(timeout=self._settings.pool_wait(limit))
+                    conn = await pool.getconn(timeout=wait)
                 except psycopg_pool.PoolTimeout as exc:
                     raise _no_connection(self._settings, exc) from exc
                 conn.deadline = ends
                 try:
-                    if not self._ready:
+                    if not self._checked:
                         await self._check_on(conn)
                     yield conn
                 except psycopg.OperationalError:
@@ -770,7 +842,7 @@ class AsyncPostgresStore:
                     conn.deadline = None
                     await pool.putconn(conn)
         except StoreError as exc:
-            if isinstance(exc.__cause__, psycopg.OperationalError) and not _timed_out(exc.__cause__):
+            if _broken(exc):
                 with contextlib.suppress(Exception):  # see PostgresStore._connection
                     await pool.check()
             raise
@@ -778,93 +850,64 @@ class AsyncPostgresStore:
     async def _check_on(self, conn: _AsyncBoundedConnection) -> None:
         """See :meth:`PostgresStore._check_on`."""
         try:
-            row = await (await conn.execute(_Q["schema_version"], prepare=False)).fetchone()
-            _check_version(self._settings, row)
+            row = await _arun_steps(conn, _schema_version())
         except psycopg.errors.UndefinedTable:
-            raise StoreError(str(_schema_error(self._settings.url, self.schema, None))) from None
-        except ConfigurationError as exc:
-            raise StoreError(str(exc)) from exc
-        self._ready = True
+            row = None
+        self._checked_on_first_use(row)
 
-    async def _run(
-        self, query: LiteralString, params: dict[str, Any] | None = None, binary: bool = False
-    ) -> tuple[int, tuple[Any, ...] | None]:
-        """Run one statement on a pooled connection; return (rowcount, first row or None)."""
+    async def _run(self, steps: _Steps[_RV]) -> _RV:
+        """See :meth:`PostgresStore._run`."""
         async with self._connection() as conn:
-            cursor = await conn.execute(query, params, binary=binary)
-            return cursor.rowcount, (await cursor.fetchone() if cursor.description else None)
+            return await _arun_steps(conn, steps)
 
     async def check_schema(self) -> int:
         """See :meth:`PostgresStore.check_schema`."""
         try:
-            async with self._connection() as conn:
-                row = await (await conn.execute(_Q["schema_version"], prepare=False)).fetchone()
+            row = await self._run(_schema_version())
         except StoreError as exc:
-            if isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
-                raise _schema_error(self._settings.url, self.schema, None) from None
-            raise
+            raise self._no_schema(exc) from exc
         return _check_version(self._settings, row)
 
     async def create_schema(self) -> list[int]:
         """See :meth:`PostgresStore.create_schema`."""
-        applied: list[int] = []
         await self._probe()
-        self._ready = True  # nothing to check before the schema exists
+        self._checked = True  # nothing to check before the schema exists
         async with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
-            await _maintenance(conn)
-            await conn.execute(_Q["migration_lock"], {"schema": self.schema}, prepare=False)
-            await conn.execute(_create_schema_statement(self.schema), prepare=False)
-            row = await (await conn.execute(_Q["version_table_exists"], prepare=False)).fetchone()
-            current = None
-            if row is not None and row[0]:
-                found = await (await conn.execute(_Q["schema_version"], prepare=False)).fetchone()
-                current = found[0] if found is not None and found[0] is not None else 0
-            for version, text in _plan(current):
-                await conn.execute(text, prepare=False)
-                await conn.execute(_Q["record_version"], {"version": version}, prepare=False)
-                applied.append(version)
-        return applied
+            return await _arun_steps(conn, _create_schema(self.schema))
 
     async def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
-        params = _begin_params(record_key, fingerprint, lease_ttl_ms)
-        async with self._connection() as conn:
-            for _ in range(_BEGIN_ATTEMPTS):
-                row = await (await conn.execute(_Q["begin"], params, binary=True)).fetchone()
-                if row is not None:
-                    return _begin_result(record_key, row)
-        raise StoreError(f"begin could not take or read record {record_key} after {_BEGIN_ATTEMPTS} attempts")
+        return await self._run(_begin(record_key, fingerprint, lease_ttl_ms))
 
     async def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.complete`."""
-        count, _ = await self._run(_Q["complete"], _complete_params(record_key, token, response, record_ttl_ms))
-        if count != 1:
-            raise LeaseLost()
+        await self._run(_complete(record_key, token, response, record_ttl_ms))
 
     async def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
-        count, _ = await self._run(_Q["release"], {"record_key": record_key, "token": token})
-        if count != 1:
-            raise LeaseLost()
+        await self._run(_fenced("release", {"record_key": record_key, "token": token}))
 
     async def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.extend`."""
         params = {"record_key": record_key, "token": token, "lease_ttl_ms": int(lease_ttl_ms)}
-        count, _ = await self._run(_Q["extend"], params)
-        if count != 1:
-            raise LeaseLost()
+        await self._run(_fenced("extend", params))
 
     async def get(self, record_key: str) -> Record | None:
         """See :meth:`idempo.typing.Store.get`."""
-        _, row = await self._run(_Q["get"], {"record_key": record_key}, binary=True)
-        return None if row is None else record_from_row(record_key, row)
+        return await self._run(_get(record_key))
 
     async def purge_expired(self, limit: int = 1000) -> int:
         """See :meth:`PostgresStore.purge_expired`."""
-        count, _ = await self._run(_Q["purge_expired"], {"limit": int(limit)})
-        return int(count)
+        return await self._run(_purge_expired(limit))
+
+    async def stats(self) -> StoreStats:
+        """See :meth:`PostgresStore.stats`."""
+        async with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
+            return await _arun_steps(conn, _stats())
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
-        if self._pool is not None:
-            await self._pool.close()
+        """See :meth:`PostgresStore.close`."""
+        self._closed, self._open = True, False
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()

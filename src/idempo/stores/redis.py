@@ -38,12 +38,19 @@ blocking call, whose steps are bounded one by one, can take up to twice the
 deadline in the worst case (a connection that breaks just before it, retried).
 Past it a call raises :class:`~idempo.exceptions.StoreUnavailable`.
 
-Start-up: :meth:`AsyncRedisStore.open` (the ASGI middleware calls it at
-lifespan start-up) and the blocking store's constructor send one ``PING``: a
-wrong password, an unknown user, a database number the server does not have
-or a host name that does not resolve raise
+Open and close: as every store (``idempo.stores._base``). Building a store
+does no I/O (a blocking Redis Cluster client, which reads the slot map when
+made, is made on first use). ``open()`` (the fronts call it at start-up)
+sends one ``PING``: a wrong password, an unknown user, a database number the
+server does not have or a host name that does not resolve raise
 :class:`~idempo.exceptions.ConfigurationError` (one line, with the fix); a
-server that cannot be reached is logged (one warning) and the store starts.
+server that cannot be reached raises StoreUnavailable (the fronts log one
+warning and start).
+
+Twins: :class:`RedisStore` and :class:`AsyncRedisStore` share everything but
+the I/O call: the constructor and options (:class:`_RedisBase`), the Lua,
+key names, script arguments and reply decoding (:class:`_Codec`), what
+``stats()`` counts (:class:`_Tally`), and the error mapping.
 
 The async store needs asyncio (redis-py's asyncio client); it does not run on trio.
 """
@@ -53,11 +60,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from importlib import resources
 from time import monotonic
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -91,12 +99,11 @@ from .._core.records import (
 from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from ._base import (
     DEFAULT_DEADLINE,
-    ErrorMap,
+    closed,
     deadline_seconds,
     map_errors,
     misconfigured,
     record_from_row,
-    warn_unreachable_at_startup,
     within_deadline,
 )
 
@@ -136,8 +143,8 @@ _REDIS_ERRORS = map_errors(
 )
 
 
-def _redis_errors() -> ErrorMap:
-    return _REDIS_ERRORS
+# Guards making and closing a blocking store's client (rare: once per store).
+_CONNECT_LOCK = threading.Lock()
 
 
 def _seconds_to_ms(value: float | timedelta, name: str) -> int:
@@ -186,6 +193,9 @@ class _Codec:
     @staticmethod
     def release_args(token: int) -> list[Any]:
         return [str(token), _attempt_id(), _TOMBSTONE_MS]
+
+    def extend_args(self, token: int, lease_ttl_ms: int) -> list[Any]:
+        return [str(token), int(lease_ttl_ms), self.grace_ms]
 
     def get_result(self, record_key: str, reply: Sequence[Any] | None) -> Record | None:
         return None if reply is None else self.record(record_key, reply[1:])
@@ -319,46 +329,157 @@ def _startup_failure(url: str, exc: BaseException) -> Exception:
     return StoreUnavailable(f"{type(exc).__name__}: {exc}")
 
 
-class _Options:
-    """Parsed constructor arguments, shared by both fronts."""
+class _Tally:
+    """What stats() counts, written once: the keys a scan finds, read a batch per round trip."""
+
+    def __init__(self, codec: _Codec, time_reply: Sequence[Any]) -> None:
+        seconds, microseconds = time_reply
+        self.now = int(seconds) * 1000 + int(microseconds) // 1000
+        self.codec = codec
+        # idempo's own records (its generated secret, the legacy window) are no requests' records.
+        self.reserved = codec.key(RESERVED_PREFIX)[:-1].encode("utf-8")
+        self.in_progress = self.completed = self.expired = 0
+        self.oldest_key: bytes | None = None
+        self.oldest_created = 0
+        self.batch: list[bytes] = []
+
+    def add(self, key: bytes) -> bool:
+        """Take a key the scan found; True when a batch is full (read it, then :meth:`count` it)."""
+        if not key.startswith(self.reserved):
+            self.batch.append(key)
+        return len(self.batch) >= _STATS_BATCH
+
+    def read(self, pipe: Any) -> list[bytes]:
+        """Queue the reads of the batch on a pipeline; return the batch (now taken)."""
+        batch, self.batch = self.batch, []
+        for name in batch:
+            pipe.hmget(name, "state", "created_at", "expires_at")
+        return batch
+
+    def count(self, batch: list[bytes], replies: Sequence[Any]) -> None:
+        """Count the batch from its replies (state, created_at, expires_at of each key)."""
+        for name, (state, created, expires) in zip(batch, replies, strict=True):
+            if state is None or state == b"released":
+                continue  # deleted since the scan saw it, or a released record's tombstone
+            if int(expires) <= self.now:
+                self.expired += 1
+            elif state == b"in_progress":
+                self.in_progress += 1
+                if self.oldest_key is None or int(created) < self.oldest_created:
+                    self.oldest_key, self.oldest_created = name, int(created)
+            else:
+                self.completed += 1
+
+    def result(self, oldest_fields: Sequence[Any] | None) -> StoreStats:
+        """The counts, with the oldest lease's record from its fields (None: none, or gone since)."""
+        oldest = None
+        if self.oldest_key is not None and oldest_fields is not None and oldest_fields[0] is not None:
+            record_key = self.oldest_key.decode("utf-8")[len(self.codec.prefix) + 1 : -1]
+            oldest = self.codec.record(record_key, oldest_fields)
+        return StoreStats(self.now, self.in_progress, self.completed, self.expired, oldest)
+
+
+def _fenced(reply: Any) -> None:
+    """complete, release and extend reply 1 when the token held the record."""
+    if reply != 1:
+        raise LeaseLost()
+
+
+_C = TypeVar("_C", Client, AsyncClient)
+
+
+class _RedisBase(Generic[_C]):
+    """What the blocking and the async Redis stores share: the constructor, the options, the codec."""
 
     def __init__(
         self,
-        url: str | None,
-        prefix: str,
-        grace: float | timedelta,
-        deadline: float | timedelta,
-        socket_timeout: float | None,
-        socket_connect_timeout: float | None,
+        url: str | None = None,
+        *,
+        client: _C | None = None,
+        prefix: str = "idempo:",
+        grace: float | timedelta = 60.0,
+        max_connections: int = 50,
+        deadline: float | timedelta = DEFAULT_DEADLINE,
+        socket_timeout: float | None = None,
+        socket_connect_timeout: float | None = None,
+        retries: int = 1,
     ) -> None:
-        self.url = url
-        self.given_url = url or "(the client passed in)"
+        if (url is None) == (client is None):
+            raise ConfigurationError(f"{type(self).__name__} takes either url= or client=")
+        #: The store URL as given (messages show it with the password masked).
+        self.url: str = url if url is not None else "(the client passed in)"
         options: dict[str, str] = {}
         if url is not None:
-            self.url, options = _split_url(url)
-        self.codec = _Codec(options.get("prefix", prefix), float(options["grace"]) if "grace" in options else grace)
+            url, options = _split_url(url)
+            if _is_cluster_url(url):
+                _cluster_arguments(url)  # a malformed node list is a ConfigurationError now
+        self._client_url = url
+        self._codec = _Codec(options.get("prefix", prefix), float(options["grace"]) if "grace" in options else grace)
+        #: Seconds one call may take (see the module docstring).
         self.deadline = deadline_seconds(options.get("deadline", deadline))
-        self.socket_timeout = self.deadline if socket_timeout is None else socket_timeout
-        self.socket_connect_timeout = self.deadline if socket_connect_timeout is None else socket_connect_timeout
-
-    def common(self, max_connections: int, retry: Retry | AsyncRetry) -> dict[str, Any]:
-        """Client arguments both fronts give, for one server or a cluster."""
-        return {
+        self._client_arguments: dict[str, Any] = {
             "max_connections": max_connections,
-            "socket_timeout": self.socket_timeout,
-            "socket_connect_timeout": self.socket_connect_timeout,
-            "retry": retry,
+            "socket_timeout": self.deadline if socket_timeout is None else socket_timeout,
+            "socket_connect_timeout": self.deadline if socket_connect_timeout is None else socket_connect_timeout,
         }
+        self._retries = retries
+        self._owned = client is None
+        self._open = False  # open() succeeded
+        self._closed = False
+        self._scripts: dict[str, Any] = {}
+        self._client: _C | None = None
+        if client is not None:
+            self._use(client)
+
+    @property
+    def client(self) -> _C:
+        """The redis-py client, made on first use (a blocking Redis Cluster client reads its slot map then).
+
+        Raises:
+            StoreUnavailable: a blocking Redis Cluster client could not reach a node to read its slots.
+            StoreError: the store was closed.
+        """
+        client = self._client
+        if client is None:
+            with _CONNECT_LOCK:  # made once, whichever thread comes first
+                client = self._client
+                if client is None:
+                    client = self._connect()
+                    self._use(client)
+        return client
+
+    def _connect(self) -> _C:
+        raise NotImplementedError
+
+    def _use(self, client: _C) -> None:
+        self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
+        self._client = client
+
+    def _arguments(self, retry: Retry | AsyncRetry) -> tuple[str, dict[str, Any], list[tuple[str, int]] | None]:
+        """(URL, client arguments, cluster nodes or None) of the client a URL store makes."""
+        if self._closed:
+            raise closed(self.url)
+        url = self._client_url
+        assert url is not None  # a store given a client never makes one
+        arguments = {**self._client_arguments, "retry": retry}
+        if not _is_cluster_url(url):
+            return url, arguments, None
+        cluster = _cluster_arguments(url)
+        nodes = cluster.pop("nodes")
+        return url, {**arguments, **cluster}, nodes
 
 
-class RedisStore:
+class RedisStore(_RedisBase[Client]):
     """A store in Redis, Valkey or a Redis Cluster, for blocking code (WSGI, sync functions).
+
+    Building it does no I/O: :meth:`open` (the blocking fronts call it when
+    built) sends one ``PING``; otherwise the first call connects.
 
     Args:
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...``
             (TLS), ``unix:///path.sock`` or ``redis+cluster://host:port,host:port``
-            (``rediss+cluster://`` for TLS). Query options: ``prefix``, ``grace``
-            and, for ``redis://``, any redis-py connection option
+            (``rediss+cluster://`` for TLS). Query options: ``prefix``, ``grace``,
+            ``deadline`` and, for ``redis://``, any redis-py connection option
             (``max_connections``, ``health_check_interval``, ...). Omit when passing ``client``.
         client: a ready ``redis.Redis`` or ``redis.cluster.RedisCluster`` (created
             with ``decode_responses=False``, the default); the store does not close it.
@@ -378,92 +499,47 @@ class RedisStore:
 
     Raises:
         ConfigurationError: neither or both of ``url`` and ``client`` given, a
-            malformed URL or deadline, a prefix with braces; the server
-            refuses the configuration (see the module docstring). An
-            unreachable server is logged (one warning), and so is an
-            unreachable Redis Cluster, whose client is then built on first use.
+            malformed URL or deadline, a prefix with braces.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        client: Client | None = None,
-        prefix: str = "idempo:",
-        grace: float | timedelta = 60.0,
-        max_connections: int = 50,
-        deadline: float | timedelta = DEFAULT_DEADLINE,
-        socket_timeout: float | None = None,
-        socket_connect_timeout: float | None = None,
-        retries: int = 1,
-    ) -> None:
-        if (url is None) == (client is None):
-            raise ConfigurationError("RedisStore takes either url= or client=")
-        options = _Options(url, prefix, grace, deadline, socket_timeout, socket_connect_timeout)
-        self._options = options
-        self._codec = options.codec
-        #: The store URL as given (messages show it with the password masked).
-        self.url = options.given_url
-        #: Seconds one call may take (see the module docstring).
-        self.deadline = options.deadline
-        self._owned = client is None
-        self._cluster_arguments: dict[str, Any] | None = None
-        if client is None:
-            assert options.url is not None
-            common = options.common(max_connections, _DeadlineRetry(retries, options.deadline))
-            if _is_cluster_url(options.url):
-                self._cluster_arguments = {**common, **_cluster_arguments(options.url)}
-            else:
-                # A blocking pool: a command beyond max_connections waits (within
-                # the deadline) for a free connection, where redis-py's default
-                # pool raises "Too many connections" at once, which is a 503.
-                pool = redis.BlockingConnectionPool.from_url(options.url, timeout=options.deadline, **common)
-                client = redis.Redis.from_pool(pool)
-        self._client = client
-        self._scripts = {} if client is None else {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
+    def _connect(self) -> Client:
+        url, arguments, nodes = self._arguments(_DeadlineRetry(self._retries, self.deadline))
+        if nodes is None:
+            # A blocking pool: a command beyond max_connections waits (within
+            # the deadline) for a free connection, where redis-py's default
+            # pool raises "Too many connections" at once, which is a 503.
+            pool = redis.BlockingConnectionPool.from_url(url, timeout=self.deadline, **arguments)
+            return redis.Redis.from_pool(pool)
+        startup = [redis.cluster.ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
         try:
-            self.open()
-        except StoreUnavailable as exc:
-            warn_unreachable_at_startup(options.given_url, exc)
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def client(self) -> Client:
-        """The redis-py client (for a Redis Cluster unreachable so far, built now).
-
-        Raises:
-            StoreUnavailable: a Redis Cluster could not be reached to read its slots.
-        """
-        if self._client is None:
-            assert self._cluster_arguments is not None
-            args = dict(self._cluster_arguments)
-            nodes = [redis.cluster.ClusterNode(host, port) for host, port in args.pop("nodes")]  # type: ignore[no-untyped-call]
-            try:
-                # Reads the slot map now: every listed node unreachable is an outage.
-                client = redis.cluster.RedisCluster(startup_nodes=nodes, **args)
-            except (RedisError, RedisClusterException) as exc:
-                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-            self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
-            self._client = client
-        return self._client
+            # Reads the slot map now: every listed node unreachable is an outage.
+            return redis.cluster.RedisCluster(startup_nodes=startup, **arguments)
+        except (RedisError, RedisClusterException) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def open(self) -> None:
-        """Check the server now with one ``PING`` (the constructor does).
+        """Check the server now with one ``PING`` (for a Redis Cluster, after reading its slot map).
+
+        Once it succeeded, calling it again does nothing. The blocking fronts
+        call it when they are built; without it, the first call connects.
 
         Raises:
-            ConfigurationError: the server refuses the configuration (see the module docstring).
+            ConfigurationError: the server refuses the configuration (a wrong
+                password or user, a database number it lacks, an unknown host).
             StoreUnavailable: the server cannot be reached.
+            StoreError: the store was closed.
         """
+        if self._open:
+            return
         try:
             self.client.ping()
         except (RedisError, RedisClusterException, StoreError) as exc:
-            raise _startup_failure(self._options.given_url, exc) from exc
+            raise _startup_failure(self.url, exc) from exc
+        self._open = True
 
     def _script(self, name: str, key: str, args: Sequence[str | int] = ()) -> Any:
-        client = self.client
-        with _redis_errors():
+        client = self._client or self.client
+        with _REDIS_ERRORS:
             return self._scripts[name](keys=[key], args=args, client=client)
 
     def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
@@ -474,20 +550,16 @@ class RedisStore:
 
     def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.complete`."""
-        args = self._codec.complete_args(token, response, record_ttl_ms)
-        if self._script("complete", self._codec.key(record_key), args) != 1:
-            raise LeaseLost()
+        codec = self._codec
+        _fenced(self._script("complete", codec.key(record_key), codec.complete_args(token, response, record_ttl_ms)))
 
     def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
-        if self._script("release", self._codec.key(record_key), self._codec.release_args(token)) != 1:
-            raise LeaseLost()
+        _fenced(self._script("release", self._codec.key(record_key), self._codec.release_args(token)))
 
     def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.extend`."""
-        args: list[str | int] = [str(token), int(lease_ttl_ms), self._codec.grace_ms]
-        if self._script("extend", self._codec.key(record_key), args) != 1:
-            raise LeaseLost()
+        _fenced(self._script("extend", self._codec.key(record_key), self._codec.extend_args(token, lease_ttl_ms)))
 
     def get(self, record_key: str) -> Record | None:
         """See :meth:`idempo.typing.Store.get`."""
@@ -503,7 +575,7 @@ class RedisStore:
         """
         deleted = 0
         client = self.client
-        with _redis_errors():
+        with _REDIS_ERRORS:
             for key in client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
                 if deleted >= limit:
                     break
@@ -519,132 +591,80 @@ class RedisStore:
         Redis at their expiry, so ``expired`` counts in-progress records
         within their grace period. Released records' tombstones are no records.
         """
-        in_progress = completed = expired = 0
-        oldest_key: bytes | None = None
-        oldest_created = 0
         client = self.client
-        with _redis_errors():
-            seconds, microseconds = client.time()
-            now = int(seconds) * 1000 + int(microseconds) // 1000
-            batch: list[bytes] = []
-            # idempo's own records (its generated secret, the legacy window) are no requests' records.
-            reserved = self._codec.key(RESERVED_PREFIX)[:-1].encode("utf-8")
-            keys = client.scan_iter(match=self._codec.pattern, count=1000, _type="hash")
-            while True:
-                key = next(keys, None)
-                if key is not None and not key.startswith(reserved):
-                    batch.append(key)
-                if batch and (key is None or len(batch) >= _STATS_BATCH):
+        with _REDIS_ERRORS:
+            tally = _Tally(self._codec, client.time())
+            for key in client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
+                if tally.add(key):
                     pipe = client.pipeline(transaction=False)
-                    for name in batch:
-                        pipe.hmget(name, "state", "created_at", "expires_at")
-                    for name, (state, created, expires) in zip(batch, pipe.execute(), strict=True):
-                        if state is None or state == b"released":
-                            continue  # deleted since the scan saw it, or a released record's tombstone
-                        if int(expires) <= now:
-                            expired += 1
-                        elif state == b"in_progress":
-                            in_progress += 1
-                            if oldest_key is None or int(created) < oldest_created:
-                                oldest_key, oldest_created = name, int(created)
-                        else:
-                            completed += 1
-                    batch = []
-                if key is None:
-                    break
-            oldest = None
-            if oldest_key is not None:
-                fields = client.hmget(oldest_key, list(_RECORD_FIELDS))
-                record_key = oldest_key.decode("utf-8")[len(self._codec.prefix) + 1 : -1]
-                if fields[0] is not None:
-                    oldest = self._codec.record(record_key, fields)
-        return StoreStats(now, in_progress, completed, expired, oldest)
+                    tally.count(tally.read(pipe), pipe.execute())
+            pipe = client.pipeline(transaction=False)
+            tally.count(tally.read(pipe), pipe.execute())
+            oldest = None if tally.oldest_key is None else client.hmget(tally.oldest_key, list(_RECORD_FIELDS))
+        return tally.result(oldest)
 
     def close(self) -> None:
-        """Close the connection pool (unless the client was passed in)."""
-        if self._owned and self._client is not None:
-            self._client.close()
+        """Close the connection pool (unless the client was passed in); any later call raises StoreError.
+
+        Calling it again does nothing.
+        """
+        with _CONNECT_LOCK:
+            self._closed, self._open = True, False
+            client, self._client = self._client, None
+        if self._owned and client is not None:
+            client.close()
 
 
-class AsyncRedisStore:
+class AsyncRedisStore(_RedisBase[AsyncClient]):
     """A store in Redis, Valkey or a Redis Cluster, for asyncio (ASGI, async functions).
 
-    Connections are made on first use, so constructing the store does no I/O.
+    Building it does no I/O: ``await store.open()`` (the ASGI middleware
+    calls it at lifespan start-up) sends one ``PING``; otherwise the first
+    call connects.
 
     It takes the arguments of :class:`RedisStore`; ``client`` is a
     ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        client: AsyncClient | None = None,
-        prefix: str = "idempo:",
-        grace: float | timedelta = 60.0,
-        max_connections: int = 50,
-        deadline: float | timedelta = DEFAULT_DEADLINE,
-        socket_timeout: float | None = None,
-        socket_connect_timeout: float | None = None,
-        retries: int = 1,
-    ) -> None:
-        if (url is None) == (client is None):
-            raise ConfigurationError("AsyncRedisStore takes either url= or client=")
-        options = _Options(url, prefix, grace, deadline, socket_timeout, socket_connect_timeout)
-        self._options = options
-        self._codec = options.codec
-        #: The store URL as given (messages show it with the password masked).
-        self.url = options.given_url
-        #: Seconds one call may take (see the module docstring).
-        self.deadline = options.deadline
-        self._owned = client is None
-        if client is None:
-            assert options.url is not None
-            common = options.common(max_connections, _AsyncDeadlineRetry(retries, options.deadline))
-            if _is_cluster_url(options.url):
-                args = _cluster_arguments(options.url)
-                nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in args.pop("nodes")]
-                client = redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **{**common, **args})
-            else:
-                # See RedisStore: wait for a free connection rather than fail.
-                pool = redis.asyncio.BlockingConnectionPool.from_url(options.url, timeout=options.deadline, **common)
-                client = redis.asyncio.Redis.from_pool(pool)
-        self.client: AsyncClient = client
-        self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
-        # A cluster client reads the slot map on first use; redis-py races when
-        # several tasks make that first use at once (commands interleave on
-        # one connection), so the first use is serialised by _initialize().
-        self._ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
-        self._open_lock: asyncio.Lock | None = None
+    # The client is made on first use, and a cluster client reads its slot
+    # map then; redis-py races when several tasks make that first use at once
+    # (commands interleave on one connection), so it is serialised (_initialize).
+    _ready = False
+    _open_lock: asyncio.Lock | None = None
 
-    async def open(self) -> None:
-        """Check the server now with one ``PING``; for a Redis Cluster, read its slot map first.
-
-        Call it at start-up (the ASGI middleware does, at lifespan start-up);
-        without it, a cluster's slot map is read on first use.
-
-        Raises:
-            ConfigurationError: the server refuses the configuration (see the module docstring).
-            StoreUnavailable: the server cannot be reached.
-        """
-        try:
-            await within_deadline(self.deadline, self._ping())
-        except (RedisError, RedisClusterException, StoreError) as exc:
-            raise _startup_failure(self._options.given_url, exc) from exc
-
-    async def _ping(self) -> None:
-        if not self._ready:
-            await self._initialize()
-        await self.client.ping()
+    def _connect(self) -> AsyncClient:
+        url, arguments, nodes = self._arguments(_AsyncDeadlineRetry(self._retries, self.deadline))
+        if nodes is None:
+            # See RedisStore: wait for a free connection rather than fail.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(url, timeout=self.deadline, **arguments)
+            return redis.asyncio.Redis.from_pool(pool)
+        startup = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in nodes]
+        return redis.asyncio.cluster.RedisCluster(startup_nodes=startup, **arguments)
 
     async def _initialize(self) -> None:
         if self._open_lock is None:
             self._open_lock = asyncio.Lock()
         async with self._open_lock:
             if not self._ready:
-                assert isinstance(self.client, redis.asyncio.cluster.RedisCluster)
-                await self.client.initialize()
+                client = self.client
+                if isinstance(client, redis.asyncio.cluster.RedisCluster):
+                    await client.initialize()
                 self._ready = True
+
+    async def open(self) -> None:
+        """See :meth:`RedisStore.open`."""
+        if self._open:
+            return
+        try:
+            await within_deadline(self.deadline, self._ping())
+        except (RedisError, RedisClusterException, StoreError) as exc:
+            raise _startup_failure(self.url, exc) from exc
+        self._open = True
+
+    async def _ping(self) -> None:
+        if not self._ready:
+            await self._initialize()
+        await self.client.ping()
 
     async def _call(self, name: str, key: str, args: Sequence[str | int]) -> Any:
         if not self._ready:
@@ -652,7 +672,7 @@ class AsyncRedisStore:
         return await self._scripts[name](keys=[key], args=args)
 
     async def _script(self, name: str, key: str, args: Sequence[str | int] = ()) -> Any:
-        with _redis_errors():
+        with _REDIS_ERRORS:
             return await within_deadline(self.deadline, self._call(name, key, args))
 
     async def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
@@ -664,29 +684,25 @@ class AsyncRedisStore:
     async def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.complete`."""
         args = self._codec.complete_args(token, response, record_ttl_ms)
-        if await self._script("complete", self._codec.key(record_key), args) != 1:
-            raise LeaseLost()
+        _fenced(await self._script("complete", self._codec.key(record_key), args))
 
     async def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
-        if await self._script("release", self._codec.key(record_key), self._codec.release_args(token)) != 1:
-            raise LeaseLost()
+        _fenced(await self._script("release", self._codec.key(record_key), self._codec.release_args(token)))
 
     async def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
         """See :meth:`idempo.typing.Store.extend`."""
-        args: list[str | int] = [str(token), int(lease_ttl_ms), self._codec.grace_ms]
-        if await self._script("extend", self._codec.key(record_key), args) != 1:
-            raise LeaseLost()
+        args = self._codec.extend_args(token, lease_ttl_ms)
+        _fenced(await self._script("extend", self._codec.key(record_key), args))
 
     async def get(self, record_key: str) -> Record | None:
         """See :meth:`idempo.typing.Store.get`."""
-        reply = await self._script("get", self._codec.key(record_key))
-        return self._codec.get_result(record_key, reply)
+        return self._codec.get_result(record_key, await self._script("get", self._codec.key(record_key)))
 
     async def purge_expired(self, limit: int = 1000) -> int:
         """See :meth:`RedisStore.purge_expired`."""
         deleted = 0
-        with _redis_errors():
+        with _REDIS_ERRORS:
             if not self._ready:
                 await self._initialize()
             async for key in self.client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
@@ -695,7 +711,25 @@ class AsyncRedisStore:
                 deleted += int(await self._scripts["purge"](keys=[key]))
         return deleted
 
+    async def stats(self) -> StoreStats:
+        """See :meth:`RedisStore.stats`."""
+        with _REDIS_ERRORS:
+            if not self._ready:
+                await self._initialize()
+            client = self.client
+            tally = _Tally(self._codec, await client.time())
+            async for key in client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
+                if tally.add(key):
+                    pipe = client.pipeline(transaction=False)
+                    tally.count(tally.read(pipe), await pipe.execute())
+            pipe = client.pipeline(transaction=False)
+            tally.count(tally.read(pipe), await pipe.execute())
+            oldest = None if tally.oldest_key is None else await client.hmget(tally.oldest_key, list(_RECORD_FIELDS))
+        return tally.result(oldest)
+
     async def aclose(self) -> None:
-        """Close the connection pool (unless the client was passed in)."""
-        if self._owned:
-            await self.client.aclose()
+        """See :meth:`RedisStore.close`."""
+        self._closed, self._open, self._ready = True, False, False
+        client, self._client = self._client, None
+        if self._owned and client is not None:
+            await client.aclose()

@@ -13,6 +13,19 @@ tests); every process on one machine shares it.
 Durability: ``synchronous=NORMAL`` (the default) loses nothing when a process
 crashes; after an operating-system crash or power loss the last transactions
 may be lost. Pass ``synchronous="FULL"`` to sync every commit to disk.
+
+Twins: :class:`SQLiteStore` and :class:`AsyncSQLiteStore` share everything
+but the I/O call: the constructor (:class:`_SQLiteBase`), the connections and
+every transition (:class:`_Database`, whose transitions take the connection
+to run on). The blocking store runs a transition on its thread's connection;
+the async one on the event loop's thread without waiting for a lock, and in a
+worker thread when it must wait.
+
+Open and close: as every store (``idempo.stores._base``). Building the store
+does no I/O; ``open()`` (or the first call) opens the file, creating it and
+its schema when missing. A file that cannot be opened (a missing directory,
+no permission) is a :class:`~idempo.exceptions.ConfigurationError` from
+``open()``, and StoreUnavailable from a call.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ from .._core.records import (
 )
 from ..exceptions import ConfigurationError, LeaseLost
 from ..typing import Clock
-from ._base import ErrorMap, load_queries, load_sql, map_errors, record_from_row
+from ._base import ErrorMap, closed, load_queries, load_sql, map_errors, misconfigured, record_from_row
 
 __all__ = ["AsyncSQLiteStore", "SQLiteStore"]
 
@@ -58,8 +71,15 @@ def _sqlite_errors() -> ErrorMap:
     return _SQLITE_ERRORS
 
 
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
 class _Database:
-    """One SQLite file: per-thread connections and the transitions, written once."""
+    """One SQLite file: per-thread connections, and the transitions, written once.
+
+    Each transition takes the connection it runs on and raises sqlite3's
+    errors as they come; the store maps them (``_sqlite_errors``).
+    """
 
     def __init__(self, path: str | os.PathLike[str], clock: Clock, busy_timeout: float, synchronous: str) -> None:
         self.path = os.fspath(path)
@@ -67,45 +87,77 @@ class _Database:
             raise ConfigurationError("SQLiteStore needs a file; use MemoryStore for an in-memory store")
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        self.url = f"sqlite:///{self.path}"
         self.clock = clock
         self.busy_timeout_ms = int(busy_timeout * 1000)
         self.synchronous = synchronous.upper()
+        #: The file and its schema are there (opened once by any connection).
+        self.ready = False
+        self.closed = False
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        with _sqlite_errors():
-            conn = self.connection(self.busy_timeout_ms)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(_SCHEMA)
 
     def connection(self, busy_timeout_ms: int) -> sqlite3.Connection:
-        """This thread's connection with the given busy timeout (milliseconds)."""
+        """This thread's connection with the given busy timeout (milliseconds); the file opened first.
+
+        Raises:
+            StoreError: the store was closed.
+        """
         conns: dict[int, sqlite3.Connection] | None = getattr(self._local, "conns", None)
         if conns is None:
             conns = self._local.conns = {}
         conn = conns.get(busy_timeout_ms)
         if conn is None:
+            if self.closed:
+                raise closed(self.url)
             # check_same_thread=False only so close() can close every thread's
             # connection; each is used by its own thread alone.
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conns[busy_timeout_ms] = conn
             with self._all_lock:
                 self._all.append(conn)
+            conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        if not self.ready:
+            # Idempotent, so threads racing here do no harm.
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript(_SCHEMA)
+            self.ready = True
         return conn
+
+    def run(self, busy_timeout_ms: int, transition: Callable[..., _T], *args: Any) -> _T:
+        """Run a transition on this thread's connection (sqlite3's errors raised as they come)."""
+        return transition(self.connection(busy_timeout_ms), *args)
+
+    def open_now(self, busy_timeout_ms: int) -> None:
+        """Open the file and its schema now, naming a file that cannot be opened as a misconfiguration.
+
+        Raises:
+            ConfigurationError: the file cannot be opened or created.
+            sqlite3.Error: any other failure (busy, I/O), as it comes.
+        """
+        try:
+            self.connection(busy_timeout_ms)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN:
+                raise
+            raise misconfigured(
+                self.url, str(exc), "check the path: its folder must exist and be writable by this process"
+            ) from exc
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
     def close(self) -> None:
+        self.closed = True
         with self._all_lock:
             conns, self._all = self._all, []
         for conn in conns:
             conn.close()
         self._local = threading.local()
 
-    # --- transitions; each raises sqlite3 errors as they come ---------------------
+    # --- transitions ------------------------------------------------------------------------
 
     def begin(self, conn: sqlite3.Connection, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         key = {"record_key": record_key}
@@ -200,14 +252,33 @@ class _Database:
         return StoreStats(now, in_progress, completed, expired, oldest)
 
 
-Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+class _SQLiteBase:
+    """What the blocking and the async SQLite stores share: the constructor and the database."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock = time.time,
+        busy_timeout: float = 2.0,
+        synchronous: Synchronous = "NORMAL",
+    ) -> None:
+        self._db = _Database(path, clock, busy_timeout, synchronous)
+        #: The store URL (``sqlite:///`` and the path).
+        self.url = self._db.url
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._db.path
 
 
-class SQLiteStore:
+class SQLiteStore(_SQLiteBase):
     """A store in an SQLite file, for blocking code (WSGI, Django, sync functions).
 
     Each thread gets its own connection; a write waits up to ``busy_timeout``
-    for another process's write lock, then raises StoreUnavailable.
+    for another process's write lock, then raises StoreUnavailable. Building
+    it does no I/O: :meth:`open`, or the first call, opens the file.
 
     Args:
         path: the database file; created with its schema when missing.
@@ -219,27 +290,22 @@ class SQLiteStore:
 
     Raises:
         ConfigurationError: ``path`` is ``:memory:`` or ``synchronous`` is unknown.
-        StoreUnavailable: the file cannot be opened or its schema created.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        clock: Clock = time.time,
-        busy_timeout: float = 2.0,
-        synchronous: Synchronous = "NORMAL",
-    ) -> None:
-        self._db = _Database(path, clock, busy_timeout, synchronous)
-
-    @property
-    def path(self) -> str:
-        """The database file."""
-        return self._db.path
-
-    def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+    def _call(self, transition: Callable[..., _T], *args: Any) -> _T:
         with _sqlite_errors():
-            return fn(self._db.connection(self._db.busy_timeout_ms), *args)
+            return self._db.run(self._db.busy_timeout_ms, transition, *args)
+
+    def open(self) -> None:
+        """Open the file now, creating it and its schema when missing (the first call does otherwise).
+
+        Raises:
+            ConfigurationError: the file cannot be opened or created (a missing folder, no permission).
+            StoreUnavailable: another process held the write lock past ``busy_timeout``.
+            StoreError: the store was closed, or SQLite failed otherwise.
+        """
+        with _sqlite_errors():
+            self._db.open_now(self._db.busy_timeout_ms)
 
     def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
@@ -270,11 +336,11 @@ class SQLiteStore:
         return self._call(self._db.stats)
 
     def close(self) -> None:
-        """Close every thread's connection."""
+        """Close every thread's connection; any later call raises StoreError. Calling it again does nothing."""
         self._db.close()
 
 
-class AsyncSQLiteStore:
+class AsyncSQLiteStore(_SQLiteBase):
     """A store in an SQLite file, for asyncio and trio (ASGI, async functions).
 
     Each statement first runs on the event loop's thread with a zero busy
@@ -284,35 +350,25 @@ class AsyncSQLiteStore:
     thread (``anyio.to_thread``) that waits up to ``busy_timeout``, so the
     event loop never blocks on a lock.
 
-    Args: as :class:`SQLiteStore`.
+    It takes the arguments of :class:`SQLiteStore`.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        clock: Clock = time.time,
-        busy_timeout: float = 2.0,
-        synchronous: Synchronous = "NORMAL",
-    ) -> None:
-        self.sync = SQLiteStore(path, clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
-        self._db = self.sync._db
-
-    @property
-    def path(self) -> str:
-        """The database file."""
-        return self._db.path
-
-    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+    async def _call(self, transition: Callable[..., _T], *args: Any) -> _T:
         with _sqlite_errors():
             try:
-                return fn(self._db.connection(0), *args)
+                return self._db.run(0, transition, *args)
             except sqlite3.OperationalError as exc:
                 # Busy: nothing was written (a statement or a rolled-back
                 # transaction), so the worker thread can run it afresh.
                 if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
                     raise
-            return await anyio.to_thread.run_sync(functools.partial(self.sync._call, fn, *args))
+            db = self._db
+            return await anyio.to_thread.run_sync(functools.partial(db.run, db.busy_timeout_ms, transition, *args))
+
+    async def open(self) -> None:
+        """See :meth:`SQLiteStore.open` (in a worker thread: opening may wait for the write lock)."""
+        with _sqlite_errors():
+            await anyio.to_thread.run_sync(self._db.open_now, self._db.busy_timeout_ms)
 
     async def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
@@ -338,6 +394,10 @@ class AsyncSQLiteStore:
         """See :meth:`idempo.typing.Store.purge_expired`."""
         return await self._call(self._db.purge_expired, limit)
 
+    async def stats(self) -> StoreStats:
+        """See :meth:`SQLiteStore.stats`."""
+        return await self._call(self._db.stats)
+
     async def aclose(self) -> None:
-        """Close every thread's connection."""
+        """See :meth:`SQLiteStore.close`."""
         self._db.close()
