@@ -46,7 +46,7 @@ from ._core.records import (
     StoredResponse,
     encode_headers,
 )
-from .exceptions import LeaseLost
+from .exceptions import LeaseLost, StoreError
 from .typing import AsyncStore, Store
 
 __all__ = [
@@ -153,7 +153,9 @@ class BlockingStore:
         return self._run(self.store.purge_expired(limit))
 
     def close(self) -> None:
-        """Close the async store, then stop the loop."""
+        """Close the async store, then stop the loop. Calling it again does nothing."""
+        if self._loop.is_closed():
+            return
         try:
             self._run(self.store.aclose())
         finally:
@@ -302,6 +304,36 @@ def _skip(reason: str) -> None:
     import pytest
 
     pytest.skip(reason)
+
+
+def _method(store: Store | BlockingStore, name: str) -> Callable[[], Any] | None:
+    """The store's method ``name`` (open, stats) as a blocking call, or None when the store has none.
+
+    For a :class:`BlockingStore`, the async store's method, run on its loop.
+    """
+    if isinstance(store, BlockingStore):
+        method = getattr(store.store, name, None)
+        if method is None:
+            return None
+        return lambda: store._run(method())
+    found: Callable[[], Any] | None = getattr(store, name, None)
+    return found
+
+
+def _close_store(store: Store | BlockingStore) -> None:
+    """Close the store under test (an async one on its loop, which keeps running for the calls after)."""
+    if isinstance(store, BlockingStore):
+        store._run(store.store.aclose())
+    else:
+        store.close()
+
+
+def _raises_store_error(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except StoreError:
+        return
+    raise AssertionError("expected StoreError")
 
 
 class StoreContract:
@@ -468,6 +500,76 @@ class StoreContract:
         again = store.begin(key, "fp-1", LONG_MS)
         assert isinstance(again, Acquired)
         assert again.takeover is False
+
+    # --- open, close and stats (the same on every store, blocking and async) ---------------
+
+    def test_open_checks_once_and_the_store_serves(self, subject: StoreSubject) -> None:
+        """open() (where the store has one) makes the start-up check; again, it does nothing; the store serves."""
+        open_ = _method(subject.store, "open")
+        if open_ is None:
+            _skip("this store has no open()")
+            return
+        open_()
+        open_()
+        key = _key()
+        acquired = subject.store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(acquired, Acquired)
+        subject.store.complete(key, acquired.token, _response(), LONG_MS)
+        record = subject.store.get(key)
+        assert record is not None
+        assert record.response == _response()
+
+    def test_close_is_final_and_can_be_repeated(self, subject: StoreSubject) -> None:
+        """After close() every call raises StoreError (Store.close: unusable afterwards); close() again does nothing."""
+        store = subject.store
+        key = _key()
+        acquired = store.begin(key, "fp-1", LONG_MS)
+        assert isinstance(acquired, Acquired)
+        _close_store(store)
+        _close_store(store)
+        token = acquired.token
+        _raises_store_error(lambda: store.begin(_key(), "fp-1", LONG_MS))
+        _raises_store_error(lambda: store.get(key))
+        _raises_store_error(lambda: store.complete(key, token, _response(), LONG_MS))
+        _raises_store_error(lambda: store.release(key, token))
+        _raises_store_error(lambda: store.extend(key, token, LONG_MS))
+        _raises_store_error(lambda: store.purge_expired())
+        for name in ("stats", "open"):
+            method = _method(store, name)
+            if method is not None:
+                _raises_store_error(method)
+
+    def test_stats_counts_live_and_expired_records(self, subject: StoreSubject) -> None:
+        """stats() (SupportsStats; both fronts) counts live in-progress, live completed and expired records by
+        the store's clock, and names the oldest live lease."""
+        stats = _method(subject.store, "stats")
+        if stats is None:
+            _skip("this store has no stats()")
+            return
+        store = subject.store
+        before = stats()
+        held, done, lapsed = _key(), _key(), _key()
+        first = store.begin(held, "fp-1", LONG_MS)
+        assert isinstance(first, Acquired)
+        second = store.begin(done, "fp-1", LONG_MS)
+        assert isinstance(second, Acquired)
+        store.complete(done, second.token, _response(), LONG_MS)
+        third = store.begin(lapsed, "fp-1", subject.short_ms)
+        assert isinstance(third, Acquired)
+        subject.pass_short()
+        after = stats()
+        # Records of earlier tests may expire meanwhile: ours are counted, whatever else is there.
+        assert after.in_progress >= 1
+        assert after.completed >= 1
+        assert after.expired >= 1
+        ours = store.begin(held, "fp-1", LONG_MS)
+        assert isinstance(ours, Existing)
+        assert before.now_ms <= after.now_ms <= ours.now_ms
+        oldest = after.oldest_lease
+        assert oldest is not None
+        assert oldest.state is RecordState.IN_PROGRESS
+        assert oldest.created_at_ms <= ours.record.created_at_ms
+        assert oldest.lease_expires_at_ms > after.now_ms
 
     # --- expiry, takeover, fencing -------------------------------------------------------
 
