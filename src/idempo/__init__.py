@@ -13,6 +13,7 @@ from ._core.fingerprint import fingerprint
 from ._core.keys import MAX_KEY_LENGTH, make_record_key, parse_key
 from ._core.policy import DEFAULT_EXCLUDED_HEADERS, DEFAULT_METHODS, Policy, Verdict
 from ._core.records import Acquired, BeginResult, Existing, Marker, Record, RecordState, StoreStats, StoredResponse
+from ._version import __version__
 from .decorator import idempotent
 from .exceptions import (
     ConfigurationError,
@@ -30,8 +31,6 @@ from .exceptions import (
 )
 from .stores import async_store_from_url, store_from_url
 from .typing import AsyncStore, Clock, Store, SupportsStats
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Acquired",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from . import _config
 from ._core.http import identity_path
 from ._core.policy import Policy
 from ._core.records import StoredResponse
@@ -46,7 +47,6 @@ from .exceptions import ConfigurationError, StoreError, StoreUnavailable
 from .principals import default as default_principal
 from .principals import legacy_principal
 from .secrets import SecretSource
-from .stores import async_store_from_url
 from .stores._base import warn_unreachable_at_startup
 from .typing import AsyncStore
 
@@ -104,8 +104,9 @@ class IdempotencyMiddleware:
     ) -> None:
         self._secret = SecretSource(secret)
         self.app = app
-        self.store: AsyncStore = async_store_from_url(store) if isinstance(store, str) else store
-        self._owns_store = isinstance(store, str)
+        self.store: AsyncStore = _config.async_store(store) if isinstance(store, str) else store
+        # A store built from a URL is the middleware's to close (the testing mode's is shared).
+        self._owns_store = isinstance(store, str) and _config.TESTING is None
         self._store_url: str = store if isinstance(store, str) else getattr(store, "url", type(store).__name__)
         self.policy = policy if policy is not None else Policy()
         self._routes = RouteTable(routes)

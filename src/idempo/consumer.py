@@ -46,7 +46,7 @@ from uuid import UUID
 from ._core.policy import Policy, Verdict
 from ._engine.calls import Engine, async_store, canonical_form, key_text, scope_of, sync_store
 from .exceptions import KeyHeld, KeyInProgress, MissingKey, ResultNotReplayable
-from .observability import logger
+from .observability._observation import logger
 from .secrets import SecretSource
 from .serializers import JSONSerializer, fingerprint_form
 from .typing import AsyncStore, Store

@@ -51,7 +51,7 @@ from uuid import UUID
 from ._core.policy import Policy, Verdict
 from ._engine.calls import Engine, async_store, canonical_form, key_text, record_key, scope_of, sync_store
 from .exceptions import ConfigurationError, MissingKey
-from .observability import logger
+from .observability._observation import logger
 from .secrets import SecretSource
 from .serializers import JSONSerializer, PickleSerializer, Serializer, check_return_type, fingerprint_form
 from .typing import AsyncStore, Store

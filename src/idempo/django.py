@@ -75,6 +75,7 @@ from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
+from . import _config
 from ._core.http import declared_length, invalid_content_length_answer
 from ._core.keys import split_folded
 from ._core.policy import Policy
@@ -88,7 +89,6 @@ from .exceptions import ConfigurationError
 from .principals import default as default_principal
 from .principals import legacy_principal
 from .secrets import SecretSource
-from .stores import store_from_url
 from .stores._base import open_at_startup
 from .typing import Store
 
@@ -226,7 +226,7 @@ class IdempotencyMiddleware:
             raise ImproperlyConfigured(f"unknown IDEMPO settings {sorted(unknown)}; known: {sorted(_CONFIG_KEYS)}")
         try:
             store = config["STORE"]
-            self.store: Store = store_from_url(store) if isinstance(store, str) else store
+            self.store: Store = _config.sync_store(store) if isinstance(store, str) else store
             open_at_startup(self.store)  # a misconfigured store fails the start-up; an unreachable one is a warning
             self.policy = _policy(config.get("POLICY"), "POLICY") or Policy()
             routes = config.get("ROUTES") or {}

@@ -33,10 +33,11 @@ import threading
 import time
 from typing import Any
 
+from . import _config
 from ._core.digests import MIN_SECRET_BYTES, Digests
-from ._core.records import LEGACY_RECORD_KEY, RESERVED_PREFIX, SECRET_RECORD_KEY, Acquired, Existing
+from ._core.records import LEGACY_RECORD_KEY, RESERVED_PREFIX, SECRET_RECORD_KEY, Acquired, Existing, Record
 from .exceptions import ConfigurationError, StoreError
-from .observability import logger
+from .observability._observation import logger
 from .typing import AsyncStore, Store
 
 __all__ = [
@@ -168,6 +169,10 @@ class SecretSource:
     the store once, by the first request that looks for a record.
     Both are kept for the life of the front.
 
+    In the testing mode (:func:`idempo.testing.set_testing`) a front given
+    no ``secret=`` uses the mode's fixed secret (:data:`idempo.testing.SECRET`),
+    and the legacy window is never looked up.
+
     Args:
         secret: the front's ``secret=`` argument (None: ``$IDEMPO_SECRET``,
             else the store's).
@@ -179,7 +184,8 @@ class SecretSource:
     __slots__ = ("_legacy_read", "digests", "legacy_until_ms")
 
     def __init__(self, secret: str | bytes | None = None) -> None:
-        configured = configured_secret(secret)
+        testing = _config.TESTING
+        configured = testing.secret if secret is None and testing is not None else configured_secret(secret)
         #: The digests, once known (None until the store's secret is read).
         self.digests: Digests | None = Digests(configured) if configured is not None else None
         #: The end of the legacy window (ms since the epoch, the store's clock); 0: closed.
@@ -192,19 +198,25 @@ class SecretSource:
         Raises:
             StoreError: the store failed.
         """
-        digests = self.digests
-        if digests is None:
-            digests = self.digests = Digests(store_secret(store))
-            _warn()
-        return digests
+        return self.digests or self._testing() or self._stored(store_secret(store))
 
     async def aload(self, store: AsyncStore) -> Digests:
         """The async twin of :meth:`load`."""
-        digests = self.digests
-        if digests is None:
-            digests = self.digests = Digests(await async_store_secret(store))
-            _warn()
-        return digests
+        return self.digests or self._testing() or self._stored(await async_store_secret(store))
+
+    def _testing(self) -> Digests | None:
+        """The testing mode's digests while it is on (kept from then on), else None."""
+        testing = _config.TESTING
+        if testing is None:
+            return None
+        self.digests = Digests(testing.secret)
+        return self.digests
+
+    def _stored(self, secret: bytes) -> Digests:
+        """Keep the store's secret's digests, and warn (once per process) that it is the store's."""
+        self.digests = Digests(secret)
+        _warn()
+        return self.digests
 
     def legacy_open(self, store: Store) -> bool:
         """True while the legacy window is open (by this machine's clock); reads it from ``store`` the first time.
@@ -213,22 +225,22 @@ class SecretSource:
             StoreError: the store failed.
         """
         if not self._legacy_read:
-            marker = store.get(LEGACY_RECORD_KEY)
-            self.legacy_until_ms = marker.expires_at_ms if marker is not None else 0
-            self._legacy_read = True
+            self._read_window(store.get(LEGACY_RECORD_KEY))
         return self._open()
 
     async def alegacy_open(self, store: AsyncStore) -> bool:
         """The async twin of :meth:`legacy_open`."""
         if not self._legacy_read:
-            marker = await store.get(LEGACY_RECORD_KEY)
-            self.legacy_until_ms = marker.expires_at_ms if marker is not None else 0
-            self._legacy_read = True
+            self._read_window(await store.get(LEGACY_RECORD_KEY))
         return self._open()
 
+    def _read_window(self, marker: Record | None) -> None:
+        self.legacy_until_ms = marker.expires_at_ms if marker is not None else 0
+        self._legacy_read = True
+
     def legacy_possible(self) -> bool:
-        """False once the window was read and is closed: no legacy lookup, not even the read."""
-        return not self._legacy_read or self._open()
+        """False once the window was read and is closed, or in the testing mode: no legacy lookup, not even the read."""
+        return (not self._legacy_read or self._open()) and _config.TESTING is None
 
     def _open(self) -> bool:
         until = self.legacy_until_ms

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+from . import _config
 from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
@@ -66,7 +67,6 @@ from ._http.wsgi import read_body as read_body
 from .principals import default as default_principal
 from .principals import legacy_principal
 from .secrets import SecretSource
-from .stores import store_from_url
 from .stores._base import open_at_startup
 from .typing import Store
 
@@ -129,7 +129,7 @@ class IdempotencyMiddleware:
     ) -> None:
         self._secret = SecretSource(secret)
         self.app = app
-        self.store: Store = store_from_url(store) if isinstance(store, str) else store
+        self.store: Store = _config.sync_store(store) if isinstance(store, str) else store
         open_at_startup(self.store)  # a misconfigured store fails the start-up; an unreachable one is a warning
         self.policy = policy if policy is not None else Policy()
         self._routes = RouteTable(routes)

@@ -9,7 +9,7 @@ import pytest
 
 from idempo import ConfigurationError, InvalidKey
 from idempo._core.keys import format_key, parse_key_value
-from idempo._retry import RetryPolicy, parse_retry_after, resolve_key
+from idempo.client._retry import RetryPolicy, parse_retry_after, resolve_key
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -18,7 +18,7 @@ from .._core.digests import Digests
 from .._core.flow import Decision, LegacyIdentity
 from .._core.policy import Policy
 from ..exceptions import StoreError
-from ..observability import RequestObservation
+from ..observability._observation import RequestObservation
 from ..secrets import SecretSource
 from .begin import Legacy, begin_steps
 from .commands import Command, LoadDigests, Offload

@@ -45,7 +45,7 @@ from .._core.flow import (
 )
 from .._core.policy import Policy
 from .._core.records import Acquired, BeginResult, Existing
-from ..observability import RequestObservation
+from ..observability._observation import RequestObservation
 from ..secrets import SecretSource
 from ..typing import AsyncStore, Store
 from .commands import Command, LegacyWindow

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
+from .. import _config
 from .._core.digests import Digests, as_digests, legacy_record_key, legacy_value
 from .._core.fingerprint import canonical_json
 from .._core.flow import Held, InProgress, LegacyIdentity, Mismatch, NotReplayable, Proceed, Replay
@@ -36,10 +37,9 @@ from ..exceptions import (
     ResultNotReplayable,
     StoreError,
 )
-from ..observability import Outcome, RequestObservation
+from ..observability._observation import Outcome, RequestObservation
 from ..secrets import SecretSource
 from ..serializers import JSONSerializer, Serializer
-from ..stores import async_store_from_url, store_from_url
 from ..stores._base import open_at_startup
 from ..typing import AsyncStore, Store
 from .admission import StoreFailed, admit
@@ -310,7 +310,7 @@ def scope_of(fn: Callable[..., Any]) -> str:
 
 def sync_store(store: Store | AsyncStore | str, scope: str) -> Store:
     if isinstance(store, str):
-        built = store_from_url(store)
+        built = _config.sync_store(store)
     elif inspect.iscoroutinefunction(getattr(store, "begin", None)):
         raise ConfigurationError(f"{scope} is a sync function: it needs a Store, not {type(store).__name__}")
     else:
@@ -321,7 +321,7 @@ def sync_store(store: Store | AsyncStore | str, scope: str) -> Store:
 
 def async_store(store: Store | AsyncStore | str, scope: str) -> AsyncStore:
     if isinstance(store, str):
-        return async_store_from_url(store)
+        return _config.async_store(store)
     if not inspect.iscoroutinefunction(getattr(store, "begin", None)):
         raise ConfigurationError(
             f"{scope} is an async function: it needs an AsyncStore (e.g. AsyncSQLiteStore), not {type(store).__name__}"

@@ -34,7 +34,7 @@ from typing import Any
 
 from .._core.flow import Begin, Complete, Extend, Get, Release, Sleep
 from .._core.policy import Policy
-from ..observability import RequestObservation
+from ..observability._observation import RequestObservation
 from ..secrets import SecretSource
 
 __all__ = ["Call", "Command", "Lease", "LegacyWindow", "LoadDigests", "Observe", "Offload"]

@@ -20,7 +20,7 @@ import anyio
 import anyio.to_thread
 
 from .._core.flow import Begin, Complete, Decision, Extend, Get, Release, Sleep
-from ..observability import RequestObservation, observe_request, store_call_async, store_call_sync
+from ..observability._observation import RequestObservation, observe_request, store_call_async, store_call_sync
 from ..typing import AsyncStore, Store
 from .commands import Call, Command, Lease, LegacyWindow, LoadDigests, Observe, Offload
 from .execution import AsyncExecution, Execution

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import anyio
 
+from .. import _config
 from .._core.flow import Release, failure_verdict, finish
 from .._core.policy import Policy, Verdict
 from .._core.records import StoredResponse
-from ..observability import RequestObservation, logger
+from ..observability._observation import RequestObservation, logger
 from ..typing import AsyncStore, Store
-from .lease import AsyncLeaseKeeper, LeaseKeeper
+from .lease import AsyncLeaseKeeper, AsyncUnrenewedLease, LeaseKeeper, UnrenewedLease
 from .store import Settle
 
 __all__ = ["AsyncExecution", "Execution"]
@@ -83,8 +84,13 @@ class Execution(_ExecutionBase):
     ) -> None:
         super().__init__(policy, record_key, token, observation)
         self.store = store
-        # Renews the lease while the handler runs, so a slow handler is never run twice.
-        self.keeper = LeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
+        # Renews the lease while the handler runs, so a slow handler is never run twice
+        # (not in the testing mode: no thread, nothing left running after a test).
+        self.keeper: LeaseKeeper | UnrenewedLease = (
+            LeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
+            if _config.TESTING is None
+            else UnrenewedLease(store)
+        )
 
     def settle(
         self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None
@@ -137,7 +143,11 @@ class AsyncExecution(_ExecutionBase):
     ) -> None:
         super().__init__(policy, record_key, token, observation)
         self.store = store
-        self.keeper = AsyncLeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
+        self.keeper: AsyncLeaseKeeper | AsyncUnrenewedLease = (
+            AsyncLeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
+            if _config.TESTING is None
+            else AsyncUnrenewedLease(store)
+        )
 
     async def settle(
         self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None

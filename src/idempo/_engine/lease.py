@@ -39,11 +39,11 @@ import anyio
 from .._core.flow import Complete, Release
 from .._core.records import Marker, RecordState
 from ..exceptions import LeaseLost, StoreError
-from ..observability import RequestObservation, logger, save_outcome, store_label
+from ..observability._observation import RequestObservation, logger, save_outcome, store_label
 from ..typing import AsyncStore, Store
 from .store import Settle, call_store_async, call_store_sync, settle_once_async, settle_once_sync
 
-__all__ = ["AsyncLeaseKeeper", "LeaseKeeper"]
+__all__ = ["AsyncLeaseKeeper", "AsyncUnrenewedLease", "LeaseKeeper", "UnrenewedLease"]
 
 
 # Seconds: how late a blocking renewal may run at most beyond its due time.
@@ -645,3 +645,43 @@ async def _get_async(store: AsyncStore, record_key: str) -> Any:
 
 # A record that could not be read: neither saved nor released, as far as anyone knows.
 _UNKNOWN = object()
+
+
+class UnrenewedLease:
+    """A lease nothing renews, whose save is made once (the testing mode: no thread, nothing in the background).
+
+    The interface of :class:`LeaseKeeper`: :meth:`save` settles the record
+    with one store call (never raises for the store; a failure is logged and
+    the lease left to expire), :meth:`stop` does nothing.
+    """
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def save(self, command: Settle, observation: RequestObservation | None, retry_for: float) -> bool:
+        """Settle the record with ``command`` once; True when the store took it."""
+        return settle_once_sync(self._store, command, observation) is None
+
+    def stop(self) -> None:
+        """Nothing to stop."""
+
+
+class AsyncUnrenewedLease:
+    """The async twin of :class:`UnrenewedLease` (the interface of :class:`AsyncLeaseKeeper`)."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: AsyncStore) -> None:
+        self._store = store
+
+    async def save(self, command: Settle, observation: RequestObservation | None, retry_for: float) -> bool:
+        """Settle the record with ``command`` once; True when the store took it."""
+        return await settle_once_async(self._store, command, observation) is None
+
+    async def stop(self) -> None:
+        """Nothing to stop."""
+
+    def cancel(self) -> None:
+        """Nothing to cancel."""

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from .._core.flow import Complete, Extend, Release
 from ..exceptions import LeaseLost
-from ..observability import RequestObservation, logger, store_call_async, store_call_sync
+from ..observability._observation import RequestObservation, logger, store_call_async, store_call_sync
 from ..typing import AsyncStore, Store
 
 __all__ = [

@@ -44,7 +44,7 @@ from .._engine.admission import StoreFailed, admit
 from .._engine.commands import Call, Command, Lease, Observe
 from .._engine.execution import AsyncExecution, Execution
 from ..exceptions import StoreError
-from ..observability import Outcome, RequestObservation
+from ..observability._observation import Outcome, RequestObservation
 from ..secrets import SecretSource
 
 __all__ = ["GONE", "Bypass", "BodyIncomplete", "ClientGone", "Execute", "admission"]

@@ -20,7 +20,7 @@ from .._core.policy import Policy, Verdict
 from .._core.records import StoredResponse
 from .._core.routes import RouteOptions, RouteTable
 from .._engine.execution import AsyncExecution
-from ..observability import RequestObservation, logger
+from ..observability._observation import RequestObservation, logger
 from .admission import Bypass, ClientGone
 
 __all__ = [

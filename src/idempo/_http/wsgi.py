@@ -22,7 +22,7 @@ from .._core.http import BYPASSED_HEADER
 from .._core.policy import Policy, Verdict
 from .._core.records import StoredResponse
 from .._engine.execution import Execution
-from ..observability import RequestObservation, logger
+from ..observability._observation import RequestObservation, logger
 from .admission import BodyIncomplete, Bypass
 
 __all__ = [

@@ -7,3 +7,5 @@ drives a retry storm at it over real HTTP; :mod:`idempo.demo.command` is
 ``idempo demo``, which runs the storm against the API with and without
 :class:`idempo.asgi.IdempotencyMiddleware` and prints what the layer changes.
 """
+
+__all__: list[str] = []

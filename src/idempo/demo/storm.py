@@ -189,11 +189,11 @@ class AttemptOutcome:
         return cls(
             response.status_code,
             replayed=response.headers.get("idempotent-replayed") == "true",
-            problem=problem_type(response),
+            problem=_problem_type(response),
         )
 
 
-def problem_type(response: httpx.Response) -> str | None:
+def _problem_type(response: httpx.Response) -> str | None:
     """The RFC 9457 ``type`` of a problem+json answer; None for any other answer.
 
     Reads the body when it is not read yet (it must be in memory, as the

@@ -70,6 +70,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .._core.policy import DEFAULT_METHODS, Policy, Verdict, default_verdict
 from ..exceptions import ConfigurationError
+from ._keys import load_keys
 
 __all__ = [
     "AuthorizationScope",
@@ -971,8 +972,6 @@ def _jwt_scope(reader: _Reader, key: str, table: dict[str, Any]) -> JWTScope:
     path = reader.path(name, value, "a JWK Set (JSON)" if source == "jwks_file" else "a key (PEM) or secret")
     scope = replace(scope, jwks_file=path) if source == "jwks_file" else replace(scope, key_file=path)
     try:
-        from .principal import load_keys
-
         load_keys(scope)
     except ImportError as exc:
         raise reader.error(name, value, f"a jwt scope needs `pip install idempo[proxy]` ({exc})") from None

@@ -32,7 +32,6 @@ cause and the fix, which fails the start-up.
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Awaitable, Sequence
@@ -45,6 +44,7 @@ import anyio
 
 from .._core.records import Record, RecordState, StoredResponse, decode_headers
 from ..exceptions import ConfigurationError, StoreError, StoreUnavailable
+from ..observability._observation import logger
 
 __all__ = [
     "DEFAULT_DEADLINE",
@@ -73,7 +73,6 @@ __all__ = [
 DEFAULT_DEADLINE = 2.0
 
 _T = TypeVar("_T")
-logger = logging.getLogger("idempo")
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 

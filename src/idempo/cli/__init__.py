@@ -16,7 +16,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise SystemExit("the idempo command needs the cli extra: pip install 'idempo[cli]'") from exc
 
-from . import __version__
+from .._version import __version__
 
 __all__ = ["main"]
 
@@ -38,23 +38,23 @@ _COMMANDS: dict[str, _Entry] = {
         "Show what idempo changes: a retry storm against a payments API, with and without it.",
     ),
     "inspect": _Entry(
-        "idempo._ops:inspect",
+        "idempo.cli._records:inspect",
         "cli",
         "Show the record an idempotency KEY has in the store: state, lease, stored response.",
     ),
     "migrate": _Entry(
-        "idempo._migrate:migrate", "cli", "Create the store's schema, or upgrade it to this idempo's version."
+        "idempo.cli._migrate:migrate", "cli", "Create the store's schema, or upgrade it to this idempo's version."
     ),
     "purge": _Entry(
-        "idempo._ops:purge", "cli", "Delete expired records, in batches, until none is left; print how many."
+        "idempo.cli._records:purge", "cli", "Delete expired records, in batches, until none is left; print how many."
     ),
     "resolve": _Entry(
-        "idempo._ops:resolve",
+        "idempo.cli._records:resolve",
         "cli",
         "End the hold on a KEY whose first outcome is unknown: --release it, or --complete-with-status N.",
     ),
     "stats": _Entry(
-        "idempo._ops:stats",
+        "idempo.cli._records:stats",
         "cli",
         "Count the store's records by state, the expired ones awaiting purge, and show the oldest lease.",
     ),
@@ -108,7 +108,7 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-# The version is written once, in idempo/__init__.py; the wheel's metadata is built from it too
+# The version is written once, in idempo/_version.py; the wheel's metadata is built from it too
 # (pyproject.toml's [tool.hatch.version]), so an editable install left stale still prints the source's.
 @click.version_option(version=__version__, prog_name="idempo")
 def main() -> None:

@@ -1,33 +1,4 @@
-"""httpx transports that make POST and PATCH safe to retry (needs ``idempo[client]``).
-
-::
-
-    import httpx
-    from idempo.client import IdempotentTransport, RetryPolicy
-
-    client = httpx.Client(transport=IdempotentTransport(retry=RetryPolicy(attempts=5)))
-    response = client.post("https://api.example.com/payments", json={"amount": 100})
-    key = response.request.headers["Idempotency-Key"]
-
-Every POST or PATCH gets one ``Idempotency-Key`` (a UUIDv4 unless the caller
-gave one), kept across all its retries, so a server that honours the IETF
-draft draft-ietf-httpapi-idempotency-key-header (idempo's middleware, Stripe)
-executes it at most once however many attempts it takes. The retry rules,
-written once for httpx and requests, are in :class:`RetryPolicy`; in short:
-transport failures, timeouts, 409, 429, 500, 502, 503 and 504 are retried with
-exponential backoff and full jitter, honouring ``Retry-After``; 400 and 422 and
-every other status are final; a request without a key is retried only if its
-method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE).
-
-The key used is on the request (``response.request.headers["Idempotency-Key"]``),
-in ``response.extensions["idempotency_key"]``, and on an exception raised
-after the last attempt (``exc.idempotency_key``, plus a note in the traceback).
-A key for one call can be given as a request extension::
-
-    client.post(url, json=body, extensions={"idempotency_key": "order-42"})
-
-or as a header (any case); it is then used as is and no second header is added.
-"""
+"""The httpx transports, public as :mod:`idempo.client` (which describes them)."""
 
 from __future__ import annotations
 
@@ -38,6 +9,7 @@ from typing import Any
 import anyio
 import httpx
 
+from ..exceptions import InvalidKey
 from ._retry import (
     DEFAULT_KEY_METHODS,
     DEFAULT_RETRY_STATUSES,
@@ -52,7 +24,6 @@ from ._retry import (
     resolve_key,
     tag_exception,
 )
-from .exceptions import InvalidKey
 
 __all__ = [
     "DEFAULT_KEY_METHODS",

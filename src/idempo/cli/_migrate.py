@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import click
 
-from .exceptions import IdempoError
-from .stores._base import cannot_use
+from ..exceptions import IdempoError
+from ..stores._base import cannot_use
 
 __all__ = ["migrate"]
 
@@ -55,8 +55,8 @@ def migrate(url: str | None, print_sql: bool, legacy_digests: bool, legacy_windo
         if scheme not in (None, "postgresql", "postgres"):
             raise click.UsageError("--print-sql applies to postgresql:// stores only")
         # Read from the package alone: a DBA can print the schema without psycopg or a database.
-        from .stores._base import load_sql
-        from .stores.sql.postgres import SCHEMA_VERSION
+        from ..stores._base import load_sql
+        from ..stores.sql.postgres import SCHEMA_VERSION
 
         click.echo(load_sql("postgres", "schema.sql"))
         click.echo(f"INSERT INTO idempo_schema_version (version) VALUES ({SCHEMA_VERSION});")
@@ -64,7 +64,7 @@ def migrate(url: str | None, print_sql: bool, legacy_digests: bool, legacy_windo
     if url is None:
         raise click.UsageError("Missing option '--store' (or $IDEMPO_STORE).")
     if scheme not in ("postgresql", "postgres"):
-        from ._ops import open_store
+        from ._records import open_store
 
         store = open_store(url, must_exist=False)  # SQLite creates its file and schema here
         store.close()
@@ -74,7 +74,7 @@ def migrate(url: str | None, print_sql: bool, legacy_digests: bool, legacy_windo
         return
 
     try:
-        from .stores import postgres
+        from ..stores import postgres
     except ImportError as exc:
         raise click.ClickException(f"the postgresql:// store needs `pip install idempo[postgres]` ({exc})") from exc
     try:
@@ -98,8 +98,8 @@ def _open_legacy_window(url: str, seconds: float) -> None:
     """Open the legacy window in the store at ``url`` and say until when."""
     from datetime import UTC, datetime
 
-    from ._ops import open_store
-    from .secrets import open_legacy_window
+    from ..secrets import open_legacy_window
+    from ._records import open_store
 
     store = open_store(url)
     try:

@@ -30,15 +30,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._core.digests import Digests
-from ._core.keys import parse_key_value
-from ._core.records import Marker, Record, RecordState, StoreStats, StoredResponse
-from .exceptions import ConfigurationError, IdempoError, InvalidKey, LeaseLost
-from .principals import credentials
-from .secrets import SECRET_RECORD_KEY, configured_secret, is_reserved
-from .stores import _resolve
-from .stores._base import cannot_use
-from .typing import Store, SupportsStats
+from .._core.digests import Digests
+from .._core.keys import parse_key_value
+from .._core.records import Marker, Record, RecordState, StoreStats, StoredResponse
+from ..exceptions import ConfigurationError, IdempoError, InvalidKey, LeaseLost
+from ..observability._observation import logger
+from ..principals import credentials
+from ..secrets import SECRET_RECORD_KEY, configured_secret, is_reserved
+from ..stores import _resolve
+from ..stores._base import cannot_use
+from ..typing import Store, SupportsStats
 
 __all__ = ["inspect", "purge", "resolve", "stats"]
 
@@ -83,7 +84,7 @@ def open_store(url: str, *, must_exist: bool = True) -> Store:
     if "check_schema" in _inspect.signature(cls).parameters:
         args["check_schema"] = False  # checked once, by open() below
     store: Store | None = None
-    idempo_logger = logging.getLogger("idempo")
+    idempo_logger = logger
     level = idempo_logger.level
     # A command reports an unreachable store as its error, not also as the start-up warning.
     idempo_logger.setLevel(logging.ERROR)

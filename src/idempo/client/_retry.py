@@ -53,8 +53,8 @@ from urllib.parse import urlsplit
 
 import tenacity
 
-from ._core.keys import format_key, parse_key
-from .exceptions import ConfigurationError, InvalidKey
+from .._core.keys import format_key, parse_key
+from ..exceptions import ConfigurationError, InvalidKey
 
 __all__ = [
     "DEFAULT_KEY_METHODS",

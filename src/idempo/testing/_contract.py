@@ -1,24 +1,4 @@
-"""Testing helpers, and the store conformance suite for any store, ours or yours.
-
-Every store idempo ships passes :class:`StoreContract`; a third-party store
-runs the same suite by subclassing it and providing a ``subject`` fixture::
-
-    import pytest
-    from idempo.testing import FakeClock, StoreContract, StoreSubject
-
-    class TestMyStore(StoreContract):
-        @pytest.fixture
-        def subject(self):
-            clock = FakeClock()
-            store = MyStore(clock=clock)
-            yield StoreSubject(store=store, wait=clock.advance, short_ms=1000, server_clock=False)
-            store.close()
-
-An async store runs the same suite through :class:`BlockingStore`. The suite
-needs pytest (its tests skip through ``pytest.skip``); put
-``pytest.register_assert_rewrite("idempo.testing")`` in your ``conftest.py``
-for detailed assertion messages.
-"""
+"""The store conformance suite (:class:`StoreContract`), for any store, ours or yours."""
 
 from __future__ import annotations
 
@@ -29,14 +9,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
-from ._core.keys import make_record_key
-from ._core.records import (
+from .._core.keys import make_record_key
+from .._core.records import (
     Acquired,
     BeginResult,
     Existing,
@@ -46,122 +26,17 @@ from ._core.records import (
     StoredResponse,
     encode_headers,
 )
-from .exceptions import LeaseLost, StoreError
-from .typing import AsyncStore, Store
+from ..exceptions import LeaseLost, StoreError
+from ..stores import async_store_from_url, store_from_url
+from ..typing import Store
+from ._fakes import BlockingStore, skewed_clock
 
-__all__ = [
-    "LONG_MS",
-    "BlockingStore",
-    "FakeClock",
-    "RawRecord",
-    "StoreContract",
-    "StoreSubject",
-    "record_fields",
-    "skewed_clock",
-]
+__all__ = ["LONG_MS", "RawRecord", "StoreContract", "StoreSubject", "record_fields"]
 
 _T = TypeVar("_T")
 
 #: A lease or record TTL long enough never to run out during a test (milliseconds).
 LONG_MS = 600_000
-
-
-class FakeClock:
-    """A clock for tests: calling it returns the time; :meth:`advance` moves it.
-
-    Args:
-        start: seconds since the epoch to start at (default: the real time now).
-    """
-
-    def __init__(self, start: float | None = None) -> None:
-        self.now = time.time() if start is None else start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        """Seconds since the epoch, as ``time.time``."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move the clock forward by ``seconds``."""
-        with self._lock:
-            self.now += seconds
-
-
-@contextlib.contextmanager
-def skewed_clock(seconds: float) -> Iterator[None]:
-    """Shift this process's ``time.time`` / ``time.time_ns`` by ``seconds`` while inside.
-
-    Simulates an application server whose clock is wrong; a store that keeps
-    time by its server's clock must not notice.
-    """
-    real_time, real_time_ns = time.time, time.time_ns
-    time.time = lambda: real_time() + seconds
-    time.time_ns = lambda: real_time_ns() + int(seconds * 1e9)
-    try:
-        yield
-    finally:
-        time.time, time.time_ns = real_time, real_time_ns
-
-
-class BlockingStore:
-    """Run an :class:`~idempo.typing.AsyncStore` from blocking code.
-
-    Its calls run on a private event loop in a thread, so the conformance
-    suite (and a thread pool) can drive an async store. Calls from many
-    threads at once run as concurrent tasks on that loop.
-
-    Args:
-        factory: builds the async store; called on the loop, so the store's
-            pools bind to it.
-    """
-
-    def __init__(self, factory: Callable[[], AsyncStore]) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="idempo-blocking-store", daemon=True)
-        self._thread.start()
-
-        async def build() -> AsyncStore:
-            return factory()
-
-        self.store: AsyncStore = self._run(build())
-
-    def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
-
-    def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
-        """See :meth:`idempo.typing.Store.begin`."""
-        return self._run(self.store.begin(record_key, fingerprint, lease_ttl_ms))
-
-    def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
-        """See :meth:`idempo.typing.Store.complete`."""
-        self._run(self.store.complete(record_key, token, response, record_ttl_ms))
-
-    def release(self, record_key: str, token: int) -> None:
-        """See :meth:`idempo.typing.Store.release`."""
-        self._run(self.store.release(record_key, token))
-
-    def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
-        """See :meth:`idempo.typing.Store.extend`."""
-        self._run(self.store.extend(record_key, token, lease_ttl_ms))
-
-    def get(self, record_key: str) -> Record | None:
-        """See :meth:`idempo.typing.Store.get`."""
-        return self._run(self.store.get(record_key))
-
-    def purge_expired(self, limit: int = 1000) -> int:
-        """See :meth:`idempo.typing.Store.purge_expired`."""
-        return self._run(self.store.purge_expired(limit))
-
-    def close(self) -> None:
-        """Close the async store, then stop the loop. Calling it again does nothing."""
-        if self._loop.is_closed():
-            return
-        try:
-            self._run(self.store.aclose())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
-            self._loop.close()
 
 
 #: The raw fields of a record as a store keeps them (see :func:`record_fields`).
@@ -232,7 +107,6 @@ def _begin_in_process(
 
     Returns ("acquired" | "existing", token).
     """
-    from .stores import async_store_from_url, store_from_url
 
     def outcome(result: BeginResult) -> tuple[str, int]:
         if isinstance(result, Acquired):
@@ -315,7 +189,7 @@ def _method(store: Store | BlockingStore, name: str) -> Callable[[], Any] | None
         method = getattr(store.store, name, None)
         if method is None:
             return None
-        return lambda: store._run(method())
+        return lambda: store.run(method())
     found: Callable[[], Any] | None = getattr(store, name, None)
     return found
 
@@ -323,7 +197,7 @@ def _method(store: Store | BlockingStore, name: str) -> Callable[[], Any] | None
 def _close_store(store: Store | BlockingStore) -> None:
     """Close the store under test (an async one on its loop, which keeps running for the calls after)."""
     if isinstance(store, BlockingStore):
-        store._run(store.store.aclose())
+        store.run(store.store.aclose())
     else:
         store.close()
 

@@ -1,20 +1,11 @@
-"""What idempo did and why: one structured log record per decision, Prometheus metrics, OpenTelemetry spans.
+"""The observation of one request, the one ``idempo`` logger, and the sinks turned on.
 
-Logs need no switch: every idempotent request ends in one record on the
-``idempo`` logger, at a level chosen by its outcome (see :data:`LEVELS`), with
-the fields of :meth:`RequestObservation.fields` as ``extra=`` attributes. Raw
-idempotency keys are logged only after ``instrument(log_keys=True)``; request
-and response bodies never are.
-
-Metrics and spans cost nothing until turned on, once, at startup::
-
-    from idempo import observability
-
-    observability.instrument(metrics=True)   # prometheus-client, extra idempo[prometheus]
-    observability.instrument(tracing=True)   # opentelemetry-api, extra idempo[otel]
-
-Until then no Prometheus metric is registered and no span is created; the
-library imports neither prometheus-client nor OpenTelemetry.
+Every idempotent request ends in one record on the ``idempo`` logger, at a
+level chosen by its outcome (see :data:`LEVELS`), with the fields of
+:meth:`RequestObservation.fields` as ``extra=`` attributes. Metrics and spans
+are sinks (:mod:`idempo.observability._report`): :func:`idempo.observability.instrument`
+turns them on here (:func:`use_metrics`, :func:`use_tracing`), and each
+receives a frozen report, never an observation.
 
 Fronts (the ASGI and WSGI middleware, the decorator) report through one
 object per request, :class:`RequestObservation`::
@@ -31,8 +22,8 @@ object per request, :class:`RequestObservation`::
     settle_sync(store, command, observation)           # the engine reports the verdict
     observation.finish()                               # in a finally, same thread/task as observe_request
 
-The store drivers in :mod:`idempo._engine` time every store operation, so
-store latency is measured in one place for every front.
+The store drivers in :mod:`idempo._engine.drivers` time every store
+operation, so store latency is measured in one place for every front.
 """
 
 from __future__ import annotations
@@ -41,37 +32,34 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from ._core.flow import Complete, Decision, Extend, Held, InProgress, Mismatch, NotReplayable, Proceed, Release, Replay
-from ._core.records import Marker
-from .exceptions import LeaseLost, StoreUnavailable
-
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
-    from ._core.digests import Digests
-    from .metrics import PrometheusMetrics
-    from .tracing import Tracing
+from .._core.digests import Digests
+from .._core.flow import Complete, Decision, Extend, Held, InProgress, Mismatch, NotReplayable, Proceed, Release, Replay
+from .._core.records import Marker
+from ..exceptions import LeaseLost, StoreUnavailable
+from ._report import MetricsSink, RequestReport, TracingSink
 
 __all__ = [
     "LEVELS",
     "Outcome",
     "RequestObservation",
     "error_kind",
-    "instrument",
+    "log_keys",
+    "logger",
     "observe_request",
     "save_outcome",
     "store_call_async",
     "store_call_sync",
     "store_label",
-    "uninstrument",
+    "use_metrics",
+    "use_tracing",
 ]
 
 _T = TypeVar("_T")
 _DEBUG = logging.DEBUG
 
-#: The logger of every idempo record (the same as ``idempo._engine.logger``).
+#: The logger of every idempo record: the one ``idempo`` logger, which every module logs to.
 logger = logging.getLogger("idempo")
 
 
@@ -178,8 +166,8 @@ class _Sinks:
     __slots__ = ("log_keys", "metrics", "tracing")
 
     def __init__(self) -> None:
-        self.metrics: PrometheusMetrics | None = None
-        self.tracing: Tracing | None = None
+        self.metrics: MetricsSink | None = None
+        self.tracing: TracingSink | None = None
         self.log_keys = False
 
     def active(self) -> bool:
@@ -191,54 +179,23 @@ _sinks: _Sinks | None = None
 _config = _Sinks()
 
 
-def instrument(
-    *,
-    metrics: bool | CollectorRegistry | None = None,
-    tracing: bool | Any | None = None,
-    log_keys: bool | None = None,
-) -> None:
-    """Turn metrics, spans or raw keys in logs on or off, for every front in this process.
-
-    Each argument left as None keeps its current setting, so
-    ``instrument(metrics=True)`` then ``instrument(tracing=True)`` turns both on.
-
-    Args:
-        metrics: True registers idempo's metrics (:class:`idempo.metrics.PrometheusMetrics`)
-            in prometheus-client's default registry; a ``CollectorRegistry`` registers
-            them there; False stops recording. Needs ``idempo[prometheus]``.
-        tracing: True creates spans with the global OpenTelemetry tracer
-            provider (a no-op until an SDK is configured); a ``TracerProvider``
-            uses that one; False stops creating spans. Needs ``idempo[otel]``.
-        log_keys: True adds the raw idempotency key to each log record
-            (``idempo_key``) and to spans (``idempo.key``). Off by default: a key
-            may be guessable or carry meaning, and logs travel far.
-
-    Raises:
-        ImportError: prometheus-client or opentelemetry-api is not installed.
-    """
+def use_metrics(sink: MetricsSink | None) -> None:
+    """Send every request's metrics to ``sink`` from now on (None: stop)."""
     global _sinks
-    if metrics is not None:
-        if metrics is False:
-            _config.metrics = None
-        else:
-            from .metrics import PrometheusMetrics
-
-            _config.metrics = PrometheusMetrics.for_registry(None if metrics is True else metrics)
-    if tracing is not None:
-        if tracing is False:
-            _config.tracing = None
-        else:
-            from .tracing import Tracing
-
-            _config.tracing = Tracing(None if tracing is True else tracing)
-    if log_keys is not None:
-        _config.log_keys = bool(log_keys)
+    _config.metrics = sink
     _sinks = _config if _config.active() else None
 
 
-def uninstrument() -> None:
-    """Turn metrics, spans and raw keys in logs off (the state at import)."""
-    instrument(metrics=False, tracing=False, log_keys=False)
+def use_tracing(sink: TracingSink | None) -> None:
+    """Make every request's spans with ``sink`` from now on (None: stop)."""
+    global _sinks
+    _config.tracing = sink
+    _sinks = _config if _config.active() else None
+
+
+def log_keys(on: bool) -> None:
+    """Add the raw idempotency key to log records and spans (on), or stop."""
+    _config.log_keys = on
 
 
 class RequestObservation:
@@ -289,8 +246,8 @@ class RequestObservation:
     store_seconds = 0.0
     handler_seconds: float | None = None
     timed = False
+    # The handle of the request's span (tracing on), for TracingSink.end_request.
     span: Any = None
-    span_token: Any = None
     _principal: str | None = None
     _key: str | None = None
     _digests: Digests | None = None
@@ -309,7 +266,7 @@ class RequestObservation:
         if sinks is not None:
             self._sinks = sinks
             if sinks.tracing is not None:
-                sinks.tracing.start_request(self)
+                self.span = sinks.tracing.start_request(front, method, route)
 
     # --- what the front reports ---------------------------------------------------------
 
@@ -371,10 +328,12 @@ class RequestObservation:
             self._log(level, time.perf_counter() - self._started)
         sinks = self._sinks
         if sinks is not None:
+            report = self.report(with_fields=sinks.tracing is not None)
             if sinks.metrics is not None:
-                sinks.metrics.request_finished(self)
+                sinks.metrics.request_finished(report)
             if sinks.tracing is not None:
-                sinks.tracing.end_request(self)
+                span, self.span = self.span, None
+                sinks.tracing.end_request(span, report)
 
     # --- what the engine reports --------------------------------------------------------
 
@@ -385,13 +344,13 @@ class RequestObservation:
             self.lease_takeover = decision.takeover
             sinks = self._sinks
             if sinks is not None and sinks.metrics is not None:
-                sinks.metrics.lease_taken(self)
+                sinks.metrics.lease_taken(id(self), self.route, self.lease_started, self.lease_takeover)
         elif type(decision) is Held and decision.takeover:
             self.lease_takeover = True
             self.outcome = Outcome.TAKEOVER_HELD
             sinks = self._sinks
             if sinks is not None and sinks.metrics is not None:
-                sinks.metrics.takeover_held(self)
+                sinks.metrics.takeover_held(self.route)
         else:
             self.outcome = _DECISION_OUTCOMES[type(decision)]
 
@@ -413,6 +372,23 @@ class RequestObservation:
                 self.error = error
 
     # --- reporting ----------------------------------------------------------------------
+
+    def report(self, *, with_fields: bool = True) -> RequestReport:
+        """What the request did, frozen, as the sinks receive it (``fields`` empty unless ``with_fields``)."""
+        return RequestReport(
+            request=id(self),
+            front=self.front,
+            method=self.method,
+            route=self.route,
+            outcome=str(self.outcome),
+            status=self.status,
+            lease_started=self.lease_started,
+            lease_takeover=self.lease_takeover,
+            handler_seconds=self.handler_seconds,
+            settle_error=self.settle_error,
+            error=self.error,
+            fields=self.fields() if with_fields else {},
+        )
 
     def level(self) -> int:
         """The level of this request's log record (see :data:`LEVELS`)."""
@@ -637,7 +613,7 @@ def _store_done(
         observation.store_seconds += seconds
     if sinks is not None:
         if sinks.metrics is not None:
-            sinks.metrics.store_operation(label, operation, seconds, error)
+            sinks.metrics.store_operation(label, operation, seconds, error_kind(error) if error is not None else None)
         if span is not None and sinks.tracing is not None:
             sinks.tracing.end_store(span, result, error)
 
