@@ -120,6 +120,9 @@ PUBLIC_API: dict[str, list[str]] = {
     ],
     "idempo.observability": ["LEVELS", "Outcome", "instrument", "uninstrument"],
     "idempo.principals": [
+        "DEFAULT_CREDENTIAL_HEADERS",
+        "DEFAULT_NOT_CREDENTIALS",
+        "DEFAULT_PLACEHOLDERS",
         "DEFAULT_SESSION_COOKIES",
         "USER_ENVIRON_KEY",
         "Resolver",
