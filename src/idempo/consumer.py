@@ -95,20 +95,32 @@ class Outcome(enum.Enum):
         return self in (Outcome.PROCESSED, Outcome.DUPLICATE)
 
 
-class _Consumer(Generic[M]):
-    """What the sync and async consumers share: ids, fingerprints, the engine."""
+H = TypeVar("H", bound=Callable[..., Any])
+S = TypeVar("S")
+
+# What process() returns for a message it did not run: KeyInProgress, KeyHeld, ResultNotReplayable.
+_NOT_RUN: dict[type[Exception], Outcome] = {
+    KeyInProgress: Outcome.IN_PROGRESS,
+    KeyHeld: Outcome.HELD,
+    ResultNotReplayable: Outcome.DUPLICATE,  # it ran; its result was not kept
+}
+
+
+class _Consumer(Generic[M, H, S]):
+    """What the sync and async consumers share: everything but the handler's call (see :class:`IdempotentConsumer`)."""
 
     def __init__(
         self,
-        handler: Callable[[M], Any],
+        handler: H,
         *,
+        store: S | str,
         message_id: MessageId[M],
-        scope: str | None,
-        fingerprint: Callable[[M], Any] | None,
-        record_ttl: float | timedelta,
-        lease_ttl: float | timedelta,
-        exception_verdicts: Mapping[type[BaseException], Verdict] | None,
-        hold_ttl: float | timedelta | None,
+        scope: str | None = None,
+        fingerprint: Callable[[M], Any] | None = None,
+        record_ttl: float | timedelta = 86400.0,
+        lease_ttl: float | timedelta = 30.0,
+        exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
+        hold_ttl: float | timedelta | None = None,
         on_takeover: str = "execute",
         secret: str | bytes | None = None,
     ) -> None:
@@ -126,6 +138,10 @@ class _Consumer(Generic[M]):
         )
         # The handler's return value is not kept: a duplicate is skipped, not answered.
         self._engine = Engine(self.scope, policy, JSONSerializer(), lambda: None, SecretSource(secret))
+        self.store: S = self._open(store)
+
+    def _open(self, store: S | str) -> S:
+        raise NotImplementedError
 
     def _identify(self, message: M) -> tuple[str, bytes | None]:
         key = key_text(self._message_id(message), self.scope)
@@ -136,7 +152,15 @@ class _Consumer(Generic[M]):
         return key, canonical_form(fingerprint_form(self._fingerprint(message)))
 
 
-class IdempotentConsumer(_Consumer[M]):
+def _not_run(exc: Exception) -> Outcome:
+    return next(outcome for cls, outcome in _NOT_RUN.items() if isinstance(exc, cls))
+
+
+def _outcome(replayed: bool) -> Outcome:
+    return Outcome.DUPLICATE if replayed else Outcome.PROCESSED
+
+
+class IdempotentConsumer(_Consumer[M, Callable[[M], Any], Store]):
     """Process each message at most once per message id (blocking handlers).
 
     Args:
@@ -174,34 +198,8 @@ class IdempotentConsumer(_Consumer[M]):
             URL unknown, or the secret is shorter than 16 bytes.
     """
 
-    def __init__(
-        self,
-        handler: Callable[[M], Any],
-        *,
-        store: Store | str,
-        message_id: MessageId[M],
-        scope: str | None = None,
-        fingerprint: Callable[[M], Any] | None = None,
-        record_ttl: float | timedelta = 86400.0,
-        lease_ttl: float | timedelta = 30.0,
-        exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
-        hold_ttl: float | timedelta | None = None,
-        on_takeover: str = "execute",
-        secret: str | bytes | None = None,
-    ) -> None:
-        super().__init__(
-            handler,
-            message_id=message_id,
-            scope=scope,
-            fingerprint=fingerprint,
-            record_ttl=record_ttl,
-            lease_ttl=lease_ttl,
-            exception_verdicts=exception_verdicts,
-            hold_ttl=hold_ttl,
-            on_takeover=on_takeover,
-            secret=secret,
-        )
-        self.store: Store = sync_store(store, self.scope)
+    def _open(self, store: Store | str) -> Store:
+        return sync_store(store, self.scope)
 
     def process(self, message: M) -> Outcome:
         """Handle one delivery of a message; return whether to ack it.
@@ -213,79 +211,44 @@ class IdempotentConsumer(_Consumer[M]):
             MissingKey, InvalidKey: the message has no usable id.
             FingerprintMismatch: the id was processed for another message.
             StoreError: the store failed before the handler ran (do not ack).
-            Exception: whatever the handler raises, unchanged, once its id is released (do not ack).
+            Whatever the handler raises, unchanged, once its id is released (do not ack).
         """
         key, fingerprint = self._identify(message)
+        call = functools.partial(_discard, self.handler, message)
         try:
-            _, replayed = self._engine.run_sync(
-                self.store, key, fingerprint, functools.partial(_discard, self.handler, message)
-            )
-        except KeyInProgress:
-            return Outcome.IN_PROGRESS
-        except KeyHeld:
-            return Outcome.HELD
-        except ResultNotReplayable:  # it ran; its result was not kept
-            return Outcome.DUPLICATE
-        return Outcome.DUPLICATE if replayed else Outcome.PROCESSED
+            _, replayed = self._engine.run_sync(self.store, key, fingerprint, call)
+        except (KeyInProgress, KeyHeld, ResultNotReplayable) as exc:
+            return _not_run(exc)
+        return _outcome(replayed)
 
 
-class AsyncIdempotentConsumer(_Consumer[M]):
+class AsyncIdempotentConsumer(_Consumer[M, Callable[[M], Awaitable[Any]], AsyncStore]):
     """Process each message at most once per message id (async handlers).
 
     Args: as :class:`IdempotentConsumer`, with an async ``handler`` and an
     :class:`~idempo.typing.AsyncStore` (or a store URL).
     """
 
-    def __init__(
-        self,
-        handler: Callable[[M], Awaitable[Any]],
-        *,
-        store: AsyncStore | str,
-        message_id: MessageId[M],
-        scope: str | None = None,
-        fingerprint: Callable[[M], Any] | None = None,
-        record_ttl: float | timedelta = 86400.0,
-        lease_ttl: float | timedelta = 30.0,
-        exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
-        hold_ttl: float | timedelta | None = None,
-        on_takeover: str = "execute",
-        secret: str | bytes | None = None,
-    ) -> None:
-        super().__init__(
-            handler,
-            message_id=message_id,
-            scope=scope,
-            fingerprint=fingerprint,
-            record_ttl=record_ttl,
-            lease_ttl=lease_ttl,
-            exception_verdicts=exception_verdicts,
-            hold_ttl=hold_ttl,
-            on_takeover=on_takeover,
-            secret=secret,
-        )
-        self._async_handler = handler
-        self.store: AsyncStore = async_store(store, self.scope)
+    def _open(self, store: AsyncStore | str) -> AsyncStore:
+        return async_store(store, self.scope)
 
     async def process(self, message: M) -> Outcome:
         """See :meth:`IdempotentConsumer.process`."""
         key, fingerprint = self._identify(message)
-
-        async def call() -> None:
-            await self._async_handler(message)
-
+        call = functools.partial(_adiscard, self.handler, message)
         try:
             _, replayed = await self._engine.run_async(self.store, key, fingerprint, call)
-        except KeyInProgress:
-            return Outcome.IN_PROGRESS
-        except KeyHeld:
-            return Outcome.HELD
-        except ResultNotReplayable:  # it ran; its result was not kept
-            return Outcome.DUPLICATE
-        return Outcome.DUPLICATE if replayed else Outcome.PROCESSED
+        except (KeyInProgress, KeyHeld, ResultNotReplayable) as exc:
+            return _not_run(exc)
+        return _outcome(replayed)
 
 
 def _discard(handler: Callable[[M], Any], message: M) -> None:
     handler(message)
+
+
+async def _adiscard(handler: Callable[[M], Awaitable[Any]], message: M) -> None:
+    await handler(message)
 
 
 # --- Redis Streams ---------------------------------------------------------------------------

@@ -27,12 +27,12 @@ never leave a doubt about which ``requests`` is meant.
 
 from __future__ import annotations
 
-from .client._requests import (
+from .client._requests import IdempotentAdapter
+from .client._retry import (
     DEFAULT_KEY_METHODS,
     DEFAULT_RETRY_STATUSES,
     IDEMPOTENT_METHODS,
     Attempt,
-    IdempotentAdapter,
     KeyFactory,
     OnAttempt,
     RetryPolicy,

@@ -10,35 +10,9 @@ import anyio
 import httpx
 
 from ..exceptions import InvalidKey
-from ._retry import (
-    DEFAULT_KEY_METHODS,
-    DEFAULT_RETRY_STATUSES,
-    IDEMPOTENT_METHODS,
-    Attempt,
-    KeyFactory,
-    OnAttempt,
-    RetryPolicy,
-    RetryRun,
-    new_key,
-    parse_retry_after,
-    resolve_key,
-    tag_exception,
-)
+from ._retry import KeyFactory, OnAttempt, RetryPolicy, RetryRun, new_key, resolve_key, tag_exception
 
-__all__ = [
-    "DEFAULT_KEY_METHODS",
-    "DEFAULT_RETRY_STATUSES",
-    "IDEMPOTENT_METHODS",
-    "KEY_EXTENSION",
-    "AsyncIdempotentTransport",
-    "Attempt",
-    "IdempotentTransport",
-    "KeyFactory",
-    "OnAttempt",
-    "RetryPolicy",
-    "new_key",
-    "parse_retry_after",
-]
+# Public names: idempo.client re-exports them (its __all__).
 
 #: The request extension that gives one call its key, and the response
 #: extension that tells the key used.

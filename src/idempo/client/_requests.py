@@ -17,31 +17,9 @@ from requests.exceptions import (
     Timeout,
 )
 
-from ._retry import (
-    DEFAULT_KEY_METHODS,
-    DEFAULT_RETRY_STATUSES,
-    IDEMPOTENT_METHODS,
-    Attempt,
-    KeyFactory,
-    OnAttempt,
-    RetryPolicy,
-    RetryRun,
-    new_key,
-    resolve_key,
-    tag_exception,
-)
+from ._retry import KeyFactory, OnAttempt, RetryPolicy, RetryRun, new_key, resolve_key, tag_exception
 
-__all__ = [
-    "DEFAULT_KEY_METHODS",
-    "DEFAULT_RETRY_STATUSES",
-    "IDEMPOTENT_METHODS",
-    "Attempt",
-    "IdempotentAdapter",
-    "KeyFactory",
-    "OnAttempt",
-    "RetryPolicy",
-    "new_key",
-]
+# Public names: idempo.requests_adapter re-exports them (its __all__).
 
 
 def _retryable_error(exc: BaseException) -> bool:

@@ -14,7 +14,7 @@ from .._core.records import Acquired, Existing
 from .._version import __version__
 from ._report import RequestReport
 
-__all__ = ["REQUEST_SPAN", "STORE_SPAN_PREFIX", "Tracing"]
+# Public names: idempo.tracing re-exports them (its __all__).
 
 #: The name of the span of one idempotent request.
 REQUEST_SPAN = "idempo.request"

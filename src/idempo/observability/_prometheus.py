@@ -17,14 +17,7 @@ from prometheus_client.registry import Collector
 from ._observation import use_metrics
 from ._report import RequestReport
 
-__all__ = [
-    "HANDLER_BUCKETS",
-    "STORE_BUCKETS",
-    "PrometheusMetrics",
-    "make_asgi_app",
-    "make_wsgi_app",
-    "mount",
-]
+# Public names: idempo.metrics re-exports them (its __all__).
 
 #: Histogram buckets of store operations, seconds: a store call takes well under a millisecond to a few.
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

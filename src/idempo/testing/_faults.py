@@ -20,20 +20,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-__all__ = [
-    "DROP_ANSWER",
-    "PASS",
-    "RESET_BEFORE_BODY",
-    "Fault",
-    "FaultKind",
-    "FaultPlan",
-    "FaultProxy",
-    "RequestHead",
-    "SeenRequest",
-    "random_faults",
-    "scripted",
-    "serve_app",
-]
+# Public names: idempo.faults re-exports them (its __all__).
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and framing, which the proxy sets itself.
 _HOP_BY_HOP = frozenset(
