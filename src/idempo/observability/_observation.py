@@ -566,16 +566,13 @@ def store_call_async(
 async def _timed_async(
     observation: RequestObservation | None, sinks: _Sinks | None, store: object, operation: str, call: Awaitable[_T]
 ) -> _T:
-    label = store_label(store)
-    tracing = sinks.tracing if sinks is not None else None
-    span = tracing.start_store(label, operation) if tracing is not None else None
-    started = time.perf_counter()
+    timer = _StoreTimer(observation, sinks, store, operation)
     try:
         result = await call
     except BaseException as exc:
-        _store_done(observation, sinks, label, operation, time.perf_counter() - started, span, None, exc)
+        timer.done(None, exc)
         raise
-    _store_done(observation, sinks, label, operation, time.perf_counter() - started, span, result, None)
+    timer.done(result, None)
     return result
 
 
@@ -586,36 +583,42 @@ def store_call_sync(
     sinks = _sinks
     if sinks is None and (observation is None or not observation.timed):
         return fn(*args)
-    label = store_label(store)
-    tracing = sinks.tracing if sinks is not None else None
-    span = tracing.start_store(label, operation) if tracing is not None else None
-    started = time.perf_counter()
+    timer = _StoreTimer(observation, sinks, store, operation)
     try:
         result = fn(*args)
     except BaseException as exc:
-        _store_done(observation, sinks, label, operation, time.perf_counter() - started, span, None, exc)
+        timer.done(None, exc)
         raise
-    _store_done(observation, sinks, label, operation, time.perf_counter() - started, span, result, None)
+    timer.done(result, None)
     return result
 
 
-def _store_done(
-    observation: RequestObservation | None,
-    sinks: _Sinks | None,
-    label: str,
-    operation: str,
-    seconds: float,
-    span: Any,
-    result: Any,
-    error: BaseException | None,
-) -> None:
-    if observation is not None:
-        observation.store_seconds += seconds
-    if sinks is not None:
-        if sinks.metrics is not None:
-            sinks.metrics.store_operation(label, operation, seconds, error_kind(error) if error is not None else None)
-        if span is not None and sinks.tracing is not None:
-            sinks.tracing.end_store(span, result, error)
+class _StoreTimer:
+    """One store call being timed (and traced): what the blocking and async wrappers share."""
+
+    __slots__ = ("label", "observation", "operation", "sinks", "span", "started")
+
+    def __init__(self, observation: RequestObservation | None, sinks: _Sinks | None, store: object, operation: str):
+        self.observation = observation
+        self.sinks = sinks
+        self.label = store_label(store)
+        self.operation = operation
+        tracing = sinks.tracing if sinks is not None else None
+        self.span = tracing.start_store(self.label, operation) if tracing is not None else None
+        self.started = time.perf_counter()
+
+    def done(self, result: Any, error: BaseException | None) -> None:
+        """The call returned ``result`` (or raised ``error``): add its time to the request, record it, end its span."""
+        seconds = time.perf_counter() - self.started
+        observation, sinks = self.observation, self.sinks
+        if observation is not None:
+            observation.store_seconds += seconds
+        if sinks is not None:
+            if sinks.metrics is not None:
+                kind = error_kind(error) if error is not None else None
+                sinks.metrics.store_operation(self.label, self.operation, seconds, kind)
+            if self.span is not None and sinks.tracing is not None:
+                sinks.tracing.end_store(self.span, result, error)
 
 
 def save_outcome(store: str, event: str) -> None:
