@@ -30,22 +30,38 @@ An async store runs the same suite through :class:`BlockingStore`. The suite
 needs pytest (its tests skip through ``pytest.skip``); put
 ``pytest.register_assert_rewrite("idempo.testing")`` in your ``conftest.py``
 for detailed assertion messages. The fault-injecting proxy is :mod:`idempo.faults`.
+
+Fault points make a transactional execution fail at a named moment, so a
+crash matrix can run on your own handlers: ``IDEMPO_FAULTS="before-commit=kill"``
+in the server's environment (read at import), or :func:`arm_faults` in
+process. The points are :data:`FAULT_POINTS` (``after-claim``,
+``before-commit``, ``after-commit``, ``before-send``); the actions ``kill``
+(SIGKILL), ``drop-connection`` and ``raise`` (:class:`InjectedFault`).
 """
 
 from __future__ import annotations
+
+from idempo._engine.faultpoints import POINTS as FAULT_POINTS
+from idempo._engine.faultpoints import InjectedFault
+from idempo._engine.faultpoints import arm as arm_faults
+from idempo._engine.faultpoints import armed as armed_faults
 
 from ._contract import LONG_MS, RawRecord, StoreContract, StoreSubject, record_fields
 from ._fakes import BlockingStore, FakeClock, skewed_clock
 from ._mode import SECRET, current_store, is_testing, set_testing
 
 __all__ = [
+    "FAULT_POINTS",
     "LONG_MS",
     "SECRET",
     "BlockingStore",
     "FakeClock",
+    "InjectedFault",
     "RawRecord",
     "StoreContract",
     "StoreSubject",
+    "arm_faults",
+    "armed_faults",
     "current_store",
     "is_testing",
     "record_fields",
