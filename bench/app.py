@@ -9,9 +9,18 @@ scenarios only (the load scenarios never send them):
 - ``fail``: ``"raise"`` or ``"status"``: the first execution for a key fails,
   by raising (the framework answers 500) or by answering 500 itself.
 
+Scenario (e) posts to ``POST /orders`` instead: the same handler, plus one
+committed ``INSERT`` into PostgreSQL (``bench_orders`` in ``$BENCH_PG_SCHEMA``,
+through a psycopg pool of 1-10 connections opened on the first order), so
+idempo's two store round trips can be read against a handler that does one
+of its own.
+
 Each execution is counted per ``Idempotency-Key``; ``GET /_stats`` returns the
 total and, with ``?prefix=...``, the count per key, so the runner can check
 that a key executed exactly once. GET passes through every layer untouched.
+With ``BENCH_COUNTER`` (a file) and ``BENCH_WORKER`` (this worker's index),
+the total is also kept in that file's slot for this worker and ``/_stats``
+sums every slot: scenario (f) serves a variant from two processes.
 
 Configuration comes from the environment (set by ``bench/runner.py``):
 ``BENCH_VARIANT``, ``BENCH_NONCE`` (a per-run prefix for store keys),
@@ -21,7 +30,9 @@ Configuration comes from the environment (set by ``bench/runner.py``):
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -47,11 +58,39 @@ class PaymentFailed(Exception):
     """The first execution of a key asked to fail (correctness scenario d)."""
 
 
+class _SharedTotal:
+    """The execution total of every worker of a server: one 8-byte slot per worker in a file."""
+
+    SLOTS = 8
+
+    def __init__(self, path: str, worker: int) -> None:
+        with open(path, "a+b") as f:
+            if os.fstat(f.fileno()).st_size < 8 * self.SLOTS:
+                f.truncate(8 * self.SLOTS)
+            self.map = mmap.mmap(f.fileno(), 8 * self.SLOTS)
+        self.offset = 8 * worker
+
+    def set(self, total: int) -> None:
+        struct.pack_into("<q", self.map, self.offset, total)
+
+    def total(self) -> int:
+        return sum(struct.unpack_from(f"<{self.SLOTS}q", self.map))
+
+
+_shared = (
+    _SharedTotal(os.environ["BENCH_COUNTER"], int(os.environ.get("BENCH_WORKER", "0")))
+    if os.environ.get("BENCH_COUNTER")
+    else None
+)
+
+
 def _count(key: str | None) -> tuple[int, int]:
     """Count one execution; return (the total so far, this key's count)."""
     global _total
     with _lock:
         _total += 1
+        if _shared is not None:
+            _shared.set(_total)
         if key is None:
             return _total, 1
         n = _executions.get(key, 0) + 1
@@ -82,10 +121,46 @@ async def payments(request: Request) -> Response:
     return JSONResponse(_result(payment, serial), status_code=201)
 
 
+_orders_pool: Any = None
+_orders_lock = asyncio.Lock()
+
+
+async def _orders() -> Any:
+    """The handler's own PostgreSQL pool (scenario e), opened on the first order."""
+    global _orders_pool
+    async with _orders_lock:
+        if _orders_pool is None:
+            import psycopg_pool
+
+            pool = psycopg_pool.AsyncConnectionPool(
+                os.environ["BENCH_PG_URL"],
+                min_size=1,
+                max_size=10,
+                kwargs={"autocommit": True, "options": f"-c search_path={os.environ['BENCH_PG_SCHEMA']}"},
+                open=False,
+            )
+            await pool.open()
+            _orders_pool = pool
+    return _orders_pool
+
+
+async def orders(request: Request) -> Response:
+    """POST /orders: the payment handler plus one committed INSERT into PostgreSQL (scenario e)."""
+    payment = await request.json()
+    serial, _ = _count(request.headers.get("idempotency-key"))
+    pool = _orders_pool or await _orders()
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO bench_orders (serial, amount, currency) VALUES (%s, %s, %s)",
+            (serial, payment.get("amount"), payment.get("currency")),
+        )
+    return JSONResponse(_result(payment, serial), status_code=201)
+
+
 async def stats(request: Request) -> Response:
     """GET /_stats: executions in total, and per key for keys starting with ``prefix``."""
     prefix = request.query_params.get("prefix")
-    body: dict[str, Any] = {"executions": _total}
+    body: dict[str, Any] = {"executions": _shared.total() if _shared is not None else _total}
     if prefix:
         body["keys"] = {k: n for k, n in _executions.items() if k.startswith(prefix)}
     return JSONResponse(body)
@@ -311,8 +386,8 @@ async def _raw_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     """A raw ASGI app: read the body, answer fixed bytes. What uvicorn costs per request, alone."""
     if scope["type"] != "http":
         return
-    if scope["method"] == "GET":
-        await Starlette(routes=[Route("/_stats", stats)])(scope, receive, send)
+    if scope["method"] == "GET" or scope["path"] == "/orders":
+        await Starlette(routes=_routes())(scope, receive, send)
         return
     more = True
     while more:
@@ -435,5 +510,12 @@ def create_app(variant: str | None = None) -> Starlette:
         return _powertools_app(validate=variant.endswith("validate"))
     middleware = VARIANTS[variant]
     assert middleware is not None
-    routes = [Route("/payments", payments, methods=["POST"]), Route("/_stats", stats)]
-    return Starlette(routes=routes, middleware=middleware())
+    return Starlette(routes=_routes(), middleware=middleware())
+
+
+def _routes() -> list[Route]:
+    return [
+        Route("/payments", payments, methods=["POST"]),
+        Route("/orders", orders, methods=["POST"]),
+        Route("/_stats", stats),
+    ]

@@ -1,6 +1,6 @@
 """Resident memory of the memory store per 100k records, and its own eviction (issue 10 item 6).
 
-Run: ``.venv/bin/python bench/memory_store.py [RECORDS]`` (default 100000). Prints:
+Run: ``.venv/bin/python bench/memory_store.py [RECORDS] [--json]`` (default 100000). Prints:
 
 - the resident set size (RSS, from /proc/self/statm) added by RECORDS completed
   records, each a payment-like 201 with a JSON body of about 60 bytes, as
@@ -10,11 +10,14 @@ Run: ``.venv/bin/python bench/memory_store.py [RECORDS]`` (default 100000). Prin
 - the same with ``max_records``: the count never passes the bound.
 
 A command that prints figures, not a test: the numbers depend on the machine.
+With ``--json`` it prints only the first figure, as one JSON line (``./bench/run``
+reports it).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import sys
 import time
@@ -49,7 +52,8 @@ def fill(store: MemoryStore, count: int, prefix: str, ttl_ms: int) -> None:
 
 
 def main() -> None:
-    records = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    args = [a for a in sys.argv[1:] if a != "--json"]
+    records = int(args[0]) if args else 100_000
     clock = Clock()
     store = MemoryStore(clock=clock)
     gc.collect()
@@ -57,6 +61,9 @@ def main() -> None:
     fill(store, records, "old", 60_000)
     gc.collect()
     added = rss_bytes() - before
+    if "--json" in sys.argv:
+        print(json.dumps({"records": records, "rss_bytes": added, "mib_per_100k": added / 2**20 * 100_000 / records}))
+        return
     print(
         f"{records} completed records: RSS +{added / 2**20:.1f} MiB ({added / records:.0f} bytes a record, "
         f"{added / 2**20 * 100_000 / records:.1f} MiB per 100k)"

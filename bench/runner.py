@@ -1,10 +1,12 @@
 """Run the benchmark and write the report: ``./bench/run`` calls this in bench/.venv.
 
 Steps: start every variant's server (one uvicorn worker each, pinned to one
-CPU), check correctness (scenarios c and d), seed the keys scenario (b)
-replays, run wrk (pinned to the other CPU) against the variants in turn,
-round after round, measure the store floor, run the micro-benchmarks, and
-write ``bench/results/<timestamp>.md`` (and ``.json``, and ``latest.md``).
+CPU; for scenario (f) a second server of two workers, unpinned), check
+correctness (scenarios c and d), seed the keys scenario (b) replays, run wrk
+(pinned to the other CPU) against the variants in turn, round after round,
+measure the store floor, the memory store's resident memory per 100,000
+records, run the micro-benchmarks, evaluate issue 14's targets and write
+``bench/results/<timestamp>.md`` (and ``.json``, and ``latest.md``).
 
 Every store key the run makes carries a per-run prefix, the PostgreSQL
 tables live in a per-run schema, and all of it is removed at the end.
@@ -83,18 +85,40 @@ DIAGNOSTIC = {"pass-plain", "pass-wrap"}
 #: variants without an idempotency layer (references): only scenario (a) is checked
 NOT_IDEMPOTENT = {"bare", "raw-asgi", *DIAGNOSTIC, "floor-memory", "floor-sqlite", "floor-redis", "floor-postgres"}
 
-# Targets (issue 7): ratio against bare in the same run.
-TARGETS = {
-    ("a", "memory"): 0.90,
-    ("a", "SQLite"): 0.75,
-    ("a", "Redis"): 0.50,
-    ("a", "PostgreSQL"): 0.35,
-    ("b", "memory"): 1.40,
-    ("b", "SQLite"): 1.10,
-    ("b", "Redis"): 0.80,
-    ("b", "PostgreSQL"): 0.70,
+# Targets (issue 14), every one a ratio of two variants in the same rounds (median of per-round ratios).
+#: idempo's req/s against the floor on the same store, scenarios (a) and (b)
+FLOOR_TARGET = 0.85
+#: idempo's req/s against every peer that passes the scenario's correctness check, same store
+PEER_TARGET = 1.0
+#: idempo's p99 against the bare app's p99, every idempo row
+P99_TARGET = 2.0
+#: scenario (e): idempo on PostgreSQL's p50 against the bare handler's (which does one INSERT itself)
+E_P50_TARGET = 1.6
+#: the store -> the variant-id suffix of idempo's and the floor's variants
+STORE_IDS = {"memory": "memory", "SQLite": "sqlite", "Redis": "redis", "PostgreSQL": "postgres"}
+SCENARIO_NAMES = {
+    "a": "(a) unique keys",
+    "b": "(b) replays",
+    "e": "(e) a handler that commits one PostgreSQL INSERT, unique keys",
+    "f": "(f) two uvicorn workers, unique keys",
 }
-SCENARIO_NAMES = {"a": "(a) unique keys", "b": "(b) replays"}
+SCENARIOS = tuple(SCENARIO_NAMES)
+#: variants run in scenario (e): the bare handler, idempo on the memory store and on PostgreSQL, the floor
+E_VARIANTS = {"bare", "idempo-memory", "idempo-postgres", "idempo-postgres-async-commit", "floor-postgres"}
+#: variants run in scenario (f): the bare app, idempo and the floor on every store
+F_VARIANTS = {"bare", *(f"{kind}-{store}" for kind in ("idempo", "floor") for store in STORE_IDS.values())}
+#: workers in scenario (f)
+F_WORKERS = 2
+
+
+def runs_in(variant: str, scenario: str) -> bool:
+    """Whether ``variant`` (``@before`` included) runs in a load ``scenario``."""
+    base = variant.partition("@")[0]
+    if scenario == "e":
+        return base in E_VARIANTS
+    if scenario == "f":
+        return base in F_VARIANTS
+    return True
 
 
 @dataclass
@@ -125,6 +149,12 @@ class Server:
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    #: the other workers of a multi-worker server (scenario f), on the same listening socket
+    others: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *(p.pid for p in self.others)]
 
 
 @dataclass
@@ -268,31 +298,48 @@ def variant_env(
     )
 
 
-def start_server(variant: str, env: dict[str, str], settings: Settings, logdir: Path) -> Server:
+def start_server(variant: str, env: dict[str, str], settings: Settings, logdir: Path, workers: int = 1) -> Server:
+    """One server of ``variant``: one worker pinned to the server CPU, or ``workers`` unpinned processes.
+
+    Several workers accept on one listening socket (as uvicorn's own
+    ``--workers`` does) and keep their execution totals in one shared file.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(2048)
     port = sock.getsockname()[1]
-    log = logdir / f"{variant}.log"
+    name = variant if workers == 1 else f"{variant}-x{workers}"
+    log = logdir / f"{name}.log"
     base = variant.partition("@")[0]
-    cmd = pinned(
-        [sys.executable, str(HERE / "server.py"), "--fd", str(sock.fileno()), "--variant", base], settings.server_cpu
-    )
+    cmd = [sys.executable, str(HERE / "server.py"), "--fd", str(sock.fileno()), "--variant", base]
+    procs = []
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, pass_fds=[sock.fileno()], env=env, stdout=out, stderr=subprocess.STDOUT)
+        for worker in range(workers):
+            if workers == 1:
+                worker_env, worker_cmd = env, pinned(cmd, settings.server_cpu)
+            else:
+                worker_env = dict(env, BENCH_COUNTER=str(logdir / f"{name}.counter"), BENCH_WORKER=str(worker))
+                worker_cmd = cmd
+            procs.append(
+                subprocess.Popen(
+                    worker_cmd, pass_fds=[sock.fileno()], env=worker_env, stdout=out, stderr=subprocess.STDOUT
+                )
+            )
     sock.close()
-    return Server(variant, port, proc, log)
+    return Server(variant, port, procs[0], log, procs[1:])
 
 
 async def wait_ready(server: Server, timeout: float = 30.0) -> str:  # noqa: ASYNC109
     """'' when the server answers GET /_stats; else why not (its log's last lines)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
+        if any(p.poll() is not None for p in (server.proc, *server.others)):
             break
         try:
             await scenarios.get_json(server.port, "/_stats")
+            if server.others:
+                await asyncio.sleep(1.0)  # every worker has started (each answers once its app is built)
             return ""
         except (OSError, asyncio.IncompleteReadError, ValueError):
             await asyncio.sleep(0.1)
@@ -301,15 +348,25 @@ async def wait_ready(server: Server, timeout: float = 30.0) -> str:  # noqa: ASY
 
 
 def stop_servers(servers: list[Server]) -> None:
-    for s in servers:
-        if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGTERM)
-    for s in servers:
+    procs = [p for s in servers for p in (s.proc, *s.others)]
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
         try:
-            s.proc.wait(timeout=10)
+            p.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            s.proc.kill()
-            s.proc.wait()
+            p.kill()
+            p.wait()
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """The resident set size of some processes, summed (from /proc)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
 
 
 # --- stores --------------------------------------------------------------------------
@@ -336,7 +393,7 @@ def services(settings: Settings) -> dict[str, str]:
 
 
 def prepare_postgres(settings: Settings, schema: str) -> None:
-    """idempo's schema in ``schema`` and ``<schema>_ac`` (the async-commit variant), and the floor's table."""
+    """idempo's schema in ``schema`` and ``<schema>_ac`` (the async-commit variant), the floor's and (e)'s tables."""
     import psycopg
 
     from idempo.stores.postgres import PostgresStore
@@ -349,6 +406,11 @@ def prepare_postgres(settings: Settings, schema: str) -> None:
             store.close()
     with psycopg.connect(settings.pg_url, autocommit=True) as conn:
         conn.execute(f'CREATE TABLE "{schema}".bench_floor (k text PRIMARY KEY, v bytea)')
+        for name in (schema, schema + "_b"):  # scenario (e)'s handler inserts here (BENCH_PG_SCHEMA)
+            conn.execute(
+                f'CREATE TABLE "{name}".bench_orders (id bigserial PRIMARY KEY, serial bigint NOT NULL, '
+                "amount bigint, currency text, created_at timestamptz NOT NULL DEFAULT now())"
+            )
 
 
 def cleanup_stores(settings: Settings, nonce: str, schema: str, reachable: dict[str, str]) -> None:
@@ -427,10 +489,12 @@ async def load_run(server: Server, scenario: str, nonce: str, rnd: int, duration
     if rnd:  # measured runs only, not the warm-up
         settle()
     before = await scenarios.executions(server.port)
-    meter = CpuMeter([server.proc.pid])
+    meter = CpuMeter(server.pids)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if scenario == "a":
-        out = run_wrk(server.port, "unique.lua", [f"u{rnd}-{nonce}"], duration, settings)
+    if scenario in ("a", "f"):
+        out = run_wrk(server.port, "unique.lua", [f"{scenario}{rnd}-{nonce}"], duration, settings)
+    elif scenario == "e":
+        out = run_wrk(server.port, "unique.lua", [f"e{rnd}-{nonce}", "/orders"], duration, settings)
     else:
         out = run_wrk(server.port, "replay.lua", [f"r-{nonce}", str(settings.replay_keys)], duration, settings)
     # wrk has exited: its CPU time is in this process's reaped children
@@ -453,7 +517,7 @@ async def load_run(server: Server, scenario: str, nonce: str, rnd: int, duration
 
 
 def load_check(scenario: str, runs: list[Run], connections: int) -> tuple[bool, str]:
-    """(a): every request executed once and answered 2xx; (b): nothing executed, all 2xx."""
+    """(a), (e), (f): every request executed once and answered 2xx; (b): nothing executed, all 2xx."""
     problems = []
     non_2xx = sum(r.non_2xx for r in runs)
     requests = sum(r.requests for r in runs)
@@ -462,7 +526,7 @@ def load_check(scenario: str, runs: list[Run], connections: int) -> tuple[bool, 
     if sum(r.socket_errors for r in runs):
         problems.append(f"{sum(r.socket_errors for r in runs)} socket errors/timeouts")
     for r in runs:
-        if scenario == "a" and not (r.requests <= r.executions <= r.requests + connections):
+        if scenario != "b" and not (r.requests <= r.executions <= r.requests + connections):
             problems.append(f"round {r.round}: {r.executions} executions for {r.requests} answers")
         if scenario == "b" and r.executions:
             problems.append(f"round {r.round}: {r.executions} executions for {r.requests} replays")
@@ -494,17 +558,25 @@ async def run(settings: Settings) -> Path:
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])),
     )
     servers: list[Server] = []
+    #: scenario (f): variant -> its server of F_WORKERS processes
+    groups: dict[str, Server] = {}
     floor_results: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
     micro: dict[str, Any] | str = "not run (--no-micro)"
     try:
         if not reachable["PostgreSQL"]:
             prepare_postgres(settings, schema)
+        elif "e" in settings.scenarios:  # (e)'s handler needs PostgreSQL
+            settings.scenarios.remove("e")
         for v in settings.variants:
             store = info(v)[0]
             if reachable.get(store):
                 results[v].skipped = reachable[store]
                 continue
-            servers.append(start_server(v, variant_env(v, env, settings, workdir, nonce, schema), settings, logdir))
+            venv = variant_env(v, env, settings, workdir, nonce, schema)
+            servers.append(start_server(v, venv, settings, logdir))
+            if "f" in settings.scenarios and runs_in(v, "f"):
+                groups[v] = start_server(v, venv, settings, logdir, workers=F_WORKERS)
         live: list[Server] = []
         for s in servers:
             why = await wait_ready(s)
@@ -512,7 +584,12 @@ async def run(settings: Settings) -> Path:
                 results[s.variant].skipped = why
             else:
                 live.append(s)
-        log(f"{len(live)} servers up in {time.monotonic() - started:.1f}s; checking correctness")
+        for v, group in list(groups.items()):
+            why = await wait_ready(group)
+            if why or results[v].skipped:
+                results[v].checks["f"] = (False, why or "not run")
+                del groups[v]
+        log(f"{len(live)} servers, {len(groups)} more of {F_WORKERS} workers, up in {time.monotonic() - started:.1f}s")
 
         # --- correctness: (c) and (d), and seeding (b)'s keys ---------------------
         for s in live:
@@ -538,33 +615,60 @@ async def run(settings: Settings) -> Path:
             )
 
         # --- load: warm-up, then rounds, variants alternating -------------------------
+        def server_for(s: Server, scenario: str) -> Server | None:
+            if not runs_in(s.variant, scenario):
+                return None
+            return groups.get(s.variant) if scenario == "f" else s
+
         log("warm-up")
         for scenario in settings.scenarios:
             for s in live:
-                await load_run(s, scenario, nonce, 0, 1, settings)
+                target = server_for(s, scenario)
+                if target is not None:
+                    await load_run(target, scenario, nonce, 0, 1, settings)
+        # the memory store's servers: resident memory against the records they complete under load
+        rss_start = {
+            s.variant: (rss_bytes(s.pids), await scenarios.executions(s.port))
+            for s in live
+            if s.variant.startswith("idempo-memory")
+        }
         for rnd in range(1, settings.rounds + 1):
             shift = (rnd - 1) % max(len(live), 1)
             order = live[shift:] + live[:shift]
             for scenario in settings.scenarios:
                 for s in order:
-                    r = await load_run(s, scenario, nonce, rnd, settings.duration, settings)
+                    target = server_for(s, scenario)
+                    if target is None:
+                        continue
+                    r = await load_run(target, scenario, nonce, rnd, settings.duration, settings)
                     results[s.variant].runs.setdefault(scenario, []).append(r)
             log(
                 f"round {rnd}/{settings.rounds} done ({time.monotonic() - started:.0f}s, load {os.getloadavg()[0]:.2f})"
             )
         for s in live:
+            if s.variant in rss_start:
+                rss0, exec0 = rss_start[s.variant]
+                rss1, exec1 = rss_bytes(s.pids), await scenarios.executions(s.port)
+                memory[s.variant] = {"rss_bytes": rss1 - rss0, "records": exec1 - exec0, "rss_end": rss1}
+        for s in live:
             for scenario in settings.scenarios:
+                if scenario not in results[s.variant].runs:
+                    continue
                 if scenario == "b" and s.variant in ("bare", "raw-asgi"):
                     results[s.variant].checks[scenario] = (None, "executes every request: no idempotency layer")
                 else:
                     check = load_check(scenario, results[s.variant].runs[scenario], settings.connections)
                     results[s.variant].checks[scenario] = check
     except BaseException:  # interrupted or failed: leave nothing behind
-        stop_servers(servers)
+        stop_servers([*servers, *groups.values()])
         cleanup_stores(settings, nonce, schema, reachable)
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    stop_servers(servers)
+    stop_servers([*servers, *groups.values()])
+
+    # --- the memory store's records, in a fresh process ------------------------------------
+    log("memory store: resident memory per 100,000 records")
+    memory["store"] = measure_memory_store(env)
 
     # --- the store floor -----------------------------------------------------------------
     log("store floor")
@@ -590,7 +694,21 @@ async def run(settings: Settings) -> Path:
         micro = run_micro(settings, workdir)
     load_end = os.getloadavg()
     elapsed = time.monotonic() - started
-    report = render(settings, machine, vers, results, floor_results, micro, load_start, load_end, elapsed, reachable)
+    targets = evaluate_targets(settings, results)
+    report = render(
+        settings,
+        machine,
+        vers,
+        results,
+        floor_results,
+        micro,
+        load_start,
+        load_end,
+        elapsed,
+        reachable,
+        targets,
+        memory,
+    )
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -602,6 +720,8 @@ async def run(settings: Settings) -> Path:
         "machine": machine,
         "versions": vers,
         "floor": floor_results,
+        "memory": memory,
+        "targets": [t.__dict__ for t in targets],
         "micro": micro,
         "results": {
             v: {
@@ -615,7 +735,23 @@ async def run(settings: Settings) -> Path:
     path.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     shutil.rmtree(workdir, ignore_errors=True)
     log(f"report: {path.relative_to(ROOT)} ({elapsed:.0f}s)")
+    print("\n".join(render_targets(targets)), flush=True)
     return path
+
+
+def measure_memory_store(env: dict[str, str]) -> dict[str, Any]:
+    """``bench/memory_store.py --json``: RSS added by 100,000 completed records, in a fresh process."""
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "memory_store.py"), "100000", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        return {"error": (proc.stdout + proc.stderr)[-500:]}
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def run_micro(settings: Settings, workdir: Path) -> dict[str, Any] | str:
@@ -646,6 +782,105 @@ def run_micro(settings: Settings, workdir: Path) -> dict[str, Any] | str:
         b["name"]: {"median_us": b["stats"]["median"] * 1e6, "iqr_us": b["stats"]["iqr"] * 1e6}
         for b in data["benchmarks"]
     }
+
+
+# --- the targets (issue 14) --------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One target of issue 14 on one row: the figure (a median of per-round ratios) against its bound."""
+
+    what: str
+    figure: str
+    bound: str
+    met: bool | None  # None: not measured (a variant skipped or not run)
+
+
+def ratio_field(a: list[Run], b: list[Run], name: str) -> list[float]:
+    """Per-round ratios of a Run field (``p50_ms``, ``p99_ms``), a over b."""
+    by_round = {r.round: getattr(r, name) for r in b}
+    return [getattr(r, name) / by_round[r.round] for r in a if by_round.get(r.round)]
+
+
+def evaluate_targets(settings: Settings, results: dict[str, Result]) -> list[Target]:
+    """Issue 14's targets, each met or not, from the runs of one ./bench/run."""
+    out: list[Target] = []
+
+    def runs(variant: str, scenario: str) -> list[Run]:
+        res = results.get(variant)
+        return [] if res is None or res.skipped else res.runs.get(scenario, [])
+
+    def add(what: str, ratios: list[float], bound: float, at_least: bool) -> None:
+        if not ratios:
+            out.append(Target(what, "not measured", f"{'>=' if at_least else '<='} {bound:.2f}", None))
+            return
+        m = med(ratios)
+        out.append(
+            Target(
+                what,
+                fmt_range(ratios),
+                f"{'>=' if at_least else '<='} {bound:.2f}",
+                m >= bound if at_least else m <= bound,
+            )
+        )
+
+    for scenario in ("a", "b"):
+        if scenario not in settings.scenarios:
+            continue
+        for store, sid in STORE_IDS.items():
+            idempo = f"idempo-{sid}"
+            if idempo not in results:
+                continue
+            mine = runs(idempo, scenario)
+            name = SCENARIO_NAMES[scenario]
+            add(
+                f"{store} {name}: idempo / floor req/s",
+                ratio_runs(mine, runs(f"floor-{sid}", scenario)),
+                FLOOR_TARGET,
+                True,
+            )
+            for peer, pres in results.items():
+                if info(peer)[0] != store or peer.startswith(("idempo-", "floor-")) or pres.skipped:
+                    continue
+                ok = pres.checks.get(scenario, (None, ""))[0]
+                if ok:
+                    add(
+                        f"{store} {name}: idempo / {peer} req/s",
+                        ratio_runs(mine, runs(peer, scenario)),
+                        PEER_TARGET,
+                        True,
+                    )
+            add(
+                f"{store} {name}: idempo p99 / bare p99",
+                ratio_field(mine, runs("bare", scenario), "p99_ms"),
+                P99_TARGET,
+                False,
+            )
+    if "e" in settings.scenarios:
+        add(
+            f"{SCENARIO_NAMES['e']}: idempo on PostgreSQL p50 / bare p50",
+            ratio_field(runs("idempo-postgres", "e"), runs("bare", "e"), "p50_ms"),
+            E_P50_TARGET,
+            False,
+        )
+    return out
+
+
+def render_targets(targets: list[Target]) -> list[str]:
+    met = sum(t.met is True for t in targets)
+    lines = [
+        f"## Targets (issue 14): {met} of {len(targets)} met",
+        "",
+        "Each figure is a median of per-round ratios [min-max] of two variants in the same rounds.",
+        "",
+        "| target | figure | bound | met |",
+        "|---|---|---|---|",
+    ]
+    for t in targets:
+        verdict = "not measured" if t.met is None else "met" if t.met else "NOT met"
+        lines.append(f"| {t.what} | {t.figure} | {t.bound} | {verdict} |")
+    return lines
 
 
 # --- the report ------------------------------------------------------------------------
@@ -692,6 +927,8 @@ def render(
     load_end: tuple[float, float, float],
     elapsed: float,
     reachable: dict[str, str],
+    targets: list[Target],
+    memory: dict[str, Any],
 ) -> str:
     lines: list[str] = []
     w = lines.append
@@ -717,33 +954,81 @@ def render(
     w("")
     w("Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".")
     w("")
+    lines.extend(render_targets(targets))
+    w("")
     bare = results.get("bare")
     for scenario in settings.scenarios:
         w(f"## {SCENARIO_NAMES[scenario]}")
         w("")
-        w("req/s, p50 and p99 latency: median over rounds [min-max]. x bare: median of per-round ratios [min-max].")
+        if scenario == "e":
+            w(
+                "`POST /orders`: the handler commits one INSERT into PostgreSQL (its own pool of 1-10 connections) "
+                "before answering; a new key per request. p50 x bare is the target's figure."
+            )
+            w("")
+        if scenario == "f":
+            w(
+                f"Each variant served by {F_WORKERS} uvicorn workers accepting on one socket, unpinned (wrk on CPU "
+                f"{settings.load_cpu}), a new key per request. x 1 worker: against the same variant's (a) run in the "
+                "same round (one worker pinned to a CPU of its own). The memory store is per process: with two "
+                "workers it is not one store (unique keys never repeat, so the scenario still holds)."
+            )
+            w("")
+        w(
+            "req/s, p50 and p99 latency: median over rounds [min-max]. x bare, x floor, p50/p99 x bare: median of "
+            "per-round ratios [min-max]; the floor is the same store's."
+        )
         w("")
-        w("| variant | store | req/s | p50 ms | p99 ms | x bare | target | correct |")
-        w("|---|---|---|---|---|---|---|---|")
+        extra = "x 1 worker" if scenario == "f" else "p50 x bare"
+        w(f"| variant | store | req/s | p50 ms | p99 ms | x bare | x floor | {extra} | p99 x bare | correct |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
+        bare_runs = bare.runs.get(scenario, []) if bare else []
         for v, res in results.items():
+            if not res.skipped and scenario not in res.runs:
+                continue
             store, label = info(v)
             name = f"{label} (`{v}`)"
             if res.skipped:
-                w(f"| {name} | {store} | skipped: {res.skipped} | | | | | |")
+                w(f"| {name} | {store} | skipped: {res.skipped} | | | | | | | |")
                 continue
             runs = res.runs.get(scenario, [])
-            ratios = ratio_runs(runs, bare.runs.get(scenario, [])) if bare and v != "bare" else []
-            target = TARGETS.get((scenario, store)) if v.startswith("idempo-") else None
-            met = ""
-            if target is not None and ratios:
-                met = f">= {target:.2f}: {'met' if med(ratios) >= target else 'NOT met'}"
+            ratios = ratio_runs(runs, bare_runs) if v != "bare" else []
+            floor_v = f"floor-{STORE_IDS.get(store, '')}"
+            floor_runs = results[floor_v].runs.get(scenario, []) if floor_v in results and floor_v != v else []
+            if scenario == "f":
+                extra_cell = fmt_range(ratio_runs(runs, res.runs.get("a", [])))
+            else:
+                extra_cell = fmt_range(ratio_field(runs, bare_runs, "p50_ms")) if v != "bare" else "1.00"
             w(
                 f"| {name} | {store} | {fmt_range([r.rps for r in runs], 0)} | {fmt_range([r.p50_ms for r in runs])} | "
                 f"{fmt_range([r.p99_ms for r in runs])} | "
                 f"{fmt_range(ratios) if ratios else '1.00' if v == 'bare' else '-'} | "
-                f"{met} | {check_cell(res.checks.get(scenario))} |"
+                f"{fmt_range(ratio_runs(runs, floor_runs))} | {extra_cell} | "
+                f"{fmt_range(ratio_field(runs, bare_runs, 'p99_ms')) if v != 'bare' else '1.00'} | "
+                f"{check_cell(res.checks.get(scenario))} |"
             )
         w("")
+    w("## Resident memory of the memory store")
+    w("")
+    store_mem = memory.get("store", {})
+    if "mib_per_100k" in store_mem:
+        w(
+            f"`bench/memory_store.py 100000 --json` (a fresh process, 100,000 records completed through `MemoryStore`, "
+            f"each a 201 with a ~60-byte JSON body and two headers): **{store_mem['mib_per_100k']:.1f} MiB per 100,000 "
+            f"completed records** ({store_mem['rss_bytes'] / store_mem['records']:.0f} bytes a record)."
+        )
+    else:
+        w(f"`bench/memory_store.py` failed: {store_mem.get('error', 'not run')}")
+    for v, m in memory.items():
+        if v == "store" or not m.get("records"):
+            continue
+        w("")
+        w(
+            f"The `{v}` server under the load: RSS +{m['rss_bytes'] / 2**20:.1f} MiB for {m['records']:,} records "
+            f"completed after the warm-up = {m['rss_bytes'] / 2**20 * 100_000 / m['records']:.1f} MiB per 100,000 "
+            f"(RSS at the end {m['rss_end'] / 2**20:.0f} MiB; includes the allocator's growth for the load itself)."
+        )
+    w("")
     # idempo against each peer on the same store
     w("## idempo against the peers and the floor on the same store")
     w("")
@@ -762,6 +1047,8 @@ def render(
                 if other == v or not comparable or info(other)[0] != store or ores.skipped:
                     continue
                 ratios = ratio_runs(res.runs.get(scenario, []), ores.runs.get(scenario, []))
+                if not ratios:
+                    continue
                 w(
                     f"| {store} | {SCENARIO_NAMES[scenario]} | `{v}` | `{other}` | {fmt_range(ratios)} | "
                     f"{check_cell(ores.checks.get(scenario))} |"
@@ -770,7 +1057,8 @@ def render(
     w("## Correctness")
     w("")
     w(
-        f"(a)/(b): every load answer 2xx; (a) one execution per request, (b) none. (c): 16 clients send one key at the "
+        f"(a)/(b)/(e)/(f): every load answer 2xx; (a), (e), (f) one execution per request, (b) none. "
+        f"(c): 16 clients send one key at the "
         f"same instant, {settings.c_keys} keys, with 0 and 20 ms of handler work: exactly one execution per key, "
         f"every answer "
         f"that execution's 201 or a 409, and a follow-up gets the 201 replayed. (d): the first attempt fails with 500 "
@@ -779,13 +1067,13 @@ def render(
         f"retry replays it."
     )
     w("")
-    w("| variant | (a) | (b) | (c) 0 ms | (c) 20 ms | (d) |")
-    w("|---|---|---|---|---|---|")
+    w("| variant | (a) | (b) | (c) 0 ms | (c) 20 ms | (d) | (e) | (f) |")
+    w("|---|---|---|---|---|---|---|---|")
     for v, res in results.items():
         if res.skipped:
-            w(f"| `{v}` | skipped: {res.skipped} | | | | |")
+            w(f"| `{v}` | skipped: {res.skipped} | | | | | | |")
             continue
-        cells = [check_cell(res.checks.get(k)) for k in ("a", "b", "c0", "c20", "d")]
+        cells = [check_cell(res.checks.get(k)) for k in ("a", "b", "c0", "c20", "d", "e", "f")]
         if "seed" in res.checks:
             cells[1] = check_cell(res.checks["seed"]) + "; " + cells[1]
         w(f"| `{v}` | " + " | ".join(cells) + " |")
@@ -954,7 +1242,9 @@ def parse(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--duration", type=int, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--variants", help="comma-separated variant ids (default: all)")
-    parser.add_argument("--scenarios", default="a,b", help="load scenarios to run: a, b or a,b")
+    parser.add_argument(
+        "--scenarios", default="a,b,e,f", help="load scenarios to run, comma-separated: a, b, e, f (default: all)"
+    )
     parser.add_argument("--no-micro", action="store_true", help="skip the pytest-benchmark micro-benchmarks")
     parser.add_argument("--server-cpu", default="0", help="CPU for the servers ('none': unpinned)")
     parser.add_argument("--load-cpu", default="1", help="CPU for wrk ('none': unpinned)")
@@ -990,7 +1280,7 @@ def parse(argv: list[str] | None = None) -> Settings:
         floor_ops=500 if quick else 2000,
         micro=not args.no_micro,
         variants=variants,
-        scenarios=[s for s in args.scenarios.split(",") if s in ("a", "b")],
+        scenarios=[s for s in args.scenarios.split(",") if s in SCENARIOS],
         server_cpu=server_cpu,
         load_cpu=load_cpu,
         redis_url=args.redis_url,
