@@ -45,6 +45,11 @@ _COMMANDS: dict[str, _Entry] = {
     "migrate": _Entry(
         "idempo.cli._migrate:migrate", "cli", "Create the store's schema, or upgrade it to this idempo's version."
     ),
+    "proxy": _Entry(
+        "idempo.proxy._command:proxy",
+        "proxy",
+        "Put the Idempotency-Key guarantee in front of any HTTP API (a reverse proxy).",
+    ),
     "purge": _Entry(
         "idempo.cli._records:purge", "cli", "Delete expired records, in batches, until none is left; print how many."
     ),

@@ -1,0 +1,533 @@
+"""The proxy's engine: an ASGI app that puts idempo's guarantees in front of an upstream.
+
+:class:`ProxyApp` is idempo's ASGI :class:`~idempo.asgi.IdempotencyMiddleware`
+around a forwarder (:mod:`idempo.proxy.forwarder`), with one
+:class:`~idempo.Policy` per configured route (:meth:`ProxyApp.policy_for`).
+Build it with :func:`create_app` from a :class:`~idempo.proxy.config.ProxyConfig`,
+or let ``uvicorn --factory idempo.proxy.app:app_factory`` build it from the
+environment (``IDEMPO_PROXY_CONFIG`` and the other ``IDEMPO_PROXY_*`` variables).
+
+What it does with a request:
+
+- our own ``Via`` coming back is a loop: 508 problem+json (RFC 9110 section 7.6.3);
+- a passthrough route, a method no route makes idempotent, a request without
+  a key (where none is required), and everything under ``disable``: streamed
+  through untouched, body and answer;
+- a keyed request is admitted by the middleware (400 for a missing or bad key
+  before the body is read, 413 over ``max_request_body``, 422/409/replay from
+  the record), then forwarded once with ``Content-Length``, the client's
+  ``Idempotency-Key`` and ``Idempo-Attempt: <fencing token>``, its answer
+  streamed to the client while it is captured raw (a gzip body is stored and
+  replayed as the bytes the upstream sent).
+
+Upstream failures (:class:`~idempo.proxy.forwarder.UpstreamFailure`) get a
+verdict from the route's ``outcomes``: ``connect-error`` (502) and
+``pool-timeout`` (503), whose request was never sent, release the key, with
+``Retry-After``; a failure after the request was sent (502, or 504 past the
+deadline; problem type ``upstream-outcome-unknown``) holds it by default, so
+retries get 409 until ``hold_ttl``. A request is never sent twice by the
+proxy itself. A client that disconnects does not stop the exchange: it runs,
+shielded, to the proxy's own total deadline (``upstream.deadline``) and the
+record completes, so the retry gets the replay.
+
+HTTP hygiene (RFC 9110 section 7.6.1): hop-by-hop fields and every field named
+in ``Connection`` are removed in both directions and so never stored;
+``Via: 1.1 idempo`` is added both ways; ``X-Forwarded-For``, ``-Proto`` and
+``-Host`` are replaced, or appended to when the peer is in
+``trusted_proxies``. WebSockets are refused (403) for now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import anyio
+
+from .. import _config
+from .._core.policy import Policy
+from .._core.problems import Problem, problem_response
+from .._core.records import StoredResponse
+from .._http.asgi import EXCHANGE_SCOPE_KEY, Exchange, Message, Receive, Scope, Send, send_answer
+from ..asgi import IdempotencyMiddleware
+from ..exceptions import ConfigurationError, StoreError, StoreUnavailable
+from ..observability._observation import logger
+from ..stores._base import warn_unreachable_at_startup
+from ..typing import AsyncStore
+from ._metrics import ProxyMetrics
+from .config import (
+    FAILURES,
+    AuthorizationScope,
+    HeaderScope,
+    JWTScope,
+    ProxyConfig,
+    Route,
+    load_config,
+)
+from .forwarder import Forwarder, HttpxForwarder, UpstreamFailure, failure_class
+
+__all__ = [
+    "HOP_BY_HOP",
+    "ProxyApp",
+    "app_factory",
+    "create_app",
+]
+
+#: Hop-by-hop fields (RFC 9110 section 7.6.1, plus the obsolete ``Keep-Alive``
+#: and ``Proxy-Connection``): meaningful for one connection, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+_VIA = b"1.1 idempo"
+_PRINCIPAL_KEY = "idempo.proxy.principal"
+_ROUTE_KEY = "idempo.proxy.route"
+
+UPSTREAM_UNREACHABLE = Problem(502, "upstream-unreachable", "The upstream could not be reached")
+UPSTREAM_BUSY = Problem(503, "upstream-busy", "No connection to the upstream was free in time")
+UPSTREAM_OUTCOME_UNKNOWN = Problem(502, "upstream-outcome-unknown", "The upstream's answer was lost")
+UPSTREAM_DEADLINE = Problem(504, "upstream-outcome-unknown", "The upstream did not answer in time")
+LOOP_DETECTED = Problem(508, "loop-detected", "The request came back to idempo proxy")
+TOKEN_REJECTED = Problem(401, "token-rejected", "The bearer token was refused")
+KEYS_UNAVAILABLE = Problem(503, "keys-unavailable", "The token's keys could not be fetched")
+WEBSOCKETS_UNSUPPORTED = 403
+
+
+class _CutOff(BaseException):
+    """The proxy is shutting down and the graceful timeout ended an exchange: its lease is kept.
+
+    A BaseException, so the execution settles nothing (a crash): the upstream
+    may have executed the request, and the lease expiring decides by
+    ``on_takeover``.
+    """
+
+
+class _ClientGone(Exception):
+    """The client left while an unkeyed request's body was streamed upstream."""
+
+
+def _connection_named(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Hop-by-hop fields plus every field the ``Connection`` fields name."""
+    named = set(HOP_BY_HOP)
+    for name, value in headers:
+        if name == b"connection":
+            named.update(part.strip().lower() for part in value.split(b",") if part.strip())
+    return frozenset(named)
+
+
+def _clean(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` (lower-case names) without hop-by-hop and ``Connection``-named fields."""
+    drop = _connection_named(headers)
+    return [(name, value) for name, value in headers if name not in drop]
+
+
+def _via_loops(headers: list[tuple[bytes, bytes]]) -> bool:
+    """True when a ``Via`` field names us (``<protocol> idempo``): the request came round again."""
+    for name, value in headers:
+        if name == b"via":
+            for entry in value.split(b","):
+                parts = entry.split()
+                if len(parts) >= 2 and parts[1] == b"idempo":
+                    return True
+    return False
+
+
+def _problem(problem: Problem, detail: str, retry_after: int | None = None) -> StoredResponse:
+    return problem_response(problem, detail, retry_after=retry_after)
+
+
+def failure_answer(failure: UpstreamFailure, retry_after: int) -> StoredResponse:
+    """The answer for a failed exchange: 502/503 with ``Retry-After`` (never sent), else 502/504 unknown."""
+    if failure.kind == "connect-error":
+        detail = "The upstream could not be reached; the request was not sent. Retry later."
+        return _problem(UPSTREAM_UNREACHABLE, detail, retry_after)
+    if failure.kind == "pool-timeout":
+        detail = "No connection to the upstream was free in time; the request was not sent. Retry later."
+        return _problem(UPSTREAM_BUSY, detail, retry_after)
+    detail = (
+        "The request was sent to the upstream, but its answer was lost "
+        f"({failure.kind}); it may or may not have taken effect. Retrying with the same "
+        "Idempotency-Key answers 409 until the key's hold ends: check the outcome first."
+    )
+    return _problem(UPSTREAM_DEADLINE if failure.kind == "deadline" else UPSTREAM_OUTCOME_UNKNOWN, detail)
+
+
+class ProxyApp:
+    """The ``idempo proxy`` ASGI app (see the module docstring).
+
+    Args:
+        config: the checked configuration (:func:`~idempo.proxy.config.load_config`).
+        store: the store, or None for the one ``config.proxy.store`` names.
+        forwarder: the connection to the upstream, or None for an
+            :class:`~idempo.proxy.forwarder.HttpxForwarder` on ``config``.
+        metrics: the proxy's metrics, or None for ones in prometheus-client's
+            default registry (``False`` would record nothing; see
+            :class:`~idempo.proxy._metrics.ProxyMetrics`).
+        secret: the server secret; default ``$IDEMPO_SECRET``, else one kept in the store.
+
+    Raises:
+        ConfigurationError: the store URL is unknown; a JWT scope's keys cannot be read.
+    """
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        store: AsyncStore | None = None,
+        forwarder: Forwarder | None = None,
+        metrics: ProxyMetrics | None = None,
+        secret: str | bytes | None = None,
+    ) -> None:
+        self.config = config
+        self.store: AsyncStore = store if store is not None else _config.async_store(config.proxy.store)
+        self._owns_store = store is None and _config.TESTING is None
+        self.forwarder: Forwarder = (
+            forwarder if forwarder is not None else HttpxForwarder(config.proxy.upstream, config.upstream)
+        )
+        self._host = config.proxy.upstream.base_url.split("://", 1)[1].encode("latin-1")
+        self.metrics = metrics if metrics is not None else ProxyMetrics()
+        self.middleware = IdempotencyMiddleware(self.forward, self.store, principal=self._principal, secret=secret)
+        self._policies: dict[str, Policy] = {}
+        self._resolvers: dict[str, Any] = {}
+        for route in (*config.routes, config.default_route):
+            if route.settings is None:
+                continue
+            self._policies[route.name] = self._policy(route)
+            if isinstance(route.settings.scope, JWTScope):
+                from .principal import JWTPrincipalResolver
+
+                try:
+                    self._resolvers[route.name] = JWTPrincipalResolver(route.settings.scope)
+                except (OSError, ValueError) as exc:
+                    raise ConfigurationError(f"route {route.name!r}: the JWT scope's keys: {exc}") from None
+        self._trusted = config.proxy.trusted_proxies
+        #: True once the proxy is shutting down (the admin port's /readyz answers 503).
+        self.draining = False
+        self._cut_off = False
+        self._shields: set[anyio.CancelScope] = set()
+
+    # --- routes and policies ------------------------------------------------------------------
+
+    @staticmethod
+    def _policy(route: Route) -> Policy:
+        settings = route.settings
+        assert settings is not None
+        outcomes = settings.outcomes
+        return settings.policy().replace(
+            on_takeover=outcomes.on_takeover,
+            exception_verdicts={failure_class(kind): outcomes.verdict_for_failure(kind) for kind in FAILURES},
+        )
+
+    def policy_for(self, scope: Scope) -> tuple[Route, Policy | None]:
+        """The route of a request and its policy; None for a passthrough route (or ``disable``)."""
+        route = self.config.route_for(scope["path"])
+        if self.config.proxy.disable or route.passthrough:
+            return route, None
+        return route, self._policies[route.name]
+
+    def _principal(self, scope: Scope) -> str | None:
+        """Who sent the request, by its route's ``scope`` (a verified JWT claim was resolved before)."""
+        route: Route = scope[_ROUTE_KEY]
+        assert route.settings is not None
+        kind = route.settings.scope
+        if isinstance(kind, JWTScope):
+            principal: str | None = scope.get(_PRINCIPAL_KEY)
+            return principal
+        if isinstance(kind, HeaderScope):
+            wanted = kind.name.encode("latin-1")
+            for name, value in scope["headers"]:
+                if name == wanted and value.strip():
+                    return "hdr:" + value.strip().decode("latin-1")
+            return None
+        assert isinstance(kind, AuthorizationScope)
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                # Unkeyed here; the record key keys it again with the server secret.
+                return "authz:" + hashlib.sha256(value).hexdigest()
+        return "anonymous"
+
+    # --- ASGI ---------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            # Not tunnelled yet: refuse the handshake (uvicorn answers 403).
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if _via_loops(headers):
+            detail = "The request already passed through idempo proxy: the upstream points back at the proxy."
+            await send_answer(send, _problem(LOOP_DETECTED, detail))
+            return
+        route, policy = self.policy_for(scope)
+        scope[_ROUTE_KEY] = route
+        if policy is None or scope["method"] not in policy.methods:
+            await self.forward(scope, receive, send)
+            return
+        resolver = self._resolvers.get(route.name)
+        if resolver is not None and any(name == b"idempotency-key" for name, _ in headers):
+            answer = await self._verify(resolver, scope)
+            if answer is not None:
+                await send_answer(send, answer)
+                return
+        try:
+            await self.middleware.handle(scope, receive, send, self.forward, policy, route.name)
+        except UpstreamFailure:
+            pass  # answered, and the record settled by the failure's verdict
+        except _CutOff:
+            pass  # shutting down: the lease is kept
+
+    async def _verify(self, resolver: Any, scope: Scope) -> StoredResponse | None:
+        """Resolve a JWT principal into the scope; the 401/503 answer when it cannot be."""
+        from .principal import KeysUnavailable, PrincipalRejected
+
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        try:
+            scope[_PRINCIPAL_KEY] = await resolver.aresolve(authorization)
+        except PrincipalRejected as exc:
+            answer = _problem(TOKEN_REJECTED, f"The bearer token was refused ({exc.reason}).")
+            return StoredResponse(401, (*answer.headers, (b"www-authenticate", b"Bearer")), answer.body)
+        except KeysUnavailable:
+            return _problem(KEYS_UNAVAILABLE, "The keys to check the bearer token could not be fetched.", 1)
+        return None
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Open the store at start-up; at shutdown, cut off what still runs and close everything."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                open_ = getattr(self.store, "open", None)
+                try:
+                    if open_ is not None:
+                        await open_()
+                except StoreUnavailable as exc:
+                    warn_unreachable_at_startup(self.config.proxy.store, exc)
+                except (ConfigurationError, StoreError) as exc:
+                    await send({"type": "lifespan.startup.failed", "message": f"idempo proxy: {exc}"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def shutdown(self) -> None:
+        """Cut off the exchanges still running (their leases are kept), close the pool and the store."""
+        self.draining = True
+        self._cut_off = True
+        for shield in list(self._shields):
+            shield.cancel()
+        await self.forwarder.aclose()
+        if self._owns_store:
+            await self.store.aclose()
+
+    # --- the forwarder ------------------------------------------------------------------------
+
+    def _request_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """The client's header fields as the upstream gets them: cleaned, with Via and X-Forwarded-*."""
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        drop = _connection_named(raw) | {b"expect", b"content-length"}
+        client = scope.get("client")
+        peer = client[0] if client else None
+        trusted = False
+        if peer is not None and self._trusted:
+            try:
+                address = ipaddress.ip_address(peer)
+            except ValueError:
+                address = None
+            trusted = address is not None and any(address in network for network in self._trusted)
+        forwarded_for: list[bytes] = []
+        forwarded_proto: bytes | None = None
+        forwarded_host: bytes | None = None
+        host: bytes | None = None
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in raw:
+            if name in drop:
+                continue
+            if name == b"x-forwarded-for":
+                if trusted:
+                    forwarded_for.append(value)
+                continue
+            if name == b"x-forwarded-proto":
+                if trusted and forwarded_proto is None:
+                    forwarded_proto = value
+                continue
+            if name == b"x-forwarded-host":
+                if trusted and forwarded_host is None:
+                    forwarded_host = value
+                continue
+            if name == b"host":
+                host = value
+            headers.append((name, value))
+        if host is None:
+            host = self._host
+            headers.insert(0, (b"host", host))
+        if peer is not None:
+            forwarded_for.append(peer.encode("latin-1"))
+        if forwarded_for:
+            headers.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+        headers.append((b"x-forwarded-proto", forwarded_proto or scope.get("scheme", "http").encode("latin-1")))
+        headers.append((b"x-forwarded-host", forwarded_host or host))
+        headers.append((b"via", _VIA))
+        return headers
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app behind the middleware: send the request upstream once, stream its answer back.
+
+        A keyed request (the middleware's :class:`~idempo._http.asgi.Exchange`
+        in the scope) is sent with its whole body and ``Content-Length``, and
+        runs shielded from cancellation until the total deadline; an unkeyed
+        one streams its body through.
+
+        Raises:
+            UpstreamFailure: a keyed exchange failed (after its answer, if any,
+                was sent), so the middleware settles the record by its verdict.
+            _CutOff: a keyed exchange was cut off by the shutdown.
+        """
+        started_at = time.perf_counter()
+        exchange = scope.get(EXCHANGE_SCOPE_KEY)
+        keyed = isinstance(exchange, Exchange)
+        route: Route | None = scope.get(_ROUTE_KEY)
+        label = route.name if route is not None else "default"
+        headers = self._request_headers(scope)
+        body: bytes | AsyncIterator[bytes]
+        if isinstance(exchange, Exchange):
+            message = await receive()  # the body the middleware read
+            body = message.get("body", b"")
+            headers.append((b"content-length", b"%d" % len(body)))
+            headers.append((b"idempo-attempt", b"%d" % exchange.execution.token))
+        else:
+            body = b""
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    headers.append((name, value))
+                    body = self._client_body(receive)
+                    break
+                if name == b"transfer-encoding" and b"chunked" in value.lower():
+                    headers.append((b"transfer-encoding", b"chunked"))
+                    body = self._client_body(receive)
+                    break
+        retry_after = self._policies[label].retry_after if label in self._policies else 1
+        metrics = self.metrics
+        metrics.upstream_requests.labels(label).inc()
+        metrics.inflight.inc()
+        failure: UpstreamFailure | None = None
+        started = False
+        upstream_at = time.perf_counter()
+        deadline = anyio.current_time() + self.config.upstream.deadline
+        try:
+            with anyio.CancelScope(shield=keyed, deadline=deadline) as shield:
+                self._shields.add(shield)
+                response = None
+                try:
+                    response = await self.forwarder.send(scope["method"], _target(scope), headers, body)
+                    response_headers = _clean(response.headers)
+                    response_headers.append((b"via", _VIA))
+                    await send({"type": "http.response.start", "status": response.status, "headers": response_headers})
+                    started = True
+                    async for chunk in response.aiter_raw():
+                        if chunk:
+                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except UpstreamFailure as exc:
+                    failure = exc
+                except _ClientGone:
+                    return
+                finally:
+                    self._shields.discard(shield)
+                    if response is not None:
+                        with anyio.CancelScope(shield=True):
+                            await response.aclose()
+            if shield.cancelled_caught and failure is None:
+                if self._cut_off:
+                    raise _CutOff()
+                failure = failure_class("deadline")(f"no whole answer within {self.config.upstream.deadline} s")
+        finally:
+            metrics.inflight.dec()
+            now = time.perf_counter()
+            metrics.upstream_seconds.labels(label).observe(now - upstream_at)
+            metrics.overhead_seconds.labels(label).observe(max(0.0, (upstream_at - started_at)))
+        if failure is None:
+            if isinstance(exchange, Exchange) and exchange.client_gone:
+                logger.info("idempo proxy: the client left; the exchange ran to its end and its record settles")
+            return
+        metrics.upstream_errors.labels(failure.kind).inc()
+        if not started:
+            await send_answer(send, failure_answer(failure, retry_after))
+        if keyed:
+            if failure.sent:
+                metrics.unknown_outcomes.labels(failure.kind).inc()
+            raise failure
+
+    async def _client_body(self, receive: Receive) -> AsyncIterator[bytes]:
+        """An unkeyed request's body, chunk by chunk as the client sends it."""
+        while True:
+            message: Message = await receive()
+            if message["type"] != "http.request":
+                raise _ClientGone()
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+
+def _target(scope: Scope) -> bytes:
+    """The request target as the client sent it: the raw path and ``?query``."""
+    path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    query: bytes = scope.get("query_string", b"")
+    return path + b"?" + query if query else path
+
+
+def create_app(config: ProxyConfig, **options: Any) -> ProxyApp:
+    """The proxy's ASGI app for ``config`` (the entry point of ``idempo proxy``, the demo and the bench).
+
+    Args:
+        config: the configuration (:func:`~idempo.proxy.config.load_config`).
+        options: passed to :class:`ProxyApp` (``store``, ``forwarder``, ``metrics``, ``secret``).
+
+    Returns:
+        The app; serve it with uvicorn (``date_header=False, server_header=False``,
+        so the upstream's ``Date`` and ``Server`` are the ones the client gets).
+    """
+    return ProxyApp(config, **options)
+
+
+def app_factory(environ: Mapping[str, str] | None = None) -> ProxyApp:
+    """The app configured by the environment, for ``uvicorn --factory idempo.proxy.app:app_factory``.
+
+    ``IDEMPO_PROXY_CONFIG`` names the file; the other ``IDEMPO_PROXY_*``
+    variables override it (:data:`~idempo.proxy.config.ENVIRONMENT`). Also
+    what gunicorn's ``UvicornWorker`` loads (``idempo.proxy.app:app_factory()``).
+
+    Raises:
+        ProxyConfigError: the configuration is wrong (the message names the key).
+    """
+    return create_app(load_config(None, environ=os.environ if environ is None else environ))
+
+
+Factory = Callable[[], ProxyApp]

@@ -1,0 +1,248 @@
+"""The proxy's connection to the upstream: a small interface, and its httpx implementation.
+
+:class:`Forwarder` is what the proxy's engine (:mod:`idempo.proxy.app`) asks
+of an HTTP client: send one request, give back the answer's status, headers
+and raw body, and say precisely how an exchange failed. :class:`HttpxForwarder`
+drives httpx's ``AsyncHTTPTransport`` directly, not ``AsyncClient``: the client
+keeps a cookie jar that would carry one user's ``Set-Cookie`` into the next
+user's request (gradio GHSA-2mr9-9r47-px2g), reads ``HTTP_PROXY`` from the
+environment and follows redirects on request; a reverse proxy wants none of
+that. Another client (an aiohttp connector, httpx#3215) can be measured
+behind the same interface.
+
+Every failure is an :class:`UpstreamFailure` naming one of
+:data:`~idempo.proxy.config.FAILURES`. ``connect-error`` and ``pool-timeout``
+mean the request was never sent, so a retry may safely send it; every other
+failure may have reached the upstream, whose outcome the proxy cannot know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from .config import FAILURES_NOT_SENT, UpstreamSettings, UpstreamTarget
+
+__all__ = [
+    "Forwarder",
+    "HttpxForwarder",
+    "UpstreamFailure",
+    "UpstreamResponse",
+    "failure_class",
+]
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class UpstreamFailure(Exception):
+    """An exchange with the upstream failed; :attr:`kind` says how.
+
+    One subclass per failure name (:func:`failure_class`), so that a route's
+    ``outcomes`` become :class:`~idempo.Policy` exception verdicts.
+
+    Attributes:
+        kind: the failure's name (:data:`~idempo.proxy.config.FAILURES`):
+            ``connect-error``, ``pool-timeout``, ``write-error``, ``read-error``,
+            ``protocol-error`` or ``deadline``.
+        sent: False for the failures whose request was never sent
+            (``connect-error``, ``pool-timeout``).
+    """
+
+    kind = "protocol-error"
+
+    @property
+    def sent(self) -> bool:
+        """True when the request may have reached the upstream (its outcome is unknown)."""
+        return self.kind not in FAILURES_NOT_SENT
+
+
+def _make_failure_classes() -> dict[str, type[UpstreamFailure]]:
+    classes: dict[str, type[UpstreamFailure]] = {}
+    for kind in ("connect-error", "pool-timeout", "write-error", "read-error", "protocol-error", "deadline"):
+        name = "Upstream" + "".join(part.capitalize() for part in kind.split("-"))
+        classes[kind] = type(name, (UpstreamFailure,), {"kind": kind, "__doc__": f"The ``{kind}`` failure."})
+    return classes
+
+
+_FAILURE_CLASSES = _make_failure_classes()
+
+
+def failure_class(kind: str) -> type[UpstreamFailure]:
+    """The :class:`UpstreamFailure` subclass of a failure name.
+
+    Raises:
+        KeyError: ``kind`` is not one of :data:`~idempo.proxy.config.FAILURES`.
+    """
+    return _FAILURE_CLASSES[kind]
+
+
+class UpstreamResponse(Protocol):
+    """An upstream's answer whose body has not been read yet."""
+
+    @property
+    def status(self) -> int:
+        """The status code."""
+
+    @property
+    def headers(self) -> Headers:
+        """The header fields as sent (lower-case names, repeats kept, hop-by-hop ones included)."""
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it came, still content-coded (a gzip body stays gzip).
+
+        Raises:
+            UpstreamFailure: the body broke off (``read-error``, ``protocol-error``).
+        """
+
+    async def aclose(self) -> None:
+        """Give the connection back to the pool (or close it, when the body was not read to its end)."""
+
+
+class Forwarder(Protocol):
+    """Sends requests to one upstream over a pool of connections."""
+
+    async def send(
+        self, method: str, target: bytes, headers: Headers, body: bytes | AsyncIterator[bytes]
+    ) -> UpstreamResponse:
+        """Send one request; return once the answer's status line and headers arrived.
+
+        Args:
+            method: the request method.
+            target: the request target: the raw path and ``?query``, as the client sent it.
+            headers: the header fields to send, already cleaned (the caller sets
+                ``Content-Length`` or ``Transfer-Encoding`` to match ``body``).
+            body: the whole body, or its chunks as they arrive from the client.
+
+        Raises:
+            UpstreamFailure: the request could not be sent, or no answer came.
+        """
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+
+
+class _HttpxResponse:
+    """An httpx transport's response as an :class:`UpstreamResponse`."""
+
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: object) -> None:
+        import httpx
+
+        assert isinstance(response, httpx.Response)
+        self._response = response
+        self.status: int = response.status_code
+        self.headers: Headers = [(name.lower(), value) for name, value in response.headers.raw]
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        import httpx
+
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class _Stream:
+    """A request body streamed from the client, as httpx's ``AsyncByteStream``."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _translate(exc: BaseException) -> UpstreamFailure:
+    """The failure an httpx exception stands for (httpx's exception hierarchy, 0.27 and later)."""
+    import httpx
+
+    kinds: Sequence[tuple[type[BaseException], str]] = (
+        (httpx.ConnectError, "connect-error"),
+        (httpx.ConnectTimeout, "connect-error"),
+        (httpx.PoolTimeout, "pool-timeout"),
+        (httpx.WriteError, "write-error"),
+        (httpx.WriteTimeout, "write-error"),
+        (httpx.ReadError, "read-error"),
+        (httpx.ReadTimeout, "read-error"),
+        (httpx.ProtocolError, "protocol-error"),
+    )
+    for cls, kind in kinds:
+        if isinstance(exc, cls):
+            return failure_class(kind)(str(exc) or type(exc).__name__)
+    return failure_class("protocol-error")(f"{type(exc).__name__}: {exc}")
+
+
+class HttpxForwarder:
+    """A :class:`Forwarder` over httpx's ``AsyncHTTPTransport`` (HTTP/1.1, pooled).
+
+    Args:
+        target: the upstream (``http``, ``https`` or ``unix:``).
+        settings: the ``[upstream]`` table: connect and pool timeouts, pool
+            sizes, ``keepalive_expiry`` (seconds; keep it below the upstream's
+            idle timeout, 5 s in Node and uvicorn, so a connection the upstream
+            is closing is never picked for a keyed request), TLS verification.
+
+    No total timeout is set here (httpx has none): the proxy enforces
+    ``upstream.deadline`` itself. Read and write timeouts equal the deadline.
+    """
+
+    def __init__(self, target: UpstreamTarget, settings: UpstreamSettings) -> None:
+        import httpx
+
+        verify: bool | str = settings.verify if isinstance(settings.verify, bool) else str(settings.verify)
+        self._transport = httpx.AsyncHTTPTransport(
+            verify=verify,
+            limits=httpx.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_keepalive_connections,
+                keepalive_expiry=settings.keepalive_expiry,
+            ),
+            uds=target.uds,
+            retries=0,  # a connect retry is safe, but the verdict must name what happened
+        )
+        self._base = httpx.URL(target.base_url)
+        self._host = self._base.netloc
+        self._timeout = {
+            "connect": settings.connect_timeout,
+            "pool": settings.pool_timeout,
+            "read": settings.deadline,
+            "write": settings.deadline,
+        }
+
+    @property
+    def host(self) -> bytes:
+        """The upstream's ``host[:port]``, the ``Host`` of a request that came without one."""
+        return self._host
+
+    async def send(
+        self, method: str, target: bytes, headers: Headers, body: bytes | AsyncIterator[bytes]
+    ) -> UpstreamResponse:
+        """See :meth:`Forwarder.send`."""
+        import httpx
+
+        stream: httpx.AsyncByteStream = httpx.ByteStream(body) if isinstance(body, bytes) else _Stream(body)
+        request = httpx.Request(
+            method,
+            self._base.copy_with(raw_path=target),
+            headers=headers,
+            stream=stream,
+            extensions={"timeout": self._timeout},
+        )
+        try:
+            response = await self._transport.handle_async_request(request)
+        except httpx.HTTPError as exc:
+            raise _translate(exc) from exc
+        return _HttpxResponse(response)
+
+    async def aclose(self) -> None:
+        """See :meth:`Forwarder.aclose`."""
+        await self._transport.aclose()
