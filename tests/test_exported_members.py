@@ -139,7 +139,9 @@ PUBLIC_API: dict[str, list[str]] = {
         "legacy_principal",
         "standard",
     ],
-    "idempo.proxy": ["ProxyConfig", "ProxyConfigError", "dump_config", "load_config"],
+    "idempo.proxy": ["ProxyConfig", "ProxyConfigError", "app_factory", "create_app", "dump_config", "load_config"],
+    "idempo.proxy.app": ["HOP_BY_HOP", "ProxyApp", "app_factory", "create_app", "failure_answer"],
+    "idempo.proxy.forwarder": ["Forwarder", "HttpxForwarder", "UpstreamFailure", "UpstreamResponse", "failure_class"],
     "idempo.proxy.config": [
         "AuthorizationScope",
         "ENVIRONMENT",

@@ -239,6 +239,8 @@ EXTRAS = {
     "idempo.flask": "flask",
     "idempo.litestar": "litestar",
     "idempo.metrics": "prometheus_client",
+    "idempo.proxy.app": "httpx",
+    "idempo.proxy.forwarder": "httpx",
     "idempo.requests_adapter": "tenacity",
     "idempo.stores.postgres": "psycopg",
     "idempo.stores.redis": "redis",

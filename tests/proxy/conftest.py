@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import service_missing
+from tests.proxy.proxy_process import ProxyProcess, write_config
 from tests.proxy.upstream import NodeUpstream, find_node
 
 
@@ -55,3 +56,35 @@ def start_node_upstream(node_binary: str, tmp_path: Path) -> Iterator[Callable[[
 def node_upstream(start_node_upstream: Callable[[], NodeUpstream]) -> NodeUpstream:
     """One running Node upstream, stopped after the test."""
     return start_node_upstream()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Start ``idempo proxy`` processes of the test's own.
+
+    ``start_proxy(upstream_url, store_url, extra, *args, **proxy)`` returns a started :class:`ProxyProcess`.
+
+    ``extra`` is TOML appended after ``[proxy]`` (``[upstream]``, ``[defaults]``,
+    ``[[route]]``); ``proxy`` holds more ``[proxy]`` keys. Every one is killed afterwards.
+    """
+    proxies: list[ProxyProcess] = []
+
+    def start(upstream: str, store: str, extra: str = "", *args: str, **proxy: object) -> ProxyProcess:
+        n = len(proxies)
+        config = write_config(tmp_path / f"proxy-{n}.toml", upstream, store, extra, **proxy)
+        process = ProxyProcess(config, tmp_path / f"proxy-{n}.log", *args)
+        proxies.append(process)
+        return process.start()
+
+    yield start
+    for process in proxies:
+        process.kill()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store shared by the test's proxies: a SQLite file, or the shared Redis under this session's prefix."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'idempo.db'}"
+    url: str = request.getfixturevalue("redis_store_url")
+    return url

@@ -113,7 +113,7 @@ class AdminApp:
             from prometheus_client import multiprocess
 
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(REGISTRY if registry is None else registry), CONTENT_TYPE_LATEST
 
 

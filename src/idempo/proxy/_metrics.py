@@ -8,7 +8,6 @@ metric                                         labels        what
 ``idempo_proxy_upstream_seconds``              route         from sending a request to its answer's last byte
 ``idempo_proxy_overhead_seconds``              route         the proxy's own time: total time less upstream time
 ``idempo_proxy_inflight``                                    exchanges with the upstream now
-``idempo_proxy_detached_inflight``                           of those, whose client has gone (they run on)
 ``idempo_proxy_unknown_outcomes_total``        cause         keyed exchanges whose outcome is unknown
 ``idempo_proxy_not_stored_total``              reason        keyed answers not stored for replay
 =============================================  ============  ===================================================
@@ -63,7 +62,6 @@ class ProxyMetrics:
             self.upstream_seconds: Any = nothing
             self.overhead_seconds: Any = nothing
             self.inflight: Any = nothing
-            self.detached_inflight: Any = nothing
             self.unknown_outcomes: Any = nothing
             self.not_stored: Any = nothing
             return
@@ -72,7 +70,10 @@ class ProxyMetrics:
             "idempo_proxy_upstream_requests", "Requests sent upstream.", ["route"], registry=registry
         )
         self.upstream_errors = Counter(
-            "idempo_proxy_upstream_errors", "Failed exchanges with the upstream, by failure.", ["kind"], registry=registry
+            "idempo_proxy_upstream_errors",
+            "Failed exchanges with the upstream, by failure.",
+            ["kind"],
+            registry=registry,
         )
         self.upstream_seconds = Histogram(
             "idempo_proxy_upstream_seconds",
@@ -90,12 +91,6 @@ class ProxyMetrics:
         )
         self.inflight = Gauge(
             "idempo_proxy_inflight", "Exchanges with the upstream now.", registry=registry, multiprocess_mode="livesum"
-        )
-        self.detached_inflight = Gauge(
-            "idempo_proxy_detached_inflight",
-            "Exchanges with the upstream whose client has gone; they run on to the deadline.",
-            registry=registry,
-            multiprocess_mode="livesum",
         )
         self.unknown_outcomes = Counter(
             "idempo_proxy_unknown_outcomes",

@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -47,7 +48,8 @@ def bind(address: ListenAddress) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(address.uds)
     else:
-        assert address.host is not None and address.port is not None
+        assert address.host is not None
+        assert address.port is not None
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -65,6 +67,16 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _instrument() -> None:
+    """Record idempo's own metrics (served on the admin port beside the proxy's)."""
+    try:
+        from ..observability import instrument
+
+        instrument(metrics=True)
+    except ImportError:  # pragma: no cover - prometheus-client is in idempo[proxy]
+        pass
+
+
 def _uvicorn_config(app: Any, config: ProxyConfig, **extra: Any) -> Any:
     import uvicorn
 
@@ -76,10 +88,31 @@ def _uvicorn_config(app: Any, config: ProxyConfig, **extra: Any) -> Any:
         "access_log": False,
         # X-Forwarded-* are the proxy's to write (trusted_proxies), never uvicorn's to believe.
         "proxy_headers": False,
-        "log_level": os.environ.get("IDEMPO_PROXY_LOG_LEVEL", "warning"),
+        "log_level": "warning",
         "timeout_graceful_shutdown": max(1, round(config.proxy.graceful_timeout)),
     }
     return uvicorn.Config(app, **{**options, **extra})
+
+
+def _proxy_server(app: Any, config: ProxyConfig) -> Any:
+    import uvicorn
+
+    class _ProxyServer(uvicorn.Server):
+        """uvicorn's server, but a drain ended by SIGTERM exits with status 0 (uvicorn raises the signal again)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {signum: signal.signal(signum, self.handle_exit) for signum in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for signum, handler in original.items():
+                    signal.signal(signum, handler)
+
+    return _ProxyServer(_uvicorn_config(app, config))
 
 
 def _admin_server(app: Any, config: ProxyConfig) -> Any:
@@ -129,13 +162,13 @@ def run(config: ProxyConfig, path: str | None = None, flags: Mapping[str, object
 
 
 async def _serve_one(config: ProxyConfig, sock: socket.socket, admin_sock: socket.socket | None) -> None:
-    import uvicorn
 
     from ._admin import AdminApp
     from .app import create_app
 
+    _instrument()
     app = create_app(config)
-    server = uvicorn.Server(_uvicorn_config(app, config))
+    server = _proxy_server(app, config)
     if admin_sock is None:
         await server.serve(sockets=[sock])
         return
@@ -152,12 +185,12 @@ async def _serve_one(config: ProxyConfig, sock: socket.socket, admin_sock: socke
 
 def _worker(path: str | None, flags: dict[str, object], sock: socket.socket) -> None:
     """One worker process: load the configuration again, serve on the shared socket until SIGTERM."""
-    import uvicorn
 
     from .app import create_app
 
     config = load_config(path, flags=flags)
-    uvicorn.Server(_uvicorn_config(create_app(config), config)).run(sockets=[sock])
+    _instrument()
+    _proxy_server(create_app(config), config).run(sockets=[sock])
 
 
 def _supervise(
@@ -189,7 +222,8 @@ def _supervise(
                 process.join()
         if own_dir is not None:
             own_dir.cleanup()
-    return 0 if all(process.exitcode == 0 for process in workers) else 1
+    # A worker still starting when the SIGTERM came ends by it (before uvicorn handles signals): a clean stop too.
+    return 0 if all(process.exitcode in (0, -signal.SIGTERM) for process in workers) else 1
 
 
 async def _supervise_async(config: ProxyConfig, workers: list[Any], admin_sock: socket.socket | None) -> None:
@@ -234,4 +268,3 @@ def _join_all(workers: list[Any], patience: float) -> None:
     deadline = time.monotonic() + patience
     for process in workers:
         process.join(max(0.0, deadline - time.monotonic()))
-

@@ -49,13 +49,12 @@ from typing import Any
 import anyio
 
 from .. import _config
-from .._core.policy import Policy
+from .._core.policy import Policy, Verdict
 from .._core.problems import Problem, problem_response
 from .._core.records import StoredResponse
 from .._http.asgi import EXCHANGE_SCOPE_KEY, Exchange, Message, Receive, Scope, Send, send_answer
 from ..asgi import IdempotencyMiddleware
 from ..exceptions import ConfigurationError, StoreError, StoreUnavailable
-from ..observability._observation import logger
 from ..stores._base import warn_unreachable_at_startup
 from ..typing import AsyncStore
 from ._metrics import ProxyMetrics
@@ -75,6 +74,7 @@ __all__ = [
     "ProxyApp",
     "app_factory",
     "create_app",
+    "failure_answer",
 ]
 
 #: Hop-by-hop fields (RFC 9110 section 7.6.1, plus the obsolete ``Keep-Alive``
@@ -245,11 +245,12 @@ class ProxyApp:
         assert route.settings is not None
         kind = route.settings.scope
         if isinstance(kind, JWTScope):
-            principal: str | None = scope.get(_PRINCIPAL_KEY)
-            return principal
+            principal = scope.get(_PRINCIPAL_KEY)
+            return principal if isinstance(principal, str) else None
         if isinstance(kind, HeaderScope):
             wanted = kind.name.encode("latin-1")
-            for name, value in scope["headers"]:
+            headers: list[tuple[bytes, bytes]] = scope["headers"]
+            for name, value in headers:
                 if name == wanted and value.strip():
                     return "hdr:" + value.strip().decode("latin-1")
             return None
@@ -417,8 +418,9 @@ class ProxyApp:
         body: bytes | AsyncIterator[bytes]
         if isinstance(exchange, Exchange):
             message = await receive()  # the body the middleware read
-            body = message.get("body", b"")
-            headers.append((b"content-length", b"%d" % len(body)))
+            whole: bytes = message.get("body", b"")
+            body = whole
+            headers.append((b"content-length", b"%d" % len(whole)))
             headers.append((b"idempo-attempt", b"%d" % exchange.execution.token))
         else:
             body = b""
@@ -472,8 +474,12 @@ class ProxyApp:
             metrics.upstream_seconds.labels(label).observe(now - upstream_at)
             metrics.overhead_seconds.labels(label).observe(max(0.0, (upstream_at - started_at)))
         if failure is None:
-            if isinstance(exchange, Exchange) and exchange.client_gone:
-                logger.info("idempo proxy: the client left; the exchange ran to its end and its record settles")
+            if isinstance(exchange, Exchange):
+                capture = exchange.capture
+                if capture.too_large:
+                    metrics.not_stored.labels("too_large").inc()
+                elif capture.verdict is not Verdict.STORE:
+                    metrics.not_stored.labels("status").inc()
             return
         metrics.upstream_errors.labels(failure.kind).inc()
         if not started:

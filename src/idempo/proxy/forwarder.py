@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+import httpx
+
 from .config import FAILURES_NOT_SENT, UpstreamSettings, UpstreamTarget
 
 __all__ = [
@@ -127,16 +129,12 @@ class _HttpxResponse:
     __slots__ = ("_response", "headers", "status")
 
     def __init__(self, response: object) -> None:
-        import httpx
-
         assert isinstance(response, httpx.Response)
         self._response = response
         self.status: int = response.status_code
         self.headers: Headers = [(name.lower(), value) for name, value in response.headers.raw]
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
-        import httpx
-
         try:
             async for chunk in self._response.aiter_raw():
                 yield chunk
@@ -147,7 +145,7 @@ class _HttpxResponse:
         await self._response.aclose()
 
 
-class _Stream:
+class _Stream(httpx.AsyncByteStream):
     """A request body streamed from the client, as httpx's ``AsyncByteStream``."""
 
     def __init__(self, chunks: AsyncIterator[bytes]) -> None:
@@ -163,8 +161,6 @@ class _Stream:
 
 def _translate(exc: BaseException) -> UpstreamFailure:
     """The failure an httpx exception stands for (httpx's exception hierarchy, 0.27 and later)."""
-    import httpx
-
     kinds: Sequence[tuple[type[BaseException], str]] = (
         (httpx.ConnectError, "connect-error"),
         (httpx.ConnectTimeout, "connect-error"),
@@ -196,8 +192,6 @@ class HttpxForwarder:
     """
 
     def __init__(self, target: UpstreamTarget, settings: UpstreamSettings) -> None:
-        import httpx
-
         verify: bool | str = settings.verify if isinstance(settings.verify, bool) else str(settings.verify)
         self._transport = httpx.AsyncHTTPTransport(
             verify=verify,
@@ -227,8 +221,6 @@ class HttpxForwarder:
         self, method: str, target: bytes, headers: Headers, body: bytes | AsyncIterator[bytes]
     ) -> UpstreamResponse:
         """See :meth:`Forwarder.send`."""
-        import httpx
-
         stream: httpx.AsyncByteStream = httpx.ByteStream(body) if isinstance(body, bytes) else _Stream(body)
         request = httpx.Request(
             method,

@@ -1,0 +1,287 @@
+"""``idempo proxy`` when things break: the client, the upstream, the proxy itself, the store (real processes).
+
+The verdicts under test (DESIGN's three outcomes, issue 13): a request never
+sent is released (502/503 with ``Retry-After``); one whose outcome is unknown
+is held (502/504, then 409 until ``hold_ttl``); a client leaving does not stop
+the exchange. Every wait polls the ledger or the proxy; none sleeps for an
+assumed time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.proxy.proxy_process import SECRET, ProxyProcess, poll, write_config
+from tests.proxy.upstream import NodeUpstream
+from tests.support.relay import Relay
+
+StartProxy = Callable[..., ProxyProcess]
+
+SHORT = """
+[upstream]
+deadline = "500ms"
+[defaults]
+lease_ttl = "1s"
+outcomes = { hold_ttl = "2s" }
+"""
+
+# A lease that outlives a proxy's restart, so the restarted proxy finds it running.
+LONGER_LEASE = """
+[upstream]
+deadline = "1s"
+[defaults]
+lease_ttl = "6s"
+outcomes = { hold_ttl = "2s" }
+"""
+
+
+def key() -> str:
+    return str(uuid.uuid4())
+
+
+def post(proxy: ProxyProcess, k: str, fault: str | None = None, path: str = "/v1/payments") -> httpx.Response:
+    headers = {"Idempotency-Key": k}
+    if fault:
+        headers["X-Fault"] = fault
+    return httpx.post(proxy.url + path, content=b'{"amount": 5}', headers=headers, timeout=15)
+
+
+def post_quietly(proxy: ProxyProcess, k: str, fault: str | None = None, path: str = "/v1/payments") -> None:
+    """:func:`post`, for a request whose proxy is killed under it."""
+    with contextlib.suppress(httpx.HTTPError):
+        post(proxy, k, fault, path)
+
+
+def sqlite(upstream: NodeUpstream) -> str:
+    return "sqlite:///" + str(upstream.directory / "idempo.db")
+
+
+def test_a_client_that_disconnects_does_not_stop_the_exchange(
+    node_upstream: NodeUpstream, start_proxy: StartProxy, store_url: str
+) -> None:
+    """The client leaves before the answer; the exchange completes; its retry gets the replay; ledger 1."""
+    proxy = start_proxy(node_upstream.url, store_url)
+    k = key()
+    address = urlsplit(proxy.url)
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        body = b'{"amount": 5}'
+        head = (
+            f"POST /v1/payments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: {k}\r\nX-Fault: await-release\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        node_upstream.wait_waiting(1)
+    node_upstream.release(1, key=k)
+    replay = poll("the replay", lambda: (r := post(proxy, k)).status_code == 201 and r)
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert node_upstream.executions(k) == 1
+
+
+def test_an_upstream_slower_than_the_deadline_is_held(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """504, then 409 while held; after hold_ttl the retry is forwarded again, with a higher Idempo-Attempt."""
+    proxy = start_proxy(node_upstream.url, sqlite(node_upstream), SHORT)
+    k = key()
+    first = post(proxy, k, "await-release")
+    assert first.status_code == 504
+    assert first.json()["type"].endswith("/upstream-outcome-unknown")
+    held = post(proxy, k)
+    assert held.status_code == 409
+    assert held.json()["type"].endswith("/outcome-unknown")
+    node_upstream.release(1, key=k)
+    assert node_upstream.executions(k) == 1
+    poll("the hold to end", lambda: post(proxy, k).status_code == 201)
+    attempts = [int(entry["attempt"]) for entry in node_upstream.ledger() if entry["key"] == k]
+    assert len(attempts) == 2
+    assert attempts[1] > attempts[0]
+
+
+@pytest.mark.parametrize("fault", ["crash-after-commit", "drop-after-commit"])
+def test_an_answer_lost_after_the_commit_is_held(
+    node_upstream: NodeUpstream, start_proxy: StartProxy, fault: str
+) -> None:
+    """The upstream executed and its answer was lost: 502 upstream-outcome-unknown, then 409; ledger 1."""
+    proxy = start_proxy(node_upstream.url, sqlite(node_upstream))
+    k = key()
+    lost = post(proxy, k, fault)
+    assert lost.status_code == 502
+    assert lost.json()["type"].endswith("/upstream-outcome-unknown")
+    if fault == "crash-after-commit":
+        node_upstream.wait_exit()
+        node_upstream.start()
+    assert post(proxy, k).status_code == 409
+    assert node_upstream.executions(k) == 1
+
+
+def test_an_upstream_that_is_down_releases_the_key(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """Nothing was sent: 502 with Retry-After; after the upstream is back, the retry executes once."""
+    proxy = start_proxy(node_upstream.url, sqlite(node_upstream))
+    node_upstream.stop()
+    k = key()
+    down = post(proxy, k)
+    assert down.status_code == 502
+    assert down.headers["retry-after"] == "1"
+    assert down.json()["type"].endswith("/upstream-unreachable")
+    node_upstream.start()
+    assert post(proxy, k).status_code == 201
+    assert post(proxy, k).headers["idempotent-replayed"] == "true"
+    assert node_upstream.executions(k) == 1
+
+
+def test_a_proxy_killed_mid_exchange(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """SIGKILL while the upstream works: 409 until the lease expires; then held (default) or forwarded as attempt 2."""
+    routes = LONGER_LEASE + '[[route]]\nname = "again"\npath = "/v1/again"\noutcomes = { on_takeover = "execute" }\n'
+    proxy = start_proxy(node_upstream.url, sqlite(node_upstream), routes)
+    held, again = key(), key()
+    threads = [
+        threading.Thread(target=post_quietly, args=(proxy, k, "await-release", path), daemon=True)
+        for k, path in ((held, "/v1/payments"), (again, "/v1/again"))
+    ]
+    for thread in threads:
+        thread.start()
+    node_upstream.wait_waiting(2)
+    proxy.kill()
+    node_upstream.release(2)
+    restarted = ProxyProcess(proxy.config, proxy.log).start()
+    try:
+        assert post(restarted, again, path="/v1/again").status_code == 409  # the lease still runs
+        poll("the takeover", lambda: post(restarted, again, path="/v1/again").status_code == 201)
+        attempts = [int(entry["attempt"]) for entry in node_upstream.ledger() if entry["key"] == again]
+        assert len(attempts) == 2
+        assert attempts[1] > attempts[0]
+        poll("the held takeover", lambda: post(restarted, held).json().get("reason") == "takeover")
+        assert node_upstream.executions(held) == 1
+    finally:
+        restarted.kill()
+
+
+def test_a_redis_outage_answers_503_and_recovers(
+    node_upstream: NodeUpstream, start_proxy: StartProxy, redis_store_url: str
+) -> None:
+    """Redis unreachable (a relay cut, the shared server untouched): 503, ledger 0; back without a restart."""
+    address = urlsplit(redis_store_url)
+    relay = Relay(address.hostname or "127.0.0.1", address.port or 6379)
+    try:
+        proxy = start_proxy(node_upstream.url, relay.url_for(redis_store_url))
+        k = key()
+        relay.refuse()
+        down = post(proxy, k)
+        assert down.status_code == 503
+        assert "retry-after" in down.headers
+        assert node_upstream.executions(k) == 0
+        relay.heal()
+        poll("the store back", lambda: post(proxy, k).status_code == 201)
+        assert node_upstream.executions(k) == 1
+    finally:
+        relay.close()
+
+
+def _storm(url: str, k: str, n: int = 50) -> list[int]:
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        response = httpx.post(url + "/v1/payments", content=b"{}", headers={"Idempotency-Key": k}, timeout=15)
+        with lock:
+            statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return statuses
+
+
+def test_concurrent_duplicates_across_workers_execute_once(
+    node_upstream: NodeUpstream, start_proxy: StartProxy
+) -> None:
+    """50 identical requests across --workers 2 on SQLite: exactly one execution."""
+    proxy = start_proxy(node_upstream.url, sqlite(node_upstream), "", "--workers", "2")
+    k = key()
+    statuses = _storm(proxy.url, k)
+    assert len(statuses) == 50
+    assert set(statuses) <= {201, 409}
+    assert node_upstream.executions(k) == 1
+    assert proxy.stop() == 0
+
+
+def test_concurrent_duplicates_across_proxies_sharing_redis_execute_once(
+    node_upstream: NodeUpstream, start_proxy: StartProxy, redis_store_url: str
+) -> None:
+    """50 identical requests split over two proxy processes sharing Redis: exactly one execution."""
+    proxies = [start_proxy(node_upstream.url, redis_store_url) for _ in range(2)]
+    k = key()
+    results: list[list[int]] = []
+    threads = [threading.Thread(target=lambda p=p: results.append(_storm(p.url, k, 25))) for p in proxies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sum(len(r) for r in results) == 50
+    assert node_upstream.executions(k) == 1
+
+
+@pytest.mark.parametrize(
+    ("toml", "args", "named"),
+    [
+        ("[proxy\n", (), "not valid TOML"),
+        (
+            '[[route]]\npath = "/p"\nscope = { from = "jwt", claim = "sub" }\n',
+            (),
+            "route[0].scope",
+        ),
+        ('[upstream]\ndeadline = 60\n[defaults]\nlease_ttl = "30s"\n', (), "defaults.lease_ttl"),
+        ("", ("--store", "memory://", "--workers", "2"), "proxy.workers"),
+    ],
+    ids=["bad-toml", "unverified-jwt", "lease-below-deadline", "memory-with-workers"],
+)
+def test_config_errors_exit_nonzero_naming_the_key(
+    tmp_path: Path, toml: str, args: tuple[str, ...], named: str
+) -> None:
+    """Each mistake stops `idempo proxy` with a non-zero status and a line naming the key."""
+    config = write_config(tmp_path / "p.toml", "http://127.0.0.1:9", "sqlite:///x.db", toml)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMPO_PROXY_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "idempo", "proxy", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "IDEMPO_SECRET": SECRET},
+    )
+    assert done.returncode != 0
+    assert named in done.stderr, done.stderr
+
+
+def test_sigterm_drains(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """SIGTERM: readiness 503 at once, the running exchange is awaited and its record completes."""
+    proxy = start_proxy(node_upstream.url, sqlite(node_upstream))
+    k = key()
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(post(proxy, k, "await-release")))
+    thread.start()
+    node_upstream.wait_waiting(1)
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGTERM)
+    poll("readyz 503 while draining", lambda: proxy.ready().status_code == 503)
+    node_upstream.release(1, key=k)
+    thread.join(15)
+    assert answers[0].status_code == 201
+    assert proxy.stop() == 0
+    restarted = ProxyProcess(proxy.config, proxy.log).start()
+    try:
+        assert post(restarted, k).headers["idempotent-replayed"] == "true"
+    finally:
+        restarted.kill()

@@ -1,0 +1,203 @@
+"""``idempo proxy`` in front of the Node upstream: DESIGN's HTTP table, replays, hygiene (real processes).
+
+Each test starts the Node upstream (tests/proxy/upstream/server.mjs) and the
+proxy as processes of its own, on loopback, on SQLite and on Redis. Nothing
+waits for an assumed time: streaming is driven by ``/_release``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.proxy.proxy_process import ProxyProcess, poll
+from tests.proxy.upstream import NodeUpstream
+
+StartProxy = Callable[..., ProxyProcess]
+
+ROUTES = """
+[[route]]
+name = "required"
+path = "/v1/required"
+require_key = true
+max_request_body = "1KiB"
+
+[[route]]
+name = "files"
+path = "/v1/files/{rest:path}"
+passthrough = true
+"""
+
+
+def key() -> str:
+    return str(uuid.uuid4())
+
+
+def test_the_http_table_through_the_proxy(node_upstream: NodeUpstream, start_proxy: StartProxy, store_url: str) -> None:
+    """Execute once, replay byte for byte; 422 for another body; 400 bad or missing key; 413; 409 while running."""
+    proxy = start_proxy(node_upstream.url, store_url, ROUTES)
+    with httpx.Client(base_url=proxy.url, timeout=15) as client:
+        k = key()
+        first = client.post("/v1/payments", json={"amount": 5}, headers={"Idempotency-Key": k})
+        assert first.status_code == 201
+        again = client.post("/v1/payments", json={"amount": 5}, headers={"Idempotency-Key": f'"{k}"'})
+        assert again.status_code == 201
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.content == first.content
+        assert again.headers["x-execution-id"] == first.headers["x-execution-id"]
+        assert node_upstream.executions(k) == 1
+        entry = node_upstream.ledger()[-1]
+        assert entry["key"] == k
+        assert int(entry["attempt"]) > 0
+        assert entry["content_length"] == str(entry["body_bytes"])
+        assert entry["transfer_encoding"] is None
+
+        other = client.post("/v1/payments", json={"amount": 6}, headers={"Idempotency-Key": k})
+        assert other.status_code == 422
+        assert other.headers["content-type"] == "application/problem+json"
+        bad = client.post("/v1/payments", json={}, headers={"Idempotency-Key": "has space, comma"})
+        assert bad.status_code == 400
+        missing = client.post("/v1/required", json={})
+        assert missing.status_code == 400
+        assert missing.json()["type"].endswith("/missing-key")
+        large = client.post("/v1/required", content=b"x" * 2048, headers={"Idempotency-Key": key()})
+        assert large.status_code == 413
+
+        unkeyed = client.post("/v1/payments", json={"amount": 1})
+        assert unkeyed.status_code == 201
+        assert "idempotent-replayed" not in unkeyed.headers
+        passthrough = client.post("/v1/files/a/b", content=b"data", headers={"Idempotency-Key": key()})
+        assert passthrough.status_code == 201
+        assert node_upstream.ledger()[-1]["path"] == "/v1/files/a/b"
+
+        slow = key()
+        with httpx.Client(base_url=proxy.url, timeout=15) as other_client:
+            import threading
+
+            answers: list[httpx.Response] = []
+            thread = threading.Thread(
+                target=lambda: answers.append(
+                    other_client.post(
+                        "/v1/payments", json={}, headers={"Idempotency-Key": slow, "X-Fault": "await-release"}
+                    )
+                )
+            )
+            thread.start()
+            node_upstream.wait_waiting(1)
+            running = client.post("/v1/payments", json={}, headers={"Idempotency-Key": slow})
+            assert running.status_code == 409
+            assert "retry-after" in running.headers
+            node_upstream.release(1, key=slow)
+            thread.join(15)
+        assert answers[0].status_code == 201
+        assert node_upstream.executions(slow) == 1
+
+
+@pytest.mark.parametrize("fault", ["gzip", "binary=3000", "set-cookie"])
+def test_replays_are_byte_identical(node_upstream: NodeUpstream, start_proxy: StartProxy, fault: str) -> None:
+    """A gzip body replays as the compressed bytes the upstream sent; binary bodies too; Set-Cookie is not stored."""
+    proxy = start_proxy(node_upstream.url, "sqlite:///" + str(node_upstream.directory / "i.db"))
+    with httpx.Client(base_url=proxy.url, timeout=15) as client:
+        k = key()
+        request = client.build_request("POST", "/v1/x", content=b"{}", headers={"Idempotency-Key": k, "X-Fault": fault})
+        first = client.send(request, stream=True)
+        raw_first = b"".join(first.iter_raw())
+        replay = client.send(
+            client.build_request("POST", "/v1/x", content=b"{}", headers={"Idempotency-Key": k}), stream=True
+        )
+        raw_replay = b"".join(replay.iter_raw())
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert raw_replay == raw_first
+    assert replay.headers.get("content-encoding") == first.headers.get("content-encoding")
+    if fault == "set-cookie":
+        assert "set-cookie" in first.headers
+        assert "set-cookie" not in replay.headers
+    assert node_upstream.executions(k) == 1
+
+
+def test_a_streamed_answer_streams_and_replays(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """Each chunk reaches the client before the next is released upstream; the replay is the same bytes."""
+    proxy = start_proxy(node_upstream.url, "sqlite:///" + str(node_upstream.directory / "i.db"))
+    k = key()
+    with httpx.Client(base_url=proxy.url, timeout=15) as client:
+        headers = {"Idempotency-Key": k, "X-Fault": "stream=3"}
+        node_upstream.release(1, key=k)  # the first chunk: the proxy sends the status line with it
+        with client.stream("POST", "/v1/stream", content=b"{}", headers=headers) as response:
+            chunks = response.iter_raw()
+            received = [next(chunks)]
+            for _ in range(2):
+                node_upstream.release(1, key=k)  # only now may the next chunk come
+                received.append(next(chunks))
+            received.extend(chunks)
+        replay = client.post("/v1/stream", content=b"{}", headers={"Idempotency-Key": k})
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == b"".join(received)
+    assert replay.content.count(b"\n") == 3
+    assert node_upstream.executions(k) == 1
+
+
+def test_headers_hygiene(node_upstream: NodeUpstream, start_proxy: StartProxy, tmp_path: object) -> None:
+    """Hop-by-hop and Connection-named fields never cross; X-Forwarded-* replaced or appended; Via; 508 on a loop."""
+    store = "sqlite:///" + str(node_upstream.directory / "i.db")
+    untrusted = start_proxy(node_upstream.url, store)
+    trusted = start_proxy(node_upstream.url, store, trusted_proxies=["127.0.0.1/32"])
+    sent = {
+        "Connection": "keep-alive, X-Secret-Hop",
+        "X-Secret-Hop": "1",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic abc",
+        "X-Forwarded-For": "203.0.113.9",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "api.example",
+    }
+    seen = {}
+    for name, proxy in (("untrusted", untrusted), ("trusted", trusted)):
+        echoed = httpx.get(proxy.url + "/_echo-headers", headers=sent, timeout=15).json()["headers"]
+        seen[name] = {n.lower(): v for n, v in echoed}
+    for headers in seen.values():
+        for name in ("x-secret-hop", "keep-alive", "te", "proxy-authorization"):
+            assert name not in headers
+        assert headers["via"] == "1.1 idempo"
+    assert seen["untrusted"]["x-forwarded-for"] == "127.0.0.1"
+    assert seen["untrusted"]["x-forwarded-proto"] == "http"
+    assert seen["untrusted"]["x-forwarded-host"] == seen["untrusted"]["host"]
+    assert seen["trusted"]["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert seen["trusted"]["x-forwarded-proto"] == "https"
+    assert seen["trusted"]["x-forwarded-host"] == "api.example"
+
+    # User A's Set-Cookie never reaches user B's request (no cookie jar between them).
+    with httpx.Client(base_url=untrusted.url, timeout=15) as client:
+        client.post("/v1/x", content=b"{}", headers={"X-Fault": "set-cookie", "Authorization": "Bearer a"})
+        client.cookies.clear()
+        echoed = client.get("/_echo-headers", headers={"Authorization": "Bearer b"}).json()["headers"]
+    assert not [v for n, v in echoed if n.lower() == "cookie"]
+
+    loop = httpx.get(untrusted.url + "/_echo-headers", headers={"Via": "1.1 other, 1.1 idempo"}, timeout=15)
+    assert loop.status_code == 508
+
+
+def test_connection_reuse(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """1000 sequential requests open no more upstream connections than the pool holds."""
+    extra = "[upstream]\nmax_connections = 4\nmax_keepalive_connections = 4\n"
+    proxy = start_proxy(node_upstream.url, "sqlite:///" + str(node_upstream.directory / "i.db"), extra)
+    with httpx.Client(base_url=proxy.url, timeout=15) as client:
+        for _ in range(1000):
+            assert client.get("/v1/things").status_code == 201
+    assert 1 <= node_upstream.stats()["api_connections"] <= 4
+
+
+def test_admin_port(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """/healthz, /readyz (store and upstream) and /metrics with the proxy's counters."""
+    proxy = start_proxy(node_upstream.url, "sqlite:///" + str(node_upstream.directory / "i.db"))
+    httpx.post(proxy.url + "/v1/x", content=b"{}", headers={"Idempotency-Key": key()}, timeout=15)
+    assert httpx.get(proxy.admin_url + "/healthz", timeout=15).status_code == 200
+    assert proxy.ready().status_code == 200
+    metrics = httpx.get(proxy.admin_url + "/metrics", timeout=15).text
+    assert 'idempo_proxy_upstream_requests_total{route="default"} 1.0' in metrics
+    assert "idempo_requests_total" in metrics
+    node_upstream.stop()
+    poll("readyz 503 with the upstream down", lambda: proxy.ready().status_code == 503)
