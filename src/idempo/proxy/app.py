@@ -34,11 +34,12 @@ HTTP hygiene (RFC 9110 section 7.6.1): hop-by-hop fields and every field named
 in ``Connection`` are removed in both directions and so never stored;
 ``Via: 1.1 idempo`` is added both ways; ``X-Forwarded-For``, ``-Proto`` and
 ``-Host`` are replaced, or appended to when the peer is in
-``trusted_proxies``. WebSockets are refused (403) for now.
+``trusted_proxies``. WebSockets are tunnelled to the upstream, never keyed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -55,6 +56,7 @@ from .._core.records import StoredResponse
 from .._http.asgi import EXCHANGE_SCOPE_KEY, Exchange, Message, Receive, Scope, Send, send_answer
 from ..asgi import IdempotencyMiddleware
 from ..exceptions import ConfigurationError, StoreError, StoreUnavailable
+from ..observability._observation import logger
 from ..stores._base import warn_unreachable_at_startup
 from ..typing import AsyncStore
 from ._metrics import ProxyMetrics
@@ -104,7 +106,6 @@ UPSTREAM_DEADLINE = Problem(504, "upstream-outcome-unknown", "The upstream did n
 LOOP_DETECTED = Problem(508, "loop-detected", "The request came back to idempo proxy")
 TOKEN_REJECTED = Problem(401, "token-rejected", "The bearer token was refused")
 KEYS_UNAVAILABLE = Problem(503, "keys-unavailable", "The token's keys could not be fetched")
-WEBSOCKETS_UNSUPPORTED = 403
 
 
 class _CutOff(BaseException):
@@ -270,9 +271,7 @@ class ProxyApp:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
-            # Not tunnelled yet: refuse the handshake (uvicorn answers 403).
-            await receive()
-            await send({"type": "websocket.close", "code": 1008})
+            await self._websocket(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -297,6 +296,82 @@ class ProxyApp:
             pass  # answered, and the record settled by the failure's verdict
         except _CutOff:
             pass  # shutting down: the lease is kept
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Tunnel a WebSocket to the upstream, never keyed: messages pass both ways until either side closes.
+
+        The handshake is refused (403) when the upstream refuses it or cannot be
+        reached. Needs the ``websockets`` package (``uvicorn[standard]``, in ``idempo[proxy]``).
+        """
+        from websockets.asyncio.client import connect, unix_connect
+        from websockets.exceptions import ConnectionClosed
+
+        await receive()  # websocket.connect
+        if _via_loops(scope["headers"]):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        skip = {b"host", b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions"}
+        skip |= {b"sec-websocket-protocol", b"origin", b"user-agent"}
+        headers = [
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in self._request_headers(scope)
+            if name not in skip
+        ]
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        found = {name: value.decode("latin-1") for name, value in raw if name in (b"origin", b"user-agent")}
+        target = self.config.proxy.upstream
+        base = target.base_url.replace("http", "ws", 1)
+        uri = base + _target(scope).decode("latin-1")
+        options: dict[str, Any] = {
+            "additional_headers": headers,
+            "subprotocols": scope.get("subprotocols") or None,
+            "origin": found.get(b"origin"),
+            "user_agent_header": found.get(b"user-agent"),
+            "compression": None,
+            "max_size": None,
+            "open_timeout": self.config.upstream.connect_timeout,
+            "proxy": None,  # never HTTP_PROXY from the environment
+        }
+        try:
+            if target.uds is not None:
+                upstream = await unix_connect(target.uds, uri, **options)
+            else:
+                upstream = await connect(uri, **options)
+        except Exception as exc:
+            logger.warning("idempo proxy: the upstream refused a WebSocket (%s: %s)", type(exc).__name__, exc)
+            await send({"type": "websocket.close", "code": 1011})
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+
+        async def from_client(cancel: anyio.CancelScope) -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.receive":
+                    text = message.get("text")
+                    await upstream.send(text if text is not None else message.get("bytes") or b"")
+                else:  # websocket.disconnect
+                    await upstream.close(message.get("code", 1000))
+                    cancel.cancel()
+                    return
+
+        async def from_upstream(cancel: anyio.CancelScope) -> None:
+            try:
+                async for data in upstream:
+                    key = "text" if isinstance(data, str) else "bytes"
+                    await send({"type": "websocket.send", key: data})
+            except ConnectionClosed:
+                pass
+            with contextlib.suppress(OSError):  # the client may have gone too
+                await send({"type": "websocket.close", "code": upstream.close_code or 1000})
+            cancel.cancel()
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(from_client, group.cancel_scope)
+                group.start_soon(from_upstream, group.cancel_scope)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await upstream.close()
 
     async def _verify(self, resolver: Any, scope: Scope) -> StoredResponse | None:
         """Resolve a JWT principal into the scope; the 401/503 answer when it cannot be."""
