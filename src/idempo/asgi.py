@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from . import _config
-from ._core.http import identity_path
+from ._core.http import identity_path, takes_part
 from ._core.policy import Policy
 from ._core.records import StoredResponse
 from ._core.routes import RouteOptions, RouteTable
@@ -194,7 +194,7 @@ class IdempotencyMiddleware:
         runs in an :class:`~idempo._http.asgi.Exchange`.
         """
         method: str = scope["method"]
-        if policy is None or method not in policy.methods:
+        if policy is None or not takes_part(policy, method):
             await app(scope, receive, send)
             return
         key_values = []

@@ -76,7 +76,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
 from . import _config
-from ._core.http import declared_length, invalid_content_length_answer
+from ._core.http import declared_length, invalid_content_length_answer, takes_part
 from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
@@ -297,9 +297,9 @@ class IdempotencyMiddleware:
         view_kwargs: dict[str, Any],
     ) -> HttpResponseBase | None:
         """Decide for the resolved view: answer now (replay, 400, 409, 422, 413, 503) or take the lease."""
-        method = request.method or ""
+        method = _sent_method(request)
         policy = self.policy_for_view(request.path, view_func)
-        if policy is None or method not in policy.methods:
+        if policy is None or not takes_part(policy, method):
             return None
         meta = request.META
         raw_key = meta.get(self._meta_key)
@@ -345,6 +345,18 @@ class IdempotencyMiddleware:
         exchange = getattr(request, _EXCHANGE, None)
         if exchange is not None:
             exchange.reported = exception
+
+
+def _sent_method(request: HttpRequest) -> str:
+    """The method as the client sent it: Django upper-cases ``request.method`` (a ``post`` runs as POST).
+
+    Under WSGI ``REQUEST_METHOD`` keeps the server's value; under ASGI the
+    scope does (Django's META copy is upper-cased too).
+    """
+    scope: dict[str, Any] | None = getattr(request, "scope", None)
+    if scope is not None and isinstance(scope.get("method"), str):
+        return str(scope["method"])
+    return str(request.META.get("REQUEST_METHOD") or request.method or "")
 
 
 def _declared_length(request: HttpRequest) -> int:

@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from . import _config
+from ._core.http import takes_part
 from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
@@ -167,7 +168,7 @@ class IdempotencyMiddleware:
         runs in an :class:`~idempo._http.wsgi.Exchange`.
         """
         method: str = environ["REQUEST_METHOD"]
-        if policy is None or method not in policy.methods:
+        if policy is None or not takes_part(policy, method):
             return app(environ, start_response)
         path = request_path(environ)
         raw_key = environ.get(self._environ_key)

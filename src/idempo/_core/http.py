@@ -2,7 +2,8 @@
 
 An adapter (ASGI, WSGI, Django) reads the request, then asks this module:
 
-1. :func:`check_key`: does the request take part, under which key, or is it a 400?
+1. :func:`takes_part` and :func:`check_key`: does the request take part, under
+   which key, or is it a 400?
 2. :func:`content_type_of`: the one media type the fingerprint covers, or a 400.
 3. :func:`request_identity`: the record key and fingerprint of the request
    (over the path :func:`identity_path` gives back the raw bytes of).
@@ -34,6 +35,7 @@ from .problems import (
     INVALID_CONTENT_LENGTH,
     INVALID_KEY,
     KEY_IN_PROGRESS,
+    METHOD_AMBIGUOUS,
     MISSING_KEY,
     OUTCOME_UNKNOWN,
     PRINCIPAL_REQUIRED,
@@ -56,10 +58,12 @@ __all__ = [
     "fingerprint_off_loop",
     "identity_path",
     "invalid_content_length_answer",
+    "method_ambiguous_answer",
     "legacy_identity",
     "principal_required_answer",
     "request_identity",
     "store_unavailable_answer",
+    "takes_part",
 ]
 
 #: Added to every replay (Stripe's header), never to a first answer.
@@ -68,11 +72,35 @@ REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 BYPASSED_HEADER = (b"idempotency-bypassed", b"store-unavailable")
 
 
+def takes_part(policy: Policy, method: str) -> bool:
+    """Whether a request with ``method`` goes through the admission under ``policy`` (else: passed through).
+
+    Methods are case-sensitive tokens (RFC 9110 section 9.1), so ``post`` is
+    not ``POST``; but Flask (Werkzeug) and Django upper-case the method before
+    routing and run a ``post`` as the POST view, while Starlette, FastAPI and
+    Litestar answer it 405. A method that is a covered method in other letter
+    case therefore takes part too, on every front, never passing through
+    unprotected: :func:`check_key` applies the route's key rules to it and
+    answers it with a key 400 ``method-ambiguous`` (:func:`method_ambiguous_answer`).
+
+    Args:
+        policy: the route's policy (``policy.methods`` are upper case).
+        method: the request method exactly as the server passed it.
+    """
+    return method in policy.methods or method.upper() in policy.methods
+
+
+def method_ambiguous_answer(method: str) -> StoredResponse:
+    """The 400 for a key sent with a covered method in other letter case (:func:`takes_part`)."""
+    detail = f"The method {method!r} is not {method.upper()!r}: methods are case-sensitive; send {method.upper()}."
+    return problem_response(METHOD_AMBIGUOUS, detail)
+
+
 def check_key(policy: Policy, method: str, path: str, key_values: Sequence[bytes]) -> str | StoredResponse | None:
     """Decide whether a request takes part in idempotency, from its key header lines.
 
     Args:
-        policy: the route's policy (the caller has checked the method).
+        policy: the route's policy (the caller has checked :func:`takes_part`).
         method: the request method, for the 400 detail.
         path: the request path, for the 400 detail.
         key_values: the raw values of every ``Idempotency-Key`` line.
@@ -80,7 +108,9 @@ def check_key(policy: Policy, method: str, path: str, key_values: Sequence[bytes
     Returns:
         The key; None to pass the request through untouched (no key and
         ``require_key`` off); or the 400 problem to answer with (missing key
-        where required, malformed key; draft section 2.7).
+        where required, malformed key; draft section 2.7). A request whose
+        method only differs in case from a covered one gets the same answers;
+        with a valid key, the caller answers :func:`method_ambiguous_answer`.
     """
     try:
         key = parse_key(key_values)

@@ -39,6 +39,10 @@ BODY_TOO_LARGE = Problem(413, "body-too-large", "Request body is too large for a
 BODY_INCOMPLETE = Problem(400, "body-incomplete", "Request body is incomplete")
 INVALID_CONTENT_LENGTH = Problem(400, "invalid-content-length", "Content-Length is not a valid length")
 CONTENT_TYPE_AMBIGUOUS = Problem(400, "content-type-ambiguous", "Content-Type holds more than one media type")
+#: A covered method spelled in other letter case (``post``): methods are
+#: case-sensitive (RFC 9110 section 9.1), yet Flask and Django run it as POST
+#: and Starlette answers 405, so no record could say which request it was.
+METHOD_AMBIGUOUS = Problem(400, "method-ambiguous", "The request method differs from a covered method only in case")
 KEY_IN_PROGRESS = Problem(409, "key-in-progress", "A request is outstanding for this Idempotency-Key")
 FINGERPRINT_MISMATCH = Problem(422, "fingerprint-mismatch", "Idempotency-Key is already used for a different request")
 #: 409, not the "in progress" type: waiting does not help, the key is held until

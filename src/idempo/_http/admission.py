@@ -34,6 +34,7 @@ from .._core.http import (
     decision_answer,
     fingerprint_off_loop,
     legacy_identity,
+    method_ambiguous_answer,
     principal_required_answer,
     request_identity,
     store_unavailable_answer,
@@ -117,7 +118,7 @@ def admission(
     legacy_principal: Callable[[str], str | None],
     read_body: Callable[[], Any],
 ) -> Generator[Command, Any, Admission]:
-    """The steps that admit one request (see the module docstring); the caller checked the method.
+    """The steps that admit one request (see the module docstring); the caller checked :func:`takes_part`.
 
     Args:
         store: the store the commands go to.
@@ -146,6 +147,9 @@ def admission(
     if isinstance(key, StoredResponse):
         observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
         return key
+    if method not in policy.methods:
+        observation.finish(Outcome.METHOD_AMBIGUOUS, 400)
+        return method_ambiguous_answer(method)
     content_type = content_type_of(content_types)
     if isinstance(content_type, StoredResponse):
         observation.finish(Outcome.CONTENT_TYPE_AMBIGUOUS, content_type.status)

@@ -73,7 +73,8 @@ class StarletteRouteOptions:
             self._read(routes, default)
         if not self._any:
             return None
-        method: str = scope["method"]
+        # Upper case: a "post" is admitted too (idempo._core.http.takes_part).
+        method: str = scope["method"].upper()
         if method not in self._methods and (policy is None or method not in policy.methods):
             # Whichever route the request goes to, its policy leaves the method
             # out, so the request passes through: the match would change nothing.

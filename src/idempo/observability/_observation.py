@@ -86,6 +86,8 @@ class Outcome(enum.StrEnum):
     BODY_INCOMPLETE = "body_incomplete"
     #: Two different ``Content-Type`` values: 400, nothing ran.
     CONTENT_TYPE_AMBIGUOUS = "content_type_ambiguous"
+    #: A key sent with a covered method in other letter case (``post``): 400, nothing ran.
+    METHOD_AMBIGUOUS = "method_ambiguous"
     #: The request took over the expired lease of a crashed holder, then ran the handler
     #: (how it was settled is in ``idempo_verdict``).
     LEASE_TAKEOVER = "lease_takeover"
@@ -133,6 +135,7 @@ LEVELS: dict[Outcome, int] = {
     Outcome.BODY_TOO_LARGE: logging.INFO,
     Outcome.BODY_INCOMPLETE: logging.INFO,
     Outcome.CONTENT_TYPE_AMBIGUOUS: logging.INFO,
+    Outcome.METHOD_AMBIGUOUS: logging.INFO,
     Outcome.LEASE_TAKEOVER: logging.WARNING,
     Outcome.HELD: logging.WARNING,
     Outcome.TOO_LARGE: logging.WARNING,
