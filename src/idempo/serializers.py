@@ -258,16 +258,17 @@ class PickleSerializer:
 def fingerprint_form(value: Any) -> Any:
     """Return the canonical form of an argument value, as JSON types: the input of its fingerprint.
 
-    ``@idempotent`` and the consumers hash this form in its RFC 8785 canonical
-    JSON (:func:`idempo._core.fingerprint.canonical_json`), so dict key order
+    ``@idempotent`` and the consumers hash this form in its canonical JSON
+    (:func:`idempo._core.fingerprint.canonical_json`: RFC 8785's key order and
+    escapes, numbers by exact decimal value), so dict key order
     does not matter, and two values get one form exactly when they are equal
     as Python's ``==`` has it, with these decisions:
 
-    - numbers compare by value as the request fingerprint's canonical JSON
-      has it (:mod:`idempo._core.fingerprint`): ``2 == 2.0``, and a float that
-      holds an integer below 10**21 equals the integer its shortest repr
-      spells (``1e16`` is ``10**16``); integers of any size stay exact; ``True`` is not ``1`` (JSON
-      keeps booleans apart);
+    - ints and floats compare by exact value, as Python's ``==``: a float
+      that holds an integer is that integer at any size (``2 == 2.0``,
+      ``float(2**60) == 2**60``, ``1e22 == 10**22``; ``1e23`` is not
+      ``10**23``: the double holds 99999999999999991611392), integers of any
+      size stay exact, and ``True`` is not ``1`` (JSON keeps booleans apart);
     - a ``Decimal`` compares by value with Decimals (``Decimal("10.5")`` is
       ``Decimal("10.50")``) and never equals an int or a float;
     - a tuple equals the list of its items (a NamedTuple too): one sequence,
@@ -300,8 +301,21 @@ def fingerprint_form(value: Any) -> Any:
         raise TypeError("the value nests too deep (or contains itself)") from exc
 
 
+def _float_form(value: float) -> int | float:
+    """A float's form: the int of its exact value when it holds an integer, so it is what ``==`` says.
+
+    ``float(2**60) == 2**60`` in Python, but the float's shortest repr
+    (``1.152921504606847e+18``) spells another integer, which the canonical
+    JSON would take as its value; and a float of 10**21 or more would stay a
+    float there while an int prints in full. The exact integer agrees with
+    Python at every size. Other floats keep their shortest repr, whose exact
+    decimal value no other float and no int has.
+    """
+    return int(value) if value.is_integer() else value
+
+
 def _fingerprint(value: Any, pydantic_owned: bool) -> Any:
-    if value is None or type(value) in (str, int, float, bool):
+    if value is None or type(value) in (str, int, bool):
         return value
     # Subclasses of str, int and float (IntEnum, StrEnum, ...) equal their
     # plain value in Python, so they share its form.
@@ -310,7 +324,7 @@ def _fingerprint(value: Any, pydantic_owned: bool) -> Any:
     if isinstance(value, int):
         return int.__int__(value)
     if isinstance(value, float):
-        return float.__float__(value)
+        return _float_form(float.__float__(value))
     if isinstance(value, list | tuple):
         return [_fingerprint(item, pydantic_owned) for item in value]
     if isinstance(value, dict):

@@ -18,10 +18,22 @@ from tests.adapters.conftest import B_PRIME, K1, B, ServeFactory, Served
         (b'{"name":"\\u00e9"}', '{"name":"é"}'.encode()),
         (b'{"qty":1}', b'{"qty":1.0}'),
         (b'{"n":9007199254740992}', b'{"n":9007199254740992.0}'),
+        (b'{"n":9007199254740993}', b'{"n":9007199254740993.0}'),
+        (b'{"n":1152921504606846976}', b'{"n":1.152921504606846976e18}'),
         (b'{"n":1e400}', b'{"n":10e399}'),
         (b'{"n":0}', b'{"n":-0.0}'),
     ],
-    ids=["key-order-and-whitespace", "nested", "unicode-escape", "number-1-vs-1.0", "2**53", "1e400", "zero"],
+    ids=[
+        "key-order-and-whitespace",
+        "nested",
+        "unicode-escape",
+        "number-1-vs-1.0",
+        "2**53",
+        "2**53+1",
+        "2**60",
+        "1e400",
+        "zero",
+    ],
 )
 def test_equivalent_json_is_the_same_request(serve: ServeFactory, first: bytes, retry: bytes) -> None:
     """B07: JSON that differs only in key order, whitespace, escapes or the spelling of a number's value replays."""
@@ -41,10 +53,11 @@ def test_equivalent_json_is_the_same_request(serve: ServeFactory, first: bytes, 
         (b'{"a":{"y":1,"x":2},"l":[1,2]}', b'{"a":{"y":1,"x":2},"l":[2,1]}'),
         (b'{"sku":"A","qty":1}', B_PRIME),
         (b'{"n":9007199254740993}', b'{"n":9007199254740992}'),
+        (b'{"n":1152921504606846976}', b'{"n":1.152921504606847e18}'),
         (b'{"n":0.1}', b'{"n":0.10000000000000001}'),
         (b'{"n":1e-400}', b'{"n":0}'),
     ],
-    ids=["value-type", "array-order", "value", "big-integers", "decimal-digits", "underflow"],
+    ids=["value-type", "array-order", "value", "big-integers", "2**60-vs-its-double", "decimal-digits", "underflow"],
 )
 def test_different_json_is_a_mismatch(serve: ServeFactory, first: bytes, retry: bytes) -> None:
     """B07: a different value (numbers by exact decimal value), value type or array order with the same key is 422."""

@@ -293,6 +293,13 @@ def test_equal_models_whose_sets_iterate_differently_share_a_fingerprint(store: 
 EQUALITIES = [
     (2, 2.0, True),
     (10**20, 10**20, True),
+    (2**53, float(2**53), True),
+    (2**53 + 1, float(2**53), False),
+    (2**60, float(2**60), True),
+    (1152921504606847000, float(2**60), False),  # the integer float(2**60)'s shortest repr spells
+    (10**22, 1e22, True),
+    (10**23, 1e23, False),  # the double nearest 1e23 is 99999999999999991611392
+    (0, -0.0, True),
     (True, 1, False),
     (Decimal("10.5"), Decimal("10.50"), True),
     (Decimal("-0"), Decimal("0.00"), True),
@@ -325,6 +332,20 @@ EQUALITIES = [
 def test_the_documented_equalities(a: Any, b: Any, equal: bool) -> None:
     """Which values share a fingerprint: Python's == with the exceptions docs/decorator.md lists."""
     assert (fp(a) == fp(b)) is equal
+
+
+_INTEGERS = st.sampled_from([0, 1, 2**53, 2**53 + 1, 2**60, 10**16, 10**21, 10**22, 10**23, 2**1023]).flatmap(
+    lambda n: st.sampled_from([n, -n, n + 1, n - 1])
+)
+_NUMBERS = _INTEGERS | _INTEGERS.map(float) | st.floats(allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_NUMBERS, _NUMBERS)
+def test_ints_and_floats_share_a_fingerprint_exactly_when_python_says_equal(a: int | float, b: int | float) -> None:
+    """Numbers past 2**53 and 10**21 included: one fingerprint exactly when ``a == b`` (docs/decorator.md)."""
+    assert (fp(a) == fp(b)) is (a == b)
+    assert (fp([a]) == fp([b])) is (a == b)
 
 
 def reordered(values: Any) -> Any:

@@ -514,8 +514,9 @@ class RouteSettings:
             (credentials do not belong at rest, nor in another client's replay).
         max_request_body: bytes; default ``proxy.max_request_body``.
         max_response_body: bytes; default ``proxy.max_response_body``.
-        fingerprint_body: ``"json-canonical"`` (JSON bodies compared in RFC 8785
-            canonical form) or ``"bytes"``; ``fingerprint = { body = ... }`` in
+        fingerprint_body: ``"json-canonical"`` (JSON bodies compared in
+            canonical form, numbers by exact decimal value: see
+            :mod:`idempo._core.fingerprint`) or ``"bytes"``; ``fingerprint = { body = ... }`` in
             the file; default ``"json-canonical"``.
         scope: the principal records are partitioned by; default
             :class:`AuthorizationScope`.
