@@ -16,7 +16,9 @@ particular to WSGI (PEP 3333, :mod:`idempo._http.wsgi`):
 
 - The request body is read from ``wsgi.input`` (at most ``CONTENT_LENGTH``
   bytes, refused with 413 past ``Policy.max_request_body`` before reading)
-  and handed to the app as a fresh ``io.BytesIO``.
+  and handed to the app as a fresh ``io.BytesIO``. With a key, a
+  ``CONTENT_LENGTH`` that is not a number of bytes is a 400
+  ``invalid-content-length`` on any route, as on Django.
 - Servers fold repeated header lines into one comma-separated
   ``HTTP_IDEMPOTENCY_KEY``; it is split back (commas inside an sf-string
   stay), so two different keys are a 400 as on ASGI.
@@ -38,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from . import _config
-from ._core.http import takes_part
+from ._core.http import declared_length, invalid_content_length_answer, takes_part
 from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
@@ -167,11 +169,18 @@ class IdempotencyMiddleware:
         (:func:`idempo._http.admission.admission`); one that takes the lease
         runs in an :class:`~idempo._http.wsgi.Exchange`.
         """
+        raw_key = environ.get(self._environ_key)
+        if raw_key is not None and declared_length(environ.get("CONTENT_LENGTH")) is None:
+            # A Content-Length that is not 1*DIGIT (RFC 9110 section 8.6): "abc",
+            # "0x10", 4,301 digits. A server that passes it on (Werkzeug's) leaves
+            # each framework to guess (Werkzeug reads no body), so the
+            # fingerprint would cover an empty body. With a key, it is idempo's
+            # request to answer, on any route, as on Django.
+            return answer(start_response, invalid_content_length_answer())
         method: str = environ["REQUEST_METHOD"]
         if policy is None or not takes_part(policy, method):
             return app(environ, start_response)
         path = request_path(environ)
-        raw_key = environ.get(self._environ_key)
         raw_content_type = environ.get("CONTENT_TYPE")
         resolve = self.principal
         steps = admission(
