@@ -8,6 +8,12 @@ file that is not there.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +50,63 @@ def test_a_missing_sqlite_file_is_not_created(command: str, tmp_path: Path) -> N
     line = _one_line_error(idempo(*COMMANDS[command], "--store", url), url)
     assert "does not exist" in line
     assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["stats", "inspect", "purge"])
+def test_a_directory_is_named_as_the_cause(command: str, tmp_path: Path) -> None:
+    """An SQLite URL naming a directory: one line saying it is a directory (it said "does not exist")."""
+    url = f"sqlite:///{tmp_path}"
+    line = _one_line_error(idempo(*COMMANDS[command], "--store", url), url)
+    assert f"{tmp_path} is a directory, not an SQLite file" in line
+
+
+@pytest.fixture
+def unreadable_file() -> Iterator[Path]:
+    """An SQLite store file only its owner (root) may open, in a directory anyone may enter."""
+    directory = Path(tempfile.mkdtemp(prefix="idempo-perm-"))
+    try:
+        directory.chmod(0o755)
+        path = directory / "idempo.db"
+        assert idempo("migrate", "--store", f"sqlite:///{path}").returncode == 0
+        path.chmod(0o600)
+        yield path
+    finally:
+        shutil.rmtree(directory)
+
+
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m idempo ARGS`` as the user nobody (setpriv), so file permissions apply."""
+    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "idempo", *args]
+    env = {**os.environ, "COLUMNS": "200", "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.parametrize("command", ["stats", "inspect", "purge"])
+def test_a_file_without_permission_is_named_as_the_cause(command: str, unreadable_file: Path) -> None:
+    """An SQLite file this user may not open: one line naming the URL and "permission denied" (root runs them
+    as nobody, since root passes every permission check)."""
+    url = f"sqlite:///{unreadable_file}"
+    line = _one_line_error(as_nobody(*COMMANDS[command], "--store", url), url)
+    assert "permission denied" in line
+
+
+def test_print_sql_ignores_an_sqlite_idempo_store(tmp_path: Path) -> None:
+    """`migrate --print-sql` with $IDEMPO_STORE naming an SQLite file (or a directory) prints the schema and
+    touches nothing: before, it refused ("applies to postgresql:// stores only")."""
+    for store in (tmp_path / "app.db", tmp_path):
+        result = subprocess.run(
+            [sys.executable, "-m", "idempo", "migrate", "--print-sql"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "IDEMPO_STORE": f"sqlite:///{store}"},
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "CREATE TABLE idempo_records" in result.stdout
     assert list(tmp_path.iterdir()) == []
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 import click
+from click.core import ParameterSource
 
 from ..exceptions import IdempoError
 from ..stores._base import cannot_use
@@ -30,7 +31,8 @@ __all__ = ["migrate"]
     "url",
     envvar="IDEMPO_STORE",
     default=None,
-    help="The store URL, e.g. postgresql://user@host/db?schema=idempo (or $IDEMPO_STORE); not needed with --print-sql.",
+    help="The store URL, e.g. postgresql://user@host/db?schema=idempo (or $IDEMPO_STORE); not needed with --print-sql, "
+    "which ignores $IDEMPO_STORE.",
 )
 @click.option("--print-sql", is_flag=True, help="Print the PostgreSQL schema (schema.sql) and exit; change nothing.")
 @click.option(
@@ -50,6 +52,10 @@ __all__ = ["migrate"]
 )
 def migrate(url: str | None, print_sql: bool, legacy_digests: bool, legacy_window: float) -> None:
     """Create the store's schema, or upgrade it to this idempo's version."""
+    if print_sql and click.get_current_context().get_parameter_source("url") is not ParameterSource.COMMANDLINE:
+        # $IDEMPO_STORE names the application's store, which --print-sql never
+        # touches: whatever it is (an SQLite file, a directory, unset), print.
+        url = None
     scheme = None if url is None else urlsplit(url).scheme.lower()
     if print_sql:
         if scheme not in (None, "postgresql", "postgres"):

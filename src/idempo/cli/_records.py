@@ -18,9 +18,10 @@ import base64
 import inspect as _inspect
 import json
 import logging
+import os
+import stat
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -73,14 +74,9 @@ def open_store(url: str, *, must_exist: bool = True) -> Store:
     except ConfigurationError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from exc
     path = args.get("path")
-    if must_exist and path is not None and not Path(path).is_file():
-        raise click.ClickException(
-            cannot_use(
-                url,
-                f"the SQLite file {path} does not exist; check the path (sqlite:///relative.db is relative "
-                "to the current directory, sqlite:////absolute.db is absolute)",
-            )
-        )
+    problem = None if path is None or path == ":memory:" else sqlite_file_problem(str(path), must_exist=must_exist)
+    if problem is not None:
+        raise click.ClickException(cannot_use(url, problem))
     if "check_schema" in _inspect.signature(cls).parameters:
         args["check_schema"] = False  # checked once, by open() below
     store: Store | None = None
@@ -101,6 +97,42 @@ def open_store(url: str, *, must_exist: bool = True) -> Store:
         idempo_logger.setLevel(level)
     assert store is not None
     return store
+
+
+def sqlite_file_problem(path: str, *, must_exist: bool) -> str | None:
+    """Why the SQLite file at ``path`` cannot be opened, in a few words with the fix; None when it can be tried.
+
+    SQLite itself says ``unable to open database file`` for each of these
+    causes, so they are told apart here first: a file that does not exist
+    (when ``must_exist``), a directory, a permission missing on the file or
+    on a directory of its path.
+    """
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if must_exist:
+            return (
+                f"the SQLite file {path} does not exist; check the path (sqlite:///relative.db is relative "
+                "to the current directory, sqlite:////absolute.db is absolute)"
+            )
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            return f"the directory of the SQLite file {path} does not exist; create it or fix the path"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"cannot create the SQLite file {path}: permission denied on its directory {parent}"
+        return None
+    except PermissionError:
+        return f"the SQLite file {path} cannot be reached: permission denied on a directory of its path"
+    except OSError as exc:
+        return f"the SQLite file {path} cannot be opened: {exc.strerror or exc}"
+    if stat.S_ISDIR(info.st_mode):
+        return f"{path} is a directory, not an SQLite file; name a file (sqlite:////var/lib/app/idempo.db)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return (
+            f"the SQLite file {path} cannot be opened: permission denied (this user needs to read and write it, "
+            "and its directory for the -wal and -shm files)"
+        )
+    return None
 
 
 def _failed(url: str, exc: IdempoError, after: str = "") -> click.ClickException:
