@@ -23,6 +23,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "idempo.client": [
         "DEFAULT_KEY_METHODS",
         "DEFAULT_RETRY_STATUSES",
+        "FINAL_PROBLEMS",
         "IDEMPOTENT_METHODS",
         "KEY_EXTENSION",
         "AsyncIdempotentTransport",

@@ -16,7 +16,9 @@ executes it at most once however many attempts it takes. The retry rules,
 written once for httpx and requests, are in :class:`RetryPolicy`; in short:
 transport failures, timeouts, 409, 429, 500, 502, 503 and 504 are retried with
 exponential backoff and full jitter, honouring ``Retry-After``; 400 and 422 and
-every other status are final; a request without a key is retried only if its
+every other status are final, and so is a 409 ``outcome-unknown`` or a 410
+``response-not-replayable`` problem (:data:`FINAL_PROBLEMS`: the key is held,
+or its first answer was not kept, for the record's life); a request without a key is retried only if its
 method is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE).
 
 The key used is on the request (``response.request.headers["Idempotency-Key"]``),
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from ._retry import (
     DEFAULT_KEY_METHODS,
     DEFAULT_RETRY_STATUSES,
+    FINAL_PROBLEMS,
     IDEMPOTENT_METHODS,
     Attempt,
     KeyFactory,
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_KEY_METHODS",
     "DEFAULT_RETRY_STATUSES",
+    "FINAL_PROBLEMS",
     "IDEMPOTENT_METHODS",
     "KEY_EXTENSION",
     "AsyncIdempotentTransport",

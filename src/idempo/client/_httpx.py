@@ -64,7 +64,15 @@ class _Base:
             retryable_error=_retryable_error,
             clock=self._clock,
             on_attempt=self._on_attempt,
+            body_of=_body_of,
         )
+
+
+def _body_of(response: httpx.Response) -> bytes | None:
+    """The decoded body of an answer read inside the transport (a keyed request's); None when it streams."""
+    if not _in_memory(response):
+        return None
+    return response.read()  # kept on the response: the Client's own read returns it
 
 
 def _finish(response: httpx.Response, run: RetryRun[httpx.Response]) -> httpx.Response:

@@ -131,6 +131,8 @@ class IdempotentAdapter(HTTPAdapter):
             retryable_error=_retryable_error,
             clock=self._clock,
             on_attempt=self._on_attempt,
+            # attempt() below has read the body of any answer the policy would retry.
+            body_of=lambda response: response.content,
         )
         if run.may_retry:
             _replayable(request)

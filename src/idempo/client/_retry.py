@@ -29,7 +29,11 @@ RFC 9110):
   500 never makes an unkeyed POST run twice.
 * Never retried: every other status, 400 and 422 above all (draft section
   2.7: a malformed key, or a key reused for another request, will not get
-  better by repeating).
+  better by repeating); and, whatever its status, an answer whose
+  problem+json ``type`` (RFC 9457) says the key's first outcome is final for
+  the record's life (:data:`FINAL_PROBLEMS`): a 409 ``outcome-unknown`` (the
+  key is held, no Retry-After: waiting does not help) and a 410
+  ``response-not-replayable``.
 * The wait before a retry is the server's ``Retry-After`` (seconds or an
   HTTP-date, RFC 9110 section 10.2.3) when the answer has one, else a random
   delay in ``[0, min(wait_max, wait_initial * 2 ** (n - 1))]`` before retry n.
@@ -41,6 +45,7 @@ RFC 9110):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import uuid
@@ -54,11 +59,13 @@ from urllib.parse import urlsplit
 import tenacity
 
 from .._core.keys import format_key, parse_key
+from .._core.problems import OUTCOME_UNKNOWN, RESPONSE_NOT_REPLAYABLE
 from ..exceptions import ConfigurationError, InvalidKey
 
 __all__ = [
     "DEFAULT_KEY_METHODS",
     "DEFAULT_RETRY_STATUSES",
+    "FINAL_PROBLEMS",
     "IDEMPOTENT_METHODS",
     "Attempt",
     "KeyFactory",
@@ -84,6 +91,31 @@ IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE
 #: failed; one that honours keys released the key, so a retry runs again), 502,
 #: 503, 504 (a gateway or the server is briefly unable to answer).
 DEFAULT_RETRY_STATUSES: frozenset[int] = frozenset({409, 429, 500, 502, 503, 504})
+
+#: Problem ``type`` URIs (RFC 9457) of answers no retry under the same key
+#: changes while the record lives, whatever their status: a held key (409
+#: ``outcome-unknown``) and a first answer that was not kept (410
+#: ``response-not-replayable``). Retrying them would only spend the attempts.
+FINAL_PROBLEMS: frozenset[str] = frozenset({OUTCOME_UNKNOWN.type, RESPONSE_NOT_REPLAYABLE.type})
+# Bytes of a problem body read for its type at most: problems are small.
+_PROBLEM_MAX = 64 * 1024
+
+
+def is_final_problem(content_type: str | None, body: bytes | None) -> bool:
+    """True when an answer is a problem+json whose ``type`` is one of :data:`FINAL_PROBLEMS`.
+
+    Args:
+        content_type: the answer's ``Content-Type``.
+        body: the answer's body (decoded of any content coding), or None when unread.
+    """
+    if body is None or len(body) > _PROBLEM_MAX or not content_type or "problem+json" not in content_type.lower():
+        return False
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and document.get("type") in FINAL_PROBLEMS
+
 
 #: Returns a fresh idempotency key for a logical request.
 KeyFactory = Callable[[], str]
@@ -386,9 +418,23 @@ class RetryRun(Generic[A]):
             transport failure worth a retry (connection, timeout, protocol).
         clock: monotonic seconds, for the ``timeout`` bound.
         on_attempt: the hook, or None.
+        body_of: the body of an answer the policy would retry (decoded, read
+            by the front), so a final problem (:func:`is_final_problem`) is not
+            retried; None when the front cannot give it.
     """
 
-    __slots__ = ("_clock", "_may_retry", "_on_attempt", "_policy", "_retryable_error", "_start", "key", "method", "url")
+    __slots__ = (
+        "_body_of",
+        "_clock",
+        "_may_retry",
+        "_on_attempt",
+        "_policy",
+        "_retryable_error",
+        "_start",
+        "key",
+        "method",
+        "url",
+    )
 
     def __init__(
         self,
@@ -400,8 +446,10 @@ class RetryRun(Generic[A]):
         retryable_error: Callable[[BaseException], bool],
         clock: Callable[[], float],
         on_attempt: OnAttempt | None,
+        body_of: Callable[[A], bytes | None] | None = None,
     ) -> None:
         self._policy = policy
+        self._body_of = body_of
         self.method = method
         self.url = url
         self.key = key
@@ -448,10 +496,17 @@ class RetryRun(Generic[A]):
         elif outcome.failed:
             retry = self._retryable_error(outcome.exception())  # type: ignore[arg-type]
         else:
-            retry = self._policy.retry_status(outcome.result().status_code, self.key is not None)
+            answer = outcome.result()
+            retry = self._policy.retry_status(answer.status_code, self.key is not None) and not self._final(answer)
         if not retry:
             self._report(state, None)
         return retry
+
+    def _final(self, answer: A) -> bool:
+        """True when ``answer`` is a final problem (:data:`FINAL_PROBLEMS`): no retry changes it."""
+        if self._body_of is None:
+            return False
+        return is_final_problem(answer.headers.get("content-type"), self._body_of(answer))
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         outcome = state.outcome
