@@ -68,6 +68,7 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
+from urllib.parse import unquote_to_bytes
 
 from asgiref.sync import markcoroutinefunction
 from django.conf import settings
@@ -76,7 +77,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
 from . import _config
-from ._core.http import declared_length, invalid_content_length_answer, takes_part
+from ._core.http import declared_length, identity_path, invalid_content_length_answer, takes_part
 from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
@@ -84,7 +85,7 @@ from ._core.routes import RouteOptions, RouteTable
 from ._engine.drivers import drive_sync
 from ._engine.execution import Execution
 from ._http.admission import BodyIncomplete, Bypass, Execute, admission
-from ._http.wsgi import BYPASSED_HEADER_TEXT, BypassedBody, CapturedBody, Exchange, header_bytes
+from ._http.wsgi import BYPASSED_HEADER_TEXT, BypassedBody, CapturedBody, Exchange, header_bytes, raw_target
 from .exceptions import ConfigurationError
 from .principals import default as default_principal
 from .principals import legacy_principal
@@ -313,10 +314,7 @@ class IdempotencyMiddleware:
             route=getattr(request.resolver_match, "route", None) or "*",
             method=method,
             path=request.path,
-            # Django re-escapes path bytes that are not UTF-8 (%FF stays
-            # "%FF"), so request.path already keeps /files/%FF and /files/%FE
-            # apart, and is what the view sees.
-            identity_path=request.path,
+            identity_path=_identity_path(request),
             query=meta.get("QUERY_STRING", ""),
             key_values=[] if raw_key is None else split_folded(header_bytes(raw_key)),
             content_types=[header_bytes(raw_content_type)] if raw_content_type else [],
@@ -357,6 +355,24 @@ def _sent_method(request: HttpRequest) -> str:
     if scope is not None and isinstance(scope.get("method"), str):
         return str(scope["method"])
     return str(request.META.get("REQUEST_METHOD") or request.method or "")
+
+
+def _identity_path(request: HttpRequest) -> str:
+    """The path record keys and fingerprints are made of: the WSGI or ASGI front's for the same request.
+
+    Not ``request.path``: Django re-escapes path bytes that are not UTF-8 (a
+    raw ``/a%FF`` is ``"/a%FF"``, as is a raw ``/a%25FF``) and decodes an
+    encoded slash (``/a%2Fb`` is ``/a/b``), so two resources would share it.
+    """
+    scope: dict[str, Any] | None = getattr(request, "scope", None)
+    if scope is not None and isinstance(scope.get("path"), str):
+        return identity_path(scope["path"], scope.get("raw_path"))
+    # Django replaced META's PATH_INFO with its own re-escaped text; the raw
+    # target, where the server passes it, is the WSGI front's source.
+    target = raw_target(request.META)
+    if target is None:
+        return identity_path(request.path, None)
+    return identity_path(unquote_to_bytes(target).decode("utf-8", "surrogateescape"), target)
 
 
 def _declared_length(request: HttpRequest) -> int:

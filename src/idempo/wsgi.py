@@ -59,11 +59,11 @@ from ._http.wsgi import (
     Write,
     answer,
     header_bytes,
+    identity_path_of,
     read_input,
     report_exception,
     request_path,
     run_bypassed,
-    undecoded_path,
 )
 from ._http.wsgi import CapturedBody as CapturedBody
 from ._http.wsgi import read_body as read_body
@@ -191,7 +191,7 @@ class IdempotencyMiddleware:
             route=route,
             method=method,
             path=path,
-            identity_path=undecoded_path(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")) or path,
+            identity_path=identity_path_of(environ),
             query=environ.get("QUERY_STRING", ""),
             key_values=[] if raw_key is None else split_folded(header_bytes(raw_key)),
             content_types=[header_bytes(raw_content_type)] if raw_content_type else [],

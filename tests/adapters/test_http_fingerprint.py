@@ -209,14 +209,38 @@ def test_path_bytes_that_are_not_utf8_make_their_own_record(serve: ServeFactory,
 
 
 def identity_path(s: Served, path: str) -> str:
-    """The path a record key is made of: bytes that are not UTF-8 kept (Django: re-escaped, as its views see them)."""
-    data = unquote_to_bytes(path)
-    if s.framework.name == "django":
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            return path
-    return data.decode("utf-8", "surrogateescape")
+    """The path a record key is made of: bytes that are not UTF-8 kept, the same on every front."""
+    return unquote_to_bytes(path).decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize(
+    ("first", "other"),
+    [
+        ("/orders/a%2Fb", "/orders/a/b"),
+        ("/orders/a%2fb", "/orders/a/b"),
+        ("/orders/a%252Fb", "/orders/a%2Fb"),
+        ("/orders/x%25FF", "/orders/x%FF"),
+    ],
+    ids=["encoded-slash", "lower-case-escape", "escaped-percent", "escaped-percent-before-a-byte"],
+)
+def test_an_encoded_slash_is_another_resource(serve: ServeFactory, first: str, other: str) -> None:
+    """/a%2Fb and /a/b are two resources (RFC 3986 section 2.2): two records on every front, from the raw path.
+
+    Servers decode both to /a/b (ASGI ``path``, WSGI ``PATH_INFO``); the raw
+    path (ASGI ``raw_path``, WSGI ``REQUEST_URI``) tells them apart. Before,
+    the second request got the first one's replay. A literal ``%2F`` (sent
+    ``%252F``) and a literal ``%FF`` (sent ``%25FF``; Django's ``request.path``
+    spells both the same) are their own resources too.
+    """
+    s = serve()
+    assert s.post(path=first).status_code == 201
+    second = s.post(path=other)
+    assert second.status_code == 201
+    assert "idempotent-replayed" not in second.headers
+    assert s.orders.calls == 2
+    assert s.post(path=first).headers["idempotent-replayed"] == "true"
+    assert s.post(path=other).headers["idempotent-replayed"] == "true"
+    assert s.orders.calls == 2
 
 
 def test_query_bytes_that_are_not_utf8_are_part_of_the_request(serve: ServeFactory) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import quote_from_bytes, unquote
+from urllib.parse import unquote_to_bytes
 
 import pytest
 from hypothesis import given
@@ -24,8 +24,7 @@ from idempo._core.http import (
     request_identity,
     store_unavailable_answer,
 )
-from idempo._http.wsgi import undecoded_path as _undecoded
-from idempo.wsgi import request_path
+from idempo._http.wsgi import identity_path_of
 
 
 def problem(response: StoredResponse) -> dict[str, object]:
@@ -246,16 +245,51 @@ def test_identity_path_gives_back_bytes_that_are_not_utf8() -> None:
     assert identity_path("/y/\ufffd", b"/x/%FF") == "/y/\ufffd"  # a raw_path that does not match
 
 
-@given(st.binary(max_size=12))
-def test_asgi_and_wsgi_identity_paths_agree_and_keep_every_byte(tail: bytes) -> None:
-    """For any path bytes, both fronts make one identity path of them, and different bytes never share one."""
-    raw = b"/f/" + tail
-    escaped = quote_from_bytes(raw, safe="/")
-    asgi = identity_path(unquote(escaped), escaped.encode("ascii"))  # what uvicorn puts in path and raw_path
-    environ = {"PATH_INFO": raw.decode("latin-1")}  # PEP 3333
-    wsgi = _undecoded(environ["PATH_INFO"]) or request_path(environ)
-    assert asgi == wsgi
-    assert asgi.encode("utf-8", "surrogateescape") == raw
+def test_identity_path_keeps_an_encoded_slash() -> None:
+    """/a%2Fb (path /a/b) is not /a/b; a literal %2F (raw %252F) is neither; other paths keep their identity."""
+    assert identity_path("/a/b", b"/a%2Fb") == "/a%2Fb"
+    assert identity_path("/a/b", b"/a%2fb") == "/a%2Fb"
+    assert identity_path("/a/b", b"/a/b") == "/a/b"
+    assert identity_path("/a%2Fb", b"/a%252Fb") == "/a%252Fb"
+    assert identity_path("/a%b", b"/a%25b") == "/a%25b"  # a literal % is escaped too
+    assert identity_path("/a/\ufffd", b"/a%2F%FF") == "/a%2F\udcff"
+    assert identity_path("/api/a/b", b"/a%2Fb") == "/api/a%2Fb"  # a root_path before path only
+    assert identity_path("/a%2Fb", None) == "/a%252Fb"  # no raw_path: a literal %2F still escaped
+    # No two distinct raw paths share an identity.
+    raws = [b"/a%2Fb", b"/a/b", b"/a%252Fb", b"/a%25252Fb", b"/a%2F%2Fb", b"/a%2F/b", b"/a//b", b"/a%25%2Fb"]
+    identities = {identity_path(unquote_to_bytes(raw).decode("utf-8", "replace"), raw) for raw in raws}
+    assert len(identities) == len(raws)
+
+
+def _identities(raw: bytes) -> tuple[str, str, str]:
+    """One raw path's identity on ASGI, on WSGI, and on WSGI from a server that gives no ``REQUEST_URI``."""
+    decoded = unquote_to_bytes(raw)
+    asgi = identity_path(decoded.decode("utf-8", "replace"), raw)  # uvicorn's path and raw_path
+    environ = {"PATH_INFO": decoded.decode("latin-1"), "REQUEST_URI": raw.decode("ascii")}  # PEP 3333, waitress
+    bare = {"PATH_INFO": decoded.decode("latin-1")}
+    return asgi, identity_path_of(environ), identity_path_of(bare)
+
+
+def _segments(raw: bytes) -> list[bytes]:
+    """What a raw path means (RFC 3986 section 2.2): segments at real slashes, each decoded (%2F is no slash)."""
+    return [unquote_to_bytes(segment) for segment in raw.split(b"/")]
+
+
+_PARTS = st.lists(
+    st.sampled_from([b"a", b"/", b"%2F", b"%2f", b"%25", b"%FF", b"%C3%A9", b"2F", b"%", b"%61"]), max_size=6
+)
+
+
+@given(_PARTS, _PARTS)
+def test_asgi_and_wsgi_identity_paths_agree_and_tell_raw_paths_apart(a: list[bytes], b: list[bytes]) -> None:
+    """Both fronts make one identity of a raw path, and two raw paths share one exactly when they mean the same."""
+    raw_a, raw_b = b"/f/" + b"".join(a), b"/f/" + b"".join(b)
+    asgi_a, wsgi_a, bare_a = _identities(raw_a)
+    asgi_b = _identities(raw_b)[0]
+    assert asgi_a == wsgi_a
+    if b"%2F" not in raw_a.upper():
+        assert bare_a == wsgi_a  # without the raw target, only an encoded slash is lost
+    assert (asgi_a == asgi_b) is (_segments(raw_a) == _segments(raw_b))
 
 
 def test_header_refusal() -> None:

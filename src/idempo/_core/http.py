@@ -17,6 +17,7 @@ are written once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
@@ -55,6 +56,7 @@ __all__ = [
     "content_type_of",
     "decision_answer",
     "declared_length",
+    "escaped_slash_path",
     "fingerprint_off_loop",
     "identity_path",
     "invalid_content_length_answer",
@@ -156,30 +158,77 @@ def content_type_of(values: Sequence[bytes]) -> bytes | StoredResponse | None:
 
 
 def identity_path(path: str, raw_path: bytes | None) -> str:
-    """The path a record key and fingerprint are made of (ASGI): ``path``, with bytes that are not UTF-8 kept.
+    """The path a record key and fingerprint are made of (ASGI): ``path``, with what decoding lost given back.
 
-    ASGI servers decode the percent-decoded path as UTF-8 and replace what is
-    not UTF-8 with U+FFFD (uvicorn and hypercorn use ``unquote``), so
-    ``/files/%FF`` and ``/files/%FE`` arrive as one ``path``. The raw path
-    (``raw_path``, ASGI 3) still holds the bytes; they are decoded with
-    ``surrogateescape``, as the WSGI front decodes PEP 3333's latin-1 text, so
-    one request has one record key and fingerprint under either front. A path
-    that is UTF-8 is returned as it is, so its record key never changes.
+    ASGI servers percent-decode the path (uvicorn and hypercorn use
+    ``unquote``), and two things are lost on the way, both kept by the raw
+    path (``raw_path``, ASGI 3, the request target's path with its escapes):
+
+    - bytes that are not UTF-8, replaced with U+FFFD, so ``/files/%FF`` and
+      ``/files/%FE`` arrive as one ``path``: they are decoded with
+      ``surrogateescape``, as the WSGI front decodes PEP 3333's latin-1 text;
+    - an encoded slash: ``/a%2Fb`` arrives as ``/a/b``, yet it is another
+      resource (RFC 3986 section 2.2: a reserved character and its escape are
+      not equivalent), with one path segment where ``/a/b`` has two. Such a
+      path is kept in the form :func:`escaped_slash_path` gives.
+
+    So one request has one record key and fingerprint under either front. A
+    path that has neither is returned as it is, so its record key never changes.
 
     Args:
         path: the scope's ``path``.
         raw_path: the scope's ``raw_path`` (the bytes of the request target's
             path, escapes not decoded), or None when the server gives none.
     """
-    if "\ufffd" not in path or not isinstance(raw_path, bytes):
+    if not isinstance(raw_path, bytes):
+        return escaped_slash_path(path, b"") if _has_percent(path) else path
+    slashes = b"%2" in raw_path and _ENCODED_SLASH.search(raw_path) is not None
+    if not slashes and "\ufffd" not in path and not _has_percent(path):
         return path
     faithful = unquote_to_bytes(raw_path).decode("utf-8", "surrogateescape")
     lossy = faithful.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    if lossy == path:
-        return faithful
-    if path.endswith(lossy):  # a root_path the server put before the path only
-        return path[: len(path) - len(lossy)] + faithful
-    return path
+    # ASGI's path lost the bytes (lossy); the WSGI front's kept them (faithful).
+    # Either may have a root_path (SCRIPT_NAME) before it that the raw path lacks.
+    for decoded in (lossy, faithful):
+        if path.endswith(decoded):
+            prefix = path[: len(path) - len(decoded)]
+            break
+    else:
+        return escaped_slash_path(path, b"") if _has_percent(path) else path
+    if slashes or _has_percent(prefix + faithful):
+        return escaped_slash_path(prefix, raw_path)
+    return prefix + faithful
+
+
+# An encoded slash in a raw path: "%2F" in either case.
+_ENCODED_SLASH = re.compile(rb"%2[fF]")
+
+
+def _has_percent(decoded: str) -> bool:
+    """True when a decoded path holds a "%" (its raw path had "%25"): it takes the escaped form too.
+
+    So every escaped form holds a "%" (``%25`` or ``%2F``) and no path left
+    as it is does: the two kinds never meet.
+    """
+    return "%" in decoded
+
+
+def escaped_slash_path(prefix: str, raw_path: bytes) -> str:
+    """The identity of a path whose raw form has an encoded slash, or whose decoded form holds a ``%``.
+
+    Each part between encoded slashes is decoded (``surrogateescape``) with
+    ``%`` written ``%25``, and the parts are joined by ``%2F``: so the result
+    always holds a ``%``, and no path left as it is (which holds none) is
+    ever equal to it. ``/a%2Fb`` gives ``/a%2Fb``, ``/a/b`` stays ``/a/b``,
+    ``/a%252Fb`` gives ``/a%252Fb`` and ``/a%25b`` gives ``/a%25b``.
+
+    Args:
+        prefix: decoded text before the raw path (an ASGI ``root_path``).
+        raw_path: the path's bytes as sent, escapes not decoded.
+    """
+    parts = _ENCODED_SLASH.split(raw_path)
+    decoded = (unquote_to_bytes(part).decode("utf-8", "surrogateescape").replace("%", "%25") for part in parts)
+    return prefix.replace("%", "%25") + "%2F".join(decoded)
 
 
 def principal_required_answer() -> StoredResponse:

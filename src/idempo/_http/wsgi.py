@@ -18,7 +18,7 @@ from types import TracebackType
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from .._core.capture import ResponseCapture, Settlement
-from .._core.http import BYPASSED_HEADER
+from .._core.http import BYPASSED_HEADER, identity_path
 from .._core.policy import Policy, Verdict
 from .._core.records import StoredResponse
 from .._engine.execution import Execution
@@ -39,8 +39,10 @@ __all__ = [
     "Write",
     "answer",
     "header_bytes",
+    "identity_path_of",
     "is_file_wrapper",
     "read_body",
+    "raw_target",
     "read_input",
     "report_exception",
     "request_path",
@@ -117,6 +119,36 @@ def undecoded_path(raw: str) -> str | None:
     except UnicodeDecodeError:
         return data.decode("utf-8", "surrogateescape")
     return None
+
+
+def identity_path_of(environ: Environ) -> str:
+    """The path a record key and fingerprint are made of (WSGI).
+
+    ``SCRIPT_NAME + PATH_INFO`` with bytes that are not UTF-8 kept
+    (:func:`undecoded_path`), and an encoded slash (``/a%2Fb``, which
+    ``PATH_INFO`` decodes to ``/a/b``) kept from the request target as sent
+    (:func:`raw_target`), as the ASGI front keeps it from ``raw_path``
+    (:func:`idempo._core.http.identity_path`). A server that passes no raw
+    target leaves ``/a%2Fb`` and ``/a/b`` one resource: it cannot tell them apart.
+    """
+    raw: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    return identity_path(undecoded_path(raw) or request_path(environ), raw_target(environ))
+
+
+def raw_target(environ: Environ) -> bytes | None:
+    """The path of the request target as the client sent it, escapes not decoded; None when the server gives none.
+
+    From ``REQUEST_URI`` (waitress, Werkzeug) or ``RAW_URI`` (gunicorn,
+    Werkzeug): its query is cut off, and an absolute-form target (RFC 9112
+    section 3.2.2) gives its path.
+    """
+    target = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+    if not isinstance(target, str):
+        return None
+    target = target.split("?", 1)[0].split("#", 1)[0]
+    if not target.startswith("/"):
+        target = "/" + target.split("://", 1)[-1].partition("/")[2]
+    return header_bytes(target)
 
 
 def header_bytes(text: str) -> bytes:
