@@ -141,7 +141,7 @@ PUBLIC_API: dict[str, list[str]] = {
         "standard",
     ],
     "idempo.proxy": ["ProxyConfig", "ProxyConfigError", "app_factory", "create_app", "dump_config", "load_config"],
-    "idempo.proxy.app": ["HOP_BY_HOP", "ProxyApp", "app_factory", "create_app", "failure_answer"],
+    "idempo.proxy.app": ["HOP_BY_HOP", "ProxyApp", "ProxyMiddleware", "app_factory", "create_app", "failure_answer"],
     "idempo.proxy.forwarder": ["Forwarder", "HttpxForwarder", "UpstreamFailure", "UpstreamResponse", "failure_class"],
     "idempo.proxy.config": [
         "AuthorizationScope",

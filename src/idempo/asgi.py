@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from . import _config
+from ._core.fingerprint import BodySource
 from ._core.http import identity_path, takes_part
 from ._core.policy import Policy
 from ._core.records import StoredResponse
@@ -115,6 +116,17 @@ class IdempotencyMiddleware:
         self._key_header = key_header.lower().encode("latin-1")
         # The route-options finders framework glue added (idempo.fastapi), made for this middleware.
         self._finders: list[RouteOptionsFinder] = []
+
+    async def read_request_body(self, scope: Scope, receive: Receive, limit: int) -> bytes | BodySource | None:
+        """Read a keyed request's whole body; None past ``limit`` bytes (a 413).
+
+        The default keeps it in memory (:func:`idempo._http.asgi.read_body`);
+        ``idempo proxy`` overrides it to spool large bodies to a temporary file.
+
+        Raises:
+            ClientGone: the client left mid-upload.
+        """
+        return await read_body(receive, limit)
 
     def policy_for(self, path: str) -> Policy | None:
         """Return the policy for a path from the ``routes`` patterns, or None when the path is exempt."""
@@ -221,7 +233,7 @@ class IdempotencyMiddleware:
             content_types=content_types,
             principal=lambda: resolve(scope),
             legacy_principal=lambda who: legacy_principal(scope, resolve, who),
-            read_body=lambda: read_body(receive, limit),
+            read_body=lambda: self.read_request_body(scope, receive, limit),
         )
         admitted = await drive_async(steps, self.store, decided=False)
         if admitted is None:

@@ -201,3 +201,21 @@ def test_admin_port(node_upstream: NodeUpstream, start_proxy: StartProxy) -> Non
     assert "idempo_requests_total" in metrics
     node_upstream.stop()
     poll("readyz 503 with the upstream down", lambda: proxy.ready().status_code == 503)
+
+
+def test_a_large_body_is_spooled_and_sent_with_its_length(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """A 1 MiB body (past the in-memory part of the spool) reaches the upstream whole, with Content-Length."""
+    import hashlib
+
+    proxy = start_proxy(node_upstream.url, "sqlite:///" + str(node_upstream.directory / "i.db"))
+    data = bytes(range(256)) * 4096
+    k = key()
+    headers = {"Idempotency-Key": k, "Content-Type": "application/octet-stream"}
+    with httpx.Client(base_url=proxy.url, timeout=15) as client:
+        assert client.post("/v1/upload", content=data, headers=headers).status_code == 201
+        assert client.post("/v1/upload", content=data, headers=headers).headers["idempotent-replayed"] == "true"
+        assert client.post("/v1/upload", content=data[:-1] + b"!", headers=headers).status_code == 422
+    entry = node_upstream.ledger()[-1]
+    assert entry["body_sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["content_length"] == str(len(data))
+    assert node_upstream.executions(k) == 1

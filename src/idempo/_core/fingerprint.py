@@ -51,7 +51,7 @@ import json
 import json.encoder
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
@@ -59,6 +59,7 @@ from urllib.parse import parse_qsl, urlencode
 from .digests import Digests, as_digests
 
 __all__ = [
+    "BodySource",
     "canonical_json",
     "canonical_query",
     "fingerprint",
@@ -66,6 +67,25 @@ __all__ = [
     "legacy_fingerprint",
     "media_type",
 ]
+
+
+class BodySource(Protocol):
+    """A request body kept outside memory (``idempo proxy`` spools a keyed request's body to a file).
+
+    Anything that takes a body as ``bytes`` in this module also takes one of
+    these: a raw body is hashed chunk by chunk; a JSON body is read whole,
+    because its canonical form needs the whole document.
+    """
+
+    def __len__(self) -> int:
+        """The body's size in bytes."""
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body from its start, a chunk at a time."""
+
+    def read(self) -> bytes:
+        """The whole body."""
+
 
 # Numbers. The C scanner hands every literal with a fraction or an exponent to
 # _number, which returns what the C encoder then prints: an int for an
@@ -198,7 +218,7 @@ def fingerprint(
     path: str,
     query: bytes | str,
     content_type: bytes | str | None,
-    body: bytes,
+    body: bytes | BodySource,
     *,
     secret: Digests | bytes | str,
     canonical_json: bool = True,
@@ -210,7 +230,7 @@ def fingerprint(
         path: the request path, without the query.
         query: the raw query string (bytes from ASGI, str from WSGI).
         content_type: the ``Content-Type`` header value, or None.
-        body: the complete request body.
+        body: the complete request body (bytes, or a :class:`BodySource`).
         secret: the server secret (or the front's :class:`~idempo._core.digests.Digests`).
         canonical_json: canonicalise JSON bodies (default True).
 
@@ -225,7 +245,13 @@ def fingerprint(
 
 
 def legacy_fingerprint(
-    method: str, path: str, query: bytes | str, content_type: bytes | str | None, body: bytes, *, canonical_json: bool
+    method: str,
+    path: str,
+    query: bytes | str,
+    content_type: bytes | str | None,
+    body: bytes | BodySource,
+    *,
+    canonical_json: bool,
 ) -> str:
     """The fingerprint versions before keyed digests stored: their input under plain SHA-256.
 
@@ -239,9 +265,9 @@ def legacy_fingerprint(
     digest = hashlib.sha256()
     head = _legacy_head(method, path, query, content_type)
     digest.update(head)
-    if canonical_json and body and is_json_media_type(_legacy_media_type(content_type)):
+    if canonical_json and len(body) and is_json_media_type(_legacy_media_type(content_type)):
         try:
-            canonical = _legacy_canonical_json(body)
+            canonical = _legacy_canonical_json(body if isinstance(body, bytes) else body.read())
         except (ValueError, RecursionError):
             pass
         else:
@@ -249,8 +275,17 @@ def legacy_fingerprint(
             digest.update(canonical)
             return digest.hexdigest()
     digest.update(b"r:")
-    digest.update(body)
+    _update(digest, body)
     return digest.hexdigest()
+
+
+def _update(digest: _Hasher, body: bytes | BodySource) -> None:
+    """Feed a raw body to ``digest``: at once, or a :class:`BodySource` chunk by chunk."""
+    if isinstance(body, bytes):
+        digest.update(body)
+    else:
+        for chunk in body.chunks():
+            digest.update(chunk)
 
 
 def _legacy_head(method: str, path: str, query: bytes | str, content_type: bytes | str | None) -> bytes:
@@ -305,16 +340,16 @@ def _hexdigest(
     path: str,
     query: bytes | str,
     content_type: bytes | str | None,
-    body: bytes,
+    body: bytes | BodySource,
     canonical_json: bool,
 ) -> str:
     """Feed the request's length-prefixed head and its body (canonical JSON or raw) to ``digest``."""
     key = (method, path, query, content_type)
     head, is_json = _HEADS.get(key) or _head(key)
     digest.update(head)
-    if canonical_json and is_json and body:
+    if canonical_json and is_json and len(body):
         try:
-            canonical = canonical_json_bytes(body)
+            canonical = canonical_json_bytes(body if isinstance(body, bytes) else body.read())
         except (ValueError, RecursionError):
             pass
         else:
@@ -322,7 +357,7 @@ def _hexdigest(
             digest.update(canonical)
             return digest.hexdigest()
     digest.update(b"r:")
-    digest.update(body)
+    _update(digest, body)
     return digest.hexdigest()
 
 

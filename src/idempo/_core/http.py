@@ -24,7 +24,7 @@ from urllib.parse import unquote_to_bytes
 
 from ..exceptions import InvalidKey
 from .digests import Digests, legacy_record_key
-from .fingerprint import fingerprint, is_json_media_type, legacy_fingerprint, media_type
+from .fingerprint import BodySource, fingerprint, is_json_media_type, legacy_fingerprint, media_type
 from .flow import Held, InProgress, LegacyIdentity, Mismatch, NotReplayable, Replay
 from .keys import parse_key, split_folded
 from .policy import Policy
@@ -291,7 +291,7 @@ def request_identity(
     path: str,
     query: bytes | str,
     content_type: bytes | str | None,
-    body: bytes,
+    body: bytes | BodySource,
     key: str,
 ) -> RequestIdentity:
     """Return the record key (scope: principal, method, path) and the fingerprint, both keyed with ``digests``.
@@ -323,7 +323,7 @@ def legacy_identity(
     path: str,
     query: bytes | str,
     content_type: bytes | str | None,
-    body: bytes,
+    body: bytes | BodySource,
     key: str,
 ) -> LegacyIdentity:
     """Where a version before keyed digests kept this request's record, and the fingerprint it stored there.

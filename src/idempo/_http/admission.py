@@ -25,6 +25,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._core.fingerprint import BodySource
 from .._core.flow import LegacyIdentity, Proceed
 from .._core.http import (
     body_incomplete_answer,
@@ -71,11 +72,15 @@ GONE = _Gone()
 
 @dataclass(frozen=True, slots=True)
 class Execute:
-    """The request holds the lease: run the handler with ``body``, then settle through ``execution``."""
+    """The request holds the lease: run the handler with ``body``, then settle through ``execution``.
+
+    ``body`` is bytes, or what the front's body reader made of it (``idempo
+    proxy`` spools it: a :class:`~idempo._core.fingerprint.BodySource`).
+    """
 
     execution: Execution | AsyncExecution
     observation: RequestObservation
-    body: bytes
+    body: bytes | BodySource
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +93,7 @@ class Bypass:
 
     observation: RequestObservation
     error: StoreError
-    body: bytes
+    body: bytes | BodySource
 
     def finish(self, status: int | None) -> None:
         """The handler is done and answered ``status`` (None: nothing): finish the observation as ``bypassed``."""
@@ -137,7 +142,8 @@ def admission(
         legacy_principal: the principal a version before keyed digests gave
             the request, from the one given now.
         read_body: reads the whole body (``Call``: awaited on ASGI); returns
-            the bytes, or None past ``policy.max_request_body``; raises
+            the bytes (or a :class:`~idempo._core.fingerprint.BodySource`), or
+            None past ``policy.max_request_body``; raises
             :class:`BodyIncomplete` (or :class:`ClientGone`) when it ends short.
     """
     key = check_key(policy, method, path, key_values)
@@ -159,7 +165,7 @@ def admission(
         observation.finish(Outcome.NO_PRINCIPAL, 400)
         return principal_required_answer()
     try:
-        body: bytes | None = yield Call(read_body)
+        body: bytes | BodySource | None = yield Call(read_body)
     except ClientGone:
         observation.finish(Outcome.BODY_INCOMPLETE)
         return GONE  # no one to answer, nothing run, nothing stored

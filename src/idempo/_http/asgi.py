@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import anyio
 
 from .._core.capture import ResponseCapture, Settlement
+from .._core.fingerprint import BodySource
 from .._core.http import BYPASSED_HEADER
 from .._core.policy import Policy, Verdict
 from .._core.records import StoredResponse
@@ -125,8 +126,12 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def replay_body(body: bytes, receive: Receive) -> Receive:
-    """A receive callable that hands the app the body already read, then the real stream."""
+def replay_body(body: bytes | BodySource, receive: Receive) -> Receive:
+    """A receive callable that hands the app the body already read, then the real stream.
+
+    A body the middleware's reader did not keep as bytes (``idempo proxy``'s
+    spooled body) is handed over as that object, for an app that knows it.
+    """
     pending = True
 
     async def replay_receive() -> Message:
@@ -193,7 +198,8 @@ class Exchange:
         execution: the request's lease.
         observation: the request's observation (the caller finishes it).
         policy: the route's policy.
-        body: the request body, already read.
+        body: the request body, already read (bytes; ``idempo proxy`` passes
+            its spooled :class:`~idempo._core.fingerprint.BodySource` to its forwarder).
         receive: the server's receive.
         send: the server's send.
     """
@@ -222,7 +228,7 @@ class Exchange:
         execution: AsyncExecution,
         observation: RequestObservation,
         policy: Policy,
-        body: bytes,
+        body: bytes | BodySource,
         receive: Receive,
         send: Send,
     ) -> None:

@@ -59,6 +59,7 @@ from ..exceptions import ConfigurationError, StoreError, StoreUnavailable
 from ..observability._observation import logger
 from ..stores._base import warn_unreachable_at_startup
 from ..typing import AsyncStore
+from ._body import SpooledBody, read_spooled
 from ._metrics import ProxyMetrics
 from .config import (
     FAILURES,
@@ -74,6 +75,7 @@ from .forwarder import Forwarder, HttpxForwarder, UpstreamFailure, failure_class
 __all__ = [
     "HOP_BY_HOP",
     "ProxyApp",
+    "ProxyMiddleware",
     "app_factory",
     "create_app",
     "failure_answer",
@@ -97,6 +99,7 @@ HOP_BY_HOP = frozenset(
 
 _VIA = b"1.1 idempo"
 _PRINCIPAL_KEY = "idempo.proxy.principal"
+_BODY_KEY = "idempo.proxy.body"
 _ROUTE_KEY = "idempo.proxy.route"
 
 UPSTREAM_UNREACHABLE = Problem(502, "upstream-unreachable", "The upstream could not be reached")
@@ -106,6 +109,22 @@ UPSTREAM_DEADLINE = Problem(504, "upstream-outcome-unknown", "The upstream did n
 LOOP_DETECTED = Problem(508, "loop-detected", "The request came back to idempo proxy")
 TOKEN_REJECTED = Problem(401, "token-rejected", "The bearer token was refused")
 KEYS_UNAVAILABLE = Problem(503, "keys-unavailable", "The token's keys could not be fetched")
+
+
+class ProxyMiddleware(IdempotencyMiddleware):
+    """idempo's ASGI middleware, reading a keyed request's body into a :class:`~idempo.proxy._body.SpooledBody`.
+
+    The body is kept in memory while small and in a temporary file beyond, so a
+    large upload does not stay in memory while the upstream works; it is
+    fingerprinted from there and sent upstream from there, with its
+    ``Content-Length``. The proxy closes it once the request is done.
+    """
+
+    async def read_request_body(self, scope: Scope, receive: Receive, limit: int) -> SpooledBody | None:
+        """See :meth:`idempo.asgi.IdempotencyMiddleware.read_request_body`."""
+        body = await read_spooled(receive, limit)
+        scope[_BODY_KEY] = body
+        return body
 
 
 class _CutOff(BaseException):
@@ -201,7 +220,7 @@ class ProxyApp:
         )
         self._host = config.proxy.upstream.base_url.split("://", 1)[1].encode("latin-1")
         self.metrics = metrics if metrics is not None else ProxyMetrics()
-        self.middleware = IdempotencyMiddleware(self.forward, self.store, principal=self._principal, secret=secret)
+        self.middleware = ProxyMiddleware(self.forward, self.store, principal=self._principal, secret=secret)
         self._policies: dict[str, Policy] = {}
         self._resolvers: dict[str, Any] = {}
         for route in (*config.routes, config.default_route):
@@ -296,6 +315,10 @@ class ProxyApp:
             pass  # answered, and the record settled by the failure's verdict
         except _CutOff:
             pass  # shutting down: the lease is kept
+        finally:
+            body = scope.get(_BODY_KEY)
+            if isinstance(body, SpooledBody):
+                body.close()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Tunnel a WebSocket to the upstream, never keyed: messages pass both ways until either side closes.
@@ -492,9 +515,9 @@ class ProxyApp:
         headers = self._request_headers(scope)
         body: bytes | AsyncIterator[bytes]
         if isinstance(exchange, Exchange):
-            message = await receive()  # the body the middleware read
-            whole: bytes = message.get("body", b"")
-            body = whole
+            message = await receive()  # the body the middleware read (spooled)
+            whole: bytes | SpooledBody = message.get("body", b"")
+            body = whole if isinstance(whole, bytes) else whole.achunks()
             headers.append((b"content-length", b"%d" % len(whole)))
             headers.append((b"idempo-attempt", b"%d" % exchange.execution.token))
         else:
@@ -570,8 +593,11 @@ class ProxyApp:
             message: Message = await receive()
             if message["type"] != "http.request":
                 raise _ClientGone()
-            chunk: bytes = message.get("body", b"")
-            if chunk:
+            chunk: bytes | SpooledBody = message.get("body", b"")
+            if isinstance(chunk, SpooledBody):  # a bypass (the store down, fail_open): the body already read
+                for part in chunk.chunks():
+                    yield part
+            elif chunk:
                 yield chunk
             if not message.get("more_body", False):
                 return
