@@ -1,0 +1,437 @@
+"""Idempotent Celery tasks: a task runs at most once per idempotency key, however often it is delivered.
+
+::
+
+    from celery import Celery
+    from idempo.celery import IdempotentTask
+
+    app = Celery("shop", broker="redis://127.0.0.1:6379/0", backend="redis://127.0.0.1:6379/0")
+    app.conf.idempo_store = "redis://127.0.0.1:6379/0"
+
+    @app.task(base=IdempotentTask, idempotency_key="order_id")
+    def charge(order_id: str, cents: int) -> dict:
+        ...                                     # runs once per order_id
+
+    charge.delay("ord_1", 1999)                 # runs
+    charge.delay("ord_1", 1999).get()           # the first run's result, the task not run again
+
+Celery delivers a task more than once: with ``acks_late`` a worker killed
+mid-task leaves its message to be redelivered, a Redis or SQS broker
+redelivers a message not acknowledged within its visibility timeout (also
+while the first worker still runs it), and a client retries ``apply_async``
+after a timeout. An :class:`IdempotentTask` runs through
+:func:`idempo.idempotent`: the key comes from the task's arguments (an
+argument's name, or a callable of the bound arguments), the scope is the
+task's name, the other arguments are the fingerprint, and the result is kept
+in the idempo store, so a duplicate returns it without running, and Celery
+stores it in the result backend under the duplicate's own task id
+(``AsyncResult.get()`` of the duplicate gets the first run's result).
+
+A duplicate that arrives while the first run still holds the key is retried
+with Celery's own :meth:`celery.app.task.Task.retry` (``on_duplicate="retry"``,
+the default), or dropped with a log line (``on_duplicate="drop"``): see
+:class:`IdempotentTask`. Either is counted as a ``conflict`` in
+``idempo_requests_total`` (labels ``method="CALL"``, ``route`` = the task's name).
+
+While a task runs its lease is renewed (every third of ``lease_ttl``), so a
+long task is never run twice while its worker lives; a worker that dies
+(SIGKILL, OOM, power loss) stops renewing, and its redelivered task runs once
+the lease has lapsed, or is held when ``on_takeover="hold"`` (the first run's
+outcome is unknown).
+
+At worker start, :func:`check_broker` warns (logger ``idempo``) when the
+broker's visibility timeout is shorter than a task's lease or its time limit.
+The module needs the ``celery`` extra (``pip install 'idempo[celery]'``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable, Collection, Mapping
+from datetime import timedelta
+from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
+from urllib.parse import urlsplit
+
+import celery
+from celery import signals
+from celery.exceptions import Ignore
+
+from ._core.policy import Verdict
+from .decorator import Arguments, KeyFunction, idempotent
+from .exceptions import ConfigurationError, KeyInProgress
+from .observability._observation import logger
+from .serializers import Serializer
+from .typing import AsyncStore, Store
+
+__all__ = ["IdempotentTask", "OnDuplicate", "check_broker", "idempotent_task"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: What a task does with a duplicate that arrives while the first run holds the key.
+OnDuplicate = Literal["retry", "drop"]
+
+#: Seconds Redis and SQS keep an unacknowledged message before redelivering it when
+#: ``broker_transport_options`` sets no ``visibility_timeout`` (Celery's documented default: 1 h).
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+
+# Brokers that redeliver an unacknowledged message after a visibility timeout (kombu transports).
+_VISIBILITY_BROKERS = frozenset({"redis", "rediss", "sentinel", "sqs", "redis+socket", "socket"})
+
+
+def _seconds(value: float | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class IdempotentTask(celery.Task):  # type: ignore[misc]
+    """A Celery task that runs at most once per idempotency key (``@app.task(base=IdempotentTask, ...)``).
+
+    The options are task options (``@app.task(..., idempotency_lease_ttl=60)``,
+    or class attributes of a subclass); each has the meaning of the
+    :func:`idempo.idempotent` argument of the same name without the prefix:
+
+    Attributes:
+        idempotency_key: the name of the argument holding the idempotency key,
+            or a callable receiving the call's :data:`~idempo.decorator.Arguments`
+            and returning it (a str, an int or a UUID). Required.
+        idempotency_store: a :class:`~idempo.typing.Store` or a store URL;
+            default the app's ``idempo_store`` setting (``app.conf.idempo_store``).
+            Every worker must share it (PostgreSQL, Redis, an SQLite file on one host).
+        idempotency_scope: what keys are unique within; default the task's name.
+        idempotency_record_ttl: seconds a result is kept and replayed (default 24 h).
+        idempotency_lease_ttl: seconds of the lease a running task holds,
+            renewed every third of it while it runs: a worker that dies delays the
+            redelivered task by at most this long (default 30 s). Keep it shorter
+            than the broker's visibility timeout (:func:`check_broker` warns).
+        idempotency_fingerprint: the argument names (or a callable of the
+            arguments) that make up the fingerprint; default every argument but
+            the key and ``idempotency_exclude``.
+        idempotency_exclude: arguments left out of the default fingerprint.
+        idempotency_serializer: ``"json"`` (default, typed), ``"pickle"`` or a
+            :class:`~idempo.serializers.Serializer`: how idempo keeps the result
+            (Celery's own result serializer then sends it to the result backend).
+        idempotency_require_key: fail a task whose key is None with
+            :class:`~idempo.MissingKey`; by default it runs without idempotency.
+        idempotency_exception_verdicts: per exception class, ``Verdict.RELEASE``
+            (default: a retry of the task runs again) or ``Verdict.HOLD``.
+        idempotency_hold_ttl: seconds a HOLD keeps the key (default the record TTL).
+        idempotency_on_takeover: ``"execute"`` (default: the redelivered task of a
+            worker that died runs again once its lease lapsed) or ``"hold"``
+            (it fails with :class:`~idempo.KeyHeld` until the hold expires or
+            an operator resolves the key: the first run's outcome is unknown).
+        idempotency_on_duplicate: ``"retry"`` (default) or ``"drop"``: what a
+            duplicate does when the first run still holds the key. ``"retry"``
+            calls Celery's :meth:`~celery.app.task.Task.retry`, so the duplicate
+            comes back after ``idempotency_duplicate_countdown`` and then returns
+            the first run's result (its ``AsyncResult.get()`` gets it), or runs
+            the task if the first run's worker died; it is the default because
+            nothing is lost either way. ``"drop"`` acknowledges the duplicate
+            without a result (Celery's :class:`~celery.exceptions.Ignore`),
+            logged at WARNING: for redeliveries of one message (the same task id,
+            whose first run stores the result) when no one waits on a
+            duplicate's own task id; a duplicate with a task id of its own then
+            stays PENDING in the result backend.
+        idempotency_duplicate_countdown: seconds before a retried duplicate comes
+            back; default the lease TTL (when a dead worker's lease has lapsed).
+        idempotency_duplicate_retries: how many times a duplicate is retried
+            before it fails with :class:`~idempo.KeyInProgress`; default None:
+            until the first run settles its key. These retries count in
+            ``task.request.retries`` like the task's own.
+        idempotency_fail_open: run the task without idempotency when the store
+            fails before it (default: fail the task; with ``acks_late`` and
+            ``autoretry_for=(StoreError,)`` it is retried).
+        idempotency_secret: the server secret (see :mod:`idempo.secrets`).
+
+    The class also sets ``acks_late = True`` and ``reject_on_worker_lost = True``
+    (override them per task): a task's message is acknowledged after it ran,
+    so a worker that dies mid-task leaves it to be redelivered, and the
+    redelivery is deduplicated here.
+
+    A replay is the task's return value, so Celery stores it as the
+    duplicate's result. A duplicate fails (its exception in the result
+    backend) with :class:`~idempo.FingerprintMismatch` (the key was used
+    with other arguments), :class:`~idempo.KeyHeld`,
+    :class:`~idempo.ResultNotReplayable`, or :class:`~idempo.StoreError`.
+
+    Raises:
+        ConfigurationError: when the task is made (``@app.task``): no
+            ``idempotency_key``, an unknown ``idempotency_on_duplicate``, a
+            negative countdown or retry count; on its first run: no store, or
+            what :func:`idempo.idempotent` refuses.
+    """
+
+    idempotency_key: ClassVar[str | KeyFunction | None] = None
+    idempotency_store: ClassVar[Store | str | None] = None
+    idempotency_scope: ClassVar[str | None] = None
+    idempotency_record_ttl: ClassVar[float | timedelta] = 86400.0
+    idempotency_lease_ttl: ClassVar[float | timedelta] = 30.0
+    idempotency_fingerprint: ClassVar[Collection[str] | Callable[[Arguments], Any] | None] = None
+    idempotency_exclude: ClassVar[Collection[str]] = ()
+    idempotency_serializer: ClassVar[Serializer | Literal["json", "pickle"]] = "json"
+    idempotency_require_key: ClassVar[bool] = False
+    idempotency_exception_verdicts: ClassVar[Mapping[type[BaseException], Verdict] | None] = None
+    idempotency_hold_ttl: ClassVar[float | timedelta | None] = None
+    idempotency_on_takeover: ClassVar[Literal["execute", "hold"]] = "execute"
+    idempotency_on_duplicate: ClassVar[OnDuplicate] = "retry"
+    idempotency_duplicate_countdown: ClassVar[float | timedelta | None] = None
+    idempotency_duplicate_retries: ClassVar[int | None] = None
+    idempotency_fail_open: ClassVar[bool] = False
+    idempotency_secret: ClassVar[str | bytes | None] = None
+
+    acks_late = True
+    reject_on_worker_lost = True
+
+    # The idempotent call, made on the first run in each process (a prefork child
+    # opens its own store connections after the fork): (pid, function).
+    _idempotent: tuple[int, Callable[..., Any]] | None = None
+    _building: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "run" not in cls.__dict__:
+            return  # a base of the user's own, with defaults: checked in its tasks
+        name = cls.__dict__.get("name") or cls.__name__
+        if cls.idempotency_key is None:
+            raise ConfigurationError(
+                f"{name}: an IdempotentTask needs idempotency_key= (an argument name or a callable)"
+            )
+        if cls.idempotency_on_duplicate not in ("retry", "drop"):
+            raise ConfigurationError(
+                f"{name}: idempotency_on_duplicate must be 'retry' or 'drop', got {cls.idempotency_on_duplicate!r}"
+            )
+        countdown = cls.idempotency_duplicate_countdown
+        if countdown is not None and _seconds(countdown) < 0:
+            raise ConfigurationError(f"{name}: idempotency_duplicate_countdown cannot be negative")
+        retries = cls.idempotency_duplicate_retries
+        if retries is not None and retries < 0:
+            raise ConfigurationError(f"{name}: idempotency_duplicate_retries cannot be negative")
+
+    @property
+    def lease_ttl(self) -> float:
+        """Seconds of this task's lease (``idempotency_lease_ttl``)."""
+        return _seconds(self.idempotency_lease_ttl)
+
+    def _store(self) -> Store | AsyncStore | str:
+        store = self.idempotency_store
+        if store is None:
+            store = self.app.conf.get("idempo_store")
+        if store is None:
+            raise ConfigurationError(
+                f"{self.name}: no idempo store: set idempotency_store= on the task or app.conf.idempo_store"
+            )
+        return store
+
+    def _call(self) -> Callable[..., Any]:
+        """The task's body under :func:`idempo.idempotent`, made once per process."""
+        made = self._idempotent
+        pid = os.getpid()
+        if made is not None and made[0] == pid:
+            return made[1]
+        with self._building:
+            made = self._idempotent
+            if made is not None and made[0] == pid:
+                return made[1]
+            task = self
+            run = self.run
+            # Read from the class: a function stored as a class attribute would bind to the task.
+            cls = type(self)
+
+            # Celery's own __call__ (the request stack when called directly), with the task's signature.
+            @functools.wraps(run)
+            def body(*args: Any, **kwargs: Any) -> Any:
+                return celery.Task.__call__(task, *args, **kwargs)
+
+            wrapped = idempotent(
+                store=self._store(),
+                key=cls.idempotency_key,  # type: ignore[arg-type]
+                scope=self.idempotency_scope if self.idempotency_scope is not None else self.name,
+                record_ttl=self.idempotency_record_ttl,
+                lease_ttl=self.idempotency_lease_ttl,
+                fingerprint=cls.idempotency_fingerprint,
+                exclude=self.idempotency_exclude,
+                serializer=self.idempotency_serializer,
+                require_key=self.idempotency_require_key,
+                exception_verdicts=self.idempotency_exception_verdicts,
+                hold_ttl=self.idempotency_hold_ttl,
+                fail_open=self.idempotency_fail_open,
+                on_takeover=self.idempotency_on_takeover,
+                secret=self.idempotency_secret,
+            )(body)
+            self._idempotent = (pid, wrapped)
+            return wrapped
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task at most once for its idempotency key; a duplicate returns the first run's result."""
+        call = self._call()
+        try:
+            return call(*args, **kwargs)
+        except KeyInProgress as exc:
+            return self._duplicate(exc)
+
+    def _duplicate(self, exc: KeyInProgress) -> Any:
+        """A duplicate of a running task: retry it later, or drop it (``idempotency_on_duplicate``).
+
+        Raises:
+            celery.exceptions.Retry: retried (Celery re-sends the task).
+            celery.exceptions.Ignore: dropped (acknowledged, no result stored).
+            KeyInProgress: called outside a worker, or out of retries.
+        """
+        request = self.request
+        if request.called_directly or request.is_eager:
+            raise exc
+        if self.idempotency_on_duplicate == "drop":
+            logger.warning(
+                "idempo: task %s[%s] is a duplicate of a run still holding its idempotency key; "
+                "dropped (on_duplicate='drop')",
+                self.name,
+                request.id,
+            )
+            raise Ignore() from exc
+        countdown = self.idempotency_duplicate_countdown
+        seconds = self.lease_ttl if countdown is None else _seconds(countdown)
+        limit = self.idempotency_duplicate_retries
+        logger.info(
+            "idempo: task %s[%s] is a duplicate of a run still holding its idempotency key; retried in %.3g s",
+            self.name,
+            request.id,
+            seconds,
+        )
+        # max_retries=None would mean the task's own limit: "until settled" is one more than done so far.
+        raise self.retry(
+            exc=exc, countdown=seconds, max_retries=request.retries + 1 if limit is None else limit, throw=True
+        )
+
+
+def idempotent_task(
+    app: celery.Celery,
+    *,
+    key: str | KeyFunction,
+    store: Store | str | None = None,
+    scope: str | None = None,
+    record_ttl: float | timedelta = 86400.0,
+    lease_ttl: float | timedelta = 30.0,
+    fingerprint: Collection[str] | Callable[[Arguments], Any] | None = None,
+    exclude: Collection[str] = (),
+    serializer: Serializer | Literal["json", "pickle"] = "json",
+    require_key: bool = False,
+    exception_verdicts: Mapping[type[BaseException], Verdict] | None = None,
+    hold_ttl: float | timedelta | None = None,
+    on_takeover: Literal["execute", "hold"] = "execute",
+    on_duplicate: OnDuplicate = "retry",
+    duplicate_countdown: float | timedelta | None = None,
+    duplicate_retries: int | None = None,
+    fail_open: bool = False,
+    secret: str | bytes | None = None,
+    base: type[IdempotentTask] = IdempotentTask,
+    **options: Any,
+) -> Callable[[Callable[..., Any]], Any]:
+    """Make a function an idempotent Celery task of ``app``: ``@app.task(base=IdempotentTask, ...)`` with plain names.
+
+    ::
+
+        @idempotent_task(app, key="order_id", lease_ttl=60)
+        def charge(order_id: str, cents: int) -> dict: ...
+
+    Args:
+        app: the Celery app the task is registered with.
+        key, store, scope, record_ttl, lease_ttl, fingerprint, exclude,
+            serializer, require_key, exception_verdicts, hold_ttl,
+            on_takeover, on_duplicate, duplicate_countdown, duplicate_retries,
+            fail_open, secret: the :class:`IdempotentTask` options of the same
+            name, prefixed ``idempotency_``.
+        base: the task class, :class:`IdempotentTask` or a subclass.
+        **options: Celery's own task options (``name``, ``bind``,
+            ``time_limit``, ``autoretry_for``, ...), passed to ``app.task``.
+
+    Returns:
+        A decorator returning the registered task.
+
+    Raises:
+        ConfigurationError: as :class:`IdempotentTask`.
+    """
+    settings = {
+        "idempotency_key": key,
+        "idempotency_store": store,
+        "idempotency_scope": scope,
+        "idempotency_record_ttl": record_ttl,
+        "idempotency_lease_ttl": lease_ttl,
+        "idempotency_fingerprint": fingerprint,
+        "idempotency_exclude": exclude,
+        "idempotency_serializer": serializer,
+        "idempotency_require_key": require_key,
+        "idempotency_exception_verdicts": exception_verdicts,
+        "idempotency_hold_ttl": hold_ttl,
+        "idempotency_on_takeover": on_takeover,
+        "idempotency_on_duplicate": on_duplicate,
+        "idempotency_duplicate_countdown": duplicate_countdown,
+        "idempotency_duplicate_retries": duplicate_retries,
+        "idempotency_fail_open": fail_open,
+        "idempotency_secret": secret,
+    }
+    # The decorated function is wrapped by staticmethod (or bound with bind=True) by app.task.
+    decorator: Callable[[Callable[..., Any]], Any] = app.task(base=base, **settings, **options)
+    return decorator
+
+
+# --- the broker's visibility timeout ----------------------------------------------------------
+
+
+def check_broker(app: celery.Celery) -> list[str]:
+    """Warn (logger ``idempo``) about idempotent tasks the broker will redeliver too early; return the warnings.
+
+    A Redis or SQS broker redelivers a message that a worker has not
+    acknowledged within its visibility timeout (``broker_transport_options
+    = {"visibility_timeout": seconds}``, default 1 h), to any worker, while
+    the first may still run it. Shorter than a task's lease, a dead worker's
+    task comes back while its lease still blocks it (it is then retried or
+    dropped, see :class:`IdempotentTask`); shorter than a task's time limit,
+    a running task is redelivered every visibility timeout until it ends
+    (each redelivery a duplicate). Called at every worker's start
+    (Celery's ``worker_ready`` signal).
+
+    Args:
+        app: the Celery app.
+
+    Returns:
+        One line per warning (empty when the broker has no visibility
+        timeout, as AMQP brokers, or it is long enough).
+    """
+    scheme = urlsplit(str(app.conf.broker_url or "")).scheme.lower()
+    if scheme not in _VISIBILITY_BROKERS:
+        return []
+    options = app.conf.broker_transport_options or {}
+    visibility = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+    warnings = []
+    for name, task in sorted(app.tasks.items()):
+        if not isinstance(task, IdempotentTask):
+            continue
+        if visibility < task.lease_ttl:
+            warnings.append(
+                f"idempo: the broker's visibility timeout ({visibility:g} s) is shorter than the lease of task "
+                f"{name} ({task.lease_ttl:g} s): a dead worker's task is redelivered while its lease still blocks "
+                "it; raise broker_transport_options['visibility_timeout'] or lower idempotency_lease_ttl"
+            )
+        limit = task.time_limit if task.time_limit is not None else app.conf.task_time_limit
+        if limit is not None and visibility < float(limit):
+            warnings.append(
+                f"idempo: the broker's visibility timeout ({visibility:g} s) is shorter than the time limit of task "
+                f"{name} ({float(limit):g} s): a running task is redelivered every {visibility:g} s "
+                "(each a duplicate); raise broker_transport_options['visibility_timeout']"
+            )
+    for line in warnings:
+        logger.warning("%s", line)
+    return warnings
+
+
+def _worker_ready(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None:
+        try:
+            check_broker(app)
+        except Exception:  # a warning must never stop a worker
+            logger.exception("idempo: cannot check the broker's visibility timeout")
+
+
+signals.worker_ready.connect(_worker_ready, weak=False)

@@ -1,0 +1,96 @@
+"""Idempotent Celery tasks with real worker processes on a real Redis broker.
+
+Each test sends its tasks to a queue of its own and starts the workers that
+consume it; executions are counted from the ledger file the tasks write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.celery_tasks.conftest import Worker, executions, wait_for
+
+pytestmark = pytest.mark.redis
+
+#: Bounds a hang; nothing here is timed.
+TIMEOUT = 45.0
+
+
+def started(ledger: Path, order_id: str) -> Callable[[], bool]:
+    return lambda: executions(ledger, order_id)[0] >= 1
+
+
+def test_a_duplicate_task_gets_the_first_runs_result_without_running(
+    tasks: Any, start_worker: Callable[..., Worker], queue: str, ledger: Path
+) -> None:
+    """A second task with the same key (another task id) returns the first run's result through the backend."""
+    start_worker(queue)
+    first = tasks.charge.apply_async(("ord-1", 1999, str(ledger)), queue=queue)
+    result = first.get(timeout=TIMEOUT)
+    second = tasks.charge.apply_async(("ord-1", 1999, str(ledger)), queue=queue)
+    assert second.id != first.id
+    assert second.get(timeout=TIMEOUT) == result
+    assert executions(ledger, "ord-1") == (1, 1)
+
+
+def test_a_duplicate_of_a_running_task_is_retried_until_the_result_is_there(
+    tasks: Any, start_worker: Callable[..., Worker], queue: str, ledger: Path
+) -> None:
+    """While the first run holds the key, a duplicate on another worker is retried (Celery's retry), then replays."""
+    a, b = start_worker(queue), start_worker(queue)
+    first = tasks.charge.apply_async(("ord-2", 500, str(ledger), 2.0), queue=queue)
+    wait_for(started(ledger, "ord-2"), TIMEOUT, "the first run's start")
+    second = tasks.charge.apply_async(("ord-2", 500, str(ledger), 2.0), queue=queue)
+    assert second.get(timeout=TIMEOUT) == first.get(timeout=TIMEOUT)
+    assert executions(ledger, "ord-2") == (1, 1)
+    assert "retried in" in a.output() + b.output()
+
+
+def test_a_duplicate_of_a_running_task_can_be_dropped_with_a_log_line(
+    tasks: Any, start_worker: Callable[..., Worker], queue: str, ledger: Path
+) -> None:
+    """on_duplicate='drop': the duplicate is acknowledged without running or storing a result, and logged."""
+    a, b = start_worker(queue), start_worker(queue)
+    first = tasks.charge_or_drop.apply_async(("ord-3", 700, str(ledger), 2.0), queue=queue)
+    wait_for(started(ledger, "ord-3"), TIMEOUT, "the first run's start")
+    second = tasks.charge_or_drop.apply_async(("ord-3", 700, str(ledger), 2.0), queue=queue)
+    wait_for(lambda: "dropped (on_duplicate='drop')" in a.output() + b.output(), TIMEOUT, "the drop's log line")
+    assert first.get(timeout=TIMEOUT)["order_id"] == "ord-3"
+    assert second.state == "PENDING"  # dropped: nothing stored under its id
+    assert executions(ledger, "ord-3") == (1, 1)
+
+
+def test_a_task_redelivered_while_it_runs_is_not_run_again(
+    tasks: Any, start_worker: Callable[..., Worker], queue: str, ledger: Path
+) -> None:
+    """A task longer than the visibility timeout (3 s) is redelivered to another worker while it runs: run once."""
+    a, b = start_worker(queue), start_worker(queue)
+    first = tasks.charge.apply_async(("ord-4", 900, str(ledger), 5.0), queue=queue)
+    assert first.get(timeout=TIMEOUT)["order_id"] == "ord-4"
+    assert executions(ledger, "ord-4") == (1, 1)
+    assert f"charge[{first.id}] is a duplicate" in a.output() + b.output()  # it was redelivered
+
+
+@pytest.mark.parametrize(("task", "expected"), [("charge", (2, 1)), ("charge_or_hold", (1, 0))])
+def test_a_task_of_a_worker_killed_mid_task_runs_once_after_the_lease_or_is_held(
+    tasks: Any, start_worker: Callable[..., Worker], queue: str, ledger: Path, task: str, expected: tuple[int, int]
+) -> None:
+    """SIGKILL the worker mid-task: the redelivered task runs once after the lease (or fails held, on_takeover)."""
+    doomed = start_worker(queue)
+    sent = getattr(tasks, task).apply_async(("ord-5", 1200, str(ledger), 2.0), queue=queue)
+    wait_for(started(ledger, "ord-5"), TIMEOUT, "the first run's start")
+    doomed.kill()
+    start_worker(queue)
+    if task == "charge":
+        assert sent.get(timeout=TIMEOUT)["order_id"] == "ord-5"
+    else:
+        from idempo.exceptions import KeyHeld
+
+        with pytest.raises(Exception) as raised:
+            sent.get(timeout=TIMEOUT)
+        assert raised.type.__name__ == KeyHeld.__name__
+    assert executions(ledger, "ord-5") == expected
