@@ -35,6 +35,7 @@ PUBLIC_API: dict[str, list[str]] = {
         "new_key",
         "parse_retry_after",
     ],
+    "idempo.celery": ["IdempotentTask", "OnDuplicate", "check_broker", "idempotent_task"],
     "idempo.consumer": [
         "AsyncIdempotentConsumer",
         "IdempotentConsumer",

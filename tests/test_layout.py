@@ -179,6 +179,7 @@ def test_one_idempo_logger() -> None:
 # The packages of the extras (pyproject.toml), made unimportable below.
 OPTIONAL = (
     "asgiref",
+    "celery",
     "click",
     "cryptography",
     "django",
@@ -228,6 +229,7 @@ CORE = [
 
 #: Public modules that need an extra, and the package whose absence their ImportError names.
 EXTRAS = {
+    "idempo.celery": "celery",
     "idempo.cli": "click",
     "idempo.client": "tenacity",
     "idempo.demo.command": "click",
