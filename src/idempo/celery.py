@@ -39,6 +39,11 @@ long task is never run twice while its worker lives; a worker that dies
 the lease has lapsed, or is held when ``on_takeover="hold"`` (the first run's
 outcome is unknown).
 
+A run the worker kills itself (a hard time limit, ``revoke(terminate=True)``;
+prefork pool) has its key settled by the worker's main process once the child
+is gone: released by default, held by a HOLD verdict for
+``TimeLimitExceeded`` or ``TaskRevokedError`` (see :class:`IdempotentTask`).
+
 At worker start, :func:`check_broker` warns (logger ``idempo``) when the
 broker's visibility timeout is shorter than a task's lease or its time limit.
 The module needs the ``celery`` extra (``pip install 'idempo[celery]'``).
@@ -47,21 +52,33 @@ The module needs the ``celery`` extra (``pip install 'idempo[celery]'``).
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import os
+import shutil
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping
 from datetime import timedelta
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import celery
 from celery import signals
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, TaskRevokedError, TimeLimitExceeded
 
-from ._core.policy import Verdict
-from .decorator import Arguments, KeyFunction, idempotent
+from ._core.flow import failure_verdict, finish
+from ._core.policy import Policy, Verdict
+from ._core.records import RecordState
+from ._engine.calls import key_text, sync_store
+from ._engine.store import settle_once_sync
+from .decorator import Arguments, KeyFunction, idempotent, record_key
 from .exceptions import ConfigurationError, KeyInProgress
 from .observability._observation import logger
+from .secrets import SecretSource
 from .serializers import Serializer
 from .typing import AsyncStore, Store
 
@@ -83,6 +100,29 @@ _VISIBILITY_BROKERS = frozenset({"redis", "rediss", "sentinel", "sqs", "redis+so
 
 def _seconds(value: float | timedelta) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class _Local:
+    """What one process keeps for one task: its store, the secret source, the signature, the idempotent call."""
+
+    __slots__ = ("call", "pid", "secrets", "signature", "store")
+
+    def __init__(self, pid: int, store: Store, secrets: SecretSource, signature: inspect.Signature) -> None:
+        self.pid = pid
+        self.store = store
+        self.secrets = secrets
+        self.signature = signature
+        self.call: Callable[..., Any] = _unset
+
+
+def _unset(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("idempo.celery: the task's call is not made yet")
+
+
+# The worker's main process and its hand-off directory (set at worker_init, before the pool
+# forks, so prefork children inherit them): a child writes there which lease its run holds.
+_MAIN_PID: int | None = None
+_HANDOFF_DIR: Path | None = None
 
 
 class IdempotentTask(celery.Task):  # type: ignore[misc]
@@ -144,6 +184,14 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             ``autoretry_for=(StoreError,)`` it is retried).
         idempotency_secret: the server secret (see :mod:`idempo.secrets`).
 
+    A run killed by its hard time limit or by ``revoke(terminate=True)``
+    (prefork pool) has its key settled by the worker's main process, once the
+    child is gone, by the verdict of ``TimeLimitExceeded`` or
+    ``TaskRevokedError`` in ``idempotency_exception_verdicts`` (default
+    RELEASE: the next delivery runs at once); the child hands its lease
+    (record key and fencing token) to the main process in a file of the
+    worker's own when the task starts, so the settle is fenced.
+
     The class also sets ``acks_late = True`` and ``reject_on_worker_lost = True``
     (override them per task): a task's message is acknowledged after it ran,
     so a worker that dies mid-task leaves it to be redelivered, and the
@@ -156,7 +204,8 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
     :class:`~idempo.ResultNotReplayable`, or :class:`~idempo.StoreError`.
 
     Raises:
-        ConfigurationError: when the task is made (``@app.task``): no
+        ConfigurationError: when Celery makes the task (on its first use,
+            or the app's finalisation: a worker's start): no
             ``idempotency_key``, an unknown ``idempotency_on_duplicate``, a
             negative countdown or retry count; on its first run: no store, or
             what :func:`idempo.idempotent` refuses.
@@ -183,9 +232,8 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
     acks_late = True
     reject_on_worker_lost = True
 
-    # The idempotent call, made on the first run in each process (a prefork child
-    # opens its own store connections after the fork): (pid, function).
-    _idempotent: tuple[int, Callable[..., Any]] | None = None
+    # What each process keeps (a prefork child opens its own store connections after the fork).
+    _local: _Local | None = None
     _building: ClassVar[threading.Lock] = threading.Lock()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -223,48 +271,118 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             )
         return store
 
-    def _call(self) -> Callable[..., Any]:
-        """The task's body under :func:`idempo.idempotent`, made once per process."""
-        made = self._idempotent
+    def _scope(self) -> str:
+        return self.idempotency_scope if self.idempotency_scope is not None else str(self.name)
+
+    def _process(self) -> _Local:
+        """This process's store, secret source and idempotent call, made on first use in each process."""
+        local = self._local
         pid = os.getpid()
-        if made is not None and made[0] == pid:
-            return made[1]
+        if local is not None and local.pid == pid:
+            return local
         with self._building:
-            made = self._idempotent
-            if made is not None and made[0] == pid:
-                return made[1]
-            task = self
-            run = self.run
-            # Read from the class: a function stored as a class attribute would bind to the task.
-            cls = type(self)
+            local = self._local
+            if local is not None and local.pid == pid:
+                return local
+            local = self._local = self._make_local(pid)
+            return local
 
-            # Celery's own __call__ (the request stack when called directly), with the task's signature.
-            @functools.wraps(run)
-            def body(*args: Any, **kwargs: Any) -> Any:
-                return celery.Task.__call__(task, *args, **kwargs)
+    def _make_local(self, pid: int) -> _Local:
+        task = self
+        run = self.run
+        scope = self._scope()
+        store = sync_store(self._store(), scope)
+        # Read from the class: a function stored as a class attribute would bind to the task.
+        cls = type(self)
+        local = _Local(pid, store, SecretSource(self.idempotency_secret), inspect.signature(run))
 
-            wrapped = idempotent(
-                store=self._store(),
-                key=cls.idempotency_key,  # type: ignore[arg-type]
-                scope=self.idempotency_scope if self.idempotency_scope is not None else self.name,
-                record_ttl=self.idempotency_record_ttl,
-                lease_ttl=self.idempotency_lease_ttl,
-                fingerprint=cls.idempotency_fingerprint,
-                exclude=self.idempotency_exclude,
-                serializer=self.idempotency_serializer,
-                require_key=self.idempotency_require_key,
-                exception_verdicts=self.idempotency_exception_verdicts,
-                hold_ttl=self.idempotency_hold_ttl,
-                fail_open=self.idempotency_fail_open,
-                on_takeover=self.idempotency_on_takeover,
-                secret=self.idempotency_secret,
-            )(body)
-            self._idempotent = (pid, wrapped)
-            return wrapped
+        # Celery's own __call__ (the request stack when called directly), with the task's signature.
+        @functools.wraps(run)
+        def body(*args: Any, **kwargs: Any) -> Any:
+            handoff = task._hand_off(local, args, kwargs)
+            try:
+                result = celery.Task.__call__(task, *args, **kwargs)
+            except Exception:
+                if handoff is not None:  # the run settles its own key
+                    handoff.unlink(missing_ok=True)
+                raise
+            # Not on SystemExit (the pool's SIGTERM): the run settles nothing, the main process does.
+            if handoff is not None:
+                handoff.unlink(missing_ok=True)
+            return result
+
+        local.call = idempotent(
+            store=store,
+            key=cls.idempotency_key,  # type: ignore[arg-type]
+            scope=scope,
+            record_ttl=self.idempotency_record_ttl,
+            lease_ttl=self.idempotency_lease_ttl,
+            fingerprint=cls.idempotency_fingerprint,
+            exclude=self.idempotency_exclude,
+            serializer=self.idempotency_serializer,
+            require_key=self.idempotency_require_key,
+            exception_verdicts=self.idempotency_exception_verdicts,
+            hold_ttl=self.idempotency_hold_ttl,
+            fail_open=self.idempotency_fail_open,
+            on_takeover=self.idempotency_on_takeover,
+            secret=self.idempotency_secret,
+        )(body)
+        return local
+
+    def _policy(self) -> Policy:
+        return Policy(
+            record_ttl=self.idempotency_record_ttl,
+            lease_ttl=self.idempotency_lease_ttl,
+            exception_verdicts=self.idempotency_exception_verdicts,
+            hold_ttl=self.idempotency_hold_ttl,
+        )
+
+    def _hand_off(self, local: _Local, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Path | None:
+        """In a prefork child, under the lease: tell the worker's main process which lease this run holds.
+
+        Writes ``[record key, fencing token, pid]`` to a file named by the
+        task id in the worker's hand-off directory, so the main process can
+        settle the lease itself when the pool kills this child (hard time
+        limit, ``revoke(terminate=True)``); removed when the body returns.
+        Returns the file, or None (not a prefork child, no key, or any
+        failure: logged, the task runs on, and a killed run's lease lapses).
+        """
+        directory = _HANDOFF_DIR
+        task_id = self.request.id
+        if directory is None or os.getpid() == _MAIN_PID or not task_id:
+            return None
+        try:
+            bound = local.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            for name, parameter in local.signature.parameters.items():
+                if parameter.kind is parameter.VAR_KEYWORD:
+                    arguments.update(arguments.pop(name, {}))
+            key = type(self).idempotency_key
+            raw = arguments.get(key) if isinstance(key, str) else key(MappingProxyType(arguments))  # type: ignore[misc]
+            text = key_text(raw, self._scope())
+            if text is None:
+                return None
+            key_of_record = record_key(self._scope(), text, secret=local.secrets.load(local.store))
+            record = local.store.get(key_of_record)
+            if record is None or record.state is not RecordState.IN_PROGRESS:
+                return None
+            path = directory / str(task_id)
+            path.write_text(json.dumps([key_of_record, record.token, os.getpid()]), "utf-8")
+            return path
+        except Exception:
+            logger.exception("idempo: task %s[%s] cannot hand its lease to the worker", self.name, task_id)
+            return None
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Celery's failure handler; a hard time limit settles the killed run's lease (in the worker's main process)."""
+        if isinstance(exc, TimeLimitExceeded):
+            _ended_from_outside(self, task_id, exc, "exceeded its hard time limit")
+        super().on_failure(exc, task_id, args, kwargs, einfo)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the task at most once for its idempotency key; a duplicate returns the first run's result."""
-        call = self._call()
+        call = self._process().call
         try:
             return call(*args, **kwargs)
         except KeyInProgress as exc:
@@ -435,3 +553,94 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
 
 
 signals.worker_ready.connect(_worker_ready, weak=False)
+
+
+# --- a run the worker ended from outside: a hard time limit, revoke(terminate=True) -------------
+
+
+def _worker_init(sender: Any = None, **_: Any) -> None:
+    global _MAIN_PID, _HANDOFF_DIR
+    _MAIN_PID = os.getpid()
+    _HANDOFF_DIR = Path(tempfile.mkdtemp(prefix="idempo-celery-"))
+
+
+def _worker_shutdown(sender: Any = None, **_: Any) -> None:
+    if _HANDOFF_DIR is not None and os.getpid() == _MAIN_PID:
+        shutil.rmtree(_HANDOFF_DIR, ignore_errors=True)
+
+
+def _task_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
+    if terminated and isinstance(sender, IdempotentTask) and request is not None and request.id:
+        _ended_from_outside(sender, request.id, TaskRevokedError("revoked"), "was revoked and terminated")
+
+
+signals.worker_init.connect(_worker_init, weak=False)
+signals.worker_shutdown.connect(_worker_shutdown, weak=False)
+signals.task_revoked.connect(_task_revoked, weak=False)
+
+
+def _ended_from_outside(task: IdempotentTask, task_id: str, exc: Exception, why: str) -> None:
+    """In the worker's main process: settle the lease of a run its pool killed, once the child is gone.
+
+    The pool calls the failure handler before it kills the child (billiard's
+    hard timeout), so a thread waits for the child's death (at most the
+    lease TTL: a child that outlives it, say one that ignores the revoke's
+    signal, settles its own key), then settles the lease the child handed
+    off by the verdict of ``exc`` in ``idempotency_exception_verdicts``
+    (default RELEASE: the next delivery runs at once; HOLD: it fails with
+    KeyHeld). The settle is fenced by the token, so it never touches a lease
+    taken since. Without a hand-off (solo pool, the run held no lease, or it
+    settled first) nothing is done.
+    """
+    directory = _HANDOFF_DIR
+    if directory is None or os.getpid() != _MAIN_PID:
+        return
+    path = directory / task_id
+    thread = threading.Thread(
+        target=_settle_killed_run, args=(task, task_id, path, exc, why), name="idempo-celery-settle", daemon=True
+    )
+    thread.start()
+
+
+def _settle_killed_run(task: IdempotentTask, task_id: str, path: Path, exc: Exception, why: str) -> None:
+    try:
+        deadline = time.monotonic() + task.lease_ttl
+        while True:
+            try:
+                record_key_text, token, pid = json.loads(path.read_text("utf-8"))
+            except FileNotFoundError:
+                return  # no lease held, or the run settled it
+            if not _alive(int(pid)):
+                break
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "idempo: task %s[%s] %s but its process lives on; it settles its key", task.name, task_id, why
+                )
+                return
+            time.sleep(0.02)
+        path.unlink(missing_ok=True)
+        policy = task._policy()
+        verdict = failure_verdict(policy, exc)
+        command = finish(policy, str(record_key_text), int(token), None, verdict=verdict, reason=f"task {why}")
+        if settle_once_sync(task._process().store, command) is None:
+            done = "held" if verdict is Verdict.HOLD else "released"
+            logger.warning("idempo: task %s[%s] %s; its idempotency key was %s", task.name, task_id, why, done)
+    except Exception:
+        logger.exception("idempo: cannot settle the key of task %s[%s]; its lease will lapse", task.name, task_id)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped by the pool, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc: signal 0 (a zombie still counts until reaped)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True

@@ -32,9 +32,13 @@ BROKER_DB = 7
 
 
 class Worker:
-    """One ``celery worker`` process (solo pool) consuming ``queues``, its output in ``log``."""
+    """One ``celery worker`` process consuming ``queues``, its output in ``log``.
 
-    def __init__(self, name: str, queues: str, env: dict[str, str], log: Path) -> None:
+    The solo pool by default; ``pool="prefork"`` runs one child process (time
+    limits and ``revoke(terminate=True)`` need a child to kill).
+    """
+
+    def __init__(self, name: str, queues: str, env: dict[str, str], log: Path, pool: str = "solo") -> None:
         self.name = name
         self.log = log
         self._file = log.open("wb")
@@ -46,7 +50,8 @@ class Worker:
                 "-A",
                 "tests.celery_tasks.tasks",
                 "worker",
-                "--pool=solo",
+                f"--pool={pool}",
+                "--concurrency=1",
                 "-Q",
                 queues,
                 "-n",
@@ -132,12 +137,12 @@ def tasks(celery_env: dict[str, str]) -> Any:
 
 @pytest.fixture
 def start_worker(celery_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Factory: start_worker(queue) -> a ready Worker; every worker is stopped afterwards."""
+    """Factory: start_worker(queue, pool="solo") -> a ready Worker; every worker is stopped afterwards."""
     started: list[Worker] = []
 
-    def start(queue: str, name: str | None = None) -> Worker:
+    def start(queue: str, name: str | None = None, pool: str = "solo") -> Worker:
         name = name or f"w{len(started)}-{uuid.uuid4().hex[:6]}"
-        worker = Worker(name, queue, celery_env, tmp_path / f"{name}.log")
+        worker = Worker(name, queue, celery_env, tmp_path / f"{name}.log", pool)
         started.append(worker)
         worker.wait_ready()
         return worker

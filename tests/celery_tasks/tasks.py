@@ -17,7 +17,9 @@ import os
 import time
 
 from celery import Celery
+from celery.exceptions import TimeLimitExceeded
 
+from idempo import Verdict
 from idempo.celery import IdempotentTask, idempotent_task
 
 PREFIX = os.environ.get("IDEMPO_CELERY_PREFIX", "idempo-test-celery:")
@@ -75,6 +77,35 @@ def charge_or_drop(order_id: str, cents: int, ledger: str, seconds: float = 0.0)
 @idempotent_task(app, key="order_id", lease_ttl=LEASE, exclude=["ledger", "seconds"], on_takeover="hold")
 def charge_or_hold(order_id: str, cents: int, ledger: str, seconds: float = 0.0) -> dict[str, object]:
     """As :func:`charge`; the redelivered task of a worker that died is held, not run again."""
+    return _charge(order_id, cents, ledger, seconds)
+
+
+#: A lease far longer than the tests wait: a key these tasks leave behind is found only if it is settled.
+LONG_LEASE = 30.0
+
+
+@idempotent_task(app, key="order_id", lease_ttl=LONG_LEASE, exclude=["ledger", "seconds"], time_limit=1)
+def charge_limited(order_id: str, cents: int, ledger: str, seconds: float = 0.0) -> dict[str, object]:
+    """As :func:`charge`, killed by a hard time limit of 1 s (prefork pool): its key is released."""
+    return _charge(order_id, cents, ledger, seconds)
+
+
+@idempotent_task(
+    app,
+    key="order_id",
+    lease_ttl=LONG_LEASE,
+    exclude=["ledger", "seconds"],
+    time_limit=1,
+    exception_verdicts={TimeLimitExceeded: Verdict.HOLD},
+)
+def charge_limited_hold(order_id: str, cents: int, ledger: str, seconds: float = 0.0) -> dict[str, object]:
+    """As :func:`charge_limited`, but a run killed by the time limit holds its key (its outcome is unknown)."""
+    return _charge(order_id, cents, ledger, seconds)
+
+
+@idempotent_task(app, key="order_id", lease_ttl=LONG_LEASE, exclude=["ledger", "seconds"])
+def charge_revocable(order_id: str, cents: int, ledger: str, seconds: float = 0.0) -> dict[str, object]:
+    """As :func:`charge`, with a long lease: revoked with terminate=True, its key is released."""
     return _charge(order_id, cents, ledger, seconds)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.exceptions import TimeLimitExceeded  # the conftest skips without idempo[celery]
 
 from tests.celery_tasks.conftest import ROOT, Worker, executions, wait_for
 
@@ -136,6 +137,49 @@ def test_the_example_runs_as_documented(celery_env: dict[str, str], tmp_path: Pa
     assert "6 tasks, 3 charges in all; each duplicate got its order's receipt: True" in run.stdout
 
 
+#: How long a next delivery may wait for a settled key: far below the tasks' 30 s lease, so it
+#: passes only when the killed run's key was settled, not left to lapse.
+SETTLED = 15.0
+
+
+@pytest.mark.parametrize("task", ["charge_limited", "charge_limited_hold"])
+def test_a_task_killed_by_its_hard_time_limit_releases_or_holds_its_key(
+    tasks: Any, start_worker: Callable[..., Worker], queue: str, ledger: Path, task: str
+) -> None:
+    """The pool kills the child at the hard time limit; the worker settles its lease by the verdict, never leaves it."""
+    worker = start_worker(queue, pool="prefork")
+    first = getattr(tasks, task).apply_async(("ord-6", 100, str(ledger), 10.0), queue=queue)
+    with pytest.raises(TimeLimitExceeded):
+        first.get(timeout=TIMEOUT)
+    done = "held" if task.endswith("hold") else "released"
+    line = f"[{first.id}] exceeded its hard time limit; its idempotency key was {done}"
+    wait_for(lambda: line in worker.output(), TIMEOUT, "the settle's log line")
+    second = getattr(tasks, task).apply_async(("ord-6", 100, str(ledger), 0.0), queue=queue)
+    if done == "released":
+        assert second.get(timeout=SETTLED)["order_id"] == "ord-6"
+        assert executions(ledger, "ord-6") == (2, 1)
+    else:
+        with pytest.raises(Exception, match="the key is held"):
+            second.get(timeout=SETTLED)
+        assert executions(ledger, "ord-6") == (1, 0)
+
+
+def test_a_task_revoked_with_terminate_releases_its_key(
+    tasks: Any, start_worker: Callable[..., Worker], queue: str, ledger: Path
+) -> None:
+    """revoke(terminate=True) kills the child mid-task; the worker releases its key, so the next delivery runs."""
+    worker = start_worker(queue, pool="prefork")
+    first = tasks.charge_revocable.apply_async(("ord-7", 100, str(ledger), 10.0), queue=queue)
+    wait_for(started(ledger, "ord-7"), TIMEOUT, "the first run's start")
+    tasks.app.control.revoke(first.id, terminate=True)
+    line = f"[{first.id}] was revoked and terminated; its idempotency key was released"
+    wait_for(lambda: line in worker.output(), TIMEOUT, "the settle's log line")
+    assert first.state == "REVOKED"
+    second = tasks.charge_revocable.apply_async(("ord-7", 100, str(ledger), 0.0), queue=queue)
+    assert second.get(timeout=SETTLED)["order_id"] == "ord-7"
+    assert executions(ledger, "ord-7") == (2, 1)
+
+
 def test_check_broker_warns_of_a_visibility_timeout_shorter_than_a_lease_or_a_time_limit(tasks: Any) -> None:
     """check_broker names each task whose lease or time limit outlasts the visibility timeout; a worker logs it."""
     from celery import Celery
@@ -165,3 +209,49 @@ def test_check_broker_warns_of_a_visibility_timeout_shorter_than_a_lease_or_a_ti
     app.conf.broker_url = "amqp://127.0.0.1:5672//"  # no visibility timeout: nothing to say
     app.conf.broker_transport_options = {"visibility_timeout": 1}
     assert check_broker(app) == []
+
+
+def test_a_bound_task_with_a_key_function_runs_once_when_called_directly(tasks: Any) -> None:
+    """bind=True and a key callable: a direct call runs once per key, replays equal, refuses other arguments."""
+    from celery import Celery
+
+    from idempo import FingerprintMismatch, KeyInProgress
+    from idempo.celery import IdempotentTask
+
+    app = Celery("direct", set_as_current=False)
+    app.conf.idempo_store = "memory://"
+    runs: list[str] = []
+
+    @app.task(bind=True, base=IdempotentTask, idempotency_key=lambda args: args["order"]["id"], shared=False)
+    def ship(self: Any, order: dict[str, str], carrier: str) -> str:
+        runs.append(order["id"])
+        assert self.name.endswith("ship")
+        return f"{order['id']} by {carrier}"
+
+    assert ship({"id": "o-1"}, "post") == "o-1 by post"
+    assert ship({"id": "o-1"}, "post") == "o-1 by post"
+    assert runs == ["o-1"]
+    with pytest.raises(FingerprintMismatch):
+        ship({"id": "o-1"}, "courier")
+    assert KeyInProgress.__name__ == "KeyInProgress"
+
+
+def test_a_task_without_a_key_or_with_an_unknown_duplicate_rule_is_refused_when_made(tasks: Any) -> None:
+    """The options are checked when Celery makes the task (the app's finalisation: a worker's start), not on a run."""
+    from celery import Celery
+
+    from idempo import ConfigurationError
+    from idempo.celery import IdempotentTask, idempotent_task
+
+    app = Celery("refused", set_as_current=False)
+
+    @app.task(base=IdempotentTask, shared=False)
+    def keyless(order_id: str) -> None: ...
+
+    @idempotent_task(app, key="order_id", on_duplicate="ignore", shared=False)  # type: ignore[arg-type]
+    def unknown(order_id: str) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="needs idempotency_key"):
+        _ = keyless.name  # Celery makes a task on its first use
+    with pytest.raises(ConfigurationError, match="'retry' or 'drop'"):
+        _ = unknown.name
