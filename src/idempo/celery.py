@@ -63,7 +63,7 @@ from collections.abc import Callable, Collection, Mapping
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import celery
@@ -83,9 +83,6 @@ from .serializers import Serializer
 from .typing import AsyncStore, Store
 
 __all__ = ["IdempotentTask", "OnDuplicate", "check_broker", "idempotent_task"]
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 #: What a task does with a duplicate that arrives while the first run holds the key.
 OnDuplicate = Literal["retry", "drop"]
@@ -255,6 +252,14 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         retries = cls.idempotency_duplicate_retries
         if retries is not None and retries < 0:
             raise ConfigurationError(f"{name}: idempotency_duplicate_retries cannot be negative")
+        # The TTLs, on_takeover and the verdicts, as @idempotent checks them.
+        Policy(
+            record_ttl=cls.idempotency_record_ttl,
+            lease_ttl=cls.idempotency_lease_ttl,
+            exception_verdicts=cls.idempotency_exception_verdicts,
+            hold_ttl=cls.idempotency_hold_ttl,
+            on_takeover=cls.idempotency_on_takeover,
+        )
 
     @property
     def lease_ttl(self) -> float:
@@ -416,10 +421,14 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             request.id,
             seconds,
         )
-        # max_retries=None would mean the task's own limit: "until settled" is one more than done so far.
-        raise self.retry(
-            exc=exc, countdown=seconds, max_retries=request.retries + 1 if limit is None else limit, throw=True
-        )
+        try:
+            # max_retries=None would mean the task's own limit: "until settled" is one more than done so far.
+            raise self.retry(
+                exc=exc, countdown=seconds, max_retries=request.retries + 1 if limit is None else limit, throw=True
+            )
+        finally:
+            # retry() keeps the limit on the task object, where autoretry_for would read it later.
+            self.__dict__.pop("override_max_retries", None)
 
 
 def idempotent_task(

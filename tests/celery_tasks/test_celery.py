@@ -253,5 +253,11 @@ def test_a_task_without_a_key_or_with_an_unknown_duplicate_rule_is_refused_when_
 
     with pytest.raises(ConfigurationError, match="needs idempotency_key"):
         _ = keyless.name  # Celery makes a task on its first use
+
+    @idempotent_task(app, key="order_id", lease_ttl=0, shared=False)
+    def leaseless(order_id: str) -> None: ...
+
     with pytest.raises(ConfigurationError, match="'retry' or 'drop'"):
         _ = unknown.name
+    with pytest.raises(ConfigurationError, match="positive"):
+        _ = leaseless.name
