@@ -87,12 +87,16 @@ __all__ = ["IdempotentTask", "OnDuplicate", "check_broker", "idempotent_task"]
 #: What a task does with a duplicate that arrives while the first run holds the key.
 OnDuplicate = Literal["retry", "drop"]
 
-#: Seconds Redis and SQS keep an unacknowledged message before redelivering it when
-#: ``broker_transport_options`` sets no ``visibility_timeout`` (Celery's documented default: 1 h).
-DEFAULT_VISIBILITY_TIMEOUT = 3600.0
-
-# Brokers that redeliver an unacknowledged message after a visibility timeout (kombu transports).
-_VISIBILITY_BROKERS = frozenset({"redis", "rediss", "sentinel", "sqs", "redis+socket", "socket"})
+# Brokers that redeliver an unacknowledged message after a visibility timeout, by URL scheme,
+# and the timeout when broker_transport_options sets none (kombu's defaults: Redis 1 h, SQS 30 min).
+_DEFAULT_VISIBILITY = {
+    "redis": 3600.0,
+    "rediss": 3600.0,
+    "redis+socket": 3600.0,
+    "socket": 3600.0,
+    "sentinel": 3600.0,
+    "sqs": 1800.0,
+}
 
 
 def _seconds(value: float | timedelta) -> float:
@@ -510,7 +514,7 @@ def check_broker(app: celery.Celery) -> list[str]:
 
     A Redis or SQS broker redelivers a message that a worker has not
     acknowledged within its visibility timeout (``broker_transport_options
-    = {"visibility_timeout": seconds}``, default 1 h), to any worker, while
+    = {"visibility_timeout": seconds}``, default 1 h on Redis, 30 min on SQS), to any worker, while
     the first may still run it. Shorter than a task's lease, a dead worker's
     task comes back while its lease still blocks it (it is then retried or
     dropped, see :class:`IdempotentTask`); shorter than a task's time limit,
@@ -526,10 +530,10 @@ def check_broker(app: celery.Celery) -> list[str]:
         timeout, as AMQP brokers, or it is long enough).
     """
     scheme = urlsplit(str(app.conf.broker_url or "")).scheme.lower()
-    if scheme not in _VISIBILITY_BROKERS:
+    if scheme not in _DEFAULT_VISIBILITY:
         return []
     options = app.conf.broker_transport_options or {}
-    visibility = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+    visibility = float(options.get("visibility_timeout", _DEFAULT_VISIBILITY[scheme]))
     warnings = []
     for name, task in sorted(app.tasks.items()):
         if not isinstance(task, IdempotentTask):

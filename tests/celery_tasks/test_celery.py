@@ -77,7 +77,8 @@ def test_a_task_redelivered_while_it_runs_is_not_run_again(
 ) -> None:
     """A task longer than the visibility timeout (3 s) is redelivered to another worker while it runs: run once."""
     a, b = start_worker(queue), start_worker(queue)
-    first = tasks.charge.apply_async(("ord-4", 900, str(ledger), 5.0), queue=queue)
+    # 7 s: the redelivery (3 s, then the other worker's sweep every second) comes well within it.
+    first = tasks.charge.apply_async(("ord-4", 900, str(ledger), 7.0), queue=queue)
     assert first.get(timeout=TIMEOUT)["order_id"] == "ord-4"
     assert executions(ledger, "ord-4") == (1, 1)
     assert f"charge[{first.id}] is a duplicate" in a.output() + b.output()  # it was redelivered
@@ -206,6 +207,14 @@ def test_check_broker_warns_of_a_visibility_timeout_shorter_than_a_lease_or_a_ti
     assert "slow (60 s)" in warnings[1]
     app.conf.broker_transport_options = {"visibility_timeout": 7200}
     assert check_broker(app) == []
+    app.conf.broker_url = "sqs://"  # no timeout set: SQS's 30 min, shorter than leased's 1 h lease
+    app.conf.broker_transport_options = {}
+    leased.idempotency_lease_ttl = 3600.0
+    assert [line for line in check_broker(app) if "task leased" in line] == [
+        "idempo: the broker's visibility timeout (1800 s) is shorter than the lease of task leased (3600 s): "
+        "a dead worker's task is redelivered while its lease still blocks it; "
+        "raise broker_transport_options['visibility_timeout'] or lower idempotency_lease_ttl"
+    ]
     app.conf.broker_url = "amqp://127.0.0.1:5672//"  # no visibility timeout: nothing to say
     app.conf.broker_transport_options = {"visibility_timeout": 1}
     assert check_broker(app) == []
