@@ -10,6 +10,11 @@ and prints both side by side. It exits 1 when the run with
 idempo charged an order twice, lost a payment, told a charged client that its
 payment failed, or accepted a key reused for another amount.
 
+``idempo demo --proxy`` runs the storm against the same API *without* idempo,
+with ``idempo proxy`` in front of it (a subprocess, the store from ``--store``;
+:mod:`idempo.demo._proxy`): the same guarantee from outside the app, for an
+API that cannot be changed. The other column is the API alone, as before.
+
 ``idempo demo --serve`` leaves the API with idempo up for curl instead.
 """
 
@@ -45,6 +50,7 @@ try:
     from rich.table import Table
 
     from ..metrics import mount as mount_metrics
+    from ._proxy import proxy_server
     from ._server import STORE_ENV
     from .payments import PROVIDER_DELAY_HEADER, create_app, read_ledger
     from .storm import (
@@ -99,6 +105,12 @@ _STARTUP_TIMEOUT = 60.0
 )
 @click.option("--seed", type=int, default=None, help="Seed for the shares of the storm (printed when drawn).")
 @click.option("--bare/--no-bare", default=True, show_default=True, help="Also run the storm without idempo.")
+@click.option(
+    "--proxy",
+    "use_proxy",
+    is_flag=True,
+    help="Put idempo in front as `idempo proxy` (a subprocess, store from --store) instead of in the app.",
+)
 @click.option("--serve", is_flag=True, help="Leave the API with idempo up for curl instead of running the storm.")
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port for --serve (0: any free)."
@@ -116,6 +128,7 @@ def demo(
     store_url: str | None,
     seed: int | None,
     bare: bool,
+    use_proxy: bool,
     serve: bool,
     port: int,
     json_path: Path | None,
@@ -127,7 +140,10 @@ def demo(
     once), some outlive their client's timeout (the retry arrives while the
     first still runs), some reuse their key for another amount (must get 422).
     Exits 1 if, with idempo, any order was charged twice or any payment lost.
+    With --proxy, idempo is `idempo proxy` in front of the API without idempo.
     """
+    if serve and use_proxy:
+        raise click.UsageError("--serve and --proxy cannot be combined: --serve runs idempo in the app")
     console = Console(highlight=False)
     with tempfile.TemporaryDirectory(prefix="idempo-demo-") as tmp:
         workdir = Path(tmp)
@@ -146,12 +162,14 @@ def demo(
             f"[bold]idempo demo[/]: {payments} payments (seed {seed}): "
             + ", ".join(f"{shares[share]} {share.value}" for share in Share)
             + f"; {concurrency} at a time; store {_redacted(store_url)}"
+            + ("; idempo as `idempo proxy` in front of the API" if use_proxy else "")
         )
+        titles = _TITLES_PROXY if use_proxy else _TITLES
         reports: dict[str, RunReport] = {}
-        reports["idempo"] = _run(console, "with idempo", workdir, store_url, plan, settings)
+        reports["idempo"] = _run(console, titles["idempo"], workdir, store_url, plan, settings, use_proxy=use_proxy)
         if bare:
-            reports["bare"] = _run(console, "without idempo", workdir, None, plan, settings)
-    _print_report(console, reports)
+            reports["bare"] = _run(console, titles["bare"], workdir, None, plan, settings)
+    _print_report(console, reports, titles)
     failures = reports["idempo"].check()
     if json_path is not None:
         document = {
@@ -159,13 +177,14 @@ def demo(
             "seed": seed,
             "concurrency": concurrency,
             "store": _redacted(store_url),
+            "proxy": use_proxy,
             "runs": {name: asdict(report) for name, report in reports.items()},
             "failures": failures,
         }
         json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     if failures:
         for failure in failures:
-            console.print(f"[red]with idempo: {failure}[/]")
+            console.print(f"[red]{titles['idempo']}: {failure}[/]")
         raise click.exceptions.Exit(1)
 
 
@@ -239,11 +258,23 @@ def _run(
     store_url: str | None,
     plan: list[PlannedPayment],
     settings: StormSettings,
+    *,
+    use_proxy: bool = False,
 ) -> RunReport:
+    """One storm against the API: with idempo in the app (a store URL), in front of it (``use_proxy``), or none."""
     name = "idempo" if store_url is not None else "bare"
     database = workdir / f"payments-{name}.db"
     log_path = workdir / f"server-{name}.log"
-    with _api_server(database, store_url, log_path) as (base_url, process):
+    proxy_log = workdir / "proxy.log"
+    with contextlib.ExitStack() as servers:
+        # Behind the proxy the app runs without idempo; the proxy holds the store.
+        app_store = None if use_proxy else store_url
+        base_url, process = servers.enter_context(_api_server(database, app_store, log_path))
+        processes = {"the payments API": (process, log_path)}
+        if use_proxy:
+            assert store_url is not None
+            base_url, proxy = servers.enter_context(proxy_server(base_url, store_url, workdir, proxy_log))
+            processes["idempo proxy"] = (proxy, proxy_log)
         columns = (
             TextColumn("{task.description:<15}"),
             BarColumn(),
@@ -263,21 +294,25 @@ def _run(
                 progress.advance(task)
 
             storm = functools.partial(run_storm, base_url, plan, settings, on_payment=on_payment, on_attempt=on_attempt)
-            result = anyio.run(_unless_exited, process, storm, backend_options=_backend_options())
+            watched = [process for process, _ in processes.values()]
+            result = anyio.run(_unless_exited, watched, storm, backend_options=_backend_options())
         if result is None:
-            log = log_path.read_text(encoding="utf-8", errors="replace")
-            raise click.ClickException(f"the payments API exited with {process.returncode} during the storm:\n{log}")
+            for what, (process, log) in processes.items():
+                if process.poll() is not None:
+                    text = log.read_text(encoding="utf-8", errors="replace")
+                    raise click.ClickException(f"{what} exited with {process.returncode} during the storm:\n{text}")
+            raise click.ClickException("the storm was cancelled")
     return summarize(result, read_ledger(database))
 
 
-async def _unless_exited(process: subprocess.Popen[bytes], storm: Callable[[], Awaitable[_T]]) -> _T | None:
-    """Run the storm; None as soon as the API process exits, rather than retrying against nothing."""
+async def _unless_exited(processes: list[subprocess.Popen[bytes]], storm: Callable[[], Awaitable[_T]]) -> _T | None:
+    """Run the storm; None as soon as one of the processes exits, rather than retrying against nothing."""
     result: _T | None = None
     async with anyio.create_task_group() as group:
 
         async def watch() -> None:
             # A Popen has no awaitable exit; a poll every 0.2 s costs nothing here.
-            while process.poll() is None:  # noqa: ASYNC110
+            while all(process.poll() is None for process in processes):  # noqa: ASYNC110
                 await anyio.sleep(0.2)
             group.cancel_scope.cancel()
 
@@ -375,8 +410,12 @@ _ROWS: tuple[tuple[str, str], ...] = (
 _BAD_WHEN_POSITIVE = frozenset({"double_charges", "lost", "told_failed_but_charged"})
 
 
-def _print_report(console: Console, reports: dict[str, RunReport]) -> None:
-    titles = {"idempo": "with idempo", "bare": "without idempo"}
+#: The report's column titles, by run: idempo in the app, and idempo as ``idempo proxy`` in front of it.
+_TITLES = {"idempo": "with idempo", "bare": "without idempo"}
+_TITLES_PROXY = {"idempo": "with idempo proxy", "bare": "without idempo"}
+
+
+def _print_report(console: Console, reports: dict[str, RunReport], titles: dict[str, str]) -> None:
     table = Table(title="retry storm", title_justify="left")
     table.add_column("")
     for name in reports:
@@ -399,7 +438,7 @@ def _print_report(console: Console, reports: dict[str, RunReport]) -> None:
     console.print(f"double charges: {with_idempo.double_charges}", markup=False)
     if not with_idempo.check():
         console.print(
-            f"[green]With idempo: {with_idempo.payments} payments, each charged once, none lost, "
+            f"[green]{titles['idempo'].capitalize()}: {with_idempo.payments} payments, each charged once, none lost, "
             f"every reused key refused.[/]"
         )
     bare = reports.get("bare")
