@@ -173,7 +173,7 @@ _SCHEME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 def _kind(request: Any) -> str:
     """``"asgi"`` (a scope), ``"wsgi"`` (an environ) or ``"django"`` (an HttpRequest)."""
-    if isinstance(request, Mapping):
+    if type(request) is dict or isinstance(request, Mapping):  # a dict first: an ABC check costs a call
         return "asgi" if "type" in request and "headers" in request else "wsgi"
     if hasattr(request, "META"):
         return "django"
@@ -292,13 +292,13 @@ def _matcher(patterns: Iterable[str], *, header: bool = False) -> Callable[[str]
     return lambda name: compiled.match(fold(name)) is not None
 
 
-def _cookies(request: Any, wanted: Callable[[str], bool]) -> list[tuple[bytes, bytes]]:
+def _cookies(lines: list[bytes], wanted: Callable[[bytes], bool]) -> list[tuple[bytes, bytes]]:
     """The (name, value) pairs of the cookies ``wanted`` picks, sorted, from every ``Cookie`` line."""
     pairs: list[tuple[bytes, bytes]] = []
-    for line in header_values(request, "cookie"):
+    for line in lines:
         for item in line.split(b";"):
             name, sep, value = item.strip().partition(b"=")
-            if sep and name and wanted(name.decode("latin-1")):
+            if sep and name and wanted(name):
                 pairs.append((name, value.strip()))
     pairs.sort()
     return pairs
@@ -313,10 +313,22 @@ def _authorization(value: bytes) -> bytes:
     return scheme.lower() + b" " + rest.lstrip(b" \t")
 
 
-class _Rule:
-    """Which headers and cookies are credentials, and which values are placeholders (see :func:`standard`)."""
+#: The most header and cookie names a rule remembers the verdict of: the names
+#: clients send are few, and a client sending endless new ones only makes
+#: them be matched again, never grows the memory past this.
+_NAMES_REMEMBERED = 512
 
-    __slots__ = ("cookie", "header", "placeholders")
+
+class _Rule:
+    """Which headers and cookies are credentials, and which values are placeholders (see :func:`standard`).
+
+    The verdict on a name is a pure function of the name, so it is
+    remembered (per rule, at most :data:`_NAMES_REMEMBERED` names of each
+    kind): a request's header names are matched against the patterns once,
+    not on every request.
+    """
+
+    __slots__ = ("_cookie_names", "_header_names", "cookie", "header", "placeholders")
 
     def __init__(
         self,
@@ -342,6 +354,33 @@ class _Rule:
         )
         self.cookie: Callable[[str], bool] = lambda name: cookie(name) and not excluded_cookie(name)
         self.placeholders = frozenset(p.lower().encode("latin-1") for p in placeholders)
+        # raw ASGI header name -> its lower-case str when a credential, else None
+        self._header_names: dict[bytes, str | None] = {}
+        # raw cookie name -> a credential or not
+        self._cookie_names: dict[bytes, bool] = {}
+
+    def header_name(self, raw: bytes) -> str | None:
+        """An ASGI header name's lower-case str when it names a credential, else None (remembered)."""
+        try:
+            return self._header_names[raw]
+        except KeyError:
+            pass
+        name = raw.decode("latin-1")
+        verdict = name.lower() if self.header(name) else None
+        if len(self._header_names) < _NAMES_REMEMBERED:
+            self._header_names[raw] = verdict
+        return verdict
+
+    def cookie_name(self, raw: bytes) -> bool:
+        """Whether a cookie name names a credential (remembered)."""
+        try:
+            return self._cookie_names[raw]
+        except KeyError:
+            pass
+        verdict = self.cookie(raw.decode("latin-1"))
+        if len(self._cookie_names) < _NAMES_REMEMBERED:
+            self._cookie_names[raw] = verdict
+        return verdict
 
     def placeholder(self, value: bytes) -> bool:
         """True for a value that carries no identity (``null``, an empty bearer, ...)."""
@@ -351,18 +390,29 @@ class _Rule:
         return value.lower() in self.placeholders
 
 
-def _header_pairs(request: Any, wanted: Callable[[str], bool]) -> list[tuple[str, bytes]]:
-    """The (lower-case name, value) of every header ``wanted`` picks, in the order received (latin-1 bytes)."""
+def _header_pairs(request: Any, rule: _Rule) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+    """The (lower-case name, value) of every credential header, in the order received (latin-1 bytes),
+    and the ``Cookie`` lines (one pass over an ASGI scope's headers)."""
     kind = _kind(request)
+    pairs: list[tuple[str, bytes]] = []
     if kind == "asgi":
-        return [(name.decode("latin-1"), value) for name, value in request["headers"] if wanted(name.decode("latin-1"))]
-    pairs = []
+        cookies: list[bytes] = []
+        header_name = rule.header_name
+        for raw, value in request["headers"]:
+            if raw == b"cookie":
+                cookies.append(value)
+                continue
+            name = header_name(raw)
+            if name is not None:
+                pairs.append((name, value))
+        return pairs, cookies
+    wanted = rule.header
     for meta, value in _environ(request, kind).items():
         if isinstance(meta, str) and meta.startswith("HTTP_") and isinstance(value, str):
             name = meta[5:].lower().replace("_", "-")
             if wanted(name):
                 pairs.append((name, value.encode("latin-1", "replace")))
-    return pairs
+    return pairs, header_values(request, "cookie")
 
 
 def _credential_parts(request: Any, rule: _Rule) -> list[bytes]:
@@ -374,7 +424,8 @@ def _credential_parts(request: Any, rule: _Rule) -> list[bytes]:
     """
     authorization: list[bytes] = []
     others: list[bytes] = []
-    for name, value in _header_pairs(request, rule.header):
+    headers, cookie_lines = _header_pairs(request, rule)
+    for name, value in headers:
         if name in ("authorization", "proxy-authorization"):
             value = _authorization(value)
             scheme, sep, token = value.partition(b" ")
@@ -389,7 +440,7 @@ def _credential_parts(request: Any, rule: _Rule) -> list[bytes]:
         else:
             others.append(b"h" + name.encode("latin-1") + b"=" + value)
     others.sort()
-    cookies = [b"c" + n + b"=" + v for n, v in _cookies(request, rule.cookie) if not rule.placeholder(v)]
+    cookies = [b"c" + n + b"=" + v for n, v in _cookies(cookie_lines, rule.cookie_name) if not rule.placeholder(v)]
     return authorization + others + cookies
 
 
