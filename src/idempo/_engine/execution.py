@@ -17,6 +17,9 @@ handler's transaction).
 
 from __future__ import annotations
 
+from collections.abc import Coroutine, Generator
+from typing import Any, TypeVar
+
 import anyio
 
 from .. import _config
@@ -28,7 +31,57 @@ from ..typing import AsyncStore, Store
 from .lease import AsyncLeaseKeeper, AsyncUnrenewedLease, LeaseKeeper, UnrenewedLease
 from .store import Settle
 
-__all__ = ["AsyncExecution", "Execution"]
+__all__ = ["AsyncExecution", "Execution", "shielded"]
+
+T = TypeVar("T")
+
+
+class _Resumed:
+    """The rest of a coroutine whose first step already ran: awaiting it hands its pending awaitable on."""
+
+    __slots__ = ("coro", "pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any) -> None:
+        self.coro = coro
+        self.pending = pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, pending = self.coro, self.pending
+        while True:
+            try:
+                value = yield pending
+            except BaseException as exc:  # thrown in by the event loop (a cancellation) or close(): coro decides
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    pending = coro.send(value)
+                except StopIteration as done:
+                    return done.value
+
+
+async def shielded(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` shielded from cancellation (``anyio.CancelScope(shield=True)``), a scope only if it suspends.
+
+    A coroutine cannot be cancelled before it first suspends: a cancellation
+    is delivered at a suspension point. So the first step runs outside the
+    scope, and a coroutine that finishes in it (the memory store's settle)
+    costs no cancel scope (about 4 us and two WeakKeyDictionary writes on
+    asyncio, 5 % of a memory-store request in the server). One that suspends
+    enters the scope before its pending awaitable reaches the event loop, and
+    runs the rest shielded, as ``with CancelScope(shield=True): await coro``
+    would. What ``coro`` raises propagates.
+    """
+    try:
+        pending = coro.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    with anyio.CancelScope(shield=True):  # never cancelled itself: it swallows nothing
+        resumed: T = await _Resumed(coro, pending)
+    return resumed
 
 
 class _ExecutionBase:
@@ -158,12 +211,11 @@ class AsyncExecution(_ExecutionBase):
             return False
         # Shielded: a cancelled request still settles what it ran, and the
         # renewals stop (or go on with a pending save) either way.
-        with anyio.CancelScope(shield=True):
-            try:
-                return await self.keeper.save(command, self.observation, self.policy.save_retry_for)
-            except Exception:
-                logger.exception("idempo: settling record %s failed", self.record_key)
-                await self.keeper.stop()
+        try:
+            return await shielded(self.keeper.save(command, self.observation, self.policy.save_retry_for))
+        except Exception:
+            logger.exception("idempo: settling record %s failed", self.record_key)
+            await shielded(self.keeper.stop())
         return False
 
     async def fail(self, exc: BaseException, status: int | None = None) -> None:

@@ -222,6 +222,23 @@ class _LoopRenewer:
 
 
 _RENEWERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopRenewer] = weakref.WeakKeyDictionary()
+# The last loop's renewer: a server runs one loop, so a request finds it with a
+# weak reference's call instead of a WeakKeyDictionary lookup (which makes one
+# weak reference of its own per call). Weak: it keeps no finished loop alive.
+_last_renewer: tuple[weakref.ref[asyncio.AbstractEventLoop], _LoopRenewer] | None = None
+
+
+def _renewer_of(loop: asyncio.AbstractEventLoop) -> _LoopRenewer:
+    """The renewer of ``loop`` (made on its first keeper)."""
+    global _last_renewer
+    last = _last_renewer
+    if last is not None and last[0]() is loop:
+        return last[1]
+    renewer = _RENEWERS.get(loop)
+    if renewer is None:
+        renewer = _RENEWERS[loop] = _LoopRenewer()
+    _last_renewer = (weakref.ref(loop), renewer)
+    return renewer
 
 
 class AsyncLeaseKeeper:
@@ -257,9 +274,7 @@ class AsyncLeaseKeeper:
             self.due = 0.0
             self._trio = _TrioRenewal.start(self)
             return
-        renewer = _RENEWERS.get(loop)
-        if renewer is None:
-            renewer = _RENEWERS[loop] = _LoopRenewer()
+        renewer = _renewer_of(loop)
         self._renewer = renewer
         self.due = loop.time() + self.interval
         renewer.add(self, loop)
