@@ -32,6 +32,7 @@ cause and the fix, which fails the start-up.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from collections.abc import Awaitable, Sequence
@@ -39,8 +40,6 @@ from datetime import timedelta
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
-
-import anyio
 
 from .._core.records import Record, RecordState, StoredResponse, decode_headers
 from ..exceptions import ConfigurationError, StoreError, StoreUnavailable
@@ -196,13 +195,16 @@ async def within_deadline(deadline: float, call: Awaitable[_T]) -> _T:
     """Await ``call``, cancelled after ``deadline`` seconds.
 
     For async drivers whose own timeouts do not cover a whole call (redis-py's
-    socket timeout bounds one read; a retry or a pool wait adds to it).
+    socket timeout bounds one read; a retry or a pool wait adds to it). Those
+    drivers need asyncio, so the deadline is asyncio's own
+    (``asyncio.timeout``: one timer), not an anyio cancel scope, which costs a
+    call its async-backend lookup and task bookkeeping besides the timer.
 
     Raises:
         StoreUnavailable: the deadline passed (the driver's call was cancelled).
     """
     try:
-        with anyio.fail_after(deadline):
+        async with asyncio.timeout(deadline):
             return await call
     except TimeoutError as exc:
         raise past_deadline(deadline) from exc
