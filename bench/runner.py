@@ -1,7 +1,7 @@
 """Run the benchmark and write the report: ``./bench/run`` calls this in bench/.venv.
 
 Steps: start every variant's server (one uvicorn worker each, pinned to one
-CPU; for scenario (f) a second server of two workers, unpinned), check
+CPU; for each scenario (f) run, a server of two workers, unpinned, started for it), check
 correctness (scenarios c and d), seed the keys scenario (b) replays, run wrk
 (pinned to the other CPU) against the variants in turn, round after round,
 measure the store floor, the memory store's resident memory per 100,000
@@ -516,6 +516,15 @@ async def load_run(server: Server, scenario: str, nonce: str, rnd: int, duration
     )
 
 
+async def checked(check: Any) -> tuple[bool, str]:
+    """A correctness check's verdict; a server that broke the exchange (closed a connection mid-answer) fails it."""
+    try:
+        result: tuple[bool, str] = await check
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        return False, f"the server broke the exchange: {type(exc).__name__}: {exc}"[:200]
+    return result
+
+
 def load_check(scenario: str, runs: list[Run], connections: int) -> tuple[bool, str]:
     """(a), (e), (f): every request executed once and answered 2xx; (b): nothing executed, all 2xx."""
     problems = []
@@ -573,10 +582,7 @@ async def run(settings: Settings) -> Path:
             if reachable.get(store):
                 results[v].skipped = reachable[store]
                 continue
-            venv = variant_env(v, env, settings, workdir, nonce, schema)
-            servers.append(start_server(v, venv, settings, logdir))
-            if "f" in settings.scenarios and runs_in(v, "f"):
-                groups[v] = start_server(v, venv, settings, logdir, workers=F_WORKERS)
+            servers.append(start_server(v, variant_env(v, env, settings, workdir, nonce, schema), settings, logdir))
         live: list[Server] = []
         for s in servers:
             why = await wait_ready(s)
@@ -584,12 +590,7 @@ async def run(settings: Settings) -> Path:
                 results[s.variant].skipped = why
             else:
                 live.append(s)
-        for v, group in list(groups.items()):
-            why = await wait_ready(group)
-            if why or results[v].skipped:
-                results[v].checks["f"] = (False, why or "not run")
-                del groups[v]
-        log(f"{len(live)} servers, {len(groups)} more of {F_WORKERS} workers, up in {time.monotonic() - started:.1f}s")
+        log(f"{len(live)} servers up in {time.monotonic() - started:.1f}s")
 
         # --- correctness: (c) and (d), and seeding (b)'s keys ---------------------
         for s in live:
@@ -599,10 +600,10 @@ async def run(settings: Settings) -> Path:
                     res.checks[c] = (None, "not checked: no idempotency layer")
             else:
                 for work in (0, 20):
-                    res.checks[f"c{work}"] = await scenarios.concurrent_duplicates(
-                        s.port, f"c{work}-{nonce}", settings.c_keys, work
+                    res.checks[f"c{work}"] = await checked(
+                        scenarios.concurrent_duplicates(s.port, f"c{work}-{nonce}", settings.c_keys, work)
                     )
-                res.checks["d"] = await scenarios.failed_then_retried(s.port, f"d-{nonce}", settings.d_keys)
+                res.checks["d"] = await checked(scenarios.failed_then_retried(s.port, f"d-{nonce}", settings.d_keys))
             if "b" in settings.scenarios:
                 ok, detail = await scenarios.seed(s.port, f"r-{nonce}", settings.replay_keys)
                 if not ok:
@@ -615,17 +616,32 @@ async def run(settings: Settings) -> Path:
             )
 
         # --- load: warm-up, then rounds, variants alternating -------------------------
-        def server_for(s: Server, scenario: str) -> Server | None:
+        async def load_run_in(s: Server, scenario: str, rnd: int, duration: float) -> Run | None:
+            """One run of ``s``'s variant; (f) starts the variant's workers for it and stops them after
+            (idle, their PostgreSQL pools would hold connections of the shared server)."""
             if not runs_in(s.variant, scenario):
                 return None
-            return groups.get(s.variant) if scenario == "f" else s
+            if scenario != "f":
+                return await load_run(s, scenario, nonce, rnd, duration, settings)
+            venv = variant_env(s.variant, env, settings, workdir, nonce, schema)
+            group = groups[s.variant] = start_server(s.variant, venv, settings, logdir, workers=F_WORKERS)
+            try:
+                why = await wait_ready(group)
+                if why:
+                    results[s.variant].checks["f"] = (False, why)
+                    return None
+                await load_run(group, scenario, nonce, 0, 1, settings)  # warm-up
+                return await load_run(group, scenario, nonce, rnd, duration, settings)
+            finally:
+                stop_servers([group])
+                del groups[s.variant]
 
         log("warm-up")
         for scenario in settings.scenarios:
+            if scenario == "f":
+                continue  # (f) warms its workers up in each run
             for s in live:
-                target = server_for(s, scenario)
-                if target is not None:
-                    await load_run(target, scenario, nonce, 0, 1, settings)
+                await load_run_in(s, scenario, 0, 1)
         # the memory store's servers: resident memory against the records they complete under load
         rss_start = {
             s.variant: (rss_bytes(s.pids), await scenarios.executions(s.port))
@@ -637,11 +653,9 @@ async def run(settings: Settings) -> Path:
             order = live[shift:] + live[:shift]
             for scenario in settings.scenarios:
                 for s in order:
-                    target = server_for(s, scenario)
-                    if target is None:
-                        continue
-                    r = await load_run(target, scenario, nonce, rnd, settings.duration, settings)
-                    results[s.variant].runs.setdefault(scenario, []).append(r)
+                    r = await load_run_in(s, scenario, rnd, settings.duration)
+                    if r is not None:
+                        results[s.variant].runs.setdefault(scenario, []).append(r)
             log(
                 f"round {rnd}/{settings.rounds} done ({time.monotonic() - started:.0f}s, load {os.getloadavg()[0]:.2f})"
             )
