@@ -314,12 +314,14 @@ def start_server(variant: str, env: dict[str, str], settings: Settings, logdir: 
     base = variant.partition("@")[0]
     cmd = [sys.executable, str(HERE / "server.py"), "--fd", str(sock.fileno()), "--variant", base]
     procs = []
+    counter = logdir / f"{name}.counter"
+    counter.unlink(missing_ok=True)  # a fresh total: a previous run's workers left theirs in it
     with open(log, "wb") as out:
         for worker in range(workers):
             if workers == 1:
                 worker_env, worker_cmd = env, pinned(cmd, settings.server_cpu)
             else:
-                worker_env = dict(env, BENCH_COUNTER=str(logdir / f"{name}.counter"), BENCH_WORKER=str(worker))
+                worker_env = dict(env, BENCH_COUNTER=str(counter), BENCH_WORKER=str(worker))
                 worker_cmd = cmd
             procs.append(
                 subprocess.Popen(
@@ -976,7 +978,7 @@ def render(
         w("")
         if scenario == "e":
             w(
-                "`POST /orders`: the handler commits one INSERT into PostgreSQL (its own pool of 1-10 connections) "
+                "`POST /orders`: the handler commits one INSERT into PostgreSQL (its own pool of 1-4 connections) "
                 "before answering; a new key per request. p50 x bare is the target's figure."
             )
             w("")
