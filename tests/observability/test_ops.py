@@ -98,13 +98,20 @@ def serve_one_payment(url: str, secret: str | None = None) -> None:
 
 
 def add_leases(url: str, expired: int) -> str:
-    """One live lease (returned record key) and ``expired`` records whose lease has run out."""
+    """One live lease (returned record key) and ``expired`` completed records whose TTL has run out.
+
+    Completed ones: an in-progress record whose lease ran out is kept 24 h
+    (the stores' grace), so purge leaves it.
+    """
     store = store_from_url(url)
     try:
         live = "live-" + uuid.uuid4().hex
         store.begin(live, "fp", 600_000)
         for _ in range(expired):
-            store.begin("expired-" + uuid.uuid4().hex, "fp", 1)
+            key = "expired-" + uuid.uuid4().hex
+            acquired = store.begin(key, "fp", 600_000)
+            assert isinstance(acquired, Acquired)
+            store.complete(key, acquired.token, StoredResponse(201, (), b"{}"), 1)
     finally:
         store.close()
     time.sleep(0.05)

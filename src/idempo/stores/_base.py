@@ -47,6 +47,7 @@ from ..observability._observation import logger
 
 __all__ = [
     "DEFAULT_DEADLINE",
+    "IN_PROGRESS_GRACE",
     "ErrorMap",
     "cannot_use",
     "closed",
@@ -62,6 +63,16 @@ __all__ = [
     "warn_unreachable_at_startup",
     "within_deadline",
 ]
+
+#: Seconds an in-progress record outlives its lease before any store deletes it
+#: (purge, the memory store's eviction, Redis key expiry): 24 h, the default
+#: ``record_ttl``. A process holding a result whose save failed renews and
+#: retries until the store is back; while nobody took the lease over, its
+#: same-token renewal and save still land then, however long the outage was
+#: within this grace (DESIGN "HTTP behaviour", a failed save). A takeover
+#: still happens at the lease's expiry: only the deletion waits. Set a store's
+#: ``grace`` (memory, Redis) at least to the longest record_ttl it serves.
+IN_PROGRESS_GRACE = 86400.0
 
 #: Seconds one call of a network store (PostgreSQL, Redis) may take by
 #: default, connect, pool wait and query together. A healthy call takes about

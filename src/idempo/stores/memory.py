@@ -10,8 +10,10 @@ eviction time sits in a min-heap; every write (``begin``, ``complete``,
 whose time has come, so the cost per call is bounded (O(log n) each) and,
 since a write adds at most one heap entry, eviction keeps up with any load.
 A completed record is evicted at its expiry; an in-progress one ``grace``
-seconds after its lease (as Redis keeps it), so a takeover still sees the
-crashed holder. An idle store evicts nothing until its next write, or
+seconds after its lease (as Redis keeps it; default 24 h,
+:data:`~idempo.stores._base.IN_PROGRESS_GRACE`), so a takeover still sees the
+crashed holder, and a process still holding a result whose save failed saves
+it under its own token once it can. An idle store evicts nothing until its next write, or
 :meth:`MemoryStore.purge_expired`.
 
 ``max_records`` bounds the count: a ``begin`` of a new key in a full store
@@ -52,7 +54,7 @@ from .._core.records import (
 )
 from ..exceptions import ConfigurationError, LeaseLost, StoreUnavailable
 from ..typing import Clock
-from ._base import closed
+from ._base import IN_PROGRESS_GRACE, closed
 
 __all__ = ["SWEEP_PER_CALL", "AsyncMemoryStore", "MemoryStore"]
 
@@ -105,14 +107,19 @@ class MemoryStore:
         max_records: the most records the store holds (None: no bound but
             expiry); see the module docstring for what is evicted when full.
         grace: seconds (or a timedelta) an in-progress record outlives its
-            lease before it is evicted (default 60, as the Redis store).
+            lease before it is evicted or purged (default 86400, 24 h, as
+            every store: :data:`~idempo.stores._base.IN_PROGRESS_GRACE`).
 
     Raises:
         ConfigurationError: ``max_records`` < 1 or ``grace`` < 0.
     """
 
     def __init__(
-        self, *, clock: Clock = time.time, max_records: int | None = None, grace: float | timedelta = 60.0
+        self,
+        *,
+        clock: Clock = time.time,
+        max_records: int | None = None,
+        grace: float | timedelta = IN_PROGRESS_GRACE,
     ) -> None:
         if max_records is not None and max_records < 1:
             raise ConfigurationError(f"max_records must be at least 1, got {max_records!r}")
@@ -277,7 +284,8 @@ class MemoryStore:
         """See :meth:`idempo.typing.Store.purge_expired`."""
         with self._lock:
             now = self._now_ms()
-            expired = [k for k, r in self._records.items() if r[5] <= now][:limit]
+            # An in-progress record is kept for its grace, as eviction keeps it.
+            expired = [k for k, r in self._records.items() if self._eviction_ms(r) <= now][:limit]
             for key in expired:
                 self._evict(key)
             return len(expired)
@@ -338,7 +346,7 @@ class AsyncMemoryStore:
         *,
         clock: Clock = time.time,
         max_records: int | None = None,
-        grace: float | timedelta = 60.0,
+        grace: float | timedelta = IN_PROGRESS_GRACE,
     ) -> None:
         self.sync = store if store is not None else MemoryStore(clock=clock, max_records=max_records, grace=grace)
 

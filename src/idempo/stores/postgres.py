@@ -73,6 +73,7 @@ from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats,
 from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from ._base import (
     DEFAULT_DEADLINE,
+    IN_PROGRESS_GRACE,
     closed,
     deadline_seconds,
     load_queries,
@@ -465,7 +466,8 @@ def _get(record_key: str) -> _Steps[Record | None]:
 
 
 def _purge_expired(limit: int) -> _Steps[int]:
-    return (yield _Statement(_Q["purge_expired"], {"limit": int(limit)})).rowcount
+    params = {"limit": int(limit), "grace_ms": int(IN_PROGRESS_GRACE * 1000)}
+    return (yield _Statement(_Q["purge_expired"], params)).rowcount
 
 
 def _maintenance() -> _Statement:

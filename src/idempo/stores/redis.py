@@ -13,8 +13,12 @@ clock is never used, so servers with skewed clocks agree on leases and TTLs.
 
 Expiry: a completed record's hash expires (``PEXPIREAT``) when the record
 does, so Redis deletes it itself. An in-progress hash expires ``grace``
-seconds after its lease: until then a ``begin`` that takes over the expired
-lease still sees the crashed holder's record (``Acquired.takeover``). The
+seconds after its lease (default 24 h,
+:data:`~idempo.stores._base.IN_PROGRESS_GRACE`): until then a ``begin`` that
+takes over the expired lease still sees the crashed holder's record
+(``Acquired.takeover``), and a holder whose save failed through an outage
+longer than its lease still renews and saves under its token once Redis is
+back, if nobody took over (``purge_expired`` keeps it too). The
 scripts compare times themselves, so an expired hash that Redis has not yet
 deleted behaves as absent. :meth:`RedisStore.purge_expired` is rarely needed.
 
@@ -99,6 +103,7 @@ from .._core.records import (
 from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from ._base import (
     DEFAULT_DEADLINE,
+    IN_PROGRESS_GRACE,
     closed,
     deadline_seconds,
     map_errors,
@@ -397,7 +402,7 @@ class _RedisBase(Generic[_C]):
         *,
         client: _C | None = None,
         prefix: str = "idempo:",
-        grace: float | timedelta = 60.0,
+        grace: float | timedelta = IN_PROGRESS_GRACE,
         max_connections: int = 50,
         deadline: float | timedelta = DEFAULT_DEADLINE,
         socket_timeout: float | None = None,
@@ -486,7 +491,9 @@ class RedisStore(_RedisBase[Client]):
         prefix: prepended to every record's hash name (default ``"idempo:"``);
             must not contain braces.
         grace: seconds (or a timedelta) an in-progress record's hash outlives its
-            lease, so a takeover can report the crashed holder (default 60).
+            lease, so a takeover can report the crashed holder and a holder
+            whose save failed can still save (default 86400, 24 h; keep it at
+            least the longest record_ttl).
         max_connections: the connection pool's size (per cluster node). With
             one Redis server, a command beyond it waits for a free connection
             within the deadline.
@@ -579,7 +586,7 @@ class RedisStore(_RedisBase[Client]):
             for key in client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
                 if deleted >= limit:
                     break
-                deleted += int(self._scripts["purge"](keys=[key], client=client))
+                deleted += int(self._scripts["purge"](keys=[key], args=[self._codec.grace_ms], client=client))
         return deleted
 
     def stats(self) -> StoreStats:
@@ -708,7 +715,7 @@ class AsyncRedisStore(_RedisBase[AsyncClient]):
             async for key in self.client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
                 if deleted >= limit:
                     break
-                deleted += int(await self._scripts["purge"](keys=[key]))
+                deleted += int(await self._scripts["purge"](keys=[key], args=[self._codec.grace_ms]))
         return deleted
 
     async def stats(self) -> StoreStats:

@@ -52,7 +52,16 @@ from .._core.records import (
 )
 from ..exceptions import ConfigurationError, LeaseLost
 from ..typing import Clock
-from ._base import ErrorMap, closed, load_queries, load_sql, map_errors, misconfigured, record_from_row
+from ._base import (
+    IN_PROGRESS_GRACE,
+    ErrorMap,
+    closed,
+    load_queries,
+    load_sql,
+    map_errors,
+    misconfigured,
+    record_from_row,
+)
 
 __all__ = ["AsyncSQLiteStore", "SQLiteStore"]
 
@@ -238,7 +247,8 @@ class _Database:
         return record_from_row(record_key, row)
 
     def purge_expired(self, conn: sqlite3.Connection, limit: int) -> int:
-        return conn.execute(_Q["purge_expired"], {"now": self.now_ms(), "limit": limit}).rowcount
+        params = {"now": self.now_ms(), "limit": limit, "grace_ms": int(IN_PROGRESS_GRACE * 1000)}
+        return conn.execute(_Q["purge_expired"], params).rowcount
 
     def stats(self, conn: sqlite3.Connection) -> StoreStats:
         now = self.now_ms()

@@ -86,12 +86,16 @@ WHERE record_key = %(record_key)s AND expires_at > (extract(epoch FROM now()) * 
 
 -- name: purge_expired
 -- One bounded batch, oldest first, served by idempo_records_expires_at. Rows a
--- begin is taking over right now are skipped, not waited for.
+-- begin is taking over right now are skipped, not waited for. An in-progress
+-- record is kept grace_ms past its lease (its holder may still save under its
+-- token: idempo.stores._base.IN_PROGRESS_GRACE).
 DELETE FROM idempo_records
 WHERE record_key IN (
     SELECT record_key
     FROM idempo_records
     WHERE expires_at <= (extract(epoch FROM now()) * 1000)::bigint
+      AND (state <> 'in_progress'
+           OR expires_at <= (extract(epoch FROM now()) * 1000)::bigint - %(grace_ms)s::bigint)
     ORDER BY expires_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED

@@ -53,8 +53,14 @@ SET lease_expires_at = :now + :lease_ttl_ms, expires_at = :now + :lease_ttl_ms
 WHERE record_key = :record_key AND token = :token AND state = 'in_progress';
 
 -- name: purge_expired
+-- An in-progress record is kept :grace_ms past its lease (its holder may still
+-- save under its token: idempo.stores._base.IN_PROGRESS_GRACE).
 DELETE FROM idempo_records
-WHERE rowid IN (SELECT rowid FROM idempo_records WHERE expires_at <= :now LIMIT :limit);
+WHERE rowid IN (
+    SELECT rowid FROM idempo_records
+    WHERE expires_at <= :now AND (state <> 'in_progress' OR expires_at <= :now - :grace_ms)
+    LIMIT :limit
+);
 
 -- name: stats
 -- For `idempo stats`: live in-progress, live completed and expired records (one scan).
