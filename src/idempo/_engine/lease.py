@@ -53,6 +53,10 @@ _SAVE_FIRST = 0.1
 _SAVE_CAP = 5.0
 # Strong references to the background save retries, so none is collected mid-way.
 _SAVING: set[Any] = set()
+# The jitter's own generator: a save retry draws from another thread at any
+# moment, and must not move the application's global random state (a seeded
+# simulation, or hypothesis, which fails a test whose strategy sees it move).
+_JITTER = random.Random()
 
 
 def _save_delay(retries: int) -> float:
@@ -63,7 +67,7 @@ def _save_delay(retries: int) -> float:
     "Exponential Backoff And Jitter").
     """
     step = min(_SAVE_CAP, _SAVE_FIRST * 2.0 ** min(retries, 16))
-    return step / 2 + random.uniform(0, step / 2)
+    return step / 2 + _JITTER.uniform(0, step / 2)
 
 
 class _PendingSave:
