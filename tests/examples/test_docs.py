@@ -199,3 +199,37 @@ def test_the_readme_links_resolve() -> None:
             if anchor[1:] not in {_github_slug(heading) for heading in headings}:
                 problems.append(f"{target}{anchor}: no such heading")
     assert not problems, "\n".join(problems)
+
+
+# Issue 10, "Done when": the operating page says, for each failure, what a client and an operator see.
+FAILURES = {
+    "save failed after the handler ran": "idempo_saves_total",
+    "the same, the store out for longer than the lease": "landed after N retries",
+    "idempo's own code failed after the handler": "capturing the answer of record",
+    "answer over `max_response_body`": "response-not-replayable",
+    "store unreachable or too slow": 'idempo_requests_total{outcome="store_error"}',
+    "store unreachable at start-up": "cannot be reached at start-up",
+    "store misconfigured": "cannot use the store at <URL>",
+    "memory store full of in-progress records": "store-unavailable",
+    "more than `max_waiters`": 'idempo_requests_total{outcome="conflict"}',
+    "a large JSON body": "worker thread",
+    "an over-long `Idempotency-Key` header": 'idempo_requests_total{outcome="invalid_key"}',
+    "`Content-Length` that is not a number of bytes": "invalid-content-length",
+    "an ops command on a store it cannot use": "exit status 1",
+    "a lease taken over": "idempo_lease_takeovers_total{decision}",
+}
+
+
+def test_the_operating_page_says_what_each_failure_looks_like() -> None:
+    """Each failure of issue 10 is a row of docs/operating.md's table, with the client's answer, the log and the
+    metric; the page and the README say that a graceful shutdown does not wait for save retries."""
+    page = (ROOT / "docs" / "operating.md").read_text()
+    table = page.split("| failure | the client | the log (`idempo` logger) | the metric |", 1)[1].split("\n\n", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    for failure, seen in FAILURES.items():
+        row = next((line for name, line in rows.items() if name.startswith(failure)), None)
+        assert row is not None, f"docs/operating.md has no row for {failure!r}"
+        assert seen in row, (failure, seen)
+        assert row.count("|") == 5, row
+    assert "**Shutdown does not wait for save retries.**" in page
+    assert "does not wait for a failed save's background retries" in (ROOT / "README.md").read_text()
