@@ -4,7 +4,8 @@ uvicorn and waitress refuse such a request themselves (400), so the suite's
 servers never pass one on; Werkzeug's development server does. The
 frameworks are therefore called in process, as such a server calls them.
 Before, the WSGI front read no body for it and fingerprinted an empty one
-(Flask then saw an empty body too); Django answered 400 already.
+(Flask then saw an empty body too); Django answered 400 already (issue 10
+item 7, whose tests these now are on both WSGI frameworks).
 """
 
 from __future__ import annotations
