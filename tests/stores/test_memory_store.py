@@ -106,6 +106,18 @@ def test_max_records_evicts_the_oldest_completed_never_an_in_progress_one() -> N
     assert isinstance(store.begin("running", "fp", 1000), Existing)
 
 
+def test_a_full_store_makes_room_from_a_lease_that_ended() -> None:
+    """A crashed holder's in-progress record, its lease over, gives way to a new key in a full store rather
+    than refusing new keys for its whole grace (the eviction keeps it that long for a takeover's report)."""
+    clock = FakeClock()
+    store = MemoryStore(clock=clock, max_records=2)
+    assert isinstance(store.begin("a", "fp", 1_000), Acquired)
+    assert isinstance(store.begin("b", "fp", 60_000), Acquired)
+    clock.advance(2)
+    assert isinstance(store.begin("c", "fp", 60_000), Acquired)
+    assert set(store._records) == {"b", "c"}
+
+
 def test_a_store_full_of_in_progress_records_refuses_a_new_key() -> None:
     """When every record is in progress, a new key is StoreUnavailable (503 at the fronts); the leases
     are untouched, and a settled one makes room again."""

@@ -21,7 +21,9 @@ first evicts the oldest completed record (by completion), never an
 in-progress one nor a marker (a hold, a not-replayable answer), which stay to
 their expiry. An evicted record's key executes again on its next request, as
 after its TTL: size ``max_records`` above the records a TTL's traffic leaves.
-A store full of in-progress records and markers refuses the new key with
+A full store with no completed record gives the new key the place of an
+in-progress record whose lease ended (its holder crashed); one full of live
+leases and markers refuses it with
 :class:`~idempo.exceptions.StoreUnavailable` (the fronts answer 503 with
 Retry-After) until one settles or its lease ends.
 
@@ -34,6 +36,7 @@ store behind ``async def`` calls, each completing without awaiting.
 from __future__ import annotations
 
 import heapq
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -83,6 +86,11 @@ class _Closed:
 
     def __exit__(self, *exc_info: object) -> None:
         return None
+
+
+# Keys a full store looks at, oldest first, for an in-progress record whose
+# lease ended: a bounded cost per begin, however many records are held.
+_ROOM_SCAN = 64
 
 
 def _record(record_key: str, row: _Row) -> Record:
@@ -202,14 +210,23 @@ class MemoryStore:
                 self._evict(record_key)
 
     def _make_room(self, now: int) -> None:
-        """Free one place for a new key in a full store: the oldest completed record (under the lock).
+        """Free one place for a new key in a full store (under the lock).
+
+        The oldest completed record; else an in-progress record whose lease
+        has ended, among the :data:`_ROOM_SCAN` oldest keys: its holder
+        crashed (a memory store never fails a save, so no live process still
+        holds its result), and it would otherwise wait for its ``grace``.
 
         Raises:
-            StoreUnavailable: every record is in progress.
+            StoreUnavailable: every record is in progress under a live lease, or held.
         """
         if self._completed:
             self._evict(next(iter(self._completed)))
             return
+        for record_key, row in itertools.islice(self._records.items(), _ROOM_SCAN):
+            if row[0] == _IN_PROGRESS and row[3] <= now:
+                self._evict(record_key)
+                return
         raise StoreUnavailable(
             f"the memory store is full: its max_records={self.max_records} records are all in progress or held"
         )
