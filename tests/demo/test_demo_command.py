@@ -145,7 +145,7 @@ def test_server_takes_the_store_from_its_option_else_the_environment(monkeypatch
     class Stop(Exception):
         pass
 
-    def create_app(database: Path, *, store: str | None) -> None:
+    def create_app(database: Path, *, store: str | None, **options: object) -> None:
         stores.append(store)
         raise Stop
 

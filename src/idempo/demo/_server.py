@@ -1,6 +1,6 @@
 """Serve the payments API on a listening socket handed over by the parent process.
 
-``python -m idempo.demo._server --fd N --database PATH [--store URL]``
+``python -m idempo.demo._server --fd N --database PATH [--store URL] [--lease SECONDS] [--ready-fd N]``
 
 ``idempo demo`` binds 127.0.0.1 on an ephemeral port itself, so it knows the
 port before the server starts, and passes the socket to this process; the
@@ -10,6 +10,11 @@ environment variable (how ``idempo demo`` passes it: a command line is
 visible to every user in ``ps``, a password in the URL included; a process's
 environment is not). With neither, the app runs without idempo. SIGTERM or
 SIGINT stops it gracefully.
+
+``idempo demo --kill-workers`` runs several of these on one socket under a
+supervisor (:mod:`idempo.demo._workers`): ``--ready-fd`` names a pipe this
+process writes one byte to once uvicorn serves, and ``--lease`` shortens the
+lease, so a retry after a SIGKILL waits seconds, not the demo's 30 s.
 """
 
 from __future__ import annotations
@@ -21,10 +26,25 @@ from pathlib import Path
 
 import uvicorn
 
-from .payments import create_app
+from .payments import DEMO_POLICY, create_app
 
 #: The environment variable that carries the store URL when ``--store`` is not given.
 STORE_ENV = "IDEMPO_DEMO_STORE"
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that tells its supervisor, through a pipe, once it serves."""
+
+    def __init__(self, config: uvicorn.Config, ready_fd: int | None) -> None:
+        super().__init__(config)
+        self._ready_fd = ready_fd
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self._ready_fd is not None and self.started:
+            os.write(self._ready_fd, b"r")
+            os.close(self._ready_fd)
+            self._ready_fd = None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,9 +57,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help=f"idempo's store URL (default: ${STORE_ENV}); without either, the app runs without idempo",
     )
+    parser.add_argument("--lease", type=float, default=None, help="the lease TTL, seconds (default: the demo policy's)")
+    parser.add_argument("--ready-fd", type=int, default=None, help="a pipe to write one byte to once the server serves")
     args = parser.parse_args(argv)
 
-    app = create_app(args.database, store=args.store or os.environ.get(STORE_ENV) or None)
+    policy = DEMO_POLICY if args.lease is None else DEMO_POLICY.replace(lease_ttl=args.lease)
+    app = create_app(args.database, store=args.store or os.environ.get(STORE_ENV) or None, policy=policy)
     sock = socket.socket(fileno=args.fd)
     config = uvicorn.Config(
         app,
@@ -48,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    _Server(config, args.ready_fd).run(sockets=[sock])
 
 
 if __name__ == "__main__":

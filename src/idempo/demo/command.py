@@ -15,6 +15,15 @@ with ``idempo proxy`` in front of it (a subprocess, the store from ``--store``;
 :mod:`idempo.demo._proxy`): the same guarantee from outside the app, for an
 API that cannot be changed. The other column is the API alone, as before.
 
+``idempo demo --kill-workers`` serves the API from several uvicorn workers on
+one socket under a small supervisor (:mod:`idempo.demo._workers`) that
+SIGKILLs a random worker every few hundred milliseconds and starts another,
+with a lease of :data:`KILL_LEASE` seconds, so that a client's retry after a
+kill meets an expired lease. The storm runs on the plain middleware: a worker
+killed after the provider charged and before the record completed leaves a
+retry that charges again, and the report counts those double charges beside
+the workers killed.
+
 ``idempo demo --serve`` leaves the API with idempo up for curl instead.
 """
 
@@ -34,8 +43,8 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -52,7 +61,8 @@ try:
     from ..metrics import mount as mount_metrics
     from ._proxy import proxy_server
     from ._server import STORE_ENV
-    from .payments import PROVIDER_DELAY_HEADER, create_app, read_ledger
+    from ._workers import WorkerPool
+    from .payments import PROVIDER_DELAY_HEADER, Ledger, create_app, read_ledger
     from .storm import (
         AttemptOutcome,
         PaymentOutcome,
@@ -81,10 +91,40 @@ _LIVE_COUNTS = "{task.fields[requests]} requests, {task.fields[replays]} replays
 # Seconds the API subprocess may take to start answering (imports included).
 _STARTUP_TIMEOUT = 60.0
 
+#: The lease TTL (seconds) of ``--kill-workers``: a retry after a worker was
+#: killed waits this long for the dead holder's lease; longer than the slowest
+#: charge of that storm (:data:`_KILL_STORM`'s ``slow_charge``).
+KILL_LEASE = 2.0
+
+# The storm of --kill-workers: the client-timeout share's charge stays below
+# the lease, and a client retries through many kills (a worker lives about a
+# second) for up to two minutes before it gives up.
+_KILL_STORM = StormSettings(short_timeout=0.3, slow_charge=0.8, max_attempts=500, deadline=120.0)
+# Payments of --kill-workers when --payments is not given: each kill costs
+# its in-flight payments a lease of waiting, so the run is kept short.
+_KILL_PAYMENTS = 300
+
+
+def _seconds_span(text: str) -> tuple[float, float]:
+    """Parse ``LOW-HIGH`` (or one number) seconds for ``--kill-every``."""
+    if isinstance(text, tuple):  # click passes a default through the converter too
+        return text
+    low, _, high = text.partition("-")
+    try:
+        span = float(low), float(high or low)
+    except ValueError:
+        raise click.BadParameter(f"expected SECONDS or LOW-HIGH seconds, got {text!r}") from None
+    if span[0] <= 0 or span[1] < span[0]:
+        raise click.BadParameter(f"expected 0 < LOW <= HIGH seconds, got {text!r}")
+    return span
+
 
 @click.command()
 @click.option(
-    "--payments", type=click.IntRange(1), default=1000, show_default=True, help="Logical payments in the storm."
+    "--payments",
+    type=click.IntRange(1),
+    default=None,
+    help=f"Logical payments in the storm.  [default: 1000; {_KILL_PAYMENTS} with --kill-workers]",
 )
 @click.option(
     "--concurrency", type=click.IntRange(1), default=64, show_default=True, help="Logical payments in flight at once."
@@ -113,6 +153,26 @@ _STARTUP_TIMEOUT = 60.0
 )
 @click.option("--serve", is_flag=True, help="Leave the API with idempo up for curl instead of running the storm.")
 @click.option(
+    "--kill-workers",
+    is_flag=True,
+    help="Serve from several uvicorn workers and SIGKILL a random one every few hundred ms during the storm.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(2),
+    default=3,
+    show_default=True,
+    help="Worker processes with --kill-workers (the last one serving is never killed).",
+)
+@click.option(
+    "--kill-every",
+    type=_seconds_span,
+    default="0.2-0.5",
+    show_default=True,
+    metavar="LOW-HIGH",
+    help="Seconds between two kills with --kill-workers, drawn uniformly.",
+)
+@click.option(
     "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port for --serve (0: any free)."
 )
 @click.option(
@@ -123,13 +183,16 @@ _STARTUP_TIMEOUT = 60.0
     help="Also write the report's numbers to this file as JSON.",
 )
 def demo(
-    payments: int,
+    payments: int | None,
     concurrency: int,
     store_url: str | None,
     seed: int | None,
     bare: bool,
     use_proxy: bool,
     serve: bool,
+    kill_workers: bool,
+    workers: int,
+    kill_every: tuple[float, float],
     port: int,
     json_path: Path | None,
 ) -> None:
@@ -141,13 +204,27 @@ def demo(
     first still runs), some reuse their key for another amount (must get 422).
     Exits 1 if, with idempo, any order was charged twice or any payment lost.
     With --proxy, idempo is `idempo proxy` in front of the API without idempo.
+
+    With --kill-workers, the API runs in several uvicorn workers and one is
+    SIGKILLed every few hundred milliseconds (and restarted) while the storm
+    runs; the report counts the kills and what they cost the plain middleware.
     """
     if serve and use_proxy:
         raise click.UsageError("--serve and --proxy cannot be combined: --serve runs idempo in the app")
+    if kill_workers and use_proxy:
+        raise click.UsageError("--kill-workers and --proxy cannot be combined: the kills are the app's workers'")
+    if payments is None:
+        payments = _KILL_PAYMENTS if kill_workers else 1000
     console = Console(highlight=False)
     with tempfile.TemporaryDirectory(prefix="idempo-demo-") as tmp:
         workdir = Path(tmp)
         store_url = store_url or f"sqlite:///{workdir / 'idempo.db'}"
+        if kill_workers and not store_url.lower().startswith(("sqlite:", "postgresql:", "postgres:")):
+            raise click.BadParameter(
+                "--kill-workers needs an SQLite or PostgreSQL store: its transactional column writes the payments "
+                "in the store's database",
+                param_hint="--store",
+            )
         schema_note = _prepare_store(store_url)
         if schema_note is not None:
             console.print(schema_note, markup=False)
@@ -156,7 +233,7 @@ def demo(
             return
         seed = seed if seed is not None else random.randrange(1_000_000)
         plan = plan_payments(payments, seed=seed)
-        settings = StormSettings(concurrency=concurrency)
+        settings = replace(_KILL_STORM if kill_workers else StormSettings(), concurrency=concurrency)
         shares = Counter(planned.share for planned in plan)
         console.print(
             f"[bold]idempo demo[/]: {payments} payments (seed {seed}): "
@@ -164,13 +241,27 @@ def demo(
             + f"; {concurrency} at a time; store {_redacted(store_url)}"
             + ("; idempo as `idempo proxy` in front of the API" if use_proxy else "")
         )
-        titles = _TITLES_PROXY if use_proxy else _TITLES
+        if kill_workers:
+            console.print(
+                f"{workers} uvicorn workers on one socket, one SIGKILLed every {kill_every[0]:g}-{kill_every[1]:g} s "
+                f"and restarted; lease {KILL_LEASE:g} s"
+            )
+        titles = _TITLES_KILL if kill_workers else _TITLES_PROXY if use_proxy else _TITLES
         reports: dict[str, RunReport] = {}
-        reports["idempo"] = _run(console, titles["idempo"], workdir, store_url, plan, settings, use_proxy=use_proxy)
-        if bare:
-            reports["bare"] = _run(console, titles["bare"], workdir, None, plan, settings)
+        if kill_workers:
+            rng = random.Random(seed)
+            pool = functools.partial(_worker_pool, workers=workers, kill_every=kill_every, rng=rng)
+            reports["plain"] = _run(console, titles["plain"], workdir, store_url, plan, settings, pool)
+        else:
+            reports["idempo"] = _run(console, titles["idempo"], workdir, store_url, plan, settings, use_proxy=use_proxy)
+            if bare:
+                reports["bare"] = _run(console, titles["bare"], workdir, None, plan, settings)
     _print_report(console, reports, titles)
-    failures = reports["idempo"].check()
+    # The run whose promise decides the exit status: with idempo (in the app or
+    # in front of it), or on the transactional route; the other is there to compare.
+    # Until the transactional column is there, --kill-workers only shows what the plain middleware costs.
+    judged_name = "idempo"
+    failures = reports["idempo"].check() if "idempo" in reports else []
     if json_path is not None:
         document = {
             "payments": payments,
@@ -184,7 +275,7 @@ def demo(
         json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     if failures:
         for failure in failures:
-            console.print(f"[red]{titles['idempo']}: {failure}[/]")
+            console.print(f"[red]{titles[judged_name]}: {failure}[/]")
         raise click.exceptions.Exit(1)
 
 
@@ -251,6 +342,20 @@ def _redacted(url: str) -> str:
 # --- one run: the API in a subprocess, the storm in this process ----------------------------
 
 
+# A server for one run: given the app's database, the store URL and a log path,
+# a context manager yielding the base URL and a probe that names why the API
+# stopped serving (None while it serves) and counts the workers killed.
+_Serve = Callable[[Path, str | None, Path], contextlib.AbstractContextManager[tuple[str, "_Probe"]]]
+
+
+class _Probe:
+    """What the storm's watcher asks a server during a run."""
+
+    def __init__(self, failure: Callable[[], str | None], killed: Callable[[], int] = lambda: 0) -> None:
+        self.failure = failure
+        self.killed = killed
+
+
 def _run(
     console: Console,
     label: str,
@@ -258,23 +363,18 @@ def _run(
     store_url: str | None,
     plan: list[PlannedPayment],
     settings: StormSettings,
+    serve: _Serve | None = None,
+    ledger: Callable[[Path], Ledger] = read_ledger,
     *,
     use_proxy: bool = False,
 ) -> RunReport:
-    """One storm against the API: with idempo in the app (a store URL), in front of it (``use_proxy``), or none."""
-    name = "idempo" if store_url is not None else "bare"
+    """One storm against the API: with idempo in the app (a store URL), in front of it (``use_proxy``), or none;
+    ``serve`` starts the API otherwise (the workers of --kill-workers)."""
+    name = label.replace(" ", "-") if serve is not None else "idempo" if store_url is not None else "bare"
     database = workdir / f"payments-{name}.db"
     log_path = workdir / f"server-{name}.log"
-    proxy_log = workdir / "proxy.log"
-    with contextlib.ExitStack() as servers:
-        # Behind the proxy the app runs without idempo; the proxy holds the store.
-        app_store = None if use_proxy else store_url
-        base_url, process = servers.enter_context(_api_server(database, app_store, log_path))
-        processes = {"the payments API": (process, log_path)}
-        if use_proxy:
-            assert store_url is not None
-            base_url, proxy = servers.enter_context(proxy_server(base_url, store_url, workdir, proxy_log))
-            processes["idempo proxy"] = (proxy, proxy_log)
+    start = serve or functools.partial(_one_server, workdir=workdir, use_proxy=use_proxy)
+    with start(database, store_url, log_path) as (base_url, probe):
         columns = (
             TextColumn("{task.description:<15}"),
             BarColumn(),
@@ -294,25 +394,21 @@ def _run(
                 progress.advance(task)
 
             storm = functools.partial(run_storm, base_url, plan, settings, on_payment=on_payment, on_attempt=on_attempt)
-            watched = [process for process, _ in processes.values()]
-            result = anyio.run(_unless_exited, watched, storm, backend_options=_backend_options())
+            result = anyio.run(_unless_exited, probe, storm, backend_options=_backend_options())
         if result is None:
-            for what, (process, log) in processes.items():
-                if process.poll() is not None:
-                    text = log.read_text(encoding="utf-8", errors="replace")
-                    raise click.ClickException(f"{what} exited with {process.returncode} during the storm:\n{text}")
-            raise click.ClickException("the storm was cancelled")
-    return summarize(result, read_ledger(database))
+            raise click.ClickException(f"{probe.failure()} during the storm")
+        killed = probe.killed()
+    return replace(summarize(result, ledger(database)), workers_killed=killed)
 
 
-async def _unless_exited(processes: list[subprocess.Popen[bytes]], storm: Callable[[], Awaitable[_T]]) -> _T | None:
-    """Run the storm; None as soon as one of the processes exits, rather than retrying against nothing."""
+async def _unless_exited(probe: _Probe, storm: Callable[[], Awaitable[_T]]) -> _T | None:
+    """Run the storm; None as soon as the API stops serving, rather than retrying against nothing."""
     result: _T | None = None
     async with anyio.create_task_group() as group:
 
         async def watch() -> None:
             # A Popen has no awaitable exit; a poll every 0.2 s costs nothing here.
-            while all(process.poll() is None for process in processes):  # noqa: ASYNC110
+            while probe.failure() is None:  # noqa: ASYNC110
                 await anyio.sleep(0.2)
             group.cancel_scope.cancel()
 
@@ -329,6 +425,83 @@ def _backend_options() -> dict[str, Any]:
     except ImportError:
         return {}
     return {"use_uvloop": True}
+
+
+@contextlib.contextmanager
+def _one_server(
+    database: Path, store_url: str | None, log_path: Path, *, workdir: Path, use_proxy: bool = False
+) -> Iterator[tuple[str, _Probe]]:
+    """The API in one subprocess (:func:`_api_server`), behind ``idempo proxy`` with ``use_proxy``.
+
+    Behind the proxy the app runs without idempo and the proxy holds the
+    store. The probe names the first process that exited.
+    """
+    with contextlib.ExitStack() as servers:
+        app_store = None if use_proxy else store_url
+        base_url, process = servers.enter_context(_api_server(database, app_store, log_path))
+        processes = {"the payments API": (process, log_path)}
+        if use_proxy:
+            assert store_url is not None
+            proxy_log = workdir / "proxy.log"
+            base_url, proxy = servers.enter_context(proxy_server(base_url, store_url, workdir, proxy_log))
+            processes["idempo proxy"] = (proxy, proxy_log)
+
+        def failure() -> str | None:
+            for what, (child, log) in processes.items():
+                if child.poll() is not None:
+                    text = log.read_text(encoding="utf-8", errors="replace")
+                    return f"{what} exited with {child.returncode}:\n{text}"
+            return None
+
+        yield base_url, _Probe(failure)
+
+
+@contextlib.contextmanager
+def _worker_pool(
+    database: Path,
+    store_url: str | None,
+    log_path: Path,
+    *,
+    workers: int,
+    kill_every: tuple[float, float],
+    rng: random.Random,
+    options: Sequence[str] = (),
+) -> Iterator[tuple[str, _Probe]]:
+    """The API in ``workers`` uvicorn processes on one socket, one SIGKILLed every ``kill_every`` s while in use.
+
+    ``options`` are added to each worker's command line (``--transactional``).
+    The kill storm starts once every worker serves and stops when the block
+    ends, before the workers are stopped (SIGTERM), so the ledger is read
+    after the last write. The store URL goes in the workers' environment,
+    never on their command lines (see :func:`_api_server`).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    command = [sys.executable, "-m", "idempo.demo._server", "--database", str(database), "--lease", str(KILL_LEASE)]
+    command += options
+    env = {name: value for name, value in os.environ.items() if name != STORE_ENV}
+    if store_url is not None:
+        env[STORE_ENV] = store_url
+    log_dir = log_path.with_suffix("")
+    log_dir.mkdir(exist_ok=True)
+    pool = WorkerPool(sock, command, env, log_dir, count=workers, rng=rng)
+    done = False
+    try:
+        try:
+            pool.start(within=_STARTUP_TIMEOUT)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+        storm = pool.kill_storm(kill_every, until=lambda: done)
+        try:
+            yield base_url, _Probe(lambda: pool.failure, lambda: pool.killed)
+        finally:
+            done = True
+            storm.join()
+    finally:
+        pool.stop()
+        sock.close()
 
 
 @contextlib.contextmanager
@@ -410,17 +583,21 @@ _ROWS: tuple[tuple[str, str], ...] = (
 _BAD_WHEN_POSITIVE = frozenset({"double_charges", "lost", "told_failed_but_charged"})
 
 
-#: The report's column titles, by run: idempo in the app, and idempo as ``idempo proxy`` in front of it.
+#: The report's column titles, by run: idempo in the app, idempo as ``idempo proxy`` in front of it,
+#: and the two runs of --kill-workers.
 _TITLES = {"idempo": "with idempo", "bare": "without idempo"}
 _TITLES_PROXY = {"idempo": "with idempo proxy", "bare": "without idempo"}
+_TITLES_KILL = {"transactional": "transactional", "plain": "plain middleware"}
 
 
 def _print_report(console: Console, reports: dict[str, RunReport], titles: dict[str, str]) -> None:
-    table = Table(title="retry storm", title_justify="left")
+    kills = "plain" in reports or "transactional" in reports
+    table = Table(title="retry storm" + (" while workers are killed" if kills else ""), title_justify="left")
     table.add_column("")
     for name in reports:
         table.add_column(titles[name], justify="right")
-    for label, attribute in _ROWS:
+    rows = (("workers killed", "workers_killed"), *_ROWS) if kills else _ROWS
+    for label, attribute in rows:
         cells = []
         for report in reports.values():
             value = getattr(report, attribute)
@@ -434,6 +611,9 @@ def _print_report(console: Console, reports: dict[str, RunReport], titles: dict[
             kinds = ", ".join(f"{count} x {kind}" for kind, count in report.other_kinds.items())
             console.print(f"other errors {titles[name]}: {kinds}", markup=False)
 
+    if kills:
+        _print_kill_summary(console, reports)
+        return
     with_idempo = reports["idempo"]
     console.print(f"double charges: {with_idempo.double_charges}", markup=False)
     if not with_idempo.check():
@@ -447,6 +627,24 @@ def _print_report(console: Console, reports: dict[str, RunReport], titles: dict[
             f"Without idempo: {bare.double_charges} orders charged more than once, "
             f'{bare.told_failed_but_charged} clients told "failed" although charged, '
             f"{bare.key_reuses - bare.key_reuses_refused} reused keys accepted for another amount."
+        )
+
+
+def _print_kill_summary(console: Console, reports: dict[str, RunReport]) -> None:
+    transactional = reports.get("transactional")
+    if transactional is not None:
+        console.print(f"double charges: {transactional.double_charges}", markup=False)
+        if not transactional.check():
+            console.print(
+                f"[green]Transactional: {transactional.workers_killed} workers killed, {transactional.payments} "
+                f"payments, each charged once, none lost: a kill left both rows and the record, or none.[/]"
+            )
+    plain = reports.get("plain")
+    if plain is not None:
+        console.print(
+            f"Plain middleware: {plain.workers_killed} workers killed, {plain.double_charges} orders charged more "
+            f"than once (a worker killed between the charge and the record's completion: its retry, after the "
+            f"lease, charged again)."
         )
 
 

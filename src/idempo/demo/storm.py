@@ -476,6 +476,7 @@ class RunReport:
         key_reuses: payments whose key was sent again with another amount.
         key_reuses_refused: of those, how many got the 422 mismatch.
         wall_time: seconds from the first request to the last final answer.
+        workers_killed: API workers SIGKILLed during the storm (``idempo demo --kill-workers``).
     """
 
     payments: int
@@ -495,6 +496,7 @@ class RunReport:
     key_reuses_refused: int
     wall_time: float
     other_kinds: dict[str, int] = field(default_factory=dict)
+    workers_killed: int = 0
 
     def check(self) -> list[str]:
         """What breaks idempo's promise in this run; empty when it held.
