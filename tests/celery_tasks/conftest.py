@@ -62,7 +62,8 @@ class Worker:
                 "--loglevel=INFO",
             ],
             cwd=ROOT,
-            env=env,
+            # The worker's hand-off directory (tempfile) goes under the test's own, also when it is SIGKILLed.
+            env={**env, "TMPDIR": str(log.parent)},
             stdout=self._file,
             stderr=subprocess.STDOUT,
         )
