@@ -81,7 +81,7 @@ def charge_or_hold(order_id: str, cents: int, ledger: str, seconds: float = 0.0)
 
 
 #: A lease far longer than the tests wait: a key these tasks leave behind is found only if it is settled.
-LONG_LEASE = 30.0
+LONG_LEASE = 120.0
 
 
 @idempotent_task(app, key="order_id", lease_ttl=LONG_LEASE, exclude=["ledger", "seconds"], time_limit=1)
