@@ -82,6 +82,8 @@ PUBLIC_API: dict[str, list[str]] = {
         "idempotency_required",
     ],
     "idempo.exceptions": [
+        "CommitFailed",
+        "CommitUnknown",
         "ConfigurationError",
         "FingerprintMismatch",
         "IdempoError",
@@ -94,6 +96,10 @@ PUBLIC_API: dict[str, list[str]] = {
         "ResultNotReplayable",
         "StoreError",
         "StoreUnavailable",
+        "TransactionClosed",
+        "TransactionConflict",
+        "TransactionControlled",
+        "TransactionError",
     ],
     "idempo.fastapi": ["Idempotency", "document", "idempotency", "idempotency_exempt", "install"],
     "idempo.faults": [
@@ -209,7 +215,16 @@ PUBLIC_API: dict[str, list[str]] = {
     "idempo.stores.memory": ["SWEEP_PER_CALL", "AsyncMemoryStore", "MemoryStore"],
     "idempo.stores.postgres": ["SCHEMA_VERSION", "AsyncPostgresStore", "PostgresStore", "migrations"],
     "idempo.stores.redis": ["AsyncRedisStore", "RedisStore"],
-    "idempo.stores.sqlite": ["AsyncSQLiteStore", "SQLiteStore"],
+    "idempo.stores.sqlite": ["AsyncSQLiteStore", "SQLiteConnection", "SQLiteStore"],
+    "idempo.transactional": [
+        "FINALIZE_TIMEOUT",
+        "AsyncTransaction",
+        "AsyncTransactor",
+        "Outcome",
+        "SQLiteConnection",
+        "Transaction",
+        "Transactor",
+    ],
     "idempo.testing": [
         "FAULT_POINTS",
         "LONG_MS",

@@ -223,6 +223,7 @@ CORE = [
     "idempo.stores.memory",
     "idempo.stores.sqlite",
     "idempo.testing",
+    "idempo.transactional",
     "idempo.typing",
     "idempo.wsgi",
 ]

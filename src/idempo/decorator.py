@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import random
+import time
 import types
 import typing
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -48,9 +50,12 @@ from types import MappingProxyType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 from uuid import UUID
 
+import anyio
+
 from ._core.policy import Policy, Verdict
 from ._engine.calls import Engine, async_store, canonical_form, key_text, record_key, scope_of, sync_store
-from .exceptions import ConfigurationError, MissingKey
+from ._engine.transaction import transactor_of
+from .exceptions import ConfigurationError, MissingKey, TransactionConflict
 from .observability._observation import logger
 from .secrets import SecretSource
 from .serializers import JSONSerializer, PickleSerializer, Serializer, check_return_type, fingerprint_form
@@ -259,6 +264,7 @@ def idempotent(
     fail_open: bool = False,
     on_takeover: Literal["execute", "hold"] = "execute",
     secret: str | bytes | None = None,
+    transactional: bool = False,
 ) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """Make a sync or async function run at most once per idempotency key.
 
@@ -322,6 +328,18 @@ def idempotent(
         secret: the server secret the record keys and fingerprints are keyed
             with (HMAC-SHA256, at least 16 bytes); default ``$IDEMPO_SECRET``,
             else a random one kept in the store (see :mod:`idempo.secrets`).
+        transactional: run the function inside a transaction on the store's
+            own database (a store built by ``PostgresStore.from_pool`` /
+            ``from_engine``, or an SQLite store on the app's file): it gets the
+            transaction as the keyword argument ``tx``
+            (:class:`~idempo.transactional.Transaction`, or
+            :class:`~idempo.transactional.AsyncTransaction` for an async
+            function), not part of the fingerprint; the record completes as
+            that transaction's last statement, so its writes commit if and
+            only if the result is stored (DESIGN guarantee 6). A transaction
+            the database aborts to resolve a conflict (40001, 40P01, 55P03) is
+            run again in process up to 3 more times, jittered, then raises
+            :class:`~idempo.exceptions.TransactionConflict`.
 
     Returns:
         A decorator; the decorated function raises, besides what the
@@ -374,6 +392,11 @@ def idempotent(
         name = scope if scope is not None else scope_of(fn)
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
             raise ConfigurationError(f"{name}: @idempotent cannot store a generator's results")
+        if transactional:
+            wrapped: Callable[P, T] = _transactional(
+                fn, name, store, key, fingerprint, exclude, policy, chosen_serializer, secrets
+            )
+            return wrapped
         binder = _Binder(fn, name, key, fingerprint, exclude, policy.require_key)
         return_type = _return_annotation(fn, name, chosen_serializer)
         engine = Engine(name, policy, chosen_serializer, return_type, secrets)
@@ -408,3 +431,97 @@ def idempotent(
         return wrapper
 
     return decorate
+
+
+# A transaction the database aborted to resolve a conflict is run again this many more times.
+_CONFLICT_RETRIES = 3
+# Seconds of the first retry's delay (doubled each time, full jitter).
+_CONFLICT_DELAY = 0.02
+
+
+def _conflict_delay(attempt: int) -> float:
+    return random.uniform(0, _CONFLICT_DELAY * (2**attempt))
+
+
+def _transactional(
+    fn: Callable[..., Any],
+    name: str,
+    store: Store | AsyncStore | str,
+    key: str | KeyFunction,
+    fingerprint: Collection[str] | Callable[[Arguments], Any] | None,
+    exclude: Collection[str],
+    policy: Policy,
+    serializer: Serializer,
+    secrets: SecretSource,
+) -> Any:
+    """``@idempotent(transactional=True)``: the function gets ``tx`` and its record completes inside it."""
+    if "tx" not in inspect.signature(fn).parameters:
+        raise ConfigurationError(f"{name}: a transactional function takes the transaction as a parameter named tx")
+    binder = _Binder(fn, name, key, fingerprint, (*exclude, "tx"), policy.require_key)
+    return_type = _return_annotation(fn, name, serializer)
+    engine = Engine(name, policy, serializer, return_type, secrets)
+
+    def identify(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, bytes]:
+        if "tx" in kwargs:
+            raise TypeError(f"{name}: tx is given by idempo, not by the caller")
+        identity = binder.identify(args, {**kwargs, "tx": None})
+        if identity is None:
+            raise MissingKey(f"{name} is transactional: every call needs an idempotency key")
+        return_type()
+        return identity
+
+    if inspect.iscoroutinefunction(fn):
+        a_store = async_store(store, name)
+        _require_transactor(a_store, name)
+
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            identity = identify(args, kwargs)
+
+            async def call(tx: Any) -> Any:
+                return await fn(*args, **kwargs, tx=tx)
+
+            for attempt in range(_CONFLICT_RETRIES + 1):
+                try:
+                    result, _ = await engine.run_async(a_store, *identity, call, transactional=True)
+                except TransactionConflict:
+                    if attempt == _CONFLICT_RETRIES:
+                        raise
+                    await anyio.sleep(_conflict_delay(attempt))
+                else:
+                    return result
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        return async_wrapper
+
+    s_store = sync_store(store, name)
+    _require_transactor(s_store, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        identity = identify(args, kwargs)
+
+        def call(tx: Any) -> Any:
+            return fn(*args, **kwargs, tx=tx)
+
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            try:
+                result, _ = engine.run_sync(s_store, *identity, call, transactional=True)
+            except TransactionConflict:
+                if attempt == _CONFLICT_RETRIES:
+                    raise
+                time.sleep(_conflict_delay(attempt))
+            else:
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
+
+
+def _require_transactor(store: object, name: str) -> None:
+    if transactor_of(store) is None:
+        raise ConfigurationError(
+            f"{name}: transactional=True needs a store on the application's own database: "
+            "PostgresStore.from_pool(pool) / from_engine(engine), or an SQLite store on the app's file; "
+            f"{type(store).__name__} cannot commit with the function's writes"
+        )

@@ -27,6 +27,8 @@ what happened.
 from __future__ import annotations
 
 __all__ = [
+    "CommitFailed",
+    "CommitUnknown",
     "ConfigurationError",
     "FingerprintMismatch",
     "IdempoError",
@@ -39,6 +41,10 @@ __all__ = [
     "ResultNotReplayable",
     "StoreError",
     "StoreUnavailable",
+    "TransactionClosed",
+    "TransactionConflict",
+    "TransactionControlled",
+    "TransactionError",
 ]
 
 
@@ -146,3 +152,51 @@ class StoreError(IdempoError):
 
 class StoreUnavailable(StoreError):
     """The store could not be reached (connection refused, reset or timed out)."""
+
+
+class TransactionError(IdempoError):
+    """A transactional execution's transaction did not commit; the record was released (a retry executes).
+
+    The handler's writes were rolled back with it (DESIGN "transactional route").
+    """
+
+
+class TransactionConflict(TransactionError):
+    """The database aborted the transaction to resolve a conflict: a serialization failure (SQLSTATE
+    40001), a deadlock (40P01), a lock not available (55P03), or SQLite's write lock busy past its timeout.
+
+    Nothing of the attempt remains; running it again is safe. ``@idempotent(transactional=True)``
+    retries it in process (``Policy``-independent: 3 attempts, jittered); an HTTP route answers
+    503 ``transaction-conflict`` with ``Retry-After``.
+
+    Attributes:
+        retry_after: seconds (int) a client should wait before retrying.
+    """
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CommitFailed(TransactionError):
+    """COMMIT (or the record's completion) failed for a definite reason other than a conflict,
+    such as a deferred constraint; the transaction rolled back. An HTTP route answers 500."""
+
+
+class CommitUnknown(TransactionError):
+    """The connection was lost during COMMIT and the record, read again on a fresh connection, does not
+    hold this execution's result: the lease was released (fenced by its token) and a retry executes.
+    An HTTP route answers 503 ``commit-unknown`` with ``Retry-After``."""
+
+
+class TransactionControlled(IdempoError):
+    """idempo controls this transaction: the handler may not commit, roll back or close its connection.
+
+    The record's completion is the transaction's last statement; idempo commits it
+    (or rolls it back) once the handler returned. Use a savepoint for a partial rollback.
+    """
+
+
+class TransactionClosed(IdempoError):
+    """The transaction was already committed or rolled back (it is used after the handler returned,
+    e.g. from a background task)."""

@@ -54,6 +54,23 @@ RESPONSE_NOT_REPLAYABLE = Problem(
     410, "response-not-replayable", "The first answer for this Idempotency-Key was not kept"
 )
 STORE_UNAVAILABLE = Problem(503, "store-unavailable", "Idempotency store is unavailable")
+#: A transactional route's transaction was aborted by the database to resolve a
+#: conflict (40001, 40P01, 55P03): nothing was written, a retry executes. 503, never
+#: 409 (409 means "in progress" in idempo's contract).
+TRANSACTION_CONFLICT = Problem(
+    503, "transaction-conflict", "The transaction conflicted with another and was rolled back"
+)
+#: The connection was lost during COMMIT and the record shows it did not commit.
+COMMIT_UNKNOWN = Problem(503, "commit-unknown", "The transaction's outcome could not be confirmed; nothing was kept")
+#: COMMIT failed for a definite reason (a deferred constraint): rolled back.
+COMMIT_FAILED = Problem(500, "commit-failed", "The transaction could not be committed and was rolled back")
+#: The response of a transactional route is larger than ``max_response_body``: it cannot be
+#: buffered until COMMIT, so the transaction rolled back.
+TRANSACTIONAL_RESPONSE_TOO_LARGE = Problem(
+    500, "transactional-response-too-large", "The response is too large to hold until the transaction commits"
+)
+#: The lease was taken over while the handler ran: its transaction rolled back.
+LEASE_LOST = Problem(409, "lease-lost", "Another request took this Idempotency-Key over; this attempt rolled back")
 
 
 def problem_response(

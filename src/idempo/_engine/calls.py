@@ -225,12 +225,20 @@ class Engine:
         return response, None, None
 
     def steps(
-        self, store: object, key: str, form: bytes | None, call: Callable[[], Any]
+        self, store: object, key: str, form: bytes | None, call: Callable[..., Any], transactional: bool = False
     ) -> Generator[Command, Any, tuple[Any, bool]]:
         """Run ``call`` at most once for ``key``: the step generator behind :meth:`run_sync` and :meth:`run_async`.
 
         Yields the commands of :mod:`idempo._engine.commands`; ``call`` is
         carried out by the driver (``call()``, or ``await call()``).
+        ``transactional``: ``call`` takes the execution's transaction
+        (:mod:`idempo._engine.transaction`), opened before it runs; the record
+        completes inside it and it commits before the result is returned.
+
+        Raises:
+            TransactionConflict, CommitFailed, CommitUnknown, TransactionError:
+                (transactional) the transaction did not commit; nothing of the
+                call remains and the record was released.
         """
         # The scope is the call's route label.
         observation: RequestObservation = yield Observe("decorator", "CALL", self.scope, self.scope)
@@ -262,12 +270,17 @@ class Engine:
             observation.handler_started()
             try:
                 try:
+                    if transactional:
+                        tx = yield Call(execution.transaction)
+                        call = functools.partial(call, tx)
                     result = yield Call(call)
                 finally:
                     observation.handler_finished(None)
                 response, verdict, error = self.settlement(result)
                 reason = "unserialisable result" if error is not None else None
                 yield Call(functools.partial(execution.settle, response, verdict, reason))
+                if transactional and error is None:
+                    error = execution.call_error()
             except BaseException as exc:
                 # The call's exception settles by its verdict; a crash (KeyboardInterrupt,
                 # SystemExit, cancellation) settles nothing: the side effect may be half
@@ -282,7 +295,9 @@ class Engine:
         finally:
             observation.finish()
 
-    def run_sync(self, store: Store, key: str, form: bytes | None, call: Callable[[], T]) -> tuple[T, bool]:
+    def run_sync(
+        self, store: Store, key: str, form: bytes | None, call: Callable[..., T], transactional: bool = False
+    ) -> tuple[T, bool]:
         """Run ``call`` at most once for ``key``; return (result, replayed).
 
         ``form`` is what the fingerprint is the keyed digest of (:func:`canonical_form`).
@@ -293,14 +308,21 @@ class Engine:
             ConfigurationError: the result cannot be serialised (the key is held).
             Whatever ``call`` raises, unchanged, after the record is released or held.
         """
-        result: tuple[T, bool] = drive_sync(self.steps(store, key, form, call), store, decided=False)
+        steps = self.steps(store, key, form, call, transactional)
+        result: tuple[T, bool] = drive_sync(steps, store, decided=False)
         return result
 
     async def run_async(
-        self, store: AsyncStore, key: str, form: bytes | None, call: Callable[[], Awaitable[T]]
+        self,
+        store: AsyncStore,
+        key: str,
+        form: bytes | None,
+        call: Callable[..., Awaitable[T]],
+        transactional: bool = False,
     ) -> tuple[T, bool]:
         """The async twin of :meth:`run_sync`: the same steps, driven against an async store."""
-        result: tuple[T, bool] = await drive_async(self.steps(store, key, form, call), store, decided=False)
+        steps = self.steps(store, key, form, call, transactional)
+        result: tuple[T, bool] = await drive_async(steps, store, decided=False)
         return result
 
 

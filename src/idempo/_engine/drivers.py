@@ -23,8 +23,8 @@ from .._core.flow import Begin, Complete, Decision, Extend, Get, Release, Sleep
 from ..observability._observation import RequestObservation, observe_request, store_call_async, store_call_sync
 from ..typing import AsyncStore, Store
 from .commands import Call, Command, Lease, LegacyWindow, LoadDigests, Observe, Offload
-from .execution import AsyncExecution, Execution
 from .store import settle_once_async, settle_once_sync
+from .transaction import AsyncTransactionalExecution, TransactionalExecution, transactor_of
 
 __all__ = ["drive_async", "drive_sync"]
 
@@ -64,7 +64,7 @@ def drive_sync(
             elif kind is Observe:
                 value = observation = observe_request(command.front, command.method, command.route, command.path)
             elif kind is Lease:
-                value = Execution(store, command.policy, command.record_key, command.token, command.observation)
+                value = _execution(store, command)
             else:
                 value = _carry_out_sync(command, store, observation)
             resume = flow.send
@@ -101,12 +101,27 @@ async def drive_async(
             elif kind is Observe:
                 value = observation = observe_request(command.front, command.method, command.route, command.path)
             elif kind is Lease:
-                value = AsyncExecution(store, command.policy, command.record_key, command.token, command.observation)
+                value = _async_execution(store, command)
             else:
                 value = await _carry_out_async(command, store, observation)
             resume = flow.send
         except BaseException as exc:  # the generator decides what it means
             value, resume = exc, flow.throw
+
+
+def _execution(store: Store, lease: Lease) -> TransactionalExecution:
+    """The execution of a leased request: it opens a transaction only if the handler asks for one
+    (with the store's transactor, or a front's own such as Django's)."""
+    transactor = transactor_of(store)
+    return TransactionalExecution(store, lease.policy, lease.record_key, lease.token, lease.observation, transactor)
+
+
+def _async_execution(store: AsyncStore, lease: Lease) -> AsyncTransactionalExecution:
+    """The async twin of :func:`_execution`."""
+    transactor = transactor_of(store)
+    return AsyncTransactionalExecution(
+        store, lease.policy, lease.record_key, lease.token, lease.observation, transactor
+    )
 
 
 def _carry_out_sync(command: Command, store: Store, observation: RequestObservation | None) -> Any:

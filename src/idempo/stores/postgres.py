@@ -71,6 +71,7 @@ from psycopg.abc import PQGen
 
 from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
 from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
+from ..observability._observation import logger
 from ._base import (
     DEFAULT_DEADLINE,
     IN_PROGRESS_GRACE,
@@ -397,14 +398,33 @@ class _Rows(NamedTuple):
 
 
 _Steps = Generator[_Statement, _Rows, _RV]
+#: Statement text -> the text to run instead (see :func:`_qualified`).
+_Rewrite = dict[Any, Any]
 
 
-def _run_steps(conn: psycopg.Connection[Any], steps: _Steps[_RV]) -> _RV:
-    """Run a call's statements on a blocking connection and return its result (psycopg's errors as they come)."""
+def _qualified(schema: str) -> _Rewrite:
+    """Every query of ``queries.sql`` with idempo's tables qualified by ``schema``.
+
+    The store's own connections set ``search_path``; a connection of the
+    application's pool keeps the application's, so its statements name the
+    schema instead (no extra round trip, and the handler's own search_path is untouched).
+    """
+    quoted = sql.Identifier(schema).as_string()
+    table = re.compile(r"\b(idempo_records|idempo_schema_version)\b")
+    return {text: table.sub(lambda m: f"{quoted}.{m.group(1)}", text) for text in _Q.values()}
+
+
+def _run_steps(conn: psycopg.Connection[Any], steps: _Steps[_RV], rewrite: _Rewrite | None = None) -> _RV:
+    """Run a call's statements on a blocking connection and return its result (psycopg's errors as they come).
+
+    ``rewrite`` maps a statement's text to the text to run (its tables
+    qualified by the schema, on a connection of the application's own).
+    """
     try:
         statement = next(steps)
         while True:
-            cursor = conn.execute(statement.query, statement.params, binary=statement.binary, prepare=statement.prepare)
+            query = statement.query if rewrite is None else rewrite.get(statement.query, statement.query)
+            cursor = conn.execute(query, statement.params, binary=statement.binary, prepare=statement.prepare)
             # rownumber, not description: description builds a Column per column on each read.
             statement = steps.send(_Rows(cursor.rowcount, None if cursor.rownumber is None else cursor.fetchone()))
     except StopIteration as done:
@@ -412,14 +432,13 @@ def _run_steps(conn: psycopg.Connection[Any], steps: _Steps[_RV]) -> _RV:
         return result
 
 
-async def _arun_steps(conn: psycopg.AsyncConnection[Any], steps: _Steps[_RV]) -> _RV:
+async def _arun_steps(conn: psycopg.AsyncConnection[Any], steps: _Steps[_RV], rewrite: _Rewrite | None = None) -> _RV:
     """The async twin of :func:`_run_steps`."""
     try:
         statement = next(steps)
         while True:
-            cursor = await conn.execute(
-                statement.query, statement.params, binary=statement.binary, prepare=statement.prepare
-            )
+            query = statement.query if rewrite is None else rewrite.get(statement.query, statement.query)
+            cursor = await conn.execute(query, statement.params, binary=statement.binary, prepare=statement.prepare)
             statement = steps.send(
                 _Rows(cursor.rowcount, None if cursor.rownumber is None else await cursor.fetchone())
             )
@@ -490,11 +509,17 @@ def _schema_version() -> _Steps[tuple[Any, ...] | None]:
     return (yield _Statement(_Q["schema_version"], prepare=False)).row
 
 
-def _create_schema(schema: str) -> _Steps[list[int]]:
-    """Run in one transaction: create the schema, or upgrade it; return the versions applied."""
+def _create_schema(schema: str, set_path: bool = False) -> _Steps[list[int]]:
+    """Run in one transaction: create the schema, or upgrade it; return the versions applied.
+
+    ``set_path``: on a connection of the application's (whose search_path is
+    its own), the schema's DDL runs under ``SET LOCAL search_path``.
+    """
     yield _maintenance()
     yield _Statement(_Q["migration_lock"], {"schema": schema}, prepare=False)
     yield _Statement(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)), prepare=False)
+    if set_path:
+        yield _Statement(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)), prepare=False)
     row = (yield _Statement(_Q["version_table_exists"], prepare=False)).row
     current = None
     if row is not None and row[0]:
@@ -551,6 +576,21 @@ class _PostgresBase:
         self._checked = not check_schema
         self._open = False  # open() succeeded
         self._closed = False
+        #: True when the store runs on the application's own pool (from_pool): its
+        #: connections are the app's (no search_path, maybe not autocommit), and
+        #: the pool is the app's to open and close.
+        self._app_pool = False
+        self._rewrite: _Rewrite | None = None
+        #: How a transactional execution drives this database (see
+        #: idempo._engine.transaction); None for a store built from a URL.
+        self.transactor: Any = None
+
+    def _bind(self, pool: Any) -> None:
+        """Run on the application's pool: statements qualified by the schema, the pool left to the app."""
+        self._app_pool = True
+        self._pool = pool
+        self._rewrite = _qualified(self.schema)
+        self.url = f"postgresql://(pool {getattr(pool, 'name', '?')})/?schema={self.schema}"
 
     def _limits(self, deadline: float | None) -> tuple[float, float]:
         """(seconds the pool wait may take, monotonic end of the call) for a call starting now."""
@@ -616,7 +656,45 @@ class PostgresStore(_PostgresBase):
         ConfigurationError: a malformed URL, schema name or deadline.
     """
 
-    _pool: psycopg_pool.ConnectionPool[_BoundedConnection] | None = None
+    _pool: psycopg_pool.ConnectionPool[Any] | None = None
+
+    @classmethod
+    def from_pool(
+        cls,
+        pool: psycopg_pool.ConnectionPool[Any],
+        *,
+        schema: str = "public",
+        deadline: float | timedelta = DEFAULT_DEADLINE,
+        check_schema: bool = True,
+    ) -> PostgresStore:
+        """A store on the application's own psycopg_pool, for transactional mode.
+
+        Records live in ``schema`` of the pool's database (``idempo migrate``
+        creates it), so a transactional handler's writes and the record's
+        completion commit in one transaction (DESIGN "transactional route").
+        Every store call checks a connection out of ``pool`` for one statement
+        (in a transaction of its own when the pool's connections are not in
+        autocommit mode); a transactional execution holds one for the
+        handler's transaction. Size the pool for both. The pool is the
+        application's: open it before the app starts; :meth:`close` leaves it open.
+
+        Args:
+            pool: an open (or to be opened) ``psycopg_pool.ConnectionPool``.
+            schema: the schema holding idempo's tables (a plain identifier);
+                statements name it, the connections' ``search_path`` is untouched.
+            deadline: seconds (or a timedelta) a call may wait for a pooled
+                connection before StoreUnavailable (default 2). The statements
+                themselves are bounded by the server's settings only
+                (``statement_timeout``, ``idle_in_transaction_session_timeout``).
+            check_schema: as in the constructor.
+
+        Raises:
+            ConfigurationError: a schema name that is not a plain identifier.
+        """
+        store = cls("postgresql://", schema=schema, deadline=deadline, check_schema=check_schema)
+        store._bind(pool)
+        store.transactor = _PgTransactor(store)
+        return store
 
     def open(self) -> None:
         """Check the server and the schema version now, over a connection of its own.
@@ -640,6 +718,15 @@ class PostgresStore(_PostgresBase):
         if self._closed:
             raise closed(self.url)
         settings = self._settings
+        if self._app_pool:
+            assert self._pool is not None
+            try:
+                with self._pool.connection(timeout=settings.deadline) as conn, conn.transaction():
+                    return _run_steps(conn, _schema_version(), self._rewrite)
+            except psycopg_pool.PoolClosed as exc:
+                raise ConfigurationError(f"{self.url}: the application's pool is not open ({exc})") from exc
+            except psycopg.Error as exc:
+                return self._probe_failed(exc)
         try:
             with _BoundedConnection.connect(settings.conninfo, **settings.probe_arguments()) as conn:
                 conn.deadline = monotonic() + settings.deadline
@@ -672,9 +759,17 @@ class PostgresStore(_PostgresBase):
                     raise _no_connection(self._settings, exc) from exc
                 conn.deadline = ends
                 try:
-                    if not self._checked:
-                        self._check_on(conn)
-                    yield conn
+                    if self._app_pool:
+                        # The app's connection: one transaction per call (committed, or
+                        # rolled back on an error), whatever its autocommit setting.
+                        with conn.transaction():
+                            if not self._checked:
+                                self._check_on(conn)
+                            yield conn
+                    else:
+                        if not self._checked:
+                            self._check_on(conn)
+                        yield conn
                 except psycopg.OperationalError:
                     conn.close()  # mid-statement or broken: never reused
                     raise
@@ -693,7 +788,7 @@ class PostgresStore(_PostgresBase):
     def _check_on(self, conn: _BoundedConnection) -> None:
         """The schema check open() did not make, on the first call's connection, within its deadline."""
         try:
-            row = _run_steps(conn, _schema_version())
+            row = _run_steps(conn, _schema_version(), self._rewrite)
         except psycopg.errors.UndefinedTable:
             row = None  # no idempo tables
         self._checked_on_first_use(row)
@@ -701,7 +796,7 @@ class PostgresStore(_PostgresBase):
     def _run(self, steps: _Steps[_RV]) -> _RV:
         """Run one call's statements on a pooled connection."""
         with self._connection() as conn:
-            return _run_steps(conn, steps)
+            return _run_steps(conn, steps, self._rewrite)
 
     def check_schema(self) -> int:
         """Return the schema version found.
@@ -732,7 +827,7 @@ class PostgresStore(_PostgresBase):
         self._probe()
         self._checked = True  # nothing to check before the schema exists
         with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
-            return _run_steps(conn, _create_schema(self.schema))
+            return _run_steps(conn, _create_schema(self.schema, self._app_pool))
 
     def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
@@ -767,14 +862,14 @@ class PostgresStore(_PostgresBase):
         Maintenance: it may take up to 300 s, not the store's deadline.
         """
         with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
-            return _run_steps(conn, _stats())
+            return _run_steps(conn, _stats(), self._rewrite)
 
     def close(self) -> None:
         """Close the connection pool; any later call raises StoreError. Calling it again does nothing."""
         with _POOL_LOCK:
             self._closed, self._open = True, False
             pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is not None and not self._app_pool:
             pool.close()
 
 
@@ -791,7 +886,22 @@ class AsyncPostgresStore(_PostgresBase):
         ConfigurationError: a malformed URL, schema name or deadline.
     """
 
-    _pool: psycopg_pool.AsyncConnectionPool[_AsyncBoundedConnection] | None = None
+    _pool: psycopg_pool.AsyncConnectionPool[Any] | None = None
+
+    @classmethod
+    def from_pool(
+        cls,
+        pool: psycopg_pool.AsyncConnectionPool[Any],
+        *,
+        schema: str = "public",
+        deadline: float | timedelta = DEFAULT_DEADLINE,
+        check_schema: bool = True,
+    ) -> AsyncPostgresStore:
+        """See :meth:`PostgresStore.from_pool` (an ``AsyncConnectionPool``, opened by the app)."""
+        store = cls("postgresql://", schema=schema, deadline=deadline, check_schema=check_schema)
+        store._bind(pool)
+        store.transactor = _AsyncPgTransactor(store)
+        return store
 
     async def open(self) -> None:
         """See :meth:`PostgresStore.open`."""
@@ -803,6 +913,15 @@ class AsyncPostgresStore(_PostgresBase):
         if self._closed:
             raise closed(self.url)
         settings = self._settings
+        if self._app_pool:
+            assert self._pool is not None
+            try:
+                async with self._pool.connection(timeout=settings.deadline) as pooled, pooled.transaction():
+                    return await _arun_steps(pooled, _schema_version(), self._rewrite)
+            except psycopg_pool.PoolClosed as exc:
+                raise ConfigurationError(f"{self.url}: the application's pool is not open ({exc})") from exc
+            except psycopg.Error as exc:
+                return self._probe_failed(exc)
         try:
             conn = await _AsyncBoundedConnection.connect(settings.conninfo, **settings.probe_arguments())
             async with conn:
@@ -834,9 +953,15 @@ class AsyncPostgresStore(_PostgresBase):
                     raise _no_connection(self._settings, exc) from exc
                 conn.deadline = ends
                 try:
-                    if not self._checked:
-                        await self._check_on(conn)
-                    yield conn
+                    if self._app_pool:
+                        async with conn.transaction():  # see PostgresStore._connection
+                            if not self._checked:
+                                await self._check_on(conn)
+                            yield conn
+                    else:
+                        if not self._checked:
+                            await self._check_on(conn)
+                        yield conn
                 except psycopg.OperationalError:
                     await conn.close()  # mid-statement or broken: never reused
                     raise
@@ -852,7 +977,7 @@ class AsyncPostgresStore(_PostgresBase):
     async def _check_on(self, conn: _AsyncBoundedConnection) -> None:
         """See :meth:`PostgresStore._check_on`."""
         try:
-            row = await _arun_steps(conn, _schema_version())
+            row = await _arun_steps(conn, _schema_version(), self._rewrite)
         except psycopg.errors.UndefinedTable:
             row = None
         self._checked_on_first_use(row)
@@ -860,7 +985,7 @@ class AsyncPostgresStore(_PostgresBase):
     async def _run(self, steps: _Steps[_RV]) -> _RV:
         """See :meth:`PostgresStore._run`."""
         async with self._connection() as conn:
-            return await _arun_steps(conn, steps)
+            return await _arun_steps(conn, steps, self._rewrite)
 
     async def check_schema(self) -> int:
         """See :meth:`PostgresStore.check_schema`."""
@@ -875,7 +1000,7 @@ class AsyncPostgresStore(_PostgresBase):
         await self._probe()
         self._checked = True  # nothing to check before the schema exists
         async with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
-            return await _arun_steps(conn, _create_schema(self.schema))
+            return await _arun_steps(conn, _create_schema(self.schema, self._app_pool))
 
     async def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
@@ -905,11 +1030,197 @@ class AsyncPostgresStore(_PostgresBase):
     async def stats(self) -> StoreStats:
         """See :meth:`PostgresStore.stats`."""
         async with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
-            return await _arun_steps(conn, _stats())
+            return await _arun_steps(conn, _stats(), self._rewrite)
 
     async def aclose(self) -> None:
         """See :meth:`PostgresStore.close`."""
         self._closed, self._open = True, False
         pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is not None and not self._app_pool:
             await pool.close()
+
+
+# --- transactional mode: driving the application's own connections -----------------------
+
+# SQLSTATEs of a transaction the server aborted to resolve a conflict; running it
+# again is safe: serialization_failure, deadlock_detected, lock_not_available.
+_CONFLICTS = frozenset({"40001", "40P01", "55P03"})
+# The server going away: admin_shutdown, crash_shutdown, cannot_connect_now.
+_GONE = frozenset({"57P01", "57P02", "57P03"})
+
+
+def _kind(exc: BaseException) -> str:
+    """A failure's kind for :mod:`idempo._engine.transaction`: conflict, lost (the connection) or failed."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate in _CONFLICTS:
+        return "conflict"
+    if isinstance(exc, psycopg.InterfaceError) or sqlstate in _GONE or (sqlstate or "").startswith("08"):
+        return "lost"
+    if isinstance(exc, psycopg.OperationalError) and sqlstate is None:
+        return "lost"  # libpq's own: the server closed the connection, the socket failed
+    if isinstance(exc, StoreError):
+        return "lost" if isinstance(exc, StoreUnavailable) else "failed"
+    return "failed"
+
+
+def _settle_steps(command: Any) -> _Steps[None]:
+    """The statement of a settling command (a complete or a release) as the store runs it."""
+    if hasattr(command, "response"):
+        return _complete(command.record_key, command.token, command.response, command.record_ttl_ms)
+    return _fenced("release", {"record_key": command.record_key, "token": command.token})
+
+
+class _PgHandle(NamedTuple):
+    """One transactional execution's connection and its psycopg transaction."""
+
+    conn: Any
+    tx: Any
+
+
+class _PgTransactor:
+    """Drives transactional executions on the application's pool (see idempo._engine.transaction.Transactor).
+
+    The handler gets the connection inside a ``psycopg.Transaction``: psycopg
+    refuses an explicit ``commit()`` there, and its nested ``transaction()``
+    blocks are savepoints.
+    """
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    def open(self) -> _PgHandle:
+        store = self._store
+        pool = store._pool
+        if pool is None:
+            raise closed(store.url)
+        try:
+            conn = pool.getconn(timeout=store.deadline)
+        except psycopg_pool.PoolTimeout as exc:
+            raise StoreUnavailable(f"no connection of the application's pool within {store.deadline:g} s") from exc
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            tx = psycopg.Transaction(conn)
+            tx.__enter__()
+        except psycopg.Error as exc:
+            pool.putconn(conn)
+            raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
+        return _PgHandle(conn, tx)
+
+    def connection(self, h: _PgHandle) -> Any:
+        return h.conn
+
+    def session(self, h: _PgHandle) -> Any:
+        return None
+
+    def fault_connection(self, h: _PgHandle) -> Any:
+        return h.conn
+
+    def kind(self, exc: BaseException) -> str:
+        return _kind(exc)
+
+    def run(self, h: _PgHandle, command: Any, *, in_transaction: bool) -> None:
+        if in_transaction:
+            _run_steps(h.conn, _settle_steps(command), self._store._rewrite)
+        else:
+            with h.conn.transaction():
+                _run_steps(h.conn, _settle_steps(command), self._store._rewrite)
+
+    def commit(self, h: _PgHandle) -> None:
+        h.tx.__exit__(None, None, None)
+
+    def rollback(self, h: _PgHandle) -> None:
+        if h.tx.status == psycopg.Transaction.Status.ACTIVE:
+            rollback = psycopg.Rollback(h.tx)
+            h.tx.__exit__(psycopg.Rollback, rollback, None)  # errors are logged by psycopg, not raised
+        elif h.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            h.conn.rollback()
+        if h.conn.broken or h.conn.closed:
+            raise psycopg.OperationalError("the connection broke during ROLLBACK")
+
+    def close(self, h: _PgHandle, *, broken: bool) -> None:
+        pool = self._store._pool
+        try:
+            if broken or h.conn.broken:
+                h.conn.close()
+            if pool is not None:
+                pool.putconn(h.conn)  # a transaction left open is rolled back by the pool
+            else:
+                h.conn.close()
+        except Exception:
+            logger.exception("idempo: giving back a transaction's connection failed")
+
+    def resolve(self, record_key: str) -> Record | None:
+        return self._store.get(record_key)
+
+
+class _AsyncPgTransactor:
+    """The async twin of :class:`_PgTransactor` (see idempo._engine.transaction.AsyncTransactor)."""
+
+    def __init__(self, store: AsyncPostgresStore) -> None:
+        self._store = store
+
+    async def open(self) -> _PgHandle:
+        store = self._store
+        pool = store._pool
+        if pool is None:
+            raise closed(store.url)
+        try:
+            conn = await pool.getconn(timeout=store.deadline)
+        except psycopg_pool.PoolTimeout as exc:
+            raise StoreUnavailable(f"no connection of the application's pool within {store.deadline:g} s") from exc
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            tx = psycopg.AsyncTransaction(conn)
+            await tx.__aenter__()
+        except psycopg.Error as exc:
+            await pool.putconn(conn)
+            raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
+        return _PgHandle(conn, tx)
+
+    def connection(self, h: _PgHandle) -> Any:
+        return h.conn
+
+    def session(self, h: _PgHandle) -> Any:
+        return None
+
+    def fault_connection(self, h: _PgHandle) -> Any:
+        return h.conn
+
+    def kind(self, exc: BaseException) -> str:
+        return _kind(exc)
+
+    async def run(self, h: _PgHandle, command: Any, *, in_transaction: bool) -> None:
+        if in_transaction:
+            await _arun_steps(h.conn, _settle_steps(command), self._store._rewrite)
+        else:
+            async with h.conn.transaction():
+                await _arun_steps(h.conn, _settle_steps(command), self._store._rewrite)
+
+    async def commit(self, h: _PgHandle) -> None:
+        await h.tx.__aexit__(None, None, None)
+
+    async def rollback(self, h: _PgHandle) -> None:
+        if h.tx.status == psycopg.AsyncTransaction.Status.ACTIVE:
+            rollback = psycopg.Rollback(h.tx)
+            await h.tx.__aexit__(psycopg.Rollback, rollback, None)
+        elif h.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            await h.conn.rollback()
+        if h.conn.broken or h.conn.closed:
+            raise psycopg.OperationalError("the connection broke during ROLLBACK")
+
+    async def close(self, h: _PgHandle, *, broken: bool) -> None:
+        pool = self._store._pool
+        try:
+            if broken or h.conn.broken:
+                await h.conn.close()
+            if pool is not None:
+                await pool.putconn(h.conn)
+            else:
+                await h.conn.close()
+        except Exception:
+            logger.exception("idempo: giving back a transaction's connection failed")
+
+    async def resolve(self, record_key: str) -> Record | None:
+        return await self._store.get(record_key)

@@ -30,6 +30,7 @@ no permission) is a :class:`~idempo.exceptions.ConfigurationError` from
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
@@ -50,7 +51,7 @@ from .._core.records import (
     encode_headers,
     next_token,
 )
-from ..exceptions import ConfigurationError, LeaseLost
+from ..exceptions import ConfigurationError, LeaseLost, StoreUnavailable, TransactionControlled
 from ..typing import Clock
 from ._base import (
     IN_PROGRESS_GRACE,
@@ -63,7 +64,7 @@ from ._base import (
     record_from_row,
 )
 
-__all__ = ["AsyncSQLiteStore", "SQLiteStore"]
+__all__ = ["AsyncSQLiteStore", "SQLiteConnection", "SQLiteStore"]
 
 _Q = load_queries("sqlite")
 _SCHEMA = load_sql("sqlite", "schema.sql")
@@ -262,6 +263,199 @@ class _Database:
         return StoreStats(now, in_progress, completed, expired, oldest)
 
 
+# --- transactional mode: the app's writes and the record in one transaction on one file ----
+
+# Statements a handler may not run through the proxy: idempo ends the transaction.
+_CONTROL = ("COMMIT", "END", "ROLLBACK", "BEGIN")
+
+
+class SQLiteConnection:
+    """The sqlite3 connection a transactional handler writes through, inside idempo's transaction.
+
+    Everything of ``sqlite3.Connection`` (``execute``, ``executemany``,
+    ``cursor``, ``row_factory``, ...) passes through, except what would end
+    idempo's transaction: ``commit()``, ``rollback()``, ``close()`` and
+    ``execute("COMMIT" | "ROLLBACK" | "BEGIN" | "END")`` raise
+    :class:`~idempo.exceptions.TransactionControlled`. Use ``SAVEPOINT`` /
+    ``RELEASE`` / ``ROLLBACK TO`` for a partial rollback.
+
+    Args:
+        conn: the sqlite3 connection in its ``BEGIN IMMEDIATE`` transaction.
+    """
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        object.__setattr__(self, "_conn", conn)
+
+    def commit(self) -> None:
+        """Raises TransactionControlled: idempo commits once the handler returned."""
+        raise TransactionControlled()
+
+    def rollback(self) -> None:
+        """Raises TransactionControlled: raise an exception (or return a status that is not stored) instead."""
+        raise TransactionControlled()
+
+    def close(self) -> None:
+        """Raises TransactionControlled: idempo gives the connection back."""
+        raise TransactionControlled()
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        """``sqlite3.Connection.execute``; a statement that ends or starts the transaction raises."""
+        _check_statement(sql)
+        conn: sqlite3.Connection = self._conn
+        return conn.execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        """``sqlite3.Connection.executemany``."""
+        _check_statement(sql)
+        conn: sqlite3.Connection = self._conn
+        return conn.executemany(sql, parameters)
+
+    def executescript(self, script: str, /) -> sqlite3.Cursor:
+        """Raises TransactionControlled: ``executescript`` commits first (sqlite3's rule)."""
+        raise TransactionControlled("executescript() commits the transaction first; run the statements one by one")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._conn, name, value)
+
+    def __enter__(self) -> SQLiteConnection:
+        raise TransactionControlled("the connection's context manager commits; idempo commits instead")
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ raises
+        return None
+
+
+def _check_statement(sql: str) -> None:
+    head = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
+    if head in _CONTROL:
+        raise TransactionControlled(f"{head} ends idempo's transaction; use SAVEPOINT for a partial rollback")
+
+
+class _SQLiteHandle:
+    __slots__ = ("conn", "proxy")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.proxy = SQLiteConnection(conn)
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    ):
+        return "conflict"
+    if isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc):
+        return "lost"
+    return "failed"
+
+
+class _SQLiteTransactor:
+    """Drives transactional executions on the store's file (see idempo._engine.transaction.Transactor).
+
+    Each transaction has a connection of its own, in ``BEGIN IMMEDIATE``: it
+    takes the write lock at once, so a later write cannot fail with
+    SQLITE_BUSY without waiting ``busy_timeout`` (a deferred transaction that
+    upgrades does). One writer at a time: while a handler's transaction is
+    open, other claims wait for it (up to ``busy_timeout``).
+    """
+
+    def __init__(self, db: _Database) -> None:
+        self._db = db
+
+    def open_now(self) -> _SQLiteHandle:
+        db = self._db
+        db.connection(db.busy_timeout_ms)  # the file and its schema exist
+        conn = sqlite3.connect(db.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {db.busy_timeout_ms}")
+            conn.execute(f"PRAGMA synchronous = {db.synchronous}")
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreUnavailable(f"BEGIN IMMEDIATE on {db.url} failed: {exc}") from exc
+        return _SQLiteHandle(conn)
+
+    def open(self) -> _SQLiteHandle:
+        return self.open_now()
+
+    def connection(self, h: _SQLiteHandle) -> Any:
+        return h.proxy
+
+    def session(self, h: _SQLiteHandle) -> Any:
+        return None
+
+    def fault_connection(self, h: _SQLiteHandle) -> Any:
+        return h.conn
+
+    def kind(self, exc: BaseException) -> str:
+        return _kind(exc)
+
+    def run(self, h: _SQLiteHandle, command: Any, *, in_transaction: bool) -> None:
+        # Outside a transaction each statement commits on its own (isolation_level=None).
+        if hasattr(command, "response"):
+            self._db.complete(h.conn, command.record_key, command.token, command.response, command.record_ttl_ms)
+        else:
+            self._db.release(h.conn, command.record_key, command.token)
+
+    def commit(self, h: _SQLiteHandle) -> None:
+        h.conn.execute("COMMIT")
+
+    def rollback(self, h: _SQLiteHandle) -> None:
+        if h.conn.in_transaction:
+            h.conn.execute("ROLLBACK")
+
+    def close(self, h: _SQLiteHandle, *, broken: bool) -> None:
+        with contextlib.suppress(Exception):  # closing a sqlite3 connection does not fail in practice
+            h.conn.close()  # an open transaction is rolled back
+
+    def resolve(self, record_key: str) -> Record | None:
+        with _sqlite_errors():
+            return self._db.run(self._db.busy_timeout_ms, self._db.get, record_key)
+
+
+class _AsyncSQLiteTransactor:
+    """The async twin of :class:`_SQLiteTransactor`: BEGIN IMMEDIATE waits in a worker thread;
+    the other statements run on the event loop's thread (they take no lock to wait for)."""
+
+    def __init__(self, db: _Database) -> None:
+        self._sync = _SQLiteTransactor(db)
+
+    async def open(self) -> _SQLiteHandle:
+        return await anyio.to_thread.run_sync(self._sync.open_now)
+
+    def connection(self, h: _SQLiteHandle) -> Any:
+        return h.proxy
+
+    def session(self, h: _SQLiteHandle) -> Any:
+        return None
+
+    def fault_connection(self, h: _SQLiteHandle) -> Any:
+        return h.conn
+
+    def kind(self, exc: BaseException) -> str:
+        return _kind(exc)
+
+    async def run(self, h: _SQLiteHandle, command: Any, *, in_transaction: bool) -> None:
+        self._sync.run(h, command, in_transaction=in_transaction)
+
+    async def commit(self, h: _SQLiteHandle) -> None:
+        self._sync.commit(h)
+
+    async def rollback(self, h: _SQLiteHandle) -> None:
+        self._sync.rollback(h)
+
+    async def close(self, h: _SQLiteHandle, *, broken: bool) -> None:
+        self._sync.close(h, broken=broken)
+
+    async def resolve(self, record_key: str) -> Record | None:
+        return await anyio.to_thread.run_sync(self._sync.resolve, record_key)
+
+
 class _SQLiteBase:
     """What the blocking and the async SQLite stores share: the constructor and the database."""
 
@@ -300,7 +494,25 @@ class SQLiteStore(_SQLiteBase):
 
     Raises:
         ConfigurationError: ``path`` is ``:memory:`` or ``synchronous`` is unknown.
+
+    Transactional mode: the store is on the application's own file when
+    ``path`` is the app's database; a transactional handler writes through
+    ``tx.connection`` (a :class:`SQLiteConnection`) and its writes commit with
+    the record. The records must live in that same file: SQLite commits
+    atomically per file only (ATTACH with WAL is not atomic across files).
     """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock = time.time,
+        busy_timeout: float = 2.0,
+        synchronous: Synchronous = "NORMAL",
+    ) -> None:
+        super().__init__(path, clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
+        #: How a transactional execution drives this file (idempo._engine.transaction).
+        self.transactor: Any = _SQLiteTransactor(self._db)
 
     def _call(self, transition: Callable[..., _T], *args: Any) -> _T:
         with _sqlite_errors():
@@ -362,6 +574,18 @@ class AsyncSQLiteStore(_SQLiteBase):
 
     It takes the arguments of :class:`SQLiteStore`.
     """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock = time.time,
+        busy_timeout: float = 2.0,
+        synchronous: Synchronous = "NORMAL",
+    ) -> None:
+        super().__init__(path, clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
+        #: How a transactional execution drives this file (idempo._engine.transaction).
+        self.transactor: Any = _AsyncSQLiteTransactor(self._db)
 
     async def _call(self, transition: Callable[..., _T], *args: Any) -> _T:
         with _sqlite_errors():

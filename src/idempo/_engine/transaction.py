@@ -1,0 +1,661 @@
+"""The transactional commit path: the record's completion is the last statement of the handler's transaction.
+
+DESIGN "transactional route", guarantee 6; the design and its outcome table are
+shared/TRANSACTIONAL.md. A transactional execution is an :class:`Execution`
+(or :class:`AsyncExecution`) that may hold a transaction on the app's own
+database. The claim (``begin``) committed on its own, as on every route, so
+duplicates see the record in progress. When the handler asks for the
+transaction (:meth:`TransactionalExecution.transaction`) a connection is
+checked out and a transaction begun; the handler writes through it. Settling
+then follows one rule, written once in :func:`finalize_steps`:
+
+- *store* (a real response): the record's ``complete``, fenced by the lease
+  token, runs inside the transaction, then COMMIT. Zero rows (the lease was
+  taken over): ROLLBACK, :attr:`Outcome.LEASE_LOST`.
+- *release* or *hold*: ROLLBACK first, then the release or hold on the same
+  connection, as its own short transaction.
+- A conflict (40001, 40P01, 55P03, SQLite busy) at any statement: ROLLBACK,
+  release on the same connection, :attr:`Outcome.CONFLICT`.
+- Another failure (a deferred constraint at COMMIT): ROLLBACK, release,
+  :attr:`Outcome.FAILED`.
+- The connection lost (at the completion or at COMMIT): the record, read on a
+  fresh connection, decides: completed with our token means it committed
+  (:attr:`Outcome.COMMITTED`); otherwise a token-checked release (a no-op if
+  it did commit) and :attr:`Outcome.UNKNOWN`.
+
+Until the handler asks for the transaction, a transactional execution settles
+as a plain one. How a database is driven is a :class:`Transactor` (the stores
+have theirs; ``idempo.django`` passes one on Django's own connection).
+
+Fault points (:mod:`idempo._engine.faultpoints`): ``after-claim`` when the
+transaction opens, ``before-commit`` after the completion and before COMMIT,
+``after-commit`` after COMMIT returned; the fronts reach ``before-send``
+(:meth:`TransactionalExecution.before_send`) just before the response leaves.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Generator
+from typing import Any, NamedTuple, Protocol
+
+import anyio
+
+from .._core.flow import Complete, Release
+from .._core.policy import Policy, Verdict
+from .._core.problems import (
+    COMMIT_FAILED,
+    COMMIT_UNKNOWN,
+    LEASE_LOST,
+    TRANSACTION_CONFLICT,
+    problem_response,
+)
+from .._core.records import MARKER_STATUS, Record, RecordState, StoredResponse
+from ..exceptions import (
+    CommitFailed,
+    CommitUnknown,
+    ConfigurationError,
+    LeaseLost,
+    TransactionClosed,
+    TransactionConflict,
+    TransactionError,
+)
+from ..observability._observation import RequestObservation, logger
+from ..typing import AsyncStore, Store
+from . import faultpoints
+from .execution import AsyncExecution, Execution
+from .store import Settle
+
+__all__ = [
+    "FINALIZE_TIMEOUT",
+    "AsyncTransaction",
+    "AsyncTransactionalExecution",
+    "AsyncTransactor",
+    "Outcome",
+    "Transaction",
+    "TransactionalExecution",
+    "Transactor",
+    "finalize_steps",
+    "transactor_of",
+]
+
+#: Seconds the async finalisation (completion, COMMIT, resolve, release) may take
+#: before it is given up as an unknown outcome (it is shielded from cancellation).
+FINALIZE_TIMEOUT = 10.0
+
+
+class Outcome(enum.Enum):
+    """How a transactional execution ended (see the module docstring)."""
+
+    #: No transaction was opened, or it rolled back and the record was released or held:
+    #: the app's own answer goes out.
+    SETTLED = "settled"
+    #: The writes and the record's completion committed together: the response goes out.
+    COMMITTED = "committed"
+    #: The lease was taken over: rolled back; 409, a retry gets the winner's replay.
+    LEASE_LOST = "lease_lost"
+    #: The database aborted the transaction to resolve a conflict: rolled back, released; 503.
+    CONFLICT = "conflict"
+    #: COMMIT failed for another definite reason: rolled back, released; 500.
+    FAILED = "failed"
+    #: The connection was lost and the record says it did not commit: released; 503.
+    UNKNOWN = "unknown"
+
+
+class Transactor(Protocol):
+    """How idempo drives one database for transactional executions (blocking).
+
+    A store that supports transactional mode has one as ``store.transactor``;
+    a front may pass its own (Django's connection) to
+    :meth:`TransactionalExecution.transaction`. ``h`` is the handle
+    :meth:`open` returned (a connection and its transaction).
+    """
+
+    def open(self) -> Any:
+        """Check out a connection and begin a transaction; return the handle.
+
+        Raises:
+            StoreUnavailable: no connection within the deadline.
+        """
+
+    def connection(self, h: Any) -> Any:
+        """What the handler gets as ``tx.connection``."""
+
+    def session(self, h: Any) -> Any:
+        """What the handler gets as ``tx.session`` (a SQLAlchemy Session), or None."""
+
+    def run(self, h: Any, command: Complete | Release, *, in_transaction: bool) -> None:
+        """Run the store's statement for ``command`` on ``h``'s connection.
+
+        ``in_transaction``: inside the open transaction (the completion);
+        False: after a rollback, as its own short transaction, committed.
+
+        Raises:
+            LeaseLost: the statement matched no row (the token no longer holds the record).
+        """
+
+    def commit(self, h: Any) -> None:
+        """COMMIT the transaction."""
+
+    def rollback(self, h: Any) -> None:
+        """ROLLBACK the transaction."""
+
+    def close(self, h: Any, *, broken: bool) -> None:
+        """Give the connection back (``broken``: it failed, discard it). Never raises."""
+
+    def resolve(self, record_key: str) -> Record | None:
+        """Read the record on a fresh connection (for a COMMIT whose outcome is unknown)."""
+
+    def kind(self, exc: BaseException) -> str:
+        """``"conflict"`` (retry-safe abort), ``"lost"`` (the connection is gone) or ``"failed"``."""
+
+    def fault_connection(self, h: Any) -> Any:
+        """The connection :func:`idempo._engine.faultpoints.reach` cuts for ``drop-connection``."""
+
+
+class AsyncTransactor(Protocol):
+    """The async twin of :class:`Transactor`: ``open``, ``run``, ``commit``, ``rollback``, ``close`` and
+    ``resolve`` are coroutines; ``connection``, ``session``, ``kind`` and ``fault_connection`` are not."""
+
+    async def open(self) -> Any:
+        """See :meth:`Transactor.open`."""
+
+    def connection(self, h: Any) -> Any:
+        """See :meth:`Transactor.connection`."""
+
+    def session(self, h: Any) -> Any:
+        """See :meth:`Transactor.session`."""
+
+    async def run(self, h: Any, command: Complete | Release, *, in_transaction: bool) -> None:
+        """See :meth:`Transactor.run`."""
+
+    async def commit(self, h: Any) -> None:
+        """See :meth:`Transactor.commit`."""
+
+    async def rollback(self, h: Any) -> None:
+        """See :meth:`Transactor.rollback`."""
+
+    async def close(self, h: Any, *, broken: bool) -> None:
+        """See :meth:`Transactor.close`."""
+
+    async def resolve(self, record_key: str) -> Record | None:
+        """See :meth:`Transactor.resolve`."""
+
+    def kind(self, exc: BaseException) -> str:
+        """See :meth:`Transactor.kind`."""
+
+    def fault_connection(self, h: Any) -> Any:
+        """See :meth:`Transactor.fault_connection`."""
+
+
+def transactor_of(store: object) -> Any:
+    """The store's transactor, or None when the store cannot run transactional executions."""
+    return getattr(store, "transactor", None)
+
+
+class _TransactionBase:
+    __slots__ = ("_connection", "_session", "closed", "record_key", "token")
+
+    def __init__(self, connection: Any, session: Any, record_key: str, token: int) -> None:
+        self._connection = connection
+        self._session = session
+        self.record_key = record_key
+        self.token = token
+        self.closed = False
+
+    @property
+    def connection(self) -> Any:
+        """The connection the handler writes through, inside idempo's transaction.
+
+        A psycopg connection (its ``commit()`` is refused inside the
+        transaction), an :class:`idempo.stores.sqlite.SQLiteConnection` proxy
+        (``commit``/``rollback``/``close`` raise TransactionControlled), or a
+        SQLAlchemy ``Connection``.
+
+        Raises:
+            TransactionClosed: the transaction was already committed or rolled back.
+        """
+        if self.closed:
+            raise TransactionClosed(
+                f"the transaction of record {self.record_key} is finished; "
+                "use it only inside the handler (not in a background task)"
+            )
+        return self._connection
+
+    @property
+    def session(self) -> Any:
+        """A SQLAlchemy Session joined to the transaction (``join_transaction_mode="create_savepoint"``),
+        or None when the store is not built on a SQLAlchemy engine.
+
+        Raises:
+            TransactionClosed: the transaction was already committed or rolled back.
+        """
+        if self.closed:
+            raise TransactionClosed(f"the transaction of record {self.record_key} is finished")
+        return self._session
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<{type(self).__name__} record {self.record_key} token {self.token} ({state})>"
+
+
+class Transaction(_TransactionBase):
+    """The transaction a transactional handler writes through (blocking fronts and sync functions).
+
+    Attributes:
+        connection: see :attr:`_TransactionBase.connection`.
+        session: a SQLAlchemy Session joined to the transaction, or None.
+        record_key: the record this execution holds (str).
+        token: its lease's fencing token (int).
+        closed: True once idempo committed or rolled it back.
+    """
+
+    __slots__ = ()
+
+
+class AsyncTransaction(_TransactionBase):
+    """The transaction a transactional handler writes through (ASGI routes and async functions).
+
+    The attributes of :class:`Transaction`; ``connection`` is an async
+    connection (psycopg's ``AsyncConnection``, a SQLAlchemy ``AsyncConnection``)
+    or the sqlite3 proxy (blocking: keep the writes short).
+    """
+
+    __slots__ = ()
+
+
+class _Op(NamedTuple):
+    """One transactor call :func:`finalize_steps` needs: the method name and its arguments."""
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def _op(name: str, *args: Any, **kwargs: Any) -> _Op:
+    return _Op(name, args, kwargs)
+
+
+class Finalized(NamedTuple):
+    """What :func:`finalize_steps` ends in: the outcome, a settling command left for the store's own
+    retrying path (None: settled), the error behind a non-committed outcome, and whether the
+    connection broke (the caller closes it, discarding a broken one)."""
+
+    outcome: Outcome
+    followup: Settle | None
+    error: Exception | None
+    broken: bool = False
+
+
+def commits(command: Settle) -> bool:
+    """Whether a settling command completes the record with a real response (the COMMIT path)."""
+    return isinstance(command, Complete) and command.response.status != MARKER_STATUS
+
+
+def finalize_steps(
+    transactor: Transactor | AsyncTransactor, h: Any, command: Settle, record_key: str, token: int
+) -> Generator[_Op, Any, Finalized]:
+    """The commit path, once for both drivers: yields transactor calls, returns the :class:`Finalized`.
+
+    Never raises an ``Exception`` of the database: every failure becomes an
+    outcome (an :class:`~idempo._engine.faultpoints.InjectedFault` raised at
+    ``after-commit`` propagates, the transaction committed). The caller closes
+    the connection afterwards (:meth:`Transactor.close`).
+    """
+    fault_connection = transactor.fault_connection(h)
+    if not commits(command):
+        # Release or hold: nothing of the handler's is kept.
+        if not (yield from _rollback(h)):
+            return Finalized(Outcome.SETTLED, command, None, True)
+        return Finalized(Outcome.SETTLED, (yield from _run_after_rollback(h, command)), None, False)
+    committing = False
+    try:
+        yield _op("run", h, command, in_transaction=True)
+        faultpoints.reach("before-commit", fault_connection)
+        committing = True
+        yield _op("commit", h)
+    except Exception as exc:
+        kind = "lease_lost" if isinstance(exc, LeaseLost) else transactor.kind(exc)
+        if isinstance(exc, faultpoints.InjectedFault):
+            kind = "failed"
+        if kind == "lost":
+            return (yield from _resolve(transactor, record_key, token, exc, committing))
+        broken = not (yield from _rollback(h))
+        if kind == "lease_lost":
+            return Finalized(Outcome.LEASE_LOST, None, exc, broken)
+        release = Release(record_key, token)
+        followup = release if broken else (yield from _run_after_rollback(h, release))
+        if kind == "conflict":
+            error: Exception = TransactionConflict(f"record {record_key}: {type(exc).__name__}: {exc}")
+            outcome = Outcome.CONFLICT
+        else:
+            error = CommitFailed(f"record {record_key}: {type(exc).__name__}: {exc}")
+            outcome = Outcome.FAILED
+        error.__cause__ = exc
+        return Finalized(outcome, followup, error, broken)
+    faultpoints.reach("after-commit", fault_connection)
+    return Finalized(Outcome.COMMITTED, None, None, False)
+
+
+def _rollback(h: Any) -> Generator[_Op, Any, bool]:
+    """ROLLBACK; False when it failed (the connection is broken: the server aborts the transaction)."""
+    try:
+        yield _op("rollback", h)
+    except Exception as exc:
+        logger.warning("idempo: rolling back a transaction failed (%s); the connection is discarded", exc)
+        return False
+    return True
+
+
+def _run_after_rollback(h: Any, command: Settle) -> Generator[_Op, Any, Settle | None]:
+    """Settle on the same connection after a rollback; the command back for the store's path if that failed."""
+    try:
+        yield _op("run", h, command, in_transaction=False)
+    except LeaseLost:
+        logger.warning("idempo: record %s was taken over; nothing to release", command.record_key)
+    except Exception as exc:
+        logger.warning("idempo: settling record %s after a rollback failed (%s); retrying", command.record_key, exc)
+        return command
+    return None
+
+
+def _resolve(
+    transactor: Transactor | AsyncTransactor, record_key: str, token: int, exc: Exception, committing: bool
+) -> Generator[_Op, Any, Finalized]:
+    """The connection was lost: the record, read on a fresh connection, says whether COMMIT happened."""
+    if committing:
+        try:
+            record: Record | None = yield _op("resolve", record_key)
+        except Exception as read_error:
+            logger.warning("idempo: reading record %s after a lost COMMIT failed: %s", record_key, read_error)
+        else:
+            if (
+                record is not None
+                and record.state is RecordState.COMPLETED
+                and record.token == token
+                and record.marker is None
+            ):
+                return Finalized(Outcome.COMMITTED, None, None, True)
+    error = CommitUnknown(f"record {record_key}: the connection was lost ({type(exc).__name__}: {exc})")
+    error.__cause__ = exc
+    # Token-checked: a no-op if the COMMIT did land (the record is completed, not in progress).
+    return Finalized(Outcome.UNKNOWN, Release(record_key, token), error, True)
+
+
+def _drive_sync(steps: Generator[_Op, Any, Finalized], transactor: Transactor) -> Finalized:
+    value: Any = None
+    resume = steps.send
+    while True:
+        try:
+            op = resume(value)
+        except StopIteration as stop:
+            done: Finalized = stop.value
+            return done
+        try:
+            value, resume = getattr(transactor, op.name)(*op.args, **op.kwargs), steps.send
+        except Exception as exc:
+            value, resume = exc, steps.throw
+
+
+async def _drive_async(steps: Generator[_Op, Any, Finalized], transactor: AsyncTransactor) -> Finalized:
+    value: Any = None
+    resume = steps.send
+    while True:
+        try:
+            op = resume(value)
+        except StopIteration as stop:
+            done: Finalized = stop.value
+            return done
+        try:
+            value, resume = await getattr(transactor, op.name)(*op.args, **op.kwargs), steps.send
+        except Exception as exc:
+            value, resume = exc, steps.throw
+
+
+def problem_for(outcome: Outcome, error: Exception | None, policy: Policy) -> StoredResponse | None:
+    """The answer a route sends instead of the app's for a transactional outcome; None: send the app's."""
+    detail = str(error) if error is not None else ""
+    if outcome is Outcome.LEASE_LOST:
+        return problem_response(
+            LEASE_LOST, "The lease expired and another request took this key over.", retry_after=policy.retry_after
+        )
+    if outcome is Outcome.CONFLICT:
+        return problem_response(
+            TRANSACTION_CONFLICT, "The database rolled the transaction back to resolve a conflict.", retry_after=1
+        )
+    if outcome is Outcome.UNKNOWN:
+        return problem_response(
+            COMMIT_UNKNOWN, "The database connection was lost during COMMIT; nothing was kept.", retry_after=1
+        )
+    if outcome is Outcome.FAILED:
+        del detail  # the database's message stays in the log, not in the answer
+        return problem_response(COMMIT_FAILED, "The transaction could not be committed.")
+    return None
+
+
+def _error_for(finalized: Finalized) -> Exception | None:
+    if finalized.outcome is Outcome.LEASE_LOST:
+        error = TransactionError("the lease was taken over while the call ran; its transaction rolled back")
+        error.__cause__ = finalized.error
+        return error
+    return finalized.error
+
+
+class _TransactionalMixin:
+    """What the blocking and the async transactional executions share."""
+
+    record_key: str
+    token: int
+    policy: Policy
+    observation: RequestObservation | None
+    settled: bool
+
+    def _init_tx(self, transactor: Any) -> None:
+        self.transactor = transactor
+        self.used: Any = None
+        self.tx: Transaction | AsyncTransaction | None = None
+        self.handle: Any = None
+        self.outcome = Outcome.SETTLED
+        #: The error behind a non-committed outcome (TransactionConflict, CommitFailed, CommitUnknown ...).
+        self.error: Exception | None = None
+
+    @property
+    def transactional_open(self) -> bool:
+        """Whether the handler opened the transaction (the front must buffer the whole response)."""
+        return self.tx is not None
+
+    def _check_open(self, transactor: Any) -> Any:
+        if self.settled:
+            raise TransactionClosed(f"record {self.record_key} is already settled; its transaction is finished")
+        chosen = transactor if transactor is not None else self.transactor
+        if chosen is None:
+            raise ConfigurationError("this store cannot run transactional executions (PostgreSQL or SQLite only)")
+        return chosen
+
+    def _opened(self, chosen: Any, handle: Any, cls: type[_TransactionBase]) -> Any:
+        self.used, self.handle = chosen, handle
+        tx = cls(chosen.connection(handle), chosen.session(handle), self.record_key, self.token)
+        self.tx = tx  # type: ignore[assignment]
+        return tx
+
+    def _finished(self, finalized: Finalized, command: Settle) -> Settle | None:
+        """Record the outcome; tell the observation; return the follow-up for the store's path."""
+        assert self.tx is not None
+        self.tx.closed = True
+        self.outcome = finalized.outcome
+        self.error = finalized.error
+        if finalized.followup is None and self.observation is not None:
+            try:
+                told = (
+                    command
+                    if finalized.outcome in (Outcome.COMMITTED, Outcome.SETTLED)
+                    else Release(self.record_key, self.token)
+                )
+                self.observation.settled(told, LeaseLost() if finalized.outcome is Outcome.LEASE_LOST else None)
+            except Exception:
+                logger.exception("idempo: recording the settle of record %s failed", self.record_key)
+        if finalized.outcome not in (Outcome.COMMITTED, Outcome.SETTLED):
+            logger.warning(
+                "idempo: the transaction of record %s did not commit (%s): %s",
+                self.record_key,
+                finalized.outcome.value,
+                finalized.error,
+                extra={"idempo_event": f"transaction_{finalized.outcome.value}", "idempo_record_key": self.record_key},
+            )
+        return finalized.followup
+
+    def problem(self) -> StoredResponse | None:
+        """The answer to send instead of the app's (LEASE_LOST 409, CONFLICT/UNKNOWN 503, FAILED 500), or None."""
+        return problem_for(self.outcome, self.error, self.policy)
+
+    def call_error(self) -> Exception | None:
+        """What ``@idempotent`` raises for a non-committed outcome (None: committed or settled)."""
+        return _error_for(Finalized(self.outcome, None, self.error))
+
+    def before_send(self) -> None:
+        """Reach the ``before-send`` fault point (the fronts call it just before the response leaves)."""
+        if self.tx is not None:
+            faultpoints.reach("before-send", None)
+
+
+class TransactionalExecution(_TransactionalMixin, Execution):
+    """An :class:`Execution` whose handler may write through a transaction idempo opens and commits.
+
+    Args:
+        store: the store holding the record.
+        policy: the route's policy.
+        record_key: the record being executed.
+        token: the lease's fencing token.
+        observation: the request's observation.
+        transactor: the store's transactor (None: only a front's own can be used).
+    """
+
+    __slots__ = ("error", "handle", "outcome", "transactor", "tx", "used")
+
+    def __init__(
+        self,
+        store: Store,
+        policy: Policy,
+        record_key: str,
+        token: int,
+        observation: RequestObservation | None,
+        transactor: Transactor | None,
+    ) -> None:
+        super().__init__(store, policy, record_key, token, observation)
+        self._init_tx(transactor)
+
+    def transaction(self, transactor: Transactor | None = None) -> Transaction:
+        """The execution's transaction, opened on first use (a connection checked out, BEGIN).
+
+        Args:
+            transactor: drive this database instead of the store's (Django's connection).
+
+        Raises:
+            TransactionClosed: the record is already settled.
+            ConfigurationError: no transactor (the store is not PostgreSQL or SQLite built for it).
+            StoreUnavailable: no connection within the deadline.
+        """
+        if self.tx is not None:
+            assert isinstance(self.tx, Transaction)
+            return self.tx
+        chosen = self._check_open(transactor)
+        tx: Transaction = self._opened(chosen, chosen.open(), Transaction)
+        faultpoints.reach("after-claim", chosen.fault_connection(self.handle))
+        return tx
+
+    def settle(
+        self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None
+    ) -> bool:
+        """See :meth:`Execution.settle`; with a transaction open, COMMIT or ROLLBACK it (:func:`finalize_steps`).
+
+        True when the record settled at once; :attr:`outcome` says how.
+        """
+        if self.tx is None:
+            return super().settle(response, verdict, reason)
+        command = self.command(response, verdict, reason)
+        if command is None:
+            return False
+        self.keeper.stop()
+        broken = True
+        try:
+            steps = finalize_steps(self.used, self.handle, command, self.record_key, self.token)
+            finalized = _drive_sync(steps, self.used)
+            broken = finalized.broken
+        finally:
+            self.used.close(self.handle, broken=broken)
+        followup = self._finished(finalized, command)
+        if followup is None:
+            return finalized.outcome in (Outcome.COMMITTED, Outcome.SETTLED)
+        return self.keeper.save(followup, self.observation, self.policy.save_retry_for)
+
+    def abandon(self) -> None:
+        """See :meth:`Execution.abandon`; an open transaction is given back broken (the server rolls it back)."""
+        if not self.settled and self.tx is not None:
+            self.tx.closed = True
+            self.used.close(self.handle, broken=True)
+        super().abandon()
+
+
+class AsyncTransactionalExecution(_TransactionalMixin, AsyncExecution):
+    """The async twin of :class:`TransactionalExecution`; finalisation is shielded from cancellation
+    and bounded by :data:`FINALIZE_TIMEOUT` seconds (past it: :attr:`Outcome.UNKNOWN`)."""
+
+    __slots__ = ("error", "handle", "outcome", "transactor", "tx", "used")
+
+    def __init__(
+        self,
+        store: AsyncStore,
+        policy: Policy,
+        record_key: str,
+        token: int,
+        observation: RequestObservation | None,
+        transactor: AsyncTransactor | None,
+    ) -> None:
+        super().__init__(store, policy, record_key, token, observation)
+        self._init_tx(transactor)
+
+    async def transaction(self, transactor: AsyncTransactor | None = None) -> AsyncTransaction:
+        """See :meth:`TransactionalExecution.transaction`."""
+        if self.tx is not None:
+            assert isinstance(self.tx, AsyncTransaction)
+            return self.tx
+        chosen = self._check_open(transactor)
+        tx: AsyncTransaction = self._opened(chosen, await chosen.open(), AsyncTransaction)
+        faultpoints.reach("after-claim", chosen.fault_connection(self.handle))
+        return tx
+
+    async def settle(
+        self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None
+    ) -> bool:
+        """See :meth:`TransactionalExecution.settle`."""
+        if self.tx is None:
+            return await super().settle(response, verdict, reason)
+        command = self.command(response, verdict, reason)
+        if command is None:
+            return False
+        with anyio.CancelScope(shield=True):
+            await self.keeper.stop()
+            steps = finalize_steps(self.used, self.handle, command, self.record_key, self.token)
+            finalized: Finalized | None = None
+            try:
+                with anyio.move_on_after(FINALIZE_TIMEOUT):
+                    finalized = await _drive_async(steps, self.used)
+            finally:
+                with anyio.move_on_after(FINALIZE_TIMEOUT):
+                    await self.used.close(self.handle, broken=finalized is None or finalized.broken)
+            if finalized is None:
+                error = CommitUnknown(f"record {self.record_key}: finalisation took over {FINALIZE_TIMEOUT:g} s")
+                finalized = Finalized(Outcome.UNKNOWN, Release(self.record_key, self.token), error)
+            followup = self._finished(finalized, command)
+            if followup is None:
+                return finalized.outcome in (Outcome.COMMITTED, Outcome.SETTLED)
+            return await self.keeper.save(followup, self.observation, self.policy.save_retry_for)
+        return False  # not reached: the shielded scope swallows nothing
+
+    async def fail(self, exc: BaseException, status: int | None = None) -> None:
+        """See :meth:`AsyncExecution.fail`; on a crash an open transaction is given back broken (rolled back)."""
+        if not isinstance(exc, Exception) and not self.settled and self.tx is not None:
+            self.tx.closed = True
+            with anyio.CancelScope(shield=True), anyio.move_on_after(FINALIZE_TIMEOUT):
+                await self.used.close(self.handle, broken=True)
+        await super().fail(exc, status)

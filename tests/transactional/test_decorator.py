@@ -1,0 +1,189 @@
+"""@idempotent(transactional=True) on PostgreSQL (the app's psycopg_pool) and SQLite (the app's file):
+the function's writes commit with its record, or not at all."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from idempo import idempotent
+from idempo.exceptions import ConfigurationError, TransactionControlled
+from idempo.stores.memory import MemoryStore
+from idempo.stores.postgres import AsyncPostgresStore, PostgresStore
+from idempo.stores.sqlite import AsyncSQLiteStore, SQLiteStore
+from idempo.transactional import AsyncTransaction, Transaction
+
+from .conftest import PgApp, SQLiteApp
+
+pytestmark = pytest.mark.postgres
+
+
+def _charge_pg(store: PostgresStore, scope: str) -> Any:
+    calls: list[str] = []
+
+    @idempotent(store=store, key="order_id", scope=scope, transactional=True)
+    def charge(order_id: str, cents: int, *, tx: Transaction) -> int:
+        calls.append(order_id)
+        row = tx.connection.execute(
+            "INSERT INTO payments (order_id, cents) VALUES (%s, %s) RETURNING id", (order_id, cents)
+        ).fetchone()
+        return int(row[0])
+
+    charge.calls = calls  # type: ignore[attr-defined]
+    return charge
+
+
+def test_pg_commits_once_and_replays(pg_store: PostgresStore, pg_app: PgApp) -> None:
+    """The write and the record commit together; a repeat replays without writing again."""
+    charge = _charge_pg(pg_store, f"s-{uuid.uuid4().hex}")
+    first = charge("o1", 100)
+    assert charge("o1", 100) == first
+    assert charge.calls == ["o1"]
+    assert pg_app.rows() == [("o1", 100)]
+
+
+def test_pg_raise_rolls_back_and_releases(pg_store: PostgresStore, pg_app: PgApp) -> None:
+    """Write then raise: no row stays, and the retry runs (once) and commits."""
+    attempts: list[int] = []
+
+    @idempotent(store=pg_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    def charge(order_id: str, *, tx: Transaction) -> str:
+        tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (%s, 1)", (order_id,))
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("provider down")
+        return "ok"
+
+    with pytest.raises(RuntimeError):
+        charge("o2")
+    assert pg_app.rows() == []
+    assert charge("o2") == "ok"
+    assert pg_app.rows() == [("o2", 1)]
+
+
+def test_pg_commit_refused_inside(pg_store: PostgresStore, pg_app: PgApp) -> None:
+    """psycopg refuses an explicit commit() inside idempo's transaction; the attempt leaves nothing."""
+
+    @idempotent(store=pg_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    def charge(order_id: str, *, tx: Transaction) -> None:
+        tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (%s, 1)", (order_id,))
+        tx.connection.commit()
+
+    with pytest.raises(psycopg.ProgrammingError, match="commit"):
+        charge("o3")
+    assert pg_app.rows() == []
+
+
+def test_sqlite_commits_once(sqlite_store: SQLiteStore, sqlite_app: SQLiteApp) -> None:
+    """SQLite on the app's file: one row, then replays."""
+    calls: list[str] = []
+
+    @idempotent(store=sqlite_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    def charge(order_id: str, cents: int, *, tx: Transaction) -> int:
+        calls.append(order_id)
+        cur = tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (?, ?)", (order_id, cents))
+        return int(cur.lastrowid)
+
+    first = charge("o1", 5)
+    assert charge("o1", 5) == first
+    assert calls == ["o1"]
+    assert sqlite_app.rows() == [("o1", 5)]
+
+
+def test_sqlite_proxy_refuses_transaction_control(sqlite_store: SQLiteStore, sqlite_app: SQLiteApp) -> None:
+    """The sqlite3 proxy's commit/rollback/close and a COMMIT statement raise; nothing is written."""
+    tried: list[str] = []
+
+    @idempotent(store=sqlite_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    def charge(order_id: str, *, tx: Transaction) -> None:
+        tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (?, 1)", (order_id,))
+        for action in (tx.connection.commit, tx.connection.rollback, tx.connection.close):
+            with pytest.raises(TransactionControlled):
+                action()
+            tried.append(action.__name__)
+        with pytest.raises(TransactionControlled):
+            tx.connection.execute("COMMIT")
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        charge("o9")
+    assert tried == ["commit", "rollback", "close"]
+    assert sqlite_app.rows() == []
+
+
+@pytest.mark.anyio
+async def test_async_pg(apg_store: AsyncPostgresStore, pg_app: PgApp) -> None:
+    """An async function on an AsyncConnectionPool: one row, replays."""
+    calls: list[str] = []
+
+    @idempotent(store=apg_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    async def charge(order_id: str, *, tx: AsyncTransaction) -> int:
+        calls.append(order_id)
+        cur = await tx.connection.execute(
+            "INSERT INTO payments (order_id, cents) VALUES (%s, 7) RETURNING id", (order_id,)
+        )
+        row = await cur.fetchone()
+        return int(row[0])
+
+    first = await charge("a1")
+    assert await charge("a1") == first
+    assert calls == ["a1"]
+    assert pg_app.rows() == [("a1", 7)]
+
+
+@pytest.mark.anyio
+async def test_async_sqlite(asqlite_store: AsyncSQLiteStore, sqlite_app: SQLiteApp) -> None:
+    """An async function on the app's SQLite file."""
+
+    @idempotent(store=asqlite_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    async def charge(order_id: str, *, tx: AsyncTransaction) -> str:
+        tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (?, 3)", (order_id,))
+        return "done"
+
+    assert await charge("a2") == "done"
+    assert await charge("a2") == "done"
+    assert sqlite_app.rows() == [("a2", 3)]
+
+
+def test_memory_store_refused_at_decoration() -> None:
+    """A store that cannot commit with the function's writes is a ConfigurationError when decorating."""
+    with pytest.raises(ConfigurationError, match="transactional=True needs"):
+
+        @idempotent(store=MemoryStore(), key="k", transactional=True)
+        def f(k: str, *, tx: Transaction) -> None: ...
+
+
+def test_function_without_tx_refused(sqlite_store: SQLiteStore) -> None:
+    with pytest.raises(ConfigurationError, match="named tx"):
+
+        @idempotent(store=sqlite_store, key="k", transactional=True)
+        def f(k: str) -> None: ...
+
+
+def test_url_built_postgres_store_refused(postgres_store_url: str) -> None:
+    """A PostgresStore built from a URL has its own pool: not the app's transaction."""
+    store = PostgresStore(postgres_store_url)
+    try:
+        with pytest.raises(ConfigurationError, match="from_pool"):
+
+            @idempotent(store=store, key="k", transactional=True)
+            def f(k: str, *, tx: Transaction) -> None: ...
+    finally:
+        store.close()
+
+
+def test_sqlite_sees_its_own_file(sqlite_store: SQLiteStore, sqlite_app: SQLiteApp) -> None:
+    """The record and the business row are in one file: read both from a plain sqlite3 connection."""
+
+    @idempotent(store=sqlite_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    def charge(order_id: str, *, tx: Transaction) -> None:
+        tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (?, 2)", (order_id,))
+
+    charge("f1")
+    with sqlite3.connect(sqlite_app.path) as conn:
+        (states,) = conn.execute("SELECT count(*) FROM idempo_records WHERE state = 'completed'").fetchone()
+    assert states == 1
