@@ -101,7 +101,7 @@ PUBLIC_API: dict[str, list[str]] = {
         "TransactionControlled",
         "TransactionError",
     ],
-    "idempo.fastapi": ["Idempotency", "document", "idempotency", "idempotency_exempt", "install"],
+    "idempo.fastapi": ["Idempotency", "Transaction", "document", "idempotency", "idempotency_exempt", "install"],
     "idempo.faults": [
         "DROP_ANSWER",
         "PASS",
@@ -216,6 +216,7 @@ PUBLIC_API: dict[str, list[str]] = {
     "idempo.stores.postgres": ["SCHEMA_VERSION", "AsyncPostgresStore", "PostgresStore", "migrations"],
     "idempo.stores.redis": ["AsyncRedisStore", "RedisStore"],
     "idempo.stores.sqlite": ["AsyncSQLiteStore", "SQLiteConnection", "SQLiteStore"],
+    "idempo.starlette": ["transaction"],
     "idempo.transactional": [
         "FINALIZE_TIMEOUT",
         "AsyncTransaction",

@@ -237,7 +237,7 @@ EXTRAS = {
     "idempo.demo.payments": "fastapi",
     "idempo.demo.storm": "tenacity",
     "idempo.django": "asgiref",
-    "idempo.fastapi": "starlette",
+    "idempo.fastapi": "fastapi",
     "idempo.faults": "h11",
     "idempo.flask": "flask",
     "idempo.litestar": "litestar",
@@ -246,6 +246,7 @@ EXTRAS = {
     "idempo.proxy.forwarder": "httpx",
     "idempo.requests_adapter": "tenacity",
     "idempo.stores.postgres": "psycopg",
+    "idempo.starlette": "starlette",
     "idempo.stores.redis": "redis",
     "idempo.tracing": "opentelemetry",
 }

@@ -32,6 +32,7 @@ from ._http.admission import Bypass, Execute, admission
 from ._http.asgi import (
     EXCHANGE_SCOPE_KEY,
     ROUTE_OPTIONS_FINDERS,
+    STARTUP_CHECKS,
     ASGIApp,
     Exchange,
     Message,
@@ -132,7 +133,7 @@ class IdempotencyMiddleware:
         """Return the policy for a path from the ``routes`` patterns, or None when the path is exempt."""
         return self._routes.policy_for(path, self.policy)
 
-    def _lifespan_send(self, send: Send) -> Send:
+    def _lifespan_send(self, send: Send, scope: Scope | None = None) -> Send:
         """Open the store at startup and close a store built from a URL at shutdown.
 
         Opening at startup (``store.open()`` where the store has one: the
@@ -160,6 +161,15 @@ class IdempotencyMiddleware:
                             await self.store.aclose()
                         await send({"type": "lifespan.startup.failed", "message": f"idempo: {exc}"})
                         return
+                try:
+                    # Framework glue's checks (idempo.fastapi: transactional routes).
+                    for check in STARTUP_CHECKS:
+                        check(scope or {}, self.app, self.store)
+                except ConfigurationError as exc:
+                    if self._owns_store:
+                        await self.store.aclose()
+                    await send({"type": "lifespan.startup.failed", "message": f"idempo: {exc}"})
+                    return
             elif message["type"] == "lifespan.shutdown.complete" and self._owns_store:
                 await self.store.aclose()
             await send(message)
@@ -169,7 +179,7 @@ class IdempotencyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                await self.app(scope, receive, self._lifespan_send(send))
+                await self.app(scope, receive, self._lifespan_send(send, scope))
             else:
                 await self.app(scope, receive, send)
             return

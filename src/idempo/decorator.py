@@ -484,9 +484,13 @@ def _transactional(
             for attempt in range(_CONFLICT_RETRIES + 1):
                 try:
                     result, _ = await engine.run_async(a_store, *identity, call, transactional=True)
-                except TransactionConflict:
-                    if attempt == _CONFLICT_RETRIES:
+                except Exception as exc:
+                    if not _conflict(a_store, exc):
                         raise
+                    if attempt == _CONFLICT_RETRIES:
+                        if isinstance(exc, TransactionConflict):
+                            raise
+                        raise _gave_up(name, exc) from exc
                     await anyio.sleep(_conflict_delay(attempt))
                 else:
                     return result
@@ -507,15 +511,37 @@ def _transactional(
         for attempt in range(_CONFLICT_RETRIES + 1):
             try:
                 result, _ = engine.run_sync(s_store, *identity, call, transactional=True)
-            except TransactionConflict:
-                if attempt == _CONFLICT_RETRIES:
+            except Exception as exc:
+                if not _conflict(s_store, exc):
                     raise
+                if attempt == _CONFLICT_RETRIES:
+                    if isinstance(exc, TransactionConflict):
+                        raise
+                    raise _gave_up(name, exc) from exc
                 time.sleep(_conflict_delay(attempt))
             else:
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper
+
+
+def _gave_up(name: str, exc: Exception) -> TransactionConflict:
+    return TransactionConflict(f"{name}: the transaction conflicted {_CONFLICT_RETRIES + 1} times: {exc}")
+
+
+def _conflict(store: object, exc: Exception) -> bool:
+    """Whether a call's failure is its transaction aborted to resolve a conflict: safe to run again.
+
+    At COMMIT (TransactionConflict), or at one of the function's own
+    statements (the database's 40001, 40P01, 55P03, raised out of the function).
+    """
+    if isinstance(exc, TransactionConflict):
+        return True
+    try:
+        return bool(transactor_of(store).kind(exc) == "conflict")
+    except Exception:
+        return False
 
 
 def _require_transactor(store: object, name: str) -> None:

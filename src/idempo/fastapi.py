@@ -37,28 +37,105 @@ changes only the TTL; ``idempotency(policy=Policy(...))`` replaces the policy.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, HTTPException
+from starlette.applications import Starlette
+from starlette.requests import Request
 
 from ._core.keys import MAX_KEY_LENGTH
 from ._core.policy import Policy
 from ._core.problems import PROBLEM_BASE
 from ._core.routes import RouteOptions, RouteTable
-from ._http.asgi import add_route_options_finder
+from ._engine.transaction import AsyncTransaction, transactor_of
+from ._http.asgi import Scope, add_route_options_finder, add_startup_check
 from ._http.starlette import StarletteRouteOptions, dependant_options, flat_routes
 from .asgi import IdempotencyMiddleware, PrincipalResolver, default_principal
+from .exceptions import ConfigurationError, MissingKey
 from .secrets import SecretSource
+from .starlette import transaction as _starlette_transaction
 from .typing import AsyncStore
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["Idempotency", "document", "idempotency", "idempotency_exempt", "install"]
+__all__ = ["Idempotency", "Transaction", "document", "idempotency", "idempotency_exempt", "install"]
 
 # The ASGI middleware finds a route's options with Starlette's own matcher
 # once this module is imported (the options below cannot exist without it).
 add_route_options_finder(StarletteRouteOptions)
+
+
+async def _transaction(request: Request) -> AsyncTransaction:
+    """The dependency behind :data:`Transaction`: the request's transaction, opened now."""
+    try:
+        return await _starlette_transaction(request)
+    except MissingKey as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from exc
+
+
+Transaction = Annotated[AsyncTransaction, Depends(_transaction)]
+"""A route parameter annotated with it gets the request's transaction (DESIGN "transactional route").
+
+``async def create(body: PaymentIn, tx: idempo.fastapi.Transaction)``: the
+route is transactional because it asks. The transaction opens when the
+dependency resolves (a connection checked out, BEGIN); the handler writes
+through ``tx.connection``; the middleware completes the record as the
+transaction's last statement, commits, and sends the response only after
+COMMIT returned. Checked at start-up: the store must be able to open
+transactions (``AsyncPostgresStore.from_pool``, ``AsyncSQLiteStore`` on the
+app's file) and the route must be ``async def``; otherwise the app does not
+start (ConfigurationError). A request without an ``Idempotency-Key`` gets 400.
+"""
+
+
+def _asks_for_transaction(dependant: Any) -> bool:
+    for sub in getattr(dependant, "dependencies", ()):
+        if getattr(sub, "call", None) is _transaction or _asks_for_transaction(sub):
+            return True
+    return False
+
+
+def _routes_of(routes: Any) -> Iterator[Any]:
+    for route in flat_routes(routes):
+        yield route
+        children = getattr(route, "routes", None)
+        if children and not hasattr(route, "endpoint"):
+            yield from _routes_of(children)
+
+
+def _check_transactional_routes(scope: Scope, app: Any, store: Any) -> None:
+    """Start-up check: every route asking for :data:`Transaction` can have one.
+
+    Raises:
+        ConfigurationError: the store cannot open transactions, or the route is a sync ``def``.
+    """
+    holder = scope.get("app")
+    if not isinstance(holder, Starlette):
+        holder = app
+        if not isinstance(holder, Starlette):
+            return
+    for route in _routes_of(holder.router.routes):
+        dependant = getattr(route, "dependant", None)
+        if dependant is None or not _asks_for_transaction(dependant):
+            continue
+        name = getattr(route, "path", "?")
+        if transactor_of(store) is None:
+            raise ConfigurationError(
+                f"route {name} asks for a transaction, but {type(store).__name__} cannot open one: "
+                "use AsyncPostgresStore.from_pool(pool) on the app's database, or AsyncSQLiteStore on the app's file"
+            )
+        endpoint = getattr(route, "endpoint", None)
+        if endpoint is not None and not inspect.iscoroutinefunction(endpoint):
+            raise ConfigurationError(
+                f"route {name} asks for a transaction but is a sync def: its transaction is async; make it async def"
+            )
+
+
+add_startup_check(_check_transactional_routes)
 
 _PROBLEM_SCHEMA = "IdempotencyProblem"
 _PROBLEM_CONTENT = {"application/problem+json": {"schema": {"$ref": f"#/components/schemas/{_PROBLEM_SCHEMA}"}}}

@@ -3,11 +3,19 @@ business table, and stores bound to it (``from_pool``, the app's file)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import psycopg
 import psycopg_pool
 import pytest
@@ -15,8 +23,26 @@ import pytest
 from idempo.stores.postgres import AsyncPostgresStore, PostgresStore
 from idempo.stores.sqlite import AsyncSQLiteStore, SQLiteStore
 
-PAYMENTS_PG = "CREATE TABLE {schema}.payments (id serial PRIMARY KEY, order_id text NOT NULL, cents int NOT NULL)"
-PAYMENTS_SQLITE = "CREATE TABLE payments (id INTEGER PRIMARY KEY, order_id TEXT NOT NULL, cents INTEGER NOT NULL)"
+# ref: a deferred unique constraint (a COMMIT that fails for a definite reason); cents 40001: a
+# deferred trigger that fails the COMMIT with a serialization failure (SQLSTATE 40001).
+PAYMENTS_PG = """
+CREATE TABLE {schema}.payments (
+    id serial PRIMARY KEY, order_id text NOT NULL, cents int NOT NULL, ref text,
+    CONSTRAINT payments_ref UNIQUE (ref) DEFERRABLE INITIALLY DEFERRED
+);
+CREATE FUNCTION {schema}.conflict_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.cents = 40001 THEN
+        RAISE EXCEPTION 'could not serialize access (test)' USING ERRCODE = '40001';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER conflict_at_commit AFTER INSERT ON {schema}.payments
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {schema}.conflict_at_commit();
+"""
+PAYMENTS_SQLITE = (
+    "CREATE TABLE payments (id INTEGER PRIMARY KEY, order_id TEXT NOT NULL, cents INTEGER NOT NULL, ref TEXT UNIQUE)"
+)
 
 
 class PgApp:
@@ -132,3 +158,68 @@ async def asqlite_store(sqlite_app: SQLiteApp) -> AsyncIterator[AsyncSQLiteStore
 def anyio_backend() -> str:
     """psycopg's async connections need asyncio."""
     return "asyncio"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Serve tests.transactional.tx_app with uvicorn in a child process, lifespan on; yield (URL, process)."""
+    root = Path(__file__).resolve().parents[2]
+    child_env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.transactional.tx_app:create_app",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--lifespan",
+        "on",
+    ]
+    process = subprocess.Popen(command, env=child_env, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the app exited with {process.returncode}")
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the app did not start") from None
+                time.sleep(0.05)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def app_env(backend: str, front: str, app: PgApp | SQLiteApp, **extra: str) -> dict[str, str]:
+    """The environment of tx_app for one backend and front."""
+    env = {"IDEMPO_TX_BACKEND": backend, "IDEMPO_TX_FRONT": front, "IDEMPO_SECRET": "s" * 32}
+    if isinstance(app, PgApp):
+        env.update(IDEMPO_TX_DB=app.conninfo(), IDEMPO_TX_SCHEMA=app.schema)
+    else:
+        env["IDEMPO_TX_DB"] = str(app.path)
+    env.update(extra)
+    return env

@@ -18,15 +18,19 @@ from .._core.capture import ResponseCapture, Settlement
 from .._core.fingerprint import BodySource
 from .._core.http import BYPASSED_HEADER
 from .._core.policy import Policy, Verdict
+from .._core.problems import TRANSACTIONAL_RESPONSE_TOO_LARGE, TRANSACTION_CONFLICT, problem_response
 from .._core.records import StoredResponse
 from .._core.routes import RouteOptions, RouteTable
 from .._engine.execution import AsyncExecution
+from .._engine.transaction import AsyncTransaction, AsyncTransactionalExecution
+from ..exceptions import TransactionClosed
 from ..observability._observation import RequestObservation, logger
 from .admission import Bypass, ClientGone
 
 __all__ = [
     "EXCHANGE_SCOPE_KEY",
     "ROUTE_OPTIONS_FINDERS",
+    "STARTUP_CHECKS",
     "ASGIApp",
     "Exchange",
     "Message",
@@ -35,6 +39,7 @@ __all__ = [
     "Scope",
     "Send",
     "add_route_options_finder",
+    "add_startup_check",
     "read_body",
     "replay_body",
     "report_exception",
@@ -82,6 +87,19 @@ def add_route_options_finder(factory: Callable[[RouteTable], RouteOptionsFinder]
     """Make every ASGI middleware ask finders made by ``factory`` for a route's options (once per factory)."""
     if factory not in ROUTE_OPTIONS_FINDERS:
         ROUTE_OPTIONS_FINDERS.append(factory)
+
+
+#: Checks the ASGI middleware runs at lifespan start-up, after opening the store:
+#: ``check(scope, app, store)`` raises ConfigurationError for an app the store
+#: cannot serve (idempo.fastapi: a transactional route on a store without a
+#: transactor, or a sync transactional route).
+STARTUP_CHECKS: list[Callable[[Scope, Any, Any], None]] = []
+
+
+def add_startup_check(check: Callable[[Scope, Any, Any], None]) -> None:
+    """Make every ASGI middleware run ``check(lifespan_scope, app, store)`` at start-up (once per check)."""
+    if check not in STARTUP_CHECKS:
+        STARTUP_CHECKS.append(check)
 
 
 def report_exception(scope: Scope, exc: BaseException) -> None:
@@ -207,6 +225,7 @@ class Exchange:
     __slots__ = (
         "_body_pending",
         "_done",
+        "_held",
         "_receive",
         "_send",
         "app",
@@ -250,6 +269,8 @@ class Exchange:
         #: The exception a framework reported for the handler (:func:`report_exception`).
         self.reported: BaseException | None = None
         self._body_pending = True
+        #: A transactional execution's body messages, held until COMMIT returned.
+        self._held: list[Message] = []
         # Set once the record is settled (or the answer is whole), for an app
         # waiting on a disconnect the exchange hides meanwhile.
         self._done: anyio.Event | None = None
@@ -275,6 +296,11 @@ class Exchange:
                 await self.app(scope, self.receive, self.send)
             except Exception as exc:
                 observation.error = exc
+                if self.transactional and not execution.settled and self._conflict(exc):
+                    # A statement of the handler's transaction was aborted to resolve a
+                    # conflict (40001, 40P01, 55P03): rolled back, released, 503.
+                    await self._commit_transaction(Settlement(None, Verdict.RELEASE, None), conflict=exc)
+                    return
                 if not execution.settled:
                     await self.fail(exc)
                 raise
@@ -295,14 +321,90 @@ class Exchange:
             await execution.fail(exc, self.status)
             raise
 
+    @property
+    def transactional(self) -> bool:
+        """Whether the handler opened the execution's transaction (the answer is held until COMMIT)."""
+        execution = self.execution
+        return isinstance(execution, AsyncTransactionalExecution) and execution.transactional_open
+
+    async def transaction(self) -> AsyncTransaction:
+        """The execution's transaction, opened on first use (DESIGN "transactional route").
+
+        Raises:
+            TransactionClosed: the record is settled, or the answer started before the transaction opened.
+            ConfigurationError: the store cannot open transactions.
+            StoreUnavailable: no connection within the store's deadline.
+        """
+        execution = self.execution
+        if not isinstance(execution, AsyncTransactionalExecution):
+            raise TransactionClosed("this request's execution cannot hold a transaction")
+        if not execution.transactional_open and self.start is not None:
+            raise TransactionClosed("the answer has started: open the transaction before responding")
+        return await execution.transaction()
+
     async def commit(self, settlement: Settlement) -> None:
         """Settle the record by ``settlement``: the one point the answer's verdict reaches the store."""
+        if self.transactional:
+            await self._commit_transaction(settlement)
+            return
         if self.capture.refusal is not None:
             # Not stored (the capture released it); the server does with the
             # response what it does with any it cannot send (uvicorn drops it).
             self.observation.response_refused(self.capture.refusal)
         await self.execution.settle(settlement.response, settlement.verdict, settlement.reason)
         self._wake()
+
+    def _conflict(self, exc: Exception) -> bool:
+        """Whether the handler's exception is its database aborting the transaction to resolve a conflict."""
+        execution = self.execution
+        assert isinstance(execution, AsyncTransactionalExecution)
+        try:
+            return bool(execution.used.kind(exc) == "conflict") and not self.start_sent
+        except Exception:
+            return False
+
+    async def _commit_transaction(self, settlement: Settlement, conflict: Exception | None = None) -> None:
+        """COMMIT (or roll back) the handler's transaction, then send the held answer, or the problem instead.
+
+        A response over ``max_response_body`` cannot be held until COMMIT:
+        rolled back, released, 500 problem.
+        """
+        execution = self.execution
+        assert isinstance(execution, AsyncTransactionalExecution)
+        capture = self.capture
+        problem: StoredResponse | None = None
+        if capture.refusal is not None:
+            self.observation.response_refused(capture.refusal)
+        if capture.too_large:
+            settlement = Settlement(None, Verdict.RELEASE, None)
+            problem = problem_response(
+                TRANSACTIONAL_RESPONSE_TOO_LARGE,
+                f"The response exceeds {execution.policy.max_response_body} bytes.",
+            )
+        await execution.settle(settlement.response, settlement.verdict, settlement.reason)
+        if conflict is not None:
+            problem = problem_response(
+                TRANSACTION_CONFLICT, "The database rolled the transaction back to resolve a conflict.", retry_after=1
+            )
+        problem = problem or execution.problem()
+        held, self._held = self._held, []
+        start, self.start_sent = self.start, True
+        if problem is not None:
+            await self._send_instead(problem)
+        elif start is not None:
+            execution.before_send()
+            await self.forward(start)
+            for message in held:
+                await self.forward(message)
+        self._wake()
+
+    async def _send_instead(self, answer: StoredResponse) -> None:
+        if self.client_gone:
+            return
+        try:
+            await send_answer(self._send, answer)
+        except OSError:
+            self.client_gone = True
 
     async def fail(self, exc: Exception) -> None:
         """The app raised: settle by the exception's verdict (a response no server may send is released)."""
@@ -353,6 +455,16 @@ class Exchange:
                 return
             if kind != "http.response.body" or self.start is None or self.execution.settled:
                 await self.forward(message)
+                return
+            if self.transactional:
+                # Held until COMMIT returned: a transactional route never sends
+                # what may yet roll back (TRANSACTIONAL.md, "fully buffered").
+                capture.add(message.get("body", b""))
+                self._held.append(message)
+                if not message.get("more_body", False):
+                    self.complete = True
+                    if capture.settles_when_whole():
+                        await self.commit(capture.settlement(complete=True))
                 return
             capture.add(message.get("body", b""))
             if not message.get("more_body", False):

@@ -1,0 +1,76 @@
+"""Start-up checks: a transactional route the store cannot serve, or a sync one, stops the app at start-up
+(lifespan.startup.failed with one line), not per request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+import idempo.fastapi
+from idempo.asgi import IdempotencyMiddleware
+from idempo.stores.memory import AsyncMemoryStore
+from idempo.stores.sqlite import AsyncSQLiteStore
+
+
+async def _startup(app: Any) -> dict[str, Any]:
+    """Run the ASGI lifespan start-up of ``app``; return the message it answered with."""
+    sent: list[dict[str, Any]] = []
+    received = [{"type": "lifespan.startup"}]
+
+    async def receive() -> dict[str, Any]:
+        if received:
+            return received.pop()
+        # Shut down once start-up answered.
+        return {"type": "lifespan.shutdown"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    return sent[0]
+
+
+def _app(store: Any, *, sync: bool = False) -> FastAPI:
+    app = FastAPI()
+    if sync:
+
+        @app.post("/pay")
+        def pay_sync(tx: idempo.fastapi.Transaction) -> None: ...
+
+    else:
+
+        @app.post("/pay")
+        async def pay(tx: idempo.fastapi.Transaction) -> None: ...
+
+    app.add_middleware(IdempotencyMiddleware, store=store)
+    return app
+
+
+@pytest.mark.anyio
+async def test_memory_store_fails_startup() -> None:
+    """A route asking for a transaction on a memory store: start-up fails, naming the route and the fix."""
+    message = await _startup(_app(AsyncMemoryStore()))
+    assert message["type"] == "lifespan.startup.failed"
+    assert "/pay" in message["message"]
+    assert "from_pool" in message["message"]
+
+
+@pytest.mark.anyio
+async def test_sync_route_fails_startup(tmp_path: Path) -> None:
+    """A sync def route asking for the (async) transaction: start-up fails."""
+    store = AsyncSQLiteStore(tmp_path / "app.db")
+    message = await _startup(_app(store, sync=True))
+    assert message["type"] == "lifespan.startup.failed"
+    assert "async def" in message["message"]
+    await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_transactional_store_starts(tmp_path: Path) -> None:
+    store = AsyncSQLiteStore(tmp_path / "app.db")
+    message = await _startup(_app(store))
+    assert message["type"] == "lifespan.startup.complete"
+    await store.aclose()

@@ -1,0 +1,169 @@
+"""A payments app with a transactional route, for uvicorn in a child process (``--factory``, lifespan on).
+
+Environment:
+    IDEMPO_TX_FRONT: ``fastapi`` (``tx: idempo.fastapi.Transaction``) or ``starlette``
+        (``await idempo.starlette.transaction(request)``).
+    IDEMPO_TX_BACKEND: ``postgres`` (``AsyncPostgresStore.from_pool``) or ``sqlite`` (``AsyncSQLiteStore``).
+    IDEMPO_TX_DB: the PostgreSQL conninfo (search_path on the test's schema) or the SQLite file.
+    IDEMPO_TX_SCHEMA: the PostgreSQL schema of idempo's tables.
+    IDEMPO_TX_POOL: the pool's max size (default 5).
+    IDEMPO_TX_LEASE: lease seconds (default 30).
+
+``POST /payments`` with ``{"order_id": ..., "cents": ..., "mode": ...}`` inserts one payment row
+through the transaction and answers 201; ``mode`` makes it misbehave after the write:
+``raise`` (an exception), ``500`` / ``400`` (that status), ``big`` (a body over
+max_response_body), ``deferred`` (a second row violating a deferred unique constraint: COMMIT
+fails), ``slow`` (sleeps 0.3 s first), ``second`` (also writes through a second connection of
+its own, outside the transaction), ``background`` (a background task uses tx afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import idempo.fastapi
+from idempo import Policy
+from idempo.asgi import IdempotencyMiddleware
+
+MAX_RESPONSE_BODY = 2000
+BACKGROUND_LOG = os.environ.get("IDEMPO_TX_BACKGROUND_LOG", "")
+
+
+def _policy() -> Policy:
+    return Policy(
+        require_key=True,
+        lease_ttl=float(os.environ.get("IDEMPO_TX_LEASE", "30")),
+        max_response_body=MAX_RESPONSE_BODY,
+    )
+
+
+class Backend:
+    """The app's database: its writes (through tx), and a write of its own outside tx."""
+
+    def __init__(self) -> None:
+        self.kind = os.environ["IDEMPO_TX_BACKEND"]
+        self.db = os.environ["IDEMPO_TX_DB"]
+        self.pool: Any = None
+        self.store: Any = None
+        if self.kind == "postgres":
+            import psycopg_pool
+
+            from idempo.stores.postgres import AsyncPostgresStore
+
+            size = int(os.environ.get("IDEMPO_TX_POOL", "5"))
+            self.pool = psycopg_pool.AsyncConnectionPool(self.db, min_size=1, max_size=size, open=False, timeout=5)
+            self.store = AsyncPostgresStore.from_pool(self.pool, schema=os.environ["IDEMPO_TX_SCHEMA"])
+        else:
+            from idempo.stores.sqlite import AsyncSQLiteStore
+
+            self.store = AsyncSQLiteStore(self.db, busy_timeout=2.0)
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        if self.pool is not None:
+            await self.pool.open()
+        yield
+        if self.pool is not None:
+            await self.pool.close()
+
+    async def insert(self, tx: Any, order_id: str, cents: int, ref: str | None = None) -> int:
+        if self.kind == "postgres":
+            cur = await tx.connection.execute(
+                "INSERT INTO payments (order_id, cents, ref) VALUES (%s, %s, %s) RETURNING id", (order_id, cents, ref)
+            )
+            row = await cur.fetchone()
+            return int(row[0])
+        cur = tx.connection.execute(
+            "INSERT INTO payments (order_id, cents, ref) VALUES (?, ?, ?)", (order_id, cents, ref)
+        )
+        return int(cur.lastrowid)
+
+    async def insert_elsewhere(self, order_id: str) -> None:
+        """A write through a connection of the app's own: outside idempo's transaction (the trap)."""
+        if self.kind == "postgres":
+            import psycopg
+
+            async with await psycopg.AsyncConnection.connect(self.db, autocommit=True) as conn:
+                await conn.execute("INSERT INTO payments (order_id, cents) VALUES (%s, -1)", (order_id,))
+        else:
+            raise RuntimeError("the SQLite file's write lock is held by the transaction")
+
+
+async def _act(backend: Backend, tx: Any, body: dict[str, Any]) -> Response:
+    mode = body.get("mode", "")
+    if mode == "slow":
+        await anyio.sleep(0.3)
+    pid = await backend.insert(tx, body["order_id"], int(body.get("cents", 1)), body.get("ref"))
+    if mode == "raise":
+        raise RuntimeError("provider down")
+    if mode == "500":
+        return JSONResponse({"error": "provider down"}, status_code=500)
+    if mode == "400":
+        return JSONResponse({"error": "card declined", "id": pid}, status_code=400)
+    if mode == "big":
+        return JSONResponse({"id": pid, "pad": "x" * (MAX_RESPONSE_BODY * 2)}, status_code=201)
+    if mode == "deferred":
+        await backend.insert(tx, body["order_id"], 0, body.get("ref"))
+    if mode == "second":
+        await backend.insert_elsewhere(body["order_id"])
+        raise RuntimeError("fails after both writes")
+    task = None
+    if mode == "background":
+
+        async def later() -> None:
+            try:
+                outcome = type(tx.connection).__name__
+            except Exception as exc:
+                outcome = type(exc).__name__
+            await anyio.Path(BACKGROUND_LOG).write_text(outcome + "\n")
+
+        task = BackgroundTask(later)
+    return JSONResponse({"id": pid, "order_id": body["order_id"]}, status_code=201, background=task)
+
+
+async def health(request: Request) -> Response:
+    return Response("ok")
+
+
+def create_app() -> Any:
+    backend = Backend()
+    front = os.environ.get("IDEMPO_TX_FRONT", "fastapi")
+    if front == "fastapi":
+        from fastapi import FastAPI
+
+        api = FastAPI(lifespan=backend.lifespan)
+
+        @api.post("/payments", status_code=201)
+        async def create_payment(request: Request, tx: idempo.fastapi.Transaction) -> Response:
+            return await _act(backend, tx, await request.json())
+
+        @api.post("/plain", status_code=201)
+        async def plain(request: Request) -> dict[str, str]:
+            return {"plain": "yes"}
+
+        api.add_route("/health", health)
+        api.add_middleware(IdempotencyMiddleware, store=backend.store, policy=_policy())
+        return api
+
+    from idempo.starlette import transaction
+
+    async def create(request: Request) -> Response:
+        tx = await transaction(request)
+        return await _act(backend, tx, await request.json())
+
+    app = Starlette(
+        routes=[Route("/payments", create, methods=["POST"]), Route("/health", health)],
+        lifespan=backend.lifespan,
+    )
+    app.add_middleware(IdempotencyMiddleware, store=backend.store, policy=_policy())
+    return app
