@@ -509,16 +509,21 @@ def _schema_version() -> _Steps[tuple[Any, ...] | None]:
     return (yield _Statement(_Q["schema_version"], prepare=False)).row
 
 
-def _create_schema(schema: str, set_path: bool = False) -> _Steps[list[int]]:
+def _create_schema(schema: str, set_path: bool = False, search_path: bool = False) -> _Steps[list[int]]:
     """Run in one transaction: create the schema, or upgrade it; return the versions applied.
 
     ``set_path``: on a connection of the application's (whose search_path is
-    its own), the schema's DDL runs under ``SET LOCAL search_path``.
+    its own), the schema's DDL runs under ``SET LOCAL search_path``;
+    ``search_path``: the tables go where that connection's search_path puts
+    them (no schema is created or named).
     """
     yield _maintenance()
-    yield _Statement(_Q["migration_lock"], {"schema": schema}, prepare=False)
-    yield _Statement(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)), prepare=False)
-    if set_path:
+    if search_path:
+        yield _Statement(_Q["migration_lock"], {"schema": ""}, prepare=False)
+    else:
+        yield _Statement(_Q["migration_lock"], {"schema": schema}, prepare=False)
+        yield _Statement(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)), prepare=False)
+    if set_path and not search_path:
         yield _Statement(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)), prepare=False)
     row = (yield _Statement(_Q["version_table_exists"], prepare=False)).row
     current = None
@@ -580,17 +585,22 @@ class _PostgresBase:
         #: connections are the app's (no search_path, maybe not autocommit), and
         #: the pool is the app's to open and close.
         self._app_pool = False
+        # from_pool(schema=None): idempo's tables are wherever the app's search_path finds them.
+        self._search_path = False
         self._rewrite: _Rewrite | None = None
         #: How a transactional execution drives this database (see
         #: idempo._engine.transaction); None for a store built from a URL.
         self.transactor: Any = None
 
-    def _bind(self, pool: Any) -> None:
-        """Run on the application's pool: statements qualified by the schema, the pool left to the app."""
+    def _bind(self, pool: Any, schema: str | None) -> None:
+        """Run on the application's pool, the pool left to the app: statements qualified by ``schema``,
+        or (None) unqualified, found through the connections' own search_path."""
         self._app_pool = True
         self._pool = pool
-        self._rewrite = _qualified(self.schema)
-        self.url = f"postgresql://(pool {getattr(pool, 'name', '?')})/?schema={self.schema}"
+        self._search_path = schema is None
+        self._rewrite = None if schema is None else _qualified(schema)
+        where = "" if schema is None else f"?schema={schema}"
+        self.url = f"postgresql://(pool {getattr(pool, 'name', '?')}){where}"
 
     def _limits(self, deadline: float | None) -> tuple[float, float]:
         """(seconds the pool wait may take, monotonic end of the call) for a call starting now."""
@@ -663,7 +673,7 @@ class PostgresStore(_PostgresBase):
         cls,
         pool: psycopg_pool.ConnectionPool[Any],
         *,
-        schema: str = "public",
+        schema: str | None = None,
         deadline: float | timedelta = DEFAULT_DEADLINE,
         check_schema: bool = True,
     ) -> PostgresStore:
@@ -680,8 +690,10 @@ class PostgresStore(_PostgresBase):
 
         Args:
             pool: an open (or to be opened) ``psycopg_pool.ConnectionPool``.
-            schema: the schema holding idempo's tables (a plain identifier);
-                statements name it, the connections' ``search_path`` is untouched.
+            schema: the schema holding idempo's tables (a plain identifier):
+                statements name it, the connections' ``search_path`` is
+                untouched. None (default): the tables are found through the
+                connections' own ``search_path``, as the app's tables are.
             deadline: seconds (or a timedelta) a call may wait for a pooled
                 connection before StoreUnavailable (default 2). The statements
                 themselves are bounded by the server's settings only
@@ -691,8 +703,8 @@ class PostgresStore(_PostgresBase):
         Raises:
             ConfigurationError: a schema name that is not a plain identifier.
         """
-        store = cls("postgresql://", schema=schema, deadline=deadline, check_schema=check_schema)
-        store._bind(pool)
+        store = cls("postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema)
+        store._bind(pool, schema)
         store.transactor = _PgTransactor(store)
         return store
 
@@ -827,7 +839,7 @@ class PostgresStore(_PostgresBase):
         self._probe()
         self._checked = True  # nothing to check before the schema exists
         with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
-            return _run_steps(conn, _create_schema(self.schema, self._app_pool))
+            return _run_steps(conn, _create_schema(self.schema, self._app_pool, self._search_path))
 
     def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
@@ -893,13 +905,13 @@ class AsyncPostgresStore(_PostgresBase):
         cls,
         pool: psycopg_pool.AsyncConnectionPool[Any],
         *,
-        schema: str = "public",
+        schema: str | None = None,
         deadline: float | timedelta = DEFAULT_DEADLINE,
         check_schema: bool = True,
     ) -> AsyncPostgresStore:
         """See :meth:`PostgresStore.from_pool` (an ``AsyncConnectionPool``, opened by the app)."""
-        store = cls("postgresql://", schema=schema, deadline=deadline, check_schema=check_schema)
-        store._bind(pool)
+        store = cls("postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema)
+        store._bind(pool, schema)
         store.transactor = _AsyncPgTransactor(store)
         return store
 
@@ -1000,7 +1012,7 @@ class AsyncPostgresStore(_PostgresBase):
         await self._probe()
         self._checked = True  # nothing to check before the schema exists
         async with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
-            return await _arun_steps(conn, _create_schema(self.schema, self._app_pool))
+            return await _arun_steps(conn, _create_schema(self.schema, self._app_pool, self._search_path))
 
     async def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
