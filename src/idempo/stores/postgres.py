@@ -319,6 +319,32 @@ class _AsyncBoundedConnection(psycopg.AsyncConnection[tuple[Any, ...]]):
         return await super().wait(gen, interval, _bounded(self.deadline, self.idle_bound, timeout))
 
 
+@contextmanager
+def _autocommit(conn: Any) -> Iterator[None]:
+    """The app's pooled connection in autocommit mode for one store call, its own mode restored after."""
+    restore = not conn.autocommit
+    if restore:
+        conn.autocommit = True
+    try:
+        yield
+    finally:
+        if restore and not conn.closed:
+            conn.autocommit = False
+
+
+@asynccontextmanager
+async def _aautocommit(conn: Any) -> AsyncIterator[None]:
+    """The async twin of :func:`_autocommit`."""
+    restore = not conn.autocommit
+    if restore:
+        await conn.set_autocommit(True)
+    try:
+        yield
+    finally:
+        if restore and not conn.closed:
+            await conn.set_autocommit(False)
+
+
 def _bounded(deadline: float | None, idle_bound: float, timeout: float | None) -> float:
     left = idle_bound if deadline is None else max(deadline - monotonic(), 0.0)
     return left if timeout is None else min(timeout, left)
@@ -683,9 +709,8 @@ class PostgresStore(_PostgresBase):
         creates it), so a transactional handler's writes and the record's
         completion commit in one transaction (DESIGN "transactional route").
         Every store call checks a connection out of ``pool`` for one statement
-        (in a transaction of its own when the pool's connections are not in
-        autocommit mode); a transactional execution holds one for the
-        handler's transaction. Size the pool for both. The pool is the
+        (switched to autocommit mode for the call, a client-side flag); a
+        transactional execution holds one for the handler's transaction. Size the pool for both. The pool is the
         application's: open it before the app starts; :meth:`close` leaves it open.
 
         Args:
@@ -772,9 +797,10 @@ class PostgresStore(_PostgresBase):
                 conn.deadline = ends
                 try:
                     if self._app_pool:
-                        # The app's connection: one transaction per call (committed, or
-                        # rolled back on an error), whatever its autocommit setting.
-                        with conn.transaction():
+                        # The app's connection, switched to autocommit for the call (a
+                        # client-side flag, no round trip): each statement commits on its
+                        # own, one round trip, as on the store's own connections.
+                        with _autocommit(conn):
                             if not self._checked:
                                 self._check_on(conn)
                             yield conn
@@ -966,7 +992,7 @@ class AsyncPostgresStore(_PostgresBase):
                 conn.deadline = ends
                 try:
                     if self._app_pool:
-                        async with conn.transaction():  # see PostgresStore._connection
+                        async with _aautocommit(conn):  # see PostgresStore._connection
                             if not self._checked:
                                 await self._check_on(conn)
                             yield conn
