@@ -101,7 +101,15 @@ PUBLIC_API: dict[str, list[str]] = {
         "TransactionControlled",
         "TransactionError",
     ],
-    "idempo.fastapi": ["Idempotency", "Transaction", "document", "idempotency", "idempotency_exempt", "install"],
+    "idempo.fastapi": [
+        "Idempotency",
+        "Session",
+        "Transaction",
+        "document",
+        "idempotency",
+        "idempotency_exempt",
+        "install",
+    ],
     "idempo.faults": [
         "DROP_ANSWER",
         "PASS",

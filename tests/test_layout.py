@@ -198,6 +198,7 @@ OPTIONAL = (
     "redis",
     "requests",
     "rich",
+    "sqlalchemy",
     "starlette",
     "tenacity",
     "uvicorn",

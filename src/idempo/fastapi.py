@@ -62,7 +62,7 @@ from .typing import AsyncStore
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["Idempotency", "Transaction", "document", "idempotency", "idempotency_exempt", "install"]
+__all__ = ["Idempotency", "Session", "Transaction", "document", "idempotency", "idempotency_exempt", "install"]
 
 # The ASGI middleware finds a route's options with Starlette's own matcher
 # once this module is imported (the options below cannot exist without it).
@@ -92,9 +92,31 @@ start (ConfigurationError). A request without an ``Idempotency-Key`` gets 400.
 """
 
 
+async def _session(tx: Transaction) -> Any:
+    """The dependency behind :data:`Session`: the SQLAlchemy session joined to the request's transaction."""
+    session = tx.session
+    if session is None:
+        raise ConfigurationError(
+            "idempo.fastapi.Session needs a store built by AsyncPostgresStore.from_engine or "
+            "AsyncSQLiteStore.from_engine"
+        )
+    return session
+
+
+Session = Annotated[Any, Depends(_session)]
+"""A route parameter annotated with it gets a SQLAlchemy ``AsyncSession`` joined to the request's transaction.
+
+``async def create(body: PaymentIn, session: idempo.fastapi.Session)``: as :data:`Transaction` (the
+route is transactional because it asks), for a store built on the app's ``AsyncEngine``
+(``AsyncPostgresStore.from_engine``, ``AsyncSQLiteStore.from_engine``). The session is bound to
+the transaction's connection with ``join_transaction_mode="create_savepoint"``: its ``commit()``
+releases a savepoint, never idempo's transaction.
+"""
+
+
 def _asks_for_transaction(dependant: Any) -> bool:
     for sub in getattr(dependant, "dependencies", ()):
-        if getattr(sub, "call", None) is _transaction or _asks_for_transaction(sub):
+        if getattr(sub, "call", None) in (_transaction, _session) or _asks_for_transaction(sub):
             return True
     return False
 

@@ -733,6 +733,40 @@ class PostgresStore(_PostgresBase):
         store.transactor = _PgTransactor(store)
         return store
 
+    @classmethod
+    def from_engine(
+        cls,
+        engine: Any,
+        *,
+        schema: str | None = None,
+        deadline: float | timedelta = DEFAULT_DEADLINE,
+        check_schema: bool = True,
+    ) -> PostgresStore:
+        """A store on the application's SQLAlchemy 2 ``Engine`` (psycopg), for transactional mode.
+
+        Needs ``idempo[sqlalchemy]``. idempo's statements run through the engine
+        (``text()``); a transactional handler gets ``tx.connection`` (a
+        SQLAlchemy ``Connection`` inside idempo's transaction) and ``tx.session``
+        (a ``Session`` joined with ``join_transaction_mode="create_savepoint"``).
+        The tables are created by ``idempo migrate``, not by this store.
+
+        Args:
+            engine: a ``sqlalchemy.Engine`` on PostgreSQL, the application's.
+            schema: as in :meth:`from_pool`.
+            deadline: as in :meth:`from_pool` (the engine's pool timeout applies to checkouts).
+            check_schema: as in the constructor.
+
+        Raises:
+            ConfigurationError: the engine is not on PostgreSQL, or a bad schema name.
+        """
+        if getattr(getattr(engine, "dialect", None), "name", None) != "postgresql":
+            raise ConfigurationError("PostgresStore.from_engine needs a SQLAlchemy engine on PostgreSQL")
+        store = _EnginePostgresStore(
+            "postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema
+        )
+        store._bind_engine(engine, schema)
+        return store
+
     def open(self) -> None:
         """Check the server and the schema version now, over a connection of its own.
 
@@ -939,6 +973,29 @@ class AsyncPostgresStore(_PostgresBase):
         store = cls("postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema)
         store._bind(pool, schema)
         store.transactor = _AsyncPgTransactor(store)
+        return store
+
+    @classmethod
+    def from_engine(
+        cls,
+        engine: Any,
+        *,
+        schema: str | None = None,
+        deadline: float | timedelta = DEFAULT_DEADLINE,
+        check_schema: bool = True,
+    ) -> AsyncPostgresStore:
+        """See :meth:`PostgresStore.from_engine`: an ``AsyncEngine`` (asyncpg or psycopg); the handler gets an
+        ``AsyncConnection`` and an ``AsyncSession``.
+
+        Raises:
+            ConfigurationError: the engine is not on PostgreSQL, or a bad schema name.
+        """
+        if getattr(getattr(engine, "dialect", None), "name", None) != "postgresql":
+            raise ConfigurationError("AsyncPostgresStore.from_engine needs a SQLAlchemy AsyncEngine on PostgreSQL")
+        store = _AsyncEnginePostgresStore(
+            "postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema
+        )
+        store._bind_engine(engine, schema)
         return store
 
     async def open(self) -> None:
@@ -1262,3 +1319,150 @@ class _AsyncPgTransactor:
 
     async def resolve(self, record_key: str) -> Record | None:
         return await self._store.get(record_key)
+
+
+# --- SQLAlchemy engines (extra idempo[sqlalchemy]) ----------------------------------------
+
+
+def _undefined_table(exc: BaseException) -> bool:
+    """Whether a failed call's cause (psycopg's or SQLAlchemy's) is a missing table (SQLSTATE 42P01)."""
+    cause = exc.__cause__
+    return getattr(getattr(cause, "orig", cause), "sqlstate", None) == "42P01" or isinstance(
+        cause, psycopg.errors.UndefinedTable
+    )
+
+
+class _EnginePostgresStore(PostgresStore):
+    """A :class:`PostgresStore` on the application's SQLAlchemy ``Engine`` (see :meth:`PostgresStore.from_engine`)."""
+
+    _engine: Any = None
+
+    def _bind_engine(self, engine: Any, schema: str | None) -> None:
+        from . import _sqlalchemy
+
+        self._app_pool = True
+        self._engine = engine
+        self._search_path = schema is None
+        self._rewrite = None if schema is None else _qualified(schema)
+        self.url = f"postgresql://(engine {engine.url.render_as_string(hide_password=True)})"
+        self.transactor = _sqlalchemy.EngineTransactor(engine, _settle_steps, self.get, self._rewrite)
+
+    def open(self) -> None:
+        """See :meth:`PostgresStore.open` (over a connection of the engine)."""
+        if self._open:
+            return
+        try:
+            row = self._run(_schema_version(), check=False)
+        except StoreError as exc:
+            if not _undefined_table(exc):
+                raise
+            row = None
+        self._opened(row)
+
+    def check_schema(self) -> int:
+        """See :meth:`PostgresStore.check_schema`."""
+        self._open = False
+        self.open()
+        return SCHEMA_VERSION
+
+    def _run(self, steps: _Steps[_RV], check: bool = True) -> _RV:
+        """Run one call's statements on a connection of the engine, in autocommit mode."""
+        from . import _sqlalchemy
+
+        if self._closed:
+            raise closed(self.url)
+        if check and not self._checked:
+            self.open()
+        with _sqlalchemy.sa_errors(), self._engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            result: _RV = _sqlalchemy.run_steps(conn, steps, self._rewrite)
+            return result
+
+    def create_schema(self) -> list[int]:
+        """Not on an engine: create idempo's tables with ``idempo migrate`` (or a URL-built store's create_schema).
+
+        Raises:
+            ConfigurationError: always.
+        """
+        raise ConfigurationError(
+            "a store built by from_engine does not create its schema: run `idempo migrate --store postgresql://...`"
+        )
+
+    def stats(self) -> StoreStats:
+        """See :meth:`PostgresStore.stats`."""
+        from . import _sqlalchemy
+
+        with _sqlalchemy.sa_errors(), self._engine.connect() as conn, conn.begin():
+            result: StoreStats = _sqlalchemy.run_steps(conn, _stats(), self._rewrite)
+            return result
+
+    def close(self) -> None:
+        """Any later call raises StoreError; the engine is the application's (not disposed)."""
+        self._closed, self._open = True, False
+
+
+class _AsyncEnginePostgresStore(AsyncPostgresStore):
+    """An :class:`AsyncPostgresStore` on the application's ``AsyncEngine`` (asyncpg or psycopg)."""
+
+    _engine: Any = None
+
+    def _bind_engine(self, engine: Any, schema: str | None) -> None:
+        from . import _sqlalchemy
+
+        self._app_pool = True
+        self._engine = engine
+        self._search_path = schema is None
+        self._rewrite = None if schema is None else _qualified(schema)
+        self.url = f"postgresql://(engine {engine.url.render_as_string(hide_password=True)})"
+        self.transactor = _sqlalchemy.AsyncEngineTransactor(engine, _settle_steps, self.get, self._rewrite)
+
+    async def open(self) -> None:
+        """See :meth:`PostgresStore.open`."""
+        if self._open:
+            return
+        try:
+            row = await self._run(_schema_version(), check=False)
+        except StoreError as exc:
+            if not _undefined_table(exc):
+                raise
+            row = None
+        self._opened(row)
+
+    async def check_schema(self) -> int:
+        """See :meth:`PostgresStore.check_schema`."""
+        self._open = False
+        await self.open()
+        return SCHEMA_VERSION
+
+    async def _run(self, steps: _Steps[_RV], check: bool = True) -> _RV:
+        """See :meth:`_EnginePostgresStore._run`."""
+        from . import _sqlalchemy
+
+        if self._closed:
+            raise closed(self.url)
+        if check and not self._checked:
+            await self.open()
+        with _sqlalchemy.sa_errors():
+            async with self._engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                result: _RV = await _sqlalchemy.arun_steps(conn, steps, self._rewrite)
+                return result
+
+    async def create_schema(self) -> list[int]:
+        """See :meth:`_EnginePostgresStore.create_schema`."""
+        raise ConfigurationError(
+            "a store built by from_engine does not create its schema: run `idempo migrate --store postgresql://...`"
+        )
+
+    async def stats(self) -> StoreStats:
+        """See :meth:`PostgresStore.stats`."""
+        from . import _sqlalchemy
+
+        with _sqlalchemy.sa_errors():
+            async with self._engine.connect() as conn, conn.begin():
+                result: StoreStats = await _sqlalchemy.arun_steps(conn, _stats(), self._rewrite)
+                return result
+
+    async def aclose(self) -> None:
+        """See :meth:`_EnginePostgresStore.close`."""
+        self._closed, self._open = True, False

@@ -36,8 +36,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Generator
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import anyio.to_thread
 
@@ -456,6 +456,43 @@ class _AsyncSQLiteTransactor:
         return await anyio.to_thread.run_sync(self._sync.resolve, record_key)
 
 
+class _Statement(NamedTuple):
+    """One statement for a SQLAlchemy engine's connection (idempo.stores._sqlalchemy)."""
+
+    query: str
+    params: dict[str, Any]
+
+
+def _engine_settle_steps(db: _Database) -> Callable[[Any], Generator[_Statement, Any, None]]:
+    """The statements that settle a record for a command, for a SQLAlchemy engine's connection."""
+
+    def steps(command: Any) -> Generator[_Statement, Any, None]:
+        params: dict[str, Any] = {"record_key": command.record_key, "token": command.token, "now": db.now_ms()}
+        if hasattr(command, "response"):
+            params.update(
+                record_ttl_ms=command.record_ttl_ms,
+                status=command.response.status,
+                headers=encode_headers(command.response.headers),
+                body=command.response.body,
+            )
+            query = _Q["complete"]
+        else:
+            query = _Q["release"]
+        if (yield _Statement(query, params)).rowcount != 1:
+            raise LeaseLost()
+
+    return steps
+
+
+def _engine_path(engine: Any) -> str:
+    if getattr(getattr(engine, "dialect", None), "name", None) != "sqlite":
+        raise ConfigurationError("from_engine needs a SQLAlchemy engine on SQLite (sqlite:// or sqlite+aiosqlite://)")
+    path = engine.url.database
+    if not path or path == ":memory:":
+        raise ConfigurationError("from_engine needs an engine on an SQLite file, not an in-memory database")
+    return str(path)
+
+
 class _SQLiteBase:
     """What the blocking and the async SQLite stores share: the constructor and the database."""
 
@@ -513,6 +550,26 @@ class SQLiteStore(_SQLiteBase):
         super().__init__(path, clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
         #: How a transactional execution drives this file (idempo._engine.transaction).
         self.transactor: Any = _SQLiteTransactor(self._db)
+
+    @classmethod
+    def from_engine(
+        cls, engine: Any, *, clock: Clock = time.time, busy_timeout: float = 2.0, synchronous: Synchronous = "NORMAL"
+    ) -> SQLiteStore:
+        """A store in the file of the application's SQLAlchemy 2 ``Engine`` (pysqlite), for transactional mode.
+
+        Needs ``idempo[sqlalchemy]``. A transactional handler gets ``tx.connection``
+        (a SQLAlchemy ``Connection`` in a ``BEGIN IMMEDIATE`` transaction) and
+        ``tx.session`` (a ``Session`` joined with ``join_transaction_mode="create_savepoint"``).
+        The other arguments are the constructor's.
+
+        Raises:
+            ConfigurationError: the engine is not on an SQLite file.
+        """
+        from . import _sqlalchemy
+
+        store = cls(_engine_path(engine), clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
+        store.transactor = _sqlalchemy.EngineTransactor(engine, _engine_settle_steps(store._db), store.get)
+        return store
 
     def _call(self, transition: Callable[..., _T], *args: Any) -> _T:
         with _sqlite_errors():
@@ -586,6 +643,22 @@ class AsyncSQLiteStore(_SQLiteBase):
         super().__init__(path, clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
         #: How a transactional execution drives this file (idempo._engine.transaction).
         self.transactor: Any = _AsyncSQLiteTransactor(self._db)
+
+    @classmethod
+    def from_engine(
+        cls, engine: Any, *, clock: Clock = time.time, busy_timeout: float = 2.0, synchronous: Synchronous = "NORMAL"
+    ) -> AsyncSQLiteStore:
+        """See :meth:`SQLiteStore.from_engine`: an ``AsyncEngine`` (aiosqlite); the handler gets an
+        ``AsyncConnection`` and an ``AsyncSession``.
+
+        Raises:
+            ConfigurationError: the engine is not on an SQLite file.
+        """
+        from . import _sqlalchemy
+
+        store = cls(_engine_path(engine), clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
+        store.transactor = _sqlalchemy.AsyncEngineTransactor(engine, _engine_settle_steps(store._db), store.get)
+        return store
 
     async def _call(self, transition: Callable[..., _T], *args: Any) -> _T:
         with _sqlite_errors():

@@ -1,0 +1,307 @@
+"""SQLAlchemy 2 engines as the application's database, for transactional mode (extra ``idempo[sqlalchemy]``).
+
+``PostgresStore.from_engine`` / ``AsyncPostgresStore.from_engine`` (psycopg or asyncpg) and
+``SQLiteStore.from_engine`` / ``AsyncSQLiteStore.from_engine`` (pysqlite or aiosqlite) run idempo's
+statements through the engine with ``text()``, so every driver works: the PostgreSQL queries keep
+psycopg's ``%(name)s`` placeholders in ``queries.sql`` and are rewritten once to ``(:name)``
+(:func:`sa_query`; the parentheses keep a cast such as ``::bigint`` after a parameter apart from it).
+
+A transactional handler gets ``tx.connection``, a SQLAlchemy ``Connection`` (or ``AsyncConnection``)
+inside the transaction idempo began, and ``tx.session``, a ``Session`` (``AsyncSession``) bound to that
+connection with ``join_transaction_mode="create_savepoint"``: the session's own ``commit()`` or
+``rollback()`` only releases or rolls back a savepoint, never idempo's transaction.
+
+This module knows nothing of the stores: a store hands it the statements of a call (a generator of
+objects with ``query`` and ``params``, sent back ``Rows``) and how to read a record.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sqlite3
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+from sqlalchemy import Engine, TextClause, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+
+from .._core.records import Record
+from ..exceptions import StoreError, StoreUnavailable
+
+__all__ = [
+    "AsyncEngineTransactor",
+    "EngineTransactor",
+    "Rows",
+    "arun_steps",
+    "kind",
+    "run_steps",
+    "sa_errors",
+    "sa_query",
+]
+
+_PARAM = re.compile(r"%\((\w+)\)s")
+# SQLSTATEs of a transaction the server aborted to resolve a conflict (see stores/postgres.py).
+_CONFLICTS = frozenset({"40001", "40P01", "55P03"})
+
+
+class Rows(NamedTuple):
+    """What a statement gave back: the affected row count and the first row (None: no row)."""
+
+    rowcount: int
+    row: tuple[Any, ...] | None
+
+
+@functools.lru_cache(maxsize=256)
+def sa_query(query: str) -> TextClause:
+    """A statement of ``queries.sql`` as a SQLAlchemy ``text()``: ``%(name)s`` becomes ``(:name)``."""
+    return text(_PARAM.sub(r"(:\1)", query))
+
+
+def _text(query: Any, rewrite: dict[Any, Any] | None) -> TextClause:
+    if rewrite is not None:
+        query = rewrite.get(query, query)
+    if not isinstance(query, str):
+        query = query.as_string()  # a psycopg sql.Composed
+    return sa_query(query)
+
+
+def run_steps(conn: Any, steps: Generator[Any, Any, Any], rewrite: dict[Any, Any] | None = None) -> Any:
+    """Run a call's statements on a SQLAlchemy ``Connection``; return its result (errors as they come)."""
+    try:
+        statement = next(steps)
+        while True:
+            result = conn.execute(_text(statement.query, rewrite), statement.params or {})
+            row = result.fetchone() if result.returns_rows else None
+            statement = steps.send(Rows(result.rowcount, None if row is None else tuple(row)))
+    except StopIteration as done:
+        return done.value
+
+
+async def arun_steps(conn: Any, steps: Generator[Any, Any, Any], rewrite: dict[Any, Any] | None = None) -> Any:
+    """The async twin of :func:`run_steps`, on an ``AsyncConnection``."""
+    try:
+        statement = next(steps)
+        while True:
+            result = await conn.execute(_text(statement.query, rewrite), statement.params or {})
+            row = result.fetchone() if result.returns_rows else None
+            statement = steps.send(Rows(result.rowcount, None if row is None else tuple(row)))
+    except StopIteration as done:
+        return done.value
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE behind a SQLAlchemy error (psycopg's ``sqlstate``, asyncpg's through SQLAlchemy's adapter)."""
+    orig = getattr(exc, "orig", exc)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def kind(exc: BaseException, dialect: str) -> str:
+    """A failure's kind for :mod:`idempo._engine.transaction`: ``conflict``, ``lost`` or ``failed``."""
+    orig = getattr(exc, "orig", exc)
+    if dialect == "sqlite":
+        if isinstance(orig, sqlite3.OperationalError) and orig.sqlite_errorcode in (
+            sqlite3.SQLITE_BUSY,
+            sqlite3.SQLITE_LOCKED,
+        ):
+            return "conflict"
+        if isinstance(orig, sqlite3.ProgrammingError) and "closed" in str(orig):
+            return "lost"
+        return "failed"
+    code = sqlstate(exc)
+    if code in _CONFLICTS:
+        return "conflict"
+    if getattr(exc, "connection_invalidated", False) or isinstance(exc, sa_exc.ResourceClosedError):
+        return "lost"
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) and (code is None or code.startswith("08")):
+        return "lost"
+    if isinstance(exc, StoreUnavailable):
+        return "lost"
+    return "failed"
+
+
+@contextmanager
+def sa_errors() -> Iterator[None]:
+    """SQLAlchemy's errors as idempo's: a lost or refused connection is StoreUnavailable, the rest StoreError."""
+    try:
+        yield
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+        raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    except sa_exc.SQLAlchemyError as exc:
+        raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+
+class _Handle(NamedTuple):
+    """One transactional execution's SQLAlchemy connection, its transaction and the joined session."""
+
+    conn: Any
+    trans: Any
+    session: Any
+
+
+#: Gives the statements that settle a record for a command (Complete or Release): a generator of
+#: objects with ``query`` and ``params`` that is sent :class:`Rows` and raises LeaseLost on 0 rows.
+SettleSteps = Callable[[Any], Generator[Any, Any, None]]
+
+
+class EngineTransactor:
+    """Drives transactional executions on a SQLAlchemy ``Engine`` (see idempo._engine.transaction.Transactor).
+
+    Args:
+        engine: the application's engine (PostgreSQL or SQLite).
+        settle_steps: the store's statements for a settling command.
+        resolve: reads a record on a fresh connection.
+        rewrite: statement text -> the text to run (a schema named), or None.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        settle_steps: SettleSteps,
+        resolve: Callable[[str], Record | None],
+        rewrite: dict[Any, Any] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._dialect = engine.dialect.name
+        self._settle_steps = settle_steps
+        self._resolve = resolve
+        self._rewrite = rewrite
+
+    def open(self) -> _Handle:
+        with sa_errors():
+            conn = self._engine.connect()
+        try:
+            trans = conn.begin()
+            if self._dialect == "sqlite":
+                # Take the write lock now: a deferred transaction that upgrades later gets
+                # SQLITE_BUSY without waiting busy_timeout.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except sa_exc.SQLAlchemyError as exc:
+            conn.close()
+            raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
+        return _Handle(conn, trans, Session(bind=conn, join_transaction_mode="create_savepoint"))
+
+    def connection(self, h: _Handle) -> Any:
+        return h.conn
+
+    def session(self, h: _Handle) -> Any:
+        return h.session
+
+    def fault_connection(self, h: _Handle) -> Any:
+        return h.conn
+
+    def kind(self, exc: BaseException) -> str:
+        return kind(exc, self._dialect)
+
+    def run(self, h: _Handle, command: Any, *, in_transaction: bool) -> None:
+        if in_transaction:
+            h.session.flush()  # the session's pending writes belong to the transaction too
+            run_steps(h.conn, self._settle_steps(command), self._rewrite)
+        else:
+            with h.conn.begin():
+                run_steps(h.conn, self._settle_steps(command), self._rewrite)
+
+    def commit(self, h: _Handle) -> None:
+        h.trans.commit()
+
+    def rollback(self, h: _Handle) -> None:
+        h.session.close()
+        if h.trans.is_active:
+            h.trans.rollback()
+        elif h.conn.in_transaction():
+            h.conn.rollback()
+        if h.conn.invalidated:
+            raise sa_exc.InterfaceError("ROLLBACK", None, Exception("the connection broke during ROLLBACK"))
+
+    def close(self, h: _Handle, *, broken: bool) -> None:
+        try:
+            h.session.close()
+            if broken and not h.conn.invalidated:
+                h.conn.invalidate()
+            h.conn.close()
+        except Exception:  # giving a connection back never fails a request
+            pass
+
+    def resolve(self, record_key: str) -> Record | None:
+        return self._resolve(record_key)
+
+
+class AsyncEngineTransactor:
+    """The async twin of :class:`EngineTransactor`, on an ``AsyncEngine`` (asyncpg, psycopg, aiosqlite)."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settle_steps: SettleSteps,
+        resolve: Callable[[str], Any],
+        rewrite: dict[Any, Any] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._dialect = engine.dialect.name
+        self._settle_steps = settle_steps
+        self._resolve = resolve
+        self._rewrite = rewrite
+
+    async def open(self) -> _Handle:
+        with sa_errors():
+            conn: AsyncConnection = await self._engine.connect()
+        try:
+            trans = await conn.begin()
+            if self._dialect == "sqlite":
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")  # see EngineTransactor.open
+        except sa_exc.SQLAlchemyError as exc:
+            await conn.close()
+            raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
+        return _Handle(conn, trans, AsyncSession(bind=conn, join_transaction_mode="create_savepoint"))
+
+    def connection(self, h: _Handle) -> Any:
+        return h.conn
+
+    def session(self, h: _Handle) -> Any:
+        return h.session
+
+    def fault_connection(self, h: _Handle) -> Any:
+        return h.conn.sync_connection
+
+    def kind(self, exc: BaseException) -> str:
+        return kind(exc, self._dialect)
+
+    async def run(self, h: _Handle, command: Any, *, in_transaction: bool) -> None:
+        if in_transaction:
+            await h.session.flush()
+            await arun_steps(h.conn, self._settle_steps(command), self._rewrite)
+        else:
+            async with h.conn.begin():
+                await arun_steps(h.conn, self._settle_steps(command), self._rewrite)
+
+    async def commit(self, h: _Handle) -> None:
+        await h.trans.commit()
+
+    async def rollback(self, h: _Handle) -> None:
+        await h.session.close()
+        if h.trans.is_active:
+            await h.trans.rollback()
+        elif h.conn.in_transaction():
+            await h.conn.rollback()
+        if h.conn.invalidated:
+            raise sa_exc.InterfaceError("ROLLBACK", None, Exception("the connection broke during ROLLBACK"))
+
+    async def close(self, h: _Handle, *, broken: bool) -> None:
+        try:
+            await h.session.close()
+            if broken and not h.conn.invalidated:
+                await h.conn.invalidate()
+            await h.conn.close()
+        except Exception:  # giving a connection back never fails a request
+            pass
+
+    async def resolve(self, record_key: str) -> Record | None:
+        result: Record | None = await self._resolve(record_key)
+        return result
