@@ -45,6 +45,7 @@ from uuid import UUID
 
 from ._core.policy import Policy, Verdict
 from ._engine.calls import Engine, async_store, canonical_form, key_text, scope_of, sync_store
+from ._engine.transaction import require_transactor
 from .exceptions import KeyHeld, KeyInProgress, MissingKey, ResultNotReplayable
 from .observability._observation import logger
 from .secrets import SecretSource
@@ -123,8 +124,10 @@ class _Consumer(Generic[M, H, S]):
         hold_ttl: float | timedelta | None = None,
         on_takeover: str = "execute",
         secret: str | bytes | None = None,
+        transactional: bool = False,
     ) -> None:
         self.handler = handler
+        self.transactional = transactional
         self.scope = scope if scope is not None else scope_of(handler)
         self._message_id = message_id
         self._fingerprint = fingerprint
@@ -139,6 +142,8 @@ class _Consumer(Generic[M, H, S]):
         # The handler's return value is not kept: a duplicate is skipped, not answered.
         self._engine = Engine(self.scope, policy, JSONSerializer(), lambda: None, SecretSource(secret))
         self.store: S = self._open(store)
+        if transactional:
+            require_transactor(self.store, self.scope)
 
     def _open(self, store: S | str) -> S:
         raise NotImplementedError
@@ -192,10 +197,18 @@ class IdempotentConsumer(_Consumer[M, Callable[[M], Any], Store]):
         secret: the server secret record keys and fingerprints are keyed with
             (HMAC-SHA256); default ``$IDEMPO_SECRET``, else a random one kept
             in the store (see :mod:`idempo.secrets`).
+        transactional: call ``handler(message, tx=...)`` inside a transaction
+            on the store's own database (``PostgresStore.from_pool`` /
+            ``from_engine``, an SQLite store on the app's file); the id's record
+            completes as its last statement, so the handler's writes commit if
+            and only if the message counts as processed (DESIGN guarantee 6). A
+            transaction that did not commit raises (TransactionConflict,
+            CommitFailed, CommitUnknown, TransactionError): do not ack, redeliver.
 
     Raises:
         ConfigurationError: a TTL is not positive, the store is async or its
-            URL unknown, or the secret is shorter than 16 bytes.
+            URL unknown, the secret is shorter than 16 bytes, or ``transactional``
+            with a store that cannot open transactions.
     """
 
     def _open(self, store: Store | str) -> Store:
@@ -216,7 +229,7 @@ class IdempotentConsumer(_Consumer[M, Callable[[M], Any], Store]):
         key, fingerprint = self._identify(message)
         call = functools.partial(_discard, self.handler, message)
         try:
-            _, replayed = self._engine.run_sync(self.store, key, fingerprint, call)
+            _, replayed = self._engine.run_sync(self.store, key, fingerprint, call, self.transactional)
         except (KeyInProgress, KeyHeld, ResultNotReplayable) as exc:
             return _not_run(exc)
         return _outcome(replayed)
@@ -237,18 +250,24 @@ class AsyncIdempotentConsumer(_Consumer[M, Callable[[M], Awaitable[Any]], AsyncS
         key, fingerprint = self._identify(message)
         call = functools.partial(_adiscard, self.handler, message)
         try:
-            _, replayed = await self._engine.run_async(self.store, key, fingerprint, call)
+            _, replayed = await self._engine.run_async(self.store, key, fingerprint, call, self.transactional)
         except (KeyInProgress, KeyHeld, ResultNotReplayable) as exc:
             return _not_run(exc)
         return _outcome(replayed)
 
 
-def _discard(handler: Callable[[M], Any], message: M) -> None:
-    handler(message)
+def _discard(handler: Callable[..., Any], message: M, tx: Any = None) -> None:
+    if tx is None:
+        handler(message)
+    else:
+        handler(message, tx=tx)
 
 
-async def _adiscard(handler: Callable[[M], Awaitable[Any]], message: M) -> None:
-    await handler(message)
+async def _adiscard(handler: Callable[..., Awaitable[Any]], message: M, tx: Any = None) -> None:
+    if tx is None:
+        await handler(message)
+    else:
+        await handler(message, tx=tx)
 
 
 # --- Redis Streams ---------------------------------------------------------------------------

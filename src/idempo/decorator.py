@@ -54,7 +54,7 @@ import anyio
 
 from ._core.policy import Policy, Verdict
 from ._engine.calls import Engine, async_store, canonical_form, key_text, record_key, scope_of, sync_store
-from ._engine.transaction import transactor_of
+from ._engine.transaction import require_transactor, transactor_of
 from .exceptions import ConfigurationError, MissingKey, TransactionConflict
 from .observability._observation import logger
 from .secrets import SecretSource
@@ -472,7 +472,7 @@ def _transactional(
 
     if inspect.iscoroutinefunction(fn):
         a_store = async_store(store, name)
-        _require_transactor(a_store, name)
+        require_transactor(a_store, name)
 
         @functools.wraps(fn)
         async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -499,7 +499,7 @@ def _transactional(
         return async_wrapper
 
     s_store = sync_store(store, name)
-    _require_transactor(s_store, name)
+    require_transactor(s_store, name)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -542,12 +542,3 @@ def _conflict(store: object, exc: Exception) -> bool:
         return bool(transactor_of(store).kind(exc) == "conflict")
     except Exception:
         return False
-
-
-def _require_transactor(store: object, name: str) -> None:
-    if transactor_of(store) is None:
-        raise ConfigurationError(
-            f"{name}: transactional=True needs a store on the application's own database: "
-            "PostgresStore.from_pool(pool) / from_engine(engine), or an SQLite store on the app's file; "
-            f"{type(store).__name__} cannot commit with the function's writes"
-        )

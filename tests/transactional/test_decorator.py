@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from idempo import idempotent
-from idempo.exceptions import ConfigurationError, TransactionControlled
+from idempo.exceptions import CommitFailed, ConfigurationError, TransactionControlled
 from idempo.stores.memory import MemoryStore
 from idempo.stores.postgres import AsyncPostgresStore, PostgresStore
 from idempo.stores.sqlite import AsyncSQLiteStore, SQLiteStore
@@ -187,3 +187,62 @@ def test_sqlite_sees_its_own_file(sqlite_store: SQLiteStore, sqlite_app: SQLiteA
     with sqlite3.connect(sqlite_app.path) as conn:
         (states,) = conn.execute("SELECT count(*) FROM idempo_records WHERE state = 'completed'").fetchone()
     assert states == 1
+
+
+def test_consumer(sqlite_store: SQLiteStore, sqlite_app: SQLiteApp) -> None:
+    """IdempotentConsumer(transactional=True): the handler gets tx; a redelivery is a duplicate, one row."""
+    from idempo.consumer import IdempotentConsumer, Outcome
+
+    def handle(message: dict[str, Any], *, tx: Transaction) -> None:
+        tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (?, 8)", (message["id"],))
+
+    consumer = IdempotentConsumer(handle, store=sqlite_store, message_id=lambda m: m["id"], transactional=True)
+    assert consumer.process({"id": "m1"}) is Outcome.PROCESSED
+    assert consumer.process({"id": "m1"}) is Outcome.DUPLICATE
+    assert sqlite_app.rows() == [("m1", 8)]
+
+
+def test_hold_rolls_back_and_holds(sqlite_store: SQLiteStore, sqlite_app: SQLiteApp) -> None:
+    """An exception whose verdict is HOLD: the writes roll back, and the key is held on the same connection."""
+    from idempo import Verdict
+    from idempo.exceptions import KeyHeld
+
+    @idempotent(
+        store=sqlite_store,
+        key="order_id",
+        scope=f"s-{uuid.uuid4().hex}",
+        transactional=True,
+        exception_verdicts={TimeoutError: Verdict.HOLD},
+    )
+    def charge(order_id: str, *, tx: Transaction) -> None:
+        tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (?, 9)", (order_id,))
+        raise TimeoutError("the provider did not answer")
+
+    with pytest.raises(TimeoutError):
+        charge("h1")
+    with pytest.raises(KeyHeld):
+        charge("h1")
+    assert sqlite_app.rows() == []
+
+
+@pytest.mark.parametrize("point", ["after-claim", "before-commit", "after-commit"])
+def test_fault_points_raise(point: str, sqlite_store: SQLiteStore, sqlite_app: SQLiteApp) -> None:
+    """Each fault point of a transactional execution is reached: armed with raise, InjectedFault comes out; before
+    the commit nothing is kept (the key released), after it the row and the record are (a repeat replays)."""
+    from idempo.testing import InjectedFault, arm_faults
+
+    @idempotent(store=sqlite_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    def charge(order_id: str, *, tx: Transaction) -> str:
+        tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (?, 1)", (order_id,))
+        return "ok"
+
+    arm_faults({point: "raise"})
+    try:
+        with pytest.raises((InjectedFault, CommitFailed)):
+            charge("p1")
+    finally:
+        arm_faults(None)
+    committed = point == "after-commit"
+    assert sqlite_app.rows() == ([("p1", 1)] if committed else [])
+    assert charge("p1") == "ok"
+    assert sqlite_app.rows() == [("p1", 1)]

@@ -76,6 +76,7 @@ __all__ = [
     "TransactionalExecution",
     "Transactor",
     "finalize_steps",
+    "require_transactor",
     "transactor_of",
 ]
 
@@ -191,6 +192,20 @@ class AsyncTransactor(Protocol):
 def transactor_of(store: object) -> Any:
     """The store's transactor, or None when the store cannot run transactional executions."""
     return getattr(store, "transactor", None)
+
+
+def require_transactor(store: object, name: str) -> None:
+    """Refuse a store that cannot commit with the handler's writes (checked when a front is built).
+
+    Raises:
+        ConfigurationError: the store has no transactor (Redis, memory, a URL-built PostgreSQL store).
+    """
+    if transactor_of(store) is None:
+        raise ConfigurationError(
+            f"{name}: transactional=True needs a store on the application's own database: "
+            "PostgresStore.from_pool(pool) / from_engine(engine), or an SQLite store on the app's file; "
+            f"{type(store).__name__} cannot commit with the handler's writes"
+        )
 
 
 class _TransactionBase:
