@@ -93,9 +93,10 @@ class _LostReply:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def commit(self, h: Any) -> None:
+    def finish(self, h: Any, command: Any) -> None:
+        """The completion and COMMIT (one round trip on psycopg), then the reply lost."""
         if not self._before:
-            self._inner.commit(h)
+            self._inner.finish(h, command)
         h.conn.close()
         raise psycopg.OperationalError("server closed the connection unexpectedly")
 
@@ -186,9 +187,9 @@ async def test_finalisation_is_shielded_from_cancellation(apg_store: AsyncPostgr
         def __getattr__(self, name: str) -> Any:
             return getattr(inner, name)
 
-        async def commit(self, h: Any) -> None:
+        async def finish(self, h: Any, command: Any) -> None:
             await anyio.sleep(0.3)
-            await inner.commit(h)
+            await inner.finish(h, command)
 
     apg_store.transactor = SlowCommit()
 
@@ -218,7 +219,7 @@ async def test_finalisation_is_bounded(
         def __getattr__(self, name: str) -> Any:
             return getattr(inner, name)
 
-        async def commit(self, h: Any) -> None:
+        async def finish(self, h: Any, command: Any) -> None:
             await anyio.sleep(30)
 
     apg_store.transactor = StuckCommit()

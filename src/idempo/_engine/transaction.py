@@ -153,6 +153,9 @@ class Transactor(Protocol):
     def fault_connection(self, h: Any) -> Any:
         """The connection :func:`idempo._engine.faultpoints.reach` cuts for ``drop-connection``."""
 
+    # Optional: ``finish(h, command)`` runs the completion and COMMIT together (one round trip),
+    # raising LeaseLost when the completion matched no row (the transaction then rolled back).
+
 
 class AsyncTransactor(Protocol):
     """The async twin of :class:`Transactor`: ``open``, ``run``, ``commit``, ``rollback``, ``close`` and
@@ -325,10 +328,17 @@ def finalize_steps(
         return Finalized(Outcome.SETTLED, (yield from _run_after_rollback(h, command)), None, False)
     committing = False
     try:
-        yield _op("run", h, command, in_transaction=True)
-        faultpoints.reach("before-commit", fault_connection)
-        committing = True
-        yield _op("commit", h)
+        if hasattr(transactor, "finish"):
+            # The completion and COMMIT in one round trip (psycopg's pipeline): a
+            # completion that matches no row aborts the transaction (LeaseLost).
+            faultpoints.reach("before-commit", fault_connection)
+            committing = True
+            yield _op("finish", h, command)
+        else:
+            yield _op("run", h, command, in_transaction=True)
+            faultpoints.reach("before-commit", fault_connection)
+            committing = True
+            yield _op("commit", h)
     except Exception as exc:
         kind = "lease_lost" if isinstance(exc, LeaseLost) else transactor.kind(exc)
         if isinstance(exc, faultpoints.InjectedFault):

@@ -66,6 +66,23 @@ WHERE record_key = %(record_key)s AND token = %(token)s::bigint
   AND (state = 'in_progress'
        OR (state = 'completed' AND status = 0 AND expires_at > (extract(epoch FROM now()) * 1000)::bigint));
 
+-- name: complete_last
+-- complete as the last statement of a transactional execution, sent with COMMIT in one
+-- pipeline (one round trip). When the token no longer holds the record the division by
+-- zero aborts the transaction, so the COMMIT behind it rolls the handler's writes back.
+WITH done AS (
+    UPDATE idempo_records
+    SET state = 'completed',
+        lease_expires_at = 0,
+        expires_at = (extract(epoch FROM now()) * 1000)::bigint + %(record_ttl_ms)s::bigint,
+        status = %(status)s::integer,
+        headers = %(headers)s,
+        body = %(body)s
+    WHERE record_key = %(record_key)s AND token = %(token)s::bigint AND state = 'in_progress'
+    RETURNING 1
+)
+SELECT 1 / count(*) FROM done;
+
 -- name: release
 -- Like complete: the lease holder's record, or a live marker under the same token.
 DELETE FROM idempo_records
