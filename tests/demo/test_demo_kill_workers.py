@@ -28,7 +28,7 @@ def idempo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]
 
 @pytest.fixture(scope="module")
 def kill_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
-    """One small --kill-workers run on SQLite, shared by the tests that read its report."""
+    """One small --kill-workers run on SQLite (both columns), shared by the tests that read its report."""
     report = tmp_path_factory.mktemp("demo-kill") / "report.json"
     done = idempo(
         "demo",
@@ -50,14 +50,34 @@ def kill_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
 
 
 @pytest.mark.slow
-def test_kill_workers_prints_the_kills_and_the_plain_column(
+def test_kill_workers_exits_zero_with_no_double_charge_on_the_transactional_route(
     kill_run: tuple[subprocess.CompletedProcess[str], dict[str, object]],
 ) -> None:
-    """The report has a "workers killed" row and a column for the plain middleware; the command exits 0."""
+    """The command exits 0 and prints `double charges: 0` (the transactional column), the kills and both columns."""
     done, _ = kill_run
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "double charges: 0" in done.stdout.splitlines()
     assert "workers killed" in done.stdout
+    assert "transactional" in done.stdout
     assert "plain middleware" in done.stdout
+
+
+@pytest.mark.slow
+def test_kill_workers_charges_each_payment_once_on_the_transactional_route(
+    kill_run: tuple[subprocess.CompletedProcess[str], dict[str, object]],
+) -> None:
+    """Transactional: workers were killed, yet one payment row and one charge per payment, none lost, every reused
+    key refused; the handler ran more often than that (the executions the kills rolled back)."""
+    _, document = kill_run
+    runs = document["runs"]
+    assert isinstance(runs, dict)
+    run = runs["transactional"]
+    assert run["workers_killed"] > 0
+    assert run["payments"] == run["payment_rows"] == run["provider_charges"] == PAYMENTS
+    assert run["double_charges"] == run["lost"] == run["told_failed_but_charged"] == 0
+    assert run["key_reuses"] == run["key_reuses_refused"]
+    assert run["handler_executions"] >= PAYMENTS
+    assert document["failures"] == []
 
 
 @pytest.mark.slow
@@ -81,3 +101,10 @@ def test_kill_workers_needs_two_workers() -> None:
     done = idempo("demo", "--kill-workers", "--workers", "1", "--payments", "1")
     assert done.returncode == 2
     assert "--workers" in done.stderr
+
+
+def test_kill_workers_refuses_a_store_without_transactions() -> None:
+    """--kill-workers on Redis (or memory) is a usage error naming --store: the transactional column needs SQL."""
+    done = idempo("demo", "--kill-workers", "--store", "memory://", "--payments", "1")
+    assert done.returncode == 2
+    assert "--store" in done.stderr

@@ -1,6 +1,7 @@
 """Serve the payments API on a listening socket handed over by the parent process.
 
-``python -m idempo.demo._server --fd N --database PATH [--store URL] [--lease SECONDS] [--ready-fd N]``
+``python -m idempo.demo._server --fd N --database PATH [--store URL] [--lease SECONDS] [--ready-fd N]
+[--transactional [--tables-schema NAME]]``
 
 ``idempo demo`` binds 127.0.0.1 on an ephemeral port itself, so it knows the
 port before the server starts, and passes the socket to this process; the
@@ -15,6 +16,9 @@ SIGINT stops it gracefully.
 supervisor (:mod:`idempo.demo._workers`): ``--ready-fd`` names a pipe this
 process writes one byte to once uvicorn serves, and ``--lease`` shortens the
 lease, so a retry after a SIGKILL waits seconds, not the demo's 30 s.
+``--transactional`` serves :mod:`idempo.demo._transactional` instead: its
+rows in the store's database (``--tables-schema`` on PostgreSQL), its
+handler executions counted in ``--database``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -59,10 +64,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--lease", type=float, default=None, help="the lease TTL, seconds (default: the demo policy's)")
     parser.add_argument("--ready-fd", type=int, default=None, help="a pipe to write one byte to once the server serves")
+    parser.add_argument(
+        "--transactional",
+        action="store_true",
+        help="serve the transactional payments app (its rows in the store's database; --database counts executions)",
+    )
+    parser.add_argument(
+        "--tables-schema", default=None, help="with --transactional on PostgreSQL: the schema of the app's tables"
+    )
     args = parser.parse_args(argv)
 
     policy = DEMO_POLICY if args.lease is None else DEMO_POLICY.replace(lease_ttl=args.lease)
-    app = create_app(args.database, store=args.store or os.environ.get(STORE_ENV) or None, policy=policy)
+    store = args.store or os.environ.get(STORE_ENV) or None
+    app: Any
+    if args.transactional:
+        if store is None:
+            parser.error(f"--transactional needs a store (--store or ${STORE_ENV})")
+        from ._transactional import Tables, create_transactional_app
+
+        app = create_transactional_app(Tables(store, args.tables_schema), args.database, policy=policy)
+    else:
+        app = create_app(args.database, store=store, policy=policy)
     sock = socket.socket(fileno=args.fd)
     config = uvicorn.Config(
         app,

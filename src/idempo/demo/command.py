@@ -19,10 +19,13 @@ API that cannot be changed. The other column is the API alone, as before.
 one socket under a small supervisor (:mod:`idempo.demo._workers`) that
 SIGKILLs a random worker every few hundred milliseconds and starts another,
 with a lease of :data:`KILL_LEASE` seconds, so that a client's retry after a
-kill meets an expired lease. The storm runs on the plain middleware: a worker
-killed after the provider charged and before the record completed leaves a
-retry that charges again, and the report counts those double charges beside
-the workers killed.
+kill meets an expired lease. The storm runs twice: on a transactional route
+(:mod:`idempo.demo._transactional`: the charge and payment rows commit with
+the record, in the store's database), then on the plain middleware, where a
+worker killed after the charge and before the record completed leaves a
+retry that charges again. It exits 1 when the transactional run charged an
+order twice, lost a payment, told a charged client that its payment failed,
+or accepted a reused key; the plain run is there to compare.
 
 ``idempo demo --serve`` leaves the API with idempo up for curl instead.
 """
@@ -61,6 +64,7 @@ try:
     from ..metrics import mount as mount_metrics
     from ._proxy import proxy_server
     from ._server import STORE_ENV
+    from ._transactional import Tables, read_transactional_ledger
     from ._workers import WorkerPool
     from .payments import PROVIDER_DELAY_HEADER, Ledger, create_app, read_ledger
     from .storm import (
@@ -207,7 +211,9 @@ def demo(
 
     With --kill-workers, the API runs in several uvicorn workers and one is
     SIGKILLed every few hundred milliseconds (and restarted) while the storm
-    runs; the report counts the kills and what they cost the plain middleware.
+    runs, first on a transactional route (the charge row commits with the
+    record), then on the plain middleware; exits 1 if the transactional run
+    charged an order twice or lost a payment.
     """
     if serve and use_proxy:
         raise click.UsageError("--serve and --proxy cannot be combined: --serve runs idempo in the app")
@@ -250,6 +256,17 @@ def demo(
         reports: dict[str, RunReport] = {}
         if kill_workers:
             rng = random.Random(seed)
+            tables = Tables.for_run(store_url)
+            tables.create()
+            try:
+                options = ["--transactional"] + ([] if tables.schema is None else ["--tables-schema", tables.schema])
+                pool = functools.partial(_worker_pool, workers=workers, kill_every=kill_every, rng=rng, options=options)
+                ledger = functools.partial(read_transactional_ledger, tables)
+                reports["transactional"] = _run(
+                    console, titles["transactional"], workdir, store_url, plan, settings, pool, ledger
+                )
+            finally:
+                tables.drop()
             pool = functools.partial(_worker_pool, workers=workers, kill_every=kill_every, rng=rng)
             reports["plain"] = _run(console, titles["plain"], workdir, store_url, plan, settings, pool)
         else:
@@ -259,9 +276,8 @@ def demo(
     _print_report(console, reports, titles)
     # The run whose promise decides the exit status: with idempo (in the app or
     # in front of it), or on the transactional route; the other is there to compare.
-    # Until the transactional column is there, --kill-workers only shows what the plain middleware costs.
-    judged_name = "idempo"
-    failures = reports["idempo"].check() if "idempo" in reports else []
+    judged_name = "transactional" if kill_workers else "idempo"
+    failures = reports[judged_name].check()
     if json_path is not None:
         document = {
             "payments": payments,
