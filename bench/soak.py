@@ -854,17 +854,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     return {
         "command": " ".join(["bench/soak.py", *sys.argv[1:]]),
-        "header": _header(args, target, timeline),
+        "header": _header(args, target, timeline, getattr(mode, "COUNTS", None)),
         "store": target.label,
         "app": args.app,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "timeline": timeline,
         "figures": figures,
-        "checks": [{"passed": passed, "check": text} for passed, text in checks(figures)],
+        "checks": [
+            {"passed": passed, "check": text}
+            for passed, text in checks(figures, committed=getattr(mode, "COUNTS", None) is not None)
+        ],
     }
 
 
-def _header(args: argparse.Namespace, target: StoreTarget, timeline: list[tuple[str, float]]) -> str:
+def _header(
+    args: argparse.Namespace, target: StoreTarget, timeline: list[tuple[str, float]], counts: str | None = None
+) -> str:
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timeline)
     faults = (
         f"SIGKILL a worker every {args.kill_every[0]:g}-{args.kill_every[1]:g} s" if args.kill_every[1] else "no kills"
@@ -883,6 +888,7 @@ def _header(args: argparse.Namespace, target: StoreTarget, timeline: list[tuple[
             f"{args.duplicates:.0%} of keys sent twice; handler 0-{2 * args.work_ms} ms; lease {args.lease:g} s",
             f"  faults  {faults}; phases: {phases}",
             f"  judged  against a store deadline of {args.deadline:g} s (+1 s)",
+            f"  counted executions are {counts or 'handler entries in the ledger'}",
         ]
     )
 

@@ -413,22 +413,32 @@ def _story(key: str, pairs: list[tuple[Execution, Execution, str]], rec: Recorde
     }
 
 
-def checks(figures: dict[str, Any]) -> list[tuple[bool, str]]:
+def checks(figures: dict[str, Any], *, committed: bool = False) -> list[tuple[bool, str]]:
     """The pass/fail lines: issue 10's "Done when" and the guarantees the soak can see.
+
+    Args:
+        figures: from :func:`compute`.
+        committed: the executions are committed rows of the app's business
+            table (a transactional route, issue 12), not handler entries: then
+            any key with two of them fails, a takeover included, because a
+            killed holder's writes must have rolled back with it.
 
     Returns:
         ``(passed, text)`` per check.
     """
     bound = figures["settings"]["bound_s"]
     twice = figures["keys_executed_twice"]
-    result = [
-        (
-            twice["first_ended_process_lived"] == 0,
-            f"keys executed twice whose first execution ended while its process lived: "
-            f"{twice['first_ended_process_lived']} (must be 0)",
-        ),
-        (twice["unexplained"] == 0, f"keys executed twice without a death to explain it: {twice['unexplained']}"),
-    ]
+    if committed:
+        result = [(twice["total"] == 0, f"keys with two committed rows: {twice['total']} (must be 0)")]
+    else:
+        result = [
+            (
+                twice["first_ended_process_lived"] == 0,
+                f"keys executed twice whose first execution ended while its process lived: "
+                f"{twice['first_ended_process_lived']} (must be 0)",
+            ),
+            (twice["unexplained"] == 0, f"keys executed twice without a death to explain it: {twice['unexplained']}"),
+        ]
     if figures["outages"]["count"]:
         latency = figures["latency_503"]
         wait = figures["wait_during_outages"]["all"]
