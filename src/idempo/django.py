@@ -18,6 +18,7 @@
         "PRINCIPAL": "myapp.idem.principal",     # dotted path or callable: HttpRequest -> str | None
         "KEY_HEADER": "Idempotency-Key",
         "SECRET": os.environ["IDEMPO_SECRET"],   # keys every stored/logged digest (default: the same variable)
+        "DATABASE": "default",                   # the alias holding the records: transactional views' atomic block
     }
 
 ``views.py``::
@@ -60,12 +61,24 @@ admits a request with the steps every front shares,
   ``items()`` lists repeats is captured line by line.
 
 Sync Django (WSGI) only: the middleware uses a blocking store.
+
+A view marked ``transactional=True`` (``@idempotency_required(transactional=True)``)
+runs inside ``transaction.atomic()`` on the ``DATABASES`` alias that holds
+idempo's records (``IDEMPO["DATABASE"]``, default ``"default"``; the store
+must be that database: an SQLite store on its file, or a PostgreSQL store on
+its database, whose table ``idempo migrate`` creates). The record's
+completion runs on Django's own connection as the block's last statement, so
+the view's writes on that alias commit if and only if its answer is stored
+(DESIGN "transactional route"); the answer leaves only after COMMIT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
+import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 from urllib.parse import unquote_to_bytes
@@ -73,20 +86,30 @@ from urllib.parse import unquote_to_bytes
 from asgiref.sync import markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
+from django.db import DatabaseError, InterfaceError, connections, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.urls import URLResolver, get_resolver
 from django.utils.module_loading import import_string
 
 from . import _config
-from ._core.http import declared_length, identity_path, invalid_content_length_answer, takes_part
+from ._core.http import (
+    declared_length,
+    identity_path,
+    invalid_content_length_answer,
+    store_unavailable_answer,
+    takes_part,
+)
 from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
 from ._core.routes import RouteOptions, RouteTable
 from ._engine.drivers import drive_sync
 from ._engine.execution import Execution
+from ._engine.transaction import TransactionalExecution
 from ._http.admission import BodyIncomplete, Bypass, Execute, admission
 from ._http.wsgi import BYPASSED_HEADER_TEXT, BypassedBody, CapturedBody, Exchange, header_bytes, raw_target
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, StoreUnavailable
+from .observability._observation import logger
 from .principals import default as default_principal
 from .principals import legacy_principal
 from .secrets import SecretSource
@@ -105,7 +128,7 @@ __all__ = [
 View = TypeVar("View", bound=Callable[..., Any])
 PrincipalResolver = Callable[[HttpRequest], "str | None"]
 
-_CONFIG_KEYS = frozenset({"STORE", "POLICY", "ROUTES", "PRINCIPAL", "KEY_HEADER", "SECRET"})
+_CONFIG_KEYS = frozenset({"STORE", "POLICY", "ROUTES", "PRINCIPAL", "KEY_HEADER", "SECRET", "DATABASE"})
 # Per-request state, kept on the request between process_view and __call__.
 _EXCHANGE = "_idempo_exchange"
 _BYPASSED = "_idempo_bypassed"
@@ -115,7 +138,13 @@ _BODY_TOO_LARGE = "_idempo_body_too_large"
 # --- view decorators -----------------------------------------------------------------
 
 
-def _decorate(view: View, options: RouteOptions) -> View:
+def _decorate(view: View, options: RouteOptions, transactional: bool = False) -> View:
+    if transactional and inspect.iscoroutinefunction(view):
+        name = getattr(view, "__qualname__", repr(view))
+        raise ConfigurationError(
+            f"{name}: a transactional view must be a sync view (def): it runs in transaction.atomic() on the "
+            "request's thread"
+        )
     if inspect.iscoroutinefunction(view):
 
         async def async_view(*args: Any, **kwargs: Any) -> Any:
@@ -129,41 +158,52 @@ def _decorate(view: View, options: RouteOptions) -> View:
 
         wrapper = functools.wraps(view)(sync_view)
     wrapper.idempo_route_options = options
+    if transactional:
+        wrapper.idempo_transactional = True
     decorated: View = wrapper
     return decorated
 
 
-def idempotency(policy: Policy | None = None, **changes: Any) -> Callable[[View], View]:
+def idempotency(policy: Policy | None = None, *, transactional: bool = False, **changes: Any) -> Callable[[View], View]:
     """Set a view's idempotency options: ``@idempotency(record_ttl=3600)``.
 
     Args:
         policy: a whole :class:`~idempo.Policy` for the view; None derives the
             view's policy from the middleware's (``ROUTES``, else ``POLICY``)
             with ``changes``.
+        transactional: run the view inside ``transaction.atomic()`` on the
+            database alias that holds idempo's records (``IDEMPO["DATABASE"]``,
+            default ``"default"``); the record's completion is the last
+            statement of that atomic block, through Django's own connection
+            (DESIGN "transactional route"). The view's writes on that alias
+            commit if and only if its answer is stored. A sync view only.
         **changes: :class:`~idempo.Policy` arguments, e.g. ``record_ttl``,
             ``lease_ttl``, ``require_key``, ``methods``.
 
     Raises:
-        ConfigurationError: a change is not a valid Policy argument value.
+        ConfigurationError: a change is not a valid Policy argument value, or
+            a transactional view is an async one.
         TypeError: a change is not a Policy argument.
     """
     options = RouteOptions(policy=policy, changes=changes)
-    return lambda view: _decorate(view, options)
+    return lambda view: _decorate(view, options, transactional)
 
 
 @overload
 def idempotency_required(view: View, /) -> View: ...
 @overload
-def idempotency_required(*, policy: Policy | None = None, **changes: Any) -> Callable[[View], View]: ...
 def idempotency_required(
-    view: View | None = None, /, *, policy: Policy | None = None, **changes: Any
+    *, policy: Policy | None = None, transactional: bool = False, **changes: Any
+) -> Callable[[View], View]: ...
+def idempotency_required(
+    view: View | None = None, /, *, policy: Policy | None = None, transactional: bool = False, **changes: Any
 ) -> View | Callable[[View], View]:
     """Require an ``Idempotency-Key`` on a view (400 without one): ``@idempotency_required``.
 
     Takes the same arguments as :func:`idempotency`, with ``require_key=True``:
-    ``@idempotency_required(record_ttl=3600)``.
+    ``@idempotency_required(record_ttl=3600)``, ``@idempotency_required(transactional=True)``.
     """
-    decorator = idempotency(policy, **{**changes, "require_key": True})
+    decorator = idempotency(policy, transactional=transactional, **{**changes, "require_key": True})
     return decorator if view is None else decorator(view)
 
 
@@ -197,6 +237,172 @@ class StoredHttpResponse(HttpResponse):
     def items(self) -> Any:
         """Every header line, repeats included, in the order stored (repeats after the first)."""
         return [*self.headers.items(), *self.repeated_headers]
+
+
+# --- transactional views: the record's completion joins the view's atomic block ------
+
+
+class _AtomicHandle:
+    """One transactional view's ``transaction.atomic()`` block on its alias, entered by :meth:`open`."""
+
+    __slots__ = ("atomic", "connection", "exited")
+
+    def __init__(self, atomic: Any, connection: Any) -> None:
+        self.atomic = atomic
+        self.connection = connection
+        self.exited = False
+
+    def exit(self) -> None:
+        """Leave the outermost atomic block: Django commits, or rolls back when marked so (raises on failure)."""
+        if not self.exited:
+            self.exited = True
+            self.atomic.__exit__(None, None, None)
+
+
+class _DjangoTransactor:
+    """Drives a transactional view's transaction on Django's own connection (see idempo.transactional.Transactor).
+
+    :meth:`open` enters ``transaction.atomic(using=alias)``; the view's ORM
+    writes on that alias join it. The record's ``complete`` (or ``release``
+    after a rollback) runs on the same DB-API connection through the store's
+    :meth:`settle_on`, so it is the atomic block's last statement; leaving the
+    block commits. Reading the record after a lost COMMIT goes through the
+    store's own connection.
+
+    Args:
+        alias: the ``DATABASES`` alias that holds idempo's records table.
+        store: the blocking SQLite or PostgreSQL store on that database (it has ``settle_on``).
+    """
+
+    def __init__(self, alias: str, store: Any) -> None:
+        self.alias = alias
+        self.store = store
+
+    def open(self) -> _AtomicHandle:
+        """Enter ``transaction.atomic(using=alias)``; raises StoreUnavailable when Django cannot connect."""
+        atomic = transaction.atomic(using=self.alias)
+        try:
+            atomic.__enter__()
+        except DatabaseError as exc:
+            raise StoreUnavailable(f"transaction.atomic(using={self.alias!r}) failed: {exc}") from exc
+        return _AtomicHandle(atomic, connections[self.alias])
+
+    def connection(self, h: _AtomicHandle) -> Any:
+        """Django's connection of the alias (``tx.connection.cursor()`` joins the atomic block)."""
+        return h.connection
+
+    def session(self, h: _AtomicHandle) -> Any:
+        """None: Django's ORM is the session."""
+        return None
+
+    def fault_connection(self, h: _AtomicHandle) -> Any:
+        """The DB-API connection under Django's (what a ``drop-connection`` fault cuts)."""
+        return h.connection.connection
+
+    def kind(self, exc: BaseException) -> str:
+        """Classify a failure by the driver's error Django wraps (its ``__cause__``)."""
+        cause = exc.__cause__ if isinstance(exc, DatabaseError) and exc.__cause__ is not None else exc
+        return _driver_kind(cause)
+
+    def run(self, h: _AtomicHandle, command: Any, *, in_transaction: bool) -> None:
+        """The store's statement on the alias's DB-API connection (after a rollback Django autocommits it)."""
+        h.connection.ensure_connection()
+        self.store.settle_on(h.connection.connection, command)
+
+    def commit(self, h: _AtomicHandle) -> None:
+        """Leave the atomic block: COMMIT."""
+        h.exit()
+
+    def rollback(self, h: _AtomicHandle) -> None:
+        """Mark the atomic block for rollback and leave it."""
+        if not h.exited:
+            transaction.set_rollback(True, using=self.alias)
+            h.exit()
+
+    def close(self, h: _AtomicHandle, *, broken: bool) -> None:
+        """Leave the block if still open (rolled back); a broken connection is closed for Django to reopen."""
+        try:
+            self.rollback(h)
+        except Exception:
+            logger.debug("idempo: rolling back the atomic block of %r failed", self.alias, exc_info=True)
+        if broken:
+            with contextlib.suppress(Exception):
+                h.connection.close()
+
+    def resolve(self, record_key: str) -> Any:
+        """The record, read on the store's own connection."""
+        return self.store.get(record_key)
+
+
+def _driver_kind(exc: BaseException) -> str:
+    """``conflict`` (40001, 40P01, 55P03; SQLite busy), ``lost`` (the connection is gone) or ``failed``."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return "conflict"
+        if isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc):
+            return "lost"
+        return "failed"
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate in ("40001", "40P01", "55P03"):
+        return "conflict"
+    if type(exc).__module__.startswith("psycopg") and (
+        (sqlstate is None and type(exc).__name__ in ("OperationalError", "InterfaceError"))
+        or (sqlstate or "").startswith("08")
+    ):
+        return "lost"
+    if isinstance(exc, InterfaceError):  # Django's "connection already closed"
+        return "lost"
+    return "failed"
+
+
+def _check_database(store: Any, alias: str) -> _DjangoTransactor:
+    """The transactor of ``alias``, after checking that ``store`` keeps its records in that database.
+
+    Raises:
+        ImproperlyConfigured: the store cannot settle a record on a connection
+            of the app's (Redis, memory, an async store), the alias is unknown,
+            or it names another database than the store's.
+    """
+    settle_on = getattr(store, "settle_on", None)
+    if settle_on is None or inspect.iscoroutinefunction(settle_on):
+        raise ImproperlyConfigured(
+            f"settings.IDEMPO: a transactional view needs a STORE in the database of DATABASES[{alias!r}] "
+            f"(sqlite:///<its NAME>, or postgresql://...), not a {type(store).__name__}"
+        )
+    databases: Mapping[str, Any] = getattr(settings, "DATABASES", {})
+    if alias not in databases:
+        raise ImproperlyConfigured(f"settings.IDEMPO DATABASE {alias!r} is not in settings.DATABASES")
+    vendor = connections[alias].vendor
+    path = getattr(store, "path", None)
+    if path is not None:
+        name = str(databases[alias].get("NAME", ""))
+        if vendor != "sqlite" or os.path.realpath(name) != os.path.realpath(path):
+            raise ImproperlyConfigured(
+                f"settings.IDEMPO: the SQLite store {path!r} must be the file of DATABASES[{alias!r}] "
+                f"({name!r}): SQLite commits atomically one file at a time"
+            )
+    elif vendor != "postgresql":
+        raise ImproperlyConfigured(
+            f"settings.IDEMPO: a PostgreSQL store needs DATABASES[{alias!r}] on the same PostgreSQL database, "
+            f"not {vendor}"
+        )
+    return _DjangoTransactor(alias, store)
+
+
+def _transactional_view_paths() -> list[str]:
+    """The URL patterns of the ROOT_URLCONF whose view is marked transactional."""
+    found: list[str] = []
+
+    def walk(patterns: Any, prefix: str) -> None:
+        for pattern in patterns:
+            if isinstance(pattern, URLResolver):
+                walk(pattern.url_patterns, prefix + str(pattern.pattern))
+            elif getattr(getattr(pattern, "callback", None), "idempo_transactional", False):
+                found.append(prefix + str(pattern.pattern))
+
+    walk(get_resolver().url_patterns, "")
+    return found
 
 
 # --- the middleware ------------------------------------------------------------------
@@ -239,6 +445,13 @@ class IdempotencyMiddleware:
             raise ImproperlyConfigured(f"settings.IDEMPO: {exc}") from exc
         self.key_header: str = config.get("KEY_HEADER", "Idempotency-Key")
         self._meta_key = "HTTP_" + self.key_header.upper().replace("-", "_")
+        #: The ``DATABASES`` alias holding idempo's records: transactional views run in its atomic block.
+        self.database: str = config.get("DATABASE", "default")
+        self._transactor: _DjangoTransactor | None = None
+        transactional = _transactional_view_paths()
+        if transactional:
+            # At start-up, not per request: a transactional view on a store that cannot join it.
+            self._transactor = _check_database(self.store, self.database)
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         if self._meta_key in request.META:
@@ -269,6 +482,8 @@ class IdempotencyMiddleware:
             _finish_bypass(request, None)
             raise
         exchange = request.__dict__.pop(_EXCHANGE, None)
+        if exchange is not None and exchange.transactional:
+            return _capture_transactional(exchange, response)
         if exchange is not None:
             try:
                 return _capture(exchange, response)
@@ -302,6 +517,9 @@ class IdempotencyMiddleware:
         policy = self.policy_for_view(request.path, view_func)
         if policy is None or not takes_part(policy, method):
             return None
+        if getattr(view_func, "idempo_transactional", False) and self._transactor is None:
+            # A view of a per-request urlconf (the ROOT_URLCONF's were checked at start-up).
+            self._transactor = _check_database(self.store, self.database)
         meta = request.META
         raw_key = meta.get(self._meta_key)
         raw_content_type = meta.get("CONTENT_TYPE")
@@ -327,7 +545,12 @@ class IdempotencyMiddleware:
             return None
         if isinstance(admitted, Execute):
             assert isinstance(admitted.execution, Execution)
-            setattr(request, _EXCHANGE, Exchange(admitted.execution, admitted.observation, policy))
+            exchange = Exchange(admitted.execution, admitted.observation, policy)
+            if getattr(view_func, "idempo_transactional", False):
+                problem = self._begin_transaction(exchange)
+                if problem is not None:
+                    return StoredHttpResponse(problem)
+            setattr(request, _EXCHANGE, exchange)
             return None
         if isinstance(admitted, StoredResponse):
             return StoredHttpResponse(admitted)
@@ -336,6 +559,19 @@ class IdempotencyMiddleware:
         assert isinstance(admitted, Bypass)  # GONE is ASGI's alone
         admitted.observation.handler_started()
         setattr(request, _BYPASSED, admitted)
+        return None
+
+    def _begin_transaction(self, exchange: Exchange) -> StoredResponse | None:
+        """Enter the view's ``transaction.atomic()`` on the records' alias; a 503 problem when it cannot."""
+        assert self._transactor is not None
+        execution = exchange.execution
+        assert isinstance(execution, TransactionalExecution)
+        try:
+            execution.transaction(self._transactor)
+        except Exception as exc:
+            logger.warning("idempo: opening the transaction of record %s failed: %s", execution.record_key, exc)
+            exchange.settle(exc)  # released: a retry executes
+            return store_unavailable_answer(execution.policy)
         return None
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> None:
@@ -434,6 +670,39 @@ def _policy(value: Any, where: str) -> Policy | None:
     if isinstance(value, Mapping):
         return Policy(**value)
     raise ImproperlyConfigured(f"settings.IDEMPO {where} must be a Policy, a dict of Policy arguments or None")
+
+
+def _capture_transactional(exchange: Exchange, response: HttpResponseBase) -> HttpResponseBase:
+    """Capture the whole answer, then COMMIT (or roll back); send it only after COMMIT returned.
+
+    A streamed body is read to its end first (a transactional view cannot
+    stream what may yet roll back). When the transaction did not commit as
+    the answer says, a problem goes out instead (see
+    :meth:`idempo._http.wsgi.Exchange.settle_transaction`).
+    """
+    exchange.started = True
+    body = b""
+    with exchange.guard():
+        lines = [
+            *response.items(),
+            *(("Set-Cookie", cookie.OutputString()) for cookie in response.cookies.values()),
+        ]
+        exchange.start(response.status_code, lines)
+        if response.streaming:
+            body = b"".join(response.streaming_content)
+            response.streaming_content = [body]
+        else:
+            assert isinstance(response, HttpResponse)
+            body = response.content
+        exchange.capture.add(body)
+    problem = exchange.settle_transaction()
+    if problem is not None:
+        response.close()
+        return StoredHttpResponse(problem)
+    execution = exchange.execution
+    assert isinstance(execution, TransactionalExecution)
+    execution.before_send()
+    return response
 
 
 def _capture(exchange: Exchange, response: HttpResponseBase) -> HttpResponseBase:

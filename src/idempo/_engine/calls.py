@@ -281,6 +281,10 @@ class Engine:
                 yield Call(functools.partial(execution.settle, response, verdict, reason))
                 if transactional and error is None:
                     error = execution.call_error()
+                    if error is None:
+                        # The result, committed, is about to reach the caller: a
+                        # function's "before-send" (idempo._engine.faultpoints).
+                        execution.before_send()
             except BaseException as exc:
                 # The call's exception settles by its verdict; a crash (KeyboardInterrupt,
                 # SystemExit, cancellation) settles nothing: the side effect may be half

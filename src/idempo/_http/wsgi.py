@@ -20,8 +20,15 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 from .._core.capture import ResponseCapture, Settlement
 from .._core.http import BYPASSED_HEADER, identity_path
 from .._core.policy import Policy, Verdict
+from .._core.problems import (
+    COMMIT_FAILED,
+    TRANSACTIONAL_RESPONSE_TOO_LARGE,
+    TRANSACTION_CONFLICT,
+    problem_response,
+)
 from .._core.records import StoredResponse
 from .._engine.execution import Execution
+from .._engine.transaction import TransactionalExecution
 from ..observability._observation import RequestObservation, logger
 from .admission import BodyIncomplete, Bypass
 
@@ -395,6 +402,69 @@ class Exchange:
             # No server may send it: never stored.
             self.observation.response_refused(self.capture.refusal)
         self.execution.settle(settlement.response, settlement.verdict, settlement.reason)
+
+    @property
+    def transactional(self) -> bool:
+        """Whether the handler runs in the execution's transaction (the answer is held until COMMIT)."""
+        execution = self.execution
+        return isinstance(execution, TransactionalExecution) and execution.transactional_open
+
+    def settle_transaction(self) -> StoredResponse | None:
+        """COMMIT or roll back the handler's transaction once its whole answer is captured.
+
+        The WSGI twin of the ASGI exchange's commit path: the captured answer's
+        verdict settles the record (a stored verdict completes it as the
+        transaction's last statement, then COMMIT; release or hold roll back
+        first). An answer over ``max_response_body`` cannot be held until
+        COMMIT: rolled back, released. A conflict the handler's own statement
+        raised (40001, 40P01, 55P03, SQLite busy) is rolled back and released.
+        Never raises.
+
+        Returns:
+            The problem to send instead of the app's answer (409 lease-lost,
+            503 transaction-conflict or commit-unknown, 500 commit-failed or
+            transactional-response-too-large); None to send the app's answer.
+        """
+        execution = self.execution
+        assert isinstance(execution, TransactionalExecution)
+        if execution.settled:
+            # idempo's own step failed after the handler ran: rolled back and
+            # released already, so the app's answer describes writes that are gone.
+            return problem_response(COMMIT_FAILED, "The transaction was rolled back.")
+        capture = self.capture
+        problem: StoredResponse | None = None
+        try:
+            if capture.too_large:
+                problem = problem_response(
+                    TRANSACTIONAL_RESPONSE_TOO_LARGE,
+                    f"The response exceeds {execution.policy.max_response_body} bytes.",
+                )
+                settlement = Settlement(None, Verdict.RELEASE, None)
+            elif self.reported is not None and self._conflict(self.reported):
+                problem = problem_response(
+                    TRANSACTION_CONFLICT,
+                    "The database rolled the transaction back to resolve a conflict.",
+                    retry_after=1,
+                )
+                settlement = Settlement(None, Verdict.RELEASE, None)
+            else:
+                settlement = capture.settlement(complete=self.started, reported=self.reported)
+            self.observation.handler_finished(self.status)
+            self.commit(settlement)
+        except Exception as exc:
+            logger.error("idempo: settling the transaction of record %s failed", execution.record_key, exc_info=exc)
+            execution.fail(exc, self.status)
+            problem = problem_response(COMMIT_FAILED, "The transaction was rolled back.")
+        self._finish(None)
+        return problem or execution.problem()
+
+    def _conflict(self, exc: BaseException) -> bool:
+        execution = self.execution
+        assert isinstance(execution, TransactionalExecution)
+        try:
+            return bool(execution.used.kind(exc) == "conflict")
+        except Exception:
+            return False
 
     def _finish(self, status: int | None) -> None:
         observation = self.observation

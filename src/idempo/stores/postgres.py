@@ -69,6 +69,7 @@ import psycopg_pool
 from psycopg import sql
 from psycopg.abc import PQGen
 
+from .._core.flow import Complete, Release
 from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
 from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from ..observability._observation import logger
@@ -440,7 +441,9 @@ def _qualified(schema: str) -> _Rewrite:
     return {text: table.sub(lambda m: f"{quoted}.{m.group(1)}", text) for text in _Q.values()}
 
 
-def _run_steps(conn: psycopg.Connection[Any], steps: _Steps[_RV], rewrite: _Rewrite | None = None) -> _RV:
+def _run_steps(
+    conn: psycopg.Connection[Any] | psycopg.Cursor[Any], steps: _Steps[_RV], rewrite: _Rewrite | None = None
+) -> _RV:
     """Run a call's statements on a blocking connection and return its result (psycopg's errors as they come).
 
     ``rewrite`` maps a statement's text to the text to run (its tables
@@ -458,7 +461,9 @@ def _run_steps(conn: psycopg.Connection[Any], steps: _Steps[_RV], rewrite: _Rewr
         return result
 
 
-async def _arun_steps(conn: psycopg.AsyncConnection[Any], steps: _Steps[_RV], rewrite: _Rewrite | None = None) -> _RV:
+async def _arun_steps(
+    conn: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], steps: _Steps[_RV], rewrite: _Rewrite | None = None
+) -> _RV:
     """The async twin of :func:`_run_steps`."""
     try:
         statement = next(steps)
@@ -576,6 +581,16 @@ def _plan(current: int | None) -> list[tuple[int, LiteralString]]:
 
 class _PostgresBase:
     """What the blocking and the async PostgreSQL stores share: the constructor, settings and checks."""
+
+    _foreign: _Rewrite | None = None
+
+    def _foreign_rewrite(self) -> _Rewrite | None:
+        """The statements as a connection that is not the store's runs them: tables qualified by the schema."""
+        if self._rewrite is not None or self.schema is None:
+            return self._rewrite
+        if self._foreign is None:
+            self._foreign = _qualified(self.schema)
+        return self._foreign
 
     def __init__(
         self,
@@ -936,6 +951,27 @@ class PostgresStore(_PostgresBase):
         with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
             return _run_steps(conn, _stats(), self._rewrite)
 
+    def settle_on(self, connection: psycopg.Connection[Any], command: Complete | Release) -> None:
+        """Run the record's ``complete`` or ``release`` on a connection the caller holds, in its transaction.
+
+        For a front that drives the application's own database connection
+        (idempo.django: Django's connection inside ``transaction.atomic()``),
+        so that the record's completion is the last statement of that
+        transaction (DESIGN "transactional route"). The statement names the
+        store's schema and runs on a server-binding cursor of its own, so the
+        connection's ``search_path`` and cursor factory do not matter.
+
+        Args:
+            connection: a psycopg connection to the store's database.
+            command: the settling command (``Complete`` or ``Release``), fenced by its lease token.
+
+        Raises:
+            LeaseLost: the token no longer holds the record (0 rows).
+            psycopg.Error: as the statement raised it (not mapped: the caller's transaction decides).
+        """
+        with psycopg.Cursor(connection) as cursor:
+            _run_steps(cursor, _settle_steps(command), self._foreign_rewrite())
+
     def close(self) -> None:
         """Close the connection pool; any later call raises StoreError. Calling it again does nothing."""
         with _POOL_LOCK:
@@ -1126,6 +1162,11 @@ class AsyncPostgresStore(_PostgresBase):
         """See :meth:`PostgresStore.stats`."""
         async with self._connection(_MAINTENANCE_DEADLINE) as conn, conn.transaction():
             return await _arun_steps(conn, _stats(), self._rewrite)
+
+    async def settle_on(self, connection: psycopg.AsyncConnection[Any], command: Complete | Release) -> None:
+        """See :meth:`PostgresStore.settle_on` (an ``AsyncConnection``)."""
+        async with psycopg.AsyncCursor(connection) as cursor:
+            await _arun_steps(cursor, _settle_steps(command), self._foreign_rewrite())
 
     async def aclose(self) -> None:
         """See :meth:`PostgresStore.close`."""

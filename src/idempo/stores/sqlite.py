@@ -41,6 +41,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import anyio.to_thread
 
+from .._core.flow import Complete, Release
 from .._core.records import (
     Acquired,
     BeginResult,
@@ -614,6 +615,24 @@ class SQLiteStore(_SQLiteBase):
         """See :meth:`idempo.typing.SupportsStats.stats` (one scan of the table)."""
         return self._call(self._db.stats)
 
+    def settle_on(self, connection: sqlite3.Connection, command: Complete | Release) -> None:
+        """Run the record's ``complete`` or ``release`` on a connection the caller holds, in its transaction.
+
+        For a front that drives the application's own connection to this file
+        (idempo.django: Django's connection inside ``transaction.atomic()``),
+        so that the record's completion is the last statement of that
+        transaction (DESIGN "transactional route").
+
+        Args:
+            connection: a sqlite3 connection to the store's file.
+            command: the settling command (``Complete`` or ``Release``), fenced by its lease token.
+
+        Raises:
+            LeaseLost: the token no longer holds the record (0 rows).
+            sqlite3.Error: as the statement raised it (not mapped: the caller's transaction decides).
+        """
+        _settle_on(self._db, connection, command)
+
     def close(self) -> None:
         """Close every thread's connection; any later call raises StoreError. Calling it again does nothing."""
         self._db.close()
@@ -705,6 +724,17 @@ class AsyncSQLiteStore(_SQLiteBase):
         """See :meth:`SQLiteStore.stats`."""
         return await self._call(self._db.stats)
 
+    async def settle_on(self, connection: sqlite3.Connection, command: Complete | Release) -> None:
+        """See :meth:`SQLiteStore.settle_on` (runs on the calling thread: one short statement)."""
+        _settle_on(self._db, connection, command)
+
     async def aclose(self) -> None:
         """See :meth:`SQLiteStore.close`."""
         self._db.close()
+
+
+def _settle_on(db: _Database, connection: sqlite3.Connection, command: Complete | Release) -> None:
+    if isinstance(command, Complete):
+        db.complete(connection, command.record_key, command.token, command.response, command.record_ttl_ms)
+    else:
+        db.release(connection, command.record_key, command.token)

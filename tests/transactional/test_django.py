@@ -1,0 +1,114 @@
+"""Django transactional views under waitress, on PostgreSQL and SQLite: the view runs in transaction.atomic() on
+the records' alias and the record's completion is that block's last statement, through Django's own connection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .servers import ROOT, Database, serving, start
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """The app's database, with idempo's records and ``payments``, on each backend."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    db = Database(request.param, url, tmp_path)
+    db.create()
+    yield db
+    db.drop()
+
+
+def post(url: str, order_id: str, cents: int = 100, key: str | None = None, **extra: str) -> httpx.Response:
+    body = {"order_id": order_id, "cents": cents, **extra}
+    headers = {"Idempotency-Key": key or str(uuid.uuid4()), "Content-Type": "application/json"}
+    return httpx.post(url + "/payments", content=json.dumps(body), headers=headers, timeout=30)
+
+
+def test_transactional_view_commits_its_row_with_the_record(database: Database) -> None:
+    """One row and a 201; the same key replays the same bytes without a second row; a streamed answer is held
+    whole until COMMIT and replayed the same; a write then a raise, or a 500, leaves no row and the retry runs
+    once; a stored 400 keeps its write."""
+    with serving("django", database.env()) as url:
+        key = str(uuid.uuid4())
+        first = post(url, "o-commit", key=key)
+        assert first.status_code == 201
+        assert first.json() == {"order_id": "o-commit", "cents": 100, "status": "charged"}
+        again = post(url, "o-commit", key=key)
+        assert again.status_code == 201
+        assert again.content == first.content
+        assert again.headers["idempotent-replayed"] == "true"
+        assert database.rows("o-commit") == [("o-commit", 100)]
+
+        key = str(uuid.uuid4())
+        streamed = post(url, "o-stream", key=key, mode="stream")
+        assert streamed.status_code == 201
+        assert streamed.json()["order_id"] == "o-stream"
+        assert post(url, "o-stream", key=key, mode="stream").content == streamed.content
+        assert database.rows("o-stream") == [("o-stream", 100)]
+
+        key = str(uuid.uuid4())
+        assert post(url, "o-raise", key=key, mode="raise").status_code == 500
+        assert database.rows("o-raise") == []
+        assert post(url, "o-raise", key=key, mode="raise").status_code == 500  # released: it ran again
+        assert database.rows("o-raise") == []
+
+        key = str(uuid.uuid4())
+        assert post(url, "o-500", key=key, mode="500").status_code == 500
+        assert database.rows("o-500") == []
+
+        key = str(uuid.uuid4())
+        declined = post(url, "o-400", key=key, mode="400")
+        assert declined.status_code == 400
+        assert database.rows("o-400") == [("o-400", 100)]
+        assert post(url, "o-400", key=key, mode="400").content == declined.content
+        assert database.rows("o-400") == [("o-400", 100)]
+
+
+@pytest.mark.postgres
+def test_commit_failure_is_rolled_back_released_and_answered_500(postgres_url: str, tmp_path: Path) -> None:
+    """A deferred UNIQUE constraint fails the atomic block's COMMIT: no row, a 500 commit-failed problem, and the
+    key released (the same request runs again and fails the same way, rather than replaying)."""
+    database = Database("postgres", postgres_url, tmp_path)
+    database.create()
+    try:
+        with serving("django", database.env()) as url:
+            key = str(uuid.uuid4())
+            failed = post(url, "o-deferred", key=key, mode="deferred", ref="r1")
+            assert failed.status_code == 500
+            assert failed.headers["content-type"] == "application/problem+json"
+            assert failed.json()["type"].endswith("/commit-failed")
+            assert database.rows("o-deferred") == []
+            assert post(url, "o-deferred", key=key, mode="deferred", ref="r1").status_code == 500
+    finally:
+        database.drop()
+
+
+def test_a_transactional_view_on_a_store_that_cannot_join_is_refused_at_start_up(tmp_path: Path) -> None:
+    """A transactional view with a memory store: the server does not start, and says why."""
+    env = {"IDEMPO_TX_BACKEND": "memory://", "IDEMPO_TX_DB": str(tmp_path / "app.db"), "IDEMPO_SECRET": "s" * 32}
+    with pytest.raises(RuntimeError, match="transactional view"):
+        start("django", env)
+
+
+def test_an_async_view_cannot_be_transactional() -> None:
+    """@idempotency_required(transactional=True) on an async view is a ConfigurationError when decorated."""
+    code = (
+        "from idempo.django import idempotency_required\n"
+        "async def view(request): ...\n"
+        "try:\n"
+        "    idempotency_required(transactional=True)(view)\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert done.stdout.strip() == "ConfigurationError", done.stderr
