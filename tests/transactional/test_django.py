@@ -4,8 +4,12 @@ the records' alias and the record's completion is that block's last statement, t
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .conftest import _free_port
 from .servers import ROOT, Database, serving, start
 
 pytestmark = pytest.mark.slow
@@ -112,3 +117,33 @@ def test_an_async_view_cannot_be_transactional() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
     assert done.stdout.strip() == "ConfigurationError", done.stderr
+
+
+def test_django_example(tmp_path: Path) -> None:
+    """examples/transactional/django_payments.py under waitress on SQLite: 201, then the replay; one row."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "IDEMPO_SECRET": "s" * 32, "PAYMENTS_DB": str(tmp_path / "p.db")}
+    app = "examples.transactional.django_payments:application"
+    command = [sys.executable, "-m", "waitress", "--listen", f"127.0.0.1:{port}", app]
+    process = subprocess.Popen(command, env=env, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/payments"
+    headers = {"Idempotency-Key": "8e03978e-40d5-43e8-bc93-6894a57f9324"}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, f"the example exited with {process.returncode}"
+            try:
+                first = httpx.post(url, json={"order_id": "o1", "cents": 1999}, headers=headers, timeout=10)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the example did not start"
+                time.sleep(0.1)
+        again = httpx.post(url, json={"order_id": "o1", "cents": 1999}, headers=headers, timeout=10)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+    assert first.status_code == 201, first.text
+    assert again.content == first.content
+    assert again.headers["idempotent-replayed"] == "true"
+    with sqlite3.connect(tmp_path / "p.db") as conn:
+        assert conn.execute("SELECT order_id, cents FROM payments").fetchall() == [("o1", 1999)]
