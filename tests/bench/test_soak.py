@@ -171,6 +171,21 @@ def test_checks_fail_on_each_broken_promise() -> None:
     assert "keys executed twice    1:" in render(figures)
 
 
+def test_committed_rows_fail_on_any_key_with_two_even_a_takeover() -> None:
+    """Counting committed rows (the transactional app), a key with two fails, even the takeover after a kill
+    that handler entries allow: the killed holder's writes must have rolled back with it."""
+    clean = _recorded()
+    clean.executions = [e for e in clean.executions if e.key in ("a", "d")]
+    clean.attempts = [a for a in clean.attempts if a.key in ("a", "d")]
+    clean.answers = [a for a in clean.answers if a.key in ("a", "d")]
+    figures = compute(clean)
+    assert all(passed for passed, _ in checks(figures))
+    failed = [text for passed, text in checks(figures, committed=True) if not passed]
+    assert failed == ["keys with two committed rows: 1 (must be 0)"]
+    clean.executions = [e for e in clean.executions if e.id != "w1.1-2"]
+    assert all(passed for passed, _ in checks(compute(clean), committed=True))
+
+
 # --- the relay ----------------------------------------------------------------------------------
 
 
