@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Generator
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import anyio.to_thread
 
@@ -497,6 +497,9 @@ def _engine_path(engine: Any) -> str:
 class _SQLiteBase:
     """What the blocking and the async SQLite stores share: the constructor and the database."""
 
+    #: Builds the store's transactor from its database: the one thing the twins' constructors differ in.
+    _transactor_type: ClassVar[type[_SQLiteTransactor | _AsyncSQLiteTransactor]]
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -508,6 +511,8 @@ class _SQLiteBase:
         self._db = _Database(path, clock, busy_timeout, synchronous)
         #: The store URL (``sqlite:///`` and the path).
         self.url = self._db.url
+        #: How a transactional execution drives this file (idempo._engine.transaction).
+        self.transactor: Any = self._transactor_type(self._db)
 
     @property
     def path(self) -> str:
@@ -540,17 +545,7 @@ class SQLiteStore(_SQLiteBase):
     atomically per file only (ATTACH with WAL is not atomic across files).
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        clock: Clock = time.time,
-        busy_timeout: float = 2.0,
-        synchronous: Synchronous = "NORMAL",
-    ) -> None:
-        super().__init__(path, clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
-        #: How a transactional execution drives this file (idempo._engine.transaction).
-        self.transactor: Any = _SQLiteTransactor(self._db)
+    _transactor_type = _SQLiteTransactor
 
     @classmethod
     def from_engine(
@@ -651,17 +646,7 @@ class AsyncSQLiteStore(_SQLiteBase):
     It takes the arguments of :class:`SQLiteStore`.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        clock: Clock = time.time,
-        busy_timeout: float = 2.0,
-        synchronous: Synchronous = "NORMAL",
-    ) -> None:
-        super().__init__(path, clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
-        #: How a transactional execution drives this file (idempo._engine.transaction).
-        self.transactor: Any = _AsyncSQLiteTransactor(self._db)
+    _transactor_type = _AsyncSQLiteTransactor
 
     @classmethod
     def from_engine(
