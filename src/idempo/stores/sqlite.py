@@ -108,6 +108,7 @@ class _Database:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        self._ready_lock = threading.Lock()
 
     def connection(self, busy_timeout_ms: int) -> sqlite3.Connection:
         """This thread's connection with the given busy timeout (milliseconds); the file opened first.
@@ -131,11 +132,42 @@ class _Database:
             conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         if not self.ready:
-            # Idempotent, so threads racing here do no harm.
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(_SCHEMA)
-            self.ready = True
+            self._prepare(conn, busy_timeout_ms)
         return conn
+
+    def _prepare(self, conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
+        """Put the file in WAL mode and create the schema, once per store, waiting up to the
+        connection's busy timeout (milliseconds; 0 on the async store's event-loop attempt, which
+        then hands the call to a worker thread that waits the store's ``busy_timeout``).
+
+        Connections racing to open a new file (threads here, or other processes)
+        can get SQLITE_BUSY from ``journal_mode = WAL`` or the schema's first
+        write without the busy handler being called: SQLite returns at once
+        where waiting could deadlock (a lock upgrade from a read, the switch
+        out of the rollback journal). Those attempts are repeated until
+        the timeout has passed, then the error is raised.
+
+        Raises:
+            sqlite3.Error: the last failure once the timeout has passed, or any non-busy failure.
+        """
+        with self._ready_lock:  # one opener per process: the others find the file ready
+            if self.ready:
+                return
+            deadline = time.monotonic() + busy_timeout_ms / 1000
+            pause = 0.005
+            while True:
+                try:
+                    if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                        conn.execute("PRAGMA journal_mode = WAL")
+                    conn.executescript(_SCHEMA)  # IF NOT EXISTS: idempotent across processes
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.1)
+                    continue
+                self.ready = True
+                return
 
     def run(self, busy_timeout_ms: int, transition: Callable[..., _T], *args: Any) -> _T:
         """Run a transition on this thread's connection (sqlite3's errors raised as they come)."""
@@ -670,8 +702,9 @@ class AsyncSQLiteStore(_SQLiteBase):
                 return self._db.run(0, transition, *args)
             except sqlite3.OperationalError as exc:
                 # Busy: nothing was written (a statement or a rolled-back
-                # transaction), so the worker thread can run it afresh.
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                # transaction), so the worker thread can run it afresh. The
+                # low byte: extended busy codes (BUSY_SNAPSHOT, BUSY_RECOVERY) too.
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                     raise
             db = self._db
             return await anyio.to_thread.run_sync(functools.partial(db.run, db.busy_timeout_ms, transition, *args))
