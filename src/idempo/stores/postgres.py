@@ -61,7 +61,7 @@ from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
 from time import monotonic
-from typing import Any, LiteralString, NamedTuple, TypeVar
+from typing import Any, ClassVar, Generic, LiteralString, NamedTuple, Self, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -113,6 +113,8 @@ _RECONNECT_TIMEOUT = 5.0
 # the whole deadline, yet long enough to take a connection the pool just made.
 _REFUSED_WAIT = 0.05
 _RV = TypeVar("_RV")
+# The application's pool type of a store twin (from_pool).
+_Pool = TypeVar("_Pool", psycopg_pool.ConnectionPool[Any], psycopg_pool.AsyncConnectionPool[Any])
 
 
 # OperationalError covers refused/reset/killed connections, an exhausted
@@ -579,10 +581,18 @@ def _plan(current: int | None) -> list[tuple[int, LiteralString]]:
 # --- the stores ---------------------------------------------------------------------------
 
 
-class _PostgresBase:
-    """What the blocking and the async PostgreSQL stores share: the constructor, settings and checks."""
+class _PostgresBase(Generic[_Pool]):
+    """What the blocking and the async PostgreSQL stores share: the constructor, settings and checks,
+    and the constructors on the application's pool or engine."""
 
     _foreign: _Rewrite | None = None
+    #: What the twins' from_pool and from_engine differ in (set below the classes they name): the
+    #: transactor on the app's pool, the store class on an engine and its transactor in _sqlalchemy.
+    _transactor_type: ClassVar[type[_PgTransactor | _AsyncPgTransactor]]
+    _engine_type: ClassVar[type[_EnginePostgresStore | _AsyncEnginePostgresStore]]
+    _engine_transactor: ClassVar[str]  # a name: _sqlalchemy needs idempo[sqlalchemy], imported when used
+    _engine: Any = None
+    _pool: _Pool | None = None
 
     def _foreign_rewrite(self) -> _Rewrite | None:
         """The statements as a connection that is not the store's runs them: tables qualified by the schema."""
@@ -633,15 +643,97 @@ class _PostgresBase:
         #: idempo._engine.transaction); None for a store built from a URL.
         self.transactor: Any = None
 
-    def _bind(self, pool: Any, schema: str | None) -> None:
-        """Run on the application's pool, the pool left to the app: statements qualified by ``schema``,
+    @classmethod
+    def from_pool(
+        cls,
+        pool: _Pool,
+        *,
+        schema: str | None = None,
+        deadline: float | timedelta = DEFAULT_DEADLINE,
+        check_schema: bool = True,
+    ) -> Self:
+        """A store on the application's own psycopg_pool, for transactional mode.
+
+        Records live in ``schema`` of the pool's database (``idempo migrate``
+        creates it), so a transactional handler's writes and the record's
+        completion commit in one transaction (DESIGN "transactional route").
+        Every store call checks a connection out of ``pool`` for one statement
+        (switched to autocommit mode for the call, a client-side flag); a
+        transactional execution holds one for the handler's transaction. Size the pool for both. The pool is the
+        application's: open it before the app starts; :meth:`close` leaves it open.
+
+        Args:
+            pool: an open (or to be opened) ``psycopg_pool.ConnectionPool``
+                (an ``AsyncConnectionPool`` for :class:`AsyncPostgresStore`).
+            schema: the schema holding idempo's tables (a plain identifier):
+                statements name it, the connections' ``search_path`` is
+                untouched. None (default): the tables are found through the
+                connections' own ``search_path``, as the app's tables are.
+            deadline: seconds (or a timedelta) a call may wait for a pooled
+                connection before StoreUnavailable (default 2). The statements
+                themselves are bounded by the server's settings only
+                (``statement_timeout``, ``idle_in_transaction_session_timeout``).
+            check_schema: as in the constructor.
+
+        Raises:
+            ConfigurationError: a schema name that is not a plain identifier.
+        """
+        store = cls("postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema)
+        where = "" if schema is None else f"?schema={schema}"
+        store._bind(schema, f"postgresql://(pool {getattr(pool, 'name', '?')}){where}")
+        store._pool = pool
+        store.transactor = cls._transactor_type(store)  # type: ignore[arg-type]
+        return store
+
+    @classmethod
+    def from_engine(
+        cls,
+        engine: Any,
+        *,
+        schema: str | None = None,
+        deadline: float | timedelta = DEFAULT_DEADLINE,
+        check_schema: bool = True,
+    ) -> Self:
+        """A store on the application's SQLAlchemy 2 engine, for transactional mode.
+
+        Needs ``idempo[sqlalchemy]``. idempo's statements run through the engine
+        (``text()``); a transactional handler gets ``tx.connection`` (a
+        SQLAlchemy ``Connection`` inside idempo's transaction) and ``tx.session``
+        (a ``Session`` joined with ``join_transaction_mode="create_savepoint"``);
+        on an ``AsyncEngine`` (asyncpg or psycopg, for :class:`AsyncPostgresStore`)
+        an ``AsyncConnection`` and an ``AsyncSession``.
+        The tables are created by ``idempo migrate``, not by this store.
+
+        Args:
+            engine: a ``sqlalchemy.Engine`` on PostgreSQL (psycopg), the
+                application's; an ``AsyncEngine`` for :class:`AsyncPostgresStore`.
+            schema: as in :meth:`from_pool`.
+            deadline: as in :meth:`from_pool` (the engine's pool timeout applies to checkouts).
+            check_schema: as in the constructor.
+
+        Raises:
+            ConfigurationError: the engine is not on PostgreSQL, or a bad schema name.
+        """
+        from . import _sqlalchemy
+
+        if getattr(getattr(engine, "dialect", None), "name", None) != "postgresql":
+            raise ConfigurationError(f"{cls.__name__}.from_engine needs a SQLAlchemy engine on PostgreSQL")
+        store: Self = cls._engine_type(  # type: ignore[assignment]
+            "postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema
+        )
+        store._bind(schema, f"postgresql://(engine {engine.url.render_as_string(hide_password=True)})")
+        store._engine = engine
+        transactor = getattr(_sqlalchemy, cls._engine_transactor)
+        store.transactor = transactor(engine, _settle_steps, store.get, store._rewrite)  # type: ignore[attr-defined]
+        return store
+
+    def _bind(self, schema: str | None, url: str) -> None:
+        """Run on the application's pool or engine, left to the app: statements qualified by ``schema``,
         or (None) unqualified, found through the connections' own search_path."""
         self._app_pool = True
-        self._pool = pool
         self._search_path = schema is None
         self._rewrite = None if schema is None else _qualified(schema)
-        where = "" if schema is None else f"?schema={schema}"
-        self.url = f"postgresql://(pool {getattr(pool, 'name', '?')}){where}"
+        self.url = url
 
     def _limits(self, deadline: float | None) -> tuple[float, float]:
         """(seconds the pool wait may take, monotonic end of the call) for a call starting now."""
@@ -676,7 +768,7 @@ class _PostgresBase:
         return exc
 
 
-class PostgresStore(_PostgresBase):
+class PostgresStore(_PostgresBase[psycopg_pool.ConnectionPool[Any]]):
     """A store in PostgreSQL, for blocking code (WSGI, Django, sync functions).
 
     Building it does no I/O: :meth:`open` (the blocking fronts call it when
@@ -706,81 +798,6 @@ class PostgresStore(_PostgresBase):
     Raises:
         ConfigurationError: a malformed URL, schema name or deadline.
     """
-
-    _pool: psycopg_pool.ConnectionPool[Any] | None = None
-
-    @classmethod
-    def from_pool(
-        cls,
-        pool: psycopg_pool.ConnectionPool[Any],
-        *,
-        schema: str | None = None,
-        deadline: float | timedelta = DEFAULT_DEADLINE,
-        check_schema: bool = True,
-    ) -> PostgresStore:
-        """A store on the application's own psycopg_pool, for transactional mode.
-
-        Records live in ``schema`` of the pool's database (``idempo migrate``
-        creates it), so a transactional handler's writes and the record's
-        completion commit in one transaction (DESIGN "transactional route").
-        Every store call checks a connection out of ``pool`` for one statement
-        (switched to autocommit mode for the call, a client-side flag); a
-        transactional execution holds one for the handler's transaction. Size the pool for both. The pool is the
-        application's: open it before the app starts; :meth:`close` leaves it open.
-
-        Args:
-            pool: an open (or to be opened) ``psycopg_pool.ConnectionPool``.
-            schema: the schema holding idempo's tables (a plain identifier):
-                statements name it, the connections' ``search_path`` is
-                untouched. None (default): the tables are found through the
-                connections' own ``search_path``, as the app's tables are.
-            deadline: seconds (or a timedelta) a call may wait for a pooled
-                connection before StoreUnavailable (default 2). The statements
-                themselves are bounded by the server's settings only
-                (``statement_timeout``, ``idle_in_transaction_session_timeout``).
-            check_schema: as in the constructor.
-
-        Raises:
-            ConfigurationError: a schema name that is not a plain identifier.
-        """
-        store = cls("postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema)
-        store._bind(pool, schema)
-        store.transactor = _PgTransactor(store)
-        return store
-
-    @classmethod
-    def from_engine(
-        cls,
-        engine: Any,
-        *,
-        schema: str | None = None,
-        deadline: float | timedelta = DEFAULT_DEADLINE,
-        check_schema: bool = True,
-    ) -> PostgresStore:
-        """A store on the application's SQLAlchemy 2 ``Engine`` (psycopg), for transactional mode.
-
-        Needs ``idempo[sqlalchemy]``. idempo's statements run through the engine
-        (``text()``); a transactional handler gets ``tx.connection`` (a
-        SQLAlchemy ``Connection`` inside idempo's transaction) and ``tx.session``
-        (a ``Session`` joined with ``join_transaction_mode="create_savepoint"``).
-        The tables are created by ``idempo migrate``, not by this store.
-
-        Args:
-            engine: a ``sqlalchemy.Engine`` on PostgreSQL, the application's.
-            schema: as in :meth:`from_pool`.
-            deadline: as in :meth:`from_pool` (the engine's pool timeout applies to checkouts).
-            check_schema: as in the constructor.
-
-        Raises:
-            ConfigurationError: the engine is not on PostgreSQL, or a bad schema name.
-        """
-        if getattr(getattr(engine, "dialect", None), "name", None) != "postgresql":
-            raise ConfigurationError("PostgresStore.from_engine needs a SQLAlchemy engine on PostgreSQL")
-        store = _EnginePostgresStore(
-            "postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema
-        )
-        store._bind_engine(engine, schema)
-        return store
 
     def open(self) -> None:
         """Check the server and the schema version now, over a connection of its own.
@@ -981,7 +998,7 @@ class PostgresStore(_PostgresBase):
             pool.close()
 
 
-class AsyncPostgresStore(_PostgresBase):
+class AsyncPostgresStore(_PostgresBase[psycopg_pool.AsyncConnectionPool[Any]]):
     """A store in PostgreSQL, for asyncio (ASGI, async functions).
 
     Building it does no I/O: ``await store.open()`` (the ASGI middleware
@@ -993,46 +1010,6 @@ class AsyncPostgresStore(_PostgresBase):
     Raises:
         ConfigurationError: a malformed URL, schema name or deadline.
     """
-
-    _pool: psycopg_pool.AsyncConnectionPool[Any] | None = None
-
-    @classmethod
-    def from_pool(
-        cls,
-        pool: psycopg_pool.AsyncConnectionPool[Any],
-        *,
-        schema: str | None = None,
-        deadline: float | timedelta = DEFAULT_DEADLINE,
-        check_schema: bool = True,
-    ) -> AsyncPostgresStore:
-        """See :meth:`PostgresStore.from_pool` (an ``AsyncConnectionPool``, opened by the app)."""
-        store = cls("postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema)
-        store._bind(pool, schema)
-        store.transactor = _AsyncPgTransactor(store)
-        return store
-
-    @classmethod
-    def from_engine(
-        cls,
-        engine: Any,
-        *,
-        schema: str | None = None,
-        deadline: float | timedelta = DEFAULT_DEADLINE,
-        check_schema: bool = True,
-    ) -> AsyncPostgresStore:
-        """See :meth:`PostgresStore.from_engine`: an ``AsyncEngine`` (asyncpg or psycopg); the handler gets an
-        ``AsyncConnection`` and an ``AsyncSession``.
-
-        Raises:
-            ConfigurationError: the engine is not on PostgreSQL, or a bad schema name.
-        """
-        if getattr(getattr(engine, "dialect", None), "name", None) != "postgresql":
-            raise ConfigurationError("AsyncPostgresStore.from_engine needs a SQLAlchemy AsyncEngine on PostgreSQL")
-        store = _AsyncEnginePostgresStore(
-            "postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema
-        )
-        store._bind_engine(engine, schema)
-        return store
 
     async def open(self) -> None:
         """See :meth:`PostgresStore.open`."""
@@ -1227,35 +1204,8 @@ class _PgHandle(NamedTuple):
     tx: Any
 
 
-class _PgTransactor:
-    """Drives transactional executions on the application's pool (see idempo._engine.transaction.Transactor).
-
-    The handler gets the connection inside a ``psycopg.Transaction``: psycopg
-    refuses an explicit ``commit()`` there, and its nested ``transaction()``
-    blocks are savepoints.
-    """
-
-    def __init__(self, store: PostgresStore) -> None:
-        self._store = store
-
-    def open(self) -> _PgHandle:
-        store = self._store
-        pool = store._pool
-        if pool is None:
-            raise closed(store.url)
-        try:
-            conn = pool.getconn(timeout=store.deadline)
-        except psycopg_pool.PoolTimeout as exc:
-            raise StoreUnavailable(f"no connection of the application's pool within {store.deadline:g} s") from exc
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        try:
-            tx = psycopg.Transaction(conn)
-            tx.__enter__()
-        except psycopg.Error as exc:
-            pool.putconn(conn)
-            raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
-        return _PgHandle(conn, tx)
+class _PgHandles:
+    """What both transactors answer without I/O: the handler's connection, no session, the error kinds."""
 
     def connection(self, h: _PgHandle) -> Any:
         return h.conn
@@ -1268,6 +1218,53 @@ class _PgTransactor:
 
     def kind(self, exc: BaseException) -> str:
         return _kind(exc)
+
+
+def _pool_of(store: _PostgresBase[_Pool]) -> _Pool:
+    """The app's pool a transaction checks its connection out of (StoreError once the store is closed)."""
+    if store._pool is None:
+        raise closed(store.url)
+    return store._pool
+
+
+@contextmanager
+def _checkout_errors(deadline: float) -> Iterator[None]:
+    """A transaction's connection not checked out of the app's pool: StoreUnavailable."""
+    try:
+        yield
+    except psycopg_pool.PoolTimeout as exc:
+        raise StoreUnavailable(f"no connection of the application's pool within {deadline:g} s") from exc
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _begin_failed(exc: psycopg.Error) -> StoreUnavailable:
+    return StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}")
+
+
+class _PgTransactor(_PgHandles):
+    """Drives transactional executions on the application's pool (see idempo._engine.transaction.Transactor).
+
+    The handler gets the connection inside a ``psycopg.Transaction``: psycopg
+    refuses an explicit ``commit()`` there, and its nested ``transaction()``
+    blocks are savepoints.
+    """
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    def open(self) -> _PgHandle:
+        store = self._store
+        pool = _pool_of(store)
+        with _checkout_errors(store.deadline):
+            conn = pool.getconn(timeout=store.deadline)
+        try:
+            tx = psycopg.Transaction(conn)
+            tx.__enter__()
+        except psycopg.Error as exc:
+            pool.putconn(conn)
+            raise _begin_failed(exc) from exc
+        return _PgHandle(conn, tx)
 
     def run(self, h: _PgHandle, command: Any, *, in_transaction: bool) -> None:
         if in_transaction:
@@ -1314,7 +1311,7 @@ class _PgTransactor:
         return self._store.get(record_key)
 
 
-class _AsyncPgTransactor:
+class _AsyncPgTransactor(_PgHandles):
     """The async twin of :class:`_PgTransactor` (see idempo._engine.transaction.AsyncTransactor)."""
 
     def __init__(self, store: AsyncPostgresStore) -> None:
@@ -1322,34 +1319,16 @@ class _AsyncPgTransactor:
 
     async def open(self) -> _PgHandle:
         store = self._store
-        pool = store._pool
-        if pool is None:
-            raise closed(store.url)
-        try:
+        pool = _pool_of(store)
+        with _checkout_errors(store.deadline):
             conn = await pool.getconn(timeout=store.deadline)
-        except psycopg_pool.PoolTimeout as exc:
-            raise StoreUnavailable(f"no connection of the application's pool within {store.deadline:g} s") from exc
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         try:
             tx = psycopg.AsyncTransaction(conn)
             await tx.__aenter__()
         except psycopg.Error as exc:
             await pool.putconn(conn)
-            raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
+            raise _begin_failed(exc) from exc
         return _PgHandle(conn, tx)
-
-    def connection(self, h: _PgHandle) -> Any:
-        return h.conn
-
-    def session(self, h: _PgHandle) -> Any:
-        return None
-
-    def fault_connection(self, h: _PgHandle) -> Any:
-        return h.conn
-
-    def kind(self, exc: BaseException) -> str:
-        return _kind(exc)
 
     async def run(self, h: _PgHandle, command: Any, *, in_transaction: bool) -> None:
         if in_transaction:
@@ -1410,18 +1389,6 @@ def _undefined_table(exc: BaseException) -> bool:
 class _EnginePostgresStore(PostgresStore):
     """A :class:`PostgresStore` on the application's SQLAlchemy ``Engine`` (see :meth:`PostgresStore.from_engine`)."""
 
-    _engine: Any = None
-
-    def _bind_engine(self, engine: Any, schema: str | None) -> None:
-        from . import _sqlalchemy
-
-        self._app_pool = True
-        self._engine = engine
-        self._search_path = schema is None
-        self._rewrite = None if schema is None else _qualified(schema)
-        self.url = f"postgresql://(engine {engine.url.render_as_string(hide_password=True)})"
-        self.transactor = _sqlalchemy.EngineTransactor(engine, _settle_steps, self.get, self._rewrite)
-
     def open(self) -> None:
         """See :meth:`PostgresStore.open` (over a connection of the engine)."""
         if self._open:
@@ -1479,18 +1446,6 @@ class _EnginePostgresStore(PostgresStore):
 class _AsyncEnginePostgresStore(AsyncPostgresStore):
     """An :class:`AsyncPostgresStore` on the application's ``AsyncEngine`` (asyncpg or psycopg)."""
 
-    _engine: Any = None
-
-    def _bind_engine(self, engine: Any, schema: str | None) -> None:
-        from . import _sqlalchemy
-
-        self._app_pool = True
-        self._engine = engine
-        self._search_path = schema is None
-        self._rewrite = None if schema is None else _qualified(schema)
-        self.url = f"postgresql://(engine {engine.url.render_as_string(hide_password=True)})"
-        self.transactor = _sqlalchemy.AsyncEngineTransactor(engine, _settle_steps, self.get, self._rewrite)
-
     async def open(self) -> None:
         """See :meth:`PostgresStore.open`."""
         if self._open:
@@ -1541,3 +1496,12 @@ class _AsyncEnginePostgresStore(AsyncPostgresStore):
     async def aclose(self) -> None:
         """See :meth:`_EnginePostgresStore.close`."""
         self._closed, self._open = True, False
+
+
+# What from_pool and from_engine build for each twin (these classes are defined after the stores).
+PostgresStore._transactor_type = _PgTransactor
+PostgresStore._engine_type = _EnginePostgresStore
+PostgresStore._engine_transactor = "EngineTransactor"
+AsyncPostgresStore._transactor_type = _AsyncPgTransactor
+AsyncPostgresStore._engine_type = _AsyncEnginePostgresStore
+AsyncPostgresStore._engine_transactor = "AsyncEngineTransactor"

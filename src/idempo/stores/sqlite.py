@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Generator
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, Self, TypeVar
 
 import anyio.to_thread
 
@@ -387,7 +387,23 @@ def _kind(exc: BaseException) -> str:
     return "failed"
 
 
-class _SQLiteTransactor:
+class _SQLiteHandles:
+    """What both transactors answer without I/O: the handler's connection, no session, the error kinds."""
+
+    def connection(self, h: _SQLiteHandle) -> Any:
+        return h.proxy
+
+    def session(self, h: _SQLiteHandle) -> Any:
+        return None
+
+    def fault_connection(self, h: _SQLiteHandle) -> Any:
+        return h.conn
+
+    def kind(self, exc: BaseException) -> str:
+        return _kind(exc)
+
+
+class _SQLiteTransactor(_SQLiteHandles):
     """Drives transactional executions on the store's file (see idempo._engine.transaction.Transactor).
 
     Each transaction has a connection of its own, in ``BEGIN IMMEDIATE``: it
@@ -416,18 +432,6 @@ class _SQLiteTransactor:
     def open(self) -> _SQLiteHandle:
         return self.open_now()
 
-    def connection(self, h: _SQLiteHandle) -> Any:
-        return h.proxy
-
-    def session(self, h: _SQLiteHandle) -> Any:
-        return None
-
-    def fault_connection(self, h: _SQLiteHandle) -> Any:
-        return h.conn
-
-    def kind(self, exc: BaseException) -> str:
-        return _kind(exc)
-
     def run(self, h: _SQLiteHandle, command: Any, *, in_transaction: bool) -> None:
         # Outside a transaction each statement commits on its own (isolation_level=None).
         if hasattr(command, "response"):
@@ -451,7 +455,7 @@ class _SQLiteTransactor:
             return self._db.run(self._db.busy_timeout_ms, self._db.get, record_key)
 
 
-class _AsyncSQLiteTransactor:
+class _AsyncSQLiteTransactor(_SQLiteHandles):
     """The async twin of :class:`_SQLiteTransactor`: BEGIN IMMEDIATE waits in a worker thread;
     the other statements run on the event loop's thread (they take no lock to wait for)."""
 
@@ -460,18 +464,6 @@ class _AsyncSQLiteTransactor:
 
     async def open(self) -> _SQLiteHandle:
         return await anyio.to_thread.run_sync(self._sync.open_now)
-
-    def connection(self, h: _SQLiteHandle) -> Any:
-        return h.proxy
-
-    def session(self, h: _SQLiteHandle) -> Any:
-        return None
-
-    def fault_connection(self, h: _SQLiteHandle) -> Any:
-        return h.conn
-
-    def kind(self, exc: BaseException) -> str:
-        return _kind(exc)
 
     async def run(self, h: _SQLiteHandle, command: Any, *, in_transaction: bool) -> None:
         self._sync.run(h, command, in_transaction=in_transaction)
@@ -529,8 +521,10 @@ def _engine_path(engine: Any) -> str:
 class _SQLiteBase:
     """What the blocking and the async SQLite stores share: the constructor and the database."""
 
-    #: Builds the store's transactor from its database: the one thing the twins' constructors differ in.
+    #: Builds the store's transactor from its database: the one thing the twins' constructors differ in;
+    #: from_engine's transactor, named in _sqlalchemy (it needs idempo[sqlalchemy], imported when used).
     _transactor_type: ClassVar[type[_SQLiteTransactor | _AsyncSQLiteTransactor]]
+    _engine_transactor: ClassVar[str]
 
     def __init__(
         self,
@@ -545,6 +539,29 @@ class _SQLiteBase:
         self.url = self._db.url
         #: How a transactional execution drives this file (idempo._engine.transaction).
         self.transactor: Any = self._transactor_type(self._db)
+
+    @classmethod
+    def from_engine(
+        cls, engine: Any, *, clock: Clock = time.time, busy_timeout: float = 2.0, synchronous: Synchronous = "NORMAL"
+    ) -> Self:
+        """A store in the file of the application's SQLAlchemy 2 engine, for transactional mode.
+
+        Needs ``idempo[sqlalchemy]``. A transactional handler gets ``tx.connection``
+        (a SQLAlchemy ``Connection`` in a ``BEGIN IMMEDIATE`` transaction) and
+        ``tx.session`` (a ``Session`` joined with ``join_transaction_mode="create_savepoint"``);
+        for :class:`AsyncSQLiteStore`, an ``AsyncEngine`` (aiosqlite), an
+        ``AsyncConnection`` and an ``AsyncSession``.
+        The other arguments are the constructor's.
+
+        Raises:
+            ConfigurationError: the engine is not on an SQLite file.
+        """
+        from . import _sqlalchemy
+
+        store = cls(_engine_path(engine), clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
+        transactor = getattr(_sqlalchemy, cls._engine_transactor)
+        store.transactor = transactor(engine, _engine_settle_steps(store._db), store.get)  # type: ignore[attr-defined]
+        return store
 
     @property
     def path(self) -> str:
@@ -578,26 +595,7 @@ class SQLiteStore(_SQLiteBase):
     """
 
     _transactor_type = _SQLiteTransactor
-
-    @classmethod
-    def from_engine(
-        cls, engine: Any, *, clock: Clock = time.time, busy_timeout: float = 2.0, synchronous: Synchronous = "NORMAL"
-    ) -> SQLiteStore:
-        """A store in the file of the application's SQLAlchemy 2 ``Engine`` (pysqlite), for transactional mode.
-
-        Needs ``idempo[sqlalchemy]``. A transactional handler gets ``tx.connection``
-        (a SQLAlchemy ``Connection`` in a ``BEGIN IMMEDIATE`` transaction) and
-        ``tx.session`` (a ``Session`` joined with ``join_transaction_mode="create_savepoint"``).
-        The other arguments are the constructor's.
-
-        Raises:
-            ConfigurationError: the engine is not on an SQLite file.
-        """
-        from . import _sqlalchemy
-
-        store = cls(_engine_path(engine), clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
-        store.transactor = _sqlalchemy.EngineTransactor(engine, _engine_settle_steps(store._db), store.get)
-        return store
+    _engine_transactor = "EngineTransactor"
 
     def _call(self, transition: Callable[..., _T], *args: Any) -> _T:
         with _sqlite_errors():
@@ -679,22 +677,7 @@ class AsyncSQLiteStore(_SQLiteBase):
     """
 
     _transactor_type = _AsyncSQLiteTransactor
-
-    @classmethod
-    def from_engine(
-        cls, engine: Any, *, clock: Clock = time.time, busy_timeout: float = 2.0, synchronous: Synchronous = "NORMAL"
-    ) -> AsyncSQLiteStore:
-        """See :meth:`SQLiteStore.from_engine`: an ``AsyncEngine`` (aiosqlite); the handler gets an
-        ``AsyncConnection`` and an ``AsyncSession``.
-
-        Raises:
-            ConfigurationError: the engine is not on an SQLite file.
-        """
-        from . import _sqlalchemy
-
-        store = cls(_engine_path(engine), clock=clock, busy_timeout=busy_timeout, synchronous=synchronous)
-        store.transactor = _sqlalchemy.AsyncEngineTransactor(engine, _engine_settle_steps(store._db), store.get)
-        return store
+    _engine_transactor = "AsyncEngineTransactor"
 
     async def _call(self, transition: Callable[..., _T], *args: Any) -> _T:
         with _sqlite_errors():
