@@ -327,7 +327,7 @@ def _legacy_canonical_json(body: bytes) -> bytes:
 
 
 class _Hasher(Protocol):
-    """A hash object: hmac.HMAC (keyed) or hashlib's SHA-256 (the legacy fingerprint)."""
+    """A hash object: a KeyedHash (HMAC-SHA256) or hashlib's SHA-256 (the legacy fingerprint)."""
 
     def update(self, data: bytes, /) -> None: ...
 
