@@ -12,18 +12,24 @@ Fixtures:
     node_upstream: one started upstream; ``.url``, ``.ledger()``,
         ``.executions(key)``, ``.stats()``, ``.release(n, key)``, ``.wait_waiting()``,
         ``.stop()`` / ``.start()`` (same port), ``.kill()``.
+    start_python_upstream: a function serving an ASGI app of tests/proxy/upstream/
+        with uvicorn (a process of the test's own, SIGKILLed afterwards) on a
+        free loopback port; returns ``http://127.0.0.1:<port>``.
 """
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import service_missing
-from tests.proxy.proxy_process import ProxyProcess, write_config
-from tests.proxy.upstream import NodeUpstream, find_node
+from tests.conftest import free_port, service_missing
+from tests.proxy.proxy_process import ProxyProcess, poll, write_config
+from tests.proxy.upstream import PATIENCE, NodeUpstream, find_node
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +94,41 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'idempo.db'}"
     url: str = request.getfixturevalue("redis_store_url")
     return url
+
+
+@pytest.fixture
+def start_python_upstream(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Serve ``tests.proxy.upstream.<module>:app`` with uvicorn; ``start(module, *uvicorn_args)`` returns its URL.
+
+    uvicorn listens on a free loopback port (not a socket passed with
+    ``--fd``: uvicorn takes that for a Unix socket, and its clients lose their
+    address); the URL is returned once a TCP connection to it opens.
+    """
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(module: str, *args: str, scheme: str = "http") -> str:
+        port = free_port()
+        log = (tmp_path / f"{module}-{len(processes)}.log").open("wb")
+        command = [sys.executable, "-m", "uvicorn", f"tests.proxy.upstream.{module}:app", "--port", str(port)]
+        # --no-proxy-headers: the client address is the connection's, not the X-Forwarded-For the proxy sends.
+        command += ["--host", "127.0.0.1", "--no-proxy-headers", "--log-level", "warning", *args]
+        with log:
+            process = subprocess.Popen(command, stdout=log, stderr=log)
+        processes.append(process)
+
+        def listening() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"uvicorn exited: {(tmp_path / log.name).read_text(errors='replace')}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=PATIENCE).close()
+            except OSError:
+                return False
+            return True
+
+        poll(f"uvicorn serving {module} on port {port}", listening)
+        return f"{scheme}://127.0.0.1:{port}"
+
+    yield start
+    for process in processes:
+        process.kill()  # an app may still wait on a connection: no graceful shutdown to sit through
+        process.wait(15)

@@ -285,3 +285,21 @@ def test_sigterm_drains(node_upstream: NodeUpstream, start_proxy: StartProxy) ->
         assert post(restarted, k).headers["idempotent-replayed"] == "true"
     finally:
         restarted.kill()
+
+
+def test_a_connection_that_carried_a_5xx_is_not_reused(
+    start_python_upstream: Callable[..., str], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """A Starlette-style 500 (sent whole, then the app raises and uvicorn closes): the retry executes, not held."""
+    upstream = start_python_upstream("failing_asgi")
+    proxy = start_proxy(upstream, f"sqlite:///{tmp_path / 'i.db'}")
+    k = key()
+    failed = post(proxy, k, path="/v1/raise")
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "boom"}
+    retried = post(proxy, k)
+    assert retried.status_code == 201, retried.text
+    assert retried.json() == {"n": 2}
+    assert post(proxy, k).headers["idempotent-replayed"] == "true"
+    assert httpx.get(upstream + "/_stats", timeout=15).json() == {"executions": 2, "cut": 0}
+

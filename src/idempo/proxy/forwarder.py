@@ -14,13 +14,33 @@ Every failure is an :class:`UpstreamFailure` naming one of
 :data:`~idempo.proxy.config.FAILURES`. ``connect-error`` and ``pool-timeout``
 mean the request was never sent, so a retry may safely send it; every other
 failure may have reached the upstream, whose outcome the proxy cannot know.
+
+A pooled connection carries a keyed request only while the upstream can still
+read it. httpcore already closes a connection whose answer said
+``Connection: close`` (h11 leaves it ``MUST_CLOSE``) and, when it picks an idle
+one, drops it if the socket is readable (the upstream's FIN arrived:
+``has_expired()`` in ``httpcore/_async/http11.py``). Two cases slip past that
+check, and each turned a retry into an unknown outcome (a held key):
+
+- the upstream answers a 5xx whole and then closes, a moment later: uvicorn
+  does so when a Starlette or FastAPI app raises (``ServerErrorMiddleware``
+  sends the 500, then re-raises, and uvicorn closes the connection). A
+  connection that carried a 5xx is therefore never reused;
+- the upstream closes an idle connection after the pool picked it but before
+  the request's first byte was written. The proxy looks again at that
+  moment, and a first write that fails means the same: nothing of the request
+  went out, so httpcore's pool is told the connection is not available
+  (``ConnectionNotAvailable``) and sends the request on another one. A
+  connection that breaks after the first byte was written is never retried:
+  that outcome is unknown.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, Protocol
 
+import httpcore
 import httpx
 
 from .config import FAILURES_NOT_SENT, UpstreamSettings, UpstreamTarget
@@ -159,6 +179,95 @@ class _Stream(httpx.AsyncByteStream):
         pass
 
 
+class _GuardedStream(httpcore.AsyncNetworkStream):
+    """One upstream connection, which refuses to start a request once the upstream closed it (module docstring).
+
+    A write that follows a read (or is the first) starts a request: HTTP/1.1
+    without pipelining writes a whole request, then reads its answer.
+
+    Attributes:
+        reusable: False once the connection must carry no further request (it
+            carried a 5xx); httpcore's pool then sees it as expired and closes it.
+    """
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._requests = 0
+        self._starts_request = True
+        self.reusable = True
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's)
+        data = await self._inner.read(max_bytes, timeout)
+        self._starts_request = True
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if not self._starts_request:
+            await self._inner.write(buffer, timeout)
+            return
+        self._starts_request = False
+        self._requests += 1
+        if self._requests == 1:  # a fresh connection: whatever breaks now is the request's
+            await self._inner.write(buffer, timeout)
+            return
+        if not self.reusable or self._inner.get_extra_info("is_readable"):
+            # The upstream closed it (or said something unasked) before this request: nothing was sent.
+            raise httpcore.ConnectionNotAvailable()
+        try:
+            await self._inner.write(buffer, timeout)
+        except httpcore.WriteError as exc:
+            # The first write of the request failed: the upstream had closed, not one byte went out.
+            raise httpcore.ConnectionNotAvailable() from exc
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> httpcore.AsyncNetworkStream:
+        return _GuardedStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and not self.reusable:
+            return True  # httpcore's has_expired(): closed instead of reused
+        return self._inner.get_extra_info(info)
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, handing out :class:`_GuardedStream` connections."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
+        return _GuardedStream(stream)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_unix_socket(path, timeout=timeout, socket_options=socket_options)
+        return _GuardedStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
 def _translate(exc: BaseException) -> UpstreamFailure:
     """The failure an httpx exception stands for (httpx's exception hierarchy, 0.27 and later)."""
     kinds: Sequence[tuple[type[BaseException], str]] = (
@@ -203,6 +312,10 @@ class HttpxForwarder:
             uds=target.uds,
             retries=0,  # a connect retry is safe, but the verdict must name what happened
         )
+        # httpx has no parameter for the network backend; its transport's pool
+        # (httpcore's AsyncConnectionPool) keeps it in _network_backend.
+        pool = self._transport._pool
+        pool._network_backend = _GuardedBackend(pool._network_backend)
         self._base = httpx.URL(target.base_url)
         self._host = self._base.netloc
         self._timeout = {
@@ -233,6 +346,12 @@ class HttpxForwarder:
             response = await self._transport.handle_async_request(request)
         except httpx.HTTPError as exc:
             raise _translate(exc) from exc
+        if response.status_code >= 500:
+            # An upstream that failed may close the connection right after its
+            # answer (uvicorn, when the app raised): never reuse it.
+            connection = response.extensions.get("network_stream")
+            if isinstance(connection, _GuardedStream):
+                connection.reusable = False
         return _HttpxResponse(response)
 
     async def aclose(self) -> None:
