@@ -303,3 +303,22 @@ def test_a_connection_that_carried_a_5xx_is_not_reused(
     assert post(proxy, k).headers["idempotent-replayed"] == "true"
     assert httpx.get(upstream + "/_stats", timeout=15).json() == {"executions": 2, "cut": 0}
 
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_retry_as_soon_as_the_answer_arrived_finds_the_record_settled(
+    node_upstream: NodeUpstream, start_proxy: StartProxy, request: pytest.FixtureRequest, store: str
+) -> None:
+    """Each time the client has a whole 500, its immediate retry executes (never 409); a whole 201's retry replays."""
+    url = sqlite(node_upstream) if store == "sqlite" else request.getfixturevalue("postgres_store_url")
+    proxy = start_proxy(node_upstream.url, url)
+    answers: list[tuple[int, int, int]] = []
+    with httpx.Client(base_url=proxy.url, timeout=15) as client:
+        for _ in range(10):
+            k = key()
+            failed = client.post("/v1/payments", content=b"{}", headers={"Idempotency-Key": k, "X-Fault": "status=500"})
+            retried = client.post("/v1/payments", content=b"{}", headers={"Idempotency-Key": k})
+            replayed = client.post("/v1/payments", content=b"{}", headers={"Idempotency-Key": k})
+            answers.append((failed.status_code, retried.status_code, replayed.status_code))
+            assert replayed.headers.get("idempotent-replayed") == "true"
+            assert node_upstream.executions(k) == 2
+    assert answers == [(500, 201, 201)] * 10

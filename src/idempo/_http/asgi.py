@@ -226,6 +226,7 @@ class Exchange:
         "_body_pending",
         "_done",
         "_held",
+        "_last",
         "_receive",
         "_send",
         "app",
@@ -271,6 +272,8 @@ class Exchange:
         self._body_pending = True
         #: A transactional execution's body messages, held until COMMIT returned.
         self._held: list[Message] = []
+        #: The last body message of an answer whose settle waits for the app to return.
+        self._last: Message | None = None
         # Set once the record is settled (or the answer is whole), for an app
         # waiting on a disconnect the exchange hides meanwhile.
         self._done: anyio.Event | None = None
@@ -303,6 +306,7 @@ class Exchange:
                     return
                 if not execution.settled:
                     await self.fail(exc)
+                await self._send_last()
                 raise
             finally:
                 observation.handler_finished(self.status)
@@ -314,6 +318,7 @@ class Exchange:
                 if self.start is not None and not self.start_sent:
                     self.start_sent = True
                     await self.forward(self.start)
+            await self._send_last()
         except BaseException as exc:
             # Whatever failed (the app, or idempo's own code after it): the
             # record is settled by it, and renewals stop. A crash (cancellation,
@@ -472,7 +477,13 @@ class Exchange:
                 if capture.settles_when_whole():
                     await self.commit(capture.settlement(complete=True))
                 else:
+                    # The verdict waits for the app to return (an exception it
+                    # raises after this answer decides it); so does the answer's
+                    # end, or a client retrying as soon as it has the whole answer
+                    # (a 500) would find the record not yet released: a 409.
+                    self._last = message
                     self._wake()  # the response is whole: an app waiting for the disconnect may have it
+                    return
         except Exception as exc:
             await self.broke(exc)
             if kind == "http.response.start":
@@ -481,6 +492,16 @@ class Exchange:
             self.start_sent = True
             await self.forward(self.start)
         await self.forward(message)
+
+    async def _send_last(self) -> None:
+        """Send the answer's held end (and its status line, if still held), now that the record is settled."""
+        last, self._last = self._last, None
+        if last is None:
+            return
+        if self.start is not None and not self.start_sent:
+            self.start_sent = True
+            await self.forward(self.start)
+        await self.forward(last)
 
     async def receive(self) -> Message:
         """The app's ``receive``: the body already read, then the server's messages.
@@ -492,6 +513,11 @@ class Exchange:
         if self._body_pending:
             self._body_pending = False
             return {"type": "http.request", "body": self.body, "more_body": False}
+        if self._last is not None:
+            # The app waits on the client after its whole answer (a long-poll's
+            # cleanup awaits the disconnect): the client needs the answer's end
+            # to go, so it goes now, before the settle.
+            await self._send_last()
         message = await self._receive()
         if message["type"] != "http.disconnect" or self.execution.settled or self.complete:
             return message

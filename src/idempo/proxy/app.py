@@ -549,10 +549,20 @@ class ProxyApp:
                     response_headers.append((b"via", _VIA))
                     await send({"type": "http.response.start", "status": response.status, "headers": response_headers})
                     started = True
+                    # The chunk that completes a Content-Length body goes out as the
+                    # answer's end: the middleware settles the record before the client
+                    # has the answer's last byte (a retry finds it settled).
+                    remaining = _content_length(response.headers)
+                    ended = False
                     async for chunk in response.aiter_raw():
-                        if chunk:
-                            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        if not chunk or ended:
+                            continue
+                        if remaining is not None:
+                            remaining -= len(chunk)
+                            ended = remaining <= 0
+                        await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                    if not ended:
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
                 except UpstreamFailure as exc:
                     failure = exc
                 except _ClientGone:
@@ -601,6 +611,14 @@ class ProxyApp:
                 yield chunk
             if not message.get("more_body", False):
                 return
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The ``Content-Length`` of an answer's headers; None when there is none, or more than one value."""
+    found = [value for name, value in headers if name == b"content-length"]
+    if len(found) != 1 or not found[0].strip().isdigit():
+        return None
+    return int(found[0])
 
 
 def _target(scope: Scope) -> bytes:
