@@ -140,7 +140,7 @@ def test_a_streamed_answer_streams_and_replays(node_upstream: NodeUpstream, star
 
 
 def test_headers_hygiene(node_upstream: NodeUpstream, start_proxy: StartProxy, tmp_path: object) -> None:
-    """Hop-by-hop and Connection-named fields never cross; X-Forwarded-* replaced or appended; Via; 508 on a loop."""
+    """Hop-by-hop and Connection-named fields never cross; (X-)Forwarded(-*) replaced or appended; Via; 508 loop."""
     store = "sqlite:///" + str(node_upstream.directory / "i.db")
     untrusted = start_proxy(node_upstream.url, store)
     trusted = start_proxy(node_upstream.url, store, trusted_proxies=["127.0.0.1/32"])
@@ -153,6 +153,7 @@ def test_headers_hygiene(node_upstream: NodeUpstream, start_proxy: StartProxy, t
         "X-Forwarded-For": "203.0.113.9",
         "X-Forwarded-Proto": "https",
         "X-Forwarded-Host": "api.example",
+        "Forwarded": 'for=203.0.113.9;proto=https;host="api.example"',
     }
     seen = {}
     for name, proxy in (("untrusted", untrusted), ("trusted", trusted)):
@@ -168,6 +169,11 @@ def test_headers_hygiene(node_upstream: NodeUpstream, start_proxy: StartProxy, t
     assert seen["trusted"]["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
     assert seen["trusted"]["x-forwarded-proto"] == "https"
     assert seen["trusted"]["x-forwarded-host"] == "api.example"
+    # Forwarded (RFC 7239): the client's own believed only from a trusted peer; ours appended, its host quoted.
+    ours = f'for=127.0.0.1;proto=http;host="{seen["untrusted"]["host"]}"'
+    assert seen["untrusted"]["forwarded"] == ours
+    ours = f'for=127.0.0.1;proto=http;host="{seen["trusted"]["host"]}"'
+    assert seen["trusted"]["forwarded"] == f'for=203.0.113.9;proto=https;host="api.example", {ours}'
 
     # User A's Set-Cookie never reaches user B's request (no cookie jar between them).
     with httpx.Client(base_url=untrusted.url, timeout=15) as client:

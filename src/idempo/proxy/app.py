@@ -34,7 +34,8 @@ HTTP hygiene (RFC 9110 section 7.6.1): hop-by-hop fields and every field named
 in ``Connection`` are removed in both directions and so never stored;
 ``Via: 1.1 idempo`` is added both ways; ``X-Forwarded-For``, ``-Proto`` and
 ``-Host`` are replaced, or appended to when the peer is in
-``trusted_proxies``. WebSockets are tunnelled to the upstream, never keyed.
+``trusted_proxies``; so is ``Forwarded`` (RFC 7239), to which the proxy adds
+its own element (``for=<peer>;proto=<scheme>;host=<Host>``). WebSockets are tunnelled to the upstream, never keyed.
 """
 
 from __future__ import annotations
@@ -459,6 +460,7 @@ class ProxyApp:
             except ValueError:
                 address = None
             trusted = address is not None and any(address in network for network in self._trusted)
+        forwarded: list[bytes] = []
         forwarded_for: list[bytes] = []
         forwarded_proto: bytes | None = None
         forwarded_host: bytes | None = None
@@ -466,6 +468,10 @@ class ProxyApp:
         headers: list[tuple[bytes, bytes]] = []
         for name, value in raw:
             if name in drop:
+                continue
+            if name == b"forwarded":  # RFC 7239: believed from a trusted proxy only, like X-Forwarded-*
+                if trusted:
+                    forwarded.append(value)
                 continue
             if name == b"x-forwarded-for":
                 if trusted:
@@ -489,8 +495,14 @@ class ProxyApp:
             forwarded_for.append(peer.encode("latin-1"))
         if forwarded_for:
             headers.append((b"x-forwarded-for", b", ".join(forwarded_for)))
-        headers.append((b"x-forwarded-proto", forwarded_proto or scope.get("scheme", "http").encode("latin-1")))
+        scheme = scope.get("scheme", "http").encode("latin-1")
+        headers.append((b"x-forwarded-proto", forwarded_proto or scheme))
         headers.append((b"x-forwarded-host", forwarded_host or host))
+        # Our own element of Forwarded (RFC 7239 section 4): who we heard from, how, and for which host.
+        element = [b"for=" + _forwarded_node(peer)] if peer is not None else []
+        element += [b"proto=" + scheme, b"host=" + _forwarded_value(host)]
+        forwarded.append(b";".join(element))
+        headers.append((b"forwarded", b", ".join(forwarded)))
         headers.append((b"via", _VIA))
         return headers
 
@@ -611,6 +623,22 @@ class ProxyApp:
                 yield chunk
             if not message.get("more_body", False):
                 return
+
+
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def _forwarded_value(value: bytes) -> bytes:
+    """A ``Forwarded`` parameter value: the token itself, else a quoted-string (RFC 7239 section 4)."""
+    if value and all(byte in _TOKEN for byte in value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _forwarded_node(peer: str) -> bytes:
+    """The ``for=`` node of a peer address: an IPv6 address bracketed and quoted (RFC 7239 section 6)."""
+    node = peer.encode("latin-1")
+    return _forwarded_value(b"[" + node + b"]" if ":" in peer else node)
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

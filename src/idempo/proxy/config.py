@@ -301,7 +301,7 @@ class ProxySettings:
         admin_listen: where ``/healthz``, ``/readyz`` and ``/metrics`` are
             served; default ``None``: no admin port.
         trusted_proxies: peers (CIDR networks; a bare address is one host) whose
-            ``X-Forwarded-*`` headers are appended to rather than replaced;
+            ``X-Forwarded-*`` and ``Forwarded`` headers are appended to rather than replaced;
             default none.
         max_request_body: bytes of a keyed request's body the proxy accepts
             (413 above); default 10 MiB. A route may set its own.
