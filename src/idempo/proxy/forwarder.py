@@ -37,6 +37,7 @@ check, and each turned a retry into an unknown outcome (a held key):
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -301,7 +302,12 @@ class HttpxForwarder:
     """
 
     def __init__(self, target: UpstreamTarget, settings: UpstreamSettings) -> None:
-        verify: bool | str = settings.verify if isinstance(settings.verify, bool) else str(settings.verify)
+        # A CA bundle becomes a context of its own (httpx deprecates verify=<path>).
+        verify = (
+            settings.verify
+            if isinstance(settings.verify, bool)
+            else ssl.create_default_context(cafile=str(settings.verify))
+        )
         self._transport = httpx.AsyncHTTPTransport(
             verify=verify,
             limits=httpx.Limits(
