@@ -72,7 +72,7 @@ def sqlite(upstream: NodeUpstream) -> str:
 def test_a_client_that_disconnects_does_not_stop_the_exchange(
     node_upstream: NodeUpstream, start_proxy: StartProxy, store_url: str
 ) -> None:
-    """The client leaves before the answer; the exchange completes; its retry gets the replay; ledger 1."""
+    """The client leaves before the answer: counted detached; the exchange completes; the retry replays; ledger 1."""
     proxy = start_proxy(node_upstream.url, store_url)
     k = key()
     address = urlsplit(proxy.url)
@@ -84,10 +84,21 @@ def test_a_client_that_disconnects_does_not_stop_the_exchange(
         )
         sock.sendall(head.encode() + body)
         node_upstream.wait_waiting(1)
+        assert detached(proxy) == 0.0
+    poll("the exchange counted as detached", lambda: detached(proxy) == 1.0)
     node_upstream.release(1, key=k)
     replay = poll("the replay", lambda: (r := post(proxy, k)).status_code == 201 and r)
     assert replay.headers["idempotent-replayed"] == "true"
     assert node_upstream.executions(k) == 1
+    assert detached(proxy) == 0.0
+
+
+def detached(proxy: ProxyProcess) -> float:
+    """The proxy's ``idempo_proxy_detached_inflight`` gauge (admin /metrics)."""
+    for line in httpx.get(proxy.admin_url + "/metrics", timeout=15).text.splitlines():
+        if line.startswith("idempo_proxy_detached_inflight "):
+            return float(line.split()[1])
+    raise AssertionError("no idempo_proxy_detached_inflight in /metrics")
 
 
 def test_an_upstream_slower_than_the_deadline_is_held(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:

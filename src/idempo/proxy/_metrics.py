@@ -8,6 +8,7 @@ metric                                         labels        what
 ``idempo_proxy_upstream_seconds``              route         from sending a request to its answer's last byte
 ``idempo_proxy_overhead_seconds``              route         the proxy's own time: total time less upstream time
 ``idempo_proxy_inflight``                                    exchanges with the upstream now
+``idempo_proxy_detached_inflight``                           keyed exchanges running on after their client left
 ``idempo_proxy_unknown_outcomes_total``        cause         keyed exchanges whose outcome is unknown
 ``idempo_proxy_not_stored_total``              reason        keyed answers not stored for replay
 =============================================  ============  ===================================================
@@ -62,6 +63,7 @@ class ProxyMetrics:
             self.upstream_seconds: Any = nothing
             self.overhead_seconds: Any = nothing
             self.inflight: Any = nothing
+            self.detached_inflight: Any = nothing
             self.unknown_outcomes: Any = nothing
             self.not_stored: Any = nothing
             return
@@ -91,6 +93,12 @@ class ProxyMetrics:
         )
         self.inflight = Gauge(
             "idempo_proxy_inflight", "Exchanges with the upstream now.", registry=registry, multiprocess_mode="livesum"
+        )
+        self.detached_inflight = Gauge(
+            "idempo_proxy_detached_inflight",
+            "Keyed exchanges running on after their client left (to the deadline; the record completes).",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.unknown_outcomes = Counter(
             "idempo_proxy_unknown_outcomes",

@@ -102,6 +102,7 @@ _VIA = b"1.1 idempo"
 _PRINCIPAL_KEY = "idempo.proxy.principal"
 _BODY_KEY = "idempo.proxy.body"
 _ROUTE_KEY = "idempo.proxy.route"
+_RECEIVE_KEY = "idempo.proxy.receive"
 
 UPSTREAM_UNREACHABLE = Problem(502, "upstream-unreachable", "The upstream could not be reached")
 UPSTREAM_BUSY = Problem(503, "upstream-busy", "No connection to the upstream was free in time")
@@ -240,6 +241,8 @@ class ProxyApp:
         self.draining = False
         self._cut_off = False
         self._shields: set[anyio.CancelScope] = set()
+        # The lifespan's task group: where a keyed exchange's watch on its client runs.
+        self._tasks: anyio.abc.TaskGroup | None = None
 
     # --- routes and policies ------------------------------------------------------------------
 
@@ -310,6 +313,7 @@ class ProxyApp:
             if answer is not None:
                 await send_answer(send, answer)
                 return
+        scope[_RECEIVE_KEY] = receive  # the server's own: once the body is read, for the watch on the client
         try:
             await self.middleware.handle(scope, receive, send, self.forward, policy, route.name)
         except UpstreamFailure:
@@ -417,6 +421,29 @@ class ProxyApp:
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         """Open the store at start-up; at shutdown, cut off what still runs and close everything."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            try:
+                await self._lifespan_messages(receive, send)
+            finally:
+                self._tasks = None
+                tasks.cancel_scope.cancel()
+
+    async def _watch_client(self, receive: Receive, exchange: Exchange, watch: anyio.CancelScope) -> None:
+        """Count a keyed exchange as detached from the moment its client leaves before the whole answer."""
+        with watch:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    break
+            if not exchange.complete:
+                self.metrics.detached_inflight.inc()
+                try:
+                    await anyio.sleep_forever()  # until the exchange ends and cancels the watch
+                finally:
+                    self.metrics.detached_inflight.dec()
+
+    async def _lifespan_messages(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -520,6 +547,7 @@ class ProxyApp:
             _CutOff: a keyed exchange was cut off by the shutdown.
         """
         started_at = time.perf_counter()
+        watch = anyio.CancelScope()  # a keyed exchange's watch on its client, ended with the exchange
         exchange = scope.get(EXCHANGE_SCOPE_KEY)
         keyed = isinstance(exchange, Exchange)
         route: Route | None = scope.get(_ROUTE_KEY)
@@ -532,6 +560,9 @@ class ProxyApp:
             body = whole if isinstance(whole, bytes) else whole.achunks()
             headers.append((b"content-length", b"%d" % len(whole)))
             headers.append((b"idempo-attempt", b"%d" % exchange.execution.token))
+            client_receive = scope.get(_RECEIVE_KEY)
+            if self._tasks is not None and client_receive is not None:
+                self._tasks.start_soon(self._watch_client, client_receive, exchange, watch)
         else:
             body = b""
             for name, value in scope["headers"]:
@@ -589,6 +620,7 @@ class ProxyApp:
                     raise _CutOff()
                 failure = failure_class("deadline")(f"no whole answer within {self.config.upstream.deadline} s")
         finally:
+            watch.cancel()
             metrics.inflight.dec()
             now = time.perf_counter()
             metrics.upstream_seconds.labels(label).observe(now - upstream_at)
