@@ -333,3 +333,40 @@ def test_a_retry_as_soon_as_the_answer_arrived_finds_the_record_settled(
             assert replayed.headers.get("idempotent-replayed") == "true"
             assert node_upstream.executions(k) == 2
     assert answers == [(500, 201, 201)] * 10
+
+
+def test_readyz_with_workers(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """--workers 2: /readyz 200 once both serve; SIGTERM: 503 draining while an exchange runs; it completes; exit 0."""
+    proxy = start_proxy(node_upstream.url, sqlite(node_upstream), "", "--workers", "2")
+    ready = poll("both workers serving", lambda: (r := proxy.ready()).status_code == 200 and r)
+    assert ready.json() == {"ready": True, "problems": [], "workers": {"serving": 2, "total": 2}}
+    k = key()
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(post(proxy, k, "await-release")))
+    thread.start()
+    node_upstream.wait_waiting(1)
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGTERM)
+    draining = poll("readyz 503 while draining", lambda: (r := proxy.ready()).status_code == 503 and r)
+    assert draining.json()["problems"] == ["draining"]
+    node_upstream.release(1, key=k)
+    thread.join(15)
+    assert answers[0].status_code == 201
+    assert proxy.stop() == 0
+    assert node_upstream.executions(k) == 1
+
+
+def test_readyz_counts_a_worker_that_died(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """A worker SIGKILLed: /readyz says 503 (the supervisor then stops the others), the proxy exits non-zero."""
+    proxy = start_proxy(node_upstream.url, sqlite(node_upstream), "", "--workers", "2")
+    poll("both workers serving", lambda: proxy.ready().status_code == 200)
+    assert proxy.process is not None
+    children = Path(f"/proc/{proxy.process.pid}/task/{proxy.process.pid}/children").read_text().split()
+    workers = [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    # The admin port answers until the supervisor has stopped the other worker: either way, not ready.
+    with contextlib.suppress(httpx.HTTPError):
+        os.kill(workers[0], signal.SIGKILL)
+        answer = poll("readyz 503", lambda: (r := proxy.ready()).status_code == 503 and r)
+        assert answer.json()["ready"] is False
+    assert proxy.stop() != 0

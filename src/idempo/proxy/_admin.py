@@ -1,9 +1,11 @@
 """The proxy's admin port: ``/healthz``, ``/readyz`` and ``/metrics`` (``proxy.admin_listen``).
 
 - ``GET /healthz``: 200 while the process serves (liveness).
-- ``GET /readyz``: 200 when the store answers a read and a TCP connection to
-  the upstream opens; 503 with the reason otherwise, and 503 from the moment
-  the proxy starts draining (SIGTERM), so a load balancer stops sending.
+- ``GET /readyz``: 200 when every worker serves (its start-up done), the
+  store answers a read and a TCP connection to the upstream opens; 503 with
+  the reason otherwise, and 503 from the moment the proxy starts draining
+  (SIGTERM), so a load balancer stops sending. The JSON body says
+  ``{"ready", "problems", "workers": {"serving", "total"}}``.
 - ``GET /metrics``: idempo's metrics (:mod:`idempo.metrics`) and the proxy's
   (:mod:`idempo.proxy._metrics`) in the Prometheus text format; with several
   workers, aggregated from ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's
@@ -39,6 +41,8 @@ class AdminApp:
         registry: the prometheus-client registry /metrics serves; None for the
             global one, or a multiprocess collector when ``PROMETHEUS_MULTIPROC_DIR`` is set.
         timeout: seconds each /readyz check may take.
+        workers: returns how many workers serve, and how many there are
+            (default: one, serving).
     """
 
     def __init__(
@@ -48,7 +52,9 @@ class AdminApp:
         draining: Callable[[], bool],
         registry: Any = None,
         timeout: float = 2.0,
+        workers: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
+        self.workers = workers or (lambda: (1, 1))
         self.store = store
         self.upstream = upstream
         self.draining = draining
@@ -71,7 +77,9 @@ class AdminApp:
             await _answer(send, 200, b"ok\n", b"text/plain; charset=utf-8")
         elif path == "/readyz":
             problems = await self.problems()
-            body = json.dumps({"ready": not problems, "problems": problems}).encode() + b"\n"
+            serving, total = self.workers()
+            workers = {"serving": serving, "total": total}
+            body = json.dumps({"ready": not problems, "problems": problems, "workers": workers}).encode() + b"\n"
             await _answer(send, 503 if problems else 200, body, b"application/json")
         elif path == "/metrics":
             body, content_type = self.metrics()
@@ -84,6 +92,9 @@ class AdminApp:
         if self.draining():
             return ["draining"]
         problems = []
+        serving, total = self.workers()
+        if serving < total:
+            problems.append(f"workers: {serving} of {total} serving")
         try:
             with anyio.fail_after(self.timeout):
                 await self.store.get(READY_PROBE_KEY)

@@ -94,11 +94,17 @@ def _uvicorn_config(app: Any, config: ProxyConfig, **extra: Any) -> Any:
     return uvicorn.Config(app, **{**options, **extra})
 
 
-def _proxy_server(app: Any, config: ProxyConfig) -> Any:
+def _proxy_server(app: Any, config: ProxyConfig, ready: Any = None) -> Any:
+    """uvicorn's server for the proxy; ``ready`` (a multiprocessing Event) is set once it serves."""
     import uvicorn
 
     class _ProxyServer(uvicorn.Server):
         """uvicorn's server, but a drain ended by SIGTERM exits with status 0 (uvicorn raises the signal again)."""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if ready is not None and self.started:
+                ready.set()  # the app's lifespan start-up is done and the socket is served
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -172,9 +178,13 @@ async def _serve_one(config: ProxyConfig, sock: socket.socket, admin_sock: socke
     if admin_sock is None:
         await server.serve(sockets=[sock])
         return
-    admin = _admin_server(
-        AdminApp(app.store, config.proxy.upstream, lambda: server.should_exit or app.draining), config
+    admin_app = AdminApp(
+        app.store,
+        config.proxy.upstream,
+        lambda: server.should_exit or app.draining,
+        workers=lambda: (1 if server.started else 0, 1),
     )
+    admin = _admin_server(admin_app, config)
     admin_task = asyncio.create_task(admin.serve(sockets=[admin_sock]))
     try:
         await server.serve(sockets=[sock])
@@ -183,14 +193,17 @@ async def _serve_one(config: ProxyConfig, sock: socket.socket, admin_sock: socke
         await admin_task
 
 
-def _worker(path: str | None, flags: dict[str, object], sock: socket.socket) -> None:
-    """One worker process: load the configuration again, serve on the shared socket until SIGTERM."""
+def _worker(path: str | None, flags: dict[str, object], sock: socket.socket, ready: Any) -> None:
+    """One worker process: load the configuration again, serve on the shared socket until SIGTERM.
+
+    ``ready`` (a multiprocessing Event) is set once it serves: the admin port's /readyz counts it.
+    """
 
     from .app import create_app
 
     config = load_config(path, flags=flags)
     _instrument()
-    _proxy_server(create_app(config), config).run(sockets=[sock])
+    _proxy_server(create_app(config), config, ready).run(sockets=[sock])
 
 
 def _supervise(
@@ -206,15 +219,16 @@ def _supervise(
         own_dir = tempfile.TemporaryDirectory(prefix="idempo-proxy-metrics-")
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir.name
     context = multiprocessing.get_context("spawn")
+    ready = [context.Event() for _ in range(config.proxy.workers)]
     workers = [
-        context.Process(target=_worker, args=(path, flags, sock), name=f"idempo-proxy-{n}")
+        context.Process(target=_worker, args=(path, flags, sock, ready[n]), name=f"idempo-proxy-{n}")
         for n in range(config.proxy.workers)
     ]
     for process in workers:
         process.start()
     try:
         with _runner() as runner:
-            runner.run(_supervise_async(config, workers, admin_sock))
+            runner.run(_supervise_async(config, workers, ready, admin_sock))
     finally:
         for process in workers:
             if process.is_alive():
@@ -226,7 +240,9 @@ def _supervise(
     return 0 if all(process.exitcode in (0, -signal.SIGTERM) for process in workers) else 1
 
 
-async def _supervise_async(config: ProxyConfig, workers: list[Any], admin_sock: socket.socket | None) -> None:
+async def _supervise_async(
+    config: ProxyConfig, workers: list[Any], ready: list[Any], admin_sock: socket.socket | None
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -239,7 +255,13 @@ async def _supervise_async(config: ProxyConfig, workers: list[Any], admin_sock: 
         from ._admin import AdminApp
 
         store = _config.async_store(config.proxy.store)
-        admin = _admin_server(AdminApp(store, config.proxy.upstream, lambda: draining), config)
+
+        def serving() -> tuple[int, int]:
+            """Workers alive whose server started (a worker that died is not serving)."""
+            return sum(1 for p, e in zip(workers, ready, strict=True) if p.is_alive() and e.is_set()), len(workers)
+
+        admin_app = AdminApp(store, config.proxy.upstream, lambda: draining, workers=serving)
+        admin = _admin_server(admin_app, config)
         admin_task = asyncio.create_task(admin.serve(sockets=[admin_sock]))
 
     async def any_exit() -> None:
