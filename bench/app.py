@@ -35,7 +35,8 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,16 +145,26 @@ async def _orders() -> Any:
     return _orders_pool
 
 
+_ORDER_INSERT = "INSERT INTO bench_orders (serial, amount, currency) VALUES (%s, %s, %s)"
+#: True in ``idempo-postgres-tx``: /orders inserts through the request's transaction (transactional mode).
+_orders_in_transaction = False
+
+
 async def orders(request: Request) -> Response:
     """POST /orders: the payment handler plus one committed INSERT into PostgreSQL (scenario e)."""
     payment = await request.json()
     serial, _ = _count(request.headers.get("idempotency-key"))
-    pool = _orders_pool or await _orders()
-    async with pool.connection() as conn:
-        await conn.execute(
-            "INSERT INTO bench_orders (serial, amount, currency) VALUES (%s, %s, %s)",
-            (serial, payment.get("amount"), payment.get("currency")),
-        )
+    row = (serial, payment.get("amount"), payment.get("currency"))
+    if _orders_in_transaction:
+        from idempo.starlette import transaction
+
+        # BEGIN on a connection of the app's pool; the record's completion and COMMIT follow in one pipeline.
+        tx = await transaction(request)
+        await tx.connection.execute(_ORDER_INSERT, row)
+    else:
+        pool = _orders_pool or await _orders()
+        async with pool.connection() as conn:
+            await conn.execute(_ORDER_INSERT, row)
     return JSONResponse(_result(payment, serial), status_code=201)
 
 
@@ -438,6 +449,42 @@ def _idempo_postgres(async_commit: bool = False) -> Any:
     return AsyncPostgresStore(url, schema=_env("BENCH_PG_SCHEMA") + ("_ac" if async_commit else ""))
 
 
+def _idempo_postgres_tx() -> Any:
+    """Transactional mode (docs/transactional.md): the store on the handler's own pool, /orders in its transaction.
+
+    One pool for the handler and the store (4 connections for the handler, as
+    the other variants' handler pool, plus the store's default 10); records in
+    ``<schema>_tx``. Opened by the app's lifespan, before idempo opens the store.
+    """
+    global _orders_pool, _orders_in_transaction
+    import psycopg_pool
+
+    from idempo.stores.postgres import AsyncPostgresStore
+
+    _orders_pool = psycopg_pool.AsyncConnectionPool(
+        _env("BENCH_PG_URL"),
+        min_size=1,
+        max_size=14,
+        kwargs={"autocommit": True, "options": f"-c search_path={_env('BENCH_PG_SCHEMA')}"},
+        open=False,
+    )
+    _orders_in_transaction = True
+    return AsyncPostgresStore.from_pool(_orders_pool, schema=_env("BENCH_PG_SCHEMA") + "_tx")
+
+
+@asynccontextmanager
+async def _lifespan(app: Any) -> AsyncIterator[None]:
+    """Open a pool built with the app (idempo-postgres-tx's) before the middleware opens its store; close it after."""
+    pool = _orders_pool
+    if pool is not None:
+        await pool.open()
+    try:
+        yield
+    finally:
+        if pool is not None:
+            await pool.close()
+
+
 def _aih(backend: str) -> list[Middleware]:
     from idempotency_header_middleware import IdempotencyHeaderMiddleware
     from idempotency_header_middleware.backends import MemoryBackend, RedisBackend
@@ -485,6 +532,7 @@ VARIANTS: dict[str, Callable[[], list[Middleware]] | None] = {
     "idempo-redis": lambda: _idempo(_idempo_redis),
     "idempo-postgres": lambda: _idempo(_idempo_postgres),
     "idempo-postgres-async-commit": lambda: _idempo(lambda: _idempo_postgres(async_commit=True)),
+    "idempo-postgres-tx": lambda: _idempo(_idempo_postgres_tx),
     "aih-memory": lambda: _aih("memory"),
     "aih-redis": lambda: _aih("redis"),
     "powertools-redis": None,
@@ -510,7 +558,7 @@ def create_app(variant: str | None = None) -> Starlette:
         return _powertools_app(validate=variant.endswith("validate"))
     middleware = VARIANTS[variant]
     assert middleware is not None
-    return Starlette(routes=_routes(), middleware=middleware())
+    return Starlette(routes=_routes(), middleware=middleware(), lifespan=_lifespan)
 
 
 def _routes() -> list[Route]:

@@ -35,7 +35,8 @@ def main() -> None:
         http="httptools",
         access_log=False,
         log_level="warning",
-        lifespan="off",
+        # Only the transactional variant needs the lifespan: its pool (the app's) opens there, before idempo's store.
+        lifespan="on" if args.variant == "idempo-postgres-tx" else "off",
         workers=1,
     )
     uvicorn.Server(config).run(sockets=[socket.socket(fileno=args.fd)])
