@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from idempo._core.digests import Digests
 from idempo._core.fingerprint import fingerprint
 from idempo._core.flow import Replay, begin_flow
 from idempo._core.keys import make_record_key, parse_key
@@ -39,6 +40,8 @@ BODY_64K = _json_body(64 * 1024)
 BODY_1M = _json_body(1024 * 1024)
 BODY_10M = _json_body(10 * 1024 * 1024)
 CT = b"application/json"
+#: The server secret's digests, as a front holds them (record keys and fingerprints are keyed HMACs).
+DIGESTS = Digests(b"micro-benchmark server secret 32")
 
 
 SIZES = [BODY_1K, BODY_4K, BODY_64K, BODY_1M, BODY_10M]
@@ -53,7 +56,7 @@ def test_fingerprint_canonical_json(benchmark: Any, body: bytes) -> None:
     thread from idempo._core.http.OFF_LOOP_JSON_BYTES (4 KiB), where it costs
     more than the hop.
     """
-    benchmark(fingerprint, "POST", "/payments", b"", CT, body)
+    benchmark(fingerprint, "POST", "/payments", b"", CT, body, secret=DIGESTS)
 
 
 def test_thread_hop_x100(benchmark: Any) -> None:
@@ -75,7 +78,7 @@ def test_thread_hop_x100(benchmark: Any) -> None:
 @pytest.mark.parametrize("body", SIZES, ids=SIZE_IDS)
 def test_fingerprint_raw_bytes(benchmark: Any, body: bytes) -> None:
     """fingerprint() of the same body hashed as bytes (canonical_json=False)."""
-    benchmark(fingerprint, "POST", "/payments", b"", CT, body, canonical_json=False)
+    benchmark(fingerprint, "POST", "/payments", b"", CT, body, secret=DIGESTS, canonical_json=False)
 
 
 @pytest.mark.parametrize("body", SIZES, ids=SIZE_IDS)
@@ -95,13 +98,14 @@ def test_parse_key(benchmark: Any, raw: bytes) -> None:
 
 
 def test_make_record_key(benchmark: Any) -> None:
-    """make_record_key(): the scoped record key (SHA-256 of principal, method, route, key)."""
-    benchmark(make_record_key, "addr:127.0.0.1", "POST", "/payments", "8e03978e-40d5-43e8-bc93-6894a57f9324")
+    """make_record_key(): the scoped record key (HMAC-SHA256 of principal, method, route, key)."""
+    key = "8e03978e-40d5-43e8-bc93-6894a57f9324"
+    benchmark(make_record_key, "addr:127.0.0.1", "POST", "/payments", key, secret=DIGESTS)
 
 
 def _completed(store: MemoryStore, policy: Policy) -> tuple[str, str]:
-    record_key = make_record_key("p", "POST", "/payments", "k")
-    fp = fingerprint("POST", "/payments", b"", CT, BODY_1K)
+    record_key = make_record_key("p", "POST", "/payments", "k", secret=DIGESTS)
+    fp = fingerprint("POST", "/payments", b"", CT, BODY_1K, secret=DIGESTS)
     result = store.begin(record_key, fp, policy.lease_ttl_ms)
     response = StoredResponse(201, ((b"content-type", b"application/json"),), b'{"id":"pay_1"}')
     store.complete(record_key, result.token, response, policy.record_ttl_ms)  # type: ignore[union-attr]
