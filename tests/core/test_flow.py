@@ -19,7 +19,7 @@ from idempo._core.flow import (
     finish,
     retry_after_seconds,
 )
-from idempo._engine.begin import begin_async, begin_sync
+from idempo._engine.begin import begin_steps
 from idempo._engine.drivers import drive_async, drive_sync
 from idempo._engine.store import settle_async, settle_sync
 from idempo.stores import AsyncMemoryStore, MemoryStore
@@ -176,8 +176,16 @@ def test_decide_classifies_a_begin_result_as_the_flow_does() -> None:
     assert decide(Existing(record(RecordState.IN_PROGRESS), 0), "fp") is None
 
 
+def begin_sync(store: MemoryStore, record_key: str, fingerprint: str, policy: Policy) -> object:
+    return drive_sync(begin_steps(store, record_key, fingerprint, policy), store, decided=False)
+
+
+async def begin_async(store: AsyncMemoryStore, record_key: str, fingerprint: str, policy: Policy) -> object:
+    return await drive_async(begin_steps(store, record_key, fingerprint, policy), store, decided=False)
+
+
 def test_begin_drivers_decide_as_the_flow_driven_in_full() -> None:
-    """begin_sync/begin_async give drive_*(begin_flow(...))'s decisions: proceed, 409, wait, replay, mismatch."""
+    """begin_steps driven by drive_sync/drive_async gives the flow's decisions: proceed, 409, wait, replay, mismatch."""
     import anyio
 
     store = MemoryStore(clock=FakeClock())

@@ -6,7 +6,8 @@ first ``begin``, classified by :func:`idempo._core.flow.decide`; the record a
 version before keyed digests kept, looked up while the legacy window is
 open; a running duplicate waited for (:func:`idempo._core.flow.begin_flow`,
 wait mode) or answered 409; a takeover held under ``on_takeover="hold"``.
-:func:`begin_sync` / :func:`begin_async` drive it to the decision.
+:mod:`idempo._engine.drivers` drive it to the decision (``decided=False``: it tells
+the observation itself), as :mod:`idempo._engine.admission` does.
 
 Wait mode (``Policy.wait``): the duplicates of one running request that wait
 in one process are counted per store and record key, at most
@@ -47,11 +48,9 @@ from .._core.policy import Policy
 from .._core.records import Acquired, BeginResult, Existing
 from ..observability._observation import RequestObservation
 from ..secrets import SecretSource
-from ..typing import AsyncStore, Store
 from .commands import Command, LegacyWindow
-from .drivers import drive_async, drive_sync
 
-__all__ = ["Legacy", "WaitRoom", "begin_async", "begin_steps", "begin_sync"]
+__all__ = ["Legacy", "WaitRoom", "begin_steps"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,33 +220,3 @@ def _legacy_steps(
     else:
         yield Release(record_key, token)
     return decision
-
-
-def begin_sync(
-    store: Store,
-    record_key: str,
-    fingerprint: str,
-    policy: Policy,
-    observation: RequestObservation | None = None,
-    legacy: Legacy | None = None,
-) -> Decision:
-    """Drive :func:`begin_steps` against a blocking store; return the decision.
-
-    Raises:
-        StoreError: the store failed (StoreUnavailable when unreachable).
-    """
-    steps = begin_steps(store, record_key, fingerprint, policy, observation, legacy)
-    return drive_sync(steps, store, observation, decided=False)
-
-
-async def begin_async(
-    store: AsyncStore,
-    record_key: str,
-    fingerprint: str,
-    policy: Policy,
-    observation: RequestObservation | None = None,
-    legacy: Legacy | None = None,
-) -> Decision:
-    """The async twin of :func:`begin_sync`."""
-    steps = begin_steps(store, record_key, fingerprint, policy, observation, legacy)
-    return await drive_async(steps, store, observation, decided=False)

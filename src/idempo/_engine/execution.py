@@ -18,7 +18,7 @@ handler's transaction).
 from __future__ import annotations
 
 from collections.abc import Coroutine, Generator
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 
@@ -85,16 +85,39 @@ async def shielded(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class _ExecutionBase:
-    """What the blocking and the async execution share: the settled flag, the command, the failure verdict."""
+    """What the blocking and the async execution share: the constructor, the settled flag, the command,
+    the failure verdict.
 
-    __slots__ = ("observation", "policy", "record_key", "settled", "token")
+    Args:
+        store: the store holding the record.
+        policy: the route's policy (verdicts, TTLs, ``save_retry_for``).
+        record_key: the record being executed.
+        token: the lease's fencing token.
+        observation: the request's observation, told the settle.
+    """
 
-    def __init__(self, policy: Policy, record_key: str, token: int, observation: RequestObservation | None) -> None:
+    __slots__ = ("keeper", "observation", "policy", "record_key", "settled", "store", "token")
+
+    #: The lease keeper that renews, and the one of the testing mode that does not (no thread, nothing
+    #: left running after a test): the one thing the twins' constructors differ in.
+    _keeper_types: ClassVar[
+        tuple[type[LeaseKeeper], type[UnrenewedLease]] | tuple[type[AsyncLeaseKeeper], type[AsyncUnrenewedLease]]
+    ]
+
+    def __init__(
+        self, store: Any, policy: Policy, record_key: str, token: int, observation: RequestObservation | None
+    ) -> None:
+        self.store = store
         self.policy = policy
         self.record_key = record_key
         self.token = token
         self.observation = observation
         self.settled = False
+        # Renews the lease while the handler runs, so a slow handler is never run twice.
+        renewing, unrenewed = self._keeper_types
+        self.keeper: Any = (
+            renewing(store, record_key, token, policy.lease_ttl_ms) if _config.TESTING is None else unrenewed(store)
+        )
 
     def command(self, response: StoredResponse | None, verdict: Verdict | None, reason: str | None) -> Settle | None:
         """Claim the one settle; return the command that settles the record, or None when it was settled before.
@@ -122,28 +145,13 @@ class _ExecutionBase:
 class Execution(_ExecutionBase):
     """One request's lease on a blocking store, from the handler's start until its record is settled.
 
-    Args:
-        store: the store holding the record.
-        policy: the route's policy (verdicts, TTLs, ``save_retry_for``).
-        record_key: the record being executed.
-        token: the lease's fencing token.
-        observation: the request's observation, told the settle.
+    It takes the arguments of :class:`_ExecutionBase` (``store`` a blocking store).
     """
 
-    __slots__ = ("keeper", "store")
-
-    def __init__(
-        self, store: Store, policy: Policy, record_key: str, token: int, observation: RequestObservation | None
-    ) -> None:
-        super().__init__(policy, record_key, token, observation)
-        self.store = store
-        # Renews the lease while the handler runs, so a slow handler is never run twice
-        # (not in the testing mode: no thread, nothing left running after a test).
-        self.keeper: LeaseKeeper | UnrenewedLease = (
-            LeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
-            if _config.TESTING is None
-            else UnrenewedLease(store)
-        )
+    __slots__ = ()
+    _keeper_types = (LeaseKeeper, UnrenewedLease)
+    store: Store
+    keeper: LeaseKeeper | UnrenewedLease
 
     def settle(
         self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None
@@ -189,18 +197,10 @@ class Execution(_ExecutionBase):
 class AsyncExecution(_ExecutionBase):
     """The async twin of :class:`Execution` (ASGI, async functions)."""
 
-    __slots__ = ("keeper", "store")
-
-    def __init__(
-        self, store: AsyncStore, policy: Policy, record_key: str, token: int, observation: RequestObservation | None
-    ) -> None:
-        super().__init__(policy, record_key, token, observation)
-        self.store = store
-        self.keeper: AsyncLeaseKeeper | AsyncUnrenewedLease = (
-            AsyncLeaseKeeper(store, record_key, token, policy.lease_ttl_ms)
-            if _config.TESTING is None
-            else AsyncUnrenewedLease(store)
-        )
+    __slots__ = ()
+    _keeper_types = (AsyncLeaseKeeper, AsyncUnrenewedLease)
+    store: AsyncStore
+    keeper: AsyncLeaseKeeper | AsyncUnrenewedLease
 
     async def settle(
         self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None

@@ -61,7 +61,6 @@ from ..exceptions import (
     TransactionError,
 )
 from ..observability._observation import RequestObservation, logger
-from ..typing import AsyncStore, Store
 from . import faultpoints
 from .execution import AsyncExecution, Execution
 from .store import Settle
@@ -475,7 +474,17 @@ class _TransactionalMixin:
     observation: RequestObservation | None
     settled: bool
 
-    def _init_tx(self, transactor: Any) -> None:
+    def __init__(
+        self,
+        store: Any,
+        policy: Policy,
+        record_key: str,
+        token: int,
+        observation: RequestObservation | None,
+        transactor: Transactor | AsyncTransactor | None,
+    ) -> None:
+        """The execution's arguments, and ``transactor``: the store's (None: only a front's own can be used)."""
+        super().__init__(store, policy, record_key, token, observation)  # type: ignore[call-arg]
         self.transactor = transactor
         self.used: Any = None
         self.tx: Transaction | AsyncTransaction | None = None
@@ -557,18 +566,6 @@ class TransactionalExecution(_TransactionalMixin, Execution):
 
     __slots__ = ("error", "handle", "outcome", "transactor", "tx", "used")
 
-    def __init__(
-        self,
-        store: Store,
-        policy: Policy,
-        record_key: str,
-        token: int,
-        observation: RequestObservation | None,
-        transactor: Transactor | None,
-    ) -> None:
-        super().__init__(store, policy, record_key, token, observation)
-        self._init_tx(transactor)
-
     def transaction(self, transactor: Transactor | None = None) -> Transaction:
         """The execution's transaction, opened on first use (a connection checked out, BEGIN).
 
@@ -626,18 +623,6 @@ class AsyncTransactionalExecution(_TransactionalMixin, AsyncExecution):
     and bounded by :data:`FINALIZE_TIMEOUT` seconds (past it: :attr:`Outcome.UNKNOWN`)."""
 
     __slots__ = ("error", "handle", "outcome", "transactor", "tx", "used")
-
-    def __init__(
-        self,
-        store: AsyncStore,
-        policy: Policy,
-        record_key: str,
-        token: int,
-        observation: RequestObservation | None,
-        transactor: AsyncTransactor | None,
-    ) -> None:
-        super().__init__(store, policy, record_key, token, observation)
-        self._init_tx(transactor)
 
     async def transaction(self, transactor: AsyncTransactor | None = None) -> AsyncTransaction:
         """See :meth:`TransactionalExecution.transaction`."""
