@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio
 import httpx
@@ -28,20 +28,33 @@ def _retryable_error(exc: BaseException) -> bool:
     return isinstance(exc, _RETRYABLE_ERRORS)
 
 
-class _Base:
+# The wrapped transport and the sleep of each twin.
+_Transport = TypeVar("_Transport", httpx.BaseTransport, httpx.AsyncBaseTransport)
+_Sleep = TypeVar("_Sleep", Callable[[float], None], Callable[[float], Awaitable[Any]])
+
+
+class _Base(Generic[_Transport, _Sleep]):
     """What the sync and async transports share: construction and the key of a request."""
+
+    #: What the twins' constructors differ in: the transport built when none is given, the default sleep.
+    _defaults: ClassVar[tuple[Callable[[], Any], Callable[[float], Any]]]
 
     def __init__(
         self,
+        transport: _Transport | None = None,
         *,
-        retry: RetryPolicy | None,
-        key_factory: KeyFactory,
-        on_attempt: OnAttempt | None,
-        clock: Callable[[], float],
+        retry: RetryPolicy | None = None,
+        key_factory: KeyFactory = new_key,
+        on_attempt: OnAttempt | None = None,
+        sleep: _Sleep | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        default_transport, default_sleep = self._defaults
+        self.transport: _Transport = transport if transport is not None else default_transport()
         self.retry = retry if retry is not None else RetryPolicy()
         self._key_factory = key_factory
         self._on_attempt = on_attempt
+        self._sleep: _Sleep = sleep if sleep is not None else default_sleep
         self._clock = clock
 
     def _begin(self, request: httpx.Request) -> RetryRun[httpx.Response]:
@@ -116,7 +129,7 @@ def _buffered(response: httpx.Response, raw: bytes) -> httpx.Response:
     return httpx.Response(response.status_code, headers=response.headers, stream=_ReadBody(raw), extensions=extensions)
 
 
-class IdempotentTransport(_Base, httpx.BaseTransport):
+class IdempotentTransport(_Base[httpx.BaseTransport, Callable[[float], None]], httpx.BaseTransport):
     """An httpx transport that adds an idempotency key and retries safely.
 
     Args:
@@ -140,19 +153,7 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
     answer lost half-way is retried too.
     """
 
-    def __init__(
-        self,
-        transport: httpx.BaseTransport | None = None,
-        *,
-        retry: RetryPolicy | None = None,
-        key_factory: KeyFactory = new_key,
-        on_attempt: OnAttempt | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(retry=retry, key_factory=key_factory, on_attempt=on_attempt, clock=clock)
-        self.transport = transport if transport is not None else httpx.HTTPTransport()
-        self._sleep = sleep
+    _defaults = (httpx.HTTPTransport, time.sleep)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send the request, retrying it under one key as :class:`RetryPolicy` allows.
@@ -192,7 +193,9 @@ class IdempotentTransport(_Base, httpx.BaseTransport):
         self.transport.close()
 
 
-class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
+class AsyncIdempotentTransport(
+    _Base[httpx.AsyncBaseTransport, Callable[[float], Awaitable[Any]]], httpx.AsyncBaseTransport
+):
     """The async twin of :class:`IdempotentTransport` (asyncio or trio).
 
     Args:
@@ -206,19 +209,7 @@ class AsyncIdempotentTransport(_Base, httpx.AsyncBaseTransport):
         clock: monotonic seconds, for the ``timeout`` bound.
     """
 
-    def __init__(
-        self,
-        transport: httpx.AsyncBaseTransport | None = None,
-        *,
-        retry: RetryPolicy | None = None,
-        key_factory: KeyFactory = new_key,
-        on_attempt: OnAttempt | None = None,
-        sleep: Callable[[float], Awaitable[Any]] = anyio.sleep,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__(retry=retry, key_factory=key_factory, on_attempt=on_attempt, clock=clock)
-        self.transport = transport if transport is not None else httpx.AsyncHTTPTransport()
-        self._sleep = sleep
+    _defaults = (httpx.AsyncHTTPTransport, anyio.sleep)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send the request, retrying it under one key; see :meth:`IdempotentTransport.handle_request`."""
