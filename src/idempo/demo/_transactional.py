@@ -52,7 +52,7 @@ from .._core.policy import Policy
 from ..asgi import IdempotencyMiddleware
 from ..starlette import transaction
 from ..stores import async_store_from_url
-from .payments import DEMO_POLICY, MAX_PROVIDER_DELAY, PROVIDER_DELAY_HEADER, Ledger, PaymentRequest
+from .payments import DEMO_POLICY, MAX_PROVIDER_DELAY, PROVIDER_DELAY_HEADER, Ledger, Payment, PaymentRequest
 
 __all__ = ["Tables", "create_transactional_app", "read_transactional_ledger"]
 
@@ -244,13 +244,13 @@ def create_transactional_app(
         tx = await transaction(request)
         row = await run(tx, select_payment, (payment.order_id,))
         if row is not None:
-            return JSONResponse(_payment(row), status_code=200, headers={"Location": f"/payments/{row[0]}"})
+            return JSONResponse(Payment.body(row), status_code=200, headers={"Location": f"/payments/{row[0]}"})
         charge_id = "ch_" + secrets.token_hex(12)
         await run(tx, insert_charge, (charge_id, payment.order_id, payment.amount, payment.currency, time.time()))
         created = datetime.now(UTC).isoformat(timespec="milliseconds")
         row = ("pay_" + secrets.token_hex(12), payment.order_id, payment.amount, payment.currency, charge_id, created)
         await run(tx, insert_payment, (*row, tx.record_key))
-        return JSONResponse(_payment(row), status_code=201, headers={"Location": f"/payments/{row[0]}"})
+        return JSONResponse(Payment.body(row), status_code=201, headers={"Location": f"/payments/{row[0]}"})
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, bool]:
@@ -259,19 +259,6 @@ def create_transactional_app(
 
     app.add_middleware(IdempotencyMiddleware, store=store, policy=policy.replace(require_key=True))
     return app
-
-
-def _payment(row: tuple[Any, ...]) -> dict[str, Any]:
-    payment_id, order_id, amount, currency, charge_id, created_at = row
-    return {
-        "id": payment_id,
-        "order_id": order_id,
-        "amount": amount,
-        "currency": currency,
-        "status": "succeeded",
-        "charge_id": charge_id,
-        "created_at": created_at,
-    }
 
 
 def read_transactional_ledger(tables: Tables, executions: Path) -> Ledger:

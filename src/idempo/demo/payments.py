@@ -136,6 +136,23 @@ class Payment(BaseModel):
     charge_id: str
     created_at: str
 
+    @staticmethod
+    def body(row: tuple[Any, ...]) -> dict[str, Any]:
+        """The JSON body of the payment a table row holds: (id, order_id, amount, currency, charge_id, created_at).
+
+        The payments table of both demo apps (the plain and the transactional one) has these columns.
+        """
+        payment_id, order_id, amount, currency, charge_id, created_at = row
+        return {
+            "id": payment_id,
+            "order_id": order_id,
+            "amount": amount,
+            "currency": currency,
+            "status": "succeeded",
+            "charge_id": charge_id,
+            "created_at": created_at,
+        }
+
 
 def _connect(database: Path) -> sqlite3.Connection:
     """Open the app's database (WAL mode, autocommit) and create its tables when missing.
@@ -184,19 +201,6 @@ class SimulatedProvider:
         )
         await anyio.sleep(self.latency + random.uniform(0, self.jitter) if delay is None else delay)
         return charge_id
-
-
-def _payment(row: tuple[Any, ...]) -> dict[str, Any]:
-    payment_id, order_id, amount, currency, charge_id, created_at = row
-    return {
-        "id": payment_id,
-        "order_id": order_id,
-        "amount": amount,
-        "currency": currency,
-        "status": "succeeded",
-        "charge_id": charge_id,
-        "created_at": created_at,
-    }
 
 
 def create_app(
@@ -266,7 +270,7 @@ def create_app(
             # The order is paid already: answer with its payment. This check
             # is what a team writes instead of idempotency keys; it cannot see
             # a payment whose charge is still under way.
-            return JSONResponse(_payment(row), status_code=200, headers={"Location": f"/payments/{row[0]}"})
+            return JSONResponse(Payment.body(row), status_code=200, headers={"Location": f"/payments/{row[0]}"})
         charge_id = await provider.charge(payment.order_id, payment.amount, payment.currency, delay=provider_delay)
         row = (
             "pay_" + secrets.token_hex(12),
@@ -280,7 +284,7 @@ def create_app(
         # sqlite3.IntegrityError (UNIQUE order_id): the client gets a 500
         # although its charge went through.
         conn.execute(f"INSERT INTO payments ({_PAYMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", row)
-        return JSONResponse(_payment(row), status_code=201, headers={"Location": f"/payments/{row[0]}"})
+        return JSONResponse(Payment.body(row), status_code=201, headers={"Location": f"/payments/{row[0]}"})
 
     @app.get("/payments/{payment_id}", response_model=Payment)
     async def get_payment(payment_id: str) -> dict[str, Any]:
@@ -288,7 +292,7 @@ def create_app(
         row = conn.execute(f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id = ?", (payment_id,)).fetchone()
         if row is None:
             raise HTTPException(status_code=404, detail="no such payment")
-        return _payment(row)
+        return Payment.body(row)
 
     @app.get("/provider/charges")
     async def provider_charges(order_id: str | None = None) -> dict[str, Any]:
