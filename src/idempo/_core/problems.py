@@ -72,6 +72,15 @@ TRANSACTIONAL_RESPONSE_TOO_LARGE = Problem(
 #: The lease was taken over while the handler ran: its transaction rolled back.
 LEASE_LOST = Problem(409, "lease-lost", "Another request took this Idempotency-Key over; this attempt rolled back")
 
+# idempo proxy's own answers (idempo.proxy.app): the upstream failed or the caller was refused.
+UPSTREAM_UNREACHABLE = Problem(502, "upstream-unreachable", "The upstream could not be reached")
+UPSTREAM_BUSY = Problem(503, "upstream-busy", "No connection to the upstream was free in time")
+UPSTREAM_OUTCOME_UNKNOWN = Problem(502, "upstream-outcome-unknown", "The upstream's answer was lost")
+UPSTREAM_DEADLINE = Problem(504, "upstream-outcome-unknown", "The upstream did not answer in time")
+LOOP_DETECTED = Problem(508, "loop-detected", "The request came back to idempo proxy")
+TOKEN_REJECTED = Problem(401, "token-rejected", "The bearer token was refused")
+KEYS_UNAVAILABLE = Problem(503, "keys-unavailable", "The token's keys could not be fetched")
+
 
 def problem_response(
     problem: Problem, detail: str, *, retry_after: int | None = None, extra: dict[str, object] | None = None

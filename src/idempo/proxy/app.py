@@ -52,7 +52,17 @@ import anyio
 
 from .. import _config
 from .._core.policy import Policy, Verdict
-from .._core.problems import Problem, problem_response
+from .._core.problems import (
+    KEYS_UNAVAILABLE,
+    LOOP_DETECTED,
+    TOKEN_REJECTED,
+    UPSTREAM_BUSY,
+    UPSTREAM_DEADLINE,
+    UPSTREAM_OUTCOME_UNKNOWN,
+    UPSTREAM_UNREACHABLE,
+    Problem,
+    problem_response,
+)
 from .._core.records import StoredResponse
 from .._http.asgi import EXCHANGE_SCOPE_KEY, Exchange, Message, Receive, Scope, Send, send_answer
 from ..asgi import IdempotencyMiddleware
@@ -103,14 +113,6 @@ _PRINCIPAL_KEY = "idempo.proxy.principal"
 _BODY_KEY = "idempo.proxy.body"
 _ROUTE_KEY = "idempo.proxy.route"
 _RECEIVE_KEY = "idempo.proxy.receive"
-
-UPSTREAM_UNREACHABLE = Problem(502, "upstream-unreachable", "The upstream could not be reached")
-UPSTREAM_BUSY = Problem(503, "upstream-busy", "No connection to the upstream was free in time")
-UPSTREAM_OUTCOME_UNKNOWN = Problem(502, "upstream-outcome-unknown", "The upstream's answer was lost")
-UPSTREAM_DEADLINE = Problem(504, "upstream-outcome-unknown", "The upstream did not answer in time")
-LOOP_DETECTED = Problem(508, "loop-detected", "The request came back to idempo proxy")
-TOKEN_REJECTED = Problem(401, "token-rejected", "The bearer token was refused")
-KEYS_UNAVAILABLE = Problem(503, "keys-unavailable", "The token's keys could not be fetched")
 
 
 class ProxyMiddleware(IdempotencyMiddleware):
