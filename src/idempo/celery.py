@@ -256,14 +256,7 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         retries = cls.idempotency_duplicate_retries
         if retries is not None and retries < 0:
             raise ConfigurationError(f"{name}: idempotency_duplicate_retries cannot be negative")
-        # The TTLs, on_takeover and the verdicts, as @idempotent checks them.
-        Policy(
-            record_ttl=cls.idempotency_record_ttl,
-            lease_ttl=cls.idempotency_lease_ttl,
-            exception_verdicts=cls.idempotency_exception_verdicts,
-            hold_ttl=cls.idempotency_hold_ttl,
-            on_takeover=cls.idempotency_on_takeover,
-        )
+        cls._policy()  # the TTLs, on_takeover and the verdicts, as @idempotent checks them
 
     @property
     def lease_ttl(self) -> float:
@@ -338,12 +331,15 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         )(body)
         return local
 
-    def _policy(self) -> Policy:
+    @classmethod
+    def _policy(cls) -> Policy:
+        """The task's policy: built when Celery makes the task (its check), and to settle a killed run's key."""
         return Policy(
-            record_ttl=self.idempotency_record_ttl,
-            lease_ttl=self.idempotency_lease_ttl,
-            exception_verdicts=self.idempotency_exception_verdicts,
-            hold_ttl=self.idempotency_hold_ttl,
+            record_ttl=cls.idempotency_record_ttl,
+            lease_ttl=cls.idempotency_lease_ttl,
+            exception_verdicts=cls.idempotency_exception_verdicts,
+            hold_ttl=cls.idempotency_hold_ttl,
+            on_takeover=cls.idempotency_on_takeover,
         )
 
     def _hand_off(self, local: _Local, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Path | None:
