@@ -151,21 +151,22 @@ class _Handle(NamedTuple):
 SettleSteps = Callable[[Any], Generator[Any, Any, None]]
 
 
-class EngineTransactor:
-    """Drives transactional executions on a SQLAlchemy ``Engine`` (see idempo._engine.transaction.Transactor).
+class _EngineBase:
+    """What both engine transactors share: the constructor and the answers that need no I/O.
 
     Args:
-        engine: the application's engine (PostgreSQL or SQLite).
+        engine: the application's engine (PostgreSQL or SQLite): an ``Engine``,
+            or an ``AsyncEngine`` for :class:`AsyncEngineTransactor`.
         settle_steps: the store's statements for a settling command.
-        resolve: reads a record on a fresh connection.
+        resolve: reads a record on a fresh connection (a coroutine function for the async twin).
         rewrite: statement text -> the text to run (a schema named), or None.
     """
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Any,
         settle_steps: SettleSteps,
-        resolve: Callable[[str], Record | None],
+        resolve: Callable[[str], Any],
         rewrite: dict[Any, Any] | None = None,
     ) -> None:
         self._engine = engine
@@ -173,6 +174,24 @@ class EngineTransactor:
         self._settle_steps = settle_steps
         self._resolve = resolve
         self._rewrite = rewrite
+
+    def connection(self, h: _Handle) -> Any:
+        return h.conn
+
+    def session(self, h: _Handle) -> Any:
+        return h.session
+
+    def kind(self, exc: BaseException) -> str:
+        return kind(exc, self._dialect)
+
+
+class EngineTransactor(_EngineBase):
+    """Drives transactional executions on a SQLAlchemy ``Engine`` (see idempo._engine.transaction.Transactor).
+
+    It takes the arguments of :class:`_EngineBase`.
+    """
+
+    _engine: Engine
 
     def open(self) -> _Handle:
         with sa_errors():
@@ -188,17 +207,8 @@ class EngineTransactor:
             raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
         return _Handle(conn, trans, Session(bind=conn, join_transaction_mode="create_savepoint"))
 
-    def connection(self, h: _Handle) -> Any:
-        return h.conn
-
-    def session(self, h: _Handle) -> Any:
-        return h.session
-
     def fault_connection(self, h: _Handle) -> Any:
         return h.conn
-
-    def kind(self, exc: BaseException) -> str:
-        return kind(exc, self._dialect)
 
     def run(self, h: _Handle, command: Any, *, in_transaction: bool) -> None:
         if in_transaction:
@@ -230,24 +240,14 @@ class EngineTransactor:
             pass
 
     def resolve(self, record_key: str) -> Record | None:
-        return self._resolve(record_key)
+        record: Record | None = self._resolve(record_key)
+        return record
 
 
-class AsyncEngineTransactor:
+class AsyncEngineTransactor(_EngineBase):
     """The async twin of :class:`EngineTransactor`, on an ``AsyncEngine`` (asyncpg, psycopg, aiosqlite)."""
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        settle_steps: SettleSteps,
-        resolve: Callable[[str], Any],
-        rewrite: dict[Any, Any] | None = None,
-    ) -> None:
-        self._engine = engine
-        self._dialect = engine.dialect.name
-        self._settle_steps = settle_steps
-        self._resolve = resolve
-        self._rewrite = rewrite
+    _engine: AsyncEngine
 
     async def open(self) -> _Handle:
         with sa_errors():
@@ -261,17 +261,8 @@ class AsyncEngineTransactor:
             raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
         return _Handle(conn, trans, AsyncSession(bind=conn, join_transaction_mode="create_savepoint"))
 
-    def connection(self, h: _Handle) -> Any:
-        return h.conn
-
-    def session(self, h: _Handle) -> Any:
-        return h.session
-
     def fault_connection(self, h: _Handle) -> Any:
         return h.conn.sync_connection
-
-    def kind(self, exc: BaseException) -> str:
-        return kind(exc, self._dialect)
 
     async def run(self, h: _Handle, command: Any, *, in_transaction: bool) -> None:
         if in_transaction:
