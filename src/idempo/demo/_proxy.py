@@ -28,6 +28,8 @@ from pathlib import Path
 import click
 import httpx
 
+from ._workers import stop_process
+
 __all__: list[str] = []
 
 #: The proxy's configuration for the demo (``upstream`` and ``store`` come from the flag and the environment).
@@ -88,12 +90,7 @@ def proxy_server(
         base_url = _wait_ready(process, log_path)
         yield base_url, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], log_path: Path) -> str:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["WorkerPool"]
+__all__ = ["WorkerPool", "stop_process"]
 
 # Failed start-ups in a row (exits before the worker served) after which the run stops.
 _MAX_START_FAILURES = 3
@@ -125,11 +125,7 @@ class WorkerPool:
                 process.terminate()
         deadline = time.monotonic() + within
         for process in processes:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            _reap(process, max(0.0, deadline - time.monotonic()))
         for thread in self._threads:
             thread.join(timeout=within)
 
@@ -233,3 +229,18 @@ class WorkerPool:
                 )
                 return
             time.sleep(0.2 * failures)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Stop a child of the demo (the API, the proxy): SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    process.terminate()
+    _reap(process, timeout)
+
+
+def _reap(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``process`` to exit, then SIGKILL it (and reap it)."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

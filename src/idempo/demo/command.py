@@ -65,7 +65,7 @@ try:
     from ._proxy import proxy_server
     from ._server import STORE_ENV
     from ._transactional import Tables, read_transactional_ledger
-    from ._workers import WorkerPool
+    from ._workers import WorkerPool, stop_process
     from .payments import PROVIDER_DELAY_HEADER, Ledger, create_app, read_ledger
     from .storm import (
         AttemptOutcome,
@@ -554,12 +554,7 @@ def _api_server(database: Path, store_url: str | None, log_path: Path) -> Iterat
             _wait_ready(process, base_url, log_path)
             yield base_url, process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
