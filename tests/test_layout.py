@@ -119,14 +119,6 @@ def test_the_graph_finds_a_cycle() -> None:
     assert _cycles(graph) == [["a", "b", "c"]]
 
 
-# Private names used across modules that are not this layout's to change: the stores
-# package (its twins are another issue's) keeps its URL resolution private for now.
-ALLOWED_PRIVATE = {
-    ("idempo.cli._records", "idempo.stores", "_resolve"),
-    ("idempo.demo.command", "idempo.stores", "_resolve"),
-}
-
-
 def test_no_module_imports_another_modules_private_name() -> None:
     """``from x import _name`` (and ``x._name`` on an imported module) only within one module.
 
@@ -156,7 +148,7 @@ def test_no_module_imports_another_modules_private_name() -> None:
                 and bound[node.value.id] != module
             ):
                 found.add((module, bound[node.value.id], node.attr))
-    assert sorted(found - ALLOWED_PRIVATE) == []
+    assert sorted(found) == []
 
 
 def test_one_idempo_logger() -> None:

@@ -38,8 +38,8 @@ from ..exceptions import ConfigurationError, IdempoError, InvalidKey, LeaseLost
 from ..observability._observation import logger
 from ..principals import credentials
 from ..secrets import SECRET_RECORD_KEY, configured_secret, is_reserved
-from ..stores import _resolve
 from ..stores._base import cannot_use
+from ..stores._url import resolve as resolve_url
 from ..typing import Store, SupportsStats
 
 __all__ = ["inspect", "purge", "resolve", "stats"]
@@ -70,7 +70,7 @@ def open_store(url: str, *, must_exist: bool = True) -> Store:
             a missing SQLite file.
     """
     try:
-        cls, args = _resolve(url, 0)
+        cls, args = resolve_url(url, 0)
     except ConfigurationError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from exc
     path = args.get("path")

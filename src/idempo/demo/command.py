@@ -83,8 +83,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise SystemExit(f"idempo demo needs the demo extra: pip install 'idempo[demo]' ({exc})") from exc
 
 from ..exceptions import ConfigurationError, StoreError
-from ..stores import _resolve, async_store_from_url
+from ..stores import async_store_from_url
 from ..stores._base import cannot_use
+from ..stores._url import resolve as resolve_url
 
 __all__ = ["demo"]
 
@@ -312,7 +313,7 @@ def _prepare_store(store_url: str) -> str | None:
             misconfigured, or it refused the schema; one line, as every command says it.
     """
     try:
-        _resolve(store_url, 1)
+        resolve_url(store_url, 1)
     except ConfigurationError as exc:
         raise click.BadParameter(str(exc), param_hint="--store") from exc
     try:
