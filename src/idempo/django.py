@@ -309,8 +309,28 @@ class _DjangoTransactor:
         h.connection.ensure_connection()
         self.store.settle_on(h.connection.connection, command)
 
+    def marked_for_rollback(self, h: _AtomicHandle) -> bool:
+        """Whether the view marked the block for rollback (``transaction.set_rollback(True)``, or an error
+        Django caught inside it): leaving it then rolls back without raising."""
+        if h.exited:
+            return False
+        try:
+            return bool(transaction.get_rollback(using=self.alias))
+        except Exception:  # not in an atomic block any more: nothing is marked
+            return False
+
     def commit(self, h: _AtomicHandle) -> None:
-        """Leave the atomic block: COMMIT."""
+        """Leave the atomic block: COMMIT.
+
+        Raises:
+            TransactionManagementError: the block is marked for rollback; leaving
+                it would roll back silently, so the caller must not count it as
+                committed (it rolls back and releases the record).
+        """
+        if self.marked_for_rollback(h):
+            raise transaction.TransactionManagementError(
+                f"the atomic block on {self.alias!r} is marked for rollback: nothing was committed"
+            )
         h.exit()
 
     def rollback(self, h: _AtomicHandle) -> None:
@@ -695,12 +715,23 @@ def _capture_transactional(exchange: Exchange, response: HttpResponseBase) -> Ht
             assert isinstance(response, HttpResponse)
             body = response.content
         exchange.capture.add(body)
-    problem = exchange.settle_transaction()
+    execution = exchange.execution
+    assert isinstance(execution, TransactionalExecution)
+    transactor = execution.used
+    # The view rolled its own block back (transaction.set_rollback(True)): nothing
+    # of it commits, so the record cannot complete with it. It is released (after
+    # the ROLLBACK, on the same connection) and the view's answer goes out unstored:
+    # the answer the view chose, and a retry runs the view again.
+    rolled_back = isinstance(transactor, _DjangoTransactor) and transactor.marked_for_rollback(execution.handle)
+    if rolled_back:
+        logger.info(
+            "idempo: the view rolled back its transaction (record %s): the key is released, the answer not stored",
+            execution.record_key,
+        )
+    problem = exchange.settle_transaction(rolled_back=rolled_back)
     if problem is not None:
         response.close()
         return StoredHttpResponse(problem)
-    execution = exchange.execution
-    assert isinstance(execution, TransactionalExecution)
     execution.before_send()
     return response
 

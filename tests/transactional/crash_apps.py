@@ -21,6 +21,7 @@ Fronts:
       calls the function once per argument and prints one JSON line per result.
 """
 
+import itertools
 import json
 import os
 import sys
@@ -102,6 +103,10 @@ def fastapi_app() -> Any:
 # --- Django ---------------------------------------------------------------------------
 
 
+#: Counts the Django view's runs in this process: an answer carrying the count shows the view ran again.
+_DJANGO_RUNS = itertools.count(1)
+
+
 def _pay(request: Any) -> Any:
     from django.db import connection
     from django.http import JsonResponse
@@ -115,6 +120,11 @@ def _pay(request: Any) -> Any:
         )
     if mode == "raise":
         raise RuntimeError("provider down")
+    if mode == "set_rollback":  # the view rolls its own block back, yet answers 201
+        from django.db import transaction
+
+        transaction.set_rollback(True)
+        return JsonResponse({**_answer(order_id, cents), "run": next(_DJANGO_RUNS)}, status=201)
     if mode == "500":
         return JsonResponse({"error": "provider down"}, status=500)
     if mode == "400":

@@ -79,6 +79,27 @@ def test_transactional_view_commits_its_row_with_the_record(database: Database) 
         assert database.rows("o-400") == [("o-400", 100)]
 
 
+def test_a_view_that_rolls_its_block_back_is_released_and_not_stored(database: Database) -> None:
+    """transaction.set_rollback(True) then a 201: nothing commits, so the view's answer goes out unstored (no
+    replay header), no row is left, and the same key runs the view again at once (no 409 until the lease ends)."""
+    with serving("django", database.env()) as url:
+        key = str(uuid.uuid4())
+        first = post(url, "o-rollback", key=key, mode="set_rollback")
+        assert first.status_code == 201
+        assert "idempotent-replayed" not in first.headers
+        assert database.rows("o-rollback") == []
+        again = post(url, "o-rollback", key=key, mode="set_rollback")
+        assert again.status_code == 201
+        assert "idempotent-replayed" not in again.headers
+        assert again.json()["run"] == first.json()["run"] + 1  # the view ran again
+        assert database.rows("o-rollback") == []
+        # The released key then commits normally: one row, replayed after.
+        done = post(url, "o-rollback", key=key)
+        assert done.status_code == 201
+        assert post(url, "o-rollback", key=key).headers["idempotent-replayed"] == "true"
+        assert database.rows("o-rollback") == [("o-rollback", 100)]
+
+
 @pytest.mark.postgres
 def test_commit_failure_is_rolled_back_released_and_answered_500(postgres_url: str, tmp_path: Path) -> None:
     """A deferred UNIQUE constraint fails the atomic block's COMMIT: no row, a 500 commit-failed problem, and the

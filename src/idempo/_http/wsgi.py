@@ -409,7 +409,7 @@ class Exchange:
         execution = self.execution
         return isinstance(execution, TransactionalExecution) and execution.transactional_open
 
-    def settle_transaction(self) -> StoredResponse | None:
+    def settle_transaction(self, rolled_back: bool = False) -> StoredResponse | None:
         """COMMIT or roll back the handler's transaction once its whole answer is captured.
 
         The WSGI twin of the ASGI exchange's commit path: the captured answer's
@@ -419,6 +419,12 @@ class Exchange:
         COMMIT: rolled back, released. A conflict the handler's own statement
         raised (40001, 40P01, 55P03, SQLite busy) is rolled back and released.
         Never raises.
+
+        Args:
+            rolled_back: the handler marked its own transaction for rollback
+                (Django's ``transaction.set_rollback(True)``): nothing of it can
+                commit, so the record is released (after the ROLLBACK, on the
+                same connection) and the answer goes out unstored.
 
         Returns:
             The problem to send instead of the app's answer (409 lease-lost,
@@ -439,6 +445,8 @@ class Exchange:
                     TRANSACTIONAL_RESPONSE_TOO_LARGE,
                     f"The response exceeds {execution.policy.max_response_body} bytes.",
                 )
+                settlement = Settlement(None, Verdict.RELEASE, None)
+            elif rolled_back:
                 settlement = Settlement(None, Verdict.RELEASE, None)
             elif self.reported is not None and self._conflict(self.reported):
                 problem = problem_response(
