@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .flow import exception_verdict
+from .frozen import fast_init
 from .policy import Policy, Verdict
 from .records import Headers, Marker, StoredResponse
 
@@ -195,6 +196,7 @@ class ResponseCapture:
         return Settlement(self.response(), self.verdict, f"status {self._status}")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Settlement:
     """How a record is settled after the handler: arguments of :func:`idempo._core.flow.finish`.

@@ -22,6 +22,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Protocol
 
+from .frozen import fast_init
 from .policy import Policy, Verdict
 from .records import MARKER_STATUS, Acquired, BeginResult, Existing, Marker, Record, RecordState, StoredResponse
 
@@ -55,6 +56,7 @@ __all__ = [
 # --- commands a driver carries out -------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Begin:
     """Call ``store.begin(record_key, fingerprint, lease_ttl_ms)``."""
@@ -64,6 +66,7 @@ class Begin:
     lease_ttl_ms: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Get:
     """Call ``store.get(record_key)``; the result sent back is the :class:`Record` or None."""
@@ -78,6 +81,7 @@ class Sleep:
     seconds: float
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Complete:
     """Call ``store.complete(record_key, token, response, record_ttl_ms)``."""
@@ -88,6 +92,7 @@ class Complete:
     record_ttl_ms: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Release:
     """Call ``store.release(record_key, token)``."""
@@ -96,6 +101,7 @@ class Release:
     token: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Extend:
     """Call ``store.extend(record_key, token, lease_ttl_ms)``: keep the lease (a renewal)."""
@@ -108,6 +114,7 @@ class Extend:
 # --- decisions the flow ends in -----------------------------------------------------
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Proceed:
     """This request holds the lease: run the handler, then :func:`finish`.
@@ -121,6 +128,7 @@ class Proceed:
     takeover: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Replay:
     """The key completed with the same fingerprint: answer with ``response``."""
@@ -128,6 +136,7 @@ class Replay:
     response: StoredResponse
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class InProgress:
     """The first request with this key still runs: 409 (draft section 2.7).
@@ -139,11 +148,13 @@ class InProgress:
     retry_after: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Mismatch:
     """The key was used with another fingerprint: 422 (draft section 2.7)."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Held:
     """The key is held (its first outcome is unknown): 409 ``outcome-unknown`` until the record expires.
@@ -158,6 +169,7 @@ class Held:
     takeover: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class NotReplayable:
     """The key completed but its answer was not kept (too large): 410, the handler not run.

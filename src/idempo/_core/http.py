@@ -26,6 +26,7 @@ from ..exceptions import InvalidKey
 from .digests import Digests, legacy_record_key
 from .fingerprint import BodySource, fingerprint, is_json_media_type, legacy_fingerprint, media_type
 from .flow import Held, InProgress, LegacyIdentity, Mismatch, NotReplayable, Replay
+from .frozen import fast_init
 from .keys import parse_key, split_folded
 from .policy import Policy
 from .problems import (
@@ -275,6 +276,7 @@ def store_unavailable_answer(policy: Policy) -> StoredResponse:
     return problem_response(STORE_UNAVAILABLE, detail, retry_after=policy.retry_after)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RequestIdentity:
     """The record key and fingerprint of one request."""

@@ -11,6 +11,8 @@ import enum
 import json
 from dataclasses import dataclass
 
+from .frozen import fast_init
+
 __all__ = [
     "Acquired",
     "BeginResult",
@@ -55,6 +57,7 @@ class RecordState(enum.Enum):
 Headers = tuple[tuple[bytes, bytes], ...]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StoredResponse:
     """The response kept for replay.
@@ -140,6 +143,7 @@ class Marker:
             return cls(cls.HELD, "unreadable marker")
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Record:
     """What a store keeps for one record key.
@@ -174,6 +178,7 @@ class Record:
         return Marker.of(self.response)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Acquired:
     """``begin`` took the lease: the caller must execute, then complete or release.
@@ -188,6 +193,7 @@ class Acquired:
     takeover: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Existing:
     """``begin`` found a live record held or completed by another request.

@@ -16,6 +16,7 @@ from typing import Any
 
 from .._core.digests import Digests
 from .._core.flow import Decision, LegacyIdentity
+from .._core.frozen import fast_init
 from .._core.policy import Policy
 from ..exceptions import StoreError
 from ..observability._observation import RequestObservation
@@ -29,6 +30,7 @@ __all__ = ["Admitted", "StoreFailed", "admit"]
 Identify = Callable[[Digests], tuple[str, str]]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """The store answered: what this request does (``decision``), under which record key."""
@@ -37,6 +39,7 @@ class Admitted:
     decision: Decision
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StoreFailed:
     """The store failed before the handler ran: nothing was taken, nothing decided.

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._core.flow import Begin, Complete, Extend, Get, Release, Sleep
+from .._core.frozen import fast_init
 from .._core.policy import Policy
 from ..observability._observation import RequestObservation
 from ..secrets import SecretSource
@@ -40,6 +41,7 @@ from ..secrets import SecretSource
 __all__ = ["Call", "Command", "Lease", "LegacyWindow", "LoadDigests", "Observe", "Offload"]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Observe:
     """Start observing the request (:func:`idempo.observability.observe_request`); the result is the observation.
@@ -67,6 +69,7 @@ class LegacyWindow:
     source: SecretSource
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Offload:
     """Compute ``fn(*args)`` (CPU only): in a worker thread on an async front, so the event loop keeps serving."""
@@ -75,6 +78,7 @@ class Offload:
     args: tuple[Any, ...]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Call:
     """Call the front's own I/O: ``fn()`` on a blocking front, ``await fn()`` on an async one."""
@@ -82,6 +86,7 @@ class Call:
     fn: Callable[[], Any]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Lease:
     """Hold the lease while the handler runs; the result is the (Async)Execution that settles the record."""

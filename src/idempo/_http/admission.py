@@ -27,6 +27,7 @@ from typing import Any
 
 from .._core.fingerprint import BodySource
 from .._core.flow import LegacyIdentity, Proceed
+from .._core.frozen import fast_init
 from .._core.http import (
     body_incomplete_answer,
     body_too_large_answer,
@@ -70,6 +71,7 @@ class _Gone:
 GONE = _Gone()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Execute:
     """The request holds the lease: run the handler with ``body``, then settle through ``execution``.
@@ -83,6 +85,7 @@ class Execute:
     body: bytes | BodySource
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Bypass:
     """The store failed and the policy fails open: the handler runs unprotected, its answer marked bypassed.
