@@ -125,6 +125,31 @@ def _unset(*args: Any, **kwargs: Any) -> Any:
 _MAIN_PID: int | None = None
 _HANDOFF_DIR: Path | None = None
 
+# Held while this process builds a task's store and call, and while the worker's main process
+# settles a killed run's key (on a thread of its own, see _ended_from_outside). The prefork pool
+# forks a replacement child right then: a fork taken while another thread holds a lock (this one,
+# the store's connection pool, a metric's) leaves that lock held forever in the child, whose first
+# task then hangs until its hard time limit kills it, or for good without one. So a fork waits
+# for the holder to finish (at most one store call, bounded by the store's deadline), and the child
+# starts with a fresh lock.
+_GUARD = threading.RLock()
+
+
+def _before_fork() -> None:
+    _GUARD.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _GUARD.release()
+
+
+def _after_fork_in_child() -> None:
+    global _GUARD
+    _GUARD = threading.RLock()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+
 
 class IdempotentTask(celery.Task):  # type: ignore[misc]
     """A Celery task that runs at most once per idempotency key (``@app.task(base=IdempotentTask, ...)``).
@@ -235,7 +260,6 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
 
     # What each process keeps (a prefork child opens its own store connections after the fork).
     _local: _Local | None = None
-    _building: ClassVar[threading.Lock] = threading.Lock()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -282,7 +306,7 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         pid = os.getpid()
         if local is not None and local.pid == pid:
             return local
-        with self._building:
+        with _GUARD:
             local = self._local
             if local is not None and local.pid == pid:
                 return local
@@ -631,9 +655,11 @@ def _settle_killed_run(task: IdempotentTask, task_id: str, path: Path, exc: Exce
         policy = task._policy()
         verdict = failure_verdict(policy, exc)
         command = finish(policy, str(record_key_text), int(token), None, verdict=verdict, reason=f"task {why}")
-        if settle_once_sync(task._process().store, command) is None:
-            done = "held" if verdict is Verdict.HOLD else "released"
-            logger.warning("idempo: task %s[%s] %s; its idempotency key was %s", task.name, task_id, why, done)
+        # The pool forks the dead child's replacement about now: the fork waits for the guard.
+        with _GUARD:
+            if settle_once_sync(task._process().store, command) is None:
+                done = "held" if verdict is Verdict.HOLD else "released"
+                logger.warning("idempo: task %s[%s] %s; its idempotency key was %s", task.name, task_id, why, done)
     except Exception:
         logger.exception("idempo: cannot settle the key of task %s[%s]; its lease will lapse", task.name, task_id)
 
