@@ -44,6 +44,13 @@ prefork pool) has its key settled by the worker's main process once the child
 is gone: released by default, held by a HOLD verdict for
 ``TimeLimitExceeded`` or ``TaskRevokedError`` (see :class:`IdempotentTask`).
 
+With ``transactional=True`` (``idempotency_transactional``) a task whose
+effect is rows in the app's own PostgreSQL or SQLite database writes them
+through ``tx``, the transaction idempo opened there; the record's completion
+is that transaction's last statement, so a worker killed before COMMIT leaves
+none of the writes and the redelivered task writes them once (see
+:class:`IdempotentTask`).
+
 At worker start, :func:`check_broker` warns (logger ``idempo``) when the
 broker's visibility timeout is shorter than a task's lease or its time limit.
 The module needs the ``celery`` extra (``pip install 'idempo[celery]'``).
@@ -63,7 +70,7 @@ from collections.abc import Callable, Collection, Mapping
 from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 from urllib.parse import urlsplit
 
 import celery
@@ -75,6 +82,7 @@ from ._core.policy import Policy, Verdict
 from ._core.records import RecordState
 from ._engine.calls import key_text, sync_store
 from ._engine.store import settle_once_sync
+from ._engine.transaction import Transaction, require_transactor
 from .decorator import Arguments, KeyFunction, idempotent, record_key
 from .exceptions import ConfigurationError, KeyInProgress
 from .observability._observation import logger
@@ -162,9 +170,13 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         idempotency_key: the name of the argument holding the idempotency key,
             or a callable receiving the call's :data:`~idempo.decorator.Arguments`
             and returning it (a str, an int or a UUID). Required.
-        idempotency_store: a :class:`~idempo.typing.Store` or a store URL;
-            default the app's ``idempo_store`` setting (``app.conf.idempo_store``).
-            Every worker must share it (PostgreSQL, Redis, an SQLite file on one host).
+        idempotency_store: a :class:`~idempo.typing.Store`, a store URL, or a
+            callable with no arguments returning a Store, called once in each
+            worker process on its first task (after the prefork pool's fork: a
+            ``psycopg_pool`` pool must not cross a fork, so build it there);
+            default the app's ``idempo_store`` setting (``app.conf.idempo_store``,
+            the same three forms). Every worker must share the records
+            (PostgreSQL, Redis, an SQLite file on one host).
         idempotency_scope: what keys are unique within; default the task's name.
         idempotency_record_ttl: seconds a result is kept and replayed (default 24 h).
         idempotency_lease_ttl: seconds of the lease a running task holds,
@@ -209,6 +221,21 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             fails before it (default: fail the task; with ``acks_late`` and
             ``autoretry_for=(StoreError,)`` it is retried).
         idempotency_secret: the server secret (see :mod:`idempo.secrets`).
+        idempotency_transactional: run the task inside a transaction on the
+            store's own database, as ``@idempotent(transactional=True)``: the
+            store is ``PostgresStore.from_pool(pool)`` (or ``from_engine``) or an
+            :class:`~idempo.stores.sqlite.SQLiteStore` on the app's file; the
+            task takes the transaction as the keyword argument ``tx``
+            (:class:`~idempo.transactional.Transaction`, given by idempo, never
+            by the caller: ``charge.delay(order_id, cents)``), and its record
+            completes as that transaction's last statement, so its writes
+            commit if and only if its result is stored: a worker killed before
+            COMMIT leaves none of them, and the redelivered task runs again on a
+            clean database (DESIGN guarantee 6). A conflict the database
+            resolves by aborting the transaction is run again in process up to 3
+            more times, then fails the task with
+            :class:`~idempo.exceptions.TransactionConflict` (retry it with
+            ``autoretry_for``). Default False.
 
     A run killed by its hard time limit or by ``revoke(terminate=True)``
     (prefork pool) has its key settled by the worker's main process, once the
@@ -233,12 +260,15 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         ConfigurationError: when Celery makes the task (on its first use,
             or the app's finalisation: a worker's start): no
             ``idempotency_key``, an unknown ``idempotency_on_duplicate``, a
-            negative countdown or retry count; on its first run: no store, or
-            what :func:`idempo.idempotent` refuses.
+            negative countdown or retry count, ``idempotency_transactional``
+            without a ``tx`` parameter or with a store URL or a store object
+            that cannot join the task's writes; on its first run: no store,
+            or what :func:`idempo.idempotent` refuses (a transactional task
+            whose callable builds a store that cannot join: Redis, memory).
     """
 
     idempotency_key: ClassVar[str | KeyFunction | None] = None
-    idempotency_store: ClassVar[Store | str | None] = None
+    idempotency_store: ClassVar[Store | str | Callable[[], Store] | None] = None
     idempotency_scope: ClassVar[str | None] = None
     idempotency_record_ttl: ClassVar[float | timedelta] = 86400.0
     idempotency_lease_ttl: ClassVar[float | timedelta] = 30.0
@@ -254,6 +284,7 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
     idempotency_duplicate_retries: ClassVar[int | None] = None
     idempotency_fail_open: ClassVar[bool] = False
     idempotency_secret: ClassVar[str | bytes | None] = None
+    idempotency_transactional: ClassVar[bool] = False
 
     acks_late = True
     reject_on_worker_lost = True
@@ -280,7 +311,38 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         retries = cls.idempotency_duplicate_retries
         if retries is not None and retries < 0:
             raise ConfigurationError(f"{name}: idempotency_duplicate_retries cannot be negative")
+        if cls.idempotency_transactional:
+            cls._check_transactional(name)
         cls._policy()  # the TTLs, on_takeover and the verdicts, as @idempotent checks them
+
+    @classmethod
+    def _check_transactional(cls, name: str) -> None:
+        """A transactional task takes ``tx`` (its callers do not: Celery's argument check leaves it out) and
+        a store that can join its writes (a store object is checked here; a callable's, on the first run)."""
+        store = cls.idempotency_store
+        if isinstance(store, str):
+            raise ConfigurationError(
+                f"{name}: a transactional task needs a store on the application's own database "
+                "(PostgresStore.from_pool(pool), an SQLiteStore on the app's file, or a callable returning one), "
+                "not a store URL: a store built from a URL cannot commit with the handler's writes"
+            )
+        if store is not None and hasattr(store, "begin"):
+            require_transactor(store, name)
+        run = cls.__dict__["run"]
+        bound = not isinstance(run, staticmethod)
+        function = run if bound else run.__func__
+        signature = inspect.signature(function)
+        if "tx" not in signature.parameters:
+            raise ConfigurationError(f"{name}: a transactional task takes the transaction as a parameter named tx")
+        parameters = [parameter for parameter in signature.parameters.values() if parameter.name != "tx"]
+        if bound:
+            parameters = parameters[1:]  # the task itself (bind=True)
+        callers = signature.replace(parameters=parameters)
+
+        def check_arguments(*args: Any, **kwargs: Any) -> None:
+            callers.bind(*args, **kwargs)  # TypeError, as Celery's own check raises
+
+        cls.__header__ = staticmethod(check_arguments)
 
     @property
     def lease_ttl(self) -> float:
@@ -288,14 +350,18 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         return _seconds(self.idempotency_lease_ttl)
 
     def _store(self) -> Store | AsyncStore | str:
-        store = self.idempotency_store
+        """The task's store: built here by its factory, if it names one (called once per process)."""
+        store = type(self).idempotency_store  # from the class: a function there would bind to the task
         if store is None:
             store = self.app.conf.get("idempo_store")
         if store is None:
             raise ConfigurationError(
                 f"{self.name}: no idempo store: set idempotency_store= on the task or app.conf.idempo_store"
             )
-        return store
+        if callable(store) and not hasattr(store, "begin"):
+            factory = cast("Callable[[], Store]", store)
+            return factory()
+        return cast("Store | AsyncStore | str", store)
 
     def _scope(self) -> str:
         return self.idempotency_scope if self.idempotency_scope is not None else str(self.name)
@@ -325,7 +391,7 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         # Celery's own __call__ (the request stack when called directly), with the task's signature.
         @functools.wraps(run)
         def body(*args: Any, **kwargs: Any) -> Any:
-            handoff = task._hand_off(local, args, kwargs)
+            handoff = task._hand_off(local, args, kwargs, kwargs.get("tx"))
             try:
                 result = celery.Task.__call__(task, *args, **kwargs)
             except Exception:
@@ -352,6 +418,7 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             fail_open=self.idempotency_fail_open,
             on_takeover=self.idempotency_on_takeover,
             secret=self.idempotency_secret,
+            transactional=self.idempotency_transactional,
         )(body)
         return local
 
@@ -366,21 +433,27 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             on_takeover=cls.idempotency_on_takeover,
         )
 
-    def _hand_off(self, local: _Local, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Path | None:
+    def _hand_off(
+        self, local: _Local, args: tuple[Any, ...], kwargs: dict[str, Any], tx: Transaction | None
+    ) -> Path | None:
         """In a prefork child, under the lease: tell the worker's main process which lease this run holds.
 
         Writes ``[record key, fencing token, pid]`` to a file named by the
         task id in the worker's hand-off directory, so the main process can
         settle the lease itself when the pool kills this child (hard time
         limit, ``revoke(terminate=True)``); removed when the body returns.
-        Returns the file, or None (not a prefork child, no key, or any
-        failure: logged, the task runs on, and a killed run's lease lapses).
+        A transactional run names its lease from ``tx``, so it takes no
+        second connection from the app's pool. Returns the file, or None (not
+        a prefork child, no key, or any failure: logged, the task runs on, and
+        a killed run's lease lapses).
         """
         directory = _HANDOFF_DIR
         task_id = self.request.id
         if directory is None or os.getpid() == _MAIN_PID or not task_id:
             return None
         try:
+            if tx is not None:
+                return self._write_handoff(directory, str(task_id), tx.record_key, tx.token)
             bound = local.signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = dict(bound.arguments)
@@ -396,12 +469,16 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             record = local.store.get(key_of_record)
             if record is None or record.state is not RecordState.IN_PROGRESS:
                 return None
-            path = directory / str(task_id)
-            path.write_text(json.dumps([key_of_record, record.token, os.getpid()]), "utf-8")
-            return path
+            return self._write_handoff(directory, str(task_id), key_of_record, record.token)
         except Exception:
             logger.exception("idempo: task %s[%s] cannot hand its lease to the worker", self.name, task_id)
             return None
+
+    @staticmethod
+    def _write_handoff(directory: Path, task_id: str, key_of_record: str, token: int) -> Path:
+        path = directory / task_id
+        path.write_text(json.dumps([key_of_record, token, os.getpid()]), "utf-8")
+        return path
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Celery's failure handler; a hard time limit settles the killed run's lease (in the worker's main process)."""
@@ -459,7 +536,7 @@ def idempotent_task(
     app: celery.Celery,
     *,
     key: str | KeyFunction,
-    store: Store | str | None = None,
+    store: Store | str | Callable[[], Store] | None = None,
     scope: str | None = None,
     record_ttl: float | timedelta = 86400.0,
     lease_ttl: float | timedelta = 30.0,
@@ -475,6 +552,7 @@ def idempotent_task(
     duplicate_retries: int | None = None,
     fail_open: bool = False,
     secret: str | bytes | None = None,
+    transactional: bool = False,
     base: type[IdempotentTask] = IdempotentTask,
     **options: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
@@ -490,8 +568,8 @@ def idempotent_task(
         key, store, scope, record_ttl, lease_ttl, fingerprint, exclude,
             serializer, require_key, exception_verdicts, hold_ttl,
             on_takeover, on_duplicate, duplicate_countdown, duplicate_retries,
-            fail_open, secret: the :class:`IdempotentTask` options of the same
-            name, prefixed ``idempotency_``.
+            fail_open, secret, transactional: the :class:`IdempotentTask`
+            options of the same name, prefixed ``idempotency_``.
         base: the task class, :class:`IdempotentTask` or a subclass.
         **options: Celery's own task options (``name``, ``bind``,
             ``time_limit``, ``autoretry_for``, ...), passed to ``app.task``.
@@ -520,6 +598,7 @@ def idempotent_task(
         "idempotency_duplicate_retries": duplicate_retries,
         "idempotency_fail_open": fail_open,
         "idempotency_secret": secret,
+        "idempotency_transactional": transactional,
     }
     # The decorated function is wrapped by staticmethod (or bound with bind=True) by app.task.
     decorator: Callable[[Callable[..., Any]], Any] = app.task(base=base, **settings, **options)

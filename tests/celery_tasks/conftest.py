@@ -138,12 +138,15 @@ def tasks(celery_env: dict[str, str]) -> Any:
 
 @pytest.fixture
 def start_worker(celery_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Factory: start_worker(queue, pool="solo") -> a ready Worker; every worker is stopped afterwards."""
+    """Factory: start_worker(queue, pool="solo", env=None) -> a ready Worker; every worker is stopped afterwards.
+
+    ``env``: variables added to that worker's environment (``IDEMPO_FAULTS``, the app's database).
+    """
     started: list[Worker] = []
 
-    def start(queue: str, name: str | None = None, pool: str = "solo") -> Worker:
+    def start(queue: str, name: str | None = None, pool: str = "solo", env: dict[str, str] | None = None) -> Worker:
         name = name or f"w{len(started)}-{uuid.uuid4().hex[:6]}"
-        worker = Worker(name, queue, celery_env, tmp_path / f"{name}.log", pool)
+        worker = Worker(name, queue, {**celery_env, **(env or {})}, tmp_path / f"{name}.log", pool)
         started.append(worker)
         worker.wait_ready()
         return worker

@@ -9,6 +9,8 @@ Environment (set by ``conftest.py``):
     IDEMPO_CELERY_PREFIX: a key prefix of this test session's own (broker and results).
     IDEMPO_CELERY_STORE: the idempo store URL every worker shares.
     IDEMPO_CELERY_VISIBILITY: the broker's visibility timeout, seconds.
+    IDEMPO_CELERY_DATABASE: the app's own database of the transactional tasks (set per worker): a
+        PostgreSQL conninfo whose search_path holds idempo's tables and ``payments``, or an SQLite file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from celery.exceptions import TimeLimitExceeded
 
 from idempo import Verdict
 from idempo.celery import IdempotentTask, idempotent_task
+from idempo.transactional import Transaction
+from idempo.typing import Store
 
 PREFIX = os.environ.get("IDEMPO_CELERY_PREFIX", "idempo-test-celery:")
 BROKER = os.environ.get("IDEMPO_CELERY_BROKER", "redis://127.0.0.1:6379/7")
@@ -113,3 +117,50 @@ def charge_revocable(order_id: str, cents: int, ledger: str, seconds: float = 0.
 def long_lease(order_id: str) -> str:
     """A task whose lease outlasts the broker's visibility timeout: the worker warns at start."""
     return order_id
+
+
+def app_database() -> Store:
+    """idempo's store on the app's own database (``IDEMPO_CELERY_DATABASE``), built once in each worker process."""
+    database = os.environ["IDEMPO_CELERY_DATABASE"]
+    if database.startswith("postgresql"):
+        import psycopg_pool
+
+        from idempo.stores.postgres import PostgresStore
+
+        # One connection for idempo's claim, one for the task's transaction.
+        pool = psycopg_pool.ConnectionPool(database, min_size=1, max_size=2, open=True)
+        return PostgresStore.from_pool(pool)
+    from idempo.stores.sqlite import SQLiteStore
+
+    return SQLiteStore(database)
+
+
+def _insert_payment(tx: Transaction, order_id: str, cents: int) -> int:
+    param = "%s" if os.environ["IDEMPO_CELERY_DATABASE"].startswith("postgresql") else "?"
+    query = f"INSERT INTO payments (order_id, cents) VALUES ({param}, {param}) RETURNING id"
+    return int(tx.connection.execute(query, (order_id, cents)).fetchone()[0])
+
+
+@idempotent_task(app, key="order_id", store=app_database, transactional=True, lease_ttl=LEASE)
+def pay(order_id: str, cents: int, *, tx: Transaction) -> dict[str, object]:
+    """Write the order's payment row through the task's transaction: it commits with the record, or not at all."""
+    return {"order_id": order_id, "cents": cents, "payment_id": _insert_payment(tx, order_id, cents)}
+
+
+@idempotent_task(app, key="order_id", store=app_database, transactional=True, lease_ttl=LEASE)
+def pay_or_fail(order_id: str, cents: int, fail: bool, *, tx: Transaction) -> dict[str, object]:
+    """As :func:`pay`, raising after the write when ``fail``: the row rolls back, the key is released."""
+    payment_id = _insert_payment(tx, order_id, cents)
+    if fail:
+        raise RuntimeError("the provider declined")
+    return {"order_id": order_id, "cents": cents, "payment_id": payment_id}
+
+
+@idempotent_task(
+    app, key="order_id", store=app_database, transactional=True, lease_ttl=LONG_LEASE, exclude=["seconds"], time_limit=1
+)
+def pay_slowly(order_id: str, cents: int, seconds: float, *, tx: Transaction) -> dict[str, object]:
+    """As :func:`pay`, sleeping ``seconds`` after the write, killed by a hard time limit of 1 s (prefork pool)."""
+    payment_id = _insert_payment(tx, order_id, cents)
+    time.sleep(seconds)
+    return {"order_id": order_id, "cents": cents, "payment_id": payment_id}
