@@ -83,7 +83,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 from urllib.parse import unquote_to_bytes
 
-from asgiref.sync import markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
 from django.db import DatabaseError, InterfaceError, connections, transaction
@@ -139,13 +139,17 @@ _BODY_TOO_LARGE = "_idempo_body_too_large"
 
 
 def _decorate(view: View, options: RouteOptions, transactional: bool = False) -> View:
-    if transactional and inspect.iscoroutinefunction(view):
+    # asgiref's test, as Django's: it also knows the views Django marks async (an async
+    # class-based view's as_view()), which inspect's does not before Python 3.12.
+    is_async = iscoroutinefunction(view)
+    if transactional and is_async:
         name = getattr(view, "__qualname__", repr(view))
         raise ConfigurationError(
-            f"{name}: a transactional view must be a sync view (def): it runs in transaction.atomic() on the "
-            "request's thread"
+            f"{name}: a transactional view must be a sync view (def): Django's transactions do not work in "
+            "async mode (transaction.atomic() in an async view raises SynchronousOnlyOperation), so the view's "
+            "writes could not commit with its record. Write the view with def"
         )
-    if inspect.iscoroutinefunction(view):
+    if is_async:
 
         async def async_view(*args: Any, **kwargs: Any) -> Any:
             return await view(*args, **kwargs)
@@ -176,13 +180,15 @@ def idempotency(policy: Policy | None = None, *, transactional: bool = False, **
             default ``"default"``); the record's completion is the last
             statement of that atomic block, through Django's own connection
             (DESIGN "transactional route"). The view's writes on that alias
-            commit if and only if its answer is stored. A sync view only.
+            commit if and only if its answer is stored. A sync view only:
+            Django's transactions do not work in async mode.
         **changes: :class:`~idempo.Policy` arguments, e.g. ``record_ttl``,
             ``lease_ttl``, ``require_key``, ``methods``.
 
     Raises:
         ConfigurationError: a change is not a valid Policy argument value, or
-            a transactional view is an async one.
+            a transactional view is an async one (``async def``, or an async
+            class-based view's ``as_view()``).
         TypeError: a change is not a Policy argument.
     """
     options = RouteOptions(policy=policy, changes=changes)
