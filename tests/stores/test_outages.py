@@ -120,6 +120,9 @@ def test_postgres_blocking_store_recovers_after_killed_connections(postgres_url:
     try:
         key = uuid.uuid4().hex
         assert store.get(key) is None
+        # The pool opens its min_size connections in the background: one opened after the kill
+        # (late under load) would never exit, and would serve the next call as if nothing happened.
+        store._get_pool().wait(timeout=10)
         _terminate_backends(postgres_url, name)
         with pytest.raises(StoreUnavailable):
             store.begin(key, "fp", 30_000)
