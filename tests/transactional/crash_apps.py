@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -114,6 +115,10 @@ def _pay(request: Any) -> Any:
     body = json.loads(request.body)
     order_id, cents = body["order_id"], int(body["cents"])
     mode = body.get("mode", "")
+    if mode == "read_first":  # a read, then the write below: a deferred SQLite transaction must upgrade
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM payments")
+        time.sleep(0.3)
     with connection.cursor() as cursor:
         cursor.execute(
             "INSERT INTO payments (order_id, cents, ref) VALUES (%s, %s, %s)", [order_id, cents, body.get("ref")]
@@ -178,7 +183,10 @@ def django_app() -> Any:
         database = {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": os.environ["IDEMPO_TX_DB"],
-            "OPTIONS": {"transaction_mode": "IMMEDIATE"},
+            # IDEMPO_TX_SQLITE_MODE=deferred: Django's default (the alias sets no transaction_mode).
+            "OPTIONS": {"transaction_mode": "IMMEDIATE"}
+            if os.environ.get("IDEMPO_TX_SQLITE_MODE") != "deferred"
+            else {},
         }
         store = f"sqlite:///{os.environ['IDEMPO_TX_DB']}"
     else:  # a store that cannot join Django's transaction: the start-up check refuses it

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -98,6 +99,32 @@ def test_a_view_that_rolls_its_block_back_is_released_and_not_stored(database: D
         assert done.status_code == 201
         assert post(url, "o-rollback", key=key).headers["idempotent-replayed"] == "true"
         assert database.rows("o-rollback") == [("o-rollback", 100)]
+
+
+def test_sqlite_without_immediate_mode_takes_the_write_lock_at_the_start(tmp_path: Path) -> None:
+    """An SQLite alias with Django's default (deferred) transactions, and a view that reads before it writes:
+    four keys at once never get SQLITE_BUSY's 500 page, because idempo takes the write lock as the block's first
+    statement. A claim that waits past the store's busy_timeout meanwhile is a 503 problem with Retry-After (the
+    view not run), and its retry commits: in the end one row per key."""
+    database = Database("sqlite", None, tmp_path)
+    database.create()
+    with serving("django", database.env(IDEMPO_TX_SQLITE_MODE="deferred")) as url:
+        keys = {f"o-deferred-{n}": str(uuid.uuid4()) for n in range(4)}
+        pending = list(keys)
+        for _ in range(10):
+            with ThreadPoolExecutor(len(pending)) as pool:
+                answers = list(pool.map(lambda order: post(url, order, key=keys[order], mode="read_first"), pending))
+            for answer in answers:
+                assert answer.status_code in (201, 503), answer.text[:300]
+                if answer.status_code == 503:
+                    assert answer.headers["content-type"] == "application/problem+json"
+                    assert "retry-after" in answer.headers
+            pending = [order for order, answer in zip(pending, answers, strict=True) if answer.status_code == 503]
+            if not pending:
+                break
+        assert pending == []
+        for order in keys:
+            assert database.rows(order) == [(order, 100)]
 
 
 @pytest.mark.postgres
