@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,34 @@ def test_fifty_duplicates_with_a_pool_of_five(pg_app: PgApp) -> None:
     assert set(statuses) <= {201, 409}, [a.text for a in answers if a.status_code not in (201, 409)]
     assert 201 in statuses
     assert pg_app.rows("burst") == [("burst", 1)]
+
+
+@pytest.mark.parametrize("front", ["fastapi", "starlette"])
+def test_no_connection_for_the_transaction_is_503_and_released(front: str, pg_app: PgApp) -> None:
+    """A pool of 2 and four keys whose claims are all made before any transaction opens: two hold their
+    transaction, the other two find no connection within the store's deadline. Those get DESIGN's 503
+    problem+json with Retry-After (not a 500 traceback), their keys are released, and their retries commit:
+    one row per key."""
+    env = app_env("postgres", front, pg_app, IDEMPO_TX_POOL="2", IDEMPO_TX_DEADLINE="0.3", IDEMPO_TX_GATE="4")
+    orders = [f"pool-{n}" for n in range(4)]
+    with serve(env) as (url, _), concurrent.futures.ThreadPoolExecutor(4) as workers:
+        first = list(workers.map(lambda order: _post(url, order, {"order_id": order, "mode": "hold"}), orders))
+        assert sorted(a.status_code for a in first) == [201, 201, 503, 503], [a.text[:200] for a in first]
+        for answer in first:
+            if answer.status_code == 503:
+                assert _problem(answer) == "store-unavailable"
+                assert int(answer.headers["retry-after"]) >= 1
+        for order, answer in zip(orders, first, strict=True):
+            if answer.status_code == 503:
+                retried = _post(url, order, {"order_id": order, "mode": "hold"})
+                for _ in range(20):  # the release may wait for a pooled connection: 409 until then
+                    if retried.status_code != 409:
+                        break
+                    time.sleep(0.2)
+                    retried = _post(url, order, {"order_id": order, "mode": "hold"})
+                assert retried.status_code == 201, retried.text
+    for order in orders:
+        assert len(pg_app.rows(order)) == 1
 
 
 def test_key_required(sqlite_app: SQLiteApp) -> None:

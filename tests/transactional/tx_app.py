@@ -8,13 +8,17 @@ Environment:
     IDEMPO_TX_SCHEMA: the PostgreSQL schema of idempo's tables.
     IDEMPO_TX_POOL: the pool's max size (default 5).
     IDEMPO_TX_LEASE: lease seconds (default 30).
+    IDEMPO_TX_DEADLINE: the PostgreSQL store's deadline in seconds (default the store's).
+    IDEMPO_TX_GATE: N: each ``/payments`` request waits, before it asks for its transaction, until
+        N have arrived (so every claim is made before any transaction takes a connection).
 
 ``POST /payments`` with ``{"order_id": ..., "cents": ..., "mode": ...}`` inserts one payment row
 through the transaction and answers 201; ``mode`` makes it misbehave after the write:
 ``raise`` (an exception), ``500`` / ``400`` (that status), ``big`` (a body over
 max_response_body), ``deferred`` (a second row violating a deferred unique constraint: COMMIT
 fails), ``slow`` (sleeps 0.3 s first), ``second`` (also writes through a second connection of
-its own, outside the transaction), ``background`` (a background task uses tx afterwards).
+its own, outside the transaction), ``background`` (a background task uses tx afterwards),
+``hold`` (holds the transaction 1 s after the write).
 """
 
 from __future__ import annotations
@@ -62,7 +66,9 @@ class Backend:
 
             size = int(os.environ.get("IDEMPO_TX_POOL", "5"))
             self.pool = psycopg_pool.AsyncConnectionPool(self.db, min_size=1, max_size=size, open=False, timeout=5)
-            self.store = AsyncPostgresStore.from_pool(self.pool, schema=os.environ["IDEMPO_TX_SCHEMA"])
+            deadline = os.environ.get("IDEMPO_TX_DEADLINE")
+            extra: dict[str, Any] = {"deadline": float(deadline)} if deadline else {}
+            self.store = AsyncPostgresStore.from_pool(self.pool, schema=os.environ["IDEMPO_TX_SCHEMA"], **extra)
         else:
             from idempo.stores.sqlite import AsyncSQLiteStore
 
@@ -106,6 +112,8 @@ async def _act(backend: Backend, tx: Any, body: dict[str, Any]) -> Response:
     pid = await backend.insert(tx, body["order_id"], int(body.get("cents", 1)), body.get("ref"))
     if mode == "raise":
         raise RuntimeError("provider down")
+    if mode == "hold":
+        await anyio.sleep(1.0)
     if mode == "500":
         return JSONResponse({"error": "provider down"}, status_code=500)
     if mode == "400":
@@ -131,6 +139,25 @@ async def _act(backend: Backend, tx: Any, body: dict[str, Any]) -> Response:
     return JSONResponse({"id": pid, "order_id": body["order_id"]}, status_code=201, background=task)
 
 
+_GATE = int(os.environ.get("IDEMPO_TX_GATE", "0"))
+_arrived = 0
+_gate_open: anyio.Event | None = None
+
+
+async def gate() -> None:
+    """Wait until IDEMPO_TX_GATE requests have arrived (none when unset); at most 10 s."""
+    global _arrived, _gate_open
+    if not _GATE:
+        return
+    if _gate_open is None:
+        _gate_open = anyio.Event()
+    _arrived += 1
+    if _arrived >= _GATE:
+        _gate_open.set()
+    with anyio.move_on_after(10):
+        await _gate_open.wait()
+
+
 async def health(request: Request) -> Response:
     return Response("ok")
 
@@ -139,11 +166,12 @@ def create_app() -> Any:
     backend = Backend()
     front = os.environ.get("IDEMPO_TX_FRONT", "fastapi")
     if front == "fastapi":
-        from fastapi import FastAPI
+        from fastapi import Depends, FastAPI
 
         api = FastAPI(lifespan=backend.lifespan)
 
-        @api.post("/payments", status_code=201)
+        # The gate, a route dependency, is solved before the parameters' (tx).
+        @api.post("/payments", status_code=201, dependencies=[Depends(gate)])
         async def create_payment(request: Request, tx: idempo.fastapi.Transaction) -> Response:
             return await _act(backend, tx, await request.json())
 
@@ -158,6 +186,7 @@ def create_app() -> Any:
     from idempo.starlette import transaction
 
     async def create(request: Request) -> Response:
+        await gate()
         tx = await transaction(request)
         return await _act(backend, tx, await request.json())
 

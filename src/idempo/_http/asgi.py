@@ -18,12 +18,17 @@ from .._core.capture import ResponseCapture, Settlement
 from .._core.fingerprint import BodySource
 from .._core.http import BYPASSED_HEADER
 from .._core.policy import Policy, Verdict
-from .._core.problems import TRANSACTIONAL_RESPONSE_TOO_LARGE, TRANSACTION_CONFLICT, problem_response
+from .._core.problems import (
+    STORE_UNAVAILABLE,
+    TRANSACTIONAL_RESPONSE_TOO_LARGE,
+    TRANSACTION_CONFLICT,
+    problem_response,
+)
 from .._core.records import StoredResponse
 from .._core.routes import RouteOptions, RouteTable
 from .._engine.execution import AsyncExecution
 from .._engine.transaction import AsyncTransaction, AsyncTransactionalExecution
-from ..exceptions import TransactionClosed
+from ..exceptions import StoreUnavailable, TransactionClosed
 from ..observability._observation import RequestObservation, logger
 from .admission import Bypass, ClientGone
 
@@ -237,6 +242,7 @@ class Exchange:
         "complete",
         "execution",
         "observation",
+        "open_failed",
         "reported",
         "start",
         "start_sent",
@@ -269,6 +275,8 @@ class Exchange:
         self.broken = False
         #: The exception a framework reported for the handler (:func:`report_exception`).
         self.reported: BaseException | None = None
+        #: Why the handler's transaction could not open (no connection within the deadline).
+        self.open_failed: StoreUnavailable | None = None
         self._body_pending = True
         #: A transactional execution's body messages, held until COMMIT returned.
         self._held: list[Message] = []
@@ -303,6 +311,12 @@ class Exchange:
                     # A statement of the handler's transaction was aborted to resolve a
                     # conflict (40001, 40P01, 55P03): rolled back, released, 503.
                     await self._commit_transaction(Settlement(None, Verdict.RELEASE, None), conflict=exc)
+                    return
+                if self.open_failed is not None and not execution.settled and self.start is None:
+                    # No connection for the handler's transaction (the pool exhausted):
+                    # the store's outage, not the app's bug: 503 with Retry-After, as
+                    # any store failure before the handler could write (DESIGN).
+                    await self._unavailable(self.open_failed)
                     return
                 if not execution.settled:
                     await self.fail(exc)
@@ -345,7 +359,27 @@ class Exchange:
             raise TransactionClosed("this request's execution cannot hold a transaction")
         if not execution.transactional_open and self.start is not None:
             raise TransactionClosed("the answer has started: open the transaction before responding")
-        return await execution.transaction()
+        try:
+            return await execution.transaction()
+        except StoreUnavailable as exc:
+            # Noted: if it escapes the app, the exchange answers 503 instead of a 500.
+            self.open_failed = exc
+            raise
+
+    async def _unavailable(self, exc: StoreUnavailable) -> None:
+        """The handler's transaction could not open: the key released, and a 503 problem with Retry-After."""
+        execution = self.execution
+        logger.warning("idempo: no connection for the transaction of record %s: %s", execution.record_key, exc)
+        await execution.fail(exc, None)
+        self.start_sent = True
+        await self._send_instead(
+            problem_response(
+                STORE_UNAVAILABLE,
+                "No database connection for the transaction within the deadline; nothing was committed. Retry later.",
+                retry_after=execution.policy.retry_after,
+            )
+        )
+        self._wake()
 
     async def commit(self, settlement: Settlement) -> None:
         """Settle the record by ``settlement``: the one point the answer's verdict reaches the store."""
