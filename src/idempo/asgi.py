@@ -24,6 +24,7 @@ from . import _config
 from ._core.fingerprint import BodySource
 from ._core.http import identity_path, takes_part
 from ._core.policy import Policy
+from ._core.problems import MISSING_KEY, TRANSACTION_NOT_COVERED, problem_response
 from ._core.records import StoredResponse
 from ._core.routes import RouteOptions, RouteTable
 from ._engine.drivers import drive_async
@@ -43,6 +44,7 @@ from ._http.asgi import (
     read_body,
     report_exception,
     run_bypassed,
+    run_unkeyed,
     send_answer,
 )
 from .exceptions import ConfigurationError, StoreError, StoreUnavailable
@@ -53,6 +55,13 @@ from .stores._base import warn_unreachable_at_startup
 from .typing import AsyncStore
 
 __all__ = ["EXCHANGE_SCOPE_KEY", "IdempotencyMiddleware", "PrincipalResolver", "default_principal", "report_exception"]
+
+#: A transactional route's answer to a request idempo does not cover (its method, or an exempt path).
+_NOT_COVERED = problem_response(
+    TRANSACTION_NOT_COVERED,
+    "This route is transactional: it runs only as a request idempo covers (a method of Policy.methods, "
+    "on a path it does not exempt), with an idempotency key.",
+)
 
 #: Resolves the principal (who sent the request) from the ASGI scope.
 PrincipalResolver = Callable[[Scope], "str | None"]
@@ -115,6 +124,10 @@ class IdempotencyMiddleware:
         self.principal = principal
         self.key_header = key_header
         self._key_header = key_header.lower().encode("latin-1")
+        #: A transactional route's answer to a request without a key (DESIGN: 400 problem+json).
+        self._missing_key = problem_response(
+            MISSING_KEY, f"This route is transactional: it runs only under an {key_header} header; send one."
+        )
         # The route-options finders framework glue added (idempo.fastapi), made for this middleware.
         self._finders: list[RouteOptionsFinder] = []
 
@@ -217,7 +230,7 @@ class IdempotencyMiddleware:
         """
         method: str = scope["method"]
         if policy is None or not takes_part(policy, method):
-            await app(scope, receive, send)
+            await run_unkeyed(app, scope, receive, send, _NOT_COVERED)
             return
         key_values = []
         content_types = []
@@ -247,7 +260,7 @@ class IdempotencyMiddleware:
         )
         admitted = await drive_async(steps, self.store, decided=False)
         if admitted is None:
-            await app(scope, receive, send)
+            await run_unkeyed(app, scope, receive, send, self._missing_key)
         elif isinstance(admitted, StoredResponse):
             await send_answer(send, admitted)
         elif isinstance(admitted, Execute):

@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, HTTPException
+from fastapi import Depends
 from starlette.applications import Starlette
 from starlette.requests import Request
 
@@ -54,7 +55,7 @@ from ._engine.transaction import AsyncTransaction, transactor_of
 from ._http.asgi import Scope, add_route_options_finder, add_startup_check
 from ._http.starlette import StarletteRouteOptions, dependant_options, flat_routes
 from .asgi import IdempotencyMiddleware, PrincipalResolver, default_principal
-from .exceptions import ConfigurationError, MissingKey
+from .exceptions import ConfigurationError
 from .secrets import SecretSource
 from .starlette import transaction as _starlette_transaction
 from .typing import AsyncStore
@@ -70,11 +71,13 @@ add_route_options_finder(StarletteRouteOptions)
 
 
 async def _transaction(request: Request) -> AsyncTransaction:
-    """The dependency behind :data:`Transaction`: the request's transaction, opened now."""
-    try:
-        return await _starlette_transaction(request)
-    except MissingKey as exc:
-        raise HTTPException(status_code=400, detail=str(exc)) from exc
+    """The dependency behind :data:`Transaction`: the request's transaction, opened now.
+
+    Without a record (no key, a method idempo leaves out) it raises
+    :class:`~idempo.exceptions.MissingKey`, which the middleware answers with a
+    400 ``application/problem+json`` (not FastAPI's ``{"detail"}``).
+    """
+    return await _starlette_transaction(request)
 
 
 Transaction = Annotated[AsyncTransaction, Depends(_transaction)]
@@ -88,18 +91,17 @@ transaction's last statement, commits, and sends the response only after
 COMMIT returned. Checked at start-up: the store must be able to open
 transactions (``AsyncPostgresStore.from_pool``, ``AsyncSQLiteStore`` on the
 app's file) and the route must be ``async def``; otherwise the app does not
-start (ConfigurationError). A request without an ``Idempotency-Key`` gets 400.
+start (ConfigurationError). A request without an ``Idempotency-Key`` gets a 400
+problem (``missing-key``); one with a method idempo leaves out, a 400
+``transaction-not-covered``.
 """
 
 
 async def _session(tx: Transaction) -> Any:
     """The dependency behind :data:`Session`: the SQLAlchemy session joined to the request's transaction."""
     session = tx.session
-    if session is None:
-        raise ConfigurationError(
-            "idempo.fastapi.Session needs a store built by AsyncPostgresStore.from_engine or "
-            "AsyncSQLiteStore.from_engine"
-        )
+    if session is None:  # the start-up check refuses such a store; kept for apps served without lifespan
+        raise ConfigurationError(_SESSION_FIX)
     return session
 
 
@@ -114,11 +116,28 @@ releases a savepoint, never idempo's transaction.
 """
 
 
-def _asks_for_transaction(dependant: Any) -> bool:
+_SESSION_FIX = (
+    "idempo.fastapi.Session needs a store built on the app's SQLAlchemy AsyncEngine: "
+    "AsyncPostgresStore.from_engine(engine) or AsyncSQLiteStore.from_engine(engine) "
+    "(or ask for idempo.fastapi.Transaction and write through tx.connection)"
+)
+
+
+def _asks_for(dependant: Any, calls: tuple[Any, ...]) -> bool:
     for sub in getattr(dependant, "dependencies", ()):
-        if getattr(sub, "call", None) in (_transaction, _session) or _asks_for_transaction(sub):
+        if getattr(sub, "call", None) in calls or _asks_for(sub, calls):
             return True
     return False
+
+
+def _asks_for_transaction(dependant: Any) -> bool:
+    return _asks_for(dependant, (_transaction, _session))
+
+
+def _binds_sessions(transactor: Any) -> bool:
+    """Whether a transactor binds a SQLAlchemy session to its transaction (the stores' ``from_engine``)."""
+    module = sys.modules.get("idempo.stores._sqlalchemy")  # imported by from_engine; absent, no store used it
+    return module is not None and isinstance(transactor, (module.EngineTransactor, module.AsyncEngineTransactor))
 
 
 def _routes_of(routes: Any) -> Iterator[Any]:
@@ -130,10 +149,12 @@ def _routes_of(routes: Any) -> Iterator[Any]:
 
 
 def _check_transactional_routes(scope: Scope, app: Any, store: Any) -> None:
-    """Start-up check: every route asking for :data:`Transaction` can have one.
+    """Start-up check: every route asking for :data:`Transaction` (or :data:`Session`) can have one.
 
     Raises:
-        ConfigurationError: the store cannot open transactions, or the route is a sync ``def``.
+        ConfigurationError: the store cannot open transactions, a route asks
+            for a :data:`Session` on a store not built on a SQLAlchemy engine,
+            or the route is a sync ``def``.
     """
     holder = scope.get("app")
     if not isinstance(holder, Starlette):
@@ -150,6 +171,8 @@ def _check_transactional_routes(scope: Scope, app: Any, store: Any) -> None:
                 f"route {name} asks for a transaction, but {type(store).__name__} cannot open one: "
                 "use AsyncPostgresStore.from_pool(pool) on the app's database, or AsyncSQLiteStore on the app's file"
             )
+        if _asks_for(dependant, (_session,)) and not _binds_sessions(transactor_of(store)):
+            raise ConfigurationError(f"route {name} asks for idempo.fastapi.Session, but {_SESSION_FIX}")
         endpoint = getattr(route, "endpoint", None)
         if endpoint is not None and not inspect.iscoroutinefunction(endpoint):
             raise ConfigurationError(

@@ -46,6 +46,9 @@ async def transaction(request: HTTPConnection) -> AsyncTransaction:
         MissingKey: the request runs without a record (no ``Idempotency-Key``,
             a method the policy leaves out, the store bypassed): a
             transactional route needs one (use ``Policy(require_key=True)``).
+            Left to propagate, the middleware answers it with a 400
+            ``application/problem+json`` (``missing-key``, or
+            ``transaction-not-covered`` for a method or path idempo leaves out).
         TransactionClosed: the record is already settled (a background task),
             or the answer started before the transaction opened.
         ConfigurationError: the store cannot open transactions (Redis, memory,
@@ -55,6 +58,7 @@ async def transaction(request: HTTPConnection) -> AsyncTransaction:
     exchange = request.scope.get(EXCHANGE_SCOPE_KEY)
     if not isinstance(exchange, Exchange):
         raise MissingKey(
-            "this route is transactional: it runs only under an Idempotency-Key (send one; Policy(require_key=True))"
+            f"{request.url.path} is transactional: it runs only as a request idempo covers (a method of "
+            "Policy.methods) with an idempotency key; send one, and declare Policy(require_key=True) on the route"
         )
     return await exchange.transaction()

@@ -190,6 +190,22 @@ def test_no_connection_for_the_transaction_is_503_and_released(front: str, pg_ap
         assert len(pg_app.rows(order)) == 1
 
 
+@pytest.mark.parametrize("front", ["fastapi", "starlette"])
+def test_transactional_route_outside_idempo_is_a_400_problem(front: str, sqlite_app: SQLiteApp) -> None:
+    """A policy that does not require a key: the transactional route, called without one, answers 400
+    application/problem+json missing-key (not FastAPI's {"detail"}, not a 500 traceback); called with a method
+    idempo does not cover (GET, with a key), 400 transaction-not-covered. Nothing is written."""
+    with serve(app_env("sqlite", front, sqlite_app, IDEMPO_TX_REQUIRE_KEY="0")) as (url, _):
+        no_key = httpx.post(url + "/payments", json={"order_id": "x"}, timeout=10)
+        assert (no_key.status_code, _problem(no_key)) == (400, "missing-key")
+        assert "Idempotency-Key" in no_key.json()["detail"]
+        on_get = httpx.get(url + "/payments", headers={"Idempotency-Key": "g1"}, timeout=10)
+        assert (on_get.status_code, _problem(on_get)) == (400, "transaction-not-covered")
+        keyed = _post(url, "k1", {"order_id": "keyed"})  # the route still works under a key
+        assert keyed.status_code == 201
+    assert sqlite_app.rows() == [("keyed", 1)]
+
+
 def test_key_required(sqlite_app: SQLiteApp) -> None:
     """A transactional route without a key answers 400 and writes nothing."""
     with serve(app_env("sqlite", "fastapi", sqlite_app)) as (url, _):

@@ -50,6 +50,22 @@ def _app(store: Any, *, sync: bool = False) -> FastAPI:
 
 
 @pytest.mark.anyio
+async def test_session_on_a_store_without_an_engine_fails_startup(tmp_path: Path) -> None:
+    """idempo.fastapi.Session on a store not built by from_engine (no SQLAlchemy session to give): start-up
+    fails naming the route and the fix, rather than a 500 on every request."""
+    app = FastAPI()
+
+    @app.post("/pay")
+    async def pay(session: idempo.fastapi.Session) -> None: ...
+
+    app.add_middleware(IdempotencyMiddleware, store=AsyncSQLiteStore(str(tmp_path / "app.db")))
+    message = await _startup(app)
+    assert message["type"] == "lifespan.startup.failed"
+    assert "/pay" in message["message"]
+    assert "from_engine" in message["message"]
+
+
+@pytest.mark.anyio
 async def test_memory_store_fails_startup() -> None:
     """A route asking for a transaction on a memory store: start-up fails, naming the route and the fix."""
     message = await _startup(_app(AsyncMemoryStore()))

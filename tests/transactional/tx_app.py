@@ -8,6 +8,7 @@ Environment:
     IDEMPO_TX_SCHEMA: the PostgreSQL schema of idempo's tables.
     IDEMPO_TX_POOL: the pool's max size (default 5).
     IDEMPO_TX_LEASE: lease seconds (default 30).
+    IDEMPO_TX_REQUIRE_KEY: ``0``: the policy does not require a key (the route asks for one itself).
     IDEMPO_TX_DEADLINE: the PostgreSQL store's deadline in seconds (default the store's).
     IDEMPO_TX_GATE: N: each ``/payments`` request waits, before it asks for its transaction, until
         N have arrived (so every claim is made before any transaction takes a connection).
@@ -45,7 +46,7 @@ BACKGROUND_LOG = os.environ.get("IDEMPO_TX_BACKGROUND_LOG", "")
 
 def _policy() -> Policy:
     return Policy(
-        require_key=True,
+        require_key=os.environ.get("IDEMPO_TX_REQUIRE_KEY", "1") == "1",
         lease_ttl=float(os.environ.get("IDEMPO_TX_LEASE", "30")),
         max_response_body=MAX_RESPONSE_BODY,
     )
@@ -175,6 +176,10 @@ def create_app() -> Any:
         async def create_payment(request: Request, tx: idempo.fastapi.Transaction) -> Response:
             return await _act(backend, tx, await request.json())
 
+        @api.get("/payments")
+        async def read_payment(tx: idempo.fastapi.Transaction) -> dict[str, str]:
+            return {"read": "yes"}
+
         @api.post("/plain", status_code=201)
         async def plain(request: Request) -> dict[str, str]:
             return {"plain": "yes"}
@@ -191,7 +196,7 @@ def create_app() -> Any:
         return await _act(backend, tx, await request.json())
 
     app = Starlette(
-        routes=[Route("/payments", create, methods=["POST"]), Route("/health", health)],
+        routes=[Route("/payments", create, methods=["POST", "GET"]), Route("/health", health)],
         lifespan=backend.lifespan,
     )
     app.add_middleware(IdempotencyMiddleware, store=backend.store, policy=_policy())

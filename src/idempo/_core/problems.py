@@ -33,6 +33,7 @@ class Problem:
 
 
 MISSING_KEY = Problem(400, "missing-key", "Idempotency-Key is missing")
+TRANSACTION_NOT_COVERED = Problem(400, "transaction-not-covered", "A transactional route needs a request idempo covers")
 INVALID_KEY = Problem(400, "invalid-key", "Idempotency-Key is not valid")
 PRINCIPAL_REQUIRED = Problem(400, "principal-required", "Idempotency-Key needs an identified caller")
 BODY_TOO_LARGE = Problem(413, "body-too-large", "Request body is too large for an idempotent request")

@@ -28,7 +28,7 @@ from .._core.records import StoredResponse
 from .._core.routes import RouteOptions, RouteTable
 from .._engine.execution import AsyncExecution
 from .._engine.transaction import AsyncTransaction, AsyncTransactionalExecution
-from ..exceptions import StoreUnavailable, TransactionClosed
+from ..exceptions import MissingKey, StoreUnavailable, TransactionClosed
 from ..observability._observation import RequestObservation, logger
 from .admission import Bypass, ClientGone
 
@@ -171,6 +171,25 @@ async def send_answer(send: Send, response: StoredResponse) -> None:
     """Answer with a stored response or a problem: its status, headers (repeats kept) and body."""
     await send({"type": "http.response.start", "status": response.status, "headers": list(response.headers)})
     await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+
+async def run_unkeyed(app: ASGIApp, scope: Scope, receive: Receive, send: Send, refusal: StoredResponse) -> None:
+    """Run ``app`` on a request that has no record (no key, a method or path idempo leaves out).
+
+    A transactional route on it (``idempo.starlette.transaction``, FastAPI's
+    ``Transaction``) raises :class:`~idempo.exceptions.MissingKey`: answered
+    with ``refusal`` (a 400 problem) instead of a 500 traceback. Costs nothing
+    on the way through: only the exception is caught.
+    """
+    try:
+        await app(scope, receive, send)
+    except MissingKey as exc:
+        try:
+            await send_answer(send, refusal)
+        except Exception:
+            # The app had started an answer of its own before asking: the
+            # server refuses a second one, so the exception stands.
+            raise exc from None
 
 
 async def run_bypassed(app: ASGIApp, scope: Scope, receive: Receive, send: Send, bypass: Bypass) -> None:
