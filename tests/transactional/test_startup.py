@@ -90,3 +90,22 @@ async def test_transactional_store_starts(tmp_path: Path) -> None:
     message = await _startup(_app(store))
     assert message["type"] == "lifespan.startup.complete"
     await store.aclose()
+
+
+@pytest.mark.postgres
+def test_from_pool_refuses_the_other_twins_pool() -> None:
+    """A blocking pool given to the async store (or the reverse) is a ConfigurationError naming the right
+    store, not a TypeError from the first checkout at start-up (a new user's trial, 2026-12-05)."""
+    import psycopg_pool
+
+    from idempo import ConfigurationError
+    from idempo.stores.postgres import AsyncPostgresStore, PostgresStore
+
+    blocking = psycopg_pool.ConnectionPool("postgresql://postgres@127.0.0.1/test", open=False)
+    with pytest.raises(ConfigurationError, match=r"use PostgresStore\.from_pool for that pool"):
+        AsyncPostgresStore.from_pool(blocking)
+    asynchronous = psycopg_pool.AsyncConnectionPool("postgresql://postgres@127.0.0.1/test", open=False)
+    with pytest.raises(ConfigurationError, match=r"use AsyncPostgresStore\.from_pool for that pool"):
+        PostgresStore.from_pool(asynchronous)
+    assert isinstance(PostgresStore.from_pool(blocking), PostgresStore)
+    assert isinstance(AsyncPostgresStore.from_pool(asynchronous), AsyncPostgresStore)

@@ -591,6 +591,7 @@ class _PostgresBase(Generic[_Pool]):
     _transactor_type: ClassVar[type[_PgTransactor | _AsyncPgTransactor]]
     _engine_type: ClassVar[type[_EnginePostgresStore | _AsyncEnginePostgresStore]]
     _engine_transactor: ClassVar[str]  # a name: _sqlalchemy needs idempo[sqlalchemy], imported when used
+    _pool_type: ClassVar[type[Any]]  # the psycopg_pool class from_pool takes
     _engine: Any = None
     _pool: _Pool | None = None
 
@@ -676,8 +677,17 @@ class _PostgresBase(Generic[_Pool]):
             check_schema: as in the constructor.
 
         Raises:
-            ConfigurationError: a schema name that is not a plain identifier.
+            ConfigurationError: ``pool`` is not the pool class this store drives
+                (a blocking ``ConnectionPool`` given to :class:`AsyncPostgresStore`, or the
+                reverse), or a schema name that is not a plain identifier.
         """
+        if not isinstance(pool, cls._pool_type):
+            # Caught here, not as a TypeError from the first checkout at start-up.
+            twin = AsyncPostgresStore if cls._pool_type is psycopg_pool.ConnectionPool else PostgresStore
+            raise ConfigurationError(
+                f"{cls.__name__}.from_pool takes a psycopg_pool.{cls._pool_type.__name__}, got "
+                f"{type(pool).__module__}.{type(pool).__qualname__}; use {twin.__name__}.from_pool for that pool"
+            )
         store = cls("postgresql://", schema=schema or "public", deadline=deadline, check_schema=check_schema)
         where = "" if schema is None else f"?schema={schema}"
         store._bind(schema, f"postgresql://(pool {getattr(pool, 'name', '?')}){where}")
@@ -1502,6 +1512,8 @@ class _AsyncEnginePostgresStore(AsyncPostgresStore):
 PostgresStore._transactor_type = _PgTransactor
 PostgresStore._engine_type = _EnginePostgresStore
 PostgresStore._engine_transactor = "EngineTransactor"
+PostgresStore._pool_type = psycopg_pool.ConnectionPool
 AsyncPostgresStore._transactor_type = _AsyncPgTransactor
 AsyncPostgresStore._engine_type = _AsyncEnginePostgresStore
 AsyncPostgresStore._engine_transactor = "AsyncEngineTransactor"
+AsyncPostgresStore._pool_type = psycopg_pool.AsyncConnectionPool
