@@ -192,7 +192,8 @@ class IdempotencyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                await self.app(scope, receive, self._lifespan_send(send, scope))
+                failed = _StartupFailed()
+                await self.app(scope, failed.receive(receive), self._lifespan_send(failed.send(send), scope))
             else:
                 await self.app(scope, receive, send)
             return
@@ -273,3 +274,37 @@ class IdempotencyMiddleware:
         elif isinstance(admitted, Bypass):
             await run_bypassed(app, scope, receive, send, admitted)
         # else GONE: the client left mid-upload; nothing run, no one to answer.
+
+
+class _StartupFailed:
+    """Ends the app's lifespan when idempo turned its start-up into ``lifespan.startup.failed``.
+
+    The server exits without sending ``lifespan.shutdown``, so the app would
+    wait in ``receive()`` until the server cancels it, and uvicorn prints that
+    cancellation's traceback under idempo's one-line cause. Instead the app's
+    next ``receive()`` is a ``lifespan.shutdown`` (its shutdown hooks run) and
+    its ``lifespan.shutdown.complete`` goes nowhere: the server asked for none.
+    """
+
+    __slots__ = ("failed",)
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def send(self, send: Send) -> Send:
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                self.failed = True
+            elif self.failed and message["type"] == "lifespan.shutdown.complete":
+                return
+            await send(message)
+
+        return lifespan_send
+
+    def receive(self, receive: Receive) -> Receive:
+        async def lifespan_receive() -> Message:
+            if self.failed:
+                return {"type": "lifespan.shutdown"}
+            return await receive()
+
+        return lifespan_receive

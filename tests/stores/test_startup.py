@@ -228,3 +228,44 @@ def test_redis_misconfiguration_is_one_line_naming_cause_and_fix(
         _blocking_startup(RedisStore(url))
     assert cause in str(caught.value)
     assert fix in str(caught.value)
+
+
+@pytest.mark.postgres
+def test_a_failed_startup_under_uvicorn_prints_the_cause_without_a_traceback(postgres_url: str, tmp_path: Any) -> None:
+    """The one line is all uvicorn prints: the app's lifespan ends instead of waiting in receive() until
+    uvicorn cancels it (a new user's trial printed ~40 lines: SystemExit, then CancelledError); the
+    app's own shutdown hook runs."""
+    import subprocess
+    import sys
+    import textwrap
+
+    url = f"{postgres_url}?schema=idempo_never_{uuid.uuid4().hex[:8]}"
+    shutdown_ran = tmp_path / "shutdown-ran"
+    (tmp_path / "failing_app.py").write_text(
+        textwrap.dedent(
+            f"""
+            import contextlib, pathlib
+            from starlette.applications import Starlette
+            from idempo.asgi import IdempotencyMiddleware
+
+            @contextlib.asynccontextmanager
+            async def lifespan(app):
+                yield
+                pathlib.Path({str(shutdown_ran)!r}).write_text("yes")
+
+            app = IdempotencyMiddleware(Starlette(lifespan=lifespan), store={url!r})
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "failing_app:app", "--host", "127.0.0.1", "--port", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "the database has no idempo tables in schema" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "CancelledError" not in done.stderr, done.stderr
+    assert shutdown_ran.read_text() == "yes"
