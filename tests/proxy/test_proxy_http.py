@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
 
 import httpx
 import pytest
@@ -49,6 +50,9 @@ def test_the_http_table_through_the_proxy(node_upstream: NodeUpstream, start_pro
         assert again.content == first.content
         assert again.headers["x-execution-id"] == first.headers["x-execution-id"]
         assert node_upstream.executions(k) == 1
+        # A replay is dated now, once: idempo stores no Date, the upstream's first one is not replayed.
+        assert len(again.headers.get_list("date")) == 1
+        assert parsedate_to_datetime(again.headers["date"]).tzinfo is not None
         entry = node_upstream.ledger()[-1]
         assert entry["key"] == k
         assert int(entry["attempt"]) > 0
@@ -62,6 +66,7 @@ def test_the_http_table_through_the_proxy(node_upstream: NodeUpstream, start_pro
         assert bad.status_code == 400
         missing = client.post("/v1/required", json={})
         assert missing.status_code == 400
+        assert parsedate_to_datetime(missing.headers["date"]).tzinfo is not None  # the proxy's own answer
         assert missing.json()["type"].endswith("/missing-key")
         large = client.post("/v1/required", content=b"x" * 2048, headers={"Idempotency-Key": key()})
         assert large.status_code == 413

@@ -41,6 +41,7 @@ its own element (``for=<peer>;proto=<scheme>;host=<Host>``). WebSockets are tunn
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import hashlib
 import ipaddress
 import os
@@ -299,6 +300,7 @@ class ProxyApp:
             await self._websocket(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        send = _dated(send)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if _via_loops(headers):
             detail = "The request already passed through idempo proxy: the upstream points back at the proxy."
@@ -688,6 +690,37 @@ def _target(scope: Scope) -> bytes:
     path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
     query: bytes = scope.get("query_string", b"")
     return path + b"?" + query if query else path
+
+
+def _http_date() -> bytes:
+    """Now as an IMF-fixdate (RFC 9110 section 5.6.7), formatted once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True).encode()]
+    return _date_cache[1]  # type: ignore[return-value]
+
+
+_date_cache: list[int | bytes] = [0, b""]
+
+
+def _dated(send: Send) -> Send:
+    """``send`` adding a ``Date`` to an answer that has none.
+
+    The server's own Date is off (the upstream's reaches the client), so a
+    replay (idempo does not store ``Date``), the proxy's own answers (400,
+    409, 502, ...) and an upstream answer without one would go out undated:
+    RFC 9110 section 6.6.1 asks an origin server with a clock to send Date,
+    and a recipient that forwards an undated response to append one.
+    """
+
+    async def dated_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers") or ()
+            if not any(name.lower() == b"date" for name, _ in headers):
+                message = {**message, "headers": [*headers, (b"date", _http_date())]}
+        await send(message)
+
+    return dated_send
 
 
 def create_app(config: ProxyConfig, **options: Any) -> ProxyApp:
