@@ -174,6 +174,17 @@ def test_human_output(tmp_path: Path) -> None:
     assert "completed" in shown.stdout
     assert '{"id":"pay_1"}' in shown.stdout
     assert "content-type: application/json" in shown.stdout
+    # The app used SECRET; inspect without it finds nothing, and says that the secret is the likely
+    # cause (not "never created"): with none at all, and with another one.
+    unkeyed = idempo("inspect", KEY, "--store", url, "--principal", PRINCIPAL, "--path", "/orders/1")
+    assert unkeyed.returncode == 1
+    assert "give it with --secret or $IDEMPO_SECRET" in unkeyed.stdout
+    other = idempo(
+        "inspect", KEY, "--store", url, "--principal", PRINCIPAL, "--path", "/orders/1", "--secret", SECRET + "-other"
+    )
+    assert other.returncode == 1
+    assert "or the app keys its records with another secret" in other.stdout
+    assert "computed with --secret / $IDEMPO_SECRET" in other.stdout
 
     lease = idempo("inspect", "--record-key", live, "--store", url)
     assert "in_progress" in lease.stdout

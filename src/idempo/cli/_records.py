@@ -242,9 +242,12 @@ def inspect(
         if as_json:
             click.echo(json.dumps({"record_key": record_key, "found": False}))
         elif record_key is None:
-            click.echo("no live record (the store holds no secret yet, so no record made by this idempo version)")
+            click.echo(
+                "no live record found: the store keeps no secret, so an app that made records keys them with "
+                "a secret of its own: give it with --secret or $IDEMPO_SECRET"
+            )
         else:
-            click.echo(f"no live record {record_key} (never created, released, or expired)")
+            click.echo(_absent(record_key, configured, scope))
         raise click.exceptions.Exit(1)
     document = _record_document(record, now_ms, body_bytes)
     if as_json:
@@ -292,6 +295,20 @@ def _scope(
                 param_hint="--authorization",
             )
     return configured, (principal, method.upper(), path, parsed)
+
+
+def _absent(record_key: str | None, configured: bytes | None, scope: Scope | None) -> str:
+    """The line for a record not found; for a record key computed here, which secret computed it.
+
+    A record key computed with another secret than the app's finds nothing,
+    which reads like a key never used (a new user's trial set $IDEMPO_SECRET
+    for the CLI after starting the app without one).
+    """
+    line = f"no live record {record_key} (never created, released, or expired"
+    if scope is None:
+        return line + ")"
+    used = "--secret / $IDEMPO_SECRET" if configured is not None else "the secret the store keeps (none was given)"
+    return f"{line}; or the app keys its records with another secret: this one was computed with {used})"
 
 
 def _record_key(store: Store, secret: bytes | None, scope: Scope) -> str | None:
@@ -431,7 +448,7 @@ def resolve(
             record_key = _record_key(store, configured, scope)
         record = store.get(record_key) if record_key is not None else None
         if record is None or record_key is None:
-            click.echo(f"no live record {record_key} (never created, released, or expired)")
+            click.echo(_absent(record_key, configured, scope))
             raise click.exceptions.Exit(1)
         marker = record.marker
         if marker is None:
