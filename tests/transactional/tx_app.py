@@ -19,7 +19,10 @@ through the transaction and answers 201; ``mode`` makes it misbehave after the w
 max_response_body), ``deferred`` (a second row violating a deferred unique constraint: COMMIT
 fails), ``slow`` (sleeps 0.3 s first), ``second`` (also writes through a second connection of
 its own, outside the transaction), ``background`` (a background task uses tx afterwards),
-``hold`` (holds the transaction 1 s after the write).
+``hold`` (holds the transaction 1 s after the write),
+``kept`` (a background task writes through a reference to ``tx.connection`` kept past the handler;
+PostgreSQL). ``sql``, a list of statements, runs through ``tx.connection`` after the write (through a
+cursor of it when ``via`` is ``cursor``), before ``mode`` acts.
 """
 
 from __future__ import annotations
@@ -95,6 +98,13 @@ class Backend:
         )
         return int(cur.lastrowid)
 
+    async def execute(self, tx: Any, statement: str, via: str | None) -> None:
+        """Run ``statement`` through the handler's connection (or a cursor of it)."""
+        if self.kind == "postgres":
+            await tx.connection.execute(statement)
+        else:
+            (tx.connection.cursor() if via == "cursor" else tx.connection).execute(statement)
+
     async def insert_elsewhere(self, order_id: str) -> None:
         """A write through a connection of the app's own: outside idempo's transaction (the trap)."""
         if self.kind == "postgres":
@@ -111,6 +121,8 @@ async def _act(backend: Backend, tx: Any, body: dict[str, Any]) -> Response:
     if mode == "slow":
         await anyio.sleep(0.3)
     pid = await backend.insert(tx, body["order_id"], int(body.get("cents", 1)), body.get("ref"))
+    for statement in body.get("sql", ()):
+        await backend.execute(tx, statement, body.get("via"))
     if mode == "raise":
         raise RuntimeError("provider down")
     if mode == "hold":
@@ -137,6 +149,14 @@ async def _act(backend: Backend, tx: Any, body: dict[str, Any]) -> Response:
             await anyio.Path(BACKGROUND_LOG).write_text(outcome + "\n")
 
         task = BackgroundTask(later)
+    if mode == "kept":
+        conn = tx.connection  # kept past the handler: the trap docs/transactional.md warns of
+
+        async def write_later() -> None:
+            await conn.execute("INSERT INTO payments (order_id, cents) VALUES ('kept', 1)")
+            await anyio.Path(BACKGROUND_LOG).write_text("kept\n")
+
+        task = BackgroundTask(write_later)
     return JSONResponse({"id": pid, "order_id": body["order_id"]}, status_code=201, background=task)
 
 

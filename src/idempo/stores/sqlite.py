@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -298,8 +299,13 @@ class _Database:
 
 # --- transactional mode: the app's writes and the record in one transaction on one file ----
 
-# Statements a handler may not run through the proxy: idempo ends the transaction.
-_CONTROL = ("COMMIT", "END", "ROLLBACK", "BEGIN")
+# Statements a handler may not run through the proxy: they end (or would start) the transaction.
+# ROLLBACK TO (a savepoint) is a partial rollback and passes (see _check_statement).
+_CONTROL = frozenset({"COMMIT", "END", "ROLLBACK", "BEGIN"})
+# Leading whitespace and SQL comments (``-- ...`` to the line's end, ``/* ... */``), which SQLite skips.
+_LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.DOTALL)
+_COMMENT = re.compile(r"--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$)", re.DOTALL)
+_WORD = re.compile(r"\w+")
 
 
 class SQLiteConnection:
@@ -307,10 +313,12 @@ class SQLiteConnection:
 
     Everything of ``sqlite3.Connection`` (``execute``, ``executemany``,
     ``cursor``, ``row_factory``, ...) passes through, except what would end
-    idempo's transaction: ``commit()``, ``rollback()``, ``close()`` and
-    ``execute("COMMIT" | "ROLLBACK" | "BEGIN" | "END")`` raise
-    :class:`~idempo.exceptions.TransactionControlled`. Use ``SAVEPOINT`` /
-    ``RELEASE`` / ``ROLLBACK TO`` for a partial rollback.
+    idempo's transaction: ``commit()``, ``rollback()``, ``close()``,
+    ``executescript()``, setting ``autocommit`` or ``isolation_level``, and a
+    ``COMMIT``, ``END``, ``ROLLBACK`` or ``BEGIN`` statement (whatever the
+    comments before it or the ``;`` after it), through the connection or a
+    cursor of it, raise :class:`~idempo.exceptions.TransactionControlled`.
+    ``SAVEPOINT`` / ``RELEASE`` / ``ROLLBACK TO`` give a partial rollback.
 
     Args:
         conn: the sqlite3 connection in its ``BEGIN IMMEDIATE`` transaction.
@@ -334,25 +342,30 @@ class SQLiteConnection:
         raise TransactionControlled()
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        """``sqlite3.Connection.execute``; a statement that ends or starts the transaction raises."""
-        _check_statement(sql)
-        conn: sqlite3.Connection = self._conn
-        return conn.execute(sql, parameters)
+        """``sqlite3.Connection.execute`` on a guarded cursor; a statement ending or starting the transaction raises."""
+        return self.cursor().execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
-        """``sqlite3.Connection.executemany``."""
-        _check_statement(sql)
-        conn: sqlite3.Connection = self._conn
-        return conn.executemany(sql, parameters)
+        """``sqlite3.Connection.executemany`` on a guarded cursor."""
+        return self.cursor().executemany(sql, parameters)
 
     def executescript(self, script: str, /) -> sqlite3.Cursor:
         """Raises TransactionControlled: ``executescript`` commits first (sqlite3's rule)."""
         raise TransactionControlled("executescript() commits the transaction first; run the statements one by one")
 
+    def cursor(self, factory: type[sqlite3.Cursor] | None = None) -> sqlite3.Cursor:
+        """``sqlite3.Connection.cursor``: a cursor whose ``execute`` and ``executemany`` refuse what
+        ends or starts the transaction, and whose ``executescript`` raises (``factory``: a Cursor subclass)."""
+        conn: sqlite3.Connection = self._conn
+        return conn.cursor(_guarded(factory or sqlite3.Cursor))
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("autocommit", "isolation_level"):
+            # Either can commit the open transaction (Python 3.12's autocommit=True does).
+            raise TransactionControlled(f"setting {name} could end idempo's transaction")
         setattr(self._conn, name, value)
 
     def __enter__(self) -> SQLiteConnection:
@@ -362,10 +375,50 @@ class SQLiteConnection:
         return None
 
 
+class _GuardedCursor(sqlite3.Cursor):
+    """A cursor of the proxy: statements are checked (:func:`_check_statement`) before they run."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Self:
+        _check_statement(sql)
+        return super().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> Self:
+        _check_statement(sql)
+        return super().executemany(sql, parameters)
+
+    def executescript(self, script: str, /) -> Self:
+        raise TransactionControlled("executescript() commits the transaction first; run the statements one by one")
+
+
+@functools.lru_cache(maxsize=32)
+def _guarded(factory: type[sqlite3.Cursor]) -> type[sqlite3.Cursor]:
+    """``factory`` with the proxy's statement check (a subclass of it, made once)."""
+    if issubclass(factory, _GuardedCursor):
+        return factory
+    if factory is sqlite3.Cursor:
+        return _GuardedCursor
+    return type(f"Guarded{factory.__name__}", (_GuardedCursor, factory), {})
+
+
 def _check_statement(sql: str) -> None:
-    head = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
-    if head in _CONTROL:
-        raise TransactionControlled(f"{head} ends idempo's transaction; use SAVEPOINT for a partial rollback")
+    """Raise TransactionControlled for a statement that ends or starts the transaction.
+
+    SQLite's own reading: comments and whitespace before the first keyword are
+    skipped, and a keyword ends at the first character that cannot be in a
+    word (so ``COMMIT;`` is COMMIT). ``ROLLBACK [TRANSACTION] TO`` is a
+    savepoint's partial rollback and passes. sqlite3 runs one statement per
+    ``execute``, so only the first matters.
+    """
+    rest = sql[_LEADING.match(sql).end() :]  # type: ignore[union-attr]  # the pattern matches the empty string
+    words = _WORD.match(rest)
+    head = words.group().upper() if words else ""
+    if head not in _CONTROL:
+        return
+    if head == "ROLLBACK":
+        following = [w.upper() for w in _WORD.findall(_COMMENT.sub(" ", rest))[1:3]]
+        if following[:1] == ["TO"] or following == ["TRANSACTION", "TO"]:
+            return
+    raise TransactionControlled(f"{head} ends idempo's transaction; use SAVEPOINT for a partial rollback")
 
 
 class _SQLiteHandle:

@@ -1,0 +1,62 @@
+"""A handler that tries to end idempo's transaction, or keeps its connection past the handler
+(REVIEW-TX F1, F2, F4, F5): served by uvicorn in a child process (tests.transactional.tx_app) on
+PostgreSQL and SQLite, driven by a real HTTP client; each test counts the committed rows."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import SQLiteApp, app_env, serve
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+
+def _post(url: str, key: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(url + "/payments", json=body, headers={"Idempotency-Key": key}, timeout=30)
+
+
+def _problem(response: httpx.Response) -> str:
+    assert response.headers["content-type"] == "application/problem+json", response.text
+    kind: str = json.loads(response.content)["type"]
+    return kind.rsplit("/", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("statement", "via"),
+    [("COMMIT;", None), ("/* app */ COMMIT", None), ("-- app\nEND", None), ("COMMIT", "cursor")],
+)
+def test_sqlite_proxy_refuses_commit_however_written(sqlite_app: SQLiteApp, statement: str, via: str | None) -> None:
+    """A COMMIT behind a comment or before a ';', or through a cursor of the proxy, is refused
+    (TransactionControlled) before it runs: the handler fails, its write rolls back and the key is
+    released, twice; no payment row is committed."""
+    with serve(app_env("sqlite", "starlette", sqlite_app)) as (url, _):
+        body = {"order_id": "o", "sql": [statement], "via": via}
+        assert _post(url, "k", body).status_code == 500
+        assert _post(url, "k", body).status_code == 500  # released: ran again, refused again
+    assert sqlite_app.rows("o") == []
+
+
+def test_sqlite_proxy_allows_rollback_to_a_savepoint(sqlite_app: SQLiteApp) -> None:
+    """SAVEPOINT / ROLLBACK TO / RELEASE (the partial rollback the docs offer) pass the proxy: the
+    write inside the savepoint is undone, the one before it commits with the record, and a retry replays."""
+    with serve(app_env("sqlite", "starlette", sqlite_app)) as (url, _):
+        body = {
+            "order_id": "o",
+            "sql": [
+                "SAVEPOINT sp",
+                "INSERT INTO payments (order_id, cents) VALUES ('o', 2)",
+                "ROLLBACK TO sp",
+                "ROLLBACK TRANSACTION TO SAVEPOINT sp",
+                "RELEASE sp",
+            ],
+        }
+        first = _post(url, "k", body)
+        assert first.status_code == 201, first.text
+        again = _post(url, "k", body)
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert again.content == first.content
+    assert sqlite_app.rows("o") == [("o", 1)]
