@@ -5,12 +5,13 @@ PostgreSQL and SQLite, driven by a real HTTP client; each test counts the commit
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import SQLiteApp, app_env, serve
+from .conftest import PgApp, SQLiteApp, app_env, serve
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -60,3 +61,26 @@ def test_sqlite_proxy_allows_rollback_to_a_savepoint(sqlite_app: SQLiteApp) -> N
         assert again.headers.get("idempotent-replayed") == "true"
         assert again.content == first.content
     assert sqlite_app.rows("o") == [("o", 1)]
+
+
+def test_kept_connection_does_not_poison_the_next_transaction(pg_app: PgApp, tmp_path: Path) -> None:
+    """A background task writes through a reference to tx.connection kept past the handler, after idempo
+    committed and gave the connection back to a pool of one: the connection sits in the pool inside that
+    stray transaction. The next request's checkout discards it (rolled back, closed) instead of opening a
+    savepoint inside it: that request's payment row and record commit (its retry replays), and the stray
+    write is not committed."""
+    log = tmp_path / "kept.log"
+    env = app_env("postgres", "starlette", pg_app, IDEMPO_TX_POOL="1", IDEMPO_TX_BACKGROUND_LOG=str(log))
+    with serve(env) as (url, _):
+        assert _post(url, "k1", {"order_id": "first", "mode": "kept"}).status_code == 201
+        for _ in range(100):
+            if log.exists() and log.read_text():
+                break
+            httpx.get(url + "/health")
+        assert log.read_text().split() == ["kept"]
+        second = _post(url, "k2", {"order_id": "second"})
+        assert second.status_code == 201, second.text
+        again = _post(url, "k2", {"order_id": "second"})
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert again.content == second.content
+    assert pg_app.rows() == [("first", 1), ("second", 1)]

@@ -322,6 +322,55 @@ class _AsyncBoundedConnection(psycopg.AsyncConnection[tuple[Any, ...]]):
         return await super().wait(gen, interval, _bounded(self.deadline, self.idle_bound, timeout))
 
 
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+
+
+def _discarding(conn: Any) -> None:
+    logger.warning(
+        "idempo: a connection of the application's pool was checked out in a transaction (%s), most likely "
+        "written through by a reference to tx.connection kept past its handler; it is closed (the server "
+        "rolls that transaction back) and another one is used",
+        conn.info.transaction_status.name,
+    )
+
+
+def _idle_getconn(pool: psycopg_pool.ConnectionPool[Any], timeout: float) -> Any:
+    """A connection of the application's pool that is idle (in no transaction), within ``timeout`` seconds.
+
+    psycopg_pool hands out what it was given back. A connection written through
+    after it was given back (a reference to ``tx.connection`` kept past the
+    handler, see docs/transactional.md) sits in the pool inside a transaction:
+    idempo's BEGIN would only open a savepoint inside it (and its COMMIT release
+    it), a store call could not switch it to autocommit. Such a connection is
+    closed and given back (the pool replaces it), never used.
+
+    Raises:
+        psycopg_pool.PoolTimeout: no idle connection within ``timeout``.
+    """
+    ends = monotonic() + timeout
+    while True:
+        conn = pool.getconn(timeout=max(ends - monotonic(), 0.001))
+        if conn.info.transaction_status == _IDLE:
+            return conn
+        _discarding(conn)
+        with contextlib.suppress(Exception):
+            conn.close()
+        pool.putconn(conn)
+
+
+async def _aidle_getconn(pool: psycopg_pool.AsyncConnectionPool[Any], timeout: float) -> Any:  # noqa: ASYNC109 (the pool's wait)
+    """The async twin of :func:`_idle_getconn`."""
+    ends = monotonic() + timeout
+    while True:
+        conn = await pool.getconn(timeout=max(ends - monotonic(), 0.001))
+        if conn.info.transaction_status == _IDLE:
+            return conn
+        _discarding(conn)
+        with contextlib.suppress(Exception):
+            await conn.close()
+        await pool.putconn(conn)
+
+
 @contextmanager
 def _autocommit(conn: Any) -> Iterator[None]:
     """The app's pooled connection in autocommit mode for one store call, its own mode restored after."""
@@ -867,7 +916,7 @@ class PostgresStore(_PostgresBase[psycopg_pool.ConnectionPool[Any]]):
         try:
             with _PG_ERRORS:
                 try:
-                    conn = pool.getconn(timeout=wait)
+                    conn = _idle_getconn(pool, wait) if self._app_pool else pool.getconn(timeout=wait)
                 except psycopg_pool.PoolTimeout as exc:
                     raise _no_connection(self._settings, exc) from exc
                 conn.deadline = ends
@@ -1066,7 +1115,7 @@ class AsyncPostgresStore(_PostgresBase[psycopg_pool.AsyncConnectionPool[Any]]):
         try:
             with _PG_ERRORS:
                 try:
-                    conn = await pool.getconn(timeout=wait)
+                    conn = await _aidle_getconn(pool, wait) if self._app_pool else await pool.getconn(timeout=wait)
                 except psycopg_pool.PoolTimeout as exc:
                     raise _no_connection(self._settings, exc) from exc
                 conn.deadline = ends
@@ -1267,7 +1316,7 @@ class _PgTransactor(_PgHandles):
         store = self._store
         pool = _pool_of(store)
         with _checkout_errors(store.deadline):
-            conn = pool.getconn(timeout=store.deadline)
+            conn = _idle_getconn(pool, store.deadline)
         try:
             tx = psycopg.Transaction(conn)
             tx.__enter__()
@@ -1331,7 +1380,7 @@ class _AsyncPgTransactor(_PgHandles):
         store = self._store
         pool = _pool_of(store)
         with _checkout_errors(store.deadline):
-            conn = await pool.getconn(timeout=store.deadline)
+            conn = await _aidle_getconn(pool, store.deadline)
         try:
             tx = psycopg.AsyncTransaction(conn)
             await tx.__aenter__()
