@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import idempo.fastapi
 from idempo import idempotent
 from idempo.asgi import IdempotencyMiddleware
-from idempo.exceptions import ConfigurationError
+from idempo.exceptions import ConfigurationError, KeyHeld, TransactionControlled
 from idempo.stores.postgres import AsyncPostgresStore, PostgresStore
 from idempo.stores.sqlite import AsyncSQLiteStore, SQLiteStore
 from idempo.transactional import AsyncTransaction, Transaction
@@ -156,4 +156,83 @@ async def test_fastapi_session_dependency(sqlite_app: SQLiteApp) -> None:
     assert first.status_code == 201
     assert again.headers["idempotent-replayed"] == "true"
     assert sqlite_app.rows() == [("f1", 6)]
+    await engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["commit()", "COMMIT statement"])
+@pytest.mark.parametrize("then", ["return", "raise"])
+@pytest.mark.parametrize("driver", ["psycopg", "pysqlite"])
+def test_handler_commit_holds_the_key(
+    driver: str, then: str, how: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The handler commits idempo's transaction itself (SQLAlchemy's Connection.commit(), or a COMMIT statement
+    through it), then returns or raises: the call raises TransactionControlled (or the handler's exception) and
+    the key is held, so a retry raises KeyHeld without running; the row the handler committed is the one
+    effect (REVIEW-TX F2)."""
+    app: Any = request.getfixturevalue("pg_app" if driver == "psycopg" else "sqlite_app")
+    if driver == "psycopg":
+        engine = create_engine(_pg_url(app, "psycopg"))
+        store: Any = PostgresStore.from_engine(engine)
+    else:
+        engine = create_engine(f"sqlite:///{app.path}")
+        store = SQLiteStore.from_engine(engine)
+    store.open()
+    calls: list[str] = []
+
+    @idempotent(store=store, key="order_id", scope=_scope(), transactional=True)
+    def charge(order_id: str, *, tx: Transaction) -> str:
+        calls.append(order_id)
+        tx.connection.execute(_INSERT, {"order_id": order_id, "cents": 1})
+        if how == "commit()":
+            tx.connection.commit()
+        else:
+            tx.connection.exec_driver_sql("COMMIT")
+        if then == "raise":
+            raise RuntimeError("provider down after the commit")
+        return "ok"
+
+    with pytest.raises(TransactionControlled if then == "return" else RuntimeError):
+        charge("h1")
+    with pytest.raises(KeyHeld):
+        charge("h1")
+    assert calls == ["h1"]
+    assert app.rows() == [("h1", 1)]
+    store.close()
+    engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["commit()", "COMMIT statement", "COMMIT then a write"])
+async def test_asyncpg_handler_commit_holds_the_key(pg_app: PgApp, how: str) -> None:
+    """The async twin on asyncpg (AsyncConnection.commit(), or COMMIT through text(), perhaps followed by a
+    write, then a raise): TransactionControlled (or the handler's exception), then KeyHeld; the row written
+    before the COMMIT is there (the asyncpg adapter runs the write after it outside any transaction)."""
+    engine = create_async_engine(_pg_url(pg_app, "asyncpg"))
+    store = AsyncPostgresStore.from_engine(engine, schema=pg_app.schema)
+    await store.open()
+    insert = text(f"INSERT INTO {pg_app.schema}.payments (order_id, cents) VALUES (:order_id, :cents)")
+    calls: list[str] = []
+
+    @idempotent(store=store, key="order_id", scope=_scope(), transactional=True)
+    async def charge(order_id: str, *, tx: AsyncTransaction) -> str:
+        calls.append(order_id)
+        await tx.connection.execute(insert, {"order_id": order_id, "cents": 1})
+        if how == "commit()":
+            await tx.connection.commit()
+        else:
+            await tx.connection.execute(text("COMMIT"))
+        if how == "COMMIT then a write":
+            await tx.connection.execute(insert, {"order_id": order_id, "cents": 2})
+            raise RuntimeError("provider down after the commit")
+        return "ok"
+
+    with pytest.raises(RuntimeError if how == "COMMIT then a write" else TransactionControlled):
+        await charge("h2")
+    with pytest.raises(KeyHeld):
+        await charge("h2")
+    assert calls == ["h2"]
+    # Once: the retry did not run. The adapter sent the write after the COMMIT on its own (autocommit).
+    assert pg_app.rows() == [("h2", 1), ("h2", 2)] if how == "COMMIT then a write" else [("h2", 1)]
+    await store.aclose()
     await engine.dispose()

@@ -84,3 +84,32 @@ def test_kept_connection_does_not_poison_the_next_transaction(pg_app: PgApp, tmp
         assert again.headers.get("idempotent-replayed") == "true"
         assert again.content == second.content
     assert pg_app.rows() == [("first", 1), ("second", 1)]
+
+
+@pytest.mark.parametrize(
+    ("statements", "mode", "committed"),
+    [
+        (["COMMIT"], "raise", [("o", 1)]),
+        (["COMMIT"], "", [("o", 1)]),
+        (["ROLLBACK"], "", []),
+        (["COMMIT", "INSERT INTO payments (order_id, cents) VALUES ('o', 2)"], "raise", [("o", 1)]),
+        (["COMMIT", "INSERT INTO payments (order_id, cents) VALUES ('o', 2)"], "", [("o", 1)]),
+    ],
+)
+def test_psycopg_handler_ending_the_transaction_holds_the_key(
+    pg_app: PgApp, statements: list[str], mode: str, committed: list[tuple[object, ...]]
+) -> None:
+    """A handler that runs COMMIT or ROLLBACK through tx.connection (psycopg, FastAPI), then raises or answers
+    201, perhaps writing again in the transaction its statement left behind: whatever is open is rolled back,
+    the answer is 500 problem transaction-ended, and the key is held (a retry gets 409 outcome-unknown and
+    does not run), so what the handler's COMMIT committed stays the one effect and nothing is replayed that
+    did not commit."""
+    with serve(app_env("postgres", "fastapi", pg_app)) as (url, _):
+        body = {"order_id": "o", "sql": statements, "mode": mode}
+        first = _post(url, "k", body)
+        assert (first.status_code, _problem(first)) == (500, "transaction-ended")
+        retry = _post(url, "k", body)
+        assert (retry.status_code, _problem(retry)) == (409, "outcome-unknown")
+        assert _post(url, "other", {"order_id": "next"}).status_code == 201  # the pool serves on
+    assert pg_app.rows("o") == committed
+    assert pg_app.rows("next") == [("next", 1)]

@@ -70,6 +70,9 @@ COMMIT_FAILED = Problem(500, "commit-failed", "The transaction could not be comm
 TRANSACTIONAL_RESPONSE_TOO_LARGE = Problem(
     500, "transactional-response-too-large", "The response is too large to hold until the transaction commits"
 )
+#: The handler ended idempo's transaction itself (a COMMIT or ROLLBACK of its own): what it
+#: wrote may have committed, so the key is held (retries get 409 outcome-unknown).
+TRANSACTION_ENDED = Problem(500, "transaction-ended", "The handler ended the transaction idempo controls")
 #: The lease was taken over while the handler ran: its transaction rolled back.
 LEASE_LOST = Problem(409, "lease-lost", "Another request took this Idempotency-Key over; this attempt rolled back")
 

@@ -18,6 +18,11 @@ then follows one rule, written once in :func:`finalize_steps`:
   release on the same connection, :attr:`Outcome.CONFLICT`.
 - Another failure (a deferred constraint at COMMIT): ROLLBACK, release,
   :attr:`Outcome.FAILED`.
+- The handler ended idempo's transaction itself (a COMMIT or ROLLBACK through
+  the connection, by any route the transactor can see: ``ended``, or ``finish``
+  raising TransactionControlled): whatever is open is rolled back and the key
+  HELD (its writes may have committed, so a retry must not run again),
+  :attr:`Outcome.ENDED`, 500. Checked first, on success and failure alike.
 - The connection lost (at the completion or at COMMIT): the record, read on a
   fresh connection, decides: completed with our token means it committed
   (:attr:`Outcome.COMMITTED`); otherwise a token-checked release (a no-op if
@@ -41,16 +46,17 @@ from typing import Any, NamedTuple, Protocol
 
 import anyio
 
-from .._core.flow import Complete, Release
+from .._core.flow import Complete, Release, finish
 from .._core.policy import Policy, Verdict
 from .._core.problems import (
     COMMIT_FAILED,
     COMMIT_UNKNOWN,
     LEASE_LOST,
     TRANSACTION_CONFLICT,
+    TRANSACTION_ENDED,
     problem_response,
 )
-from .._core.records import MARKER_STATUS, Record, RecordState, StoredResponse
+from .._core.records import MARKER_STATUS, Marker, Record, RecordState, StoredResponse
 from ..exceptions import (
     CommitFailed,
     CommitUnknown,
@@ -58,6 +64,7 @@ from ..exceptions import (
     LeaseLost,
     TransactionClosed,
     TransactionConflict,
+    TransactionControlled,
     TransactionError,
 )
 from ..observability._observation import RequestObservation, logger
@@ -100,6 +107,9 @@ class Outcome(enum.Enum):
     FAILED = "failed"
     #: The connection was lost and the record says it did not commit: released; 503.
     UNKNOWN = "unknown"
+    #: The handler ended idempo's transaction itself (COMMIT or ROLLBACK by any route): what is
+    #: open is rolled back and the key held, since its writes may have committed; 500.
+    ENDED = "ended"
 
 
 class Transactor(Protocol):
@@ -153,7 +163,11 @@ class Transactor(Protocol):
         """The connection :func:`idempo._engine.faultpoints.reach` cuts for ``drop-connection``."""
 
     # Optional: ``finish(h, command)`` runs the completion and COMMIT together (one round trip),
-    # raising LeaseLost when the completion matched no row (the transaction then rolled back).
+    # raising LeaseLost when the completion matched no row (the transaction then rolled back), and
+    # TransactionControlled when the transaction it commits is not idempo's (the handler ended it).
+    # Optional: ``ended(h, committing)`` says why idempo's transaction is no longer open and
+    # outermost (the handler committed or rolled it back), or None while it is; ``committing``:
+    # the completion follows (a check without I/O; ``finish`` makes the rest).
 
 
 class AsyncTransactor(Protocol):
@@ -310,9 +324,17 @@ def commits(command: Settle) -> bool:
 
 
 def finalize_steps(
-    transactor: Transactor | AsyncTransactor, h: Any, command: Settle, record_key: str, token: int
+    transactor: Transactor | AsyncTransactor,
+    h: Any,
+    command: Settle,
+    record_key: str,
+    token: int,
+    hold: Settle | None = None,
 ) -> Generator[_Op, Any, Finalized]:
     """The commit path, once for both drivers: yields transactor calls, returns the :class:`Finalized`.
+
+    ``hold``: the command that holds the key when the handler ended idempo's
+    transaction itself (default: a held marker kept for the record's TTL).
 
     Never raises an ``Exception`` of the database: every failure becomes an
     outcome (an :class:`~idempo._engine.faultpoints.InjectedFault` raised at
@@ -320,7 +342,17 @@ def finalize_steps(
     the connection afterwards (:meth:`Transactor.close`).
     """
     fault_connection = transactor.fault_connection(h)
-    if not commits(command):
+    if hold is None:
+        hold = Complete(record_key, token, Marker(Marker.HELD, _ENDED_REASON, None).response(), 86_400_000)
+    committing_now = commits(command)
+    if hasattr(transactor, "ended"):
+        try:
+            why = yield _op("ended", h, committing_now)
+        except Exception as exc:  # the check itself failed: the connection is unusable
+            why = f"{type(exc).__name__} while checking it"
+        if why is not None:
+            return (yield from _ended(h, record_key, hold, why))
+    if not committing_now:
         # Release or hold: nothing of the handler's is kept.
         if not (yield from _rollback(h)):
             return Finalized(Outcome.SETTLED, command, None, True)
@@ -338,6 +370,8 @@ def finalize_steps(
             faultpoints.reach("before-commit", fault_connection)
             committing = True
             yield _op("commit", h)
+    except TransactionControlled as exc:
+        return (yield from _ended(h, record_key, hold, str(exc)))
     except Exception as exc:
         kind = "lease_lost" if isinstance(exc, LeaseLost) else transactor.kind(exc)
         if isinstance(exc, faultpoints.InjectedFault):
@@ -359,6 +393,20 @@ def finalize_steps(
         return Finalized(outcome, followup, error, broken)
     faultpoints.reach("after-commit", fault_connection)
     return Finalized(Outcome.COMMITTED, None, None, False)
+
+
+_ENDED_REASON = "the handler ended the transaction"
+
+
+def _ended(h: Any, record_key: str, hold: Settle, why: str) -> Generator[_Op, Any, Finalized]:
+    """The handler ended idempo's transaction: roll back what is open, hold the key (see the module docstring)."""
+    error = TransactionControlled(
+        f"record {record_key}: the handler ended idempo's transaction ({why}); its writes may have "
+        "committed, so the key is held (retries get 409 outcome-unknown) until the hold expires"
+    )
+    if not (yield from _rollback(h)):
+        return Finalized(Outcome.ENDED, hold, error, True)
+    return Finalized(Outcome.ENDED, (yield from _run_after_rollback(h, hold)), error, False)
 
 
 def _rollback(h: Any) -> Generator[_Op, Any, bool]:
@@ -451,6 +499,13 @@ def problem_for(outcome: Outcome, error: Exception | None, policy: Policy) -> St
         return problem_response(
             COMMIT_UNKNOWN, "The database connection was lost during COMMIT; nothing was kept.", retry_after=1
         )
+    if outcome is Outcome.ENDED:
+        return problem_response(
+            TRANSACTION_ENDED,
+            "The handler committed or rolled back the transaction idempo commits with the record, so its writes "
+            "may have committed: this Idempotency-Key is held and will not run again. Let idempo commit "
+            "(use a savepoint for a partial rollback).",
+        )
     if outcome is Outcome.FAILED:
         del detail  # the database's message stays in the log, not in the answer
         return problem_response(COMMIT_FAILED, "The transaction could not be committed.")
@@ -520,9 +575,11 @@ class _TransactionalMixin:
         self.error = finalized.error
         if finalized.followup is None and self.observation is not None:
             try:
-                told = (
+                told: Settle = (
                     command
                     if finalized.outcome in (Outcome.COMMITTED, Outcome.SETTLED)
+                    else self._hold()
+                    if finalized.outcome is Outcome.ENDED
                     else Release(self.record_key, self.token)
                 )
                 self.observation.settled(told, LeaseLost() if finalized.outcome is Outcome.LEASE_LOST else None)
@@ -537,6 +594,10 @@ class _TransactionalMixin:
                 extra={"idempo_event": f"transaction_{finalized.outcome.value}", "idempo_record_key": self.record_key},
             )
         return finalized.followup
+
+    def _hold(self) -> Settle:
+        """The command that holds the key when the handler ended the transaction (the policy's hold TTL)."""
+        return finish(self.policy, self.record_key, self.token, None, verdict=Verdict.HOLD, reason=_ENDED_REASON)
 
     def problem(self) -> StoredResponse | None:
         """The answer to send instead of the app's (LEASE_LOST 409, CONFLICT/UNKNOWN 503, FAILED 500), or None."""
@@ -600,7 +661,7 @@ class TransactionalExecution(_TransactionalMixin, Execution):
         self.keeper.stop()
         broken = True
         try:
-            steps = finalize_steps(self.used, self.handle, command, self.record_key, self.token)
+            steps = finalize_steps(self.used, self.handle, command, self.record_key, self.token, self._hold())
             finalized = _drive_sync(steps, self.used)
             broken = finalized.broken
         finally:
@@ -645,7 +706,7 @@ class AsyncTransactionalExecution(_TransactionalMixin, AsyncExecution):
             return False
         with anyio.CancelScope(shield=True):
             await self.keeper.stop()
-            steps = finalize_steps(self.used, self.handle, command, self.record_key, self.token)
+            steps = finalize_steps(self.used, self.handle, command, self.record_key, self.token, self._hold())
             finalized: Finalized | None = None
             try:
                 with anyio.move_on_after(FINALIZE_TIMEOUT):

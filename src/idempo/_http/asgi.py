@@ -339,6 +339,16 @@ class Exchange:
                     return
                 if not execution.settled:
                     await self.fail(exc)
+                    if (
+                        isinstance(execution, AsyncTransactionalExecution)
+                        and execution.transactional_open
+                        and not self.start_sent
+                        and (problem := execution.problem()) is not None
+                    ):
+                        # The handler ended idempo's transaction, then raised: the key is
+                        # held, and the answer says so (the exception still goes up).
+                        self.start_sent = True
+                        await self._send_instead(problem)
                 await self._send_last()
                 raise
             finally:

@@ -138,6 +138,62 @@ def sa_errors() -> Iterator[None]:
         raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
 
+def _driver_in_transaction(raw: Any) -> bool | None:
+    """Whether the driver's connection is inside a transaction (None: this driver cannot say).
+
+    ``raw`` is the pool's DB-API connection: psycopg's, pysqlite's, or SQLAlchemy's adapter around
+    an async driver's (``_connection``: asyncpg, psycopg's AsyncConnection, aiosqlite).
+    """
+    for candidate in (raw, getattr(raw, "_connection", None)):
+        info = getattr(candidate, "info", None)
+        status = getattr(info, "transaction_status", None)
+        if status is not None:
+            return bool(status != 0)  # psycopg's TransactionStatus.IDLE is 0
+        if isinstance(candidate, sqlite3.Connection):
+            return candidate.in_transaction
+        inner = getattr(candidate, "_conn", None)  # aiosqlite's thread-bound sqlite3 connection
+        if isinstance(inner, sqlite3.Connection):
+            return inner.in_transaction
+    asyncpg_conn: Any = getattr(raw, "_connection", None)
+    if hasattr(asyncpg_conn, "is_in_transaction"):
+        # SQLAlchemy's asyncpg adapter starts the server's transaction with the first statement.
+        return None if getattr(raw, "_transaction", None) is None else bool(asyncpg_conn.is_in_transaction())
+    return None
+
+
+# The savepoint idempo makes when it begins: it exists only inside idempo's own transaction, so
+# ROLLBACK TO it fails once the handler ended that transaction, even after a new one has begun. Making it
+# also starts the server's transaction at once (psycopg and asyncpg begin lazily), so the driver's
+# status tells a transaction ended from one never started.
+_MARK = "SAVEPOINT idempo_transaction"
+_ROLLBACK_TO_MARK = "ROLLBACK TO SAVEPOINT idempo_transaction"
+
+
+def _mark_missing(exc: Exception) -> str:
+    orig = getattr(exc, "orig", exc)
+    return f"a COMMIT or ROLLBACK ran through tx.connection ({type(orig).__name__} on idempo's savepoint)"
+
+
+def _ended(conn: Any, trans: Any) -> str | None:
+    """Why idempo's transaction on a SQLAlchemy ``Connection`` is no longer open and outermost, or None.
+
+    ``trans`` is idempo's root transaction. ``Connection.commit()`` / ``rollback()`` end it (a
+    later statement autobegins another); a COMMIT or ROLLBACK statement leaves SQLAlchemy unaware,
+    but not the driver.
+    """
+    if conn.closed or conn.invalidated:
+        return None  # lost, not ended: the commit path decides
+    if not trans.is_active or conn.get_transaction() is not trans:
+        return "tx.connection.commit() or rollback() ended it"
+    try:
+        raw = conn.connection.dbapi_connection
+    except Exception:
+        return None
+    if _driver_in_transaction(raw) is False:
+        return "a COMMIT or ROLLBACK statement ran through tx.connection; the connection is in no transaction"
+    return None
+
+
 class _Handle(NamedTuple):
     """One transactional execution's SQLAlchemy connection, its transaction and the joined session."""
 
@@ -202,6 +258,7 @@ class EngineTransactor(_EngineBase):
                 # Take the write lock now: a deferred transaction that upgrades later gets
                 # SQLITE_BUSY without waiting busy_timeout.
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql(_MARK)
         except sa_exc.SQLAlchemyError as exc:
             conn.close()
             raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
@@ -209,6 +266,23 @@ class EngineTransactor(_EngineBase):
 
     def fault_connection(self, h: _Handle) -> Any:
         return h.conn
+
+    def ended(self, h: _Handle, committing: bool) -> str | None:
+        """Why idempo's transaction is no longer open (the handler ended it), or None (see :func:`_ended`).
+
+        Not committing (a release or hold follows), idempo's savepoint is rolled back to: that fails
+        when the transaction open is not idempo's.
+        """
+        why = _ended(h.conn, h.trans)
+        if why is not None or committing or h.conn.invalidated:
+            return why
+        try:
+            h.conn.exec_driver_sql(_ROLLBACK_TO_MARK)
+        except sa_exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise
+            return _mark_missing(exc)
+        return None
 
     def run(self, h: _Handle, command: Any, *, in_transaction: bool) -> None:
         if in_transaction:
@@ -256,6 +330,7 @@ class AsyncEngineTransactor(_EngineBase):
             trans = await conn.begin()
             if self._dialect == "sqlite":
                 await conn.exec_driver_sql("BEGIN IMMEDIATE")  # see EngineTransactor.open
+            await conn.exec_driver_sql(_MARK)
         except sa_exc.SQLAlchemyError as exc:
             await conn.close()
             raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
@@ -263,6 +338,19 @@ class AsyncEngineTransactor(_EngineBase):
 
     def fault_connection(self, h: _Handle) -> Any:
         return h.conn.sync_connection
+
+    async def ended(self, h: _Handle, committing: bool) -> str | None:
+        """See :meth:`EngineTransactor.ended`."""
+        why = _ended(h.conn.sync_connection, h.trans.sync_transaction)
+        if why is not None or committing or h.conn.invalidated:
+            return why
+        try:
+            await h.conn.exec_driver_sql(_ROLLBACK_TO_MARK)
+        except sa_exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise
+            return _mark_missing(exc)
+        return None
 
     async def run(self, h: _Handle, command: Any, *, in_transaction: bool) -> None:
         if in_transaction:

@@ -71,7 +71,7 @@ from psycopg.abc import PQGen
 
 from .._core.flow import Complete, Release
 from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
-from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
+from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable, TransactionControlled
 from ..observability._observation import logger
 from ._base import (
     DEFAULT_DEADLINE,
@@ -1297,6 +1297,31 @@ def _checkout_errors(deadline: float) -> Iterator[None]:
         raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
+# The savepoint idempo makes right after BEGIN: it exists only inside idempo's own transaction, so
+# RELEASE or ROLLBACK TO it fails once the handler ended that transaction (a COMMIT or ROLLBACK of its
+# own), even when a new transaction has begun since (further statements, autocommit off).
+_MARK = "idempo_transaction"
+_RELEASE_MARK = b"RELEASE SAVEPOINT idempo_transaction"
+_ROLLBACK_TO_MARK = b"ROLLBACK TO SAVEPOINT idempo_transaction"
+# 3B001 (the savepoint does not exist) and 25P01 (no transaction in progress).
+_NO_MARK = (psycopg.errors.InvalidSavepointSpecification, psycopg.errors.NoActiveSqlTransaction)
+
+
+def _ended_without_io(h: _PgHandle) -> str | None:
+    """Why idempo's transaction is visibly over (the connection idle, the psycopg transaction exited), or None."""
+    if h.conn.broken or h.conn.closed:
+        return None  # lost, not ended: the commit path decides
+    if h.tx.status != psycopg.Transaction.Status.ACTIVE:
+        return "its psycopg transaction block was exited"
+    if h.conn.info.transaction_status == _IDLE:
+        return "a COMMIT or ROLLBACK ran through tx.connection; the connection is in no transaction"
+    return None
+
+
+def _mark_missing(exc: psycopg.Error) -> str:
+    return f"a COMMIT or ROLLBACK ran through tx.connection ({type(exc).__name__} on idempo's savepoint)"
+
+
 def _begin_failed(exc: psycopg.Error) -> StoreUnavailable:
     return StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}")
 
@@ -1318,12 +1343,30 @@ class _PgTransactor(_PgHandles):
         with _checkout_errors(store.deadline):
             conn = _idle_getconn(pool, store.deadline)
         try:
-            tx = psycopg.Transaction(conn)
-            tx.__enter__()
+            tx = psycopg.Transaction(conn, savepoint_name=_MARK)
+            with conn.pipeline():  # BEGIN and the marking savepoint: one round trip
+                tx.__enter__()
         except psycopg.Error as exc:
             pool.putconn(conn)
             raise _begin_failed(exc) from exc
         return _PgHandle(conn, tx)
+
+    def ended(self, h: _PgHandle, committing: bool) -> str | None:
+        """Why idempo's transaction is no longer open (see :func:`_ended_without_io`), or None.
+
+        Not committing (a release or hold follows), the marking savepoint is
+        rolled back to: it fails when the transaction open is not idempo's.
+        """
+        why = _ended_without_io(h)
+        if why is not None or committing:
+            return why
+        try:
+            h.conn.execute(_ROLLBACK_TO_MARK)
+        except psycopg.Error as exc:
+            if h.conn.broken or h.conn.closed:
+                raise
+            return _mark_missing(exc)
+        return None
 
     def run(self, h: _PgHandle, command: Any, *, in_transaction: bool) -> None:
         if in_transaction:
@@ -1340,10 +1383,13 @@ class _PgTransactor(_PgHandles):
         query, params = _complete_last(command, self._store._rewrite)
         try:
             with h.conn.pipeline():
+                h.conn.execute(_RELEASE_MARK)
                 h.conn.execute(query, params)
                 h.tx.__exit__(None, None, None)
         except psycopg.errors.DivisionByZero as exc:
             raise LeaseLost() from exc
+        except _NO_MARK as exc:
+            raise TransactionControlled(_mark_missing(exc)) from exc
 
     def rollback(self, h: _PgHandle) -> None:
         if h.tx.status == psycopg.Transaction.Status.ACTIVE:
@@ -1382,12 +1428,26 @@ class _AsyncPgTransactor(_PgHandles):
         with _checkout_errors(store.deadline):
             conn = await _aidle_getconn(pool, store.deadline)
         try:
-            tx = psycopg.AsyncTransaction(conn)
-            await tx.__aenter__()
+            tx = psycopg.AsyncTransaction(conn, savepoint_name=_MARK)
+            async with conn.pipeline():  # see _PgTransactor.open
+                await tx.__aenter__()
         except psycopg.Error as exc:
             await pool.putconn(conn)
             raise _begin_failed(exc) from exc
         return _PgHandle(conn, tx)
+
+    async def ended(self, h: _PgHandle, committing: bool) -> str | None:
+        """See :meth:`_PgTransactor.ended`."""
+        why = _ended_without_io(h)
+        if why is not None or committing:
+            return why
+        try:
+            await h.conn.execute(_ROLLBACK_TO_MARK)
+        except psycopg.Error as exc:
+            if h.conn.broken or h.conn.closed:
+                raise
+            return _mark_missing(exc)
+        return None
 
     async def run(self, h: _PgHandle, command: Any, *, in_transaction: bool) -> None:
         if in_transaction:
@@ -1404,10 +1464,13 @@ class _AsyncPgTransactor(_PgHandles):
         query, params = _complete_last(command, self._store._rewrite)
         try:
             async with h.conn.pipeline():
+                await h.conn.execute(_RELEASE_MARK)
                 await h.conn.execute(query, params)
                 await h.tx.__aexit__(None, None, None)
         except psycopg.errors.DivisionByZero as exc:
             raise LeaseLost() from exc
+        except _NO_MARK as exc:
+            raise TransactionControlled(_mark_missing(exc)) from exc
 
     async def rollback(self, h: _PgHandle) -> None:
         if h.tx.status == psycopg.AsyncTransaction.Status.ACTIVE:

@@ -485,6 +485,14 @@ class _SQLiteTransactor(_SQLiteHandles):
     def open(self) -> _SQLiteHandle:
         return self.open_now()
 
+    def ended(self, h: _SQLiteHandle, committing: bool) -> str | None:
+        """Why idempo's transaction is no longer open (the handler ended it past the proxy), or None."""
+        try:
+            open_ = h.conn.in_transaction
+        except sqlite3.ProgrammingError:
+            return None  # closed: lost, not ended
+        return None if open_ else "a COMMIT or ROLLBACK ran on the connection; it is in no transaction"
+
     def run(self, h: _SQLiteHandle, command: Any, *, in_transaction: bool) -> None:
         # Outside a transaction each statement commits on its own (isolation_level=None).
         if hasattr(command, "response"):
@@ -517,6 +525,9 @@ class _AsyncSQLiteTransactor(_SQLiteHandles):
 
     async def open(self) -> _SQLiteHandle:
         return await anyio.to_thread.run_sync(self._sync.open_now)
+
+    async def ended(self, h: _SQLiteHandle, committing: bool) -> str | None:
+        return self._sync.ended(h, committing)
 
     async def run(self, h: _SQLiteHandle, command: Any, *, in_transaction: bool) -> None:
         self._sync.run(h, command, in_transaction=in_transaction)
