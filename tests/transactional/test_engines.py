@@ -4,11 +4,13 @@ aiosqlite on an SQLite file. The handler writes through the SQLAlchemy connectio
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import create_engine, text
@@ -17,7 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import idempo.fastapi
 from idempo import idempotent
 from idempo.asgi import IdempotencyMiddleware
-from idempo.exceptions import ConfigurationError, KeyHeld, TransactionControlled
+from idempo.exceptions import CommitUnknown, ConfigurationError, KeyHeld, TransactionControlled
 from idempo.stores.postgres import AsyncPostgresStore, PostgresStore
 from idempo.stores.sqlite import AsyncSQLiteStore, SQLiteStore
 from idempo.transactional import AsyncTransaction, Transaction
@@ -234,5 +236,43 @@ async def test_asyncpg_handler_commit_holds_the_key(pg_app: PgApp, how: str) -> 
     assert calls == ["h2"]
     # Once: the retry did not run. The adapter sent the write after the COMMIT on its own (autocommit).
     assert pg_app.rows() == [("h2", 1), ("h2", 2)] if how == "COMMIT then a write" else [("h2", 1)]
+    await store.aclose()
+    await engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+async def test_lost_connection_logs_no_stored_response(pg_app: PgApp, caplog: pytest.LogCaptureFixture) -> None:
+    """The handler's backend is terminated before idempo completes the record (asyncpg engine): SQLAlchemy's
+    error renders the statement's parameters, i.e. the response being stored. idempo's log lines and the
+    CommitUnknown it raises name the driver's error only: the response's body is nowhere (guarantee 7,
+    REVIEW-TX F7)."""
+    engine = create_async_engine(_pg_url(pg_app, "asyncpg"))
+    store = AsyncPostgresStore.from_engine(engine, schema=pg_app.schema)
+    await store.open()
+    insert = text(f"INSERT INTO {pg_app.schema}.payments (order_id, cents) VALUES (:order_id, :cents)")
+    secret = "card-4111-secret-body"
+
+    @idempotent(store=store, key="order_id", scope=_scope(), transactional=True)
+    async def charge(order_id: str, *, tx: AsyncTransaction) -> dict[str, str]:
+        await tx.connection.execute(insert, {"order_id": order_id, "cents": 1})
+        pid = (await tx.connection.execute(text("SELECT pg_backend_pid()"))).scalar()
+        async with await psycopg.AsyncConnection.connect(pg_app.url, autocommit=True) as side:
+            await side.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        return {"paid": secret}
+
+    caplog.set_level(logging.DEBUG, logger="idempo")
+    with pytest.raises(CommitUnknown) as raised:
+        await charge("t1")
+    chain: list[BaseException] = []
+    error: BaseException | None = raised.value
+    while error is not None and len(chain) < 10:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    assert [r for r in caplog.records if "did not commit" in r.getMessage()]  # the line under test was logged
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert secret not in logged
+    assert all(secret not in str(e) for e in chain)
+    assert pg_app.rows() == []
     await store.aclose()
     await engine.dispose()

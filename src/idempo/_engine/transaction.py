@@ -46,6 +46,7 @@ from typing import Any, NamedTuple, Protocol
 
 import anyio
 
+from .._core.errors import describe, driver_error
 from .._core.flow import Complete, Release, finish
 from .._core.policy import Policy, Verdict
 from .._core.problems import (
@@ -384,12 +385,12 @@ def finalize_steps(
         release = Release(record_key, token)
         followup = release if broken else (yield from _run_after_rollback(h, release))
         if kind == "conflict":
-            error: Exception = TransactionConflict(f"record {record_key}: {type(exc).__name__}: {exc}")
+            error: Exception = TransactionConflict(f"record {record_key}: {describe(exc)}")
             outcome = Outcome.CONFLICT
         else:
-            error = CommitFailed(f"record {record_key}: {type(exc).__name__}: {exc}")
+            error = CommitFailed(f"record {record_key}: {describe(exc)}")
             outcome = Outcome.FAILED
-        error.__cause__ = exc
+        error.__cause__ = driver_error(exc)  # a SQLAlchemy error's text holds the statement's parameters
         return Finalized(outcome, followup, error, broken)
     faultpoints.reach("after-commit", fault_connection)
     return Finalized(Outcome.COMMITTED, None, None, False)
@@ -414,7 +415,7 @@ def _rollback(h: Any) -> Generator[_Op, Any, bool]:
     try:
         yield _op("rollback", h)
     except Exception as exc:
-        logger.warning("idempo: rolling back a transaction failed (%s); the connection is discarded", exc)
+        logger.warning("idempo: rolling back a transaction failed (%s); the connection is discarded", describe(exc))
         return False
     return True
 
@@ -426,7 +427,9 @@ def _run_after_rollback(h: Any, command: Settle) -> Generator[_Op, Any, Settle |
     except LeaseLost:
         logger.warning("idempo: record %s was taken over; nothing to release", command.record_key)
     except Exception as exc:
-        logger.warning("idempo: settling record %s after a rollback failed (%s); retrying", command.record_key, exc)
+        logger.warning(
+            "idempo: settling record %s after a rollback failed (%s); retrying", command.record_key, describe(exc)
+        )
         return command
     return None
 
@@ -439,7 +442,7 @@ def _resolve(
         try:
             record: Record | None = yield _op("resolve", record_key)
         except Exception as read_error:
-            logger.warning("idempo: reading record %s after a lost COMMIT failed: %s", record_key, read_error)
+            logger.warning("idempo: reading record %s after a lost COMMIT failed: %s", record_key, describe(read_error))
         else:
             if (
                 record is not None
@@ -448,8 +451,8 @@ def _resolve(
                 and record.marker is None
             ):
                 return Finalized(Outcome.COMMITTED, None, None, True)
-    error = CommitUnknown(f"record {record_key}: the connection was lost ({type(exc).__name__}: {exc})")
-    error.__cause__ = exc
+    error = CommitUnknown(f"record {record_key}: the connection was lost ({describe(exc)})")
+    error.__cause__ = driver_error(exc)
     # Token-checked: a no-op if the COMMIT did land (the record is completed, not in progress).
     return Finalized(Outcome.UNKNOWN, Release(record_key, token), error, True)
 

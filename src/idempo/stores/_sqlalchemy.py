@@ -29,6 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from .._core.errors import describe, driver_error
 from .._core.records import Record
 from ..exceptions import StoreError, StoreUnavailable
 
@@ -133,9 +134,9 @@ def sa_errors() -> Iterator[None]:
     try:
         yield
     except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
-        raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise StoreUnavailable(describe(exc)) from driver_error(exc)
     except sa_exc.SQLAlchemyError as exc:
-        raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+        raise StoreError(describe(exc)) from driver_error(exc)
 
 
 def _driver_in_transaction(raw: Any) -> bool | None:
@@ -261,7 +262,7 @@ class EngineTransactor(_EngineBase):
             conn.exec_driver_sql(_MARK)
         except sa_exc.SQLAlchemyError as exc:
             conn.close()
-            raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
+            raise StoreUnavailable(f"BEGIN failed: {describe(exc)}") from driver_error(exc)
         return _Handle(conn, trans, Session(bind=conn, join_transaction_mode="create_savepoint"))
 
     def fault_connection(self, h: _Handle) -> Any:
@@ -333,7 +334,7 @@ class AsyncEngineTransactor(_EngineBase):
             await conn.exec_driver_sql(_MARK)
         except sa_exc.SQLAlchemyError as exc:
             await conn.close()
-            raise StoreUnavailable(f"BEGIN failed: {type(exc).__name__}: {exc}") from exc
+            raise StoreUnavailable(f"BEGIN failed: {describe(exc)}") from driver_error(exc)
         return _Handle(conn, trans, AsyncSession(bind=conn, join_transaction_mode="create_savepoint"))
 
     def fault_connection(self, h: _Handle) -> Any:
