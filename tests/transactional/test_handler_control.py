@@ -5,10 +5,12 @@ PostgreSQL and SQLite, driven by a real HTTP client; each test counts the commit
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from .conftest import PgApp, SQLiteApp, app_env, serve
@@ -113,3 +115,47 @@ def test_psycopg_handler_ending_the_transaction_holds_the_key(
         assert _post(url, "other", {"order_id": "next"}).status_code == 201  # the pool serves on
     assert pg_app.rows("o") == committed
     assert pg_app.rows("next") == [("next", 1)]
+
+
+def test_commit_unknown_says_the_outcome_is_unknown(pg_app: PgApp) -> None:
+    """The connection drops just before COMMIT: the 503 commit-unknown answer says the outcome is unknown and
+    that a retry with the same key is answered correctly; it does not claim nothing was kept (REVIEW-TX F9)."""
+    env = app_env("postgres", "fastapi", pg_app, IDEMPO_FAULTS="before-commit=drop-connection")
+    with serve(env) as (url, _):
+        lost = _post(url, "c1", {"order_id": "lost"})
+    assert (lost.status_code, _problem(lost)) == (503, "commit-unknown")
+    problem = json.loads(lost.content)
+    text = f"{problem['title']} {problem['detail']}"
+    assert "unknown" in text
+    assert "same Idempotency-Key" in text
+    assert "nothing was kept" not in text
+
+
+def test_commit_outliving_finalisation_that_lands_is_answered_committed(pg_app: PgApp) -> None:
+    """COMMIT outlives the finalisation timeout (a deferred trigger sleeps 1.5 s; the timeout is 0.5 s) and
+    lands after the connection was given up: the token-checked release is refused because the record is
+    completed under this request's token, so the answer is the committed 201 (a retry replays it, one row),
+    and the log does not say the lease was taken over, since nobody took it (REVIEW-TX F9)."""
+    with psycopg.connect(pg_app.url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE FUNCTION {pg_app.schema}.slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN IF NEW.order_id = 'slow' THEN PERFORM pg_sleep(1.5); END IF; RETURN NULL; END $$"
+        )
+        conn.execute(
+            f"CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {pg_app.schema}.payments DEFERRABLE "
+            f"INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {pg_app.schema}.slow_commit()"
+        )
+    env = app_env("postgres", "fastapi", pg_app, IDEMPO_TX_FINALIZE_TIMEOUT="0.5")
+    with serve(env) as (url, process):
+        first = _post(url, "k", {"order_id": "slow"})
+        again = _post(url, "k", {"order_id": "slow"})
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+        assert process.stderr is not None
+        log = process.stderr.read().decode()
+    assert "did land" in log, log
+    assert "taken over" not in log, log
+    assert first.status_code == 201, first.text
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.content == first.content
+    assert pg_app.rows("slow") == [("slow", 1)]

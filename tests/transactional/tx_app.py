@@ -12,6 +12,7 @@ Environment:
     IDEMPO_TX_DEADLINE: the PostgreSQL store's deadline in seconds (default the store's).
     IDEMPO_TX_GATE: N: each ``/payments`` request waits, before it asks for its transaction, until
         N have arrived (so every claim is made before any transaction takes a connection).
+    IDEMPO_TX_FINALIZE_TIMEOUT: seconds finalisation may take (default FINALIZE_TIMEOUT, 10).
 
 ``POST /payments`` with ``{"order_id": ..., "cents": ..., "mode": ...}`` inserts one payment row
 through the transaction and answers 201; ``mode`` makes it misbehave after the write:
@@ -184,6 +185,10 @@ async def health(request: Request) -> Response:
 
 
 def create_app() -> Any:
+    if "IDEMPO_TX_FINALIZE_TIMEOUT" in os.environ:
+        from idempo._engine import transaction
+
+        transaction.FINALIZE_TIMEOUT = float(os.environ["IDEMPO_TX_FINALIZE_TIMEOUT"])
     backend = Backend()
     front = os.environ.get("IDEMPO_TX_FRONT", "fastapi")
     if front == "fastapi":

@@ -61,8 +61,10 @@ STORE_UNAVAILABLE = Problem(503, "store-unavailable", "Idempotency store is unav
 TRANSACTION_CONFLICT = Problem(
     503, "transaction-conflict", "The transaction conflicted with another and was rolled back"
 )
-#: The connection was lost during COMMIT and the record shows it did not commit.
-COMMIT_UNKNOWN = Problem(503, "commit-unknown", "The transaction's outcome could not be confirmed; nothing was kept")
+#: COMMIT was not confirmed (the connection was lost, finalisation outlived its timeout) and the
+#: record, read again, did not show it committed: it may still have. A retry with the key is answered
+#: by the record: the committed response, or a fresh execution.
+COMMIT_UNKNOWN = Problem(503, "commit-unknown", "The transaction's outcome is unknown")
 #: COMMIT failed for a definite reason (a deferred constraint): rolled back.
 COMMIT_FAILED = Problem(500, "commit-failed", "The transaction could not be committed and was rolled back")
 #: The response of a transactional route is larger than ``max_response_body``: it cannot be

@@ -41,6 +41,7 @@ transaction opens, ``before-commit`` after the completion and before COMMIT,
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Generator
 from typing import Any, NamedTuple, Protocol
 
@@ -457,6 +458,43 @@ def _resolve(
     return Finalized(Outcome.UNKNOWN, Release(record_key, token), error, True)
 
 
+def _unreleased_unknown(finalized: Finalized) -> bool:
+    """Whether an unknown outcome still has its token-checked release to make."""
+    return finalized.outcome is Outcome.UNKNOWN and isinstance(finalized.followup, Release)
+
+
+def _landed_or_not(finalized: Finalized, record_key: str, token: int, read: Any) -> Finalized:
+    """The release after an unknown COMMIT was refused: the record (``read()``) says why.
+
+    Completed under our token: the COMMIT landed after all (the statement
+    ran on, or the release waited for its row lock), so the outcome is
+    COMMITTED and the response goes out. Otherwise another request holds the
+    record, or it is gone: nothing to release, the outcome stays unknown.
+    """
+    try:
+        record = read()
+        if isinstance(record, Exception):
+            raise record
+    except Exception as exc:
+        logger.warning(
+            "idempo: record %s: the release after an unknown COMMIT was refused and reading the record failed "
+            "(%s); a retry with the key gets what the record holds",
+            record_key,
+            describe(exc),
+        )
+        return finalized._replace(followup=None)
+    if record is not None and record.state is RecordState.COMPLETED and record.token == token and record.marker is None:
+        # WARNING: the COMMIT outlived finalisation or its connection (slow storage, a replication stall).
+        logger.warning("idempo: record %s: the COMMIT of unknown outcome did land; the response goes out", record_key)
+        return Finalized(Outcome.COMMITTED, None, None, finalized.broken)
+    logger.warning(
+        "idempo: record %s: not released after an unknown COMMIT: %s",
+        record_key,
+        "it is gone" if record is None else "another request holds it now",
+    )
+    return finalized._replace(followup=None)
+
+
 def _drive_sync(steps: Generator[_Op, Any, Finalized], transactor: Transactor) -> Finalized:
     value: Any = None
     resume = steps.send
@@ -500,7 +538,11 @@ def problem_for(outcome: Outcome, error: Exception | None, policy: Policy) -> St
         )
     if outcome is Outcome.UNKNOWN:
         return problem_response(
-            COMMIT_UNKNOWN, "The database connection was lost during COMMIT; nothing was kept.", retry_after=1
+            COMMIT_UNKNOWN,
+            "The database did not confirm COMMIT (the connection was lost, or it took too long), so whether the "
+            "writes committed is unknown. Retry with the same Idempotency-Key: it is answered with the committed "
+            "response if they did, and runs once more if they did not.",
+            retry_after=1,
         )
     if outcome is Outcome.ENDED:
         return problem_response(
@@ -669,6 +711,16 @@ class TransactionalExecution(_TransactionalMixin, Execution):
             broken = finalized.broken
         finally:
             self.used.close(self.handle, broken=broken)
+        if _unreleased_unknown(finalized):
+            try:
+                self.store.release(self.record_key, self.token)
+            except LeaseLost:
+                read = functools.partial(self.store.get, self.record_key)
+                finalized = _landed_or_not(finalized, self.record_key, self.token, read)
+            except Exception:
+                pass  # the store's retrying path releases it (the follow-up)
+            else:
+                finalized = finalized._replace(followup=None)
         followup = self._finished(finalized, command)
         if followup is None:
             return finalized.outcome in (Outcome.COMMITTED, Outcome.SETTLED)
@@ -720,6 +772,19 @@ class AsyncTransactionalExecution(_TransactionalMixin, AsyncExecution):
             if finalized is None:
                 error = CommitUnknown(f"record {self.record_key}: finalisation took over {FINALIZE_TIMEOUT:g} s")
                 finalized = Finalized(Outcome.UNKNOWN, Release(self.record_key, self.token), error)
+            if _unreleased_unknown(finalized):
+                try:
+                    await self.store.release(self.record_key, self.token)
+                except LeaseLost:
+                    try:
+                        record: Record | Exception | None = await self.store.get(self.record_key)
+                    except Exception as exc:
+                        record = exc
+                    finalized = _landed_or_not(finalized, self.record_key, self.token, lambda: record)
+                except Exception:
+                    pass  # the store's retrying path releases it (the follow-up)
+                else:
+                    finalized = finalized._replace(followup=None)
             followup = self._finished(finalized, command)
             if followup is None:
                 return finalized.outcome in (Outcome.COMMITTED, Outcome.SETTLED)
