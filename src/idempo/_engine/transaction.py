@@ -350,8 +350,10 @@ def finalize_steps(
     if hasattr(transactor, "ended"):
         try:
             why = yield _op("ended", h, committing_now)
-        except Exception as exc:  # the check itself failed: the connection is unusable
-            why = f"{type(exc).__name__} while checking it"
+        except Exception as exc:
+            # The check itself failed: a lost connection is the commit path's to resolve (it
+            # fails the same way); anything else, assume the worst.
+            why = None if transactor.kind(exc) == "lost" else f"{describe(exc)}, while checking it"
         if why is not None:
             return (yield from _ended(h, record_key, hold, why))
     if not committing_now:

@@ -71,7 +71,7 @@ from psycopg.abc import PQGen
 
 from .._core.flow import Complete, Release
 from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
-from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable, TransactionControlled
+from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from ..observability._observation import logger
 from ._base import (
     DEFAULT_DEADLINE,
@@ -1354,18 +1354,26 @@ class _PgTransactor(_PgHandles):
     def ended(self, h: _PgHandle, committing: bool) -> str | None:
         """Why idempo's transaction is no longer open (see :func:`_ended_without_io`), or None.
 
-        Not committing (a release or hold follows), the marking savepoint is
-        rolled back to: it fails when the transaction open is not idempo's.
+        Then the marking savepoint is released (committing) or rolled back to
+        (a release or hold follows): that fails when the transaction open is
+        not idempo's (the handler ended it and a new one began).
         """
         why = _ended_without_io(h)
-        if why is not None or committing:
+        if why is not None:
             return why
         try:
-            h.conn.execute(_ROLLBACK_TO_MARK)
-        except psycopg.Error as exc:
+            # Committing: RELEASE (the completion and COMMIT follow); otherwise ROLLBACK TO (a
+            # release or hold follows). Its own round trip: inside the commit pipeline a failure
+            # can surface as PipelineAborted, which does not say which statement failed.
+            h.conn.execute(_RELEASE_MARK if committing else _ROLLBACK_TO_MARK)
+        except _NO_MARK as exc:
+            return _mark_missing(exc)
+        except psycopg.Error:
             if h.conn.broken or h.conn.closed:
                 raise
-            return _mark_missing(exc)
+            # Another failure (the transaction aborted by the handler's own failed statement,
+            # 25P02): still idempo's; the commit path meets the same failure and decides.
+            return None
         return None
 
     def run(self, h: _PgHandle, command: Any, *, in_transaction: bool) -> None:
@@ -1383,13 +1391,10 @@ class _PgTransactor(_PgHandles):
         query, params = _complete_last(command, self._store._rewrite)
         try:
             with h.conn.pipeline():
-                h.conn.execute(_RELEASE_MARK)
                 h.conn.execute(query, params)
                 h.tx.__exit__(None, None, None)
         except psycopg.errors.DivisionByZero as exc:
             raise LeaseLost() from exc
-        except _NO_MARK as exc:
-            raise TransactionControlled(_mark_missing(exc)) from exc
 
     def rollback(self, h: _PgHandle) -> None:
         if h.tx.status == psycopg.Transaction.Status.ACTIVE:
@@ -1439,14 +1444,21 @@ class _AsyncPgTransactor(_PgHandles):
     async def ended(self, h: _PgHandle, committing: bool) -> str | None:
         """See :meth:`_PgTransactor.ended`."""
         why = _ended_without_io(h)
-        if why is not None or committing:
+        if why is not None:
             return why
         try:
-            await h.conn.execute(_ROLLBACK_TO_MARK)
-        except psycopg.Error as exc:
+            # Committing: RELEASE (the completion and COMMIT follow); otherwise ROLLBACK TO (a
+            # release or hold follows). Its own round trip: inside the commit pipeline a failure
+            # can surface as PipelineAborted, which does not say which statement failed.
+            await h.conn.execute(_RELEASE_MARK if committing else _ROLLBACK_TO_MARK)
+        except _NO_MARK as exc:
+            return _mark_missing(exc)
+        except psycopg.Error:
             if h.conn.broken or h.conn.closed:
                 raise
-            return _mark_missing(exc)
+            # Another failure (the transaction aborted by the handler's own failed statement,
+            # 25P02): still idempo's; the commit path meets the same failure and decides.
+            return None
         return None
 
     async def run(self, h: _PgHandle, command: Any, *, in_transaction: bool) -> None:
@@ -1464,13 +1476,10 @@ class _AsyncPgTransactor(_PgHandles):
         query, params = _complete_last(command, self._store._rewrite)
         try:
             async with h.conn.pipeline():
-                await h.conn.execute(_RELEASE_MARK)
                 await h.conn.execute(query, params)
                 await h.tx.__aexit__(None, None, None)
         except psycopg.errors.DivisionByZero as exc:
             raise LeaseLost() from exc
-        except _NO_MARK as exc:
-            raise TransactionControlled(_mark_missing(exc)) from exc
 
     async def rollback(self, h: _PgHandle) -> None:
         if h.tx.status == psycopg.AsyncTransaction.Status.ACTIVE:
