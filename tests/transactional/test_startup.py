@@ -109,3 +109,22 @@ def test_from_pool_refuses_the_other_twins_pool() -> None:
         PostgresStore.from_pool(asynchronous)
     assert isinstance(PostgresStore.from_pool(blocking), PostgresStore)
     assert isinstance(AsyncPostgresStore.from_pool(asynchronous), AsyncPostgresStore)
+
+
+@pytest.mark.postgres
+def test_a_pool_store_without_its_tables_names_the_pool_and_a_command_that_works() -> None:
+    """A store on the app's pool has no URL of its own: the start-up error names the pool and tells to run
+    migrate with the database's URL and the schema, not "cannot use the store at postgresql://" and
+    "--store <the same URL>" (a new user's trial)."""
+    import psycopg_pool
+
+    from idempo import ConfigurationError
+    from idempo.stores.postgres import PostgresStore
+
+    with psycopg_pool.ConnectionPool("postgresql://postgres@127.0.0.1/test", min_size=1, name="payments") as pool:
+        store = PostgresStore.from_pool(pool, schema="idempo_never_created")
+        with pytest.raises(ConfigurationError) as caught:
+            store.open()
+    message = str(caught.value)
+    assert "postgresql://(pool payments)?schema=idempo_never_created" in message, message
+    assert "idempo migrate --store <your database's URL>?schema=idempo_never_created" in message, message

@@ -407,10 +407,12 @@ def _schema_error(url: str, schema: str, found: int | None) -> ConfigurationErro
         what = f"the database has no idempo tables in schema {schema!r}"
     else:
         what = f"schema {schema!r} holds idempo schema version {found}; this idempo needs {SCHEMA_VERSION}"
+    # A store on the app's pool or engine is named "postgresql://(pool NAME)": no URL to repeat.
+    target = ("<your database's URL>" + f"?schema={schema}") if url.startswith("postgresql://(") else "<the same URL>"
     return misconfigured(
         url,
         what,
-        "run `idempo migrate --store <the same URL>` (or create_schema()) once, before the application starts",
+        f"run `idempo migrate --store {target}` (or create_schema()) once, before the application starts",
     )
 
 
@@ -793,6 +795,7 @@ class _PostgresBase(Generic[_Pool]):
         self._search_path = schema is None
         self._rewrite = None if schema is None else _qualified(schema)
         self.url = url
+        self._settings.url = url  # what its errors name: the pool or engine, not "postgresql://"
 
     def _limits(self, deadline: float | None) -> tuple[float, float]:
         """(seconds the pool wait may take, monotonic end of the call) for a call starting now."""
