@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import functools
 import hashlib
 import ipaddress
 import os
@@ -692,15 +693,11 @@ def _target(scope: Scope) -> bytes:
     return path + b"?" + query if query else path
 
 
-def _http_date() -> bytes:
-    """Now as an IMF-fixdate (RFC 9110 section 5.6.7), formatted once a second."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True).encode()]
-    return _date_cache[1]  # type: ignore[return-value]
-
-
-_date_cache: list[int | bytes] = [0, b""]
+@functools.lru_cache(maxsize=1)
+def _http_date(second: int) -> bytes:
+    """``second`` (seconds since the epoch) as an IMF-fixdate (RFC 9110 section 5.6.7); the last one kept,
+    so a second's answers format it once."""
+    return email.utils.formatdate(second, usegmt=True).encode()
 
 
 def _dated(send: Send) -> Send:
@@ -717,7 +714,7 @@ def _dated(send: Send) -> Send:
         if message["type"] == "http.response.start":
             headers = message.get("headers") or ()
             if not any(name.lower() == b"date" for name, _ in headers):
-                message = {**message, "headers": [*headers, (b"date", _http_date())]}
+                message = {**message, "headers": [*headers, (b"date", _http_date(int(time.time())))]}
         await send(message)
 
     return dated_send
