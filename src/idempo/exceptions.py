@@ -194,7 +194,8 @@ class TransactionControlled(IdempoError):
 
     The record's completion is the transaction's last statement; idempo commits it
     (or rolls it back) once the handler returned. Use a savepoint for a partial rollback.
-    Raised where the handler tries (the SQLite proxy), and by ``@idempotent`` when the
+    Raised where the handler tries (the SQLite proxy; on a SQLAlchemy engine, ``Connection.commit()``
+    or a COMMIT / END / ROLLBACK statement, see idempo.stores._sqlalchemy), and by ``@idempotent`` when the
     handler did end the transaction: the key is then held (an HTTP route answers 500
     ``transaction-ended``; retries get 409 ``outcome-unknown``).
     """

@@ -15,11 +15,13 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import Session
 
 import idempo.fastapi
 from idempo import idempotent
 from idempo.asgi import IdempotencyMiddleware
 from idempo.exceptions import CommitUnknown, ConfigurationError, KeyHeld, TransactionControlled
+from idempo.stores._sqlalchemy import ending_statement
 from idempo.stores.postgres import AsyncPostgresStore, PostgresStore
 from idempo.stores.sqlite import AsyncSQLiteStore, SQLiteStore
 from idempo.transactional import AsyncTransaction, Transaction
@@ -161,16 +163,44 @@ async def test_fastapi_session_dependency(sqlite_app: SQLiteApp) -> None:
     await engine.dispose()
 
 
-@pytest.mark.parametrize("how", ["commit()", "COMMIT statement"])
-@pytest.mark.parametrize("then", ["return", "raise"])
-@pytest.mark.parametrize("driver", ["psycopg", "pysqlite"])
-def test_handler_commit_holds_the_key(
-    driver: str, then: str, how: str, request: pytest.FixtureRequest, tmp_path: Path
+def _end_it(tx: Any, how: str) -> None:
+    """End idempo's transaction through SQLAlchemy, as a handler might (sync)."""
+    if how == "commit()":
+        tx.connection.commit()
+    elif how == "Session commit()":  # a session of the app's own, taking the connection's transaction over
+        session = Session(bind=tx.connection, join_transaction_mode="control_fully")
+        session.execute(_INSERT, {"order_id": "by-session", "cents": 9})
+        session.commit()
+    elif how == "COMMIT statement":
+        tx.connection.exec_driver_sql("/* app */ COMMIT")
+    elif how == "write; COMMIT in one string":  # psycopg runs both (no parameters: the simple protocol)
+        tx.connection.exec_driver_sql("INSERT INTO payments (order_id, cents) VALUES ('in-string', 8); COMMIT")
+    else:
+        tx.connection.exec_driver_sql("END")
+
+
+@pytest.mark.parametrize("then", ["propagate", "swallow and return"])
+@pytest.mark.parametrize(
+    ("driver", "how"),
+    [
+        ("psycopg", "commit()"),
+        ("psycopg", "Session commit()"),
+        ("psycopg", "COMMIT statement"),
+        ("psycopg", "write; COMMIT in one string"),
+        ("pysqlite", "commit()"),
+        ("pysqlite", "Session commit()"),
+        ("pysqlite", "END statement"),
+    ],
+)
+def test_handler_commit_is_refused_and_holds_the_key(
+    driver: str, how: str, then: str, request: pytest.FixtureRequest
 ) -> None:
-    """The handler commits idempo's transaction itself (SQLAlchemy's Connection.commit(), or a COMMIT statement
-    through it), then returns or raises: the call raises TransactionControlled (or the handler's exception) and
-    the key is held, so a retry raises KeyHeld without running; the row the handler committed is the one
-    effect (REVIEW-TX F2)."""
+    """The handler tries to commit idempo's transaction itself (SQLAlchemy's Connection.commit(), a Session of
+    its own in control of the connection, a COMMIT / END statement through it, alone or after a write): refused
+    before it runs (TransactionControlled naming the rule), so nothing commits. The handler lets the error out,
+    or catches it and returns: either way the call raises TransactionControlled, the key is held (a retry
+    raises KeyHeld without running), and no row is committed; before, the handler's COMMIT committed its row
+    with the record still in progress, and only a check after the handler returned held the key."""
     app: Any = request.getfixturevalue("pg_app" if driver == "psycopg" else "sqlite_app")
     if driver == "psycopg":
         engine = create_engine(_pg_url(app, "psycopg"))
@@ -180,36 +210,85 @@ def test_handler_commit_holds_the_key(
         store = SQLiteStore.from_engine(engine)
     store.open()
     calls: list[str] = []
+    refusals: list[str] = []
 
     @idempotent(store=store, key="order_id", scope=_scope(), transactional=True)
     def charge(order_id: str, *, tx: Transaction) -> str:
         calls.append(order_id)
         tx.connection.execute(_INSERT, {"order_id": order_id, "cents": 1})
-        if how == "commit()":
-            tx.connection.commit()
-        else:
-            tx.connection.exec_driver_sql("COMMIT")
-        if then == "raise":
-            raise RuntimeError("provider down after the commit")
+        try:
+            _end_it(tx, how)
+        except TransactionControlled as exc:
+            refusals.append(str(exc))
+            if then == "propagate":
+                raise
         return "ok"
 
-    with pytest.raises(TransactionControlled if then == "return" else RuntimeError):
+    with pytest.raises(TransactionControlled):
         charge("h1")
     with pytest.raises(KeyHeld):
         charge("h1")
     assert calls == ["h1"]
-    assert app.rows() == [("h1", 1)]
+    assert len(refusals) == 1
+    assert "refused" in refusals[0]
+    assert "savepoint" in refusals[0]
+    assert app.rows() == []
+    assert _post_next(store, app) == [("next", 1)]  # the engine's connections serve on
     store.close()
     engine.dispose()
+
+
+def _post_next(store: Any, app: Any) -> list[tuple[object, ...]]:
+    @idempotent(store=store, key="order_id", scope=_scope(), transactional=True)
+    def charge(order_id: str, *, tx: Transaction) -> str:
+        tx.connection.execute(_INSERT, {"order_id": order_id, "cents": 1})
+        return "ok"
+
+    assert charge("next") == "ok"
+    rows: list[tuple[object, ...]] = app.rows("next")
+    return rows
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["commit()", "COMMIT statement", "ROLLBACK statement"])
+async def test_fastapi_handler_commit_is_refused_answering_transaction_ended(sqlite_app: SQLiteApp, how: str) -> None:
+    """A FastAPI route on an aiosqlite engine commits (or rolls back) idempo's transaction through
+    ``tx.connection``: refused before it runs; the answer is 500 problem transaction-ended, a retry 409
+    outcome-unknown without running, and no row is committed (the handler's write rolled back)."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{sqlite_app.path}")
+    app = FastAPI()
+    runs: list[int] = []
+
+    @app.post("/payments", status_code=201)
+    async def pay(tx: idempo.fastapi.Transaction) -> dict[str, str]:
+        runs.append(1)
+        await tx.connection.execute(_INSERT, {"order_id": "r1", "cents": 6})
+        if how == "commit()":
+            await tx.connection.commit()
+        else:
+            await tx.connection.execute(text(how.split()[0]))
+        return {"ok": "yes"}
+
+    app.add_middleware(IdempotencyMiddleware, store=AsyncSQLiteStore.from_engine(engine))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        first = await client.post("/payments", headers={"Idempotency-Key": "r1"})
+        again = await client.post("/payments", headers={"Idempotency-Key": "r1"})
+    assert (first.status_code, first.headers["content-type"]) == (500, "application/problem+json"), first.text
+    assert first.json()["type"].endswith("/transaction-ended")
+    assert (again.status_code, again.json()["type"].rsplit("/", 1)[1]) == (409, "outcome-unknown")
+    assert runs == [1]
+    assert sqlite_app.rows() == []
+    await engine.dispose()
 
 
 @pytest.mark.postgres
 @pytest.mark.anyio
 @pytest.mark.parametrize("how", ["commit()", "COMMIT statement", "COMMIT then a write"])
-async def test_asyncpg_handler_commit_holds_the_key(pg_app: PgApp, how: str) -> None:
+async def test_asyncpg_handler_commit_is_refused_and_holds_the_key(pg_app: PgApp, how: str) -> None:
     """The async twin on asyncpg (AsyncConnection.commit(), or COMMIT through text(), perhaps followed by a
-    write, then a raise): TransactionControlled (or the handler's exception), then KeyHeld; the row written
-    before the COMMIT is there (the asyncpg adapter runs the write after it outside any transaction)."""
+    write): refused before it runs, so the write after it never happens either (the asyncpg adapter would have
+    sent it outside any transaction, committed at once); TransactionControlled, then KeyHeld; no row."""
     engine = create_async_engine(_pg_url(pg_app, "asyncpg"))
     store = AsyncPostgresStore.from_engine(engine, schema=pg_app.schema)
     await store.open()
@@ -229,13 +308,12 @@ async def test_asyncpg_handler_commit_holds_the_key(pg_app: PgApp, how: str) -> 
             raise RuntimeError("provider down after the commit")
         return "ok"
 
-    with pytest.raises(RuntimeError if how == "COMMIT then a write" else TransactionControlled):
+    with pytest.raises(TransactionControlled):
         await charge("h2")
     with pytest.raises(KeyHeld):
         await charge("h2")
     assert calls == ["h2"]
-    # Once: the retry did not run. The adapter sent the write after the COMMIT on its own (autocommit).
-    assert pg_app.rows() == [("h2", 1), ("h2", 2)] if how == "COMMIT then a write" else [("h2", 1)]
+    assert pg_app.rows() == []
     await store.aclose()
     await engine.dispose()
 
@@ -276,3 +354,39 @@ async def test_lost_connection_logs_no_stored_response(pg_app: PgApp, caplog: py
     assert pg_app.rows() == []
     await store.aclose()
     await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("sql", "head"),
+    [
+        ("COMMIT", "COMMIT"),
+        ("commit;", "COMMIT"),
+        ("/* app */ END", "END"),
+        ("-- app\nROLLBACK", "ROLLBACK"),
+        ("ROLLBACK AND CHAIN", "ROLLBACK"),
+        ("ABORT", "ABORT"),
+        ("PREPARE TRANSACTION 'gx'", "PREPARE TRANSACTION"),
+        ("INSERT INTO payments VALUES (1); COMMIT", "COMMIT"),
+        ("SELECT $1; /* then */ commit", "COMMIT"),
+        ("SELECT $tag$ x; $tag$; END", "END"),
+        ("ROLLBACK TO SAVEPOINT sp", None),
+        ("ROLLBACK TRANSACTION TO sp", None),
+        ("ROLLBACK WORK TO SAVEPOINT sp", None),
+        ("PREPARE q AS SELECT 1", None),
+        ("BEGIN", None),
+        ("SELECT commit_id FROM t", None),
+        ("INSERT INTO t VALUES ('a; commit')", None),
+        ("INSERT INTO t VALUES ('it''s; COMMIT')", None),
+        ("SELECT E'it\\'s; COMMIT'", None),
+        ('SELECT 1 AS "x;commit"', None),
+        ("SELECT 1 -- ; COMMIT", None),
+        ("SELECT 1 /* ; COMMIT */", None),
+        ("DO $$ BEGIN COMMIT; END $$", None),
+        ("SELECT 1;", None),
+    ],
+)
+def test_ending_statement(sql: str, head: str | None) -> None:
+    """The statement check of the SQLAlchemy guard: the first statement that ends the transaction, however
+    written (comments before it, a ';' after it, after other statements), and nothing inside a string, a
+    quoted name, a comment or a dollar quote; ROLLBACK TO (a savepoint) ends nothing."""
+    assert ending_statement(sql) == head

@@ -405,8 +405,8 @@ _ENDED_REASON = "the handler ended the transaction"
 def _ended(h: Any, record_key: str, hold: Settle, why: str) -> Generator[_Op, Any, Finalized]:
     """The handler ended idempo's transaction: roll back what is open, hold the key (see the module docstring)."""
     error = TransactionControlled(
-        f"record {record_key}: the handler ended idempo's transaction ({why}); its writes may have "
-        "committed, so the key is held (retries get 409 outcome-unknown) until the hold expires"
+        f"record {record_key}: the handler ended, or tried to end, idempo's transaction ({why}); what it "
+        "committed, if anything, stays, so the key is held (retries get 409 outcome-unknown) until the hold expires"
     )
     if not (yield from _rollback(h)):
         return Finalized(Outcome.ENDED, hold, error, True)

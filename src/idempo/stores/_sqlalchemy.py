@@ -9,7 +9,11 @@ psycopg's ``%(name)s`` placeholders in ``queries.sql`` and are rewritten once to
 A transactional handler gets ``tx.connection``, a SQLAlchemy ``Connection`` (or ``AsyncConnection``)
 inside the transaction idempo began, and ``tx.session``, a ``Session`` (``AsyncSession``) bound to that
 connection with ``join_transaction_mode="create_savepoint"``: the session's own ``commit()`` or
-``rollback()`` only releases or rolls back a savepoint, never idempo's transaction.
+``rollback()`` only releases or rolls back a savepoint, never idempo's transaction. While the handler
+runs, a :class:`_Guard` on the connection refuses (``TransactionControlled``, before anything is sent)
+what would commit idempo's transaction: ``Connection.commit()`` (and a ``Session``'s commit that
+reaches it) through SQLAlchemy's ``commit`` event, and a ``COMMIT`` / ``END`` / ``ROLLBACK`` /
+``ABORT`` / ``PREPARE TRANSACTION`` statement through ``before_cursor_execute``.
 
 This module knows nothing of the stores: a store hands it the statements of a call (a generator of
 objects with ``query`` and ``params``, sent back ``Rows``) and how to read a record.
@@ -24,20 +28,21 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, TextClause, text
+from sqlalchemy import Engine, TextClause, event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from .._core.errors import describe, driver_error
 from .._core.records import Record
-from ..exceptions import StoreError, StoreUnavailable
+from ..exceptions import StoreError, StoreUnavailable, TransactionControlled
 
 __all__ = [
     "AsyncEngineTransactor",
     "EngineTransactor",
     "Rows",
     "arun_steps",
+    "ending_statement",
     "kind",
     "run_steps",
     "sa_errors",
@@ -162,6 +167,112 @@ def _driver_in_transaction(raw: Any) -> bool | None:
     return None
 
 
+# --- the guard: what would end idempo's transaction is refused while the handler runs ----------
+
+# Statements that end the transaction they run in (PostgreSQL and SQLite): COMMIT, END, ROLLBACK
+# (but not ROLLBACK TO, a savepoint's partial rollback), ABORT, PREPARE TRANSACTION (two-phase
+# commit's first phase: the transaction leaves the session). BEGIN / START TRANSACTION inside a
+# transaction end nothing (PostgreSQL warns, SQLite fails).
+_ENDING = frozenset({"COMMIT", "END", "ROLLBACK", "ABORT", "PREPARE"})
+# Whitespace and SQL comments before a statement's first keyword.
+_LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.DOTALL)
+_COMMENT = re.compile(r"--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$)", re.DOTALL)
+_WORD = re.compile(r"\w+")
+# What a ';' inside does not end: string literals (E'...' with backslash escapes), quoted names,
+# comments, dollar quotes ($$...$$, $tag$...$tag$; not $1, a parameter); and the ';' that does.
+_SPLIT = re.compile(
+    r"(?<!\w)[eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/"
+    r"|\$(?:[A-Za-z_]\w*)?\$|;",
+    re.DOTALL,
+)
+
+
+def _ending_head(statement: str) -> str | None:
+    """The keyword of one statement if it ends the transaction (``ROLLBACK TO`` does not), else None."""
+    rest = statement[_LEADING.match(statement).end() :]  # type: ignore[union-attr]  # matches the empty string
+    words = _WORD.match(rest)
+    head = words.group().upper() if words else ""
+    if head not in _ENDING:
+        return None
+    if head in ("ROLLBACK", "PREPARE"):
+        following = [w.upper() for w in _WORD.findall(_COMMENT.sub(" ", rest))[1:3]]
+        if head == "PREPARE":
+            return "PREPARE TRANSACTION" if following[:1] == ["TRANSACTION"] else None
+        if following[:1] == ["TO"] or (following[:1] in (["TRANSACTION"], ["WORK"]) and following[1:] == ["TO"]):
+            return None
+    return head
+
+
+def ending_statement(sql: str) -> str | None:
+    """The keyword of the first statement in ``sql`` that ends the transaction, or None.
+
+    ``sql`` may hold several statements (psycopg runs them when no parameters
+    are passed): each one after a ``;`` outside a string, a quoted name, a
+    comment or a dollar quote is read too. A dollar-quoted body (a ``DO`` block)
+    is skipped whole: PostgreSQL refuses a COMMIT there inside a transaction block.
+    """
+    head = _ending_head(sql)
+    if head is not None or ";" not in sql:
+        return head
+    pos = 0
+    while (match := _SPLIT.search(sql, pos)) is not None:
+        token = match.group()
+        if token == ";":
+            head = _ending_head(sql[match.end() :])
+            if head is not None:
+                return head
+            pos = match.end()
+        elif token.startswith("$"):
+            close = sql.find(token, match.end())  # the dollar quote's end
+            pos = len(sql) if close < 0 else close + len(token)
+        else:
+            pos = match.end()
+    return None
+
+
+class _Guard:
+    """Refuses, while the handler runs, what would commit idempo's transaction on its ``Connection``.
+
+    The record's completion must be the last statement of the handler's
+    transaction (DESIGN "transactional route"): a handler that commits first
+    leaves its writes committed with the record still in progress, which a
+    crash then turns into a second execution. SQLAlchemy's ``commit`` event
+    runs before the DB-API commit, and ``before_cursor_execute`` before the
+    statement is sent; raising there sends nothing. ``refused`` remembers the
+    attempt, so that idempo answers as for a transaction the handler ended
+    (500 ``transaction-ended``, the key held), even if the handler caught the error.
+
+    ``armed`` is cleared as soon as idempo settles, so its own COMMIT, ROLLBACK
+    and statements pass.
+    """
+
+    __slots__ = ("armed", "refused")
+
+    def __init__(self, conn: Any) -> None:
+        """Listen on ``conn`` (a sync ``Connection``; an ``AsyncConnection``'s ``sync_connection``)."""
+        self.armed = True
+        self.refused: str | None = None
+        event.listen(conn, "commit", self._on_commit)
+        event.listen(conn, "before_cursor_execute", self._on_statement)
+
+    def _refuse(self, what: str) -> TransactionControlled:
+        self.refused = f"it tried {what}, refused before it ran"
+        return TransactionControlled(
+            f"{what} would commit idempo's transaction before the record's completion, refused (transactional "
+            "mode: idempo commits the handler's writes with the record once the handler returned). "
+            "Use tx.session.commit() or tx.connection.begin_nested() (a savepoint) for a partial commit "
+            "or rollback, and raise to roll everything back"
+        )
+
+    def _on_commit(self, conn: Any) -> None:
+        if self.armed:
+            raise self._refuse("Connection.commit() (or a Session's commit() through it)")
+
+    def _on_statement(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if self.armed and (head := ending_statement(statement)) is not None:
+            raise self._refuse(f"a {head} statement through tx.connection")
+
+
 # The savepoint idempo makes when it begins: it exists only inside idempo's own transaction, so
 # ROLLBACK TO it fails once the handler ended that transaction, even after a new one has begun. Making it
 # also starts the server's transaction at once (psycopg and asyncpg begin lazily), so the driver's
@@ -196,11 +307,28 @@ def _ended(conn: Any, trans: Any) -> str | None:
 
 
 class _Handle(NamedTuple):
-    """One transactional execution's SQLAlchemy connection, its transaction and the joined session."""
+    """One transactional execution's SQLAlchemy connection, its transaction, the joined session and the guard."""
 
     conn: Any
     trans: Any
     session: Any
+    guard: _Guard
+
+
+def _left_pending(conn: Any, trans: Any) -> bool:
+    """Whether a refused ``commit()`` left idempo's transaction inactive but still the connection's.
+
+    SQLAlchemy deactivates a transaction whose commit raised, expecting the
+    commit to have ended the driver's transaction; here it never ran, so the
+    driver's transaction is still open and SQLAlchemy's ``rollback()`` would
+    not send a ROLLBACK: the driver's own ``rollback()`` must.
+    """
+    return not trans.is_active and conn.get_transaction() is trans
+
+
+def _driver_rollback(conn: Any) -> None:
+    """Roll back the driver's transaction under a SQLAlchemy ``Connection`` (see :func:`_left_pending`)."""
+    conn.connection.dbapi_connection.rollback()
 
 
 #: Gives the statements that settle a record for a command (Complete or Release): a generator of
@@ -263,7 +391,8 @@ class EngineTransactor(_EngineBase):
         except sa_exc.SQLAlchemyError as exc:
             conn.close()
             raise StoreUnavailable(f"BEGIN failed: {describe(exc)}") from driver_error(exc)
-        return _Handle(conn, trans, Session(bind=conn, join_transaction_mode="create_savepoint"))
+        session = Session(bind=conn, join_transaction_mode="create_savepoint")
+        return _Handle(conn, trans, session, _Guard(conn))
 
     def fault_connection(self, h: _Handle) -> Any:
         return h.conn
@@ -272,8 +401,11 @@ class EngineTransactor(_EngineBase):
         """Why idempo's transaction is no longer open (the handler ended it), or None (see :func:`_ended`).
 
         Not committing (a release or hold follows), idempo's savepoint is rolled back to: that fails
-        when the transaction open is not idempo's.
+        when the transaction open is not idempo's. A commit the guard refused counts as ended.
         """
+        h.guard.armed = False
+        if h.guard.refused is not None:
+            return h.guard.refused
         why = _ended(h.conn, h.trans)
         if why is not None or committing or h.conn.invalidated:
             return why
@@ -286,6 +418,7 @@ class EngineTransactor(_EngineBase):
         return None
 
     def run(self, h: _Handle, command: Any, *, in_transaction: bool) -> None:
+        h.guard.armed = False
         if in_transaction:
             h.session.flush()  # the session's pending writes belong to the transaction too
             run_steps(h.conn, self._settle_steps(command), self._rewrite)
@@ -294,11 +427,15 @@ class EngineTransactor(_EngineBase):
                 run_steps(h.conn, self._settle_steps(command), self._rewrite)
 
     def commit(self, h: _Handle) -> None:
+        h.guard.armed = False
         h.trans.commit()
 
     def rollback(self, h: _Handle) -> None:
+        h.guard.armed = False
         h.session.close()
-        if h.trans.is_active:
+        if _left_pending(h.conn, h.trans):
+            _driver_rollback(h.conn)
+        if h.trans.is_active or h.conn.get_transaction() is h.trans:
             h.trans.rollback()
         elif h.conn.in_transaction():
             h.conn.rollback()
@@ -306,6 +443,7 @@ class EngineTransactor(_EngineBase):
             raise sa_exc.InterfaceError("ROLLBACK", None, Exception("the connection broke during ROLLBACK"))
 
     def close(self, h: _Handle, *, broken: bool) -> None:
+        h.guard.armed = False
         try:
             h.session.close()
             if broken and not h.conn.invalidated:
@@ -335,13 +473,17 @@ class AsyncEngineTransactor(_EngineBase):
         except sa_exc.SQLAlchemyError as exc:
             await conn.close()
             raise StoreUnavailable(f"BEGIN failed: {describe(exc)}") from driver_error(exc)
-        return _Handle(conn, trans, AsyncSession(bind=conn, join_transaction_mode="create_savepoint"))
+        session = AsyncSession(bind=conn, join_transaction_mode="create_savepoint")
+        return _Handle(conn, trans, session, _Guard(conn.sync_connection))
 
     def fault_connection(self, h: _Handle) -> Any:
         return h.conn.sync_connection
 
     async def ended(self, h: _Handle, committing: bool) -> str | None:
         """See :meth:`EngineTransactor.ended`."""
+        h.guard.armed = False
+        if h.guard.refused is not None:
+            return h.guard.refused
         why = _ended(h.conn.sync_connection, h.trans.sync_transaction)
         if why is not None or committing or h.conn.invalidated:
             return why
@@ -354,6 +496,7 @@ class AsyncEngineTransactor(_EngineBase):
         return None
 
     async def run(self, h: _Handle, command: Any, *, in_transaction: bool) -> None:
+        h.guard.armed = False
         if in_transaction:
             await h.session.flush()
             await arun_steps(h.conn, self._settle_steps(command), self._rewrite)
@@ -362,11 +505,15 @@ class AsyncEngineTransactor(_EngineBase):
                 await arun_steps(h.conn, self._settle_steps(command), self._rewrite)
 
     async def commit(self, h: _Handle) -> None:
+        h.guard.armed = False
         await h.trans.commit()
 
     async def rollback(self, h: _Handle) -> None:
+        h.guard.armed = False
         await h.session.close()
-        if h.trans.is_active:
+        if _left_pending(h.conn.sync_connection, h.trans.sync_transaction):
+            await h.conn.run_sync(_driver_rollback)
+        if h.trans.is_active or h.conn.sync_connection.get_transaction() is h.trans.sync_transaction:
             await h.trans.rollback()
         elif h.conn.in_transaction():
             await h.conn.rollback()
@@ -374,6 +521,7 @@ class AsyncEngineTransactor(_EngineBase):
             raise sa_exc.InterfaceError("ROLLBACK", None, Exception("the connection broke during ROLLBACK"))
 
     async def close(self, h: _Handle, *, broken: bool) -> None:
+        h.guard.armed = False
         try:
             await h.session.close()
             if broken and not h.conn.invalidated:
