@@ -268,6 +268,41 @@ class _AtomicHandle:
 #: Django SQLite ``transaction_mode`` values whose BEGIN takes the write lock itself.
 _LOCKING_MODES = frozenset({"IMMEDIATE", "EXCLUSIVE"})
 
+# The savepoint idempo makes as the atomic block's first statement: it exists only inside idempo's own
+# transaction, so RELEASE or ROLLBACK TO it fails once the view ended that transaction (a raw COMMIT or
+# ROLLBACK through the connection), even after a new one began (psycopg begins one at the next statement).
+_MARK = "SAVEPOINT idempo_transaction"
+_RELEASE_MARK = "RELEASE SAVEPOINT idempo_transaction"
+_ROLLBACK_TO_MARK = "ROLLBACK TO SAVEPOINT idempo_transaction"
+# What the driver raises for the missing savepoint: 3B001 (no such savepoint) and 25P01 (no transaction).
+_NO_MARK_SQLSTATES = frozenset({"3B001", "25P01"})
+
+
+def _raw_execute(dbapi_connection: Any, statement: str) -> None:
+    """Run one statement on the DB-API connection under Django's, past Django's cursor wrappers."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(statement)
+    finally:
+        cursor.close()
+
+
+def _driver_idle(dbapi_connection: Any) -> bool:
+    """Whether the DB-API connection is in no transaction (psycopg 3 and 2: ``info.transaction_status``
+    IDLE, 0; sqlite3: ``in_transaction`` false)."""
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        return not dbapi_connection.in_transaction
+    status = getattr(getattr(dbapi_connection, "info", None), "transaction_status", None)
+    return status is not None and int(status) == 0
+
+
+def _mark_missing(exc: BaseException) -> bool:
+    """Whether a failed RELEASE / ROLLBACK TO of idempo's savepoint says the savepoint is not there."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return "no such savepoint" in str(exc)
+    code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    return code in _NO_MARK_SQLSTATES
+
 
 class _DjangoTransactor:
     """Drives a transactional view's transaction on Django's own connection (see idempo.transactional.Transactor).
@@ -319,6 +354,14 @@ class _DjangoTransactor:
                 with contextlib.suppress(Exception):
                     atomic.__exit__(None, None, None)
                 raise StoreUnavailable(f"SQLite's write lock on {self.alias!r} was not free: {exc}") from exc
+        try:
+            connection.ensure_connection()
+            _raw_execute(connection.connection, _MARK)  # on PostgreSQL it also begins the transaction
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                transaction.set_rollback(True, using=self.alias)
+                atomic.__exit__(None, None, None)
+            raise StoreUnavailable(f"the transaction on {self.alias!r} could not begin: {exc}") from exc
         return _AtomicHandle(atomic, connection)
 
     def connection(self, h: _AtomicHandle) -> Any:
@@ -337,6 +380,40 @@ class _DjangoTransactor:
         """Classify a failure by the driver's error Django wraps (its ``__cause__``)."""
         cause = exc.__cause__ if isinstance(exc, DatabaseError) and exc.__cause__ is not None else exc
         return _driver_kind(cause)
+
+    def ended(self, h: _AtomicHandle, committing: bool) -> str | None:
+        """Why the atomic block's transaction is no longer idempo's (the view ended it), or None.
+
+        A view cannot end the block through Django (``transaction.commit()``
+        inside ``atomic()`` raises), but a raw ``COMMIT`` or ``ROLLBACK``
+        through ``connection.cursor()`` (or the DB-API connection) does, leaving
+        Django unaware: its writes until then may be committed, so the key
+        must be held rather than released for a retry to run again. The driver
+        tells a transaction that is over (psycopg idle; sqlite3 not in one:
+        Django's SQLite connection autocommits between its transactions, so
+        writes after such a COMMIT committed at once); then idempo's savepoint
+        is released (committing) or rolled back to (a release or hold follows),
+        which fails when the transaction open is not idempo's (psycopg began a
+        new one at the next statement).
+        """
+        if h.exited:
+            return None
+        try:
+            raw = h.connection.connection
+            if raw is None:
+                return None  # closed: lost, not ended (the commit path decides)
+            if _driver_idle(raw):
+                return "a COMMIT or ROLLBACK ran through the connection; it is in no transaction"
+            _raw_execute(raw, _RELEASE_MARK if committing else _ROLLBACK_TO_MARK)
+        except Exception as exc:
+            if _mark_missing(exc):
+                return f"a COMMIT or ROLLBACK ran through the connection ({type(exc).__name__} on idempo's savepoint)"
+            if self.kind(exc) == "lost":
+                raise  # the commit path resolves a lost connection
+            # Another failure (the transaction aborted by the view's own failed statement, 25P02): still
+            # idempo's transaction; the commit path meets the same failure and decides.
+            return None
+        return None
 
     def run(self, h: _AtomicHandle, command: Any, *, in_transaction: bool) -> None:
         """The store's statement on the alias's DB-API connection (after a rollback Django autocommits it)."""

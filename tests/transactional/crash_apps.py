@@ -123,6 +123,8 @@ def _pay(request: Any) -> Any:
         cursor.execute(
             "INSERT INTO payments (order_id, cents, ref) VALUES (%s, %s, %s)", [order_id, cents, body.get("ref")]
         )
+        for statement in body.get("sql", ()):  # raw SQL through Django's connection, after the write
+            cursor.execute(statement)
     if mode == "raise":
         raise RuntimeError("provider down")
     if mode == "set_rollback":  # the view rolls its own block back, yet answers 201

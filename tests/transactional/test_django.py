@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -34,7 +35,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
     db.drop()
 
 
-def post(url: str, order_id: str, cents: int = 100, key: str | None = None, **extra: str) -> httpx.Response:
+def post(url: str, order_id: str, cents: int = 100, key: str | None = None, **extra: Any) -> httpx.Response:
     body = {"order_id": order_id, "cents": cents, **extra}
     headers = {"Idempotency-Key": key or str(uuid.uuid4()), "Content-Type": "application/json"}
     return httpx.post(url + "/payments", content=json.dumps(body), headers=headers, timeout=30)
@@ -99,6 +100,37 @@ def test_a_view_that_rolls_its_block_back_is_released_and_not_stored(database: D
         assert done.status_code == 201
         assert post(url, "o-rollback", key=key).headers["idempotent-replayed"] == "true"
         assert database.rows("o-rollback") == [("o-rollback", 100)]
+
+
+@pytest.mark.parametrize(
+    ("sql", "mode"),
+    [
+        (["COMMIT"], "raise"),
+        (["COMMIT"], ""),
+        (["COMMIT", "INSERT INTO payments (order_id, cents) VALUES ('o-ended', 2)"], "raise"),
+    ],
+    ids=["commit-raise", "commit-201", "commit-write-raise"],
+)
+def test_a_view_that_commits_the_block_itself_holds_the_key(database: Database, sql: list[str], mode: str) -> None:
+    """The view writes, runs a raw COMMIT through Django's connection (perhaps writes again), then raises or
+    answers 201: what it committed stays, so the key is held (500 transaction-ended, then 409 outcome-unknown,
+    the view not run again) instead of released, where the retry ran the view again and committed a second row."""
+    with serving("django", database.env()) as url:
+        key = str(uuid.uuid4())
+        first = post(url, "o-ended", key=key, mode=mode, sql=sql)
+        assert first.status_code == 500, first.text
+        assert first.headers["content-type"] == "application/problem+json", first.text
+        assert first.json()["type"].endswith("/transaction-ended")
+        retry = post(url, "o-ended", key=key, mode=mode, sql=sql)
+        assert retry.status_code == 409, retry.text
+        assert retry.json()["type"].endswith("/outcome-unknown")
+        assert post(url, "o-next", key=str(uuid.uuid4())).status_code == 201  # the connection serves on
+    committed = database.rows("o-ended")
+    assert committed[:1] == [("o-ended", 100)]
+    # The write after the COMMIT: PostgreSQL began a new transaction for it, rolled back; SQLite's connection
+    # (autocommit between Django's transactions) committed it at once.
+    assert committed[1:] == ([("o-ended", 2)] if len(sql) > 1 and database.backend == "sqlite" else [])
+    assert database.rows("o-next") == [("o-next", 100)]
 
 
 def test_sqlite_without_immediate_mode_takes_the_write_lock_at_the_start(tmp_path: Path) -> None:
