@@ -183,7 +183,8 @@ def _check_transactional_routes(scope: Scope, app: Any, store: Any) -> None:
 add_startup_check(_check_transactional_routes)
 
 _PROBLEM_SCHEMA = "IdempotencyProblem"
-_PROBLEM_CONTENT = {"application/problem+json": {"schema": {"$ref": f"#/components/schemas/{_PROBLEM_SCHEMA}"}}}
+_PROBLEM_MEDIA = "application/problem+json"
+_PROBLEM_CONTENT = {_PROBLEM_MEDIA: {"schema": {"$ref": f"#/components/schemas/{_PROBLEM_SCHEMA}"}}}
 _ANSWERS = {
     "400": "The Idempotency-Key is missing where required, or malformed.",
     "409": "A request with this Idempotency-Key is still being processed; retry after `Retry-After` seconds.",
@@ -367,9 +368,28 @@ def _document_operation(operation: dict[str, Any], policy: Policy, key_header: s
                 }
             responses[status] = answer
         else:
-            # FastAPI's own 422 (validation error) stays; the mismatch is added beside it.
-            existing.setdefault("content", {}).update(copy.deepcopy(_PROBLEM_CONTENT))
-            existing["description"] = f"{existing.get('description', '')} Or: {description}".strip()
+            # FastAPI's own 422 (validation error), or an answer the route declares, stays; ours is
+            # added beside it, unless the route documents a problem answer of its own there.
+            content: dict[str, Any] = existing.setdefault("content", {})
+            if _PROBLEM_MEDIA in content:
+                continue
+            existing["description"] = _beside(str(existing.get("description") or ""), list(content), description)
+            content.update(copy.deepcopy(_PROBLEM_CONTENT))
+
+
+def _beside(theirs: str, media: list[str], ours: str) -> str:
+    """One description for an answer the route documents and idempo's of the same status.
+
+    ``"Validation Error"`` (FastAPI's 422) and the mismatch read ``"Validation
+    Error (application/json), or the Idempotency-Key was already used with a
+    different request (application/problem+json)."``: which body is which.
+    """
+    theirs = theirs.strip().rstrip(".")
+    if not theirs:
+        return ours
+    if media:
+        theirs = f"{theirs} ({', '.join(media)})"
+    return f"{theirs}, or {ours[0].lower()}{ours[1:].rstrip('.')} ({_PROBLEM_MEDIA})."
 
 
 def _problem_schema() -> dict[str, Any]:

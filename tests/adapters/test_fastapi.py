@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from idempo import Policy
 from idempo.asgi import IdempotencyMiddleware
-from idempo.fastapi import idempotency, idempotency_exempt, install
+from idempo.fastapi import document, idempotency, idempotency_exempt, install
 from idempo.stores import AsyncMemoryStore
 from tests.adapters.conftest import JSON
 from tests.support.clock import FakeClock
@@ -204,6 +204,26 @@ def test_openapi_documents_the_key_header_and_problem_answers(served: App) -> No
 
     problem = schema["components"]["schemas"]["IdempotencyProblem"]
     assert set(problem["required"]) == {"type", "title", "status", "detail"}
+
+
+def test_openapi_422_reads_as_one_sentence(served: App) -> None:
+    """Where FastAPI documents its own 422 (a request body), the description says which body is which in one
+    sentence, instead of "Validation Error Or: The Idempotency-Key ..." (FastAPI's text and ours run together)."""
+    answer = operation(served.app.openapi(), "/payments")["responses"]["422"]
+    assert answer["description"] == (
+        "Validation Error (application/json), or the Idempotency-Key was already used with a different request"
+        " (application/problem+json)."
+    )
+
+
+def test_openapi_documented_twice_says_it_once() -> None:
+    """``document()`` called after ``install()`` (which documents already) adds nothing twice: the 422 still
+    reads as one sentence."""
+    app = build({})
+    install(app, AsyncMemoryStore())
+    document(app)
+    answer = operation(app.openapi(), "/payments")["responses"]["422"]
+    assert answer["description"].count("Idempotency-Key") == 1, answer["description"]
 
 
 def test_openapi_is_generated_once_and_cached(served: App) -> None:
