@@ -109,7 +109,7 @@ from ._engine.transaction import TransactionalExecution
 from ._http.admission import BodyIncomplete, Bypass, Execute, admission
 from ._http.wsgi import BYPASSED_HEADER_TEXT, BypassedBody, CapturedBody, Exchange, header_bytes, raw_target
 from .exceptions import ConfigurationError, StoreUnavailable
-from .observability._observation import logger
+from .observability._observation import Outcome, logger, observe_request
 from .principals import default as default_principal
 from .principals import legacy_principal
 from .secrets import SecretSource
@@ -589,8 +589,13 @@ class IdempotencyMiddleware:
             declared = declared_length(request.META.get("CONTENT_LENGTH"))
             if declared is None:
                 # Django's own request.body would raise ValueError (a 500) on
-                # it; with a key, it is idempo's request to answer, on any route.
-                return StoredHttpResponse(invalid_content_length_answer())
+                # it; with a key, it is idempo's request to answer, on any route
+                # (not resolved yet: the route label is "*").
+                refused = invalid_content_length_answer()
+                observe_request("django", _sent_method(request), "*", request.path).finish(
+                    Outcome.INVALID_CONTENT_LENGTH, refused.status
+                )
+                return StoredHttpResponse(refused)
             if declared <= self.policy.max_request_body:
                 # Read the body before any process_view (CSRF's reads request.POST,
                 # which would consume a multipart stream); Django keeps it for the view.

@@ -67,6 +67,7 @@ from ._http.wsgi import (
 )
 from ._http.wsgi import CapturedBody as CapturedBody
 from ._http.wsgi import read_body as read_body
+from .observability._observation import Outcome, observe_request
 from .principals import default as default_principal
 from .principals import legacy_principal
 from .secrets import SecretSource
@@ -176,7 +177,11 @@ class IdempotencyMiddleware:
             # each framework to guess (Werkzeug reads no body), so the
             # fingerprint would cover an empty body. With a key, it is idempo's
             # request to answer, on any route, as on Django.
-            return answer(start_response, invalid_content_length_answer())
+            refused = invalid_content_length_answer()
+            observe_request("wsgi", environ["REQUEST_METHOD"], route, request_path(environ)).finish(
+                Outcome.INVALID_CONTENT_LENGTH, refused.status
+            )
+            return answer(start_response, refused)
         method: str = environ["REQUEST_METHOD"]
         if policy is None or not takes_part(policy, method):
             return app(environ, start_response)

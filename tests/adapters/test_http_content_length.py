@@ -11,10 +11,13 @@ item 7, whose tests these now are on both WSGI frameworks).
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from idempo.observability import instrument, uninstrument
 from tests.adapters.conftest import K1, B
 from tests.support.clock import FakeClock
 from tests.support.frameworks import FRAMEWORKS, Framework
@@ -91,3 +94,33 @@ def test_a_malformed_content_length_without_a_key_is_the_apps_business(framework
     app = framework.build(Orders(), framework.memory_store(FakeClock()), None, {})
     _, headers, _ = call(app, "GET", "abc", None)
     assert headers.get("content-type") != "application/problem+json"
+
+
+def test_a_malformed_content_length_is_logged_and_counted(
+    framework: Framework, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 400 is observed as the other early 400s are: one INFO record (outcome ``invalid_content_length``,
+    status 400) and ``idempo_requests_total{outcome="invalid_content_length"}``."""
+    caplog.set_level(logging.INFO, logger="idempo")
+    registry = CollectorRegistry()
+    instrument(metrics=registry)
+    try:
+        app = framework.build(Orders(), framework.memory_store(FakeClock()), None, {})
+        status, _, _ = call(app, "POST", "abc", K1)
+    finally:
+        uninstrument()
+    assert status.startswith("400")
+    records = [r for r in caplog.records if r.name == "idempo" and hasattr(r, "idempo_outcome")]
+    assert [(r.levelno, r.idempo_outcome, r.idempo_status) for r in records] == [  # type: ignore[attr-defined]
+        (logging.INFO, "invalid_content_length", 400)
+    ]
+    samples = [
+        sample
+        for metric in registry.collect()
+        if metric.name == "idempo_requests"
+        for sample in metric.samples
+        if sample.name == "idempo_requests_total"
+    ]
+    assert [(s.labels["outcome"], s.labels["method"], s.value) for s in samples] == [
+        ("invalid_content_length", "POST", 1.0)
+    ]

@@ -88,6 +88,8 @@ class Outcome(enum.StrEnum):
     CONTENT_TYPE_AMBIGUOUS = "content_type_ambiguous"
     #: A key sent with a covered method in other letter case (``post``): 400, nothing ran.
     METHOD_AMBIGUOUS = "method_ambiguous"
+    #: A key sent with a ``Content-Length`` that is not a number of bytes (WSGI, Django): 400, nothing ran.
+    INVALID_CONTENT_LENGTH = "invalid_content_length"
     #: The request took over the expired lease of a crashed holder, then ran the handler
     #: (how it was settled is in ``idempo_verdict``).
     LEASE_TAKEOVER = "lease_takeover"
@@ -136,6 +138,7 @@ LEVELS: dict[Outcome, int] = {
     Outcome.BODY_INCOMPLETE: logging.INFO,
     Outcome.CONTENT_TYPE_AMBIGUOUS: logging.INFO,
     Outcome.METHOD_AMBIGUOUS: logging.INFO,
+    Outcome.INVALID_CONTENT_LENGTH: logging.INFO,
     Outcome.LEASE_TAKEOVER: logging.WARNING,
     Outcome.HELD: logging.WARNING,
     Outcome.TOO_LARGE: logging.WARNING,
