@@ -117,6 +117,21 @@ def test_psycopg_handler_ending_the_transaction_holds_the_key(
     assert pg_app.rows("next") == [("next", 1)]
 
 
+def test_transaction_ended_logs_the_status_sent(pg_app: PgApp) -> None:
+    """The handler commits idempo's transaction and answers 201: the client gets 500 transaction-ended, and the
+    request's log line (held, WARNING) says 500, the status sent, not the app's 201."""
+    with serve(app_env("postgres", "fastapi", pg_app)) as (url, process):
+        first = _post(url, "k", {"order_id": "o", "sql": ["COMMIT"], "mode": ""})
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+        assert process.stderr is not None
+        log = process.stderr.read().decode()
+    assert (first.status_code, _problem(first)) == (500, "transaction-ended")
+    held = [line for line in log.splitlines() if line.startswith("idempo: held POST /payments")]
+    assert len(held) == 1, log
+    assert " -> 500 " in held[0], held[0]
+
+
 def test_commit_unknown_says_the_outcome_is_unknown(pg_app: PgApp) -> None:
     """The connection drops just before COMMIT: the 503 commit-unknown answer says the outcome is unknown and
     that a retry with the same key is answered correctly; it does not claim nothing was kept (REVIEW-TX F9)."""

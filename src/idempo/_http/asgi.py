@@ -467,6 +467,7 @@ class Exchange:
         self._wake()
 
     async def _send_instead(self, answer: StoredResponse) -> None:
+        self.observation.answered_instead(answer.status)
         if self.client_gone:
             return
         try:

@@ -463,8 +463,11 @@ class Exchange:
             logger.error("idempo: settling the transaction of record %s failed", execution.record_key, exc_info=exc)
             execution.fail(exc, self.status)
             problem = problem_response(COMMIT_FAILED, "The transaction was rolled back.")
+        problem = problem or execution.problem()
+        if problem is not None:
+            self.observation.answered_instead(problem.status)
         self._finish(None)
-        return problem or execution.problem()
+        return problem
 
     def _conflict(self, exc: BaseException) -> bool:
         execution = self.execution

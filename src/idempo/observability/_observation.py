@@ -259,6 +259,7 @@ class RequestObservation:
     _digests: Digests | None = None
     _handler_started = 0.0
     _handler_store = 0.0
+    _answered_instead = False
     _done = False
     _sinks: _Sinks | None = None
 
@@ -299,8 +300,14 @@ class RequestObservation:
         if self.timed:
             elapsed = max(0.0, elapsed - (self.store_seconds - self._handler_store))
         self.handler_seconds = elapsed
-        if status is not None:
+        if status is not None and not self._answered_instead:
             self.status = status
+
+    def answered_instead(self, status: int) -> None:
+        """idempo sent ``status`` instead of the handler's answer (a transactional route's problem: 500
+        ``transaction-ended``, 503 ``commit-unknown``...): the status reported is the one the client got."""
+        self.status = status
+        self._answered_instead = True
 
     def finish(
         self, outcome: Outcome | None = None, status: int | None = None, error: BaseException | None = None
@@ -487,7 +494,7 @@ class _QuietObservation(RequestObservation):
 
     def handler_finished(self, status: int | None) -> None:
         """See :meth:`RequestObservation.handler_finished` (not timed here)."""
-        if status is not None:
+        if status is not None and not self._answered_instead:
             self.status = status
 
     def decided(self, decision: Decision) -> None:
