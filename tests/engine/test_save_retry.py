@@ -19,7 +19,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from idempo import Acquired, KeyInProgress, Marker, Policy, RecordState, ResultNotReplayable, StoredResponse
+from idempo._core.flow import Release
 from idempo._engine.calls import Engine, record_key
+from idempo._engine.lease import LeaseKeeper
 from idempo.exceptions import StoreUnavailable
 from idempo.observability import instrument, uninstrument
 from idempo.secrets import store_secret
@@ -160,6 +162,69 @@ def test_a_takeover_ends_the_retries_without_a_second_save() -> None:
     assert after is not None
     assert after.state is RecordState.IN_PROGRESS
     assert after.token == taken.token
+
+
+class ReleaseFailingStore(MemoryStore):
+    """A memory store whose ``release`` raises StoreUnavailable while ``down`` (the store blipped)."""
+
+    def __init__(self, clock: Any = None) -> None:
+        super().__init__(**({"clock": clock} if clock is not None else {}))
+        self.down = True
+        self.releases = 0
+
+    def release(self, record_key: str, token: int) -> None:
+        self.releases += 1
+        if self.down:
+            raise StoreUnavailable("the store is down (injected)")
+        super().release(record_key, token)
+
+
+def test_a_refused_release_of_a_record_completed_under_its_own_lease_says_the_commit_landed(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The release after a COMMIT of unknown outcome fails (the store blipped) and is retried in the background;
+    meanwhile that COMMIT lands (the record completes under this lease), so the retried release is refused.
+    The log says the COMMIT landed and a retry replays (WARNING, ``commit_landed``), counted as saved, not
+    "the lease was taken over; this result was not stored" (REVIEW-TX F9's leftover)."""
+    store = ReleaseFailingStore()
+    taken = store.begin("rk", "fp", 30_000)
+    assert isinstance(taken, Acquired)
+    keeper = LeaseKeeper(store, "rk", taken.token, 30_000)
+    with caplog.at_level(logging.INFO, logger="idempo"):
+        assert keeper.save(Release("rk", taken.token), None, 60.0) is False
+        # The COMMIT of unknown outcome lands: the record completes under this request's token.
+        store.complete("rk", taken.token, StoredResponse(201, [], b"{}"), 60_000)
+        store.down = False
+        assert eventually(lambda: any(getattr(r, "idempo_event", None) == "commit_landed" for r in caplog.records))
+    (landed,) = [r for r in caplog.records if getattr(r, "idempo_event", None) == "commit_landed"]
+    assert landed.levelno == logging.WARNING
+    assert "COMMIT landed" in landed.getMessage()
+    assert not any("taken over" in r.getMessage() for r in caplog.records)
+    assert registry.get_sample_value("idempo_saves_total", {"store": "releasefailing", "result": "saved"}) == 1
+    record = store.get("rk")
+    assert record is not None
+    assert (record.state, record.token) == (RecordState.COMPLETED, taken.token)
+
+
+def test_a_refused_release_of_a_record_taken_over_says_so_without_a_lost_result(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same retried release, refused because another request took the record over: WARNING, "the lease
+    was taken over; nothing to release", not an ERROR about a result that was not stored."""
+    clock = FakeClock()
+    store = ReleaseFailingStore(clock)
+    taken = store.begin("rk", "fp", 30_000)
+    assert isinstance(taken, Acquired)
+    keeper = LeaseKeeper(store, "rk", taken.token, 30_000)
+    with caplog.at_level(logging.INFO, logger="idempo"):
+        assert keeper.save(Release("rk", taken.token), None, 60.0) is False
+        clock.advance(31)
+        assert isinstance(store.begin("rk", "fp", 60_000), Acquired)
+        store.down = False
+        assert eventually(lambda: any(getattr(r, "idempo_event", None) == "lease_lost" for r in caplog.records))
+    (refused,) = [r for r in caplog.records if getattr(r, "idempo_event", None) == "lease_lost"]
+    assert refused.levelno == logging.WARNING
+    assert refused.getMessage().endswith("the lease was taken over; nothing to release")
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 
 from .._core.flow import Complete, Release
-from .._core.records import Marker, RecordState
+from .._core.records import Marker, Record, RecordState
 from ..exceptions import LeaseLost, StoreError
 from ..observability._observation import RequestObservation, logger, save_outcome, store_label
 from ..typing import AsyncStore, Store
@@ -105,15 +105,59 @@ class _PendingSave:
             extra=_extra(self.command, "save_recovered", self.retries),
         )
 
-    def lost(self) -> None:
-        """The lease was taken over before the save landed: this result is not stored."""
+    def refused(self, record: Any) -> None:
+        """The store refused an attempt (LeaseLost); ``record``, read after it, says why: logged and counted as that.
+
+        ``record`` is the record, None when there is none, or ``_UNKNOWN``
+        when it could not be read. A refusal is not always a takeover: an
+        earlier attempt may have landed (its reply lost), and the release
+        that follows a COMMIT of unknown outcome (transactional mode) is
+        refused when that COMMIT landed after all (REVIEW-TX F9).
+        """
+        command = self.command
+        if _saved_already(record, command):
+            self.landed()
+            return
+        action, record_key, retries = _action(command), command.record_key, self.retries
+        if (
+            isinstance(command, Release)
+            and isinstance(record, Record)
+            and record.state is RecordState.COMPLETED
+            and record.token == command.token
+        ):
+            save_outcome(self.label, "saved")
+            logger.warning(
+                "idempo: release of record %s refused after %d retries: the record is completed under this "
+                "request's lease, so its COMMIT landed after all; a retry replays the committed response",
+                record_key,
+                retries,
+                extra=_extra(command, "commit_landed", retries),
+            )
+            return
+        if record is _UNKNOWN:
+            why = "and reading the record failed, so whether the lease was taken over is unknown"
+        elif record is None:
+            why = "the record is gone (expired or purged)"
+        else:
+            why = "the lease was taken over"
         save_outcome(self.label, "lease_lost")
+        if isinstance(command, Release):
+            # Nothing was to be kept: a refused release loses no result.
+            logger.warning(
+                "idempo: release of record %s refused after %d retries: %s; nothing to release",
+                record_key,
+                retries,
+                why,
+                extra=_extra(command, "lease_lost", retries),
+            )
+            return
         logger.error(
-            "idempo: %s of record %s refused after %d retries: the lease was taken over; this result was not stored",
-            _action(self.command),
-            self.command.record_key,
-            self.retries,
-            extra=_extra(self.command, "lease_lost", self.retries),
+            "idempo: %s of record %s refused after %d retries: %s; this result was not stored",
+            action,
+            record_key,
+            retries,
+            why,
+            extra=_extra(command, "lease_lost", retries),
         )
 
     def failed(self, exc: BaseException) -> bool:
@@ -380,7 +424,7 @@ class AsyncLeaseKeeper:
                 await anyio.sleep(max(0.0, pending.due - time.monotonic()))
                 if self._stopped:  # the lease was lost meanwhile (a renewal was refused)
                     record = await _get_async(store, record_key)
-                    (pending.landed if _saved_already(record, pending.command) else pending.lost)()
+                    pending.refused(record)
                     return
                 await self._quiet()
                 pending.attempting()
@@ -388,7 +432,7 @@ class AsyncLeaseKeeper:
                     await call_store_async(store, pending.command)
                 except LeaseLost:
                     record = await _get_async(store, record_key)
-                    (pending.landed if _saved_already(record, pending.command) else pending.lost)()
+                    pending.refused(record)
                     return
                 except Exception as exc:  # a StoreError, or a third-party store's own: retry
                     if not pending.failed(exc):
@@ -601,7 +645,7 @@ class LeaseKeeper:
                         # The lease is gone: the save can no longer land (or it already did).
                         self._stopped = True
                         record = _get_sync(self._args[0], self._args[1])
-                        (pending.landed if _saved_already(record, pending.command) else pending.lost)()
+                        pending.refused(record)
                 return None
             self._renew_due = time.monotonic() + self.interval
         pending = self._pending
@@ -615,7 +659,7 @@ class LeaseKeeper:
             call_store_sync(store, pending.command)
         except LeaseLost:
             record = _get_sync(store, self._args[1])
-            (pending.landed if _saved_already(record, pending.command) else pending.lost)()
+            pending.refused(record)
             return True
         except Exception as exc:  # a StoreError, or a third-party store's own: retry
             return not pending.failed(exc)
