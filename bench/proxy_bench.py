@@ -9,7 +9,12 @@ What sits between wrk and the bench's bare app (``bench/app.py``, variant
 - ``proxy-memory``, ``-sqlite``, ``-redis``, ``-postgres``: ``idempo proxy`` with that store;
 - ``inproc-memory``, ``-sqlite``, ``-redis``, ``-postgres``: no proxy; the app with
   ``IdempotencyMiddleware`` on the same store (bench/app.py's ``idempo-<store>``),
-  served where the upstream is served.
+  served where the upstream is served;
+- ``proxy-disabled-httpx``, ``proxy-memory-aiohttp``, ...: a ``proxy-*`` variant
+  with ``[upstream] client`` set (the plain ``proxy-*`` ones use the default);
+  not run unless ``--variants`` names them. Their "x disabled" is against the
+  ``proxy-disabled`` of the same client, and the report compares the two
+  clients store by store.
 
 Pinning (``taskset``): the upstream (or the in-process app) and wrk on CPU 1
 in every variant; the proxy (nginx, ``idempo proxy``) on CPU 0.
@@ -71,6 +76,9 @@ from runner import (  # noqa: E402
 )
 
 STORES = {"memory": "memory", "sqlite": "SQLite", "redis": "Redis", "postgres": "PostgreSQL"}
+#: ``[upstream] client`` values: a ``proxy-<store>-<client>`` variant sets one (``proxy-<store>``: the default)
+CLIENTS = ("httpx", "aiohttp")
+#: the variants a run has unless --variants says otherwise
 VARIANTS = (
     "direct",
     "nginx",
@@ -78,15 +86,24 @@ VARIANTS = (
     *(f"proxy-{s}" for s in STORES),
     *(f"inproc-{s}" for s in STORES),
 )
+#: the proxy variants with a client of their own (run when --variants names them)
+CLIENT_VARIANTS = tuple(f"proxy-{s}-{c}" for c in CLIENTS for s in ("disabled", *STORES))
+ALL_VARIANTS = (*VARIANTS, *CLIENT_VARIANTS)
 LABELS = {
     "direct": "wrk -> app",
     "nginx": "nginx (1 worker, keepalive 64) -> app",
     "proxy-disabled": "idempo proxy --disable -> app",
     **{f"proxy-{s}": f"idempo proxy, {name} store -> app" for s, name in STORES.items()},
     **{f"inproc-{s}": f"app with IdempotencyMiddleware, {name} store (no proxy)" for s, name in STORES.items()},
+    **{f"proxy-disabled-{c}": f"idempo proxy --disable, client = {c} -> app" for c in CLIENTS},
+    **{
+        f"proxy-{s}-{c}": f"idempo proxy, {name} store, client = {c} -> app"
+        for c in CLIENTS
+        for s, name in STORES.items()
+    },
 }
 #: variants that keep no record: (b) executes every request, (c) and (d) are not checked
-NOT_IDEMPOTENT = {"direct", "nginx", "proxy-disabled"}
+NOT_IDEMPOTENT = {"direct", "nginx", "proxy-disabled", *(f"proxy-disabled-{c}" for c in CLIENTS)}
 SCENARIOS = ("get", "a", "b")
 SCENARIO_NAMES = {"get": "GET passthrough", "a": "(a) unique keys", "b": "(b) replays"}
 #: the issue's targets against proxy-disabled, by scenario and store (first estimates)
@@ -107,6 +124,20 @@ PROXY_CONFIG = """\
 max_connections = 128
 max_keepalive_connections = 64
 """
+
+
+def split_variant(variant: str) -> tuple[str, str, str | None]:
+    """``proxy-memory-aiohttp`` -> ``("proxy", "memory", "aiohttp")``; ``direct`` -> ``("direct", "", None)``."""
+    kind, _, rest = variant.partition("-")
+    store, _, client = rest.partition("-")
+    return kind, store, client or None
+
+
+def disabled_for(variant: str) -> str:
+    """The ``proxy-disabled`` variant a variant's "x disabled" is against: the same client's."""
+    kind, _, client = split_variant(variant)
+    return f"proxy-disabled-{client}" if kind == "proxy" and client else "proxy-disabled"
+
 
 NGINX_CONFIG = """\
 worker_processes 1;
@@ -210,10 +241,12 @@ def store_url(store: str, settings: Settings, workdir: Path, nonce: str, schema:
     return f"{settings.pg_url}{sep}schema={schema}_px"
 
 
-def start_proxy(variant: str, upstream: int, url: str | None, workdir: Path, logdir: Path) -> Front:
+def start_proxy(
+    variant: str, upstream: int, url: str | None, workdir: Path, logdir: Path, client: str | None = None
+) -> Front:
     """``idempo proxy`` pinned to the proxy's CPU; its port read from its first line."""
-    config = workdir / "idempo-proxy.toml"
-    config.write_text(PROXY_CONFIG)
+    config = workdir / f"{variant}.toml"
+    config.write_text(PROXY_CONFIG + (f'client = "{client}"\n' if client else ""))
     args = ["--config", str(config), "--upstream", f"http://127.0.0.1:{upstream}", "--listen", "127.0.0.1:0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDEMPO_PROXY_")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -393,7 +426,7 @@ def fronts(settings: Settings, workdir: Path, nonce: str, schema: str, reachable
         upstream = start_server("bare", env, settings, logdir)  # type: ignore[arg-type]
         servers.append(upstream)
         for v in settings.variants:
-            kind, _, store = v.partition("-")
+            kind, store, client = split_variant(v)
             need = STORES.get(store, "")
             if reachable.get(need):
                 skipped[v] = reachable[need]
@@ -404,7 +437,7 @@ def fronts(settings: Settings, workdir: Path, nonce: str, schema: str, reachable
                 out[v] = start_nginx(upstream.port, workdir, logdir)
             elif kind == "proxy":
                 url = None if store == "disabled" else store_url(store, settings, workdir, nonce, schema)
-                out[v] = start_proxy(v, upstream.port, url, workdir, logdir)
+                out[v] = start_proxy(v, upstream.port, url, workdir, logdir, client)
             else:
                 server = start_server(f"idempo-{store}", env, settings, logdir)  # type: ignore[arg-type]
                 servers.append(server)
@@ -611,7 +644,6 @@ def render(
         " processes and wrk (other users' jobs, the store servers, the upstream).",
         "",
     ]
-    base = runs.get("proxy-disabled", {})
     direct = runs.get("direct", {})
     for scenario in SCENARIOS:
         if not any(scenario in per for per in runs.values()):
@@ -622,21 +654,22 @@ def render(
             "| variant | req/s | p50 ms | p99 ms | x disabled | x direct | other cores | check |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for v in VARIANTS:
+        for v in ALL_VARIANTS:
             rs = runs.get(v, {}).get(scenario)
             if not rs:
                 continue
             rps = [r.rps for r in rs]
-            xd = ratios(rs, base.get(scenario, []))
+            xd = ratios(rs, runs.get(disabled_for(v), {}).get(scenario, []))
             xdir = ratios(rs, direct.get(scenario, []))
             ok, detail = checks[v].get(scenario, (None, ""))
             check = "OK" if ok else ("FAIL: " + detail if ok is False else "-")
             lines.append(
                 f"| {v} | {med(rps):.0f} [{min(rps):.0f}-{max(rps):.0f}] | {med([r.p50_ms for r in rs]):.2f} |"
-                f" {med([r.p99_ms for r in rs]):.2f} | {med(xd):.2f} | {med(xdir):.2f} |"
+                f" {med([r.p99_ms for r in rs]):.2f} | {_ratio(xd)} | {_ratio(xdir)} |"
                 f" {med([r.other_cores for r in rs]):.2f} | {check} |"
             )
         lines.append("")
+    lines += render_clients(runs, unloaded)
     lines += [
         "## Unloaded p50 (1 connection, wrk)",
         "",
@@ -644,7 +677,7 @@ def render(
         "|---|---|---|---|---|",
     ]
     ref = unloaded.get("direct", {})
-    for v in VARIANTS:
+    for v in ALL_VARIANTS:
         u = unloaded.get(v)
         if not u:
             continue
@@ -655,13 +688,44 @@ def render(
             cells += [f"{p:.3f}" if p is not None else "-", f"{p - r:+.3f}" if p is not None and r is not None else "-"]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines += ["", "## Correctness", "", "| variant | check | result |", "|---|---|---|"]
-    for v in VARIANTS:
+    for v in ALL_VARIANTS:
         for name, (ok, detail) in checks.get(v, {}).items():
             result = "OK" if ok else ("n/a" if ok is None else "FAIL")
             lines.append(f"| {v} | {name} | {result}{': ' + detail if detail else ''} |")
     lines += ["", "Variants:", ""]
-    lines += [f"- `{v}`: {LABELS[v]}" for v in VARIANTS if v in runs]
+    lines += [f"- `{v}`: {LABELS[v]}" for v in ALL_VARIANTS if v in runs]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(xs: list[float]) -> str:
+    return f"{med(xs):.2f}" if xs else "-"
+
+
+def render_clients(runs: dict[str, dict[str, list[Run]]], unloaded: dict[str, dict[str, float]]) -> list[str]:
+    """aiohttp against httpx, store by store: req/s of each and the median of per-round ratios."""
+    rows = []
+    for store in ("disabled", *STORES):
+        a, b = f"proxy-{store}-aiohttp", f"proxy-{store}-httpx"
+        for scenario in SCENARIOS:
+            ra, rb = runs.get(a, {}).get(scenario), runs.get(b, {}).get(scenario)
+            if not ra or not rb:
+                continue
+            pa, pb = unloaded.get(a, {}).get(scenario), unloaded.get(b, {}).get(scenario)
+            p50 = f"{pb:.3f} / {pa:.3f}" if pa is not None and pb is not None else "-"
+            rows.append(
+                f"| {store} | {SCENARIO_NAMES[scenario]} | {med([r.rps for r in rb]):.0f} |"
+                f" {med([r.rps for r in ra]):.0f} | {_ratio(ratios(ra, rb))} | {p50} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## Clients: aiohttp against httpx (`[upstream] client`)",
+        "",
+        "| store | scenario | httpx req/s | aiohttp req/s | aiohttp / httpx | unloaded p50 ms, httpx / aiohttp |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 # --- profiling -------------------------------------------------------------------------
@@ -760,16 +824,20 @@ def parse(argv: list[str] | None = None) -> Settings:
     p.add_argument("--c-keys", type=int, default=30)
     p.add_argument("--d-keys", type=int, default=10)
     p.add_argument("--unloaded", type=int, default=3, help="seconds of each one-connection run")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"of: {', '.join(ALL_VARIANTS)} (default: all but *-httpx, *-aiohttp)",
+    )
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/test")
     p.add_argument("--profile", metavar="VARIANT:SCENARIO[:SECONDS]")
     a = p.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(ALL_VARIANTS)
     if unknown:
-        p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+        p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(ALL_VARIANTS)}")
     return Settings(
         rounds=a.rounds,
         duration=a.duration,

@@ -170,6 +170,7 @@ def test_one_idempo_logger() -> None:
 
 # The packages of the extras (pyproject.toml), made unimportable below.
 OPTIONAL = (
+    "aiohttp",
     "asgiref",
     "celery",
     "click",
@@ -235,6 +236,7 @@ EXTRAS = {
     "idempo.flask": "flask",
     "idempo.litestar": "litestar",
     "idempo.metrics": "prometheus_client",
+    "idempo.proxy.aiohttp_forwarder": "aiohttp",
     "idempo.proxy.app": "httpx",
     "idempo.proxy.forwarder": "httpx",
     "idempo.requests_adapter": "tenacity",

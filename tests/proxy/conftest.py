@@ -12,6 +12,9 @@ Fixtures:
     node_upstream: one started upstream; ``.url``, ``.ledger()``,
         ``.executions(key)``, ``.stats()``, ``.release(n, key)``, ``.wait_waiting()``,
         ``.stop()`` / ``.start()`` (same port), ``.kill()``.
+    proxy_client: the forwarder under test, ``httpx`` or ``aiohttp`` (the
+        tests that start a proxy run with each; ``IDEMPO_TEST_PROXY_CLIENTS``
+        narrows the list).
     start_python_upstream: a function serving an ASGI app of tests/proxy/upstream/
         with uvicorn (a process of the test's own, SIGKILLed afterwards) on a
         free loopback port; returns ``http://127.0.0.1:<port>``.
@@ -19,6 +22,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -64,9 +68,20 @@ def node_upstream(start_node_upstream: Callable[[], NodeUpstream]) -> NodeUpstre
     return start_node_upstream()
 
 
+#: The forwarders the proxy tests run against (``[upstream] client``); IDEMPO_TEST_PROXY_CLIENTS=httpx narrows them.
+PROXY_CLIENTS = tuple(c for c in os.environ.get("IDEMPO_TEST_PROXY_CLIENTS", "httpx,aiohttp").split(",") if c)
+
+
+@pytest.fixture(params=PROXY_CLIENTS)
+def proxy_client(request: pytest.FixtureRequest) -> str:
+    """The proxy's HTTP client to the upstream (``[upstream] client``): each test runs with each."""
+    client: str = request.param
+    return client
+
+
 @pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    """Start ``idempo proxy`` processes of the test's own.
+def start_proxy(tmp_path: Path, proxy_client: str) -> Iterator[Callable[..., ProxyProcess]]:
+    """Start ``idempo proxy`` processes of the test's own, forwarding with ``proxy_client``.
 
     ``start_proxy(upstream_url, store_url, extra, *args, **proxy)`` returns a started :class:`ProxyProcess`.
 
@@ -77,7 +92,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
 
     def start(upstream: str, store: str, extra: str = "", *args: str, **proxy: object) -> ProxyProcess:
         n = len(proxies)
-        config = write_config(tmp_path / f"proxy-{n}.toml", upstream, store, extra, **proxy)
+        config = write_config(tmp_path / f"proxy-{n}.toml", upstream, store, extra, client=proxy_client, **proxy)
         process = ProxyProcess(config, tmp_path / f"proxy-{n}.log", *args)
         proxies.append(process)
         return process.start()

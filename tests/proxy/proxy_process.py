@@ -26,12 +26,22 @@ from tests.proxy.upstream import PATIENCE
 SECRET = "proxy-tests-secret-0123456789abcdef"
 
 
-def write_config(path: Path, upstream: str, store: str, extra: str = "", **proxy: Any) -> Path:
-    """Write a configuration: ``[proxy]`` with ``upstream``, ``store`` and ``proxy``'s keys, then ``extra``."""
+def write_config(
+    path: Path, upstream: str, store: str, extra: str = "", *, client: str | None = None, **proxy: Any
+) -> Path:
+    """Write a configuration: ``[proxy]`` with ``upstream``, ``store`` and ``proxy``'s keys, then ``extra``.
+
+    ``client`` sets ``[upstream] client`` (in ``extra``'s ``[upstream]`` table when it has one).
+    """
     lines = ["[proxy]", f'upstream = "{upstream}"', f'store = "{store}"', 'listen = "127.0.0.1:0"']
     lines.append('admin_listen = "127.0.0.1:0"')
     for key, value in proxy.items():
         lines.append(f"{key} = {_toml(value)}")
+    if client is not None:
+        setting = f'client = "{client}"'
+        extra, found = re.subn(r"^\[upstream\][ \t]*$", f"[upstream]\n{setting}", extra, count=1, flags=re.M)
+        if not found:
+            extra = f"{extra}\n[upstream]\n{setting}\n"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
 

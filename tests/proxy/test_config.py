@@ -423,6 +423,12 @@ BAD = [
         id="jwks-file-missing",
     ),
     pytest.param(
+        MINIMAL + '[upstream]\nclient = "requests"\n',
+        "upstream.client",
+        'upstream.client = "requests": expected one of "aiohttp", "httpx"',
+        id="bad-client",
+    ),
+    pytest.param(
         MINIMAL + "[upstream]\nkeepalive_expiri = 1\n",
         "upstream.keepalive_expiri",
         "upstream.keepalive_expiri = 1: unknown key; did you mean 'keepalive_expiry'? expected one of: ",
@@ -597,6 +603,7 @@ keepalive_expiry = 0
 max_connections = 7
 max_keepalive_connections = 0
 verify = false
+client = "httpx"
 
 [defaults]
 methods = ["POST", "DELETE"]

@@ -43,6 +43,7 @@ SCHEMA_CATCHES = {
     "bad-status",
     "store-a-failure",
     "bad-on-takeover",
+    "bad-client",
     "relative-path",
     "reserved-name",
     "passthrough-with-settings",

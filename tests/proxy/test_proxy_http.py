@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -230,3 +231,60 @@ def test_a_large_body_is_spooled_and_sent_with_its_length(node_upstream: NodeUps
     assert entry["body_sha256"] == hashlib.sha256(data).hexdigest()
     assert entry["content_length"] == str(len(data))
     assert node_upstream.executions(k) == 1
+
+
+def _raw_exchange(url: str, request: bytes) -> dict[str, Any]:
+    """Send ``request`` as raw bytes (no client adds a header of its own) and return the echo's JSON."""
+    import json
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(request)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        head, _, body = received.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        while len(body) < length:
+            body += sock.recv(65536)
+    echoed: dict[str, Any] = json.loads(body)
+    return echoed
+
+
+#: What the proxy itself adds to every forwarded request.
+PROXY_FIELDS = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "via"]
+
+
+def test_nothing_is_added_to_a_request(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """The upstream gets the client's fields and the proxy's own, nothing the HTTP client would add; the raw target.
+
+    No User-Agent, Accept, Accept-Encoding or Content-Type of the client
+    library, no Content-Length: 0 on a request without a body; the path and
+    query as the client wrote them (no normalisation, no re-quoting).
+    """
+    proxy = start_proxy(node_upstream.url, "sqlite:///" + str(node_upstream.directory / "i.db"))
+    target = "/_echo-headers?q=a%2Fb%20c&x=%7E&&y"
+    cases = {
+        "GET": (b"", ["host", "x-mine"]),
+        "POST": (b"", ["host", "x-mine"]),
+        "PUT": (b"Content-Length: 2\r\n\r\n{}", ["host", "x-mine", "content-length"]),
+        "PATCH": (b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", ["host", "x-mine", "transfer-encoding"]),
+    }
+    for method, (rest, fields) in cases.items():
+        request = f"{method} {target} HTTP/1.1\r\nHost: api.example\r\nX-Mine: 1\r\n".encode() + (rest or b"\r\n")
+        echoed = _raw_exchange(proxy.url, request)
+        assert echoed["url"] == target, method
+        names = sorted(name.lower() for name, _ in echoed["headers"])
+        assert names == sorted(fields + PROXY_FIELDS), method
+
+    # A keyed request: its body's length and the key's attempt are added, nothing else.
+    k = key()
+    request = (
+        f"POST {target} HTTP/1.1\r\nHost: api.example\r\nIdempotency-Key: {k}\r\nContent-Length: 2\r\n\r\n{{}}".encode()
+    )
+    echoed = _raw_exchange(proxy.url, request)
+    names = sorted(name.lower() for name, _ in echoed["headers"])
+    assert names == sorted(["host", "idempotency-key", "content-length", "idempo-attempt", *PROXY_FIELDS])

@@ -9,13 +9,14 @@ replays the stored answer to every repeat (extra ``idempo[proxy]``).
 - :mod:`idempo.proxy.config`: the configuration (TOML file, flags,
   ``IDEMPO_PROXY_*`` variables), checked into frozen dataclasses; its JSON
   Schema ships as ``config.schema.json`` beside it.
-- :mod:`idempo.proxy.forwarder`: the connection to the upstream (httpx's
-  transport) behind a small interface.
+- :mod:`idempo.proxy.forwarder`: the connection to the upstream behind a
+  small interface: httpx's transport, or an aiohttp connector
+  (:mod:`idempo.proxy.aiohttp_forwarder`), as ``[upstream] client`` says.
 - :mod:`idempo.proxy.principal`: the principal of a route whose scope is a
   verified JWT claim.
 
 Importing this package, or :mod:`idempo.proxy.config`, needs only the core:
-Starlette, PyJWT and httpx are imported when they are used.
+Starlette, PyJWT, httpx and aiohttp are imported when they are used.
 """
 
 from __future__ import annotations

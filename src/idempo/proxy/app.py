@@ -81,6 +81,8 @@ from .config import (
     JWTScope,
     ProxyConfig,
     Route,
+    UpstreamSettings,
+    UpstreamTarget,
     load_config,
 )
 from .forwarder import Forwarder, HttpxForwarder, UpstreamFailure, failure_class
@@ -89,6 +91,7 @@ __all__ = [
     "HOP_BY_HOP",
     "ProxyApp",
     "ProxyMiddleware",
+    "create_forwarder",
     "app_factory",
     "create_app",
     "failure_answer",
@@ -192,14 +195,28 @@ def failure_answer(failure: UpstreamFailure, retry_after: int) -> StoredResponse
     return _problem(UPSTREAM_DEADLINE if failure.kind == "deadline" else UPSTREAM_OUTCOME_UNKNOWN, detail)
 
 
+def create_forwarder(target: UpstreamTarget, settings: UpstreamSettings) -> Forwarder:
+    """The forwarder ``[upstream] client`` names: an :class:`~idempo.proxy.aiohttp_forwarder.AiohttpForwarder`
+    (the default), or an :class:`~idempo.proxy.forwarder.HttpxForwarder`.
+
+    Raises:
+        ImportError: ``client = "aiohttp"`` and aiohttp is not installed (it is in ``idempo[proxy]``).
+    """
+    if settings.client == "httpx":
+        return HttpxForwarder(target, settings)
+    from .aiohttp_forwarder import AiohttpForwarder
+
+    return AiohttpForwarder(target, settings)
+
+
 class ProxyApp:
     """The ``idempo proxy`` ASGI app (see the module docstring).
 
     Args:
         config: the checked configuration (:func:`~idempo.proxy.config.load_config`).
         store: the store, or None for the one ``config.proxy.store`` names.
-        forwarder: the connection to the upstream, or None for an
-            :class:`~idempo.proxy.forwarder.HttpxForwarder` on ``config``.
+        forwarder: the connection to the upstream, or None for the one
+            ``config.upstream.client`` names (:func:`create_forwarder`).
         metrics: the proxy's metrics, or None for ones in prometheus-client's
             default registry (``False`` would record nothing; see
             :class:`~idempo.proxy._metrics.ProxyMetrics`).
@@ -222,7 +239,7 @@ class ProxyApp:
         self.store: AsyncStore = store if store is not None else _config.async_store(config.proxy.store)
         self._owns_store = store is None and _config.TESTING is None
         self.forwarder: Forwarder = (
-            forwarder if forwarder is not None else HttpxForwarder(config.proxy.upstream, config.upstream)
+            forwarder if forwarder is not None else create_forwarder(config.proxy.upstream, config.upstream)
         )
         self._host = config.proxy.upstream.base_url.split("://", 1)[1].encode("latin-1")
         self.metrics = metrics if metrics is not None else ProxyMetrics()

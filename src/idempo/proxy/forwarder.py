@@ -7,8 +7,19 @@ drives httpx's ``AsyncHTTPTransport`` directly, not ``AsyncClient``: the client
 keeps a cookie jar that would carry one user's ``Set-Cookie`` into the next
 user's request (gradio GHSA-2mr9-9r47-px2g), reads ``HTTP_PROXY`` from the
 environment and follows redirects on request; a reverse proxy wants none of
-that. Another client (an aiohttp connector, httpx#3215) can be measured
-behind the same interface.
+that. :class:`~idempo.proxy.aiohttp_forwarder.AiohttpForwarder` (an aiohttp
+connector, httpx#3215) keeps the same promises behind the same interface;
+``[upstream] client`` picks one (:func:`idempo.proxy.app.create_forwarder`).
+
+**aiohttp is the default, httpx the alternative.** In the proxy bench (one
+core for the proxy, wrk's 32 connections; bench/README.md, results
+``20261206-013127-proxy``), with idempotency off the httpx forwarder did 351
+GET and 385 POST req/s, aiohttp's 1590 and 2774 (4.6x and 7.2x); with the
+memory store, (a) unique keys 328 against 808 req/s. httpcore's pool walks
+every pooled connection on each request and each answer, asking each whether
+it expired (a socket readability check through anyio's attributes): 52 % of
+the proxy's samples under load, its cost growing with the pool. aiohttp's pool
+takes the oldest idle connection and checks only that one.
 
 Every failure is an :class:`UpstreamFailure` naming one of
 :data:`~idempo.proxy.config.FAILURES`. ``connect-error`` and ``pool-timeout``
@@ -37,6 +48,7 @@ check, and each turned a retry into an unknown outcome (a held key):
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
@@ -52,6 +64,7 @@ __all__ = [
     "UpstreamFailure",
     "UpstreamResponse",
     "failure_class",
+    "ssl_context",
 ]
 
 Headers = list[tuple[bytes, bytes]]
@@ -285,6 +298,18 @@ def _translate(exc: BaseException) -> UpstreamFailure:
         if isinstance(exc, cls):
             return failure_class(kind)(str(exc) or type(exc).__name__)
     return failure_class("protocol-error")(f"{type(exc).__name__}: {exc}")
+
+
+def ssl_context(verify: bool | str | os.PathLike[str]) -> ssl.SSLContext:
+    """The TLS context of an ``https`` upstream, the one httpx makes for the same ``[upstream] verify``.
+
+    Args:
+        verify: True (certifi's CA bundle, or ``SSL_CERT_FILE``/``SSL_CERT_DIR``),
+            False (no verification), or a CA bundle's path.
+    """
+    if not isinstance(verify, bool):
+        return ssl.create_default_context(cafile=os.fspath(verify))
+    return httpx.create_ssl_context(verify=verify)
 
 
 class HttpxForwarder:
