@@ -91,9 +91,9 @@ __all__ = [
     "HOP_BY_HOP",
     "ProxyApp",
     "ProxyMiddleware",
-    "create_forwarder",
     "app_factory",
     "create_app",
+    "create_forwarder",
     "failure_answer",
 ]
 
