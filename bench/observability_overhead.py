@@ -65,7 +65,7 @@ def _configure(mode: str) -> None:
     from idempo import observability
 
     if mode == "null":
-        import idempo._engine.drivers
+        import idempo._engine._async.drivers
 
         class Null:
             timed = False
@@ -89,7 +89,7 @@ def _configure(mode: str) -> None:
                 pass
 
         null = Null()
-        idempo._engine.drivers.observe_request = lambda *args: null  # type: ignore[assignment]
+        idempo._engine._async.drivers.observe_request = lambda *args: null  # type: ignore[assignment]
     elif mode == "debuglog":
         log = logging.getLogger("idempo")
         log.setLevel(logging.DEBUG)

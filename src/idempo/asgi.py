@@ -27,7 +27,7 @@ from ._core.policy import Policy
 from ._core.problems import MISSING_KEY, TRANSACTION_NOT_COVERED, problem_response
 from ._core.records import StoredResponse
 from ._core.routes import RouteOptions, RouteTable
-from ._engine.drivers import drive_async
+from ._engine._async.drivers import drive_async
 from ._engine.execution import AsyncExecution
 from ._http.admission import Bypass, Execute, admission
 from ._http.asgi import (

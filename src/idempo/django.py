@@ -103,9 +103,8 @@ from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
 from ._core.routes import RouteOptions, RouteTable
-from ._engine.drivers import drive_sync
+from ._engine._sync.drivers import TransactionalExecution, drive_sync
 from ._engine.execution import Execution
-from ._engine.transaction import TransactionalExecution
 from ._http.admission import BodyIncomplete, Bypass, Execute, admission
 from ._http.wsgi import BYPASSED_HEADER_TEXT, BypassedBody, CapturedBody, Exchange, header_bytes, raw_target
 from .exceptions import ConfigurationError, StoreUnavailable
@@ -605,16 +604,13 @@ class IdempotencyMiddleware:
                     setattr(request, _BODY_TOO_LARGE, True)
         try:
             response = self.get_response(request)
-        except Exception as exc:
+        except BaseException as exc:
             exchange = request.__dict__.pop(_EXCHANGE, None)
             if exchange is not None:
-                exchange.settle(exc)
-            _finish_bypass(request, None)
-            raise
-        except BaseException:
-            exchange = request.__dict__.pop(_EXCHANGE, None)
-            if exchange is not None:
-                exchange.abandon()
+                if isinstance(exc, Exception):
+                    exchange.settle(exc)
+                else:  # a crash (SystemExit, KeyboardInterrupt): settle nothing
+                    exchange.abandon(exc)
             _finish_bypass(request, None)
             raise
         exchange = request.__dict__.pop(_EXCHANGE, None)

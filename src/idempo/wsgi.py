@@ -45,7 +45,7 @@ from ._core.keys import split_folded
 from ._core.policy import Policy
 from ._core.records import StoredResponse
 from ._core.routes import RouteTable
-from ._engine.drivers import drive_sync
+from ._engine._sync.drivers import drive_sync
 from ._engine.execution import Execution
 from ._http.admission import BodyIncomplete as BodyIncomplete
 from ._http.admission import Bypass, Execute, admission

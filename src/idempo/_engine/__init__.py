@@ -1,10 +1,14 @@
 """The engine: what carries the sans-I/O protocol of :mod:`idempo._core` out against a store.
 
-- :mod:`.drivers`: ``drive_sync`` / ``drive_async`` run a step generator,
-  carrying out each command it yields (a store call, a sleep, the front's
-  own I/O) and sending the result back: the only code that differs between
-  the blocking and the async fronts. Also the one store call that settles a
-  record (``settle_once_sync`` / ``settle_once_async``).
+- :mod:`._async`: the I/O, written once, async: ``drive_async`` runs a step
+  generator, carrying out each command it yields (a store call, a sleep, the
+  front's own I/O) and sending the result back; ``AsyncTransactionalExecution``,
+  the execution of a leased request, whose transaction's commit path it drives. :mod:`._sync`, the blocking twin
+  (``drive_sync``, ``TransactionalExecution``), is generated from it by
+  ``scripts/unasync``; :mod:`.primitives` holds the few calls the two
+  differ in beyond ``await``.
+- :mod:`.store`: the one store call that settles a record
+  (``settle_once_sync`` / ``settle_once_async``).
 - :mod:`.begin`: what a request does before its handler runs: the first
   ``begin``, the legacy lookup, waiting for a running duplicate (wait rooms),
   holding a taken-over key.
@@ -13,6 +17,8 @@
 - :mod:`.lease`: lease renewal while the handler runs, and the retries of a
   save the store refused.
 - :mod:`.execution`: one executing request's lease, settled exactly once.
+- :mod:`.transaction`: transactional mode's commit path (:func:`~idempo._engine.transaction.finalize_steps`),
+  the transactor protocol, what the two transactional executions share.
 - :mod:`.calls`: :class:`~idempo._engine.calls.Engine`, the protocol of
   ``@idempotent`` and the consumers.
 """

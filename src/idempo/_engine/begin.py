@@ -6,7 +6,7 @@ first ``begin``, classified by :func:`idempo._core.flow.decide`; the record a
 version before keyed digests kept, looked up while the legacy window is
 open; a running duplicate waited for (:func:`idempo._core.flow.begin_flow`,
 wait mode) or answered 409; a takeover held under ``on_takeover="hold"``.
-:mod:`idempo._engine.drivers` drive it to the decision (``decided=False``: it tells
+:mod:`idempo._engine._async.drivers` drive it to the decision (``decided=False``: it tells
 the observation itself), as :mod:`idempo._engine.admission` does.
 
 Wait mode (``Policy.wait``): the duplicates of one running request that wait

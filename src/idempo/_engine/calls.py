@@ -1,7 +1,7 @@
 """What ``@idempotent`` and the idempotent consumers share: the engine that runs a call once per key.
 
 :class:`Engine` drives the sans-I/O flow (:func:`idempo._core.flow.begin_flow`)
-against a store with the drivers of :mod:`idempo._engine.drivers`, runs the
+against a store with the drivers of :mod:`idempo._engine._async.drivers`, runs the
 call when it holds the lease, and settles the record with
 :func:`idempo._core.flow.finish`.
 A call's result is stored as a response (status 200, ``content-type`` naming
@@ -42,9 +42,10 @@ from ..secrets import SecretSource
 from ..serializers import JSONSerializer, Serializer
 from ..stores._base import open_at_startup
 from ..typing import AsyncStore, Store
+from ._async.drivers import drive_async
+from ._sync.drivers import drive_sync
 from .admission import StoreFailed, admit
 from .commands import Call, Command, Lease, Observe
-from .drivers import drive_async, drive_sync
 
 __all__ = [
     "Engine",

@@ -3,8 +3,8 @@
 A step generator (:func:`idempo._engine.begin.begin_steps`,
 :func:`idempo._engine.admission.admit`, the HTTP admission, the engine of
 ``@idempotent``) holds the whole protocol; it yields a command wherever it
-needs I/O, and :func:`~idempo._engine.drivers.drive_sync` or
-:func:`~idempo._engine.drivers.drive_async` carries it out and sends the
+needs I/O, and :func:`~idempo._engine._sync.drivers.drive_sync` or
+:func:`~idempo._engine._async.drivers.drive_async` carries it out and sends the
 result back (or throws the command's exception in). So every rule is written
 once, and a blocking and an async front differ only in how a command is
 carried out.

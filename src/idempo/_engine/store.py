@@ -81,7 +81,7 @@ async def settle_once_async(
     operation, args = store_call(command)
     error: Exception | None = None
     try:
-        await store_call_async(observation, store, operation, getattr(store, operation)(*args))
+        await store_call_async(observation, store, operation, getattr(store, operation), *args)
     except Exception as exc:  # a StoreError, LeaseLost, or a third-party store's own error
         error = exc
         _log_settle_failure(command, exc)

@@ -1,11 +1,12 @@
 """The transactional commit path: the record's completion is the last statement of the handler's transaction.
 
 DESIGN "transactional route", guarantee 6; the design and its outcome table are
-shared/TRANSACTIONAL.md. A transactional execution is an :class:`Execution`
-(or :class:`AsyncExecution`) that may hold a transaction on the app's own
-database. The claim (``begin``) committed on its own, as on every route, so
+shared/TRANSACTIONAL.md. A transactional execution (``TransactionalExecution``,
+``AsyncTransactionalExecution``: :mod:`idempo._engine._async.drivers`,
+and the blocking one generated from it) is an execution that may hold a
+transaction on the app's own database. The claim (``begin``) committed on its own, as on every route, so
 duplicates see the record in progress. When the handler asks for the
-transaction (:meth:`TransactionalExecution.transaction`) a connection is
+transaction (its ``transaction()``) a connection is
 checked out and a transaction begun; the handler writes through it. Settling
 then follows one rule, written once in :func:`finalize_steps`:
 
@@ -35,7 +36,7 @@ have theirs; ``idempo.django`` passes one on Django's own connection).
 Fault points (:mod:`idempo._engine.faultpoints`): ``after-claim`` when the
 transaction opens, ``before-commit`` after the completion and before COMMIT,
 ``after-commit`` after COMMIT returned; the fronts reach ``before-send``
-(:meth:`TransactionalExecution.before_send`) just before the response leaves.
+(:meth:`TransactionalMixin.before_send`) just before the response leaves.
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ import enum
 import functools
 from collections.abc import Generator
 from typing import Any, NamedTuple, Protocol
-
-import anyio
 
 from .._core.errors import describe, driver_error
 from .._core.flow import Complete, Release, finish
@@ -71,21 +70,25 @@ from ..exceptions import (
 )
 from ..observability._observation import RequestObservation, logger
 from . import faultpoints
-from .execution import AsyncExecution, Execution
+from .commands import Call
 from .store import Settle
 
 __all__ = [
     "FINALIZE_TIMEOUT",
     "AsyncTransaction",
-    "AsyncTransactionalExecution",
     "AsyncTransactor",
+    "Finalized",
     "Outcome",
     "Transaction",
-    "TransactionalExecution",
+    "TransactionalMixin",
     "Transactor",
+    "commits",
     "finalize_steps",
+    "landed_or_not",
+    "problem_for",
     "require_transactor",
     "transactor_of",
+    "unreleased_unknown",
 ]
 
 #: Seconds the async finalisation (completion, COMMIT, resolve, release) may take
@@ -119,7 +122,7 @@ class Transactor(Protocol):
 
     A store that supports transactional mode has one as ``store.transactor``;
     a front may pass its own (Django's connection) to
-    :meth:`TransactionalExecution.transaction`. ``h`` is the handle
+    a transactional execution's ``transaction()``. ``h`` is the handle
     :meth:`open` returned (a connection and its transaction).
     """
 
@@ -297,16 +300,9 @@ class AsyncTransaction(_TransactionBase):
     __slots__ = ()
 
 
-class _Op(NamedTuple):
-    """One transactor call :func:`finalize_steps` needs: the method name and its arguments."""
-
-    name: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-
-def _op(name: str, *args: Any, **kwargs: Any) -> _Op:
-    return _Op(name, args, kwargs)
+def _call(transactor: Transactor | AsyncTransactor, name: str, *args: Any, **kwargs: Any) -> Call:
+    """The command that calls the transactor's ``name`` (awaited by the async driver)."""
+    return Call(functools.partial(getattr(transactor, name), *args, **kwargs))
 
 
 class Finalized(NamedTuple):
@@ -332,8 +328,9 @@ def finalize_steps(
     record_key: str,
     token: int,
     hold: Settle | None = None,
-) -> Generator[_Op, Any, Finalized]:
-    """The commit path, once for both drivers: yields transactor calls, returns the :class:`Finalized`.
+) -> Generator[Call, Any, Finalized]:
+    """The commit path, once for both drivers: yields the transactor's calls (:class:`Call` commands, which the
+    drivers carry out), returns the :class:`Finalized`.
 
     ``hold``: the command that holds the key when the handler ended idempo's
     transaction itself (default: a held marker kept for the record's TTL).
@@ -349,18 +346,18 @@ def finalize_steps(
     committing_now = commits(command)
     if hasattr(transactor, "ended"):
         try:
-            why = yield _op("ended", h, committing_now)
+            why = yield _call(transactor, "ended", h, committing_now)
         except Exception as exc:
             # The check itself failed: a lost connection is the commit path's to resolve (it
             # fails the same way); anything else, assume the worst.
             why = None if transactor.kind(exc) == "lost" else f"{describe(exc)}, while checking it"
         if why is not None:
-            return (yield from _ended(h, record_key, hold, why))
+            return (yield from _ended(transactor, h, record_key, hold, why))
     if not committing_now:
         # Release or hold: nothing of the handler's is kept.
-        if not (yield from _rollback(h)):
+        if not (yield from _rollback(transactor, h)):
             return Finalized(Outcome.SETTLED, command, None, True)
-        return Finalized(Outcome.SETTLED, (yield from _run_after_rollback(h, command)), None, False)
+        return Finalized(Outcome.SETTLED, (yield from _run_after_rollback(transactor, h, command)), None, False)
     committing = False
     try:
         if hasattr(transactor, "finish"):
@@ -368,25 +365,25 @@ def finalize_steps(
             # completion that matches no row aborts the transaction (LeaseLost).
             faultpoints.reach("before-commit", fault_connection)
             committing = True
-            yield _op("finish", h, command)
+            yield _call(transactor, "finish", h, command)
         else:
-            yield _op("run", h, command, in_transaction=True)
+            yield _call(transactor, "run", h, command, in_transaction=True)
             faultpoints.reach("before-commit", fault_connection)
             committing = True
-            yield _op("commit", h)
+            yield _call(transactor, "commit", h)
     except TransactionControlled as exc:
-        return (yield from _ended(h, record_key, hold, str(exc)))
+        return (yield from _ended(transactor, h, record_key, hold, str(exc)))
     except Exception as exc:
         kind = "lease_lost" if isinstance(exc, LeaseLost) else transactor.kind(exc)
         if isinstance(exc, faultpoints.InjectedFault):
             kind = "failed"
         if kind == "lost":
             return (yield from _resolve(transactor, record_key, token, exc, committing))
-        broken = not (yield from _rollback(h))
+        broken = not (yield from _rollback(transactor, h))
         if kind == "lease_lost":
             return Finalized(Outcome.LEASE_LOST, None, exc, broken)
         release = Release(record_key, token)
-        followup = release if broken else (yield from _run_after_rollback(h, release))
+        followup = release if broken else (yield from _run_after_rollback(transactor, h, release))
         if kind == "conflict":
             error: Exception = TransactionConflict(f"record {record_key}: {describe(exc)}")
             outcome = Outcome.CONFLICT
@@ -402,31 +399,35 @@ def finalize_steps(
 _ENDED_REASON = "the handler ended the transaction"
 
 
-def _ended(h: Any, record_key: str, hold: Settle, why: str) -> Generator[_Op, Any, Finalized]:
+def _ended(
+    transactor: Transactor | AsyncTransactor, h: Any, record_key: str, hold: Settle, why: str
+) -> Generator[Call, Any, Finalized]:
     """The handler ended idempo's transaction: roll back what is open, hold the key (see the module docstring)."""
     error = TransactionControlled(
         f"record {record_key}: the handler ended, or tried to end, idempo's transaction ({why}); what it "
         "committed, if anything, stays, so the key is held (retries get 409 outcome-unknown) until the hold expires"
     )
-    if not (yield from _rollback(h)):
+    if not (yield from _rollback(transactor, h)):
         return Finalized(Outcome.ENDED, hold, error, True)
-    return Finalized(Outcome.ENDED, (yield from _run_after_rollback(h, hold)), error, False)
+    return Finalized(Outcome.ENDED, (yield from _run_after_rollback(transactor, h, hold)), error, False)
 
 
-def _rollback(h: Any) -> Generator[_Op, Any, bool]:
+def _rollback(transactor: Transactor | AsyncTransactor, h: Any) -> Generator[Call, Any, bool]:
     """ROLLBACK; False when it failed (the connection is broken: the server aborts the transaction)."""
     try:
-        yield _op("rollback", h)
+        yield _call(transactor, "rollback", h)
     except Exception as exc:
         logger.warning("idempo: rolling back a transaction failed (%s); the connection is discarded", describe(exc))
         return False
     return True
 
 
-def _run_after_rollback(h: Any, command: Settle) -> Generator[_Op, Any, Settle | None]:
+def _run_after_rollback(
+    transactor: Transactor | AsyncTransactor, h: Any, command: Settle
+) -> Generator[Call, Any, Settle | None]:
     """Settle on the same connection after a rollback; the command back for the store's path if that failed."""
     try:
-        yield _op("run", h, command, in_transaction=False)
+        yield _call(transactor, "run", h, command, in_transaction=False)
     except LeaseLost:
         logger.warning("idempo: record %s was taken over; nothing to release", command.record_key)
     except Exception as exc:
@@ -439,11 +440,11 @@ def _run_after_rollback(h: Any, command: Settle) -> Generator[_Op, Any, Settle |
 
 def _resolve(
     transactor: Transactor | AsyncTransactor, record_key: str, token: int, exc: Exception, committing: bool
-) -> Generator[_Op, Any, Finalized]:
+) -> Generator[Call, Any, Finalized]:
     """The connection was lost: the record, read on a fresh connection, says whether COMMIT happened."""
     if committing:
         try:
-            record: Record | None = yield _op("resolve", record_key)
+            record: Record | None = yield _call(transactor, "resolve", record_key)
         except Exception as read_error:
             logger.warning("idempo: reading record %s after a lost COMMIT failed: %s", record_key, describe(read_error))
         else:
@@ -460,29 +461,25 @@ def _resolve(
     return Finalized(Outcome.UNKNOWN, Release(record_key, token), error, True)
 
 
-def _unreleased_unknown(finalized: Finalized) -> bool:
+def unreleased_unknown(finalized: Finalized) -> bool:
     """Whether an unknown outcome still has its token-checked release to make."""
     return finalized.outcome is Outcome.UNKNOWN and isinstance(finalized.followup, Release)
 
 
-def _landed_or_not(finalized: Finalized, record_key: str, token: int, read: Any) -> Finalized:
-    """The release after an unknown COMMIT was refused: the record (``read()``) says why.
+def landed_or_not(finalized: Finalized, record_key: str, token: int, record: Record | Exception | None) -> Finalized:
+    """The release after an unknown COMMIT was refused: the record (read again, or the read's error) says why.
 
     Completed under our token: the COMMIT landed after all (the statement
     ran on, or the release waited for its row lock), so the outcome is
     COMMITTED and the response goes out. Otherwise another request holds the
     record, or it is gone: nothing to release, the outcome stays unknown.
     """
-    try:
-        record = read()
-        if isinstance(record, Exception):
-            raise record
-    except Exception as exc:
+    if isinstance(record, Exception):
         logger.warning(
             "idempo: record %s: the release after an unknown COMMIT was refused and reading the record failed "
             "(%s); a retry with the key gets what the record holds",
             record_key,
-            describe(exc),
+            describe(record),
         )
         return finalized._replace(followup=None)
     if record is not None and record.state is RecordState.COMPLETED and record.token == token and record.marker is None:
@@ -495,36 +492,6 @@ def _landed_or_not(finalized: Finalized, record_key: str, token: int, read: Any)
         "it is gone" if record is None else "another request holds it now",
     )
     return finalized._replace(followup=None)
-
-
-def _drive_sync(steps: Generator[_Op, Any, Finalized], transactor: Transactor) -> Finalized:
-    value: Any = None
-    resume = steps.send
-    while True:
-        try:
-            op = resume(value)
-        except StopIteration as stop:
-            done: Finalized = stop.value
-            return done
-        try:
-            value, resume = getattr(transactor, op.name)(*op.args, **op.kwargs), steps.send
-        except Exception as exc:
-            value, resume = exc, steps.throw
-
-
-async def _drive_async(steps: Generator[_Op, Any, Finalized], transactor: AsyncTransactor) -> Finalized:
-    value: Any = None
-    resume = steps.send
-    while True:
-        try:
-            op = resume(value)
-        except StopIteration as stop:
-            done: Finalized = stop.value
-            return done
-        try:
-            value, resume = await getattr(transactor, op.name)(*op.args, **op.kwargs), steps.send
-        except Exception as exc:
-            value, resume = exc, steps.throw
 
 
 def problem_for(outcome: Outcome, error: Exception | None, policy: Policy) -> StoredResponse | None:
@@ -567,7 +534,7 @@ def _error_for(finalized: Finalized) -> Exception | None:
     return finalized.error
 
 
-class _TransactionalMixin:
+class TransactionalMixin:
     """What the blocking and the async transactional executions share."""
 
     record_key: str
@@ -658,145 +625,3 @@ class _TransactionalMixin:
         """Reach the ``before-send`` fault point (the fronts call it just before the response leaves)."""
         if self.tx is not None:
             faultpoints.reach("before-send", None)
-
-
-class TransactionalExecution(_TransactionalMixin, Execution):
-    """An :class:`Execution` whose handler may write through a transaction idempo opens and commits.
-
-    Args:
-        store: the store holding the record.
-        policy: the route's policy.
-        record_key: the record being executed.
-        token: the lease's fencing token.
-        observation: the request's observation.
-        transactor: the store's transactor (None: only a front's own can be used).
-    """
-
-    __slots__ = ("error", "handle", "outcome", "transactor", "tx", "used")
-
-    def transaction(self, transactor: Transactor | None = None) -> Transaction:
-        """The execution's transaction, opened on first use (a connection checked out, BEGIN).
-
-        Args:
-            transactor: drive this database instead of the store's (Django's connection).
-
-        Raises:
-            TransactionClosed: the record is already settled.
-            ConfigurationError: no transactor (the store is not PostgreSQL or SQLite built for it).
-            StoreUnavailable: no connection within the deadline.
-        """
-        if self.tx is not None:
-            assert isinstance(self.tx, Transaction)
-            return self.tx
-        chosen = self._check_open(transactor)
-        tx: Transaction = self._opened(chosen, chosen.open(), Transaction)
-        faultpoints.reach("after-claim", chosen.fault_connection(self.handle))
-        return tx
-
-    def settle(
-        self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None
-    ) -> bool:
-        """See :meth:`Execution.settle`; with a transaction open, COMMIT or ROLLBACK it (:func:`finalize_steps`).
-
-        True when the record settled at once; :attr:`outcome` says how.
-        """
-        if self.tx is None:
-            return super().settle(response, verdict, reason)
-        command = self.command(response, verdict, reason)
-        if command is None:
-            return False
-        self.keeper.stop()
-        broken = True
-        try:
-            steps = finalize_steps(self.used, self.handle, command, self.record_key, self.token, self._hold())
-            finalized = _drive_sync(steps, self.used)
-            broken = finalized.broken
-        finally:
-            self.used.close(self.handle, broken=broken)
-        if _unreleased_unknown(finalized):
-            try:
-                self.store.release(self.record_key, self.token)
-            except LeaseLost:
-                read = functools.partial(self.store.get, self.record_key)
-                finalized = _landed_or_not(finalized, self.record_key, self.token, read)
-            except Exception:
-                pass  # the store's retrying path releases it (the follow-up)
-            else:
-                finalized = finalized._replace(followup=None)
-        followup = self._finished(finalized, command)
-        if followup is None:
-            return finalized.outcome in (Outcome.COMMITTED, Outcome.SETTLED)
-        return self.keeper.save(followup, self.observation, self.policy.save_retry_for)
-
-    def abandon(self) -> None:
-        """See :meth:`Execution.abandon`; an open transaction is given back broken (the server rolls it back)."""
-        if not self.settled and self.tx is not None:
-            self.tx.closed = True
-            self.used.close(self.handle, broken=True)
-        super().abandon()
-
-
-class AsyncTransactionalExecution(_TransactionalMixin, AsyncExecution):
-    """The async twin of :class:`TransactionalExecution`; finalisation is shielded from cancellation
-    and bounded by :data:`FINALIZE_TIMEOUT` seconds (past it: :attr:`Outcome.UNKNOWN`)."""
-
-    __slots__ = ("error", "handle", "outcome", "transactor", "tx", "used")
-
-    async def transaction(self, transactor: AsyncTransactor | None = None) -> AsyncTransaction:
-        """See :meth:`TransactionalExecution.transaction`."""
-        if self.tx is not None:
-            assert isinstance(self.tx, AsyncTransaction)
-            return self.tx
-        chosen = self._check_open(transactor)
-        tx: AsyncTransaction = self._opened(chosen, await chosen.open(), AsyncTransaction)
-        faultpoints.reach("after-claim", chosen.fault_connection(self.handle))
-        return tx
-
-    async def settle(
-        self, response: StoredResponse | None, verdict: Verdict | None = None, reason: str | None = None
-    ) -> bool:
-        """See :meth:`TransactionalExecution.settle`."""
-        if self.tx is None:
-            return await super().settle(response, verdict, reason)
-        command = self.command(response, verdict, reason)
-        if command is None:
-            return False
-        with anyio.CancelScope(shield=True):
-            await self.keeper.stop()
-            steps = finalize_steps(self.used, self.handle, command, self.record_key, self.token, self._hold())
-            finalized: Finalized | None = None
-            try:
-                with anyio.move_on_after(FINALIZE_TIMEOUT):
-                    finalized = await _drive_async(steps, self.used)
-            finally:
-                with anyio.move_on_after(FINALIZE_TIMEOUT):
-                    await self.used.close(self.handle, broken=finalized is None or finalized.broken)
-            if finalized is None:
-                error = CommitUnknown(f"record {self.record_key}: finalisation took over {FINALIZE_TIMEOUT:g} s")
-                finalized = Finalized(Outcome.UNKNOWN, Release(self.record_key, self.token), error)
-            if _unreleased_unknown(finalized):
-                try:
-                    await self.store.release(self.record_key, self.token)
-                except LeaseLost:
-                    try:
-                        record: Record | Exception | None = await self.store.get(self.record_key)
-                    except Exception as exc:
-                        record = exc
-                    finalized = _landed_or_not(finalized, self.record_key, self.token, lambda: record)
-                except Exception:
-                    pass  # the store's retrying path releases it (the follow-up)
-                else:
-                    finalized = finalized._replace(followup=None)
-            followup = self._finished(finalized, command)
-            if followup is None:
-                return finalized.outcome in (Outcome.COMMITTED, Outcome.SETTLED)
-            return await self.keeper.save(followup, self.observation, self.policy.save_retry_for)
-        return False  # not reached: the shielded scope swallows nothing
-
-    async def fail(self, exc: BaseException, status: int | None = None) -> None:
-        """See :meth:`AsyncExecution.fail`; on a crash an open transaction is given back broken (rolled back)."""
-        if not isinstance(exc, Exception) and not self.settled and self.tx is not None:
-            self.tx.closed = True
-            with anyio.CancelScope(shield=True), anyio.move_on_after(FINALIZE_TIMEOUT):
-                await self.used.close(self.handle, broken=True)
-        await super().fail(exc, status)

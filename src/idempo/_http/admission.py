@@ -1,8 +1,8 @@
 """The admission of one HTTP request, written once for the ASGI, WSGI and Django fronts.
 
 :func:`admission` is a step generator (:mod:`idempo._engine.commands`) that
-a front drives with :func:`~idempo._engine.drivers.drive_async` (ASGI) or
-:func:`~idempo._engine.drivers.drive_sync` (WSGI, Django). In order:
+a front drives with :func:`~idempo._engine._async.drivers.drive_async` (ASGI) or
+:func:`~idempo._engine._sync.drivers.drive_sync` (WSGI, Django). In order:
 
 1. the key (:func:`~idempo._core.http.check_key`): none, and none required,
    passes the request through; a malformed or missing one is a 400;

@@ -26,8 +26,9 @@ from .._core.problems import (
 )
 from .._core.records import StoredResponse
 from .._core.routes import RouteOptions, RouteTable
+from .._engine._async.drivers import AsyncTransactionalExecution
 from .._engine.execution import AsyncExecution
-from .._engine.transaction import AsyncTransaction, AsyncTransactionalExecution
+from .._engine.transaction import AsyncTransaction
 from ..exceptions import MissingKey, StoreUnavailable, TransactionClosed
 from ..observability._observation import RequestObservation, logger
 from .admission import Bypass, ClientGone

@@ -27,8 +27,8 @@ from .._core.problems import (
     problem_response,
 )
 from .._core.records import StoredResponse
+from .._engine._sync.drivers import TransactionalExecution
 from .._engine.execution import Execution
-from .._engine.transaction import TransactionalExecution
 from ..observability._observation import RequestObservation, logger
 from .admission import BodyIncomplete, Bypass
 
@@ -358,9 +358,12 @@ class Exchange:
         if code == 0:
             capture.refuse(f"the status line {str(status)[:64]!r} does not start with a status code")
 
-    def abandon(self) -> None:
-        """A crash (SystemExit, KeyboardInterrupt): settle nothing, stop renewing; the lease expires."""
-        self.execution.abandon()
+    def abandon(self, crash: BaseException) -> None:
+        """A crash (SystemExit, KeyboardInterrupt): settle nothing, stop renewing; the lease expires.
+
+        An open transaction is given back broken (rolled back): ``fail`` with a crash.
+        """
+        self.execution.fail(crash)
         self._finish(None)
 
     def settle(self, raised: BaseException | None = None) -> None:

@@ -22,7 +22,7 @@ object per request, :class:`RequestObservation`::
     settle_sync(store, command, observation)           # the engine reports the verdict
     observation.finish()                               # in a finally, same thread/task as observe_request
 
-The store drivers in :mod:`idempo._engine.drivers` time every store
+The store drivers in :mod:`idempo._engine._async.drivers` time every store
 operation, so store latency is measured in one place for every front.
 """
 
@@ -567,13 +567,21 @@ def store_label(store: object) -> str:
 
 
 def store_call_async(
-    observation: RequestObservation | None, store: object, operation: str, call: Awaitable[_T]
+    observation: RequestObservation | None,
+    store: object,
+    operation: str,
+    fn: Callable[..., Awaitable[_T]],
+    *args: Any,
 ) -> Awaitable[_T]:
-    """Return ``call`` (a store coroutine) timed and traced when anything observes it; else ``call`` itself."""
+    """Call ``fn(*args)`` (a store coroutine function): its coroutine, timed and traced when anything observes it.
+
+    The async twin of :func:`store_call_sync`, with the same arguments (the
+    blocking drivers are generated from the async ones).
+    """
     sinks = _sinks
     if sinks is None and (observation is None or not observation.timed):
-        return call
-    return _timed_async(observation, sinks, store, operation, call)
+        return fn(*args)
+    return _timed_async(observation, sinks, store, operation, fn(*args))
 
 
 async def _timed_async(
