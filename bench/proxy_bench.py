@@ -78,6 +78,8 @@ from runner import (  # noqa: E402
 STORES = {"memory": "memory", "sqlite": "SQLite", "redis": "Redis", "postgres": "PostgreSQL"}
 #: ``[upstream] client`` values: a ``proxy-<store>-<client>`` variant sets one (``proxy-<store>``: the default)
 CLIENTS = ("httpx", "aiohttp")
+#: the client of the plain ``proxy-<store>`` variants (idempo's default ``[upstream] client``)
+DEFAULT_CLIENT = "aiohttp"
 #: the variants a run has unless --variants says otherwise
 VARIANTS = (
     "direct",
@@ -702,10 +704,18 @@ def _ratio(xs: list[float]) -> str:
 
 
 def render_clients(runs: dict[str, dict[str, list[Run]]], unloaded: dict[str, dict[str, float]]) -> list[str]:
-    """aiohttp against httpx, store by store: req/s of each and the median of per-round ratios."""
+    """aiohttp against httpx, store by store: req/s of each and the median of per-round ratios.
+
+    A plain ``proxy-<store>`` variant stands for its :data:`DEFAULT_CLIENT` when that one did not run.
+    """
     rows = []
     for store in ("disabled", *STORES):
         a, b = f"proxy-{store}-aiohttp", f"proxy-{store}-httpx"
+        plain = f"proxy-{store}"
+        if DEFAULT_CLIENT == "aiohttp" and a not in runs:
+            a = plain
+        elif DEFAULT_CLIENT == "httpx" and b not in runs:
+            b = plain
         for scenario in SCENARIOS:
             ra, rb = runs.get(a, {}).get(scenario), runs.get(b, {}).get(scenario)
             if not ra or not rb:
