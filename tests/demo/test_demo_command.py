@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rich.console import Console
+from rich.progress import Progress
 
-from idempo.demo.command import _api_server
+from idempo.demo.command import _TITLES, _TITLES_KILL, _TITLES_PROXY, _api_server, _progress_columns
 from idempo.demo.storm import RunReport, Share, plan_payments
 
 PAYMENTS = 60
@@ -231,3 +234,20 @@ def test_demo_reads_its_store_url_from_the_environment(monkeypatch: pytest.Monke
     from_option = demo.make_context("demo", ["--store", "memory://"])
     assert from_env.params["store_url"] == "redis://:secret@127.0.0.1:6379/0"
     assert from_option.params["store_url"] == "memory://"
+
+
+@pytest.mark.parametrize("title", [*_TITLES.values(), *_TITLES_PROXY.values(), *_TITLES_KILL.values()])
+def test_the_progress_line_fits_80_columns(title: str) -> None:
+    """At 80 columns (``COLUMNS=80``) every run's progress line reads whole, with 5-digit counts: its title,
+    payments done and the live counts are never cut, only the bar gives way. Before, ``--proxy``'s title
+    (17 characters, "with idempo proxy") left "500/1000" cut to "500/10…"."""
+    console = Console(width=80, record=True, file=io.StringIO())
+    progress = Progress(*_progress_columns(), console=console, auto_refresh=False)
+    task = progress.add_task(title, total=1000, requests=12345, replays=1000, conflicts=1000)
+    progress.update(task, completed=500)
+    console.print(progress.make_tasks_table(progress.tasks))
+    (line,) = console.export_text().splitlines()
+    assert len(line) <= 80, line
+    assert "…" not in line, line
+    assert line.startswith(f"{title} "), line
+    assert " 500/1000 12345 requests, 1000 replays, 1000 409s 0:00:00" in line, line

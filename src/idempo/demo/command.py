@@ -58,8 +58,15 @@ try:
     import httpx
     import uvicorn
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.table import Column, Table
 
     from ..metrics import mount as mount_metrics
     from ._proxy import proxy_server
@@ -373,6 +380,24 @@ class _Probe:
         self.killed = killed
 
 
+def _progress_columns() -> tuple[ProgressColumn, ...]:
+    """The columns of a run's progress line: its title, the bar, payments done, the live counts, the time.
+
+    Only the bar gives way on a narrow terminal (down to nothing): the texts
+    never wrap, so at 80 columns a 17-character title ("with idempo proxy")
+    and 4-digit counts still read whole, where they were cut ("500/10…").
+    The titles of every kind of run get one width, so two runs' bars line up.
+    """
+    title_width = max(len(title) for titles in (_TITLES, _TITLES_PROXY, _TITLES_KILL) for title in titles.values())
+    return (
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, min_width=title_width)),
+        BarColumn(bar_width=40),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        TextColumn(_LIVE_COUNTS, table_column=Column(no_wrap=True)),
+        TimeElapsedColumn(table_column=Column(no_wrap=True)),
+    )
+
+
 def _run(
     console: Console,
     label: str,
@@ -392,14 +417,7 @@ def _run(
     log_path = workdir / f"server-{name}.log"
     start = serve or functools.partial(_one_server, workdir=workdir, use_proxy=use_proxy)
     with start(database, store_url, log_path) as (base_url, probe):
-        columns = (
-            TextColumn("{task.description:<15}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(_LIVE_COUNTS),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console) as progress:
+        with Progress(*_progress_columns(), console=console) as progress:
             task = progress.add_task(label, total=len(plan), requests=0, replays=0, conflicts=0)
             tally = Tally()
 
