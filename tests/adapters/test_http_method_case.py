@@ -23,8 +23,8 @@ from werkzeug.serving import make_server
 from idempo import Policy
 from tests.adapters.conftest import K1, B
 from tests.support.clock import FakeClock
-from tests.support.frameworks import Framework
-from tests.support.orders import Orders
+from tests.support.frameworks import FRAMEWORKS, Framework
+from tests.support.orders import Orders, litestar_app
 from tests.support.servers import running_asgi
 
 AMBIGUOUS = "https://idempo.dev/problems/method-ambiguous"
@@ -103,3 +103,17 @@ def test_a_covered_method_in_other_case_needs_a_key_where_post_does(framework: F
         assert status == expected, body
         assert says in body
         assert orders.calls == 0
+
+
+@pytest.mark.parametrize("key", [K1, None])
+def test_litestar_answers_a_lower_case_method_405_without_idempo(key: str | None) -> None:
+    """The 405 Litestar answers a ``post`` is Litestar's own: the same app without idempo answers it, with a key
+    or without (its router matches the method as sent, before any middleware), while ``POST`` runs the
+    handler. So idempo has nothing to answer there, and the handler never runs unprotected."""
+    orders = Orders()
+    with lenient_server(FRAMEWORKS["litestar"], litestar_app(orders)) as address:
+        status, body = send(address, "post", key=key)
+        assert (status, b"Method Not Allowed" in body) == (405, True)
+        assert orders.calls == 0
+        assert send(address, "POST", key=key)[0] == 201
+        assert orders.calls == 1
