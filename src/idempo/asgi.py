@@ -29,6 +29,7 @@ from ._core.records import StoredResponse
 from ._core.routes import RouteOptions, RouteTable
 from ._engine._async.drivers import drive_async
 from ._engine.execution import AsyncExecution
+from ._engine.lease import drain_saves
 from ._http.admission import Bypass, Execute, admission
 from ._http.asgi import (
     EXCHANGE_SCOPE_KEY,
@@ -189,11 +190,30 @@ class IdempotencyMiddleware:
 
         return lifespan_send
 
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        """At shutdown, wait for the saves still retried in the background before the app's own shutdown runs.
+
+        A save that failed after its handler ran is retried while the process
+        lives (DESIGN "HTTP behaviour"); a graceful shutdown waits for those
+        up to ``idempo._engine.lease.SHUTDOWN_WAIT`` seconds (10), before the
+        app's shutdown hooks close what the store may use (its pool), and
+        logs each one left.
+        """
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await drain_saves(self.store)
+            return message
+
+        return lifespan_receive
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 failed = _StartupFailed()
-                await self.app(scope, failed.receive(receive), self._lifespan_send(failed.send(send), scope))
+                lifespan_receive = self._lifespan_receive(failed.receive(receive))
+                await self.app(scope, lifespan_receive, self._lifespan_send(failed.send(send), scope))
             else:
                 await self.app(scope, receive, send)
             return

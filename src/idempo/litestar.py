@@ -33,7 +33,8 @@ exception releases the key (the 500's verdict), whatever those say.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 from typing import Any, cast
 
@@ -45,6 +46,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from ._core.policy import Policy
 from ._core.routes import RouteOptions
+from ._engine.lease import drain_saves
 from .asgi import IdempotencyMiddleware as _ASGIMiddleware
 from .asgi import PrincipalResolver, default_principal, report_exception
 from .exceptions import ConfigurationError
@@ -187,10 +189,19 @@ class IdempotencyPlugin(InitPlugin):
         )
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        """Register the middleware and the exception hook."""
+        """Register the middleware, the exception hook, and the wait for save retries at shutdown."""
         app_config.middleware.append(self.middleware)
         app_config.after_exception.append(_report)
+        # The last lifespan manager is the first to exit: the wait comes before
+        # the app's own managers and on_shutdown hooks close what the store uses.
+        app_config.lifespan.append(self._saves_drained)
         return app_config
+
+    @contextlib.asynccontextmanager
+    async def _saves_drained(self, app: Any) -> AsyncIterator[None]:
+        """At shutdown, wait (bounded) for the saves still retried in the background, as the ASGI middleware does."""
+        yield
+        await drain_saves(self.middleware.store)
 
 
 async def _report(exc: Exception, scope: Scope) -> None:

@@ -9,7 +9,10 @@ are counted (``idempo_save_retries_total``, ``idempo_saves_total``) and logged.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -225,6 +228,56 @@ def test_a_refused_release_of_a_record_taken_over_says_so_without_a_lost_result(
     (refused,) = [r for r in caplog.records if getattr(r, "idempo_event", None) == "lease_lost"]
     assert refused.levelno == logging.WARNING
     assert refused.getMessage().endswith("the lease was taken over; nothing to release")
+
+
+_EXIT_SCRIPT = """
+import atexit, logging
+from idempo import idempotent
+from idempo.exceptions import StoreUnavailable
+from idempo.secrets import is_reserved
+from idempo.stores import MemoryStore
+
+class Store(MemoryStore):
+    down = True
+
+    def complete(self, *args):
+        if self.down:
+            raise StoreUnavailable("the store is down (injected)")
+        super().complete(*args)
+
+store = Store()
+
+class StoreBack(logging.Handler):
+    def emit(self, record):
+        print(record.getMessage(), flush=True)
+        if getattr(record, "idempo_event", None) == "shutdown_waiting":
+            store.down = False  # the store comes back while the exit waits
+
+logging.getLogger("idempo").addHandler(StoreBack())
+
+def report():  # registered before idempo's hook: runs after it
+    (key,) = [key for key in store._records if not is_reserved(key)]
+    print("record:", store.get(key).state.value, flush=True)
+
+atexit.register(report)
+
+@idempotent(store=store, key="order", scope="exit")
+def pay(order):
+    return 1
+
+assert pay("o1") == 1
+"""
+
+
+def test_the_process_exit_waits_for_a_blocking_save_being_retried() -> None:
+    """A blocking process whose save is being retried when its main code ends: the interpreter's exit waits
+    for the retry (WARNING ``shutdown_waiting``), the store comes back meanwhile, and the record is completed
+    before the process is gone, instead of the daemon thread dying with the result unsaved."""
+    env = {**os.environ, "IDEMPO_SECRET": "s" * 32}
+    done = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "waiting up to 10 s for 1 saves still being retried" in done.stdout, done.stdout
+    assert done.stdout.splitlines()[-1] == "record: completed", done.stdout
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -23,6 +23,8 @@ leaves a takeover behind."""
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import contextvars
 import heapq
 import itertools
@@ -43,7 +45,15 @@ from ..observability._observation import RequestObservation, logger, save_outcom
 from ..typing import AsyncStore, Store
 from .store import Settle, call_store_async, call_store_sync, settle_once_async, settle_once_sync
 
-__all__ = ["AsyncLeaseKeeper", "AsyncUnrenewedLease", "LeaseKeeper", "UnrenewedLease"]
+__all__ = [
+    "SHUTDOWN_WAIT",
+    "AsyncLeaseKeeper",
+    "AsyncUnrenewedLease",
+    "LeaseKeeper",
+    "UnrenewedLease",
+    "drain_saves",
+    "drain_saves_sync",
+]
 
 
 # Seconds: how late a blocking renewal may run at most beyond its due time.
@@ -53,6 +63,16 @@ _SAVE_FIRST = 0.1
 _SAVE_CAP = 5.0
 # Strong references to the background save retries, so none is collected mid-way.
 _SAVING: set[Any] = set()
+#: Seconds a graceful shutdown waits for the saves still retried in the background
+#: (:func:`drain_saves`: the ASGI lifespan's shutdown; :func:`drain_saves_sync`: a
+#: blocking process's exit) before it leaves them and logs each one.
+SHUTDOWN_WAIT = 10.0
+# Seconds between two looks at what is left while a shutdown waits.
+_DRAIN_POLL = 0.05
+# The saves being retried in the background, of any keeper: what a shutdown waits for.
+_RETRYING: dict[_PendingSave, None] = {}
+_RETRYING_LOCK = threading.Lock()
+_exit_hook = False
 # The jitter's own generator: a save retry draws from another thread at any
 # moment, and must not move the application's global random state (a seeded
 # simulation, or hypothesis, which fails a test whose strategy sees it move).
@@ -77,9 +97,10 @@ class _PendingSave:
     are here once; the blocking and async keepers only make the store calls.
     """
 
-    __slots__ = ("command", "deadline", "due", "fell_back", "label", "retries", "token")
+    __slots__ = ("command", "deadline", "due", "fell_back", "label", "retries", "store", "token")
 
     def __init__(self, store: object, command: Settle, retry_for: float) -> None:
+        self.store = store
         self.command = command
         self.token = command.token
         self.label = store_label(store)
@@ -192,6 +213,90 @@ class _PendingSave:
             extra=_extra(command, "save_given_up", self.retries),
         )
         return False
+
+
+def _retrying(pending: _PendingSave) -> None:
+    """``pending`` is retried in the background from now on: a shutdown waits for it."""
+    with _RETRYING_LOCK:
+        _RETRYING[pending] = None
+
+
+def _retried(pending: _PendingSave) -> None:
+    """``pending`` is over (landed, refused, given up, or its retries ended otherwise)."""
+    with _RETRYING_LOCK:
+        _RETRYING.pop(pending, None)
+
+
+def _left(store: object | None) -> list[_PendingSave]:
+    with _RETRYING_LOCK:
+        return [pending for pending in _RETRYING if store is None or pending.store is store]
+
+
+def _waiting(left: list[_PendingSave], timeout: float) -> None:
+    logger.warning(
+        "idempo: shutting down: waiting up to %g s for %d saves still being retried (records %s)",
+        timeout,
+        len(left),
+        ", ".join(pending.command.record_key for pending in left),
+        extra={"idempo_event": "shutdown_waiting"},
+    )
+
+
+def _abandoned(left: list[_PendingSave], timeout: float) -> None:
+    for pending in left:
+        command = pending.command
+        logger.error(
+            "idempo: shut down with the %s of record %s not landed after %d retries and %g s of waiting: its "
+            "lease is left to expire, after which a takeover decides (on_takeover)",
+            _action(command),
+            command.record_key,
+            pending.retries,
+            timeout,
+            extra=_extra(command, "save_abandoned", pending.retries),
+        )
+
+
+async def drain_saves(store: object) -> None:
+    """Wait for the saves of ``store`` still retried in the background, up to :data:`SHUTDOWN_WAIT` seconds.
+
+    Called at a graceful shutdown (the ASGI lifespan's), so a result whose
+    save failed is not left to a takeover (a second execution, under the
+    default ``on_takeover``) just because the process was stopping. Logs
+    one WARNING when there is something to wait for, and one ERROR
+    (``save_abandoned``) per save still not landed at the bound; an empty
+    wait costs nothing. On asyncio and trio. ``store``: the store whose
+    saves to wait for (another store's are not this shutdown's).
+    """
+    left = _left(store)
+    if not left:
+        return
+    bound = SHUTDOWN_WAIT
+    _waiting(left, bound)
+    deadline = time.monotonic() + bound
+    while left and time.monotonic() < deadline:
+        await anyio.sleep(_DRAIN_POLL)
+        left = _left(store)
+    _abandoned(left, bound)
+
+
+def drain_saves_sync(store: object | None = None) -> None:
+    """The blocking twin of :func:`drain_saves` (``store`` None: every store's); run at the process's exit."""
+    left = _left(store)
+    if not left:
+        return
+    bound = SHUTDOWN_WAIT
+    _waiting(left, bound)
+    deadline = time.monotonic() + bound
+    while left and time.monotonic() < deadline:
+        time.sleep(_DRAIN_POLL)
+        left = _left(store)
+    _abandoned(left, bound)
+
+
+def _drain_at_exit() -> None:
+    # Logging at interpreter exit can fail; never turn an exit into a traceback.
+    with contextlib.suppress(Exception):
+        drain_saves_sync()
 
 
 def _action(command: Settle) -> str:
@@ -391,7 +496,9 @@ class AsyncLeaseKeeper:
             return error is None
         pending = _PendingSave(store, command, retry_for)
         self._paused = False
+        _retrying(pending)
         if not self._spawn(pending):
+            _retried(pending)
             await self.stop()
         return False
 
@@ -444,6 +551,7 @@ class AsyncLeaseKeeper:
         except Exception:  # never let the retry end a trio run or leave an unretrieved task error
             logger.exception("idempo: the save retry of record %s failed", record_key)
         finally:
+            _retried(pending)
             self.cancel()
 
     def cancel(self) -> None:
@@ -584,8 +692,24 @@ class _Scheduler:
 
 
 _SCHEDULER = _Scheduler()
-# A forked child (gunicorn --preload) inherits the scheduler but not its thread.
-os.register_at_fork(after_in_child=lambda: _Scheduler.__init__(_SCHEDULER))
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (gunicorn --preload) inherits the scheduler but not its
+    # thread, nor any of the parent's retries.
+    _Scheduler.__init__(_SCHEDULER)
+    _RETRYING.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _exit_waits() -> None:
+    """Make the process's exit wait for the blocking keepers' retried saves (registered once, on the first)."""
+    global _exit_hook
+    if not _exit_hook:
+        _exit_hook = True
+        atexit.register(_drain_at_exit)
 
 
 class LeaseKeeper:
@@ -626,6 +750,12 @@ class LeaseKeeper:
 
     def _tick(self) -> float | None:
         """Run what is due (a save attempt, a renewal); return when to run next (monotonic), None to stop."""
+        again = self._run_due()
+        if again is None and self._pending is not None:
+            _retried(self._pending)
+        return again
+
+    def _run_due(self) -> float | None:
         if self._stopped:
             return None
         now = time.monotonic()
@@ -680,6 +810,8 @@ class LeaseKeeper:
         if error is None or isinstance(error, LeaseLost):
             return error is None
         pending = _PendingSave(store, command, retry_for)
+        _retrying(pending)
+        _exit_waits()
         with self._lock:
             self._pending = pending
             self._stopped = False
