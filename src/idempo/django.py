@@ -250,12 +250,24 @@ class StoredHttpResponse(HttpResponse):
 class _AtomicHandle:
     """One transactional view's ``transaction.atomic()`` block on its alias, entered by :meth:`open`."""
 
-    __slots__ = ("atomic", "connection", "exited")
+    __slots__ = ("atomic", "connection", "exited", "factory", "guarded")
 
     def __init__(self, atomic: Any, connection: Any) -> None:
         self.atomic = atomic
         self.connection = connection
         self.exited = False
+        #: The psycopg connection whose cursor factory the guard stands in for, and that factory.
+        self.guarded: Any = None
+        self.factory: Any = None
+
+    def unguard(self) -> str | None:
+        """Take the statement guard off (PostgreSQL); why it refused a statement, or None."""
+        if self.guarded is None:
+            return None
+        from .stores._psycopg import unguard
+
+        guarded, self.guarded = self.guarded, None
+        return unguard(guarded, self.factory)
 
     def exit(self) -> None:
         """Leave the outermost atomic block: Django commits, or rolls back when marked so (raises on failure)."""
@@ -361,7 +373,16 @@ class _DjangoTransactor:
                 transaction.set_rollback(True, using=self.alias)
                 atomic.__exit__(None, None, None)
             raise StoreUnavailable(f"the transaction on {self.alias!r} could not begin: {exc}") from exc
-        return _AtomicHandle(atomic, connection)
+        handle = _AtomicHandle(atomic, connection)
+        raw = connection.connection
+        if connection.vendor == "postgresql" and hasattr(raw, "pgconn"):  # psycopg 3, not psycopg2
+            # psycopg 3 (Django's "postgresql" backend on it): the view's cursors refuse a statement
+            # that would end the block's transaction before it is sent (stores._psycopg).
+            from .stores._psycopg import guard
+
+            handle.factory = guard(raw)
+            handle.guarded = raw
+        return handle
 
     def connection(self, h: _AtomicHandle) -> Any:
         """Django's connection of the alias (``tx.connection.cursor()`` joins the atomic block)."""
@@ -395,6 +416,9 @@ class _DjangoTransactor:
         which fails when the transaction open is not idempo's (psycopg began a
         new one at the next statement).
         """
+        refused = h.unguard()
+        if refused is not None:
+            return refused
         if h.exited:
             return None
         try:
@@ -416,6 +440,7 @@ class _DjangoTransactor:
 
     def run(self, h: _AtomicHandle, command: Any, *, in_transaction: bool) -> None:
         """The store's statement on the alias's DB-API connection (after a rollback Django autocommits it)."""
+        h.unguard()
         h.connection.ensure_connection()
         self.store.settle_on(h.connection.connection, command)
 
@@ -437,6 +462,7 @@ class _DjangoTransactor:
                 it would roll back silently, so the caller must not count it as
                 committed (it rolls back and releases the record).
         """
+        h.unguard()
         if self.marked_for_rollback(h):
             raise transaction.TransactionManagementError(
                 f"the atomic block on {self.alias!r} is marked for rollback: nothing was committed"
@@ -445,6 +471,7 @@ class _DjangoTransactor:
 
     def rollback(self, h: _AtomicHandle) -> None:
         """Mark the atomic block for rollback and leave it."""
+        h.unguard()
         if not h.exited:
             transaction.set_rollback(True, using=self.alias)
             h.exit()

@@ -8,10 +8,11 @@ import uuid
 from typing import Any
 
 import psycopg
+import psycopg_pool
 import pytest
 
 from idempo import idempotent
-from idempo.exceptions import CommitFailed, ConfigurationError, TransactionControlled
+from idempo.exceptions import CommitFailed, ConfigurationError, KeyHeld, TransactionControlled
 from idempo.stores.memory import MemoryStore
 from idempo.stores.postgres import AsyncPostgresStore, PostgresStore
 from idempo.stores.sqlite import AsyncSQLiteStore, SQLiteStore
@@ -75,6 +76,99 @@ def test_pg_commit_refused_inside(pg_store: PostgresStore, pg_app: PgApp) -> Non
 
     with pytest.raises(psycopg.ProgrammingError, match="commit"):
         charge("o3")
+    assert pg_app.rows() == []
+
+
+def _end_through(conn: Any, how: str) -> None:
+    """A COMMIT reaching the server through one of psycopg's paths (blocking)."""
+    if how == "execute":
+        conn.execute("/* app */ COMMIT")
+    elif how == "cursor":
+        with conn.cursor() as cur:
+            cur.execute("END;")
+    elif how == "composed":
+        conn.execute(psycopg.sql.SQL("COMMIT"))
+    elif how == "executemany":
+        with conn.cursor() as cur:
+            cur.executemany("COMMIT", [()])
+    elif how == "pipeline":
+        with conn.pipeline():
+            conn.execute("ROLLBACK")
+    else:
+        conn.execute("INSERT INTO payments (order_id, cents) VALUES ('in-string', 8); COMMIT")
+
+
+@pytest.mark.parametrize("then", ["propagate", "swallow and return"])
+@pytest.mark.parametrize("how", ["execute", "cursor", "composed", "executemany", "pipeline", "write; COMMIT"])
+def test_pg_commit_statement_refused_before_it_runs(
+    pg_store: PostgresStore, pg_pool: psycopg_pool.ConnectionPool, pg_app: PgApp, how: str, then: str
+) -> None:
+    """A COMMIT / END / ROLLBACK statement through tx.connection (its execute, a cursor, a sql.Composed,
+    executemany, a pipeline, or after a write in one string) is refused before it is sent: TransactionControlled
+    naming the rule; nothing commits, the key is held (KeyHeld, the function not run again), even when the
+    function caught the error and returned. Before, the statement committed the row with the record still in
+    progress, and only the check after the function held the key. The pool's connection serves on unguarded."""
+    calls: list[str] = []
+    refusals: list[str] = []
+
+    @idempotent(store=pg_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    def charge(order_id: str, *, tx: Transaction) -> str:
+        calls.append(order_id)
+        tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (%s, 1)", (order_id,))
+        try:
+            _end_through(tx.connection, how)
+        except TransactionControlled as exc:
+            refusals.append(str(exc))
+            if then == "propagate":
+                raise
+        return "ok"
+
+    with pytest.raises(TransactionControlled):
+        charge("g1")
+    with pytest.raises(KeyHeld):
+        charge("g1")
+    assert calls == ["g1"]
+    assert len(refusals) == 1
+    assert "refused" in refusals[0]
+    assert pg_app.rows() == []
+
+    @idempotent(store=pg_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    def plain(order_id: str, *, tx: Transaction) -> str:
+        tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (%s, 1)", (order_id,))
+        return "ok"
+
+    assert plain("g2") == "ok"
+    assert pg_app.rows() == [("g2", 1)]
+    with pg_pool.connection() as conn:
+        assert conn.cursor_factory is psycopg.Cursor  # the guard is off the pool's connections
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["execute", "cursor", "stream"])
+async def test_async_pg_commit_statement_refused_before_it_runs(
+    apg_store: AsyncPostgresStore, pg_app: PgApp, how: str
+) -> None:
+    """The async twin: a COMMIT through AsyncConnection.execute, an AsyncCursor, or a cursor's stream() is
+    refused before it is sent; TransactionControlled, then KeyHeld; no row."""
+
+    @idempotent(store=apg_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
+    async def charge(order_id: str, *, tx: AsyncTransaction) -> str:
+        await tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (%s, 1)", (order_id,))
+        if how == "execute":
+            await tx.connection.execute("COMMIT")
+        elif how == "cursor":
+            async with tx.connection.cursor() as cur:
+                await cur.execute("COMMIT")
+        else:
+            async with tx.connection.cursor() as cur:
+                async for _ in cur.stream("COMMIT"):
+                    pass
+        return "ok"
+
+    with pytest.raises(TransactionControlled):
+        await charge("a1")
+    with pytest.raises(KeyHeld):
+        await charge("a1")
     assert pg_app.rows() == []
 
 

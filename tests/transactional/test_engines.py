@@ -21,7 +21,7 @@ import idempo.fastapi
 from idempo import idempotent
 from idempo.asgi import IdempotencyMiddleware
 from idempo.exceptions import CommitUnknown, ConfigurationError, KeyHeld, TransactionControlled
-from idempo.stores._sqlalchemy import ending_statement
+from idempo.stores._base import ending_statement
 from idempo.stores.postgres import AsyncPostgresStore, PostgresStore
 from idempo.stores.sqlite import AsyncSQLiteStore, SQLiteStore
 from idempo.transactional import AsyncTransaction, Transaction

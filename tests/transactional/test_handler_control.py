@@ -89,25 +89,32 @@ def test_kept_connection_does_not_poison_the_next_transaction(pg_app: PgApp, tmp
 
 
 @pytest.mark.parametrize(
-    ("statements", "mode", "committed"),
+    ("statements", "mode", "via", "committed"),
     [
-        (["COMMIT"], "raise", [("o", 1)]),
-        (["COMMIT"], "", [("o", 1)]),
-        (["ROLLBACK"], "", []),
-        (["COMMIT", "INSERT INTO payments (order_id, cents) VALUES ('o', 2)"], "raise", [("o", 1)]),
-        (["COMMIT", "INSERT INTO payments (order_id, cents) VALUES ('o', 2)"], "", [("o", 1)]),
+        (["COMMIT"], "raise", None, []),
+        (["COMMIT"], "", None, []),
+        (["ROLLBACK"], "", None, []),
+        (["/* app */ END;"], "", None, []),
+        (["SELECT 1; COMMIT"], "", None, []),
+        (["COMMIT", "INSERT INTO payments (order_id, cents) VALUES ('o', 2)"], "raise", None, []),
+        (["COMMIT"], "raise", "cursor", []),
+        # Past psycopg (libpq itself): not refused, found after the handler.
+        (["COMMIT"], "raise", "pgconn", [("o", 1)]),
+        (["COMMIT"], "", "pgconn", [("o", 1)]),
+        # libpq sends the write after the COMMIT outside any transaction: committed at once.
+        (["COMMIT", "INSERT INTO payments (order_id, cents) VALUES ('o', 2)"], "", "pgconn", [("o", 1), ("o", 2)]),
     ],
 )
 def test_psycopg_handler_ending_the_transaction_holds_the_key(
-    pg_app: PgApp, statements: list[str], mode: str, committed: list[tuple[object, ...]]
+    pg_app: PgApp, statements: list[str], mode: str, via: str | None, committed: list[tuple[object, ...]]
 ) -> None:
-    """A handler that runs COMMIT or ROLLBACK through tx.connection (psycopg, FastAPI), then raises or answers
-    201, perhaps writing again in the transaction its statement left behind: whatever is open is rolled back,
-    the answer is 500 problem transaction-ended, and the key is held (a retry gets 409 outcome-unknown and
-    does not run), so what the handler's COMMIT committed stays the one effect and nothing is replayed that
-    did not commit."""
+    """A handler runs COMMIT, END or ROLLBACK through tx.connection (psycopg, FastAPI; its execute or a
+    cursor's), then raises or answers 201: the statement is refused before it is sent, so nothing commits.
+    Sent past psycopg (libpq's exec_), it runs, and idempo finds it after the handler: what it committed stays
+    the one effect (a write libpq sent after it committed at once too). Either way the answer is
+    500 problem transaction-ended and the key is held (a retry gets 409 outcome-unknown and does not run)."""
     with serve(app_env("postgres", "fastapi", pg_app)) as (url, _):
-        body = {"order_id": "o", "sql": statements, "mode": mode}
+        body = {"order_id": "o", "sql": statements, "mode": mode, "via": via}
         first = _post(url, "k", body)
         assert (first.status_code, _problem(first)) == (500, "transaction-ended")
         retry = _post(url, "k", body)

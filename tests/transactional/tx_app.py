@@ -23,7 +23,8 @@ its own, outside the transaction), ``background`` (a background task uses tx aft
 ``hold`` (holds the transaction 1 s after the write),
 ``kept`` (a background task writes through a reference to ``tx.connection`` kept past the handler;
 PostgreSQL). ``sql``, a list of statements, runs through ``tx.connection`` after the write (through a
-cursor of it when ``via`` is ``cursor``), before ``mode`` acts.
+cursor of it when ``via`` is ``cursor``; on PostgreSQL through libpq's ``pgconn.exec_`` when it is
+``pgconn``), before ``mode`` acts.
 """
 
 from __future__ import annotations
@@ -102,7 +103,14 @@ class Backend:
     async def execute(self, tx: Any, statement: str, via: str | None) -> None:
         """Run ``statement`` through the handler's connection (or a cursor of it)."""
         if self.kind == "postgres":
-            await tx.connection.execute(statement)
+            if via == "cursor":
+                async with tx.connection.cursor() as cur:
+                    await cur.execute(statement)
+            elif via == "pgconn":  # libpq itself, past psycopg's cursors
+                for one in statement.split(";"):
+                    tx.connection.pgconn.exec_(one.encode())
+            else:
+                await tx.connection.execute(statement)
         else:
             (tx.connection.cursor() if via == "cursor" else tx.connection).execute(statement)
 

@@ -36,13 +36,13 @@ from sqlalchemy.orm import Session
 from .._core.errors import describe, driver_error
 from .._core.records import Record
 from ..exceptions import StoreError, StoreUnavailable, TransactionControlled
+from ._base import ending_statement
 
 __all__ = [
     "AsyncEngineTransactor",
     "EngineTransactor",
     "Rows",
     "arun_steps",
-    "ending_statement",
     "kind",
     "run_steps",
     "sa_errors",
@@ -168,66 +168,6 @@ def _driver_in_transaction(raw: Any) -> bool | None:
 
 
 # --- the guard: what would end idempo's transaction is refused while the handler runs ----------
-
-# Statements that end the transaction they run in (PostgreSQL and SQLite): COMMIT, END, ROLLBACK
-# (but not ROLLBACK TO, a savepoint's partial rollback), ABORT, PREPARE TRANSACTION (two-phase
-# commit's first phase: the transaction leaves the session). BEGIN / START TRANSACTION inside a
-# transaction end nothing (PostgreSQL warns, SQLite fails).
-_ENDING = frozenset({"COMMIT", "END", "ROLLBACK", "ABORT", "PREPARE"})
-# Whitespace and SQL comments before a statement's first keyword.
-_LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.DOTALL)
-_COMMENT = re.compile(r"--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$)", re.DOTALL)
-_WORD = re.compile(r"\w+")
-# What a ';' inside does not end: string literals (E'...' with backslash escapes), quoted names,
-# comments, dollar quotes ($$...$$, $tag$...$tag$; not $1, a parameter); and the ';' that does.
-_SPLIT = re.compile(
-    r"(?<!\w)[eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/"
-    r"|\$(?:[A-Za-z_]\w*)?\$|;",
-    re.DOTALL,
-)
-
-
-def _ending_head(statement: str) -> str | None:
-    """The keyword of one statement if it ends the transaction (``ROLLBACK TO`` does not), else None."""
-    rest = statement[_LEADING.match(statement).end() :]  # type: ignore[union-attr]  # matches the empty string
-    words = _WORD.match(rest)
-    head = words.group().upper() if words else ""
-    if head not in _ENDING:
-        return None
-    if head in ("ROLLBACK", "PREPARE"):
-        following = [w.upper() for w in _WORD.findall(_COMMENT.sub(" ", rest))[1:3]]
-        if head == "PREPARE":
-            return "PREPARE TRANSACTION" if following[:1] == ["TRANSACTION"] else None
-        if following[:1] == ["TO"] or (following[:1] in (["TRANSACTION"], ["WORK"]) and following[1:] == ["TO"]):
-            return None
-    return head
-
-
-def ending_statement(sql: str) -> str | None:
-    """The keyword of the first statement in ``sql`` that ends the transaction, or None.
-
-    ``sql`` may hold several statements (psycopg runs them when no parameters
-    are passed): each one after a ``;`` outside a string, a quoted name, a
-    comment or a dollar quote is read too. A dollar-quoted body (a ``DO`` block)
-    is skipped whole: PostgreSQL refuses a COMMIT there inside a transaction block.
-    """
-    head = _ending_head(sql)
-    if head is not None or ";" not in sql:
-        return head
-    pos = 0
-    while (match := _SPLIT.search(sql, pos)) is not None:
-        token = match.group()
-        if token == ";":
-            head = _ending_head(sql[match.end() :])
-            if head is not None:
-                return head
-            pos = match.end()
-        elif token.startswith("$"):
-            close = sql.find(token, match.end())  # the dollar quote's end
-            pos = len(sql) if close < 0 else close + len(token)
-        else:
-            pos = match.end()
-    return None
 
 
 class _Guard:

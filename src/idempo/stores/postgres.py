@@ -84,6 +84,7 @@ from ._base import (
     misconfigured,
     record_from_row,
 )
+from ._psycopg import guard, unguard
 from .sql.postgres import SCHEMA_VERSION, migrations
 
 __all__ = ["SCHEMA_VERSION", "AsyncPostgresStore", "PostgresStore", "migrations"]
@@ -1260,10 +1261,12 @@ def _complete_last(command: Any, rewrite: _Rewrite | None) -> tuple[Any, dict[st
 
 
 class _PgHandle(NamedTuple):
-    """One transactional execution's connection and its psycopg transaction."""
+    """One transactional execution's connection, its psycopg transaction, and the connection's own
+    cursor factory (the guard's stands in for it while the handler runs)."""
 
     conn: Any
     tx: Any
+    factory: Any
 
 
 class _PgHandles:
@@ -1352,15 +1355,19 @@ class _PgTransactor(_PgHandles):
         except psycopg.Error as exc:
             pool.putconn(conn)
             raise _begin_failed(exc) from exc
-        return _PgHandle(conn, tx)
+        return _PgHandle(conn, tx, guard(conn))
 
     def ended(self, h: _PgHandle, committing: bool) -> str | None:
         """Why idempo's transaction is no longer open (see :func:`_ended_without_io`), or None.
 
         Then the marking savepoint is released (committing) or rolled back to
         (a release or hold follows): that fails when the transaction open is
-        not idempo's (the handler ended it and a new one began).
+        not idempo's (the handler ended it and a new one began). A statement the
+        guard refused counts as ended.
         """
+        refused = unguard(h.conn, h.factory)
+        if refused is not None:
+            return refused
         why = _ended_without_io(h)
         if why is not None:
             return why
@@ -1380,6 +1387,7 @@ class _PgTransactor(_PgHandles):
         return None
 
     def run(self, h: _PgHandle, command: Any, *, in_transaction: bool) -> None:
+        unguard(h.conn, h.factory)
         if in_transaction:
             _run_steps(h.conn, _settle_steps(command), self._store._rewrite)
         else:
@@ -1387,10 +1395,12 @@ class _PgTransactor(_PgHandles):
                 _run_steps(h.conn, _settle_steps(command), self._store._rewrite)
 
     def commit(self, h: _PgHandle) -> None:
+        unguard(h.conn, h.factory)
         h.tx.__exit__(None, None, None)
 
     def finish(self, h: _PgHandle, command: Any) -> None:
         """The record's completion and COMMIT in one pipeline: one round trip (see ``complete_last``)."""
+        unguard(h.conn, h.factory)
         query, params = _complete_last(command, self._store._rewrite)
         try:
             with h.conn.pipeline():
@@ -1400,6 +1410,7 @@ class _PgTransactor(_PgHandles):
             raise LeaseLost() from exc
 
     def rollback(self, h: _PgHandle) -> None:
+        unguard(h.conn, h.factory)
         if h.tx.status == psycopg.Transaction.Status.ACTIVE:
             rollback = psycopg.Rollback(h.tx)
             h.tx.__exit__(psycopg.Rollback, rollback, None)  # errors are logged by psycopg, not raised
@@ -1411,6 +1422,7 @@ class _PgTransactor(_PgHandles):
     def close(self, h: _PgHandle, *, broken: bool) -> None:
         pool = self._store._pool
         try:
+            unguard(h.conn, h.factory)  # the pool's next borrower gets the connection as the app made it
             if broken or h.conn.broken:
                 h.conn.close()
             if pool is not None:
@@ -1442,10 +1454,13 @@ class _AsyncPgTransactor(_PgHandles):
         except psycopg.Error as exc:
             await pool.putconn(conn)
             raise _begin_failed(exc) from exc
-        return _PgHandle(conn, tx)
+        return _PgHandle(conn, tx, guard(conn))
 
     async def ended(self, h: _PgHandle, committing: bool) -> str | None:
         """See :meth:`_PgTransactor.ended`."""
+        refused = unguard(h.conn, h.factory)
+        if refused is not None:
+            return refused
         why = _ended_without_io(h)
         if why is not None:
             return why
@@ -1465,6 +1480,7 @@ class _AsyncPgTransactor(_PgHandles):
         return None
 
     async def run(self, h: _PgHandle, command: Any, *, in_transaction: bool) -> None:
+        unguard(h.conn, h.factory)
         if in_transaction:
             await _arun_steps(h.conn, _settle_steps(command), self._store._rewrite)
         else:
@@ -1472,10 +1488,12 @@ class _AsyncPgTransactor(_PgHandles):
                 await _arun_steps(h.conn, _settle_steps(command), self._store._rewrite)
 
     async def commit(self, h: _PgHandle) -> None:
+        unguard(h.conn, h.factory)
         await h.tx.__aexit__(None, None, None)
 
     async def finish(self, h: _PgHandle, command: Any) -> None:
         """See :meth:`_PgTransactor.finish`."""
+        unguard(h.conn, h.factory)
         query, params = _complete_last(command, self._store._rewrite)
         try:
             async with h.conn.pipeline():
@@ -1485,6 +1503,7 @@ class _AsyncPgTransactor(_PgHandles):
             raise LeaseLost() from exc
 
     async def rollback(self, h: _PgHandle) -> None:
+        unguard(h.conn, h.factory)
         if h.tx.status == psycopg.AsyncTransaction.Status.ACTIVE:
             rollback = psycopg.Rollback(h.tx)
             await h.tx.__aexit__(psycopg.Rollback, rollback, None)
@@ -1496,6 +1515,7 @@ class _AsyncPgTransactor(_PgHandles):
     async def close(self, h: _PgHandle, *, broken: bool) -> None:
         pool = self._store._pool
         try:
+            unguard(h.conn, h.factory)  # see _PgTransactor.close
             if broken or h.conn.broken:
                 await h.conn.close()
             if pool is not None:
