@@ -209,6 +209,23 @@ def test_a_refused_release_of_a_record_completed_under_its_own_lease_says_the_co
     assert (record.state, record.token) == (RecordState.COMPLETED, taken.token)
 
 
+def test_an_immediately_refused_release_does_not_claim_a_takeover(caplog: pytest.LogCaptureFixture) -> None:
+    """The follow-up release after a COMMIT of unknown outcome, refused at its first attempt because that COMMIT
+    landed (the record is completed under this lease): the WARNING does not say the lease was taken over and a
+    result was not stored; it names what a refused release can mean (REVIEW-TX F9's leftover)."""
+    store = MemoryStore()
+    taken = store.begin("rk", "fp", 30_000)
+    assert isinstance(taken, Acquired)
+    store.complete("rk", taken.token, StoredResponse(201, [], b"{}"), 60_000)  # the COMMIT landed
+    keeper = LeaseKeeper(store, "rk", taken.token, 30_000)
+    with caplog.at_level(logging.INFO, logger="idempo"):
+        assert keeper.save(Release("rk", taken.token), None, 60.0) is False
+    (refused,) = [r for r in caplog.records if getattr(r, "idempo_event", None) == "lease_lost"]
+    assert "the lease was taken over" not in refused.getMessage()
+    assert "not stored" not in refused.getMessage()
+    assert "completed under it by a COMMIT that landed" in refused.getMessage()
+
+
 def test_a_refused_release_of_a_record_taken_over_says_so_without_a_lost_result(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

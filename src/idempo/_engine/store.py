@@ -113,7 +113,19 @@ def _tell(observation: RequestObservation | None, command: Settle, error: Except
 def _log_settle_failure(command: Settle, exc: BaseException) -> None:
     action = type(command).__name__.lower()
     extra = {"idempo_event": "", "idempo_operation": action, "idempo_record_key": command.record_key}
-    if isinstance(exc, LeaseLost):
+    if isinstance(exc, LeaseLost) and isinstance(command, Release):
+        # The record was not read: a release is refused when another request
+        # took the record over, when it is gone, and when a COMMIT of unknown
+        # outcome completed it under this very lease (REVIEW-TX F9), so the
+        # message names all three instead of a takeover that may not be.
+        extra["idempo_event"] = "lease_lost"
+        logger.warning(
+            "idempo: release refused (record %s): the record is no longer in progress under this request's lease "
+            "(taken over, gone, or completed under it by a COMMIT that landed); nothing to release",
+            command.record_key,
+            extra=extra,
+        )
+    elif isinstance(exc, LeaseLost):
         extra["idempo_event"] = "lease_lost"
         logger.warning(
             "idempo: %s refused, the lease was taken over (record %s); this result was not stored",
