@@ -37,7 +37,7 @@ from ..exceptions import (
     ResultNotReplayable,
     StoreError,
 )
-from ..observability._observation import Outcome, RequestObservation
+from ..observability._observation import Outcome, observe_request
 from ..secrets import SecretSource
 from ..serializers import JSONSerializer, Serializer
 from ..stores._base import open_at_startup
@@ -45,7 +45,7 @@ from ..typing import AsyncStore, Store
 from ._async.drivers import drive_async
 from ._sync.drivers import drive_sync
 from .admission import StoreFailed, admit
-from .commands import Call, Command, Lease, Observe
+from .commands import Call, Command, Lease
 
 __all__ = [
     "Engine",
@@ -242,7 +242,8 @@ class Engine:
                 call remains and the record was released.
         """
         # The scope is the call's route label.
-        observation: RequestObservation = yield Observe("decorator", "CALL", self.scope, self.scope)
+        observation = observe_request("decorator", "CALL", self.scope, self.scope)
+        yield observation  # the driver times the store calls for it
         try:
             admission = yield from admit(
                 store,

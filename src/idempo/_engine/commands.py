@@ -14,8 +14,8 @@ command                    blocking driver                         async driver
 =========================  ======================================  ======================================
 ``Begin``, ``Get``         ``store.begin(...)``, ``store.get(...)`` the same, awaited
 ``Sleep``                  ``time.sleep``                          ``anyio.sleep``
-:class:`Observe`           ``observe_request(...)``, which then    the same
-                           times every store call
+``RequestObservation``     times every later store call for it;    the same
+(the observation itself)   the result is the observation
 ``Complete``, ``Release``, ``settle_once_sync`` (never raises)     ``settle_once_async``, shielded from
 ``Extend``                                                         cancellation
 :class:`LoadDigests`       ``source.load(store)``                  ``await source.aload(store)``
@@ -38,21 +38,7 @@ from .._core.policy import Policy
 from ..observability._observation import RequestObservation
 from ..secrets import SecretSource
 
-__all__ = ["Call", "Command", "Lease", "LegacyWindow", "LoadDigests", "Observe", "Offload"]
-
-
-@fast_init
-@dataclass(frozen=True, slots=True)
-class Observe:
-    """Start observing the request (:func:`idempo.observability.observe_request`); the result is the observation.
-
-    The driver times every later store call of the flow for it.
-    """
-
-    front: str
-    method: str
-    route: str
-    path: str
+__all__ = ["Call", "Command", "Lease", "LegacyWindow", "LoadDigests", "Offload"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,5 +85,16 @@ class Lease:
 
 #: Everything a step generator may yield.
 Command = (
-    Begin | Get | Sleep | Complete | Release | Extend | Observe | LoadDigests | LegacyWindow | Offload | Call | Lease
+    Begin
+    | Get
+    | Sleep
+    | Complete
+    | Release
+    | Extend
+    | RequestObservation
+    | LoadDigests
+    | LegacyWindow
+    | Offload
+    | Call
+    | Lease
 )

@@ -44,10 +44,10 @@ from .._core.http import (
 from .._core.policy import Policy
 from .._core.records import StoredResponse
 from .._engine.admission import StoreFailed, admit
-from .._engine.commands import Call, Command, Lease, Observe
+from .._engine.commands import Call, Command, Lease
 from .._engine.execution import AsyncExecution, Execution
 from ..exceptions import StoreError
-from ..observability._observation import Outcome, RequestObservation
+from ..observability._observation import Outcome, RequestObservation, observe_request
 from ..secrets import SecretSource
 
 __all__ = ["GONE", "Bypass", "BodyIncomplete", "ClientGone", "Execute", "admission"]
@@ -152,7 +152,8 @@ def admission(
     key = check_key(policy, method, path, key_values)
     if key is None:
         return None
-    observation: RequestObservation = yield Observe(front, method, route, path)
+    observation = observe_request(front, method, route, path)
+    yield observation  # the driver times the store calls for it
     if isinstance(key, StoredResponse):
         observation.finish(Outcome.INVALID_KEY if key_values else Outcome.MISSING_KEY, key.status)
         return key

@@ -31,10 +31,10 @@ from ..._core.flow import Begin, Complete, Decision, Extend, Get, Release, Sleep
 from ..._core.policy import Verdict
 from ..._core.records import Record, StoredResponse
 from ...exceptions import CommitUnknown, LeaseLost
-from ...observability._observation import RequestObservation, observe_request, store_call_async
+from ...observability._observation import RequestObservation, store_call_async
 from ...typing import AsyncStore
 from .. import faultpoints, transaction
-from ..commands import Call, Command, Lease, LegacyWindow, LoadDigests, Observe, Offload
+from ..commands import Call, Command, Lease, LegacyWindow, LoadDigests, Offload
 from ..execution import AsyncExecution
 from ..primitives import deadline_async, offload_async, shield_async, sleep_async
 from ..store import settle_once_async
@@ -64,15 +64,17 @@ async def drive_async(
 ) -> T:
     """Run a step generator against ``store``; return what it returns.
 
-    ``observation``, when given (or made by an :class:`Observe` command),
-    is told the time of each store call and, unless ``decided`` is False
-    (the generator tells it itself), the decision the generator returns.
+    ``observation``, when given (or yielded by the generator once it
+    observes the request), is told the time of each store call and, unless
+    ``decided`` is False (the generator tells it itself), the decision the
+    generator returns.
 
     Raises:
         What the generator raises (a StoreError it does not handle).
     """
     value: Any = None
-    resume = flow.send
+    # One bound method for every step (a bound method is made anew at each attribute read).
+    send = resume = flow.send
     while True:
         try:
             command = resume(value)
@@ -85,12 +87,14 @@ async def drive_async(
             # The commands of every request first, inline; the rest in _carry_out.
             kind = type(command)
             if kind is Begin:
-                args = (command.record_key, command.fingerprint, command.lease_ttl_ms)
-                value = await store_call_async(observation, store, "begin", store.begin, *args)
+                record_key, fingerprint, lease_ttl_ms = command.record_key, command.fingerprint, command.lease_ttl_ms
+                value = await store_call_async(
+                    observation, store, "begin", store.begin, record_key, fingerprint, lease_ttl_ms
+                )
             elif kind is Call:
                 value = await command.fn()
-            elif kind is Observe:
-                value = observation = observe_request(command.front, command.method, command.route, command.path)
+            elif isinstance(command, RequestObservation):
+                value = observation = command
             elif kind is Lease:
                 # The execution of a leased request: it opens a transaction only if the handler asks for
                 # one (with the store's transactor, or a front's own such as Django's).
@@ -99,7 +103,7 @@ async def drive_async(
                 )
             else:
                 value = await _carry_out(command, store, observation)
-            resume = flow.send
+            resume = send
         except BaseException as exc:  # the generator decides what it means
             value, resume = exc, flow.throw
 

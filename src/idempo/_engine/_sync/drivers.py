@@ -33,10 +33,10 @@ from ..._core.flow import Begin, Complete, Decision, Extend, Get, Release, Sleep
 from ..._core.policy import Verdict
 from ..._core.records import Record, StoredResponse
 from ...exceptions import CommitUnknown, LeaseLost
-from ...observability._observation import RequestObservation, observe_request, store_call_sync
+from ...observability._observation import RequestObservation, store_call_sync
 from ...typing import Store
 from .. import faultpoints, transaction
-from ..commands import Call, Command, Lease, LegacyWindow, LoadDigests, Observe, Offload
+from ..commands import Call, Command, Lease, LegacyWindow, LoadDigests, Offload
 from ..execution import Execution
 from ..primitives import deadline_sync, offload_sync, shield_sync, sleep_sync
 from ..store import settle_once_sync
@@ -66,15 +66,17 @@ def drive_sync(
 ) -> T:
     """Run a step generator against ``store``; return what it returns.
 
-    ``observation``, when given (or made by an :class:`Observe` command),
-    is told the time of each store call and, unless ``decided`` is False
-    (the generator tells it itself), the decision the generator returns.
+    ``observation``, when given (or yielded by the generator once it
+    observes the request), is told the time of each store call and, unless
+    ``decided`` is False (the generator tells it itself), the decision the
+    generator returns.
 
     Raises:
         What the generator raises (a StoreError it does not handle).
     """
     value: Any = None
-    resume = flow.send
+    # One bound method for every step (a bound method is made anew at each attribute read).
+    send = resume = flow.send
     while True:
         try:
             command = resume(value)
@@ -87,12 +89,12 @@ def drive_sync(
             # The commands of every request first, inline; the rest in _carry_out.
             kind = type(command)
             if kind is Begin:
-                args = (command.record_key, command.fingerprint, command.lease_ttl_ms)
-                value = store_call_sync(observation, store, "begin", store.begin, *args)
+                record_key, fingerprint, lease_ttl_ms = command.record_key, command.fingerprint, command.lease_ttl_ms
+                value = store_call_sync(observation, store, "begin", store.begin, record_key, fingerprint, lease_ttl_ms)
             elif kind is Call:
                 value = command.fn()
-            elif kind is Observe:
-                value = observation = observe_request(command.front, command.method, command.route, command.path)
+            elif isinstance(command, RequestObservation):
+                value = observation = command
             elif kind is Lease:
                 # The execution of a leased request: it opens a transaction only if the handler asks for
                 # one (with the store's transactor, or a front's own such as Django's).
@@ -101,7 +103,7 @@ def drive_sync(
                 )
             else:
                 value = _carry_out(command, store, observation)
-            resume = flow.send
+            resume = send
         except BaseException as exc:  # the generator decides what it means
             value, resume = exc, flow.throw
 
