@@ -390,22 +390,28 @@ class _Rule:
         return value.lower() in self.placeholders
 
 
+def _scope_pairs(scope: Any, rule: _Rule) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+    """:func:`_header_pairs` of an ASGI scope: one pass over its headers, each name's verdict remembered."""
+    pairs: list[tuple[str, bytes]] = []
+    cookies: list[bytes] = []
+    known = rule._header_names
+    for raw, value in scope["headers"]:
+        if raw == b"cookie":
+            cookies.append(value)
+            continue
+        name = known[raw] if raw in known else rule.header_name(raw)
+        if name is not None:
+            pairs.append((name, value))
+    return pairs, cookies
+
+
 def _header_pairs(request: Any, rule: _Rule) -> tuple[list[tuple[str, bytes]], list[bytes]]:
     """The (lower-case name, value) of every credential header, in the order received (latin-1 bytes),
     and the ``Cookie`` lines (one pass over an ASGI scope's headers)."""
     kind = _kind(request)
-    pairs: list[tuple[str, bytes]] = []
     if kind == "asgi":
-        cookies: list[bytes] = []
-        header_name = rule.header_name
-        for raw, value in request["headers"]:
-            if raw == b"cookie":
-                cookies.append(value)
-                continue
-            name = header_name(raw)
-            if name is not None:
-                pairs.append((name, value))
-        return pairs, cookies
+        return _scope_pairs(request, rule)
+    pairs: list[tuple[str, bytes]] = []
     wanted = rule.header
     for meta, value in _environ(request, kind).items():
         if isinstance(meta, str) and meta.startswith("HTTP_") and isinstance(value, str):
@@ -422,9 +428,13 @@ def _credential_parts(request: Any, rule: _Rule) -> list[bytes]:
     headers counted (``a`` + value, first), so a caller with only a bearer
     token or only a session cookie keeps its principal across that change.
     """
+    return _parts(*_header_pairs(request, rule), rule)
+
+
+def _parts(headers: list[tuple[str, bytes]], cookie_lines: list[bytes], rule: _Rule) -> list[bytes]:
+    """:func:`_credential_parts` from the credential headers and ``Cookie`` lines :func:`_header_pairs` found."""
     authorization: list[bytes] = []
     others: list[bytes] = []
-    headers, cookie_lines = _header_pairs(request, rule)
     for name, value in headers:
         if name in ("authorization", "proxy-authorization"):
             value = _authorization(value)
@@ -516,6 +526,9 @@ def standard(
     rule = _Rule(credential_headers, session_cookies, not_credentials, placeholders)
 
     def resolve(request: Any) -> str:
+        if type(request) is dict and "type" in request and "headers" in request:
+            # An ASGI scope (every request of the ASGI fronts): the same rule, read in one pass.
+            return _scope_principal(request, rule)
         user = framework_user(request)
         if user is not None:
             return user
@@ -527,6 +540,23 @@ def standard(
 
     resolve.__doc__ = "The default principal: the framework's user, the credentials' digest, the address."
     return resolve
+
+
+def _scope_principal(scope: dict[str, Any], rule: _Rule) -> str:
+    """:func:`standard`'s rule on an ASGI scope (``framework_user``, ``credentials``, ``client_address`` inlined)."""
+    user = scope.get("user")
+    if user is not None and _authenticated(user):
+        identity = _identity(user)
+        if identity is not None:
+            return "user:" + identity
+    pairs, cookie_lines = _scope_pairs(scope, rule)
+    if pairs or cookie_lines:
+        digest = _digest(_parts(pairs, cookie_lines, rule))
+        if digest is not None:
+            return digest
+    client = scope.get("client")
+    address = str(client[0]) if client else None
+    return "addr:" + address if address else "anonymous"
 
 
 #: The default resolver of every front: :func:`standard` with the default lists.

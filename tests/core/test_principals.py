@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -385,3 +385,25 @@ def test_legacy_lookup_of_a_django_user_is_its_user() -> None:
     """Django's user was the principal then too: ``user:<pk>``, whatever credentials it carries."""
     request = django_request({"x-api-key": "k"}, user=SimpleNamespace(is_authenticated=True, pk=7))
     assert principals.legacy_principal(request, default, default(request)) == "user:7"
+
+
+@pytest.mark.parametrize(
+    "request_scope",
+    [
+        pytest.param(scope(), id="address"),
+        pytest.param(scope(client=None), id="anonymous"),
+        pytest.param(scope({"authorization": "Bearer abc"}), id="bearer"),
+        pytest.param(scope({"authorization": "Bearer null", "cookie": "session=a; theme=dark"}), id="placeholder"),
+        pytest.param(scope({"X-API-Key": "k1", "Cookie": "sessionid=s"}), id="api-key-and-cookie"),
+        pytest.param(scope({"x-csrf-token": "t"}), id="not-a-credential"),
+        pytest.param(scope(user=SimpleNamespace(identity="alice", is_authenticated=True)), id="user"),
+        pytest.param(
+            scope({"authorization": "Bearer a"}, user=SimpleNamespace(is_authenticated=False)), id="anon-user"
+        ),
+    ],
+)
+def test_a_scope_read_in_one_pass_gives_the_principal_of_the_generic_rule(request_scope: dict[str, Any]) -> None:
+    """An ASGI scope (a dict) takes the resolver's one-pass reading; any other mapping the generic one: one rule."""
+    generic = MappingProxyType(request_scope)
+    assert default(request_scope) == default(generic)
+    assert default(request_scope) == principals.standard()(generic)
