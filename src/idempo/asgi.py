@@ -250,13 +250,14 @@ class IdempotencyMiddleware:
         runs in an :class:`~idempo._http.asgi.Exchange`.
         """
         method: str = scope["method"]
-        if policy is None or not takes_part(policy, method):
+        if policy is None or (method not in policy.methods and not takes_part(policy, method)):
             await run_unkeyed(app, scope, receive, send, _NOT_COVERED)
             return
         key_values = []
         content_types = []
+        key_header = self._key_header
         for name, value in scope["headers"]:
-            if name == self._key_header:
+            if name == key_header:
                 key_values.append(value)
             elif name == b"content-type":
                 content_types.append(value)

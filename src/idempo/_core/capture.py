@@ -103,13 +103,22 @@ class ResponseCapture:
         self.refusal = None
         self.verdict = verdict = policy.verdict_for_status(status)
         if verdict is Verdict.STORE:
-            refusal = header_refusal(headers)
-            if refusal is not None:
-                self.refuse(refusal)
-                return self.verdict
             stored_name = policy.stored_name
+            checked = False
             kept = []
             for name, value in headers:
+                if not checked and (
+                    type(name) is not bytes
+                    or name not in _FIELD_NAMES
+                    or type(value) is not bytes
+                    or _NOT_FIELD_VALUE.search(value) is not None
+                ):
+                    # A name not seen yet, or a value that may be invalid: every line checked, the reason named.
+                    refusal = header_refusal(headers)
+                    if refusal is not None:
+                        self.refuse(refusal)
+                        return self.verdict
+                    checked = True
                 lower = stored_name(name)
                 if lower is not None:
                     kept.append((lower, value))

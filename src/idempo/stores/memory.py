@@ -176,16 +176,24 @@ class MemoryStore:
                             self._replays.clear()
                         self._replays[record_key] = record
                 return Existing(record, now)
-            if old is None and self.max_records is not None and len(self._records) >= self.max_records:
-                self._make_room(now)
-            token = next_token(old[2] if old is not None else 0, now)
+            if old is None:
+                if self.max_records is not None and len(self._records) >= self.max_records:
+                    self._make_room(now)
+                token = next_token(0, now)
+                takeover = False
+            else:
+                token = next_token(old[2], now)
+                takeover = old[0] == _IN_PROGRESS
+                # Only a key the store holds is in these two (every eviction drops it from all three).
+                self._replays.pop(record_key, None)
+                self._completed.pop(record_key, None)
             expires = now + lease_ttl_ms
-            self._replays.pop(record_key, None)
-            self._completed.pop(record_key, None)
             self._records[record_key] = (_IN_PROGRESS, fingerprint, token, expires, now, expires, None, None, None)
-            self._schedule(record_key, expires + self._grace_ms)
-            self._sweep(now)
-            return Acquired(token, takeover=old is not None and old[0] == _IN_PROGRESS)
+            heap = self._evictions
+            heapq.heappush(heap, (expires + self._grace_ms, record_key))
+            if heap[0][0] <= now:
+                self._sweep(now)
+            return Acquired(token, takeover)
 
     def _eviction_ms(self, row: _Row) -> int:
         return row[5] + (self._grace_ms if row[0] == _IN_PROGRESS else 0)
@@ -253,7 +261,8 @@ class MemoryStore:
                 self._completed.pop(record_key, None)
             else:
                 self._completed[record_key] = None
-            self._schedule(record_key, expires)
+            heap = self._evictions
+            heapq.heappush(heap, (expires, record_key))
             self._records[record_key] = (
                 _COMPLETED,
                 old[1],
@@ -265,7 +274,8 @@ class MemoryStore:
                 response.headers,
                 response.body,
             )
-            self._sweep(now)
+            if heap[0][0] <= now:
+                self._sweep(now)
 
     def release(self, record_key: str, token: int) -> None:
         """See :meth:`idempo.typing.Store.release`."""
