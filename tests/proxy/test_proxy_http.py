@@ -288,3 +288,25 @@ def test_nothing_is_added_to_a_request(node_upstream: NodeUpstream, start_proxy:
     echoed = _raw_exchange(proxy.url, request)
     names = sorted(name.lower() for name, _ in echoed["headers"])
     assert names == sorted(["host", "idempotency-key", "content-length", "idempo-attempt", *PROXY_FIELDS])
+
+
+def test_header_bytes_beyond_ascii_reach_the_upstream_unchanged(
+    node_upstream: NodeUpstream, start_proxy: StartProxy
+) -> None:
+    """A field value's bytes above 0x7f (UTF-8, or a lone obs-text byte) reach the upstream as the client sent them.
+
+    aiohttp writes a request's head as UTF-8 of its ``str`` fields: a value
+    decoded as latin-1 went out re-encoded (``José`` in UTF-8 arrived as
+    ``JosÃ©``, a lone ``\\xe9`` as two bytes). RFC 9110 section 5.5: a
+    recipient treats obs-text as opaque data; a proxy forwards it as it came.
+    """
+    proxy = start_proxy(node_upstream.url, "sqlite:///" + str(node_upstream.directory / "i.db"))
+    values = {b"x-utf8": b"Jos\xc3\xa9 \xe2\x82\xac", b"x-latin": b"Jos\xe9"}
+    fields = b"".join(name + b": " + value + b"\r\n" for name, value in values.items())
+    for method, keyed in (("GET", b""), ("POST", f"Idempotency-Key: {key()}\r\n".encode())):
+        request = f"{method} /_echo-headers HTTP/1.1\r\nHost: api.example\r\n".encode() + keyed + fields
+        request += b"Content-Length: 2\r\n\r\n{}" if keyed else b"\r\n"
+        echoed = _raw_exchange(proxy.url, request)
+        # Node gives each byte of a field value as one character (latin-1).
+        got = {name.lower().encode(): value.encode("latin-1") for name, value in echoed["headers"]}
+        assert {name: got.get(name) for name in values} == values, method

@@ -17,6 +17,12 @@ nothing more:
   gets no ``Content-Length: 0`` (:class:`_Request`). Two differences on the
   wire: aiohttp writes ``Host`` first, and a streamed body's
   ``Transfer-Encoding: chunked`` last (aiohttp sets it itself);
+- nothing changed in it: aiohttp writes the request line and fields as UTF-8
+  of ``str`` values, so each is given as its bytes decoded from UTF-8 (the
+  same bytes go out). A request whose target or fields are not UTF-8 (a lone
+  obs-text byte, RFC 9110 section 5.5) cannot go through aiohttp unchanged and
+  goes through an :class:`~idempo.proxy.forwarder.HttpxForwarder` of its own,
+  which writes bytes as they are (opened on the first such request);
 - never a request sent twice: aiohttp resends a GET, PUT or DELETE on its own
   after ``ServerDisconnectedError`` or ``ClientOSError`` (``_request`` in
   ``aiohttp/client.py``, RFC 9112 section 9.3.1.1); here every failure leaves
@@ -59,7 +65,7 @@ from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
 from .config import UpstreamSettings, UpstreamTarget
-from .forwarder import Headers, UpstreamFailure, UpstreamResponse, failure_class, ssl_context
+from .forwarder import Headers, HttpxForwarder, UpstreamFailure, UpstreamResponse, failure_class, ssl_context
 
 __all__ = ["AiohttpForwarder"]
 
@@ -252,6 +258,7 @@ class AiohttpForwarder:
         self._host = URL(target.base_url).raw_authority.encode("latin-1")
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._bytes_forwarder: HttpxForwarder | None = None  # for requests that are not UTF-8
 
     @property
     def host(self) -> bytes:
@@ -301,6 +308,14 @@ class AiohttpForwarder:
         self, method: str, target: bytes, headers: Headers, body: bytes | AsyncIterator[bytes]
     ) -> UpstreamResponse:
         """See :meth:`~idempo.proxy.forwarder.Forwarder.send`."""
+        try:
+            # aiohttp writes the head as UTF-8: fields decoded from UTF-8 go out as the client's bytes.
+            fields = [(name.decode(), value.decode()) for name, value in headers if name != b"transfer-encoding"]
+            path = target.decode()
+        except UnicodeDecodeError:  # bytes aiohttp cannot write unchanged (module docstring)
+            if self._bytes_forwarder is None:
+                self._bytes_forwarder = HttpxForwarder(self._target, self._settings)
+            return await self._bytes_forwarder.send(method, target, headers, body)
         if self._session is None or self._slots is None:
             session, slots = self._open()
         else:
@@ -316,13 +331,10 @@ class AiohttpForwarder:
         else:
             await slots.acquire()
         try:
-            fields: list[tuple[str, str]] = []
-            for name, value in headers:
-                if name == b"transfer-encoding":
-                    continue  # aiohttp frames a body of unknown length itself (and refuses the field beside it)
-                fields.append((name.decode("latin-1"), value.decode("latin-1")))
+            # Transfer-Encoding is left out above: aiohttp frames a body of unknown length
+            # itself (and refuses the field beside it).
             data = None if body == b"" else body
-            url = URL(self._base + target.decode("latin-1"), encoded=True)
+            url = URL(self._base + path, encoded=True)
             try:
                 response = await session.request(method, url, headers=fields, data=data, allow_redirects=False)
             except UpstreamFailure:
@@ -339,3 +351,6 @@ class AiohttpForwarder:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._bytes_forwarder is not None:
+            await self._bytes_forwarder.aclose()
+            self._bytes_forwarder = None
