@@ -73,7 +73,7 @@ from ..exceptions import ConfigurationError, StoreError, StoreUnavailable
 from ..observability._observation import logger
 from ..stores._base import warn_unreachable_at_startup
 from ..typing import AsyncStore
-from ._body import SpooledBody, read_spooled
+from ._body import CHUNK_BYTES, SpooledBody, read_spooled
 from ._metrics import ProxyMetrics
 from .config import (
     FAILURES,
@@ -597,7 +597,14 @@ class ProxyApp:
         if isinstance(exchange, Exchange):
             message = await receive()  # the body the middleware read (spooled)
             whole: bytes | SpooledBody = message.get("body", b"")
-            body = whole if isinstance(whole, bytes) else whole.achunks()
+            if isinstance(whole, bytes):
+                body = whole
+            elif len(whole) <= CHUNK_BYTES:
+                # Small (the common case): one bytes object, so the forwarder writes the head and
+                # the body at once, without an async iterator's machinery per request.
+                body = whole.read()
+            else:
+                body = whole.achunks()
             headers.append((b"content-length", b"%d" % len(whole)))
             headers.append((b"idempo-attempt", b"%d" % exchange.execution.token))
             client_receive = scope.get(_RECEIVE_KEY)
