@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ deadline = "1s"
 lease_ttl = "6s"
 outcomes = { hold_ttl = "2s" }
 """
+LONGER_LEASE_SECONDS = 6.0
 
 
 def key() -> str:
@@ -160,6 +162,8 @@ def test_a_proxy_killed_mid_exchange(node_upstream: NodeUpstream, start_proxy: S
         threading.Thread(target=post_quietly, args=(proxy, k, "await-release", path), daemon=True)
         for k, path in ((held, "/v1/payments"), (again, "/v1/again"))
     ]
+    # The leases are taken after this instant, so they run at least until started + lease_ttl.
+    started = time.monotonic()
     for thread in threads:
         thread.start()
     node_upstream.wait_waiting(2)
@@ -167,7 +171,14 @@ def test_a_proxy_killed_mid_exchange(node_upstream: NodeUpstream, start_proxy: S
     node_upstream.release(2)
     restarted = ProxyProcess(proxy.config, proxy.log).start()
     try:
-        assert post(restarted, again, path="/v1/again").status_code == 409  # the lease still runs
+        sent = time.monotonic()
+        first = post(restarted, again, path="/v1/again").status_code
+        if sent - started < LONGER_LEASE_SECONDS:
+            assert first == 409  # the lease still runs
+        else:
+            # A loaded machine restarted the proxy after the lease could have expired: the
+            # retry may already be the takeover; what follows checks that it ran once more.
+            assert first in (409, 201)
         poll("the takeover", lambda: post(restarted, again, path="/v1/again").status_code == 201)
         attempts = [int(entry["attempt"]) for entry in node_upstream.ledger() if entry["key"] == again]
         assert len(attempts) == 2
