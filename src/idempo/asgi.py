@@ -122,6 +122,9 @@ class IdempotencyMiddleware:
         self._store_url: str = store if isinstance(store, str) else getattr(store, "url", type(store).__name__)
         self.policy = policy if policy is not None else Policy()
         self._routes = RouteTable(routes)
+        self._has_routes = bool(self._routes)
+        # The default body reader is called directly (one coroutine less a request); a subclass's override is not.
+        self._default_reader = type(self).read_request_body is IdempotencyMiddleware.read_request_body
         self.principal = principal
         self.key_header = key_header
         self._key_header = key_header.lower().encode("latin-1")
@@ -217,7 +220,7 @@ class IdempotencyMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        route, policy = self._routes.route_for(scope["path"], self.policy) if self._routes else ("*", self.policy)
+        route, policy = self._routes.route_for(scope["path"], self.policy) if self._has_routes else ("*", self.policy)
         if ROUTE_OPTIONS_FINDERS:
             options = self._route_options(scope, policy)
             if options is not None:
@@ -278,7 +281,11 @@ class IdempotencyMiddleware:
             content_types=content_types,
             principal=lambda: resolve(scope),
             legacy_principal=lambda who: legacy_principal(scope, resolve, who),
-            read_body=lambda: self.read_request_body(scope, receive, limit),
+            read_body=(
+                (lambda: read_body(receive, limit))
+                if self._default_reader
+                else (lambda: self.read_request_body(scope, receive, limit))
+            ),
         )
         admitted = await drive_async(steps, self.store, decided=False)
         if admitted is None:

@@ -184,7 +184,7 @@ def identity_path(path: str, raw_path: bytes | None) -> str:
     if not isinstance(raw_path, bytes):
         return escaped_slash_path(path, b"") if _has_percent(path) else path
     slashes = b"%2" in raw_path and _ENCODED_SLASH.search(raw_path) is not None
-    if not slashes and "\ufffd" not in path and not _has_percent(path):
+    if not slashes and "\ufffd" not in path and "%" not in path:  # _has_percent, inlined: every request
         return path
     faithful = unquote_to_bytes(raw_path).decode("utf-8", "surrogateescape")
     lossy = faithful.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

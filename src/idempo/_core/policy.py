@@ -320,7 +320,10 @@ class Policy:
     def verdict_for_status(self, status: int) -> Verdict:
         """Return what to do with a response of this status."""
         verdict = self.status_verdicts.get(status)
-        return default_verdict(status) if verdict is None else verdict
+        if verdict is not None:
+            return verdict
+        # default_verdict(status), inlined: a call less for every response.
+        return Verdict.RELEASE if status >= 500 or status in _RETRYABLE_4XX else Verdict.STORE
 
     def verdict_for_exception(self, exc: BaseException) -> Verdict:
         """Return what to do when the handler raised ``exc`` (default RELEASE).

@@ -427,7 +427,8 @@ class AsyncLeaseKeeper:
             self.due = 0.0
             self._trio = _TrioRenewal.start(self)
             return
-        renewer = _renewer_of(loop)
+        last = _last_renewer  # _renewer_of(loop)'s first test, inlined: a server's every request passes it
+        renewer = last[1] if last is not None and last[0]() is loop else _renewer_of(loop)
         self._renewer = renewer
         self.due = loop.time() + self.interval
         renewer.add(self, loop)
@@ -481,18 +482,24 @@ class AsyncLeaseKeeper:
         given up. Never raises.
         """
         store = self._args[0]
-        try:
-            await self._quiet()
-        except BaseException:
-            self.cancel()
-            raise
+        if self._renewing is None and self._trio is None:
+            self._paused = True  # what _quiet() does when no renewal is in flight, without its coroutine
+        else:
+            try:
+                await self._quiet()
+            except BaseException:
+                self.cancel()
+                raise
         try:
             error = await settle_once_async(store, command, observation)
         except BaseException:
             await self.stop()
             raise
         if error is None or isinstance(error, LeaseLost) or self._stopped:
-            await self.stop()
+            if self._renewing is None and self._trio is None:
+                self.cancel()  # what stop() does when no renewal is in flight, without its coroutine
+            else:
+                await self.stop()
             return error is None
         pending = _PendingSave(store, command, retry_for)
         self._paused = False

@@ -70,7 +70,11 @@ def settle_once_sync(store: Store, command: Settle, observation: RequestObservat
     except Exception as exc:  # a StoreError, LeaseLost, or a third-party store's own error
         error = exc
         _log_settle_failure(command, exc)
-    _tell(observation, command, error)
+    if observation is not None:
+        try:
+            observation.settled(command, error)
+        except Exception:  # an observation's failure must not undo a settle
+            logger.exception("idempo: recording the settle of record %s failed", command.record_key)
     return error
 
 
@@ -85,7 +89,11 @@ async def settle_once_async(
     except Exception as exc:  # a StoreError, LeaseLost, or a third-party store's own error
         error = exc
         _log_settle_failure(command, exc)
-    _tell(observation, command, error)
+    if observation is not None:
+        try:
+            observation.settled(command, error)
+        except Exception:  # an observation's failure must not undo a settle
+            logger.exception("idempo: recording the settle of record %s failed", command.record_key)
     return error
 
 
@@ -99,15 +107,6 @@ async def call_store_async(store: AsyncStore, command: Settle) -> None:
     """The async twin of :func:`call_store_sync`."""
     operation, args = store_call(command)
     await cast(Awaitable[Any], getattr(store, operation)(*args))
-
-
-def _tell(observation: RequestObservation | None, command: Settle, error: Exception | None) -> None:
-    if observation is None:
-        return
-    try:
-        observation.settled(command, error)
-    except Exception:  # an observation's failure must not undo a settle
-        logger.exception("idempo: recording the settle of record %s failed", command.record_key)
 
 
 def _log_settle_failure(command: Settle, exc: BaseException) -> None:

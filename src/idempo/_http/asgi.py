@@ -134,8 +134,16 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         ClientGone: the client left mid-upload. Nothing may run on a partial
             body: its fingerprint would refuse the complete retry with 422.
     """
-    chunks: list[bytes] = []
-    size = 0
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientGone()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body if len(body) <= limit else None  # the whole body in one message, as most are
+    if len(body) > limit:
+        return None
+    chunks = [body]
+    size = len(body)
     while True:
         message = await receive()
         if message["type"] != "http.request":
@@ -147,7 +155,7 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
 def replay_body(body: bytes | BodySource, receive: Receive) -> Receive:
@@ -353,7 +361,8 @@ class Exchange:
                 await self._send_last()
                 raise
             finally:
-                observation.handler_finished(self.status)
+                start = self.start
+                observation.handler_finished(start["status"] if start is not None else None)
             if not execution.settled:
                 # Either a deferred answer that is not stored (decided by the
                 # exception a framework reported, if any), or the app returned
@@ -411,9 +420,12 @@ class Exchange:
         )
         self._wake()
 
-    async def commit(self, settlement: Settlement) -> None:
-        """Settle the record by ``settlement``: the one point the answer's verdict reaches the store."""
-        if self.transactional:
+    async def commit(self, settlement: Settlement, *, transactional: bool | None = None) -> None:
+        """Settle the record by ``settlement``: the one point the answer's verdict reaches the store.
+
+        ``transactional``: :attr:`transactional`, when the caller just read it (None: read here).
+        """
+        if self.transactional if transactional is None else transactional:
             await self._commit_transaction(settlement)
             return
         if self.capture.refusal is not None:
@@ -523,10 +535,13 @@ class Exchange:
                 if capture.refusal is not None:
                     self.observation.response_refused(capture.refusal)
                 return
-            if kind != "http.response.body" or self.start is None or self.execution.settled:
+            execution = self.execution
+            if kind != "http.response.body" or self.start is None or execution.settled:
                 await self.forward(message)
                 return
-            if self.transactional:
+            # self.transactional, read once for this message (commit is told it).
+            transactional = isinstance(execution, AsyncTransactionalExecution) and execution.transactional_open
+            if transactional:
                 # Held until COMMIT returned: a transactional route never sends
                 # what may yet roll back (TRANSACTIONAL.md, "fully buffered").
                 capture.add(message.get("body", b""))
@@ -534,13 +549,13 @@ class Exchange:
                 if not message.get("more_body", False):
                     self.complete = True
                     if capture.settles_when_whole():
-                        await self.commit(capture.settlement(complete=True))
+                        await self.commit(capture.settlement(complete=True), transactional=True)
                 return
             capture.add(message.get("body", b""))
             if not message.get("more_body", False):
                 self.complete = True
                 if capture.settles_when_whole():
-                    await self.commit(capture.settlement(complete=True))
+                    await self.commit(capture.settlement(complete=True), transactional=False)
                 else:
                     # The verdict waits for the app to return (an exception it
                     # raises after this answer decides it); so does the answer's

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from .._core.digests import Digests
 from .._core.flow import Complete, Decision, Extend, Held, InProgress, Mismatch, NotReplayable, Proceed, Release, Replay
-from .._core.records import Marker
+from .._core.records import MARKER_STATUS, Marker
 from ..exceptions import LeaseLost, StoreUnavailable
 from ._report import MetricsSink, RequestReport, TracingSink
 
@@ -370,7 +370,7 @@ class RequestObservation:
     def settled(self, command: Complete | Release | Extend, error: BaseException | None) -> None:
         """The record was settled by ``command``; ``error`` when the store refused or failed."""
         if isinstance(command, Complete):
-            marker = Marker.of(command.response)
+            marker = Marker.of(command.response) if command.response.status == MARKER_STATUS else None
             if marker is None:
                 self.verdict = "store"
             else:
