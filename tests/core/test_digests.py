@@ -41,6 +41,45 @@ def test_the_fingerprint_hash_is_the_hmac_of_everything_fed(chunks: list[bytes],
     assert digest.hexdigest() == expected
 
 
+@given(chunks=st.lists(st.binary(max_size=200), max_size=5), secret=st.binary(min_size=16, max_size=100))
+def test_the_fingerprint_of_an_input_in_one_piece_is_the_hash_fed_it_in_parts(
+    chunks: list[bytes], secret: bytes
+) -> None:
+    digests = Digests(secret)
+    fed = digests.fingerprint_hash()
+    for chunk in chunks:
+        fed.update(chunk)
+    assert digests.fingerprint_of(b"".join(chunks)) == fed.hexdigest()
+
+
+def test_a_body_past_the_one_piece_bound_has_the_fingerprint_of_the_same_body_read_in_chunks() -> None:
+    """Both ways of hashing the input meet: a body in memory and the same body as a source give one fingerprint."""
+    from idempo._core import fingerprint as fp
+
+    class Source:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def chunks(self):  # type: ignore[no-untyped-def]
+            for i in range(0, len(self.data), 1000):
+                yield self.data[i : i + 1000]
+
+        def read(self) -> bytes:
+            return self.data
+
+    for body, content_type in (
+        (b"x" * 10, b"text/plain"),
+        (b"x" * (fp._ONE_SHOT_BYTES + 1), b"text/plain"),
+        (b'{"a": 1, "b": [2]}', b"application/json"),
+    ):
+        in_memory = fp.fingerprint("POST", "/p", b"", content_type, body, secret=SECRET)
+        streamed = fp.fingerprint("POST", "/p", b"", content_type, Source(body), secret=SECRET)
+        assert in_memory == streamed
+
+
 def test_log_hashes_and_value_digests_are_hmacs_under_keys_of_their_own() -> None:
     digests = Digests(SECRET)
     assert (

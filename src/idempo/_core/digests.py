@@ -61,6 +61,13 @@ class Digests:
         data = f"{len(principal)}:{principal}{len(method)}:{method}{len(route)}:{route}{len(key)}:{key}"
         return self._record.hexdigest(data.encode("utf-8", "surrogatepass"))[:32]
 
+    def fingerprint_of(self, data: bytes) -> str:
+        """64 hex characters: the fingerprint of a request whose whole input is ``data``.
+
+        The same digest as :meth:`fingerprint_hash` fed ``data`` (in any number of parts).
+        """
+        return self._fingerprint.hexdigest(data)
+
     def fingerprint_hash(self) -> KeyedHash:
         """A fresh keyed hash for one request fingerprint (:func:`idempo._core.fingerprint.fingerprint`)."""
         return KeyedHash(self._fingerprint)

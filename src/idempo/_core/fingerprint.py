@@ -240,8 +240,15 @@ def fingerprint(
     Raises:
         ValueError: the secret is shorter than 16 bytes.
     """
-    digest = (secret if isinstance(secret, Digests) else as_digests(secret)).fingerprint_hash()
-    return _hexdigest(digest, method, path, query, content_type, body, canonical_json)
+    digests = secret if isinstance(secret, Digests) else as_digests(secret)
+    prefix, payload = _input(method, path, query, content_type, body, canonical_json)
+    if type(payload) is bytes and len(payload) <= _ONE_SHOT_BYTES:
+        # One HMAC over the whole input: the same digest as feeding it in parts, without the hash object.
+        return digests.fingerprint_of(prefix + payload)
+    digest = digests.fingerprint_hash()
+    digest.update(prefix)
+    _update(digest, payload)
+    return digest.hexdigest()
 
 
 def legacy_fingerprint(
@@ -334,31 +341,31 @@ class _Hasher(Protocol):
     def hexdigest(self) -> str: ...
 
 
-def _hexdigest(
-    digest: _Hasher,
+#: Bytes of body up to which the fingerprint's input is hashed in one piece (joined to its head);
+#: a larger body is fed to the hash as it is, not copied.
+_ONE_SHOT_BYTES = 64 * 1024
+
+
+def _input(
     method: str,
     path: str,
     query: bytes | str,
     content_type: bytes | str | None,
     body: bytes | BodySource,
     canonical_json: bool,
-) -> str:
-    """Feed the request's length-prefixed head and its body (canonical JSON or raw) to ``digest``."""
+) -> tuple[bytes, bytes | BodySource]:
+    """The fingerprint's input: the request's length-prefixed head with the body's tag, then the body
+    (its canonical JSON, ``j:``, or the raw bytes, ``r:``)."""
     key = (method, path, query, content_type)
     head, is_json = _HEADS.get(key) or _head(key)
-    digest.update(head)
     if canonical_json and is_json and len(body):
         try:
             canonical = canonical_json_bytes(body if isinstance(body, bytes) else body.read())
         except (ValueError, RecursionError):
             pass
         else:
-            digest.update(b"j:")
-            digest.update(canonical)
-            return digest.hexdigest()
-    digest.update(b"r:")
-    _update(digest, body)
-    return digest.hexdigest()
+            return head + b"j:", canonical
+    return head + b"r:", body
 
 
 def canonical_query(query: bytes | str) -> bytes:
