@@ -240,7 +240,7 @@ class SecretSource:
 
     def legacy_possible(self) -> bool:
         """False once the window was read and is closed, or in the testing mode: no legacy lookup, not even the read."""
-        return (not self._legacy_read or self._open()) and _config.TESTING is None
+        return (not self._legacy_read or (self.legacy_until_ms > 0 and self._open())) and _config.TESTING is None
 
     def _open(self) -> bool:
         until = self.legacy_until_ms

@@ -202,7 +202,14 @@ class ResponseCapture:
             return Settlement(None, Verdict.RELEASE, None)
         if reported is not None and self.verdict is not Verdict.STORE:
             return Settlement(None, exception_verdict(self._policy, reported), f"exception {type(reported).__name__}")
-        return Settlement(self.response(), self.verdict, f"status {self._status}")
+        if self.verdict is Verdict.STORE and not self._too_large:
+            # self.response(), inlined for the common answer.
+            response: StoredResponse | None = StoredResponse(self._status, self._headers, b"".join(self._chunks))
+        else:
+            response = self.response()
+        # The reason only names a hold (finish() reads it for HOLD alone): not formatted for the others.
+        reason = f"status {self._status}" if self.verdict is Verdict.HOLD else None
+        return Settlement(response, self.verdict, reason)
 
 
 @fast_init

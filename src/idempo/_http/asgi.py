@@ -568,10 +568,19 @@ class Exchange:
             await self.broke(exc)
             if kind == "http.response.start":
                 return
+        # forward() twice, inlined: the status line held back (if still held), then this message.
+        start = None
         if not self.start_sent and self.start is not None:
             self.start_sent = True
-            await self.forward(self.start)
-        await self.forward(message)
+            start = self.start
+        if self.client_gone:
+            return
+        try:
+            if start is not None:
+                await self._send(start)
+            await self._send(message)
+        except OSError:
+            self.client_gone = True
 
     async def _send_last(self) -> None:
         """Send the answer's held end (and its status line, if still held), now that the record is settled."""
