@@ -167,11 +167,13 @@ PUBLIC_API: dict[str, list[str]] = {
     ],
     "idempo.proxy.aiohttp_forwarder": ["AiohttpForwarder"],
     "idempo.proxy.forwarder": [
+        "Attempt",
         "Forwarder",
         "HttpxForwarder",
         "UpstreamFailure",
         "UpstreamResponse",
         "failure_class",
+        "note_unsent",
         "ssl_context",
     ],
     "idempo.proxy.config": [

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -151,6 +151,54 @@ def test_an_upstream_that_is_down_releases_the_key(node_upstream: NodeUpstream, 
     assert post(proxy, k).status_code == 201
     assert post(proxy, k).headers["idempotent-replayed"] == "true"
     assert node_upstream.executions(k) == 1
+
+
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose listener never accepts and whose accept queue is full: a connect to it hangs.
+
+    Linux drops a SYN when the accept queue is full, so the client's connect
+    waits (retransmitting) as towards an upstream whose SYNs are lost.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port: int = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    with socket.socket() as probe:  # the queue is full: a further connect does not complete
+        probe.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            probe.connect(("127.0.0.1", port))
+    yield port
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+def test_a_deadline_that_ends_before_the_request_was_sent_releases_the_key(
+    unanswered_port: int, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """The deadline ends while the connection is still being opened: never sent, so 502 and released, not held.
+
+    ``connect_timeout`` above ``deadline`` (or a pool wait past it): the
+    proxy's deadline cut the exchange before a byte was written, which used to
+    answer 504 upstream-outcome-unknown and hold the key (409 for hold_ttl)
+    for a request the upstream never saw.
+    """
+    config = '[upstream]\nconnect_timeout = "30s"\ndeadline = "500ms"\n'
+    proxy = start_proxy(f"http://127.0.0.1:{unanswered_port}", f"sqlite:///{tmp_path / 'i.db'}", config)
+    k = key()
+    for _ in range(2):  # the retry is not held: it is tried again, and again not sent
+        answer = post(proxy, k)
+        assert answer.status_code == 502
+        assert answer.json()["type"].endswith("/upstream-unreachable")
+        assert answer.headers["retry-after"] == "1"
 
 
 def test_a_proxy_killed_mid_exchange(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:

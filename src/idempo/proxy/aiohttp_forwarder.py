@@ -65,7 +65,15 @@ from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
 from .config import UpstreamSettings, UpstreamTarget
-from .forwarder import Headers, HttpxForwarder, UpstreamFailure, UpstreamResponse, failure_class, ssl_context
+from .forwarder import (
+    Headers,
+    HttpxForwarder,
+    UpstreamFailure,
+    UpstreamResponse,
+    failure_class,
+    note_unsent,
+    ssl_context,
+)
 
 __all__ = ["AiohttpForwarder"]
 
@@ -161,6 +169,7 @@ class _GuardedConnector(aiohttp.BaseConnector):
                     self._carried.add(protocol)
             if isinstance(req, _Request):
                 req.connected = True
+            note_unsent(None)
             return connection
 
 
@@ -320,6 +329,7 @@ class AiohttpForwarder:
             session, slots = self._open()
         else:
             session, slots = self._session, self._slots
+        note_unsent("pool-timeout")
         if slots.locked():
             try:
                 async with asyncio.timeout(self._settings.pool_timeout):
@@ -330,6 +340,7 @@ class AiohttpForwarder:
                 ) from None
         else:
             await slots.acquire()
+        note_unsent("connect-error")
         try:
             # Transfer-Encoding is left out above: aiohttp frames a body of unknown length
             # itself (and refuses the field beside it).

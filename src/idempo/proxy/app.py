@@ -86,7 +86,7 @@ from .config import (
     UpstreamTarget,
     load_config,
 )
-from .forwarder import Forwarder, HttpxForwarder, UpstreamFailure, failure_class
+from .forwarder import ATTEMPT, Attempt, Forwarder, HttpxForwarder, UpstreamFailure, failure_class
 
 __all__ = [
     "HOP_BY_HOP",
@@ -629,6 +629,8 @@ class ProxyApp:
         started = False
         upstream_at = time.perf_counter()
         deadline = anyio.current_time() + self.config.upstream.deadline
+        attempt = Attempt()
+        attempt_set = ATTEMPT.set(attempt)
         try:
             with anyio.CancelScope(shield=keyed, deadline=deadline) as shield:
                 self._shields.add(shield)
@@ -665,8 +667,14 @@ class ProxyApp:
             if shield.cancelled_caught and failure is None:
                 if self._cut_off:
                     raise _CutOff()
-                failure = failure_class("deadline")(f"no whole answer within {self.config.upstream.deadline} s")
+                if attempt.unsent is not None:  # still waiting for a connection: nothing was sent
+                    failure = failure_class(attempt.unsent)(
+                        f"the deadline ({self.config.upstream.deadline} s) ended before the request was sent"
+                    )
+                else:
+                    failure = failure_class("deadline")(f"no whole answer within {self.config.upstream.deadline} s")
         finally:
+            ATTEMPT.reset(attempt_set)
             if watch is not None:
                 watch.cancel()
             metrics.inflight.dec()

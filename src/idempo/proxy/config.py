@@ -340,7 +340,9 @@ class UpstreamSettings:
             failure is ``pool-timeout``: never sent); default 5.
         deadline: seconds one exchange may take, from sending the request to
             the answer's last byte, enforced by the proxy itself (httpx has no
-            total timeout); past it the outcome is unknown (``deadline``).
+            total timeout); past it the outcome is unknown (``deadline``),
+            unless the request was still waiting for a pool slot or a
+            connection (then ``pool-timeout`` or ``connect-error``: never sent).
             It runs on when the client disconnects. Default 60.
         keepalive_expiry: seconds an idle pooled connection is kept. Keep it
             below the upstream's own idle timeout (5 s in Node and uvicorn), or

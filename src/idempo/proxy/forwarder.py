@@ -51,6 +51,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import httpcore
@@ -59,11 +60,13 @@ import httpx
 from .config import FAILURES_NOT_SENT, UpstreamSettings, UpstreamTarget
 
 __all__ = [
+    "Attempt",
     "Forwarder",
     "HttpxForwarder",
     "UpstreamFailure",
     "UpstreamResponse",
     "failure_class",
+    "note_unsent",
     "ssl_context",
 ]
 
@@ -110,6 +113,38 @@ def failure_class(kind: str) -> type[UpstreamFailure]:
         KeyError: ``kind`` is not one of :data:`~idempo.proxy.config.FAILURES`.
     """
     return _FAILURE_CLASSES[kind]
+
+
+class Attempt:
+    """How far one exchange got, as its forwarder tells the proxy: what the proxy's deadline ended.
+
+    The proxy's total deadline (``upstream.deadline``) cancels an exchange
+    wherever it is. While the forwarder still waits for a pool slot or a
+    connection, nothing of the request was written: the exchange is then a
+    ``pool-timeout`` or ``connect-error`` (released), not a ``deadline`` (held).
+
+    Attributes:
+        unsent: the failure to name while nothing of the request was written
+            (``pool-timeout``, ``connect-error``); None once a connection
+            carries it, and for a forwarder that tells nothing (the outcome is
+            then unknown).
+    """
+
+    __slots__ = ("unsent",)
+
+    def __init__(self) -> None:
+        self.unsent: str | None = None
+
+
+#: The :class:`Attempt` of the exchange the current task runs (set by the proxy around ``send``).
+ATTEMPT: ContextVar[Attempt | None] = ContextVar("idempo_proxy_attempt", default=None)
+
+
+def note_unsent(kind: str | None) -> None:
+    """Tell the proxy how the current exchange would fail if it ended now: ``kind``, or None (it may be sent)."""
+    attempt = ATTEMPT.get()
+    if attempt is not None:
+        attempt.unsent = kind
 
 
 class UpstreamResponse(Protocol):
@@ -222,11 +257,13 @@ class _GuardedStream(httpcore.AsyncNetworkStream):
         self._starts_request = False
         self._requests += 1
         if self._requests == 1:  # a fresh connection: whatever breaks now is the request's
+            note_unsent(None)
             await self._inner.write(buffer, timeout)
             return
         if not self.reusable or self._inner.get_extra_info("is_readable"):
             # The upstream closed it (or said something unasked) before this request: nothing was sent.
             raise httpcore.ConnectionNotAvailable()
+        note_unsent(None)
         try:
             await self._inner.write(buffer, timeout)
         except httpcore.WriteError as exc:
@@ -264,6 +301,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        note_unsent("connect-error")
         stream = await self._inner.connect_tcp(
             host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
         )
@@ -275,6 +313,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         timeout: float | None = None,  # noqa: ASYNC109
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
+        note_unsent("connect-error")
         stream = await self._inner.connect_unix_socket(path, timeout=timeout, socket_options=socket_options)
         return _GuardedStream(stream)
 
@@ -373,6 +412,7 @@ class HttpxForwarder:
             stream=stream,
             extensions={"timeout": self._timeout},
         )
+        note_unsent("pool-timeout")  # until a connection is opened, or a pooled one written to
         try:
             response = await self._transport.handle_async_request(request)
         except httpx.HTTPError as exc:
