@@ -510,6 +510,12 @@ BAD = [
         '[proxy]\nupstream = "ftp://host"\n', "proxy.upstream", "expected the upstream's URL", id="upstream-scheme"
     ),
     pytest.param(
+        '[proxy]\nupstream = "http://user:secret@127.0.0.1:8000"\n',
+        "proxy.upstream",
+        'proxy.upstream = "http://...@127.0.0.1:8000": expected a URL without user:password@',
+        id="upstream-userinfo",
+    ),
+    pytest.param(
         MINIMAL + 'listen = "localhost"\n', "proxy.listen", "expected host:port (127.0.0.1:8080)", id="bad-listen"
     ),
     pytest.param(

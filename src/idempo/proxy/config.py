@@ -788,6 +788,11 @@ def _upstream(reader: _Reader, key: str, value: object) -> UpstreamTarget:
         raise reader.error(key, value, "expected the upstream's URL: http://host:port, https://host or unix:/path.sock")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise reader.error(key, value, "expected a URL without a path or query: requests keep their own")
+    if "@" in parts.netloc:
+        # The upstream's Host (and X-Forwarded-Host) would carry user:password, and aiohttp
+        # would add an Authorization of its own. Shown without them: a credential is not printed.
+        shown = text.replace(parts.netloc, "...@" + parts.netloc.rpartition("@")[2], 1)
+        raise reader.error(key, shown, "expected a URL without user:password@: requests keep their own credentials")
     try:
         parts.port  # noqa: B018 (validates the port)
     except ValueError:
