@@ -181,6 +181,33 @@ def unanswered_port() -> Iterator[int]:
     listener.close()
 
 
+def test_a_client_that_leaves_mid_body_is_no_upstream_error(
+    node_upstream: NodeUpstream, start_proxy: StartProxy
+) -> None:
+    """An unkeyed request whose client leaves while its chunked body streams upstream: no upstream failure counted.
+
+    aiohttp's body writer wraps the client's leaving into a connection error,
+    which was counted as idempo_proxy_upstream_errors_total{kind="write-error"}
+    (httpx's forwarder let it through as the client's leaving, counted nothing).
+    """
+    proxy = start_proxy(node_upstream.url, sqlite(node_upstream))
+    host, port = urlsplit(proxy.url).netloc.split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(b"POST /v1/unkeyed HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        poll("the exchange to start", lambda: _metric(proxy, "idempo_proxy_inflight") == 1)
+    # inflight drops and a failure is counted in one step of the proxy's event loop.
+    poll("the exchange to end", lambda: _metric(proxy, "idempo_proxy_inflight") == 0)
+    assert _metric(proxy, 'idempo_proxy_upstream_errors_total{kind="write-error"}') is None
+
+
+def _metric(proxy: ProxyProcess, name: str) -> float | None:
+    """A sample of the proxy's /metrics (name with its labels, as printed); None when absent."""
+    for line in httpx.get(proxy.admin_url + "/metrics", timeout=15).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
+
+
 def test_a_deadline_that_ends_before_the_request_was_sent_releases_the_key(
     unanswered_port: int, start_proxy: StartProxy, tmp_path: Path
 ) -> None:

@@ -150,6 +150,17 @@ class _ClientGone(Exception):
     """The client left while an unkeyed request's body was streamed upstream."""
 
 
+def _client_left(failure: UpstreamFailure) -> bool:
+    """True when an exchange failed because its client left mid-body: aiohttp's body writer wraps the
+    :class:`_ClientGone` it met (in the failure's chain of causes); httpx lets it through as it is."""
+    cause = failure.__cause__
+    while cause is not None:
+        if isinstance(cause, _ClientGone):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def _connection_named(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Hop-by-hop fields plus every field the ``Connection`` fields name."""
     named = set(HOP_BY_HOP)
@@ -656,6 +667,8 @@ class ProxyApp:
                     if not ended:
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
                 except UpstreamFailure as exc:
+                    if _client_left(exc):
+                        return
                     failure = exc
                 except _ClientGone:
                     return
