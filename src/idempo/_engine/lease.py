@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -267,20 +268,18 @@ async def drain_saves(store: object) -> None:
     wait costs nothing. On asyncio and trio. ``store``: the store whose
     saves to wait for (another store's are not this shutdown's).
     """
-    left = _left(store)
-    if not left:
-        return
-    bound = SHUTDOWN_WAIT
-    _waiting(left, bound)
-    deadline = time.monotonic() + bound
-    while left and time.monotonic() < deadline:
-        await anyio.sleep(_DRAIN_POLL)
-        left = _left(store)
-    _abandoned(left, bound)
+    for pause in _drain_pauses(store):
+        await anyio.sleep(pause)
 
 
 def drain_saves_sync(store: object | None = None) -> None:
     """The blocking twin of :func:`drain_saves` (``store`` None: every store's); run at the process's exit."""
+    for pause in _drain_pauses(store):
+        time.sleep(pause)
+
+
+def _drain_pauses(store: object | None) -> Iterator[float]:
+    """The shutdown wait written once: yields the seconds to sleep between looks; the twins only sleep."""
     left = _left(store)
     if not left:
         return
@@ -288,7 +287,7 @@ def drain_saves_sync(store: object | None = None) -> None:
     _waiting(left, bound)
     deadline = time.monotonic() + bound
     while left and time.monotonic() < deadline:
-        time.sleep(_DRAIN_POLL)
+        yield _DRAIN_POLL
         left = _left(store)
     _abandoned(left, bound)
 
