@@ -29,6 +29,12 @@ middleware stack, so the exception never reaches the middleware; the
 plugin's ``after_exception`` hook reports it (:func:`idempo.asgi.report_exception`)
 so ``Policy.exception_verdicts`` apply. Without the plugin, a handler's
 exception releases the key (the 500's verdict), whatever those say.
+
+The plugin also waits, at the app's shutdown, for the saves still retried in
+the background (:func:`idempo._engine.lease.drain_saves`, up to 10 s), as the
+ASGI middleware's lifespan does. The middleware alone cannot: Litestar runs
+its lifespan itself and passes no lifespan scope to middleware, so without the
+plugin a graceful shutdown leaves such a save to a takeover.
 """
 
 from __future__ import annotations

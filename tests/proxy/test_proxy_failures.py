@@ -384,6 +384,44 @@ def test_sigterm_drains(node_upstream: NodeUpstream, start_proxy: StartProxy) ->
         restarted.kill()
 
 
+@pytest.mark.parametrize("proxy_client", ["aiohttp"])  # the forwarder plays no part in the save
+def test_sigterm_waits_for_a_save_being_retried(
+    node_upstream: NodeUpstream, start_proxy: StartProxy, redis_store_url: str
+) -> None:
+    """The store goes away (a relay cut) while the upstream works: the answer still goes out (201), and its
+    record's save fails and is retried in the background. SIGTERM meanwhile: the shutdown waits for the retry
+    (WARNING ``shutting down: waiting ... for 1 saves``), the store comes back during the wait, the save lands
+    and the proxy exits 0; a proxy started afterwards replays the answer, and the upstream ran once. Before,
+    the shutdown closed the store under the retry at once: the record stayed in progress (409, then a
+    takeover sent the request upstream again), as the ASGI middleware's lifespan does not allow."""
+    address = urlsplit(redis_store_url)
+    relay = Relay(address.hostname or "127.0.0.1", address.port or 6379)
+    try:
+        proxy = start_proxy(node_upstream.url, relay.url_for(redis_store_url))
+        k = key()
+        answers: list[httpx.Response] = []
+        thread = threading.Thread(target=lambda: answers.append(post(proxy, k, "await-release")))
+        thread.start()
+        node_upstream.wait_waiting(1)
+        relay.refuse()
+        node_upstream.release(1, key=k)
+        thread.join(15)
+        assert answers[0].status_code == 201
+        assert proxy.process is not None
+        proxy.process.send_signal(signal.SIGTERM)
+        poll("the shutdown waiting for the save", lambda: "shutting down: waiting" in proxy.log.read_text())
+        relay.heal()
+        assert proxy.stop() == 0
+        assert "not landed" not in proxy.log.read_text()  # no save_abandoned ERROR
+        restarted = start_proxy(node_upstream.url, redis_store_url)
+        replay = post(restarted, k)
+        assert replay.headers.get("idempotent-replayed") == "true", replay.text
+        assert replay.content == answers[0].content
+        assert node_upstream.executions(k) == 1
+    finally:
+        relay.close()
+
+
 def test_a_connection_that_carried_a_5xx_is_not_reused(
     start_python_upstream: Callable[..., str], start_proxy: StartProxy, tmp_path: Path
 ) -> None:

@@ -12,7 +12,10 @@
 On SIGTERM (or SIGINT) readiness goes to 503 at once, the listening socket
 closes, and in-flight and detached exchanges are awaited up to
 ``graceful_timeout``; an exchange still running then is cut off and keeps its
-lease. The first line on stdout says where the proxy listens
+lease. Then the saves still retried in the background (a store that failed
+as a record was saved) are awaited up to ``idempo._engine.lease.SHUTDOWN_WAIT``
+seconds, as the ASGI middleware's lifespan does, before the store closes.
+The first line on stdout says where the proxy listens
 (``idempo proxy: listening on http://127.0.0.1:8080``), then, with an admin
 port, ``idempo proxy: admin on http://127.0.0.1:9090``.
 """
@@ -31,6 +34,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from .._engine import lease
 from .config import ListenAddress, ProxyConfig, load_config
 
 __all__ = ["bind", "run"]
@@ -274,7 +278,9 @@ async def _supervise_async(
     for process in workers:
         if process.is_alive():
             os.kill(process.pid, signal.SIGTERM)
-    patience = config.proxy.graceful_timeout + 5
+    # A worker's shutdown waits graceful_timeout for its exchanges, then up to SHUTDOWN_WAIT for the saves
+    # still retried in the background (ProxyApp.shutdown); past that patience it is killed.
+    patience = config.proxy.graceful_timeout + lease.SHUTDOWN_WAIT + 5
     await asyncio.to_thread(_join_all, workers, patience)
     stopping.cancel()
     if admin is not None and admin_task is not None:

@@ -67,6 +67,7 @@ from .._core.problems import (
     problem_response,
 )
 from .._core.records import StoredResponse
+from .._engine.lease import drain_saves
 from .._http.asgi import EXCHANGE_SCOPE_KEY, Exchange, Message, Receive, Scope, Send, send_answer
 from ..asgi import IdempotencyMiddleware
 from ..exceptions import ConfigurationError, StoreError, StoreUnavailable
@@ -514,12 +515,23 @@ class ProxyApp:
                 return
 
     async def shutdown(self) -> None:
-        """Cut off the exchanges still running (their leases are kept), close the pool and the store."""
+        """Cut off the exchanges still running (their leases are kept), wait for the saves still retried, close
+        the pool and the store.
+
+        A record whose save failed after its answer went out is retried in the
+        background while the process lives (DESIGN "HTTP behaviour", a failed
+        save); as the ASGI middleware's lifespan does, the shutdown waits for
+        those up to ``idempo._engine.lease.SHUTDOWN_WAIT`` seconds (10) before
+        the store is closed, and logs each one left (:func:`~idempo._engine.lease.drain_saves`).
+        Before, the store was closed under them: the save was dropped, and the
+        lease left to expire and a takeover to run the request upstream again.
+        """
         self.draining = True
         self._cut_off = True
         for shield in list(self._shields):
             shield.cancel()
         await self.forwarder.aclose()
+        await drain_saves(self.middleware.store)
         if self._owns_store:
             await self.store.aclose()
 
