@@ -333,3 +333,93 @@ def test_save_retry_jitter_leaves_the_global_random_state_alone() -> None:
     delays = {_save_delay(retries) for retries in range(8)}
     assert random.getstate() == state
     assert all(0 < delay <= 5.0 for delay in delays)
+
+
+class HolderCutOffStore(MemoryStore):
+    """A memory store the first lease's holder cannot reach: its ``complete`` and ``extend`` fail (StoreUnavailable).
+
+    The outage as the holder lived it, longer than its lease, while a duplicate
+    in the same process reaches the store first once it is back: the holder's
+    own retries and renewals cannot get in before the duplicate's ``begin``.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock=clock)
+        self.cut: int | None = None
+        self.completes = 0
+
+    def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> Any:
+        result = super().begin(record_key, fingerprint, lease_ttl_ms)
+        if self.cut is None and isinstance(result, Acquired):
+            self.cut = result.token
+        return result
+
+    def complete(self, record_key: str, token: int, response: StoredResponse, record_ttl_ms: int) -> None:
+        self.completes += 1
+        if token == self.cut:
+            raise StoreUnavailable("the store is unreachable (injected)")
+        super().complete(record_key, token, response, record_ttl_ms)
+
+    def extend(self, record_key: str, token: int, lease_ttl_ms: int) -> None:
+        if token == self.cut:
+            raise StoreUnavailable("the store is unreachable (injected)")
+        super().extend(record_key, token, lease_ttl_ms)
+
+
+def test_a_duplicate_taking_the_lease_over_after_an_outage_saves_the_held_result_instead_of_executing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The save failed and the outage outlasted the lease: a duplicate in this process that takes the expired
+    lease over saves the result the process holds under its own lease and replays it; the function runs once
+    (DESIGN: a failed save never leads to a second execution while the process lives). The background retry,
+    moved to the new lease, then finds its result saved. Before, the duplicate executed a second time and the
+    held result was dropped as "the lease was taken over"."""
+    clock = FakeClock()
+    store = HolderCutOffStore(clock)
+    engine = _engine(Policy(lease_ttl=30))
+    calls = 0
+
+    def pay() -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        return {"payment": calls}
+
+    with caplog.at_level(logging.WARNING, logger="idempo"):
+        assert engine.run_sync(store, "K1", b"fp", pay) == ({"payment": 1}, False)
+        clock.advance(31)  # the store's clock passed the lease: the next begin is a takeover
+        assert engine.run_sync(store, "K1", b"fp", pay) == ({"payment": 1}, True)
+        assert engine.run_sync(store, "K1", b"fp", pay) == ({"payment": 1}, True)
+        assert eventually(lambda: any("landed after" in r.getMessage() for r in caplog.records))
+    assert calls == 1
+    record = store.get(record_key("save-retry", "K1", secret=store_secret(store)))
+    assert record is not None
+    assert record.state is RecordState.COMPLETED
+    assert record.token != store.cut
+    assert not any("this result was not stored" in r.getMessage() for r in caplog.records)
+
+
+def test_an_async_duplicate_taking_the_lease_over_after_an_outage_saves_the_held_result() -> None:
+    """The async front of the same case: the duplicate replays the held result, the call runs once."""
+    clock = FakeClock()
+    store = HolderCutOffStore(clock)
+    front = AsyncMemoryStore(store)
+    engine = _engine(Policy(lease_ttl=30))
+    calls = 0
+
+    async def pay() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    async def scenario() -> None:
+        assert await engine.run_async(front, "K1", b"fp", pay) == (1, False)
+        clock.advance(31)
+        assert await engine.run_async(front, "K1", b"fp", pay) == (1, True)
+        # Let the moved background retry find the result saved (it ends with the event loop otherwise).
+        for _ in range(200):
+            if store.completes >= 3:
+                break
+            await anyio.sleep(0.05)
+
+    anyio.run(scenario)
+    assert calls == 1

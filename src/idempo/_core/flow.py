@@ -43,6 +43,7 @@ __all__ = [
     "Replay",
     "Sleep",
     "begin_flow",
+    "completed_decision",
     "decide",
     "exception_verdict",
     "failure_verdict",
@@ -210,14 +211,19 @@ def decide(result: BeginResult, fingerprint: str) -> Proceed | Replay | Mismatch
     if record.state is RecordState.COMPLETED:
         response = record.response
         assert response is not None
-        if response.status == MARKER_STATUS:
-            marker = Marker.of(response)
-            assert marker is not None
-            if marker.kind == Marker.NOT_REPLAYABLE:
-                return NotReplayable(marker.status, marker.reason)
-            return Held(marker.reason)
-        return Replay(response)
+        return completed_decision(response)
     return None
+
+
+def completed_decision(response: StoredResponse) -> Replay | Held | NotReplayable:
+    """The decision for a record completed with ``response``: a replay, or what its marker says (410, 409)."""
+    if response.status == MARKER_STATUS:
+        marker = Marker.of(response)
+        assert marker is not None
+        if marker.kind == Marker.NOT_REPLAYABLE:
+            return NotReplayable(marker.status, marker.reason)
+        return Held(marker.reason)
+    return Replay(response)
 
 
 @dataclass(frozen=True, slots=True)

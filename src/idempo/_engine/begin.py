@@ -39,6 +39,7 @@ from .._core.flow import (
     Release,
     Replay,
     begin_flow,
+    completed_decision,
     decide,
     legacy_decision,
     retry_after_seconds,
@@ -49,6 +50,7 @@ from .._core.records import Acquired, BeginResult, Existing
 from ..observability._observation import RequestObservation
 from ..secrets import SecretSource
 from .commands import Command, LegacyWindow
+from .lease import adopt_pending_save
 
 __all__ = ["Legacy", "WaitRoom", "begin_steps"]
 
@@ -186,12 +188,37 @@ def begin_steps(
                     _leave_room(store, record_key, room)
     assert decision is not None
     if type(decision) is Proceed and decision.takeover:
-        hold = takeover_hold(policy, record_key, decision.token)
-        if hold is not None:
-            yield hold
-            decision = Held("takeover", takeover=True)
+        decision = yield from _adopt_or_hold(store, record_key, policy, decision)
     if observation is not None:
         observation.decided(decision)
+    return decision
+
+
+def _adopt_or_hold(
+    store: object, record_key: str, policy: Policy, decision: Proceed
+) -> Generator[Command, Any, Decision]:
+    """What a request that took an expired lease over does: save a result this process holds, hold, or execute.
+
+    This process may hold the record's result: its save failed and is being
+    retried through a store outage longer than the lease (:mod:`idempo._engine.lease`).
+    The request then saves that result under the lease it took (one
+    ``complete``) and answers with it, instead of running the handler a second
+    time (DESIGN: never a second execution while the process lives). Should
+    that ``complete`` fail, the retries carry on under the new lease and the
+    request gets 409. Otherwise ``on_takeover`` decides (:func:`takeover_hold`).
+    """
+    adoption = adopt_pending_save(store, record_key, decision.token)
+    if adoption is not None:
+        save, saved = adoption
+        error = yield save
+        saved(error)
+        if error is None:
+            return completed_decision(save.response)
+        return InProgress(retry_after_seconds(policy, policy.lease_ttl_ms))
+    hold = takeover_hold(policy, record_key, decision.token)
+    if hold is not None:
+        yield hold
+        return Held("takeover", takeover=True)
     return decision
 
 

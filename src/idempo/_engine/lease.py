@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -52,6 +52,7 @@ __all__ = [
     "AsyncUnrenewedLease",
     "LeaseKeeper",
     "UnrenewedLease",
+    "adopt_pending_save",
     "drain_saves",
     "drain_saves_sync",
 ]
@@ -98,11 +99,17 @@ class _PendingSave:
     are here once; the blocking and async keepers only make the store calls.
     """
 
-    __slots__ = ("command", "deadline", "due", "fell_back", "label", "retries", "store", "token")
+    __slots__ = ("command", "deadline", "due", "fell_back", "finished", "keeper", "label", "retries", "store", "token")
 
-    def __init__(self, store: object, command: Settle, retry_for: float) -> None:
+    def __init__(
+        self, store: object, command: Settle, retry_for: float, keeper: LeaseKeeper | AsyncLeaseKeeper | None = None
+    ) -> None:
         self.store = store
         self.command = command
+        #: The keeper that renews the lease and retries this save (moved to an adopted lease by :meth:`adopt`).
+        self.keeper = keeper
+        #: True once the save landed through an adoption (:meth:`adopted`): the retries end.
+        self.finished = False
         self.token = command.token
         self.label = store_label(store)
         self.retries = 0
@@ -115,6 +122,34 @@ class _PendingSave:
         """One more attempt is about to be made (counted in ``idempo_save_retries_total``)."""
         self.retries += 1
         save_outcome(self.label, "retry")
+
+    def adopt(self, token: int) -> Complete | None:
+        """Move this save to the lease ``token`` that a duplicate in this process took over; None for a release.
+
+        The result this process holds is then saved under the new lease: by
+        the duplicate at once (the command returned), and by the background
+        retries from now on, whose renewals keep the new lease instead.
+        """
+        command = self.command
+        if not isinstance(command, Complete):
+            return None  # a release: the duplicate that took the lease over may well execute
+        adopted = Complete(command.record_key, token, command.response, command.record_ttl_ms)
+        self.command = adopted
+        self.token = token
+        if self.keeper is not None:
+            self.keeper.retarget(token)
+        return adopted
+
+    def adopted(self, error: Exception | None) -> None:
+        """The duplicate made the adopted save: landed (``error`` None: the retries and renewals end), or not
+        (they go on, under the new lease)."""
+        if error is not None:
+            return
+        self.finished = True
+        self.landed()
+        _retried(self)
+        if self.keeper is not None:
+            self.keeper.cancel()
 
     def landed(self) -> None:
         """The save landed: log it (WARNING: the key answered 409 meanwhile) and count it."""
@@ -226,6 +261,39 @@ def _retried(pending: _PendingSave) -> None:
     """``pending`` is over (landed, refused, given up, or its retries ended otherwise)."""
     with _RETRYING_LOCK:
         _RETRYING.pop(pending, None)
+
+
+def adopt_pending_save(
+    store: object, record_key: str, token: int
+) -> tuple[Complete, Callable[[Exception | None], None]] | None:
+    """The result this process holds for ``record_key``, to save under the lease ``token`` just taken over.
+
+    A save that failed after the handler ran is retried in the background
+    while the process keeps the lease (DESIGN "HTTP behaviour": never a second
+    execution while the process lives). When the store was unreachable for
+    longer than the lease, a duplicate that reaches the store first takes the
+    expired lease over. If this process holds the result, that duplicate must
+    not execute: it saves the result under its own lease instead (the
+    command returned) and answers from it. The retries move to the new lease
+    (:meth:`_PendingSave.adopt`).
+
+    Args:
+        store: the store the duplicate took the lease over in.
+        record_key: the record taken over.
+        token: the new lease's fencing token.
+
+    Returns:
+        The ``Complete`` that saves the held result (or marker) under
+        ``token``, and the function to call with its error (None: it landed,
+        the retries end); or None when this process holds no result for the
+        record (nothing pending, or only a release pending).
+    """
+    with _RETRYING_LOCK:
+        for pending in _RETRYING:
+            if pending.store is store and pending.command.record_key == record_key and not pending.finished:
+                adopted = pending.adopt(token)
+                return None if adopted is None else (adopted, pending.adopted)
+    return None
 
 
 def _left(store: object | None) -> list[_PendingSave]:
@@ -442,16 +510,23 @@ class AsyncLeaseKeeper:
         try:
             await store.extend(record_key, token, lease_ttl_ms)
         except LeaseLost as exc:
-            if not self._stopped:  # a renewal racing the final complete is expected
-                _log_failure(record_key, exc)
-            self.cancel()
-            return
+            if self._args[2] == token:  # else the lease moved to a takeover this process adopted (retarget)
+                if not self._stopped:  # a renewal racing the final complete is expected
+                    _log_failure(record_key, exc)
+                self.cancel()
+                return
         except Exception as exc:  # a store failure, or a third-party store's own error: retry next time
             _log_failure(record_key, exc)
         finally:
             self._renewing.set_result(None)
             self._renewing = None
         self.due = loop.time() + self.interval
+
+    def retarget(self, token: int) -> None:
+        """Renew the lease ``token`` from now on: a duplicate in this process took the record over to save
+        the result this keeper holds (:func:`adopt_pending_save`)."""
+        store, record_key, _, lease_ttl_ms = self._args
+        self._args = (store, record_key, token, lease_ttl_ms)
 
     async def stop(self) -> None:
         """Stop renewing; waits for a renewal in flight, so it never lands after the record settles."""
@@ -500,7 +575,7 @@ class AsyncLeaseKeeper:
             else:
                 await self.stop()
             return error is None
-        pending = _PendingSave(store, command, retry_for)
+        pending = _PendingSave(store, command, retry_for, self)
         self._paused = False
         _retrying(pending)
         if not self._spawn(pending):
@@ -535,6 +610,8 @@ class AsyncLeaseKeeper:
         try:
             while True:
                 await anyio.sleep(max(0.0, pending.due - time.monotonic()))
+                if pending.finished:  # a duplicate saved it under the lease it took over (adopted)
+                    return
                 if self._stopped:  # the lease was lost meanwhile (a renewal was refused)
                     record = await _get_async(store, record_key)
                     pending.refused(record)
@@ -605,7 +682,6 @@ class _TrioRenewal:
 
     async def _run(self) -> None:
         keeper = self._keeper
-        store, record_key, token, lease_ttl_ms = keeper._args
         try:
             with self._scope:
                 while not keeper._stopped:
@@ -614,6 +690,7 @@ class _TrioRenewal:
                         break
                     if keeper._paused:
                         continue
+                    store, record_key, token, lease_ttl_ms = keeper._args  # read anew: retarget() moves it
                     self._renewing = True
                     try:
                         # Shielded: a stop() waits for this call rather than
@@ -624,6 +701,8 @@ class _TrioRenewal:
                         with self._trio.CancelScope(shield=True, deadline=deadline):
                             await store.extend(record_key, token, lease_ttl_ms)
                     except LeaseLost as exc:
+                        if keeper._args[2] != token:
+                            continue  # the lease moved to a takeover this process adopted (retarget)
                         if not keeper._stopped:  # a renewal racing the final complete is expected
                             _log_failure(record_key, exc)
                         return
@@ -747,6 +826,8 @@ class LeaseKeeper:
             try:
                 store.extend(record_key, token, lease_ttl_ms)
             except LeaseLost as exc:
+                if self._args[2] != token:
+                    return True  # the lease moved to a takeover this process adopted (retarget)
                 if self._pending is None:
                     _log_failure(record_key, exc)
                 return False
@@ -815,7 +896,7 @@ class LeaseKeeper:
         error = settle_once_sync(store, command, observation)
         if error is None or isinstance(error, LeaseLost):
             return error is None
-        pending = _PendingSave(store, command, retry_for)
+        pending = _PendingSave(store, command, retry_for, self)
         _retrying(pending)
         _exit_waits()
         with self._lock:
@@ -823,6 +904,15 @@ class LeaseKeeper:
             self._stopped = False
         _SCHEDULER.add(self, min(pending.due, self._renew_due))
         return False
+
+    def cancel(self) -> None:
+        """Stop renewing and retrying without waiting for a call in flight (its result no longer matters)."""
+        self._stopped = True
+
+    def retarget(self, token: int) -> None:
+        """Renew the lease ``token`` from now on (see :meth:`AsyncLeaseKeeper.retarget`)."""
+        store, record_key, _, lease_ttl_ms = self._args
+        self._args = (store, record_key, token, lease_ttl_ms)
 
     def stop(self) -> None:
         """Stop renewing; waits for a renewal in flight, so it never lands after the record settles."""
