@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import FunctionType, ModuleType
 
 import pytest
@@ -337,6 +338,21 @@ def test_module_all_is_sorted_and_complete(name: str) -> None:
         and value.__module__ == name
     }
     assert defined - UNEXPORTED.get(name, set()) <= set(exported)
+
+
+def test_every_public_module_is_pinned() -> None:
+    """Each public module of src/idempo (no part of its name private) is in PUBLIC_API, beside the top level;
+    the packages that ship the SQL and Lua files (stores.sql, stores.lua) are data, not API."""
+    src = Path(idempo.__file__).resolve().parent.parent
+    public = set()
+    for path in (src / "idempo").rglob("*.py"):
+        parts = path.relative_to(src).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        data = parts[1:3] in (("stores", "sql"), ("stores", "lua"))
+        if not data and not any(part.startswith("_") for part in parts):
+            public.add(".".join(parts))
+    assert sorted(public - {"idempo"}) == MODULES
 
 
 @pytest.mark.parametrize("name", MODULES)

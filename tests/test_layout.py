@@ -1,4 +1,5 @@
-"""The shape of src/idempo: no import cycle, no module using another's private name, one logger, and the extras.
+"""The shape of src/idempo: no import cycle, no module using another's private name, one logger, the extras,
+and CONTRIBUTING.md's map of the tree.
 
 The import graph is read from the source (every ``import`` at any depth, in a
 function or under ``TYPE_CHECKING`` too: a deferred import that only hides a
@@ -11,6 +12,7 @@ where every optional dependency is made unimportable, as with only the core
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -310,3 +312,98 @@ def test_a_module_of_an_extra_names_what_is_missing(module: str) -> None:
         return
     assert outcome.startswith("ImportError "), outcome
     assert outcome.split()[1].partition(".")[0] in OPTIONAL
+
+
+# --- CONTRIBUTING.md's map: one line per directory and top-level module, lowest layer first --------
+
+CONTRIBUTING = SRC.parent / "CONTRIBUTING.md"
+# A file the map names: a path with one of these endings (a directory's files by their path in it).
+_NAMED = re.compile(r"(?<![\w/.])(?:[\w.]+/)*[\w-]+(?:\.[\w-]+)*\.(?:py|lua|sql|json)\b")
+
+
+def _map_entries() -> list[tuple[str, str]]:
+    """The map's entries in order: (head, text). A head is ``dir/`` or a top-level module's file name;
+    the text is the entry's lines (a line that starts at the margin starts an entry)."""
+    text = CONTRIBUTING.read_text("utf-8")
+    block = text[text.index("## The map") :]
+    block = block[block.index("```text\n") + len("```text\n") :]
+    block = block[: block.index("```")]
+    entries: list[tuple[str, str]] = []
+    for line in block.splitlines():
+        if line and not line[0].isspace():
+            entries.append((line.split()[0], line))
+        else:
+            head, body = entries[-1]
+            entries[-1] = (head, f"{body}\n{line}")
+    return entries
+
+
+def _named(text: str) -> set[str]:
+    return set(_NAMED.findall(text))
+
+
+def _units(entries: list[tuple[str, str]]) -> dict[str, int]:
+    """Each module's entry (its index in the map): a directory's modules its line's, a top-level
+    module the first top-level line that names its file."""
+    units: dict[str, int] = {}
+    for module, path in MODULES.items():
+        relative = path.relative_to(PACKAGE)
+        if len(relative.parts) > 1:
+            wanted = f"{relative.parts[0]}/"
+            units[module] = next((i for i, (head, _) in enumerate(entries) if head == wanted), -1)
+        else:
+            units[module] = next(
+                (
+                    i
+                    for i, (head, text) in enumerate(entries)
+                    if not head.endswith("/") and relative.name in _named(text)
+                ),
+                -1,
+            )
+    return units
+
+
+def test_the_map_has_a_line_for_each_directory_and_module() -> None:
+    """Every directory of src/idempo has its line, every top-level module is named on a top-level line."""
+    entries = _map_entries()
+    heads = [head for head, _ in entries]
+    directories = sorted(f"{path.name}/" for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__")
+    assert [d for d in directories if d not in heads] == []
+    assert len(set(heads)) == len(heads), "one line per directory"
+    units = _units(entries)
+    assert sorted(module for module, unit in units.items() if unit < 0) == []
+
+
+def test_the_map_names_only_files_that_exist_and_every_module() -> None:
+    """A file a line names exists (in the line's directory, or from src/idempo); a directory's line names
+    each of its modules (``__init__.py`` aside) by its path in the directory or, directly in it, its name."""
+    missing, unnamed = [], []
+    for head, text in _map_entries():
+        base = PACKAGE / head if head.endswith("/") else PACKAGE
+        named = _named(text)
+        missing += [
+            (head, name) for name in sorted(named) if not (base / name).is_file() and not (PACKAGE / name).is_file()
+        ]
+        if head.endswith("/"):
+            for path in sorted(base.rglob("*.py")):
+                relative = path.relative_to(base)
+                if path.name == "__init__.py" or str(relative) in named:
+                    continue
+                if len(relative.parts) == 1 and path.name in named:
+                    continue
+                unnamed.append(f"{head}{relative}")
+    assert missing == []
+    assert unnamed == []
+
+
+def test_the_map_is_in_layer_order() -> None:
+    """A module imports only from its own line or the lines above it (deferred imports included)."""
+    entries = _map_entries()
+    units = _units(entries)
+    upward = sorted(
+        f"{module} ({entries[units[module]][0]}) imports {target} ({entries[units[target]][0]})"
+        for module, targets in _graph().items()
+        for target in targets
+        if units[target] > units[module]
+    )
+    assert upward == []
