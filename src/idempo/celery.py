@@ -80,8 +80,8 @@ from celery.exceptions import Ignore, TaskRevokedError, TimeLimitExceeded
 from ._core.flow import failure_verdict, finish
 from ._core.policy import Policy, Verdict
 from ._core.records import RecordState
+from ._engine._sync.store import settle_once_sync
 from ._engine.calls import key_text, sync_store
-from ._engine.store import settle_once_sync
 from ._engine.transaction import Transaction, require_transactor
 from .decorator import Arguments, KeyFunction, idempotent, record_key
 from .exceptions import ConfigurationError, KeyInProgress

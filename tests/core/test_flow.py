@@ -20,9 +20,10 @@ from idempo._core.flow import (
     retry_after_seconds,
 )
 from idempo._engine._async.drivers import drive_async
+from idempo._engine._async.store import settle_async
 from idempo._engine._sync.drivers import drive_sync
+from idempo._engine._sync.store import settle_sync
 from idempo._engine.begin import begin_steps
-from idempo._engine.store import settle_async, settle_sync
 from idempo.stores import AsyncMemoryStore, MemoryStore
 from tests.support.clock import FakeClock
 

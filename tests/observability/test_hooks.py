@@ -11,7 +11,7 @@ from idempo import Policy, StoredResponse
 from idempo._core.digests import Digests
 from idempo._core.flow import Proceed, begin_flow, finish
 from idempo._engine._sync.drivers import drive_sync
-from idempo._engine.store import settle_sync
+from idempo._engine._sync.store import settle_sync
 from idempo.observability import Outcome, instrument, observe_request
 from idempo.stores.sqlite import SQLiteStore
 

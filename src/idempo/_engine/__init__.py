@@ -7,8 +7,10 @@
   (``drive_sync``, ``TransactionalExecution``), is generated from it by
   ``scripts/unasync``; :mod:`.primitives` holds the few calls the two
   differ in beyond ``await``.
-- :mod:`.store`: the one store call that settles a record
-  (``settle_once_sync`` / ``settle_once_async``).
+- :mod:`.store`: the one store call that settles a record: which store
+  method a command means, and the log of a failure (the call itself,
+  ``settle_once_async``, is in :mod:`._async`, and its generated twin
+  ``settle_once_sync`` in :mod:`._sync`).
 - :mod:`.begin`: what a request does before its handler runs: the first
   ``begin``, the legacy lookup, waiting for a running duplicate (wait rooms),
   holding a taken-over key.

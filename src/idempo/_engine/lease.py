@@ -44,7 +44,9 @@ from .._core.records import Marker, Record, RecordState
 from ..exceptions import LeaseLost, StoreError
 from ..observability._observation import RequestObservation, logger, save_outcome, store_label
 from ..typing import AsyncStore, Store
-from .store import Settle, call_store_async, call_store_sync, settle_once_async, settle_once_sync
+from ._async.store import settle_once_async
+from ._sync.store import settle_once_sync
+from .store import Settle, call_store_async, call_store_sync
 
 __all__ = [
     "SHUTDOWN_WAIT",

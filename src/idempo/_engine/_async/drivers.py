@@ -37,7 +37,6 @@ from .. import faultpoints, transaction
 from ..commands import Call, Command, Lease, LegacyWindow, LoadDigests, Offload
 from ..execution import AsyncExecution
 from ..primitives import deadline_async, offload_async, shield_async, sleep_async
-from ..store import settle_once_async
 from ..transaction import (
     AsyncTransaction,
     AsyncTransactor,
@@ -49,6 +48,7 @@ from ..transaction import (
     transactor_of,
     unreleased_unknown,
 )
+from .store import settle_once_async
 
 __all__ = ["AsyncTransactionalExecution", "drive_async"]
 

@@ -2,4 +2,5 @@
 
 :mod:`.drivers`: ``drive_sync`` runs a step generator against a blocking
 store, and ``TransactionalExecution`` is the execution of a leased request.
+:mod:`.store`: ``settle_once_sync``, the one store call that settles a record.
 """

@@ -39,7 +39,6 @@ from .. import faultpoints, transaction
 from ..commands import Call, Command, Lease, LegacyWindow, LoadDigests, Offload
 from ..execution import Execution
 from ..primitives import deadline_sync, offload_sync, shield_sync, sleep_sync
-from ..store import settle_once_sync
 from ..transaction import (
     Finalized,
     Outcome,
@@ -51,6 +50,7 @@ from ..transaction import (
     transactor_of,
     unreleased_unknown,
 )
+from .store import settle_once_sync
 
 __all__ = ["TransactionalExecution", "drive_sync"]
 
