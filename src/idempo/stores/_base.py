@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import sqlite3
 from collections.abc import Awaitable, Sequence
 from datetime import timedelta
 from importlib import resources
@@ -61,6 +62,7 @@ __all__ = [
     "past_deadline",
     "record_from_row",
     "redact_url",
+    "sqlite_kind",
     "warn_unreachable_at_startup",
     "within_deadline",
 ]
@@ -355,3 +357,17 @@ def ending_statement(sql: str) -> str | None:
         else:
             pos = match.end()
     return None
+
+
+def sqlite_kind(exc: BaseException) -> str:
+    """A SQLite failure's kind for :mod:`idempo._engine.transaction` (the sqlite3 driver's, through the SQLite
+    store or a SQLAlchemy engine): ``conflict`` (the database is busy or locked: run again), ``lost`` (the
+    connection was closed) or ``failed``."""
+    if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    ):
+        return "conflict"
+    if isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc):
+        return "lost"
+    return "failed"

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from .._core.errors import describe, driver_error
 from .._core.records import Record
 from ..exceptions import StoreError, StoreUnavailable, TransactionControlled
-from ._base import ending_statement
+from ._base import ending_statement, sqlite_kind
 
 __all__ = [
     "AsyncEngineTransactor",
@@ -113,14 +113,7 @@ def kind(exc: BaseException, dialect: str) -> str:
     """A failure's kind for :mod:`idempo._engine.transaction`: ``conflict``, ``lost`` or ``failed``."""
     orig = getattr(exc, "orig", exc)
     if dialect == "sqlite":
-        if isinstance(orig, sqlite3.OperationalError) and orig.sqlite_errorcode in (
-            sqlite3.SQLITE_BUSY,
-            sqlite3.SQLITE_LOCKED,
-        ):
-            return "conflict"
-        if isinstance(orig, sqlite3.ProgrammingError) and "closed" in str(orig):
-            return "lost"
-        return "failed"
+        return sqlite_kind(orig)
     code = sqlstate(exc)
     if code in _CONFLICTS:
         return "conflict"

@@ -64,6 +64,7 @@ from ._base import (
     map_errors,
     misconfigured,
     record_from_row,
+    sqlite_kind,
 )
 
 __all__ = ["AsyncSQLiteStore", "SQLiteConnection", "SQLiteStore"]
@@ -429,17 +430,6 @@ class _SQLiteHandle:
         self.proxy = SQLiteConnection(conn)
 
 
-def _kind(exc: BaseException) -> str:
-    if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorcode in (
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
-    ):
-        return "conflict"
-    if isinstance(exc, sqlite3.ProgrammingError) and "closed" in str(exc):
-        return "lost"
-    return "failed"
-
-
 class _SQLiteHandles:
     """What both transactors answer without I/O: the handler's connection, no session, the error kinds."""
 
@@ -453,7 +443,7 @@ class _SQLiteHandles:
         return h.conn
 
     def kind(self, exc: BaseException) -> str:
-        return _kind(exc)
+        return sqlite_kind(exc)
 
 
 class _SQLiteTransactor(_SQLiteHandles):
