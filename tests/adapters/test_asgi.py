@@ -72,6 +72,29 @@ def test_hop_by_hop_headers_are_not_replayed() -> None:
     assert replay.headers.get("connection") != "close"
 
 
+def test_headers_the_connection_field_names_are_not_replayed() -> None:
+    """A header the answer's ``Connection`` field names is hop-by-hop too (RFC 9110 section 7.6.1): not replayed.
+
+    Before, only the fixed hop-by-hop names were left out, so ``Connection: x-hop`` kept ``X-Hop`` (what one
+    connection's peer was told) in the record, and every replay sent it.
+    """
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        headers = [(b"connection", b"keep-alive, X-Hop"), (b"x-hop", b"this-hop-only"), (b"x-custom", b"kept")]
+        await send({"type": "http.response.start", "status": 201, "headers": headers})
+        await send({"type": "http.response.body", "body": b"made"})
+
+    with served(app) as client:
+        first = post(client)
+        replay = post(client)
+    assert first.headers["x-hop"] == "this-hop-only"
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.content == b"made"
+    assert replay.headers["x-custom"] == "kept"
+    assert "x-hop" not in replay.headers
+
+
 def test_websocket_and_lifespan_scopes_pass_through() -> None:
     """Non-HTTP scopes reach the app untouched."""
     seen: list[str] = []

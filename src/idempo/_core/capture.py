@@ -53,6 +53,18 @@ def header_refusal(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def _without_nominated(kept: list[tuple[bytes, bytes]], connection: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """``kept`` less the fields the ``Connection`` lines name: hop-by-hop too (RFC 9110 section 7.6.1).
+
+    ``Connection: keep-alive, X-Hop`` makes ``X-Hop`` a field of this one
+    connection, which a recipient forwarding the message must remove; a
+    replay is such a forwarding, so it is never stored (DESIGN: hop-by-hop
+    headers are never replayed).
+    """
+    named = {option.strip(b" \t").lower() for value in connection for option in value.split(b",")}
+    return [(name, value) for name, value in kept if name not in named]
+
+
 def _shown(name: object) -> str:
     return repr(name[:64] if isinstance(name, (bytes, str)) else name)
 
@@ -106,6 +118,7 @@ class ResponseCapture:
             stored_name = policy.stored_name
             checked = False
             kept = []
+            connection: list[bytes] | None = None
             for name, value in headers:
                 if not checked and (
                     type(name) is not bytes
@@ -122,6 +135,10 @@ class ResponseCapture:
                 lower = stored_name(name)
                 if lower is not None:
                     kept.append((lower, value))
+                elif name.lower() == b"connection":  # only names never stored get here: no cost to the others
+                    connection = [value] if connection is None else [*connection, value]
+            if connection is not None:
+                kept = _without_nominated(kept, connection)
             self._headers = tuple(kept)
         return verdict
 
