@@ -188,12 +188,16 @@ def test_sqlite_commits_once(sqlite_store: SQLiteStore, sqlite_app: SQLiteApp) -
     assert sqlite_app.rows() == [("o1", 5)]
 
 
-def test_sqlite_proxy_refuses_transaction_control(sqlite_store: SQLiteStore, sqlite_app: SQLiteApp) -> None:
-    """The sqlite3 proxy's commit/rollback/close and a COMMIT statement raise; nothing is written."""
+@pytest.mark.parametrize("then", ["raise", "swallow and return"])
+def test_sqlite_proxy_refuses_transaction_control(sqlite_store: SQLiteStore, sqlite_app: SQLiteApp, then: str) -> None:
+    """The sqlite3 proxy's commit/rollback/close and a COMMIT statement raise; nothing is written. As on
+    psycopg and SQLAlchemy, the key is then held (KeyHeld, the function not run again), whether the function
+    raised its own error afterwards (it propagates) or caught the refusals and returned (TransactionControlled).
+    Before, the key was released and the next call ran the function again, or the return committed."""
     tried: list[str] = []
 
     @idempotent(store=sqlite_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
-    def charge(order_id: str, *, tx: Transaction) -> None:
+    def charge(order_id: str, *, tx: Transaction) -> str:
         tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (?, 1)", (order_id,))
         for action in (tx.connection.commit, tx.connection.rollback, tx.connection.close):
             with pytest.raises(TransactionControlled):
@@ -201,9 +205,13 @@ def test_sqlite_proxy_refuses_transaction_control(sqlite_store: SQLiteStore, sql
             tried.append(action.__name__)
         with pytest.raises(TransactionControlled):
             tx.connection.execute("COMMIT")
-        raise ValueError("no")
+        if then == "raise":
+            raise ValueError("no")
+        return "ok"
 
-    with pytest.raises(ValueError, match="no"):
+    with pytest.raises(ValueError if then == "raise" else TransactionControlled):
+        charge("o9")
+    with pytest.raises(KeyHeld):
         charge("o9")
     assert tried == ["commit", "rollback", "close"]
     assert sqlite_app.rows() == []

@@ -29,18 +29,34 @@ def _problem(response: httpx.Response) -> str:
 
 
 @pytest.mark.parametrize(
-    ("statement", "via"),
-    [("COMMIT;", None), ("/* app */ COMMIT", None), ("-- app\nEND", None), ("COMMIT", "cursor")],
+    ("statement", "via", "swallow"),
+    [
+        ("COMMIT;", None, False),
+        ("/* app */ COMMIT", None, False),
+        ("-- app\nEND", None, False),
+        ("COMMIT", "cursor", True),
+        ("commit", "method", False),
+        ("ROLLBACK", None, True),
+    ],
 )
-def test_sqlite_proxy_refuses_commit_however_written(sqlite_app: SQLiteApp, statement: str, via: str | None) -> None:
-    """A COMMIT behind a comment or before a ';', or through a cursor of the proxy, is refused
-    (TransactionControlled) before it runs: the handler fails, its write rolls back and the key is
-    released, twice; no payment row is committed."""
+def test_sqlite_proxy_refuses_commit_however_written(
+    sqlite_app: SQLiteApp, statement: str, via: str | None, swallow: bool
+) -> None:
+    """A COMMIT (or END, ROLLBACK) behind a comment or before a ';', through a cursor of the proxy, or the
+    proxy's commit(), is refused (TransactionControlled) before it runs, and the handler lets the error out or
+    catches it and answers 201. As on psycopg and SQLAlchemy, the answer is 500 problem transaction-ended and
+    the key is held: a retry gets 409 outcome-unknown and does not run; no payment row is committed. Before,
+    the key was released (the retry ran the handler again) or, the error caught, the write committed with
+    the record as though nothing had been tried."""
     with serve(app_env("sqlite", "starlette", sqlite_app)) as (url, _):
-        body = {"order_id": "o", "sql": [statement], "via": via}
-        assert _post(url, "k", body).status_code == 500
-        assert _post(url, "k", body).status_code == 500  # released: ran again, refused again
+        body = {"order_id": "o", "sql": [statement], "via": via, "swallow": swallow}
+        first = _post(url, "k", body)
+        assert (first.status_code, _problem(first)) == (500, "transaction-ended")
+        retry = _post(url, "k", body)
+        assert (retry.status_code, _problem(retry)) == (409, "outcome-unknown")
+        assert _post(url, "other", {"order_id": "next"}).status_code == 201  # the file serves on
     assert sqlite_app.rows("o") == []
+    assert sqlite_app.rows("next") == [("next", 1)]
 
 
 def test_sqlite_proxy_allows_rollback_to_a_savepoint(sqlite_app: SQLiteApp) -> None:

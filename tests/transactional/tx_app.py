@@ -24,7 +24,9 @@ its own, outside the transaction), ``background`` (a background task uses tx aft
 ``kept`` (a background task writes through a reference to ``tx.connection`` kept past the handler;
 PostgreSQL). ``sql``, a list of statements, runs through ``tx.connection`` after the write (through a
 cursor of it when ``via`` is ``cursor``; on PostgreSQL through libpq's ``pgconn.exec_`` when it is
-``pgconn``), before ``mode`` acts.
+``pgconn``; when it is ``method``, each is the name of a connection method called instead, e.g.
+``commit``), before ``mode`` acts; with ``"swallow": true`` the handler catches a TransactionControlled
+they raise and goes on.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from starlette.routing import Route
 import idempo.fastapi
 from idempo import Policy
 from idempo.asgi import IdempotencyMiddleware
+from idempo.exceptions import TransactionControlled
 
 MAX_RESPONSE_BODY = 2000
 BACKGROUND_LOG = os.environ.get("IDEMPO_TX_BACKGROUND_LOG", "")
@@ -131,7 +134,14 @@ async def _act(backend: Backend, tx: Any, body: dict[str, Any]) -> Response:
         await anyio.sleep(0.3)
     pid = await backend.insert(tx, body["order_id"], int(body.get("cents", 1)), body.get("ref"))
     for statement in body.get("sql", ()):
-        await backend.execute(tx, statement, body.get("via"))
+        try:
+            if body.get("via") == "method":
+                getattr(tx.connection, statement)()  # the sqlite3 proxy's commit(), rollback()...
+            else:
+                await backend.execute(tx, statement, body.get("via"))
+        except TransactionControlled:
+            if not body.get("swallow"):
+                raise
     if mode == "raise":
         raise RuntimeError("provider down")
     if mode == "hold":

@@ -321,26 +321,43 @@ class SQLiteConnection:
     cursor of it, raise :class:`~idempo.exceptions.TransactionControlled`.
     ``SAVEPOINT`` / ``RELEASE`` / ``ROLLBACK TO`` give a partial rollback.
 
+    An attempt to end the transaction (all of these but ``BEGIN``) is
+    remembered in :attr:`refused`, so the request is answered as for a
+    transaction the handler ended, as on psycopg and SQLAlchemy (500
+    ``transaction-ended``, the key held; ``@idempotent`` raises
+    TransactionControlled), even when the handler caught the error.
+
     Args:
         conn: the sqlite3 connection in its ``BEGIN IMMEDIATE`` transaction.
+
+    Attributes:
+        refused: why the first attempt to end the transaction was refused (str), or None.
     """
 
-    __slots__ = ("_conn",)
+    __slots__ = ("_conn", "refused")
+    refused: str | None
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         object.__setattr__(self, "_conn", conn)
+        object.__setattr__(self, "refused", None)
+
+    def _refuse(self, what: str, message: str | None = None) -> TransactionControlled:
+        """Remember that the handler tried ``what`` (the transactor's ``ended`` reads it); the error to raise."""
+        if self.refused is None:
+            object.__setattr__(self, "refused", f"it tried {what} through tx.connection, refused before it ran")
+        return TransactionControlled(message)
 
     def commit(self) -> None:
         """Raises TransactionControlled: idempo commits once the handler returned."""
-        raise TransactionControlled()
+        raise self._refuse("commit()")
 
     def rollback(self) -> None:
         """Raises TransactionControlled: raise an exception (or return a status that is not stored) instead."""
-        raise TransactionControlled()
+        raise self._refuse("rollback()")
 
     def close(self) -> None:
         """Raises TransactionControlled: idempo gives the connection back."""
-        raise TransactionControlled()
+        raise self._refuse("close()")
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         """``sqlite3.Connection.execute`` on a guarded cursor; a statement ending or starting the transaction raises."""
@@ -352,13 +369,15 @@ class SQLiteConnection:
 
     def executescript(self, script: str, /) -> sqlite3.Cursor:
         """Raises TransactionControlled: ``executescript`` commits first (sqlite3's rule)."""
-        raise TransactionControlled("executescript() commits the transaction first; run the statements one by one")
+        raise self._refuse("executescript()", _EXECUTESCRIPT)
 
     def cursor(self, factory: type[sqlite3.Cursor] | None = None) -> sqlite3.Cursor:
         """``sqlite3.Connection.cursor``: a cursor whose ``execute`` and ``executemany`` refuse what
         ends or starts the transaction, and whose ``executescript`` raises (``factory``: a Cursor subclass)."""
         conn: sqlite3.Connection = self._conn
-        return conn.cursor(_guarded(factory or sqlite3.Cursor))
+        cursor = conn.cursor(_guarded(factory or sqlite3.Cursor))
+        cursor._idempo_proxy = self  # type: ignore[attr-defined]  # where its refusals are remembered
+        return cursor
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
@@ -366,29 +385,35 @@ class SQLiteConnection:
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("autocommit", "isolation_level"):
             # Either can commit the open transaction (Python 3.12's autocommit=True does).
-            raise TransactionControlled(f"setting {name} could end idempo's transaction")
+            raise self._refuse(f"setting {name}", f"setting {name} could end idempo's transaction")
         setattr(self._conn, name, value)
 
     def __enter__(self) -> SQLiteConnection:
-        raise TransactionControlled("the connection's context manager commits; idempo commits instead")
+        raise self._refuse("its context manager", "the connection's context manager commits; idempo commits instead")
 
     def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ raises
         return None
+
+
+_EXECUTESCRIPT = "executescript() commits the transaction first; run the statements one by one"
 
 
 class _GuardedCursor(sqlite3.Cursor):
     """A cursor of the proxy: statements are checked (:func:`_check_statement`) before they run."""
 
     def execute(self, sql: str, parameters: Any = (), /) -> Self:
-        _check_statement(sql)
+        _check_statement(sql, getattr(self, "_idempo_proxy", None))
         return super().execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Any, /) -> Self:
-        _check_statement(sql)
+        _check_statement(sql, getattr(self, "_idempo_proxy", None))
         return super().executemany(sql, parameters)
 
     def executescript(self, script: str, /) -> Self:
-        raise TransactionControlled("executescript() commits the transaction first; run the statements one by one")
+        proxy: SQLiteConnection | None = getattr(self, "_idempo_proxy", None)
+        if proxy is not None:
+            raise proxy._refuse("executescript()", _EXECUTESCRIPT)
+        raise TransactionControlled(_EXECUTESCRIPT)
 
 
 @functools.lru_cache(maxsize=32)
@@ -401,8 +426,11 @@ def _guarded(factory: type[sqlite3.Cursor]) -> type[sqlite3.Cursor]:
     return type(f"Guarded{factory.__name__}", (_GuardedCursor, factory), {})
 
 
-def _check_statement(sql: str) -> None:
+def _check_statement(sql: str, proxy: SQLiteConnection | None = None) -> None:
     """Raise TransactionControlled for a statement that ends or starts the transaction.
+
+    ``proxy``: the connection proxy that remembers a refused COMMIT, END or
+    ROLLBACK (a BEGIN cannot end idempo's transaction: it is refused only).
 
     SQLite's own reading: comments and whitespace before the first keyword are
     skipped, and a keyword ends at the first character that cannot be in a
@@ -419,7 +447,10 @@ def _check_statement(sql: str) -> None:
         following = [w.upper() for w in _WORD.findall(_COMMENT.sub(" ", rest))[1:3]]
         if following[:1] == ["TO"] or following == ["TRANSACTION", "TO"]:
             return
-    raise TransactionControlled(f"{head} ends idempo's transaction; use SAVEPOINT for a partial rollback")
+    message = f"{head} ends idempo's transaction; use SAVEPOINT for a partial rollback"
+    if proxy is not None and head != "BEGIN":
+        raise proxy._refuse(f"a {head} statement", message)
+    raise TransactionControlled(message)
 
 
 class _SQLiteHandle:
@@ -476,7 +507,13 @@ class _SQLiteTransactor(_SQLiteHandles):
         return self.open_now()
 
     def ended(self, h: _SQLiteHandle, committing: bool) -> str | None:
-        """Why idempo's transaction is no longer open (the handler ended it past the proxy), or None."""
+        """Why idempo's transaction is no longer open (the handler ended it past the proxy), or None.
+
+        An attempt the proxy refused counts as ended (:attr:`SQLiteConnection.refused`), as a statement
+        psycopg's guard or SQLAlchemy's refused does: one rule for a handler's own COMMIT on every store.
+        """
+        if h.proxy.refused is not None:
+            return h.proxy.refused
         try:
             open_ = h.conn.in_transaction
         except sqlite3.ProgrammingError:
