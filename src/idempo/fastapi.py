@@ -17,9 +17,12 @@
 
 :func:`install` adds :class:`idempo.asgi.IdempotencyMiddleware` and documents
 every route it covers: the ``Idempotency-Key`` header parameter (required
-where the route requires a key) and the 400, 409 and 422
-``application/problem+json`` answers (draft-ietf-httpapi-idempotency-key-header
-section 2.7; RFC 9457).
+where the route requires a key) and idempo's own ``application/problem+json``
+answers (draft-ietf-httpapi-idempotency-key-header section 2.7; RFC 9457;
+DESIGN "HTTP behaviour"): 400 (key missing or malformed), 409 (in progress,
+with ``Retry-After``), 410 (the first answer was not kept), 413 (body too
+large), 422 (key reused with another request) and 503 (store unavailable,
+with ``Retry-After``; not under ``fail_open``).
 
 The options are FastAPI dependencies, so they also work on a router
 (``APIRouter(dependencies=[Depends(idempotency_exempt)])``); a route's own
@@ -185,11 +188,20 @@ add_startup_check(_check_transactional_routes)
 _PROBLEM_SCHEMA = "IdempotencyProblem"
 _PROBLEM_MEDIA = "application/problem+json"
 _PROBLEM_CONTENT = {_PROBLEM_MEDIA: {"schema": {"$ref": f"#/components/schemas/{_PROBLEM_SCHEMA}"}}}
+# idempo's own answers on a covered route (DESIGN "HTTP behaviour"): status -> description.
 _ANSWERS = {
     "400": "The Idempotency-Key is missing where required, or malformed.",
     "409": "A request with this Idempotency-Key is still being processed; retry after `Retry-After` seconds.",
+    "410": (
+        "The first answer for this Idempotency-Key was not kept (it was larger than the route stores), "
+        "and the request will not run again for this key."
+    ),
+    "413": "The request body is larger than an idempotent request may send.",
     "422": "The Idempotency-Key was already used with a different request.",
+    "503": "The idempotency store is unavailable; the request did not run. Retry after `Retry-After` seconds.",
 }
+# The answers that carry Retry-After.
+_RETRY_AFTER = frozenset({"409", "503"})
 
 
 class Idempotency:
@@ -297,9 +309,10 @@ def document(
 
     For every route the middleware covers (a method of its policy, not
     exempt), adds the key header parameter (required when the route requires
-    a key) and the 400/409/422 problem answers, with an ``IdempotencyProblem``
-    schema (RFC 9457). Use it when the middleware was added by hand; pass the
-    same ``policy``, ``routes`` and ``key_header``.
+    a key) and the 400/409/410/413/422/503 problem answers (no 503 under
+    ``fail_open``), with an ``IdempotencyProblem`` schema (RFC 9457). Use
+    it when the middleware was added by hand; pass the same ``policy``,
+    ``routes`` and ``key_header``.
     """
     default = policy if policy is not None else Policy()
     table = RouteTable(routes)
@@ -359,10 +372,12 @@ def _document_operation(operation: dict[str, Any], policy: Policy, key_header: s
         )
     responses: dict[str, Any] = operation.setdefault("responses", {})
     for status, description in _ANSWERS.items():
+        if status == "503" and policy.fail_open:
+            continue  # the store unreachable, the request runs without idempotency instead
         existing = responses.get(status)
         if existing is None:
             answer: dict[str, Any] = {"description": description, "content": copy.deepcopy(_PROBLEM_CONTENT)}
-            if status == "409":
+            if status in _RETRY_AFTER:
                 answer["headers"] = {
                     "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
                 }

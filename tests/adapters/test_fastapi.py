@@ -206,6 +206,30 @@ def test_openapi_documents_the_key_header_and_problem_answers(served: App) -> No
     assert set(problem["required"]) == {"type", "title", "status", "detail"}
 
 
+def test_openapi_lists_every_answer_idempo_gives(served: App) -> None:
+    """Each answer DESIGN's HTTP table gives on a covered route is in its OpenAPI operation as
+    application/problem+json: 400 (missing or malformed key), 409 (in progress), 410 (the first answer not
+    kept), 413 (body too large), 422 (key reused) and 503 (store unavailable); 409 and 503 with Retry-After.
+    Before, only 400, 409 and 422 were there."""
+    problem = {"$ref": "#/components/schemas/IdempotencyProblem"}
+    for path in ("/payments", "/orders"):
+        responses = operation(served.app.openapi(), path)["responses"]
+        for status in ("400", "409", "410", "413", "422", "503"):
+            assert responses[status]["content"]["application/problem+json"]["schema"] == problem, (path, status)
+        for status in ("409", "503"):
+            assert "Retry-After" in responses[status]["headers"], (path, status)
+
+
+def test_openapi_without_503_under_fail_open() -> None:
+    """Under Policy(fail_open=True) a store outage runs the request without idempotency, never a 503: the
+    schema does not promise one; the other answers stay."""
+    app = build({})
+    install(app, AsyncMemoryStore(), policy=Policy(fail_open=True))
+    responses = operation(app.openapi(), "/orders")["responses"]
+    assert "503" not in responses
+    assert {"400", "409", "410", "413", "422"} <= set(responses)
+
+
 def test_openapi_422_reads_as_one_sentence(served: App) -> None:
     """Where FastAPI documents its own 422 (a request body), the description says which body is which in one
     sentence, instead of "Validation Error Or: The Idempotency-Key ..." (FastAPI's text and ours run together)."""
