@@ -310,3 +310,25 @@ def test_header_bytes_beyond_ascii_reach_the_upstream_unchanged(
         # Node gives each byte of a field value as one character (latin-1).
         got = {name.lower().encode(): value.encode("latin-1") for name, value in echoed["headers"]}
         assert {name: got.get(name) for name in values} == values, method
+
+
+@pytest.mark.parametrize("proxy_client", ["aiohttp"])  # the field is set before a forwarder sees it
+def test_the_upstream_gets_one_form_of_a_key(node_upstream: NodeUpstream, start_proxy: StartProxy) -> None:
+    """A key sent as an sf-string (``"k"``) and later bare (``k``) is one key (DESIGN "idempotency key"). The
+    first attempt's answer is a 503, so the key is released and the retry in the other form runs again: both
+    attempts reach the upstream with the same single field, in format_key's form (bare, as idempo's client
+    sends a UUID). A key that cannot be bare (it holds a space) reaches it as an sf-string. Before, the
+    upstream got each attempt's field as the client wrote it: two spellings, which an upstream deduplicating
+    by the key takes for two keys."""
+    proxy = start_proxy(node_upstream.url, "sqlite:///" + str(node_upstream.directory / "i.db"))
+    k = key()
+    spaced = f"order {key()}"
+    with httpx.Client(base_url=proxy.url, timeout=15) as client:
+        for value, fault in ((f'"{k}"', "status=503"), (k, None), (f'"{spaced}"', None)):
+            headers = {"Idempotency-Key": value, **({"X-Fault": fault} if fault else {})}
+            answer = client.post("/v1/payments", json={"amount": 5}, headers=headers)
+            assert answer.status_code == (503 if fault else 201), answer.text
+    ledger = node_upstream.ledger()
+    assert [entry["key"] for entry in ledger] == [k, k, f'"{spaced}"']
+    for entry in ledger:
+        assert sum(1 for name, _ in entry["headers"] if name.lower() == "idempotency-key") == 1

@@ -16,7 +16,8 @@ What it does with a request:
 - a keyed request is admitted by the middleware (400 for a missing or bad key
   before the body is read, 413 over ``max_request_body``, 422/409/replay from
   the record), then forwarded once with ``Content-Length``, the client's
-  ``Idempotency-Key`` and ``Idempo-Attempt: <fencing token>``, its answer
+  ``Idempotency-Key`` (in one form per key, whichever the client used) and
+  ``Idempo-Attempt: <fencing token>``, its answer
   streamed to the client while it is captured raw (a gzip body is stored and
   replayed as the bytes the upstream sent).
 
@@ -54,6 +55,7 @@ from typing import Any
 import anyio
 
 from .. import _config
+from .._core.keys import format_key, parse_key
 from .._core.policy import Policy, Verdict
 from .._core.problems import (
     KEYS_UNAVAILABLE,
@@ -628,6 +630,7 @@ class ProxyApp:
                 body = whole.read()
             else:
                 body = whole.achunks()
+            headers = _canonical_key(headers)
             headers.append((b"content-length", b"%d" % len(whole)))
             headers.append((b"idempo-attempt", b"%d" % exchange.execution.token))
             client_receive = scope.get(_RECEIVE_KEY)
@@ -752,6 +755,29 @@ def _forwarded_node(peer: str) -> bytes:
     """The ``for=`` node of a peer address: an IPv6 address bracketed and quoted (RFC 7239 section 6)."""
     node = peer.encode("latin-1")
     return _forwarded_value(b"[" + node + b"]" if ":" in peer else node)
+
+
+def _canonical_key(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A keyed request's fields with its ``Idempotency-Key`` in one form per key, for the upstream.
+
+    The client may send the key bare (``k``) or as an sf-string (``"k"``); both
+    name the same key (DESIGN "idempotency key"), and a retry may use the other
+    form. The upstream gets one line in :func:`~idempo._core.keys.format_key`'s
+    form (bare when the key can be, as idempo's own client sends it; an
+    sf-string otherwise), so every attempt of one key reaches it as the same
+    value. The middleware admitted the key, so it parses.
+    """
+    values = [value for name, value in headers if name == b"idempotency-key"]
+    if not values:
+        return headers
+    key = parse_key(values)
+    assert key is not None
+    canonical = format_key(key).encode("ascii")
+    if values == [canonical]:
+        return headers
+    kept = [(name, value) for name, value in headers if name != b"idempotency-key"]
+    kept.append((b"idempotency-key", canonical))
+    return kept
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
