@@ -66,17 +66,37 @@ def test_pg_raise_rolls_back_and_releases(pg_store: PostgresStore, pg_app: PgApp
     assert pg_app.rows() == [("o2", 1)]
 
 
-def test_pg_commit_refused_inside(pg_store: PostgresStore, pg_app: PgApp) -> None:
-    """psycopg refuses an explicit commit() inside idempo's transaction; the attempt leaves nothing."""
+@pytest.mark.parametrize("then", ["propagate", "swallow and return"])
+@pytest.mark.parametrize("method", ["commit", "rollback"])
+def test_pg_commit_refused_inside(
+    pg_store: PostgresStore, pg_pool: psycopg_pool.ConnectionPool, pg_app: PgApp, method: str, then: str
+) -> None:
+    """tx.connection.commit() (or rollback()) inside idempo's transaction is refused before it runs
+    (TransactionControlled) and the key is held, as for a COMMIT statement and on every other store: the call
+    raises TransactionControlled, the next KeyHeld (the function not run again), no row. Before, psycopg's own
+    ProgrammingError left the function like any error: the key was released and the next call ran it again.
+    The pool's connection serves on with its own methods."""
+    calls: list[str] = []
 
     @idempotent(store=pg_store, key="order_id", scope=f"s-{uuid.uuid4().hex}", transactional=True)
-    def charge(order_id: str, *, tx: Transaction) -> None:
+    def charge(order_id: str, *, tx: Transaction) -> str:
+        calls.append(order_id)
         tx.connection.execute("INSERT INTO payments (order_id, cents) VALUES (%s, 1)", (order_id,))
-        tx.connection.commit()
+        try:
+            getattr(tx.connection, method)()
+        except TransactionControlled:
+            if then == "propagate":
+                raise
+        return "ok"
 
-    with pytest.raises(psycopg.ProgrammingError, match="commit"):
+    with pytest.raises(TransactionControlled):
         charge("o3")
+    with pytest.raises(KeyHeld):
+        charge("o3")
+    assert calls == ["o3"]
     assert pg_app.rows() == []
+    with pg_pool.connection() as conn:
+        assert "commit" not in vars(conn)  # the guard is off the pool's connections
 
 
 def _end_through(conn: Any, how: str) -> None:

@@ -114,6 +114,10 @@ def test_kept_connection_does_not_poison_the_next_transaction(pg_app: PgApp, tmp
         (["SELECT 1; COMMIT"], "", None, []),
         (["COMMIT", "INSERT INTO payments (order_id, cents) VALUES ('o', 2)"], "raise", None, []),
         (["COMMIT"], "raise", "cursor", []),
+        # The connection's own commit() / rollback(): refused by idempo's guard (psycopg's ProgrammingError
+        # left the handler as an error like any other, and the key was released).
+        (["commit"], "", "method", []),
+        (["rollback"], "", "method", []),
         # Past psycopg (libpq itself): not refused, found after the handler.
         (["COMMIT"], "raise", "pgconn", [("o", 1)]),
         (["COMMIT"], "", "pgconn", [("o", 1)]),
@@ -125,7 +129,8 @@ def test_psycopg_handler_ending_the_transaction_holds_the_key(
     pg_app: PgApp, statements: list[str], mode: str, via: str | None, committed: list[tuple[object, ...]]
 ) -> None:
     """A handler runs COMMIT, END or ROLLBACK through tx.connection (psycopg, FastAPI; its execute or a
-    cursor's), then raises or answers 201: the statement is refused before it is sent, so nothing commits.
+    cursor's, or calls its commit() or rollback()), then raises or answers 201: the statement is refused
+    before it is sent, so nothing commits.
     Sent past psycopg (libpq's exec_), it runs, and idempo finds it after the handler: what it committed stays
     the one effect (a write libpq sent after it committed at once too). Either way the answer is
     500 problem transaction-ended and the key is held (a retry gets 409 outcome-unknown and does not run)."""

@@ -31,6 +31,7 @@ they raise and goes on.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -136,7 +137,9 @@ async def _act(backend: Backend, tx: Any, body: dict[str, Any]) -> Response:
     for statement in body.get("sql", ()):
         try:
             if body.get("via") == "method":
-                getattr(tx.connection, statement)()  # the sqlite3 proxy's commit(), rollback()...
+                called = getattr(tx.connection, statement)()  # commit(), rollback()...
+                if inspect.isawaitable(called):  # psycopg's AsyncConnection
+                    await called
             else:
                 await backend.execute(tx, statement, body.get("via"))
         except TransactionControlled:

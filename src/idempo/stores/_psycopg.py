@@ -3,14 +3,18 @@
 While a transactional handler runs, its connection's ``cursor_factory`` is a subclass of the
 connection's own with :class:`_GuardedCursor` mixed in, so that ``Connection.execute()`` and a cursor's
 ``execute()``, ``executemany()`` and ``stream()`` refuse a statement that would end idempo's
-transaction before it is sent. Used by ``stores.postgres`` (``from_pool``) and ``idempo.django``
-(Django's own psycopg 3 connection). libpq itself (``conn.pgconn.exec_``) is past it.
+transaction before it is sent, and the connection's own ``commit()`` and ``rollback()`` refuse too
+(:class:`~idempo.exceptions.TransactionControlled`, remembered like a refused statement, where psycopg
+alone raised a ``ProgrammingError`` that left the key to be released). Used by ``stores.postgres``
+(``from_pool``) and ``idempo.django`` (Django's own psycopg 3 connection). libpq itself
+(``conn.pgconn.exec_``) is past it.
 """
 
 from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from psycopg import sql
@@ -91,15 +95,49 @@ def guarded_cursor(factory: type[Any]) -> type[Any]:
     return type(f"Guarded{factory.__name__}", (_GuardedCursor, factory), {})
 
 
+#: The connection methods that end its transaction, shadowed on the instance while the guard is on.
+_ENDING_METHODS = ("commit", "rollback")
+
+
+def _refusing(conn: Any, name: str) -> Callable[..., Any]:
+    """``conn.<name>()`` while the guard is on: remember the attempt and raise, sending nothing.
+
+    Holds ``conn`` weakly: the function is kept in the connection's own ``__dict__``.
+    """
+    ref = weakref.ref(conn)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        target = ref()
+        if target is not None:
+            _REFUSALS[target] = f"it tried {name}() through tx.connection, refused before it ran"
+        raise TransactionControlled(
+            f"{name}() would end idempo's transaction before the record's completion, refused (transactional "
+            "mode: idempo commits the handler's writes with the record once the handler returned). Use "
+            "tx.connection.transaction() (a savepoint) for a partial rollback, and raise to roll everything back"
+        )
+
+    return refuse
+
+
 def guard(conn: Any) -> Any:
-    """Put the guard on ``conn`` (its cursors, and its ``execute``); return the factory to restore."""
+    """Put the guard on ``conn`` (its cursors, its ``execute``, its ``commit()`` and ``rollback()``); return the
+    factory to restore."""
     factory = conn.cursor_factory
     conn.cursor_factory = guarded_cursor(factory)
+    attributes = getattr(conn, "__dict__", None)
+    if attributes is not None:  # a connection class without a __dict__ keeps psycopg's own refusal
+        for name in _ENDING_METHODS:
+            attributes[name] = _refusing(conn, name)
     return factory
 
 
 def unguard(conn: Any, factory: Any) -> str | None:
-    """Take the guard off ``conn`` (``factory``: what :func:`guard` returned); why it refused a statement, or None."""
+    """Take the guard off ``conn`` (``factory``: what :func:`guard` returned); why it refused a statement or a
+    ``commit()`` / ``rollback()``, or None."""
     if conn.cursor_factory is not factory:
         conn.cursor_factory = factory
+    attributes = getattr(conn, "__dict__", None)
+    if attributes is not None:
+        for name in _ENDING_METHODS:
+            attributes.pop(name, None)
     return _REFUSALS.pop(conn, None)

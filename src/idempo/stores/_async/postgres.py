@@ -420,9 +420,9 @@ class _AsyncPgTransactor(PgHandles):
     """Drives transactional executions on the application's pool (see idempo._engine.transaction: the
     Transactor protocol, AsyncTransactor for the async store).
 
-    The handler gets the connection inside a psycopg ``Transaction`` (``AsyncTransaction``): psycopg
-    refuses an explicit ``commit()`` there, and its nested ``transaction()``
-    blocks are savepoints.
+    The handler gets the connection inside a psycopg ``Transaction`` (``AsyncTransaction``), guarded
+    (idempo.stores._psycopg): a COMMIT-like statement, ``commit()`` and ``rollback()`` are refused and
+    remembered (the key is then held); its nested ``transaction()`` blocks are savepoints.
     """
 
     def __init__(self, store: AsyncPostgresStore) -> None:
