@@ -11,6 +11,7 @@ the relay heals the same app, never restarted, executes and replays again.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -165,6 +166,36 @@ def test_blocking_store_outage_is_store_unavailable_within_the_deadline(
         assert isinstance(result, Acquired)
     finally:
         store.close()
+
+
+@pytest.mark.redis
+def test_async_redis_maintenance_calls_end_within_the_deadline(
+    redis_store_url: str, relay: Callable[[str], tuple[Relay, str]]
+) -> None:
+    """The async Redis store sets no socket timeout of its own (its deadline cancels a whole call): stats()
+    and purge_expired(), which scan and read in several round trips, end each one at the deadline too, so
+    against a blackholed server they raise StoreUnavailable within a few deadlines instead of waiting."""
+    from idempo.stores.redis import AsyncRedisStore
+
+    cut, through = relay(redis_store_url)
+
+    async def main() -> None:
+        store = AsyncRedisStore(through, deadline=DEADLINE)
+        try:
+            assert isinstance(await store.begin(uuid.uuid4().hex, "fp", 30_000), Acquired)
+            assert (await store.stats()).in_progress >= 1  # the record just begun, among the session's
+            cut.blackhole()
+            for call in (store.stats, store.purge_expired):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    async with asyncio.timeout(BOUND * 4):  # a call that waits on is this test's failure
+                        await call()
+                assert time.monotonic() - started < BOUND
+        finally:
+            cut.heal()
+            await store.aclose()
+
+    asyncio.run(main())
 
 
 def test_deadline_is_a_url_option_and_constructor_argument(store_url: tuple[str, str]) -> None:

@@ -34,13 +34,19 @@ lease, or its stored record, never a 409 from itself. A release leaves an
 expired tombstone holding the token for a few seconds, so the next lease's
 token is greater even within the same millisecond.
 
-Deadline: every call ends within ``deadline`` seconds (default 2). It bounds
-the wait for a pooled connection, the connect and each reply
-(``socket_connect_timeout``, ``socket_timeout``), and a retry is not started
-past it; the async store also cancels the whole call at the deadline. A
-blocking call, whose steps are bounded one by one, can take up to twice the
-deadline in the worst case (a connection that breaks just before it, retried).
-Past it a call raises :class:`~idempo.exceptions.StoreUnavailable`.
+Deadline: every call ends within ``deadline`` seconds (default 2), and a
+retry is not started past it. The async store cancels the whole call at the
+deadline (pool wait, connect, each reply and the retry together; a
+maintenance call, ``stats`` or ``purge_expired``, each of its round trips),
+so it leaves redis-py's wait for a pooled connection and for each reply
+(``socket_timeout``) unbounded unless given: redis-py's asyncio connection
+sends every command through ``asyncio.wait_for`` when it has a socket timeout,
+on Python 3.11 a task of its own per command. A blocking call is bounded step
+by step: the wait for a pooled connection, the connect and each reply
+(``socket_connect_timeout``, ``socket_timeout``, each the deadline unless
+given), so it can take up to twice the deadline in the worst case (a
+connection that breaks just before it, retried). Past it a call raises
+:class:`~idempo.exceptions.StoreUnavailable`.
 
 Open and close: as every store (``idempo.stores._base``). Building a store
 does no I/O (a blocking Redis Cluster client, which reads the slot map when
@@ -69,7 +75,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from importlib import resources
 from time import monotonic
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -396,6 +402,10 @@ _C = TypeVar("_C", Client, AsyncClient)
 class _RedisBase(Generic[_C]):
     """What the blocking and the async Redis stores share: the constructor, the options, the codec."""
 
+    #: True when every call of the store is cancelled whole at its deadline
+    #: (the async store), so redis-py's own waits need no bound of their own.
+    _whole_call_deadline: ClassVar[bool] = False
+
     def __init__(
         self,
         url: str | None = None,
@@ -422,9 +432,11 @@ class _RedisBase(Generic[_C]):
         self._codec = _Codec(options.get("prefix", prefix), float(options["grace"]) if "grace" in options else grace)
         #: Seconds one call may take (see the module docstring).
         self.deadline = deadline_seconds(options.get("deadline", deadline))
+        # Each reply's bound: the deadline, unless the store cancels whole calls at it (the async store).
+        reply_bound = None if self._whole_call_deadline else self.deadline
         self._client_arguments: dict[str, Any] = {
             "max_connections": max_connections,
-            "socket_timeout": self.deadline if socket_timeout is None else socket_timeout,
+            "socket_timeout": reply_bound if socket_timeout is None else socket_timeout,
             "socket_connect_timeout": self.deadline if socket_connect_timeout is None else socket_connect_timeout,
         }
         self._retries = retries
@@ -499,7 +511,8 @@ class RedisStore(_RedisBase[Client]):
             within the deadline.
         deadline: seconds (or a timedelta) one call may take before
             StoreUnavailable (default 2; URL ``?deadline=``); see the module docstring.
-        socket_timeout: seconds to wait for one reply (default: the deadline).
+        socket_timeout: seconds to wait for one reply (default: the deadline;
+            for :class:`AsyncRedisStore`, none: the deadline bounds the whole call).
         socket_connect_timeout: seconds to wait for a connection (default: the deadline).
         retries: times a command is retried on a broken connection (default
             1), within the deadline.
@@ -638,12 +651,16 @@ class AsyncRedisStore(_RedisBase[AsyncClient]):
     # (commands interleave on one connection), so it is serialised (_initialize).
     _ready = False
     _open_lock: asyncio.Lock | None = None
+    # Every call runs within_deadline (a maintenance call, each round trip): a
+    # reply or a pool wait past the deadline is cancelled with its call, and
+    # redis-py closes a connection whose reply was cut off (never reused).
+    _whole_call_deadline = True
 
     def _connect(self) -> AsyncClient:
         url, arguments, nodes = self._arguments(_AsyncDeadlineRetry(self._retries, self.deadline))
         if nodes is None:
-            # See RedisStore: wait for a free connection rather than fail.
-            pool = redis.asyncio.BlockingConnectionPool.from_url(url, timeout=self.deadline, **arguments)
+            # See RedisStore: wait for a free connection rather than fail (for as long as the call's deadline).
+            pool = redis.asyncio.BlockingConnectionPool.from_url(url, timeout=None, **arguments)
             return redis.asyncio.Redis.from_pool(pool)
         startup = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in nodes]
         return redis.asyncio.cluster.RedisCluster(startup_nodes=startup, **arguments)
@@ -707,31 +724,35 @@ class AsyncRedisStore(_RedisBase[AsyncClient]):
         return self._codec.get_result(record_key, await self._script("get", self._codec.key(record_key)))
 
     async def purge_expired(self, limit: int = 1000) -> int:
-        """See :meth:`RedisStore.purge_expired`."""
+        """See :meth:`RedisStore.purge_expired`; each round trip ends within the deadline."""
         deleted = 0
+        deadline = self.deadline
         with _REDIS_ERRORS:
             if not self._ready:
-                await self._initialize()
-            async for key in self.client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
-                if deleted >= limit:
-                    break
-                deleted += int(await self._scripts["purge"](keys=[key], args=[self._codec.grace_ms]))
+                await within_deadline(deadline, self._initialize())
+            keys = self.client.scan_iter(match=self._codec.pattern, count=1000, _type="hash")
+            while deleted < limit and (key := await within_deadline(deadline, anext(keys, None))) is not None:
+                deleted += int(await within_deadline(deadline, self._call("purge", key, [self._codec.grace_ms])))
         return deleted
 
     async def stats(self) -> StoreStats:
-        """See :meth:`RedisStore.stats`."""
+        """See :meth:`RedisStore.stats`; each round trip ends within the deadline."""
+        deadline = self.deadline
         with _REDIS_ERRORS:
             if not self._ready:
-                await self._initialize()
+                await within_deadline(deadline, self._initialize())
             client = self.client
-            tally = _Tally(self._codec, await client.time())
-            async for key in client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
+            tally = _Tally(self._codec, await within_deadline(deadline, client.time()))
+            keys = client.scan_iter(match=self._codec.pattern, count=1000, _type="hash")
+            while (key := await within_deadline(deadline, anext(keys, None))) is not None:
                 if tally.add(key):
                     pipe = client.pipeline(transaction=False)
-                    tally.count(tally.read(pipe), await pipe.execute())
+                    tally.count(tally.read(pipe), await within_deadline(deadline, pipe.execute()))
             pipe = client.pipeline(transaction=False)
-            tally.count(tally.read(pipe), await pipe.execute())
-            oldest = None if tally.oldest_key is None else await client.hmget(tally.oldest_key, list(_RECORD_FIELDS))
+            tally.count(tally.read(pipe), await within_deadline(deadline, pipe.execute()))
+            oldest = None
+            if tally.oldest_key is not None:
+                oldest = await within_deadline(deadline, client.hmget(tally.oldest_key, list(_RECORD_FIELDS)))
         return tally.result(oldest)
 
     async def aclose(self) -> None:
