@@ -87,6 +87,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
     AuthenticationError,
     ClusterError,
+    NoScriptError,
     ReadOnlyError,
     RedisClusterException,
     RedisError,
@@ -469,6 +470,10 @@ class _RedisBase(Generic[_C]):
         raise NotImplementedError
 
     def _use(self, client: _C) -> None:
+        # redis-py's Script objects keep each script's text and SHA; a call sends EVALSHA itself
+        # (client.execute_command), without Script.__call__'s layers (two calls, tuple copies, an
+        # import) on every call, and loads the script when the server answers NOSCRIPT (a restart,
+        # a failover, the first call on a fresh server), as Script.__call__ does.
         self._scripts = {name: client.register_script(_LUA[name]) for name in _SCRIPTS}
         self._client = client
 
@@ -557,10 +562,15 @@ class RedisStore(_RedisBase[Client]):
             raise _startup_failure(self.url, exc) from exc
         self._open = True
 
-    def _script(self, name: str, key: str, args: Sequence[str | int] = ()) -> Any:
+    def _script(self, name: str, key: str | bytes, args: Sequence[str | int] = ()) -> Any:
         client = self._client or self.client
+        script = self._scripts[name]
         with _REDIS_ERRORS:
-            return self._scripts[name](keys=[key], args=args, client=client)
+            try:
+                return client.execute_command("EVALSHA", script.sha, 1, key, *args)  # type: ignore[no-untyped-call]
+            except NoScriptError:  # see _RedisBase._use
+                script.sha = client.script_load(script.script)
+                return client.execute_command("EVALSHA", script.sha, 1, key, *args)  # type: ignore[no-untyped-call]
 
     def begin(self, record_key: str, fingerprint: str, lease_ttl_ms: int) -> BeginResult:
         """See :meth:`idempo.typing.Store.begin`."""
@@ -599,7 +609,7 @@ class RedisStore(_RedisBase[Client]):
             for key in client.scan_iter(match=self._codec.pattern, count=1000, _type="hash"):
                 if deleted >= limit:
                     break
-                deleted += int(self._scripts["purge"](keys=[key], args=[self._codec.grace_ms], client=client))
+                deleted += int(self._script("purge", key, [self._codec.grace_ms]))
         return deleted
 
     def stats(self) -> StoreStats:
@@ -690,10 +700,16 @@ class AsyncRedisStore(_RedisBase[AsyncClient]):
             await self._initialize()
         await self.client.ping()
 
-    async def _call(self, name: str, key: str, args: Sequence[str | int]) -> Any:
+    async def _call(self, name: str, key: str | bytes, args: Sequence[str | int]) -> Any:
         if not self._ready:
             await self._initialize()
-        return await self._scripts[name](keys=[key], args=args)
+        client = self._client or self.client
+        script = self._scripts[name]
+        try:
+            return await client.execute_command("EVALSHA", script.sha, 1, key, *args)
+        except NoScriptError:  # see _RedisBase._use
+            script.sha = await client.script_load(script.script)
+            return await client.execute_command("EVALSHA", script.sha, 1, key, *args)
 
     async def _script(self, name: str, key: str, args: Sequence[str | int] = ()) -> Any:
         with _REDIS_ERRORS:
