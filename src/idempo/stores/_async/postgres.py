@@ -85,10 +85,25 @@ class _AsyncBoundedConnection(psycopg.AsyncConnection[tuple[Any, ...]]):
 
     deadline: float | None = None
     idle_bound: float = DEFAULT_DEADLINE
+    _store_cursor: psycopg.AsyncCursor[tuple[Any, ...]] | None = None
 
     async def wait(self, gen: PQGen[_RV], interval: float = 0.1, timeout: float | None = None) -> _RV:  # noqa: ASYNC109 (psycopg's signature)
         """psycopg's wait, bounded by the call's deadline."""
         return await super().wait(gen, interval, bounded(self.deadline, self.idle_bound, timeout))
+
+    def store_cursor(self) -> psycopg.AsyncCursor[tuple[Any, ...]]:
+        """The one cursor the store's calls run on, made on the first call on this connection.
+
+        ``conn.execute()`` makes a cursor per statement (an adapters map, a
+        transformer, a weak-reference callback each time); one cursor,
+        executed again, keeps its transformer while the statement is the same
+        one (psycopg's ``_last_query``). Each execute resets what the cursor
+        held; it lives and dies with its connection.
+        """
+        cursor = self._store_cursor
+        if cursor is None:
+            cursor = self._store_cursor = self.cursor()
+        return cursor
 
 
 def _store_connection(settings: Settings) -> type[_AsyncBoundedConnection]:
@@ -308,8 +323,33 @@ class AsyncPostgresStore(PostgresBase[psycopg_pool.AsyncConnectionPool[Any]]):
 
     async def _run(self, steps: Steps[_RV]) -> _RV:
         """Run one call's statements on a pooled connection."""
-        async with self._connection() as conn:
-            return await _arun_steps(conn, steps, self._rewrite)
+        if self._app_pool or not self._checked:
+            async with self._connection() as conn:
+                return await _arun_steps(conn, steps, self._rewrite)
+        # The request path (the store's own pool, its schema checked): _connection's steps written
+        # out, without a generator context manager per call, on the connection's one store cursor.
+        wait, ends = self._limits(None)
+        pool = self._pool or await self._get_pool()
+        try:
+            with PG_ERRORS:
+                try:
+                    conn = await pool.getconn(timeout=wait)
+                except psycopg_pool.PoolTimeout as exc:
+                    raise no_connection(self._settings, exc) from exc
+                conn.deadline = ends
+                try:
+                    return await _arun_steps(conn.store_cursor(), steps)
+                except psycopg.OperationalError:
+                    await conn.close()  # mid-statement or broken: never reused
+                    raise
+                finally:
+                    conn.deadline = None
+                    await pool.putconn(conn)
+        except StoreError as exc:
+            if broken(exc):
+                with contextlib.suppress(Exception):  # see _connection
+                    await pool.check()
+            raise
 
     async def check_schema(self) -> int:
         """Return the schema version found.
