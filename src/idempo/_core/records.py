@@ -254,5 +254,9 @@ def encode_headers(headers: Headers) -> str:
 
 
 def decode_headers(text: str | bytes) -> Headers:
-    """Decode what :func:`encode_headers` produced."""
+    """Decode what :func:`encode_headers` produced (a str, or its bytes as Redis returns them)."""
+    if isinstance(text, bytes):
+        # encode_headers writes ASCII (ensure_ascii): decoded here, json.loads skips detecting
+        # the encoding (json.detect_encoding, Python code) on every replay from Redis.
+        text = text.decode("utf-8")
     return tuple([(n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(text)])
