@@ -59,6 +59,7 @@ unique = {unique!r}
 async def main() -> None:
     for _ in range(300):  # warm-up: imports, memos, the first record
         await inprocess.request(app, b"w%d" % next(keys) if unique else b"replayed")
+    {gc_off}
     {start}
     for _ in range({n}):
         await inprocess.request(app, b"k%d" % next(keys) if unique else b"replayed")
@@ -137,9 +138,15 @@ def records_of_its_own(variant: str, env: dict[str, str]) -> Iterator[dict[str, 
                 client.close()
 
 
+#: --gc-off: the collector frozen and off after the warm-up, so two trees' counts do not differ by
+#: where its generations happen to fire (steadier for a small step).
+GC_OFF = False
+
+
 def _child(variant: str, unique: bool, n: int, trace: bool = False) -> str:
     start, stop = (_TRACE_START, _TRACE_STOP) if trace else ("", "")
-    return _CHILD.format(here=str(HERE), variant=variant, unique=unique, n=n, start=start, stop=stop)
+    gc_off = "import gc; gc.collect(); gc.freeze(); gc.disable()" if GC_OFF else ""
+    return _CHILD.format(here=str(HERE), variant=variant, unique=unique, n=n, start=start, stop=stop, gc_off=gc_off)
 
 
 def count(variant: str, unique: bool, n: int, env: dict[str, str], keep: Path | None = None) -> int:
@@ -243,9 +250,12 @@ def main() -> None:
     parser.add_argument("--where", action="store_true", help="bytecodes per request by Python function, no valgrind")
     parser.add_argument("--annotate", action="store_true", help="instructions per request by function (valgrind)")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--gc-off", action="store_true", help="the collector frozen and off after the warm-up")
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--pg-url", default=os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
     args = parser.parse_args()
+    global GC_OFF
+    GC_OFF = args.gc_off
     env = dict(
         os.environ,
         BENCH_NONCE="instructions",
