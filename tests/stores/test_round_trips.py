@@ -104,3 +104,65 @@ def test_postgres_replay_neither_locks_nor_writes(postgres_store_url: str, postg
             assert xmax() == before
     finally:
         store.close()
+
+
+async def _count_transactional(pool_url: str, schema: str, proxy: RoundTripProxy) -> tuple[int, int]:
+    """Warm up, then the round trips of one transactional first execution (a statement through tx) and its replay."""
+    import psycopg_pool
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from idempo.starlette import transaction
+    from idempo.stores.postgres import AsyncPostgresStore
+
+    calls = 0
+
+    async def orders(request: Request) -> JSONResponse:
+        nonlocal calls
+        calls += 1
+        tx = await transaction(request)
+        await tx.connection.execute("SELECT %s::bigint", (calls,))  # the handler's one statement
+        return JSONResponse({"order_id": calls}, status_code=201)
+
+    pool = psycopg_pool.AsyncConnectionPool(pool_url, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False)
+    await pool.open()
+    store = AsyncPostgresStore.from_pool(pool, schema=schema)
+    app = IdempotencyMiddleware(Starlette(routes=[Route("/orders", orders, methods=["POST"])]), store)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+
+            async def post(key: str) -> httpx.Response:
+                return await client.post("/orders", json={"sku": "A"}, headers={"Idempotency-Key": key})
+
+            for _ in range(WARM_UP):
+                assert (await post(uuid.uuid4().hex)).status_code == 201
+            key = uuid.uuid4().hex
+            proxy.reset()
+            first = await post(key)
+            executed = proxy.round_trips
+            proxy.reset()
+            replay = await post(key)
+            replayed = proxy.round_trips
+    finally:
+        await store.aclose()
+        await pool.close()
+    assert first.status_code == 201, first.text
+    assert replay.headers.get("idempotent-replayed") == "true"
+    assert calls == WARM_UP + 1
+    return executed, replayed
+
+
+@pytest.mark.postgres
+def test_postgres_transactional_round_trips(
+    postgres_store_url: str, round_trip_proxy: Callable[[str, int], RoundTripProxy]
+) -> None:
+    """PostgreSQL, a transactional route (from_pool) whose handler runs one statement through tx: 4 round
+    trips (the claim; BEGIN and idempo's savepoint; the handler's statement; the savepoint's RELEASE, the
+    record's completion and COMMIT in one pipeline), a replay 1. The RELEASE used to be a round trip of its own."""
+    parts = urlsplit(postgres_store_url)
+    proxy = round_trip_proxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    schema = dict(part.split("=", 1) for part in parts.query.split("&"))["schema"]
+    pool_url = urlunsplit(urlsplit(_via(postgres_store_url, proxy))._replace(query=""))  # the app's own pool
+    assert asyncio.run(_count_transactional(pool_url, schema, proxy)) == (4, 1)

@@ -123,6 +123,9 @@ def test_kept_connection_does_not_poison_the_next_transaction(pg_app: PgApp, tmp
         (["COMMIT"], "", "pgconn", [("o", 1)]),
         # libpq sends the write after the COMMIT outside any transaction: committed at once.
         (["COMMIT", "INSERT INTO payments (order_id, cents) VALUES ('o', 2)"], "", "pgconn", [("o", 1), ("o", 2)]),
+        # A new transaction begun after it: the status says one is open, idempo's savepoint is gone (the
+        # RELEASE sent first in the commit pipeline fails, so the completion and COMMIT behind it do not run).
+        (["COMMIT", "BEGIN", "INSERT INTO payments (order_id, cents) VALUES ('o', 2)"], "", "pgconn", [("o", 1)]),
     ],
 )
 def test_psycopg_handler_ending_the_transaction_holds_the_key(

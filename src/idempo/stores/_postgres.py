@@ -30,7 +30,7 @@ import psycopg_pool
 from psycopg import sql
 
 from .._core.records import Acquired, BeginResult, Existing, Record, StoreStats, StoredResponse, encode_headers
-from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
+from ..exceptions import ConfigurationError, LeaseLost, StoreError, StoreUnavailable, TransactionControlled
 from ..observability._observation import logger
 from ._base import (
     DEFAULT_DEADLINE,
@@ -75,6 +75,8 @@ __all__ = [
     "discarding",
     "ended_without_io",
     "fenced_steps",
+    "finish_failed",
+    "first_error",
     "get_steps",
     "mark_missing",
     "no_connection",
@@ -781,6 +783,34 @@ def ended_without_io(h: PgHandle) -> str | None:
 
 def mark_missing(exc: psycopg.Error) -> str:
     return f"a COMMIT or ROLLBACK ran through tx.connection ({type(exc).__name__} on idempo's savepoint)"
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The statement's error behind a pipeline's PipelineAborted.
+
+    psycopg raises the first failed statement's error of a pipeline; only when
+    it surfaced while the pipeline was being synced can the PipelineAborted of
+    a statement after it (fetched in the ``finally`` of psycopg's exit) replace
+    it, the first one then being its ``__context__``.
+    """
+    while isinstance(exc, psycopg.errors.PipelineAborted) and exc.__context__ is not None:
+        exc = exc.__context__
+    return exc
+
+
+def finish_failed(exc: psycopg.Error) -> None:
+    """Raise what a failed commit pipeline (RELEASE, completion, COMMIT) means, when it is more than ``exc``.
+
+    Raises:
+        TransactionControlled: the RELEASE found no savepoint (3B001) or no transaction (25P01): the
+            handler ended idempo's transaction (no other statement of the pipeline fails so).
+        LeaseLost: the completion divided by zero (``complete_last``: the token holds no record).
+    """
+    first = first_error(exc)
+    if isinstance(first, NO_MARK):
+        raise TransactionControlled(mark_missing(first)) from exc
+    if isinstance(first, psycopg.errors.DivisionByZero):
+        raise LeaseLost() from exc
 
 
 def begin_failed(exc: psycopg.Error) -> StoreUnavailable:

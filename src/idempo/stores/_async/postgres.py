@@ -25,7 +25,7 @@ from psycopg.abc import PQGen
 
 from ..._core.flow import Complete, Release
 from ..._core.records import BeginResult, Record, StoreStats, StoredResponse
-from ...exceptions import ConfigurationError, LeaseLost, StoreError
+from ...exceptions import ConfigurationError, StoreError
 from ...observability._observation import logger
 from .._base import DEFAULT_DEADLINE, closed
 from .._postgres import (
@@ -56,6 +56,7 @@ from .._postgres import (
     discarding,
     ended_without_io,
     fenced_steps,
+    finish_failed,
     get_steps,
     mark_missing,
     no_connection,
@@ -485,22 +486,20 @@ class _AsyncPgTransactor(PgHandles):
     async def ended(self, h: PgHandle, committing: bool) -> str | None:
         """Why idempo's transaction is no longer open (see ``ended_without_io``), or None.
 
-        Then the marking savepoint is released (committing) or rolled back to
-        (a release or hold follows): that fails when the transaction open is
-        not idempo's (the handler ended it and a new one began). A statement the
-        guard refused counts as ended.
+        Not committing (a release or hold follows), the marking savepoint is
+        then rolled back to: that fails when the transaction open is not
+        idempo's (the handler ended it and a new one began). Committing, that
+        check is the RELEASE that :meth:`finish` sends first in its pipeline.
+        A statement the guard refused counts as ended.
         """
         refused = unguard(h.conn, h.factory)
         if refused is not None:
             return refused
         why = ended_without_io(h)
-        if why is not None:
+        if why is not None or committing:
             return why
         try:
-            # Committing: RELEASE (the completion and COMMIT follow); otherwise ROLLBACK TO (a
-            # release or hold follows). Its own round trip: inside the commit pipeline a failure
-            # can surface as PipelineAborted, which does not say which statement failed.
-            await h.conn.execute(RELEASE_MARK if committing else ROLLBACK_TO_MARK)
+            await h.conn.execute(ROLLBACK_TO_MARK)
         except NO_MARK as exc:
             return mark_missing(exc)
         except psycopg.Error:
@@ -524,15 +523,30 @@ class _AsyncPgTransactor(PgHandles):
         await h.tx.__aexit__(None, None, None)
 
     async def finish(self, h: PgHandle, command: Any) -> None:
-        """The record's completion and COMMIT in one pipeline: one round trip (see ``complete_last``)."""
+        """RELEASE of the marking savepoint, the record's completion and COMMIT in one pipeline: one round trip.
+
+        The three share one sync point, so a failed statement skips the rest
+        (the server discards them up to the sync; the transaction is left
+        aborted, and the commit path rolls it back). A RELEASE that finds no
+        savepoint means the handler ended idempo's transaction and began another
+        (TransactionControlled: what it committed stays, the key is held); a
+        completion that matches no row means the lease was lost (LeaseLost, see
+        ``complete_last``).
+
+        Raises:
+            TransactionControlled: the marking savepoint is gone.
+            LeaseLost: the token no longer holds the record.
+        """
         unguard(h.conn, h.factory)
         query, params = complete_last(command, self._store._rewrite)
         try:
             async with h.conn.pipeline():
+                await h.conn.execute(RELEASE_MARK)
                 await h.conn.execute(query, params)
                 await h.tx.__aexit__(None, None, None)
-        except psycopg.errors.DivisionByZero as exc:
-            raise LeaseLost() from exc
+        except psycopg.Error as exc:
+            finish_failed(exc)
+            raise
 
     async def rollback(self, h: PgHandle) -> None:
         unguard(h.conn, h.factory)
