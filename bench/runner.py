@@ -724,6 +724,7 @@ async def run(settings: Settings) -> Path:
         micro = run_micro(settings, workdir)
     targets = evaluate_targets(settings, results)
     profiles: dict[tuple[str, str], Path] = {}
+    run_stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if settings.profile_unmet:
         # The issue asks a target that is not met to show why: each unmet row's idempo variant is
         # profiled under the same scenario's load, after the measured rounds so it cannot skew them.
@@ -731,7 +732,10 @@ async def run(settings: Settings) -> Path:
             key = (t.variant, t.scenario)
             if t.met is False and t.variant and key not in profiles:
                 log(f"profile of an unmet row: {t.variant}, scenario {t.scenario}")
-                profiles[key] = await profile(settings, f"{t.variant}:{t.scenario}:{settings.profile_unmet}")
+                # stamped, so a later run does not overwrite the profiles a report links to
+                profiles[key] = await profile(
+                    settings, f"{t.variant}:{t.scenario}:{settings.profile_unmet}", f"{run_stamp}-profile"
+                )
     load_end = os.getloadavg()
     elapsed = time.monotonic() - started
     report = render(
@@ -1213,7 +1217,7 @@ def render(
     return "\n".join(lines)
 
 
-async def profile(settings: Settings, spec: str) -> Path:
+async def profile(settings: Settings, spec: str, prefix: str = "profile") -> Path:
     """Profile one variant under one load scenario with py-spy; write the top entries.
 
     ``spec`` is ``VARIANT:SCENARIO[:SECONDS]``. py-spy samples the server at
@@ -1303,7 +1307,7 @@ async def profile(settings: Settings, spec: str) -> Path:
     lines += [f"| {100 * n / total:.1f} | `{f}` |" for f, n in sorted(selfs.items(), key=lambda i: -i[1])[:30]]
     lines += ["", "| inclusive % | function |", "|---|---|"]
     lines += [f"| {100 * n / total:.1f} | `{f}` |" for f, n in sorted(incl.items(), key=lambda i: -i[1])[:45]]
-    out = HERE / "results" / f"profile-{variant}-{scenario}.md"
+    out = HERE / "results" / f"{prefix}-{variant}-{scenario}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     shutil.copy(raw, out.with_suffix(".stacks.txt"))
