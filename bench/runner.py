@@ -723,7 +723,7 @@ async def run(settings: Settings) -> Path:
         log("micro-benchmarks")
         micro = run_micro(settings, workdir)
     targets = evaluate_targets(settings, results)
-    profiles: dict[tuple[str, str], Path] = {}
+    profiles: dict[tuple[str, str], Profile] = {}
     run_stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if settings.profile_unmet:
         # The issue asks a target that is not met to show why: each unmet row's idempo variant is
@@ -766,7 +766,7 @@ async def run(settings: Settings) -> Path:
         "floor": floor_results,
         "memory": memory,
         "targets": [t.__dict__ for t in targets],
-        "profiles": {f"{v}:{sc}": str(p.relative_to(ROOT)) for (v, sc), p in profiles.items()},
+        "profiles": {f"{v}:{sc}": str(p.path.relative_to(ROOT)) for (v, sc), p in profiles.items()},
         "micro": micro,
         "results": {
             v: {
@@ -951,7 +951,7 @@ def render_targets(targets: list[Target]) -> list[str]:
     return lines
 
 
-def render_profiles(targets: list[Target], profiles: dict[tuple[str, str], Path]) -> list[str]:
+def render_profiles(targets: list[Target], profiles: dict[tuple[str, str], Profile]) -> list[str]:
     """The report's answer to "why not met": each unmet row's profile, components by self time."""
     lines = [
         "## Why the unmet targets are not met: profiles",
@@ -965,10 +965,8 @@ def render_profiles(targets: list[Target], profiles: dict[tuple[str, str], Path]
         "| row | unmet targets | req/s while profiled | idempo: middleware and core | idempo: store | top components |",
         "|---|---|---|---|---|---|",
     ]
-    for (variant, scenario), path in profiles.items():
-        text = path.read_text()
-        rps = re.search(r"^([0-9]+) req/s under load", text, re.M)
-        parts = dict((name, float(pct)) for pct, name in re.findall(r"^\| ([0-9.]+) \| ([^|`]+?) \|$", text, re.M))
+    for (variant, scenario), prof in profiles.items():
+        parts = prof.components
         unmet = [
             t.what.split(": ", 1)[-1]
             for t in targets
@@ -977,7 +975,7 @@ def render_profiles(targets: list[Target], profiles: dict[tuple[str, str], Path]
         others = [(name, pct) for name, pct in sorted(parts.items(), key=lambda i: -i[1]) if "idempo" not in name]
         top = ", ".join(f"{name} {pct:.1f}" for name, pct in others[:3])
         lines.append(
-            f"| [`{variant}` ({scenario})]({path.name}) | {'; '.join(unmet)} | {rps.group(1) if rps else '-'} | "
+            f"| [`{variant}` ({scenario})]({prof.path.name}) | {'; '.join(unmet)} | {prof.rps:.0f} | "
             f"{parts.get('idempo: middleware and core', 0.0):.1f} | {parts.get('idempo: store', 0.0):.1f} | {top} |"
         )
     return lines
@@ -1029,7 +1027,7 @@ def render(
     reachable: dict[str, str],
     targets: list[Target],
     memory: dict[str, Any],
-    profiles: dict[tuple[str, str], Path] | None = None,
+    profiles: dict[tuple[str, str], Profile] | None = None,
 ) -> str:
     lines: list[str] = []
     w = lines.append
@@ -1217,7 +1215,16 @@ def render(
     return "\n".join(lines)
 
 
-async def profile(settings: Settings, spec: str, prefix: str = "profile") -> Path:
+@dataclass
+class Profile:
+    """What :func:`profile` wrote and measured: the file, req/s while sampled, self % by component."""
+
+    path: Path
+    rps: float
+    components: dict[str, float]
+
+
+async def profile(settings: Settings, spec: str, prefix: str = "profile") -> Profile:
     """Profile one variant under one load scenario with py-spy; write the top entries.
 
     ``spec`` is ``VARIANT:SCENARIO[:SECONDS]``. py-spy samples the server at
@@ -1313,7 +1320,7 @@ async def profile(settings: Settings, spec: str, prefix: str = "profile") -> Pat
     shutil.copy(raw, out.with_suffix(".stacks.txt"))
     shutil.rmtree(workdir, ignore_errors=True)
     log(f"profile: {out.relative_to(ROOT)}")
-    return out
+    return Profile(out, r.rps, {part: 100 * n / total for part, n in components.items()})
 
 
 _COMPONENTS = (
